@@ -1,0 +1,367 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Backing chains (qcow2 spec, "Header": backing file; reference notes
+ * section 10): name resolution as QEMU does it, format choice, loop and
+ * depth limits, and reading one checkpoint across layers.
+ */
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include "internal.h"
+
+#define QBM_MAX_CHAIN 256
+
+struct qbm_chain {
+    struct qbm_image **layers;
+    char **names;
+    size_t n;
+};
+
+QBM_API void qbm_chain_close(struct qbm_chain *chain)
+{
+    size_t i;
+
+    if (!chain) {
+        return;
+    }
+    for (i = 0; i < chain->n; i++) {
+        qbm_close(chain->layers[i]);
+        free(chain->names[i]);
+    }
+    free(chain->layers);
+    free(chain->names);
+    free(chain);
+}
+
+/*
+ * Resolve a backing name relative to the name of the image that refers to
+ * it, as given: QEMU joins it with the directory part of that name without
+ * resolving symlinks.
+ */
+static int resolve_backing(const char *referrer, const char *name,
+                           char **ret)
+{
+    const char *slash, *colon;
+    size_t dirlen;
+    char *out;
+
+    if (strncmp(name, "json:", 5) == 0) {
+        return qbm_err(EOPNOTSUPP, "backing file name '%s' is a json: "
+                       "specification, which qbm does not support", name);
+    }
+    colon = strchr(name, ':');
+    slash = strchr(name, '/');
+    if (colon && (!slash || colon < slash)) {
+        if (strncmp(name, "file:", 5) == 0) {
+            name += 5;
+        } else {
+            return qbm_err(EOPNOTSUPP, "backing file '%s' uses a protocol "
+                           "qbm does not support", name);
+        }
+    }
+    if (name[0] == '\0') {
+        return qbm_err(EINVAL, "empty backing file name");
+    }
+    slash = strrchr(referrer, '/');
+    if (name[0] == '/' || !slash) {
+        *ret = qbm_strndup(name, strlen(name));
+        return *ret ? 0 : -ENOMEM;
+    }
+    dirlen = (size_t)(slash - referrer) + 1;
+    out = qbm_malloc(dirlen + strlen(name) + 1);
+    if (!out) {
+        return -ENOMEM;
+    }
+    memcpy(out, referrer, dirlen);
+    strcpy(out + dirlen, name);
+    *ret = out;
+    return 0;
+}
+
+QBM_API char *qbm_image_backing_path(const struct qbm_image *img)
+{
+    char *out = NULL;
+
+    if (!img->hdr.backing_file) {
+        qbm_err(ENOENT, "no backing file");
+        return NULL;
+    }
+    if (resolve_backing(img->filename, img->hdr.backing_file, &out) < 0) {
+        return NULL;
+    }
+    return out;
+}
+
+static int chain_push(struct qbm_chain *chain, struct qbm_image *img,
+                      char *name)
+{
+    struct qbm_image **layers;
+    char **names;
+
+    layers = qbm_realloc(chain->layers, (chain->n + 1) * sizeof(*layers));
+    if (!layers) {
+        return -ENOMEM;
+    }
+    chain->layers = layers;
+    names = qbm_realloc(chain->names, (chain->n + 1) * sizeof(*names));
+    if (!names) {
+        return -ENOMEM;
+    }
+    chain->names = names;
+    chain->layers[chain->n] = img;
+    chain->names[chain->n] = name;
+    chain->n++;
+    return 0;
+}
+
+/* Open a backing layer: format from the referrer's extension, or probed. */
+static int open_layer(const char *name, const char *format, bool force_share,
+                      struct qbm_image **ret)
+{
+    struct qbm_io *io;
+    uint8_t magic[4];
+    bool qcow2;
+    int r;
+
+    if (format && strcmp(format, "qcow2") != 0 && strcmp(format, "raw")) {
+        return qbm_err(EOPNOTSUPP, "backing format '%s' is not supported "
+                       "(only qcow2 and raw)", format);
+    }
+    r = qbm_io_file_open(name, false,
+                         force_share ? QBM_LOCK_NONE : QBM_LOCK_READ, &io);
+    if (r < 0) {
+        return r;
+    }
+    if (format) {
+        qcow2 = strcmp(format, "qcow2") == 0;
+    } else {
+        /* No backing format extension: QEMU probes, so do we. */
+        r = qbm_io_pread(io, magic, sizeof(magic), 0);
+        if (r < 0) {
+            qbm_io_close(io);
+            return r;
+        }
+        qcow2 = be32_load(magic) == QCOW2_MAGIC;
+    }
+    if (qcow2) {
+        return qbm_image_open_io(io, name, false, ret);
+    }
+    return qbm_image_open_raw(io, name, ret);
+}
+
+QBM_API struct qbm_chain *qbm_chain_open(const char *filename,
+                                         unsigned flags)
+{
+    struct qbm_chain *chain;
+    struct qbm_image *img;
+    dev_t devs[QBM_MAX_CHAIN];
+    ino_t inos[QBM_MAX_CHAIN];
+    bool force_share = flags & QBM_OPEN_FORCE_SHARE;
+    char *name;
+    size_t i;
+    int r;
+
+    chain = qbm_calloc(1, sizeof(*chain));
+    if (!chain) {
+        return NULL;
+    }
+    img = qbm_open(filename, flags);
+    if (!img) {
+        free(chain);
+        return NULL;
+    }
+    name = qbm_strndup(filename, strlen(filename));
+    if (!name || chain_push(chain, img, name) < 0) {
+        free(name);
+        qbm_close(img);
+        free(chain);
+        return NULL;
+    }
+    for (;;) {
+        struct qbm_image *top = chain->layers[chain->n - 1];
+        const char *backing = top->hdr.backing_file;
+        struct stat st;
+
+        if (stat(chain->names[chain->n - 1], &st) < 0) {
+            r = qbm_err(errno, "%s: cannot stat: %s",
+                        chain->names[chain->n - 1], strerror(errno));
+            goto fail;
+        }
+        for (i = 0; i + 1 < chain->n; i++) {
+            if (devs[i] == st.st_dev && inos[i] == st.st_ino) {
+                r = qbm_err(ELOOP, "backing chain loops: '%s' is also layer "
+                            "%zu", chain->names[chain->n - 1], i);
+                goto fail;
+            }
+        }
+        devs[chain->n - 1] = st.st_dev;
+        inos[chain->n - 1] = st.st_ino;
+        if (top->raw || !backing) {
+            break;
+        }
+        if (chain->n >= QBM_MAX_CHAIN) {
+            r = qbm_err(ELOOP, "backing chain deeper than %d layers",
+                        QBM_MAX_CHAIN);
+            goto fail;
+        }
+        r = resolve_backing(chain->names[chain->n - 1], backing, &name);
+        if (r < 0) {
+            r = qbm_err_prefix(r, "%s", chain->names[chain->n - 1]);
+            goto fail;
+        }
+        r = open_layer(name, top->hdr.backing_format, force_share, &img);
+        if (r < 0) {
+            r = qbm_err_prefix(r, "backing file %s", name);
+            free(name);
+            goto fail;
+        }
+        r = chain_push(chain, img, name);
+        if (r < 0) {
+            qbm_close(img);
+            free(name);
+            goto fail;
+        }
+    }
+    return chain;
+
+fail:
+    qbm_chain_close(chain);
+    return NULL;
+}
+
+QBM_API size_t qbm_chain_length(const struct qbm_chain *chain)
+{
+    return chain->n;
+}
+
+QBM_API struct qbm_image *qbm_chain_layer(const struct qbm_chain *chain,
+                                          size_t idx)
+{
+    return idx < chain->n ? chain->layers[idx] : NULL;
+}
+
+QBM_API const char *qbm_chain_filename(const struct qbm_chain *chain,
+                                       size_t idx)
+{
+    return idx < chain->n ? chain->names[idx] : NULL;
+}
+
+/* ---- one checkpoint across layers ------------------------------------- */
+
+struct extent_vec {
+    uint64_t (*v)[2];
+    size_t n, cap;
+    uint64_t limit;
+};
+
+static int vec_add(void *opaque, uint64_t off, uint64_t len)
+{
+    struct extent_vec *vec = opaque;
+
+    if (off >= vec->limit) {
+        return 0;
+    }
+    if (len > vec->limit - off) {
+        len = vec->limit - off;
+    }
+    if (vec->n == vec->cap) {
+        size_t cap = vec->cap ? vec->cap * 2 : 256;
+        void *p = qbm_realloc(vec->v, cap * sizeof(*vec->v));
+
+        if (!p) {
+            return -ENOMEM;
+        }
+        vec->v = p;
+        vec->cap = cap;
+    }
+    vec->v[vec->n][0] = off;
+    vec->v[vec->n][1] = len;
+    vec->n++;
+    return 0;
+}
+
+static int cmp_extent(const void *a, const void *b)
+{
+    const uint64_t *x = a, *y = b;
+
+    return x[0] < y[0] ? -1 : x[0] > y[0];
+}
+
+QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
+                                     const char *name, qbm_extent_fn fn,
+                                     void *opaque, int *ret_consistent)
+{
+    struct extent_vec vec = { 0 };
+    int consistent = 1, found = 0, r = 0;
+    size_t i;
+
+    if (!name || !fn) {
+        qbm_err(EINVAL, "invalid arguments");
+        return -1;
+    }
+    vec.limit = chain->layers[0]->hdr.size;
+    for (i = 0; i < chain->n; i++) {
+        struct qbm_image *img = chain->layers[i];
+        uint32_t j;
+
+        for (j = 0; j < img->nb_bitmaps; j++) {
+            if (strcmp(img->bitmaps[j].name, name) != 0) {
+                continue;
+            }
+            found = 1;
+            if (!qbm_bitmap_consistent(img, j)) {
+                consistent = 0;
+            }
+            /* The internal walker returns -errno or our own value. */
+            r = qbm_bitmap_extents(img, j, vec_add, &vec);
+            if (r != 0) {
+                if (r != -1) {
+                    qbm_err(-r, "out of memory collecting extents");
+                }
+                qbm_err_prefix(-1, "%s", chain->names[i]);
+                free(vec.v);
+                return -1;
+            }
+        }
+    }
+    if (!found) {
+        qbm_err(ENOENT, "no layer of the chain has a bitmap named '%s'",
+                name);
+        return -1;
+    }
+    /* Each layer's list is sorted; the union needs one sort and a sweep. */
+    qsort(vec.v, vec.n, sizeof(*vec.v), cmp_extent);
+    {
+        uint64_t cur_off = 0, cur_end = 0;
+        bool have = false;
+
+        for (i = 0; i < vec.n && r == 0; i++) {
+            uint64_t off = vec.v[i][0], end = off + vec.v[i][1];
+
+            if (have && off <= cur_end) {
+                if (end > cur_end) {
+                    cur_end = end;
+                }
+                continue;
+            }
+            if (have) {
+                r = fn(opaque, cur_off, cur_end - cur_off);
+            }
+            cur_off = off;
+            cur_end = end;
+            have = true;
+        }
+        if (have && r == 0) {
+            r = fn(opaque, cur_off, cur_end - cur_off);
+        }
+    }
+    free(vec.v);
+    if (r) {
+        qbm_err(ECANCELED, "stopped by the callback");
+        return r;
+    }
+    if (ret_consistent) {
+        *ret_consistent = consistent;
+    }
+    return 0;
+}

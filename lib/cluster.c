@@ -1,0 +1,307 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * L1/L2 tables: the active L1 table, per-layer allocation map, compressed
+ * cluster descriptors (qcow2 spec, "Cluster mapping", "Extended L2
+ * Entries", "Compressed Clusters Descriptor"; reference notes section 9).
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+/* Guest bytes covered by one L2 table. */
+static uint64_t l2_span(const struct qbm_image *img)
+{
+    return img->cluster_size * img->l2_entries;
+}
+
+int qcow2_l1_load(struct qbm_image *img)
+{
+    const struct qcow2_header *h = &img->hdr;
+    uint64_t needed, bytes, i;
+    uint8_t *buf;
+    int r;
+
+    needed = div_round_up(h->size, l2_span(img));
+    if (needed > QCOW2_MAX_L1_BYTES / 8) {
+        return qbm_err(EINVAL, "header at 0x0: virtual size %llu is too "
+                       "large for this cluster size",
+                       (unsigned long long)h->size);
+    }
+    if (h->l1_size < needed) {
+        return qbm_err(EINVAL, "L1 table at 0x%llx: %u entries, at least "
+                       "%llu needed for the virtual size",
+                       (unsigned long long)h->l1_table_offset, h->l1_size,
+                       (unsigned long long)needed);
+    }
+    if ((uint64_t)h->l1_size > QCOW2_MAX_L1_BYTES / 8) {
+        return qbm_err(EINVAL, "L1 table at 0x%llx: %u entries is larger "
+                       "than 32 MiB", (unsigned long long)h->l1_table_offset,
+                       h->l1_size);
+    }
+    if (h->l1_size > 0 && (h->l1_table_offset == 0 ||
+                           !is_aligned(h->l1_table_offset,
+                                       img->cluster_size))) {
+        return qbm_err(EINVAL, "L1 table at 0x%llx: offset not cluster "
+                       "aligned", (unsigned long long)h->l1_table_offset);
+    }
+    /* Entries past what the virtual size needs are never consulted. */
+    bytes = needed * 8;
+    img->l1 = qbm_calloc(needed ? needed : 1, sizeof(uint64_t));
+    if (!img->l1) {
+        return -ENOMEM;
+    }
+    if (needed == 0) {
+        return 0;
+    }
+    buf = qbm_malloc(bytes);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    r = qbm_image_read_meta(img, buf, bytes, h->l1_table_offset, "L1 table");
+    if (r < 0) {
+        free(buf);
+        return r;
+    }
+    for (i = 0; i < needed; i++) {
+        img->l1[i] = be64_load(buf + i * 8);
+    }
+    free(buf);
+    return 0;
+}
+
+void qcow2_compressed_decode(uint64_t l2e, unsigned cluster_bits,
+                             struct qcow2_compressed *ret)
+{
+    unsigned x = 62 - (cluster_bits - 8);
+    uint64_t nsect;
+
+    ret->offset = l2e & ((1ull << x) - 1);
+    nsect = ((l2e >> x) & ((1ull << (cluster_bits - 8)) - 1)) + 1;
+    ret->nb_bytes = nsect * 512 - (ret->offset & 511);
+}
+
+/* Coalesces per-range statuses into maximal runs for the callback. */
+struct run {
+    qbm_alloc_fn fn;
+    void *opaque;
+    uint64_t off, len;
+    unsigned status;
+};
+
+static int run_flush(struct run *run)
+{
+    int r = 0;
+
+    if (run->len) {
+        r = run->fn(run->opaque, run->off, run->len, run->status);
+        run->len = 0;
+    }
+    return r;
+}
+
+static int run_add(struct run *run, uint64_t off, uint64_t len,
+                   unsigned status)
+{
+    int r;
+
+    if (status == 0 || len == 0) {
+        return 0;
+    }
+    if (run->len && run->status == status && run->off + run->len == off) {
+        run->len += len;
+        return 0;
+    }
+    r = run_flush(run);
+    if (r) {
+        return r;
+    }
+    run->off = off;
+    run->len = len;
+    run->status = status;
+    return 0;
+}
+
+static int l2_error(struct qbm_image *img, uint64_t l2_off, uint64_t idx,
+                    const char *what)
+{
+    return qbm_err(EINVAL, "L2 table at 0x%llx, entry %llu: %s",
+                   (unsigned long long)l2_off, (unsigned long long)idx, what);
+}
+
+/* Classify one standard L2 entry for the whole cluster. */
+static int classify_std(struct qbm_image *img, uint64_t l2_off, uint64_t idx,
+                        uint64_t e, unsigned *ret_status)
+{
+    bool data_file = img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE;
+    uint64_t off = e & L2E_OFFSET_MASK;
+
+    if (e & L2E_COMPRESSED) {
+        if (data_file) {
+            return l2_error(img, l2_off, idx, "compressed cluster with an "
+                            "external data file");
+        }
+        *ret_status = QBM_ALLOC_DATA;
+        return 0;
+    }
+    if (e & L2E_STD_RESERVED_MASK) {
+        return l2_error(img, l2_off, idx, "reserved bits set");
+    }
+    if (e & L2E_ZERO) {
+        if (img->hdr.version < 3) {
+            return l2_error(img, l2_off, idx, "zero flag in a version 2 "
+                            "image");
+        }
+        *ret_status = QBM_ALLOC_ZERO;
+        return 0;
+    }
+    if (off) {
+        if (!is_aligned(off, img->cluster_size)) {
+            return l2_error(img, l2_off, idx, "data offset not cluster "
+                            "aligned");
+        }
+        *ret_status = QBM_ALLOC_DATA;
+        return 0;
+    }
+    /* With an external data file, host offset 0 is valid when COPIED says
+     * the entry is in use (reference notes section 9). */
+    *ret_status = (data_file && (e & L2E_COPIED)) ? QBM_ALLOC_DATA : 0;
+    return 0;
+}
+
+static int walk_extl2_entry(struct qbm_image *img, uint64_t l2_off,
+                            uint64_t idx, uint64_t e, uint64_t sc_bitmap,
+                            uint64_t guest, uint64_t limit, struct run *run)
+{
+    uint64_t sc_size = img->cluster_size / 32;
+    uint64_t off = e & L2E_OFFSET_MASK;
+    unsigned i;
+    int r;
+
+    if (e & L2E_COMPRESSED) {
+        if (sc_bitmap) {
+            return l2_error(img, l2_off, idx, "compressed cluster with a "
+                            "subcluster bitmap");
+        }
+        return run_add(run, guest, limit - guest, QBM_ALLOC_DATA);
+    }
+    if (e & (L2E_STD_RESERVED_MASK | L2E_ZERO)) {
+        return l2_error(img, l2_off, idx, "reserved bits set");
+    }
+    if (off && !is_aligned(off, img->cluster_size)) {
+        return l2_error(img, l2_off, idx, "data offset not cluster aligned");
+    }
+    if ((sc_bitmap & 0xffffffffu) & (sc_bitmap >> 32)) {
+        return l2_error(img, l2_off, idx, "subcluster both allocated and "
+                        "zero");
+    }
+    if (!off && (sc_bitmap & 0xffffffffu)) {
+        bool data_file = img->hdr.incompatible_features &
+                         QBM_INCOMPAT_DATA_FILE;
+        if (!(data_file && (e & L2E_COPIED))) {
+            return l2_error(img, l2_off, idx, "allocated subclusters "
+                            "without a host cluster");
+        }
+    }
+    for (i = 0; i < 32; i++) {
+        uint64_t start = guest + i * sc_size;
+        unsigned status = 0;
+
+        if (start >= limit) {
+            break;
+        }
+        if (sc_bitmap & (1ull << (32 + i))) {
+            status = QBM_ALLOC_ZERO;
+        } else if (sc_bitmap & (1ull << i)) {
+            status = QBM_ALLOC_DATA;
+        }
+        r = run_add(run, start,
+                    (limit - start < sc_size) ? limit - start : sc_size,
+                    status);
+        if (r) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+int qcow2_read_l2(struct qbm_image *img, uint64_t l2_off)
+{
+    int r;
+
+    if (img->l2_cache && img->l2_cache_offset == l2_off) {
+        return 0;
+    }
+    if (!img->l2_cache) {
+        img->l2_cache = qbm_malloc(img->cluster_size);
+        if (!img->l2_cache) {
+            return -ENOMEM;
+        }
+    }
+    img->l2_cache_offset = 0;
+    r = qbm_image_read_meta(img, img->l2_cache, img->cluster_size, l2_off,
+                            "L2 table");
+    if (r < 0) {
+        return r;
+    }
+    img->l2_cache_offset = l2_off;
+    return 0;
+}
+
+int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
+                          void *opaque)
+{
+    uint64_t size = img->hdr.size;
+    uint64_t nl1 = div_round_up(size, l2_span(img));
+    struct run run = { .fn = fn, .opaque = opaque };
+    uint64_t i, j;
+    int r;
+
+    for (i = 0; i < nl1; i++) {
+        uint64_t l1e = img->l1[i];
+        uint64_t l2_off = l1e & L1E_OFFSET_MASK;
+        uint64_t base = i * l2_span(img);
+
+        if (l2_off == 0) {
+            continue;
+        }
+        if (!is_aligned(l2_off, img->cluster_size)) {
+            return qbm_err(EINVAL, "L1 table at 0x%llx, entry %llu: L2 "
+                           "offset 0x%llx not cluster aligned",
+                           (unsigned long long)img->hdr.l1_table_offset,
+                           (unsigned long long)i,
+                           (unsigned long long)l2_off);
+        }
+        r = qcow2_read_l2(img, l2_off);
+        if (r < 0) {
+            return r;
+        }
+        for (j = 0; j < img->l2_entries; j++) {
+            uint64_t guest = base + j * img->cluster_size;
+            uint64_t limit, e;
+            const uint8_t *p;
+
+            if (guest >= size) {
+                break;
+            }
+            limit = size - guest < img->cluster_size
+                        ? size : guest + img->cluster_size;
+            p = img->l2_cache + j * img->l2_entry_size;
+            e = be64_load(p);
+            if (img->extl2) {
+                r = walk_extl2_entry(img, l2_off, j, e, be64_load(p + 8),
+                                     guest, limit, &run);
+            } else {
+                unsigned status = 0;
+
+                r = classify_std(img, l2_off, j, e, &status);
+                if (r == 0) {
+                    r = run_add(&run, guest, limit - guest, status);
+                }
+            }
+            if (r) {
+                return r;
+            }
+        }
+    }
+    return run_flush(&run);
+}

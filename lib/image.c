@@ -1,0 +1,392 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* struct qbm_image: opening, validating and describing one image. */
+#include <stdlib.h>
+
+#include "internal.h"
+
+/* Host offsets are limited to bits 9..55 of table entries (qcow2 spec). */
+#define QCOW2_MAX_HOST_OFFSET (1ull << 56)
+
+int qbm_image_read_meta(struct qbm_image *img, void *buf, size_t len,
+                        uint64_t off, const char *what)
+{
+    uint64_t end;
+    int r;
+
+    if (!add_ok(off, len, &end) || end > QCOW2_MAX_HOST_OFFSET) {
+        return qbm_err(EINVAL, "%s at 0x%llx: beyond the largest possible "
+                       "image", what, (unsigned long long)off);
+    }
+    r = qbm_io_pread(img->io, buf, len, off);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s at 0x%llx", what,
+                              (unsigned long long)off);
+    }
+    return 0;
+}
+
+static void image_free(struct qbm_image *img)
+{
+    if (!img) {
+        return;
+    }
+    qbm_io_close(img->io);
+    qcow2_header_free(&img->hdr);
+    qcow2_bitmaps_free(img->bitmaps, img->nb_bitmaps);
+    free(img->l1);
+    free(img->reftable);
+    free(img->snapshots);
+    free(img->l2_cache);
+    free(img->refblock_cache);
+    free(img->filename);
+    free(img);
+}
+
+static int load_bitmaps(struct qbm_image *img)
+{
+    const struct qcow2_ext *ext = img->hdr.bitmaps_ext;
+    uint8_t *buf;
+    int r;
+
+    if (!ext) {
+        img->bitmaps_state = QBM_BITMAPS_NONE;
+        return 0;
+    }
+    r = qcow2_bitmaps_ext_decode(ext->data, ext->len, ext->offset,
+                                 &img->bm_ext);
+    if (r < 0) {
+        return r;
+    }
+    /* Without the autoclear bit (or in a v2 image, which cannot carry it)
+     * QEMU ignores the extension: a program without bitmap support wrote
+     * the image after the bitmaps were stored (reference notes section 6). */
+    if (img->hdr.version < 3 ||
+        !(img->hdr.autoclear_features & QBM_AUTOCLEAR_BITMAPS)) {
+        img->bitmaps_state = QBM_BITMAPS_STALE;
+        return 0;
+    }
+    img->bitmaps_state = QBM_BITMAPS_OK;
+    if (!is_aligned(img->bm_ext.dir_offset, img->cluster_size) ||
+        img->bm_ext.dir_offset == 0) {
+        return qbm_err(EINVAL, "bitmap directory at 0x%llx: offset not "
+                       "cluster aligned",
+                       (unsigned long long)img->bm_ext.dir_offset);
+    }
+    buf = qbm_malloc(img->bm_ext.dir_size);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    r = qbm_image_read_meta(img, buf, img->bm_ext.dir_size,
+                            img->bm_ext.dir_offset, "bitmap directory");
+    if (r == 0) {
+        r = qcow2_bitmap_dir_decode(buf, img->bm_ext.dir_size,
+                                    img->bm_ext.dir_offset,
+                                    img->bm_ext.nb_bitmaps,
+                                    img->cluster_size, img->hdr.size,
+                                    &img->bitmaps);
+    }
+    free(buf);
+    if (r < 0) {
+        return r;
+    }
+    img->nb_bitmaps = img->bm_ext.nb_bitmaps;
+    return 0;
+}
+
+int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
+                      struct qbm_image **ret_img)
+{
+    struct qbm_image *img;
+    uint8_t first[QCOW2_V3_HEADER_LEN];
+    uint8_t *cluster0 = NULL;
+    uint64_t cs;
+    int r;
+
+    img = qbm_calloc(1, sizeof(*img));
+    if (!img) {
+        qbm_io_close(io);
+        return -ENOMEM;
+    }
+    img->io = io;
+    img->rdwr = rdwr;
+    img->filename = qbm_strndup(filename, strlen(filename));
+    if (!img->filename) {
+        r = -ENOMEM;
+        goto fail;
+    }
+    r = qbm_io_size(io, &img->file_size);
+    if (r < 0) {
+        goto fail;
+    }
+    r = qbm_io_pread(io, first, sizeof(first), 0);
+    if (r < 0) {
+        goto fail;
+    }
+    if (img->file_size < QCOW2_V2_HEADER_LEN ||
+        be32_load(first) != QCOW2_MAGIC) {
+        r = qbm_err(EINVAL, "not a qcow2 image");
+        goto fail;
+    }
+    /* Cluster 0 holds the header and its extensions; read it whole. */
+    if (be32_load(first + 20) < QCOW2_MIN_CLUSTER_BITS ||
+        be32_load(first + 20) > QCOW2_MAX_CLUSTER_BITS) {
+        r = qbm_err(EINVAL, "header at 0x0: cluster_bits %u out of range "
+                    "9..21", be32_load(first + 20));
+        goto fail;
+    }
+    cs = 1ull << be32_load(first + 20);
+    cluster0 = qbm_malloc(cs);
+    if (!cluster0) {
+        r = -ENOMEM;
+        goto fail;
+    }
+    r = qbm_io_pread(io, cluster0, cs, 0);
+    if (r < 0) {
+        goto fail;
+    }
+    /* Bytes past the end of the file read as zeros, like QEMU. */
+    r = qcow2_header_decode(cluster0, cs, img->file_size, &img->hdr);
+    if (r < 0) {
+        goto fail;
+    }
+    img->cluster_bits = img->hdr.cluster_bits;
+    img->cluster_size = img->hdr.cluster_size;
+    img->refcount_bits = 1u << img->hdr.refcount_order;
+    img->extl2 = img->hdr.incompatible_features & QBM_INCOMPAT_EXTL2;
+    img->l2_entry_size = img->extl2 ? 16 : 8;
+    img->l2_entries = img->cluster_size / img->l2_entry_size;
+
+    r = qcow2_refcount_load(img);
+    if (r == 0) {
+        r = qcow2_l1_load(img);
+    }
+    if (r == 0) {
+        r = qcow2_snapshots_load(img);
+    }
+    if (r == 0) {
+        r = load_bitmaps(img);
+    }
+    if (r < 0) {
+        goto fail;
+    }
+    free(cluster0);
+    *ret_img = img;
+    return 0;
+
+fail:
+    free(cluster0);
+    image_free(img);
+    return r;
+}
+
+int qbm_image_open_raw(struct qbm_io *io, const char *filename,
+                       struct qbm_image **ret_img)
+{
+    struct qbm_image *img = qbm_calloc(1, sizeof(*img));
+    int r;
+
+    if (!img) {
+        qbm_io_close(io);
+        return -ENOMEM;
+    }
+    img->io = io;
+    img->raw = true;
+    img->filename = qbm_strndup(filename, strlen(filename));
+    if (!img->filename) {
+        image_free(img);
+        return -ENOMEM;
+    }
+    r = qbm_io_size(io, &img->file_size);
+    if (r < 0) {
+        image_free(img);
+        return r;
+    }
+    img->hdr.size = img->file_size;
+    *ret_img = img;
+    return 0;
+}
+
+QBM_API struct qbm_image *qbm_open(const char *filename, unsigned flags)
+{
+    struct qbm_image *img;
+    struct qbm_io *io;
+    enum qbm_lock_mode lock;
+    bool rdwr = flags & QBM_OPEN_RDWR;
+    int r;
+
+    if (!filename || (flags & ~QBM_OPEN_MASK) ||
+        (rdwr && (flags & QBM_OPEN_FORCE_SHARE))) {
+        qbm_err(EINVAL, "invalid arguments to qbm_open");
+        return NULL;
+    }
+    lock = rdwr ? QBM_LOCK_WRITE
+                : (flags & QBM_OPEN_FORCE_SHARE) ? QBM_LOCK_NONE
+                                                 : QBM_LOCK_READ;
+    r = qbm_io_file_open(filename, rdwr, lock, &io);
+    if (r < 0) {
+        return NULL;
+    }
+    r = qbm_image_open_io(io, filename, rdwr, &img);
+    return r < 0 ? NULL : img;
+}
+
+QBM_API struct qbm_image *qbm_open_memory(const void *buf, size_t len,
+                                          const char *name, unsigned flags)
+{
+    struct qbm_image *img;
+    struct qbm_io *io;
+    int r;
+
+    if ((!buf && len) || (flags & ~QBM_OPEN_MASK)) {
+        qbm_err(EINVAL, "invalid arguments to qbm_open_memory");
+        return NULL;
+    }
+    r = qbm_io_mem_open(buf, len, &io);
+    if (r < 0) {
+        return NULL;
+    }
+    r = qbm_image_open_io(io, name ? name : "(memory)",
+                          flags & QBM_OPEN_RDWR, &img);
+    return r < 0 ? NULL : img;
+}
+
+QBM_API void qbm_close(struct qbm_image *img)
+{
+    image_free(img);
+}
+
+/* ---- accessors --------------------------------------------------------- */
+
+QBM_API const char *qbm_image_filename(const struct qbm_image *img)
+{
+    return img->filename;
+}
+
+QBM_API const char *qbm_image_format(const struct qbm_image *img)
+{
+    return img->raw ? "raw" : "qcow2";
+}
+
+QBM_API unsigned qbm_image_version(const struct qbm_image *img)
+{
+    return img->raw ? 0 : img->hdr.version;
+}
+
+QBM_API uint64_t qbm_image_virtual_size(const struct qbm_image *img)
+{
+    return img->hdr.size;
+}
+
+QBM_API uint64_t qbm_image_cluster_size(const struct qbm_image *img)
+{
+    return img->cluster_size;
+}
+
+QBM_API unsigned qbm_image_refcount_bits(const struct qbm_image *img)
+{
+    return img->refcount_bits;
+}
+
+QBM_API const char *qbm_image_compression_type(const struct qbm_image *img)
+{
+    if (img->raw) {
+        return NULL;
+    }
+    return img->hdr.compression_type == 1 ? "zstd" : "zlib";
+}
+
+QBM_API const char *qbm_image_backing_file(const struct qbm_image *img)
+{
+    return img->hdr.backing_file;
+}
+
+QBM_API const char *qbm_image_backing_format(const struct qbm_image *img)
+{
+    return img->hdr.backing_format;
+}
+
+QBM_API const char *qbm_image_data_file(const struct qbm_image *img)
+{
+    return img->hdr.data_file;
+}
+
+QBM_API uint64_t qbm_image_file_size(const struct qbm_image *img)
+{
+    return img->file_size;
+}
+
+QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img)
+{
+    return img->nb_snapshots;
+}
+
+QBM_API uint64_t qbm_image_features(const struct qbm_image *img,
+                                    unsigned which)
+{
+    switch (which) {
+    case QBM_FEATURE_INCOMPATIBLE:
+        return img->hdr.incompatible_features;
+    case QBM_FEATURE_COMPATIBLE:
+        return img->hdr.compatible_features;
+    case QBM_FEATURE_AUTOCLEAR:
+        return img->hdr.autoclear_features;
+    default:
+        return 0;
+    }
+}
+
+QBM_API const char *qbm_image_feature_name(const struct qbm_image *img,
+                                           unsigned which, unsigned bit)
+{
+    if (which > QBM_FEATURE_AUTOCLEAR || bit > 63) {
+        return NULL;
+    }
+    return qcow2_feature_name(&img->hdr, which, bit);
+}
+
+QBM_API int qbm_image_bitmaps_state(const struct qbm_image *img)
+{
+    return img->bitmaps_state;
+}
+
+/* Wraps a user callback so that "stop" is told apart from errors. */
+struct alloc_wrap {
+    qbm_alloc_fn fn;
+    void *opaque;
+    int user_ret;
+};
+
+static int alloc_wrap_cb(void *opaque, uint64_t off, uint64_t len,
+                         unsigned status)
+{
+    struct alloc_wrap *w = opaque;
+
+    w->user_ret = w->fn(w->opaque, off, len, status);
+    return w->user_ret ? 1 : 0;
+}
+
+QBM_API int qbm_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
+                                 void *opaque)
+{
+    struct alloc_wrap w = { fn, opaque, 0 };
+    int r;
+
+    if (!fn) {
+        qbm_err(EINVAL, "no callback");
+        return -1;
+    }
+    if (img->raw) {
+        r = img->hdr.size ? alloc_wrap_cb(&w, 0, img->hdr.size,
+                                          QBM_ALLOC_DATA) : 0;
+    } else {
+        r = qcow2_allocation_walk(img, alloc_wrap_cb, &w);
+    }
+    if (r < 0) {
+        return -1;
+    }
+    if (w.user_ret) {
+        qbm_err(ECANCELED, "stopped by the callback");
+        return w.user_ret;
+    }
+    return 0;
+}

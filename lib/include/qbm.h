@@ -1,0 +1,260 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * libqbm - offline access to the persistent dirty bitmaps of qcow2 images.
+ *
+ * Conventions (see docs/design.md):
+ *  - Handles are opaque. qbm_*_close(NULL) is a no-op.
+ *  - Calls that can fail return -1 (or NULL); the reason is then available
+ *    from qbm_get_error() and qbm_get_errno() in the same thread.
+ *  - Output parameters are named ret_* and are left untouched on failure.
+ *  - Strings returned by the library are borrowed: they live as long as the
+ *    handle they came from, unless stated otherwise.
+ *  - Offsets and lengths are bytes, as uint64_t.
+ */
+#ifndef QBM_H
+#define QBM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define QBM_API __attribute__((visibility("default")))
+#else
+#define QBM_API
+#endif
+
+struct qbm_image;
+struct qbm_chain;
+
+/* ---- errors ---------------------------------------------------------- */
+
+/*
+ * The message of the last failed call in this thread: one phrase, no file
+ * name prefix, no trailing newline. Borrowed; valid until the next failing
+ * call in this thread. Never NULL (empty string when there was no error).
+ */
+QBM_API const char *qbm_get_error(void);
+
+/* The errno value of the last failed call in this thread (0 if none). */
+QBM_API int qbm_get_errno(void);
+
+/* The library version as "MAJOR.MINOR.MICRO"; static storage. */
+QBM_API const char *qbm_version(void);
+
+/* ---- opening images -------------------------------------------------- */
+
+/* Open for writing (not yet supported by every call; see qbm(1)). */
+#define QBM_OPEN_RDWR 0x1u
+/*
+ * Do not take QEMU-compatible image locks (qemu-img -U / --force-share).
+ * Only valid for read-only opens.
+ */
+#define QBM_OPEN_FORCE_SHARE 0x2u
+#define QBM_OPEN_MASK 0x3u
+
+/*
+ * Open a qcow2 image file. Read-only opens take the shared lock bytes QEMU
+ * takes for a reader that does not allow writers (bytes 100, 201 and 203)
+ * and fail with EBUSY when a process holds the image for writing, unless
+ * QBM_OPEN_FORCE_SHARE is given.
+ *
+ * The header, its extensions, the refcount table, the L1 table, the internal
+ * snapshot table and the bitmap directory are read and validated; a
+ * structure that QEMU would refuse makes the open fail with EINVAL and a
+ * message naming the structure and its file offset.
+ *
+ * Returns a new handle owned by the caller (free with qbm_close), or NULL.
+ * The backing file is not opened: see qbm_chain_open().
+ */
+QBM_API struct qbm_image *qbm_open(const char *filename, unsigned flags);
+
+/*
+ * Open an image held in memory (for fuzzing and tests). The bytes are
+ * copied; `name` is used in messages and may be NULL. No locks are taken.
+ */
+QBM_API struct qbm_image *qbm_open_memory(const void *buf, size_t len,
+                                          const char *name, unsigned flags);
+
+/* Close the image and release its locks. NULL is fine. */
+QBM_API void qbm_close(struct qbm_image *img);
+
+/* ---- image properties (all borrowed / plain values) ------------------- */
+
+/* The file name as given to qbm_open(). */
+QBM_API const char *qbm_image_filename(const struct qbm_image *img);
+/* "qcow2" or "raw" (raw only inside chains). */
+QBM_API const char *qbm_image_format(const struct qbm_image *img);
+/* qcow2 version: 2 or 3 (0 for raw). */
+QBM_API unsigned qbm_image_version(const struct qbm_image *img);
+QBM_API uint64_t qbm_image_virtual_size(const struct qbm_image *img);
+/* Cluster size in bytes (0 for raw). */
+QBM_API uint64_t qbm_image_cluster_size(const struct qbm_image *img);
+/* Refcount width in bits: 1..64 (0 for raw). */
+QBM_API unsigned qbm_image_refcount_bits(const struct qbm_image *img);
+/* "zlib" or "zstd" (NULL for raw). */
+QBM_API const char *qbm_image_compression_type(const struct qbm_image *img);
+/* The backing file name as stored in the image, or NULL when none. */
+QBM_API const char *qbm_image_backing_file(const struct qbm_image *img);
+/*
+ * The backing file name resolved as QEMU resolves it (relative names are
+ * joined with the directory part of this image's file name as given).
+ * Returns a new string the caller frees, or NULL: errno ENOENT when there
+ * is no backing file, EOPNOTSUPP for json: or protocol names.
+ */
+QBM_API char *qbm_image_backing_path(const struct qbm_image *img);
+/* The backing format extension's value, or NULL when absent. */
+QBM_API const char *qbm_image_backing_format(const struct qbm_image *img);
+/* The external data file name, or NULL when absent. */
+QBM_API const char *qbm_image_data_file(const struct qbm_image *img);
+/* Host size of the image file in bytes. */
+QBM_API uint64_t qbm_image_file_size(const struct qbm_image *img);
+/* Number of internal snapshots. */
+QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img);
+
+/* Feature words from the header (0 for v2 and raw). */
+#define QBM_FEATURE_INCOMPATIBLE 0
+#define QBM_FEATURE_COMPATIBLE 1
+#define QBM_FEATURE_AUTOCLEAR 2
+QBM_API uint64_t qbm_image_features(const struct qbm_image *img,
+                                    unsigned which);
+/*
+ * The name of feature bit `bit` of word `which`, from the image's feature
+ * name table when it has one, else the name the format specification gives,
+ * else NULL. Borrowed.
+ */
+QBM_API const char *qbm_image_feature_name(const struct qbm_image *img,
+                                           unsigned which, unsigned bit);
+
+/* Incompatible feature bits (qcow2 specification, "Header"). */
+#define QBM_INCOMPAT_DIRTY 0x1u
+#define QBM_INCOMPAT_CORRUPT 0x2u
+#define QBM_INCOMPAT_DATA_FILE 0x4u
+#define QBM_INCOMPAT_COMPRESSION 0x8u
+#define QBM_INCOMPAT_EXTL2 0x10u
+/* Compatible feature bits. */
+#define QBM_COMPAT_LAZY_REFCOUNTS 0x1u
+/* Autoclear feature bits. */
+#define QBM_AUTOCLEAR_BITMAPS 0x1u
+#define QBM_AUTOCLEAR_DATA_FILE_RAW 0x2u
+
+/*
+ * State of the bitmaps extension as a whole:
+ *  QBM_BITMAPS_NONE   no bitmaps extension;
+ *  QBM_BITMAPS_OK     extension present and the autoclear "bitmaps" bit set;
+ *  QBM_BITMAPS_STALE  extension present but the autoclear bit is clear (a
+ *                     program without bitmap support wrote the image) or the
+ *                     image is version 2: QEMU ignores every bitmap.
+ */
+#define QBM_BITMAPS_NONE 0
+#define QBM_BITMAPS_OK 1
+#define QBM_BITMAPS_STALE 2
+QBM_API int qbm_image_bitmaps_state(const struct qbm_image *img);
+
+/* ---- bitmaps ---------------------------------------------------------- */
+
+/* Bitmap flags, as stored in the directory entry. */
+#define QBM_BITMAP_IN_USE 0x1u
+#define QBM_BITMAP_AUTO 0x2u
+
+/*
+ * Number of bitmaps listed in the directory (0 when none, and also 0 when
+ * the extension is stale: see qbm_image_bitmaps_state).
+ */
+QBM_API size_t qbm_bitmap_count(const struct qbm_image *img);
+/* Index of the bitmap named `name`, or -1 (errno ENOENT) when absent. */
+QBM_API int qbm_bitmap_find(const struct qbm_image *img, const char *name);
+/* Properties of bitmap `idx` (0 <= idx < qbm_bitmap_count). */
+QBM_API const char *qbm_bitmap_name(const struct qbm_image *img, size_t idx);
+QBM_API uint64_t qbm_bitmap_granularity(const struct qbm_image *img,
+                                        size_t idx);
+QBM_API unsigned qbm_bitmap_flags(const struct qbm_image *img, size_t idx);
+/*
+ * Whether the on-disk contents can be trusted: false when the bitmap is
+ * in use (QEMU had it open for writing and did not store it back).
+ */
+QBM_API int qbm_bitmap_consistent(const struct qbm_image *img, size_t idx);
+
+/*
+ * Count the bytes of the virtual disk marked dirty in bitmap `idx`, clipped
+ * to the virtual size. Reads the bitmap table and the data clusters only.
+ * Returns 0 and sets *ret_bytes, or -1.
+ */
+QBM_API int qbm_bitmap_dirty_bytes(struct qbm_image *img, size_t idx,
+                                   uint64_t *ret_bytes);
+
+/*
+ * Called once per extent, in increasing offset order, adjacent extents
+ * merged. Return 0 to go on, anything else to stop the walk (that value is
+ * then returned by the walker, with errno ECANCELED).
+ */
+typedef int (*qbm_extent_fn)(void *opaque, uint64_t offset, uint64_t length);
+
+/*
+ * Walk the dirty extents of bitmap `idx` (clipped to the virtual size).
+ * Returns 0 when done, -1 on error, or the callback's non-zero value.
+ */
+QBM_API int qbm_bitmap_extents(struct qbm_image *img, size_t idx,
+                               qbm_extent_fn fn, void *opaque);
+
+/* ---- allocation map of one layer -------------------------------------- */
+
+/* Allocation status of a range in one layer (qcow2 spec, "Cluster mapping"). */
+#define QBM_ALLOC_DATA 0x1u /* data stored in this layer (maybe compressed) */
+#define QBM_ALLOC_ZERO 0x2u /* reads as zeros, shadows the backing file */
+
+typedef int (*qbm_alloc_fn)(void *opaque, uint64_t offset, uint64_t length,
+                            unsigned status);
+
+/*
+ * Walk the ranges this layer itself provides (data or zero flags), in
+ * increasing order, adjacent ranges with the same status merged. Ranges
+ * not reported fall through to the backing file. Cost follows the L1 table
+ * and the allocated L2 tables, not the virtual size.
+ * Returns 0, -1 on error, or the callback's non-zero value.
+ */
+QBM_API int qbm_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
+                                 void *opaque);
+
+/* ---- backing chains -------------------------------------------------- */
+
+/*
+ * Open `filename` and, following backing file names, every image below it.
+ * Relative backing names are resolved against the directory of the name of
+ * the image that refers to them, as given (as QEMU does); json: names are
+ * refused; loops and chains deeper than 256 are refused. A raw backing
+ * file ends the chain and is opened as a layer of format "raw". `flags` as
+ * for qbm_open(); backing files are always opened read-only.
+ * Returns a new handle (free with qbm_chain_close), or NULL.
+ */
+QBM_API struct qbm_chain *qbm_chain_open(const char *filename,
+                                         unsigned flags);
+QBM_API void qbm_chain_close(struct qbm_chain *chain);
+/* Number of layers (>= 1). */
+QBM_API size_t qbm_chain_length(const struct qbm_chain *chain);
+/* Layer `idx`, 0 = top (the image given). Borrowed from the chain. */
+QBM_API struct qbm_image *qbm_chain_layer(const struct qbm_chain *chain,
+                                          size_t idx);
+/* The resolved file name of layer `idx` (layer 0: as given). Borrowed. */
+QBM_API const char *qbm_chain_filename(const struct qbm_chain *chain,
+                                       size_t idx);
+
+/*
+ * Walk the union of the bitmaps named `name` over every layer that has one,
+ * merged into extents in increasing order (how a checkpoint that spans
+ * layers is read). Fails with ENOENT when no layer has such a bitmap.
+ * *ret_consistent (may be NULL) is set to 0 when any of them is in use.
+ * Returns 0, -1, or the callback's non-zero value.
+ */
+QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
+                                     const char *name, qbm_extent_fn fn,
+                                     void *opaque, int *ret_consistent);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QBM_H */

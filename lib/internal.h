@@ -1,0 +1,476 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Internal interfaces of libqbm. Layers, bottom up:
+ *   io        pread/pwrite/flush behind a vtable (file, memory, fault)
+ *   header    cluster 0: fixed header and extensions
+ *   refcount  refcount table and blocks
+ *   cluster   L1/L2 tables, allocation map, compressed descriptors
+ *   compress  zlib/zstd cluster decompression
+ *   snapshot  internal snapshot table
+ *   bitmap-dir  bitmaps extension and directory
+ *   bmap      in-memory chunked bitmap; bitmap tables and data
+ *   image     struct qbm_image: open, validate, accessors
+ *   chain     backing chains
+ *
+ * Internal functions return 0 (or a count) on success and -errno on failure,
+ * after recording a message with qbm_err(). The library never prints.
+ */
+#ifndef QBM_INTERNAL_H
+#define QBM_INTERNAL_H
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "qbm.h"
+
+#define QBM_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#define QBM_UNUSED __attribute__((unused))
+#define QBM_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* ---- error.c ---------------------------------------------------------- */
+
+/* Record `errnum` and a message as this thread's last error; returns -errnum. */
+int qbm_err(int errnum, const char *fmt, ...) QBM_PRINTF(2, 3);
+/* Prefix the current message with "PREFIX: ". Returns `ret` unchanged. */
+int qbm_err_prefix(int ret, const char *fmt, ...) QBM_PRINTF(2, 3);
+/* Convert an internal -errno into the public -1 convention. */
+static inline int qbm_public_ret(int r)
+{
+    return r < 0 ? -1 : r;
+}
+/* Allocation helpers that record ENOMEM. */
+void *qbm_malloc(size_t n);
+void *qbm_calloc(size_t n, size_t size);
+void *qbm_realloc(void *p, size_t n);
+char *qbm_strndup(const char *s, size_t n);
+/* Test hook: make the Nth allocation from now fail (0 = never). */
+void qbm_alloc_fail_after(unsigned long n);
+
+/* ---- byte order and checked arithmetic -------------------------------- */
+
+static inline uint16_t be16_load(const void *p)
+{
+    const uint8_t *b = p;
+    return (uint16_t)((b[0] << 8) | b[1]);
+}
+static inline uint32_t be32_load(const void *p)
+{
+    const uint8_t *b = p;
+    return ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) |
+           ((uint32_t)b[2] << 8) | b[3];
+}
+static inline uint64_t be64_load(const void *p)
+{
+    const uint8_t *b = p;
+    return ((uint64_t)be32_load(b) << 32) | be32_load(b + 4);
+}
+static inline void be16_store(void *p, uint16_t v)
+{
+    uint8_t *b = p;
+    b[0] = v >> 8;
+    b[1] = v;
+}
+static inline void be32_store(void *p, uint32_t v)
+{
+    uint8_t *b = p;
+    b[0] = v >> 24;
+    b[1] = v >> 16;
+    b[2] = v >> 8;
+    b[3] = v;
+}
+static inline void be64_store(void *p, uint64_t v)
+{
+    be32_store(p, v >> 32);
+    be32_store((uint8_t *)p + 4, (uint32_t)v);
+}
+
+/* Overflow-checked helpers: return false on overflow. */
+static inline bool add_ok(uint64_t a, uint64_t b, uint64_t *r)
+{
+    return !__builtin_add_overflow(a, b, r);
+}
+static inline bool mul_ok(uint64_t a, uint64_t b, uint64_t *r)
+{
+    return !__builtin_mul_overflow(a, b, r);
+}
+static inline uint64_t div_round_up(uint64_t a, uint64_t b)
+{
+    return a / b + (a % b != 0);
+}
+static inline uint64_t align_down(uint64_t a, uint64_t b)
+{
+    return a & ~(b - 1);
+}
+static inline bool is_aligned(uint64_t a, uint64_t b)
+{
+    return (a & (b - 1)) == 0;
+}
+
+/* ---- io.c --------------------------------------------------------------- */
+
+struct qbm_io;
+
+struct qbm_io_ops {
+    /* Read exactly len bytes; bytes past the end of the file read as 0. */
+    int (*pread)(struct qbm_io *io, void *buf, size_t len, uint64_t off);
+    int (*pwrite)(struct qbm_io *io, const void *buf, size_t len,
+                  uint64_t off);
+    int (*flush)(struct qbm_io *io);
+    int (*size)(struct qbm_io *io, uint64_t *ret_size);
+    void (*close)(struct qbm_io *io);
+};
+
+struct qbm_io {
+    const struct qbm_io_ops *ops;
+};
+
+static inline int qbm_io_pread(struct qbm_io *io, void *buf, size_t len,
+                               uint64_t off)
+{
+    return io->ops->pread(io, buf, len, off);
+}
+static inline int qbm_io_pwrite(struct qbm_io *io, const void *buf,
+                                size_t len, uint64_t off)
+{
+    return io->ops->pwrite(io, buf, len, off);
+}
+static inline int qbm_io_flush(struct qbm_io *io)
+{
+    return io->ops->flush(io);
+}
+static inline int qbm_io_size(struct qbm_io *io, uint64_t *ret_size)
+{
+    return io->ops->size(io, ret_size);
+}
+void qbm_io_close(struct qbm_io *io);
+
+/* Lock modes for file images (reference notes section 11). */
+enum qbm_lock_mode {
+    QBM_LOCK_NONE,   /* -U: take nothing */
+    QBM_LOCK_READ,   /* hold 100, 201, 203; refuse writers (101, 103) */
+    QBM_LOCK_WRITE,  /* hold 100, 101, 103, 201, 203; refuse readers/writers */
+};
+int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
+                     struct qbm_io **ret_io);
+/* A growable in-memory file; `buf` is copied. */
+int qbm_io_mem_open(const void *buf, size_t len, struct qbm_io **ret_io);
+/* Borrow the bytes of a memory io (for tests). */
+const uint8_t *qbm_io_mem_data(struct qbm_io *io, size_t *ret_len);
+
+/* ---- header.c ------------------------------------------------------------ */
+
+#define QCOW2_MAGIC 0x514649fbu
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_V2_HEADER_LEN 72
+#define QCOW2_V3_HEADER_LEN 104
+#define QCOW2_MAX_BACKING_NAME 1023
+#define QCOW2_MAX_L1_BYTES (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+#define QCOW2_MAX_SNAPSHOTS 65536
+
+#define QCOW2_EXT_END 0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
+#define QCOW2_EXT_BITMAPS 0x23852875u
+#define QCOW2_EXT_CRYPTO 0x0537be77u
+#define QCOW2_EXT_DATA_FILE 0x44415441u
+
+#define QCOW2_INCOMPAT_KNOWN 0x1full
+#define QCOW2_AUTOCLEAR_KNOWN 0x3ull
+
+/* One header extension as found in cluster 0 (data is a copy). */
+struct qcow2_ext {
+    uint32_t magic;
+    uint32_t len;
+    uint64_t offset; /* of the 8-byte extension header in the file */
+    uint8_t *data;
+};
+
+struct qcow2_feature_name {
+    uint8_t type, bit;
+    char name[47];
+};
+
+struct qcow2_header {
+    uint32_t version;
+    uint64_t backing_file_offset;
+    uint32_t backing_file_size;
+    uint32_t cluster_bits;
+    uint64_t size;
+    uint32_t crypt_method;
+    uint32_t l1_size;
+    uint64_t l1_table_offset;
+    uint64_t refcount_table_offset;
+    uint32_t refcount_table_clusters;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset;
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint32_t refcount_order;
+    uint32_t header_length;
+    uint8_t compression_type;
+
+    /* Derived and decoded from extensions. */
+    uint64_t cluster_size;
+    char *backing_file;   /* NULL when none */
+    char *backing_format; /* NULL when no extension */
+    char *data_file;      /* NULL when no extension */
+    struct qcow2_ext *exts; /* every extension in file order, end excluded */
+    size_t nb_exts;
+    uint64_t ext_end; /* offset just past the end marker */
+    struct qcow2_feature_name *features;
+    size_t nb_features;
+    const struct qcow2_ext *bitmaps_ext; /* points into exts, or NULL */
+};
+
+/* Decode and validate cluster 0 (`buf` holds `len` bytes from offset 0;
+ * len >= min(file size, cluster size)). */
+int qcow2_header_decode(const uint8_t *buf, size_t len, uint64_t file_size,
+                        struct qcow2_header *ret_hdr);
+void qcow2_header_free(struct qcow2_header *hdr);
+/* A feature bit's name: the image's feature table, else the spec's. */
+const char *qcow2_feature_name(const struct qcow2_header *h, unsigned type,
+                               unsigned bit);
+
+/* ---- image object (image.c) --------------------------------------------- */
+
+/* Bitmap directory entry (qcow2 spec, "Bitmap directory"). */
+#define BME_FLAG_IN_USE 0x1u
+#define BME_FLAG_AUTO 0x2u
+#define BME_FLAG_EXTRA_DATA_COMPATIBLE 0x4u
+#define BME_TYPE_DIRTY_TRACKING 1
+#define BME_MIN_GRANULARITY_BITS 9
+#define BME_MAX_GRANULARITY_BITS 31
+#define BME_MAX_NAME_SIZE 1023
+#define BME_MAX_TABLE_SIZE 0x8000000u
+#define BME_MAX_PHYS_SIZE 0x20000000u /* 512 MiB of bitmap data */
+#define BME_MAX_BITMAPS 65535
+#define BME_MAX_DIR_SIZE (65535u * 1024u)
+#define BME_ENTRY_HEADER 24
+#define BME_TABLE_RESERVED 0xff000000000001feull
+#define BME_TABLE_OFFSET_MASK 0x00fffffffffffe00ull
+#define BME_TABLE_ALL_ONES 0x1ull
+
+struct qcow2_bitmap {
+    uint64_t table_offset;
+    uint32_t table_size;
+    uint32_t flags;
+    uint8_t type;
+    uint8_t granularity_bits;
+    uint32_t extra_data_size;
+    char *name; /* NUL-terminated copy */
+    uint16_t name_size;
+    uint64_t entry_offset; /* file offset of the directory entry */
+    uint64_t *table;       /* loaded lazily, NULL until then */
+};
+
+struct qcow2_bitmaps_ext {
+    uint32_t nb_bitmaps;
+    uint64_t dir_size;
+    uint64_t dir_offset;
+};
+
+struct qcow2_snapshot {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    uint64_t entry_offset;
+};
+
+struct qbm_image {
+    char *filename;
+    bool raw;
+    bool rdwr;
+    struct qbm_io *io;
+    uint64_t file_size;
+    struct qcow2_header hdr;
+
+    /* Geometry. */
+    uint32_t cluster_bits;
+    uint64_t cluster_size;
+    uint32_t refcount_bits;
+    uint32_t l2_entry_size; /* 8 or 16 */
+    uint64_t l2_entries;    /* per table */
+    bool extl2;
+
+    uint64_t *l1;           /* l1_size entries */
+    uint64_t *reftable;     /* reftable_entries entries */
+    uint64_t reftable_entries;
+
+    struct qcow2_snapshot *snapshots;
+    uint32_t nb_snapshots;
+
+    int bitmaps_state; /* QBM_BITMAPS_* */
+    struct qcow2_bitmaps_ext bm_ext;
+    struct qcow2_bitmap *bitmaps;
+    uint32_t nb_bitmaps;
+
+    /* One-block caches (cleared by writers). */
+    uint8_t *l2_cache;
+    uint64_t l2_cache_offset;
+    uint8_t *refblock_cache;
+    uint64_t refblock_cache_offset;
+};
+
+/* Open an image on an existing io (takes ownership of io, also on error). */
+int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
+                      struct qbm_image **ret_img);
+/* Open a raw layer (virtual size = file size). */
+int qbm_image_open_raw(struct qbm_io *io, const char *filename,
+                       struct qbm_image **ret_img);
+/* Read `len` metadata bytes at `off`, checking they lie inside the file
+ * limits we accept; `what` names the structure for messages. */
+int qbm_image_read_meta(struct qbm_image *img, void *buf, size_t len,
+                        uint64_t off, const char *what);
+
+/* ---- refcount.c ---------------------------------------------------------- */
+
+/* Load and validate the refcount table (not the blocks). */
+int qcow2_refcount_load(struct qbm_image *img);
+/* Refcount of host cluster index `cluster`. */
+int qcow2_refcount_get(struct qbm_image *img, uint64_t cluster,
+                       uint64_t *ret_refcount);
+/* Decode entry `idx` of a refcount block of width `bits`. */
+uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
+                              uint64_t idx);
+void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
+                        uint64_t value);
+
+/* ---- cluster.c ----------------------------------------------------------- */
+
+#define L1E_OFFSET_MASK 0x00fffffffffffe00ull
+#define L1E_RESERVED_MASK 0x7f000000000001ffull
+#define L2E_COPIED (1ull << 63)
+#define L2E_COMPRESSED (1ull << 62)
+#define L2E_OFFSET_MASK 0x00fffffffffffe00ull
+#define L2E_STD_RESERVED_MASK 0x3f000000000001feull
+#define L2E_ZERO 0x1ull
+
+/* Load and validate the active L1 table. */
+int qcow2_l1_load(struct qbm_image *img);
+/* Read the L2 table at l2_off into img->l2_cache. */
+int qcow2_read_l2(struct qbm_image *img, uint64_t l2_off);
+
+/* Decoded compressed-cluster descriptor (qcow2 spec, "Compressed
+ * Clusters Descriptor"). */
+struct qcow2_compressed {
+    uint64_t offset; /* host byte offset of the compressed data */
+    uint64_t nb_bytes; /* readable bytes from offset */
+};
+void qcow2_compressed_decode(uint64_t l2e, unsigned cluster_bits,
+                             struct qcow2_compressed *ret);
+
+/* Per-subcluster (or per-cluster) classification. */
+enum qcow2_subcluster_type {
+    QCOW2_SC_UNALLOCATED,  /* falls through to backing */
+    QCOW2_SC_DATA,         /* normal data at host offset */
+    QCOW2_SC_COMPRESSED,
+    QCOW2_SC_ZERO,         /* reads as zero, shadows backing */
+};
+
+/*
+ * Classify guest cluster range: calls fn for maximal runs of equal status in
+ * [0, virtual size). Unallocated runs are not reported.
+ */
+int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
+                          void *opaque);
+
+/* ---- compress.c ------------------------------------------------------------ */
+
+/* Decompress one cluster: `in` holds `in_len` bytes of a compressed stream
+ * (type 0 deflate, 1 zstd); exactly `out_len` bytes must be produced. */
+int qcow2_decompress(unsigned type, const uint8_t *in, size_t in_len,
+                     uint8_t *out, size_t out_len);
+
+/* ---- snapshot.c ---------------------------------------------------------- */
+
+int qcow2_snapshots_load(struct qbm_image *img);
+
+/* ---- bitmap-dir.c -------------------------------------------------------- */
+
+/* Decode the 24-byte bitmaps extension. */
+int qcow2_bitmaps_ext_decode(const uint8_t *data, uint32_t len,
+                             uint64_t ext_offset,
+                             struct qcow2_bitmaps_ext *ret);
+/* Decode and validate a whole directory (dir_size bytes at dir_offset,
+ * already read into `buf`). Returns the entries (caller frees with
+ * qcow2_bitmaps_free). `cluster_size` and `disk_size` drive QEMU's
+ * per-entry checks. */
+int qcow2_bitmap_dir_decode(const uint8_t *buf, uint64_t dir_size,
+                            uint64_t dir_offset, uint32_t nb_bitmaps,
+                            uint64_t cluster_size, uint64_t disk_size,
+                            struct qcow2_bitmap **ret_bitmaps);
+void qcow2_bitmaps_free(struct qcow2_bitmap *bms, uint32_t n);
+/* Encoded size of one entry. */
+uint64_t qcow2_bitmap_entry_size(const struct qcow2_bitmap *bm);
+/* Table size QEMU requires for a disk of `disk_size` bytes. */
+uint64_t qcow2_bitmap_table_size(uint64_t disk_size, unsigned gran_bits,
+                                 uint64_t cluster_size);
+/* Load (once) and validate a bitmap's table. */
+int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
+
+/* ---- bmap.c: in-memory chunked bitmap ------------------------------------ */
+
+/*
+ * A bitmap of nbits bits, stored as chunks of chunk_bytes bytes (one per
+ * bitmap-table entry, so one chunk = one bitmap data cluster). Each chunk is
+ * all-zero (NULL), all-ones (QBM_CHUNK_ONES) or a malloc'd buffer. Bit k
+ * lives in chunk k / (8 * chunk_bytes), byte (k / 8) % chunk_bytes, value
+ * 1 << (k % 8): the on-disk order, so chunks are written out unchanged.
+ */
+struct qbm_bmap {
+    uint64_t nbits;
+    uint64_t granularity; /* bytes covered by one bit */
+    uint64_t disk_size;   /* bytes covered by the whole bitmap */
+    uint64_t chunk_bytes;
+    uint64_t nchunks;
+    uint8_t **chunks;
+};
+extern uint8_t qbm_chunk_ones[];
+#define QBM_CHUNK_ONES (qbm_chunk_ones)
+
+int qbm_bmap_new(uint64_t disk_size, uint64_t granularity,
+                 uint64_t chunk_bytes, struct qbm_bmap **ret);
+void qbm_bmap_free(struct qbm_bmap *bm);
+/* Mark guest bytes [off, off+len) (clipped to disk_size) dirty. */
+int qbm_bmap_set_range(struct qbm_bmap *bm, uint64_t off, uint64_t len);
+bool qbm_bmap_get(const struct qbm_bmap *bm, uint64_t bit);
+/* Walk dirty guest extents (merged, clipped to disk_size). */
+int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
+                     void *opaque);
+uint64_t qbm_bmap_dirty_bytes(const struct qbm_bmap *bm);
+
+/*
+ * Stream a bitmap's on-disk data without building a qbm_bmap: for every
+ * chunk in order, with its bytes (NULL = all zero, QBM_CHUNK_ONES = all
+ * ones). Used by dump and dirty-byte counting so memory stays at one
+ * cluster.
+ */
+typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
+                            const uint8_t *data);
+int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
+                             qbm_chunk_fn fn, void *opaque);
+/* Load a whole bitmap into a new qbm_bmap. */
+int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
+                      struct qbm_bmap **ret);
+
+/*
+ * Extent walking over chunk data: turns a chunk's bits into guest extents.
+ * `st` carries the pending extent across chunks so adjacent extents merge.
+ */
+struct qbm_extent_state {
+    qbm_extent_fn fn;
+    void *opaque;
+    uint64_t pending_off, pending_len;
+    uint64_t granularity, disk_size, bits_per_chunk, chunk_bytes, nbits;
+    uint64_t dirty_bytes;
+};
+int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
+                           const uint8_t *data);
+int qbm_extent_state_finish(struct qbm_extent_state *st);
+
+#endif /* QBM_INTERNAL_H */

@@ -1,0 +1,392 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * I/O backends behind struct qbm_io_ops: a POSIX file with QEMU-compatible
+ * locks, and a growable memory buffer (tests, fuzzing).
+ */
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+void qbm_io_close(struct qbm_io *io)
+{
+    if (io) {
+        io->ops->close(io);
+    }
+}
+
+/* ---- file backend ----------------------------------------------------- */
+
+struct file_io {
+    struct qbm_io io;
+    int fd;
+};
+
+static int file_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
+{
+    struct file_io *f = (struct file_io *)io;
+    uint8_t *p = buf;
+
+    while (len > 0) {
+        ssize_t n = pread(f->fd, p, len, (off_t)off);
+
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return qbm_err(errno, "read of %zu bytes at 0x%llx failed: %s",
+                           len, (unsigned long long)off, strerror(errno));
+        }
+        if (n == 0) {
+            /* Past the end of the file: qcow2 treats it as zeros. */
+            memset(p, 0, len);
+            return 0;
+        }
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int file_pwrite(struct qbm_io *io, const void *buf, size_t len,
+                       uint64_t off)
+{
+    struct file_io *f = (struct file_io *)io;
+    const uint8_t *p = buf;
+
+    while (len > 0) {
+        ssize_t n = pwrite(f->fd, p, len, (off_t)off);
+
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return qbm_err(errno, "write of %zu bytes at 0x%llx failed: %s",
+                           len, (unsigned long long)off, strerror(errno));
+        }
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int file_flush(struct qbm_io *io)
+{
+    struct file_io *f = (struct file_io *)io;
+
+    if (fdatasync(f->fd) < 0) {
+        return qbm_err(errno, "flush failed: %s", strerror(errno));
+    }
+    return 0;
+}
+
+static int file_size(struct qbm_io *io, uint64_t *ret_size)
+{
+    struct file_io *f = (struct file_io *)io;
+    struct stat st;
+
+    if (fstat(f->fd, &st) < 0) {
+        return qbm_err(errno, "stat failed: %s", strerror(errno));
+    }
+    *ret_size = (uint64_t)st.st_size;
+    return 0;
+}
+
+static void file_close(struct qbm_io *io)
+{
+    struct file_io *f = (struct file_io *)io;
+
+    /* Closing the only descriptor of the open file description releases
+     * its OFD locks. */
+    close(f->fd);
+    free(f);
+}
+
+static const struct qbm_io_ops file_ops = {
+    .pread = file_pread,
+    .pwrite = file_pwrite,
+    .flush = file_flush,
+    .size = file_size,
+    .close = file_close,
+};
+
+/*
+ * QEMU's image locking (block/file-posix.c; reference notes section 11):
+ * permission i is "held" via a shared lock on byte 100 + i and "not shared"
+ * via a shared lock on byte 200 + i. Conflicts are found by testing with a
+ * write lock, which OFD locks of our own description never block.
+ */
+#define LOCK_PERM_BASE 100
+#define LOCK_SHARED_BASE 200
+#define PERM_CONSISTENT_READ 0
+#define PERM_WRITE 1
+#define PERM_WRITE_UNCHANGED 2
+#define PERM_RESIZE 3
+
+static int lock_byte(int fd, int byte)
+{
+    struct flock fl = {
+        .l_type = F_RDLCK,
+        .l_whence = SEEK_SET,
+        .l_start = byte,
+        .l_len = 1,
+    };
+
+    if (fcntl(fd, F_OFD_SETLK, &fl) < 0) {
+        return -errno;
+    }
+    return 0;
+}
+
+/* Returns 1 when another open file description holds `byte`. */
+static int byte_taken(int fd, int byte)
+{
+    struct flock fl = {
+        .l_type = F_WRLCK,
+        .l_whence = SEEK_SET,
+        .l_start = byte,
+        .l_len = 1,
+    };
+
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0) {
+        return -errno;
+    }
+    return fl.l_type != F_UNLCK;
+}
+
+static const char *perm_name(int perm)
+{
+    switch (perm) {
+    case PERM_CONSISTENT_READ:
+        return "consistent read";
+    case PERM_WRITE:
+        return "write";
+    case PERM_WRITE_UNCHANGED:
+        return "write unchanged";
+    default:
+        return "resize";
+    }
+}
+
+static int apply_locks(int fd, enum qbm_lock_mode mode)
+{
+    /* held: permissions we use; unshared: permissions we forbid others. */
+    static const int read_held[] = { PERM_CONSISTENT_READ };
+    static const int read_unshared[] = { PERM_WRITE, PERM_RESIZE };
+    static const int write_held[] = { PERM_CONSISTENT_READ, PERM_WRITE,
+                                      PERM_RESIZE };
+    static const int write_unshared[] = { PERM_WRITE, PERM_RESIZE };
+    const int *held, *unshared;
+    size_t nheld, nunshared, i;
+    int r;
+
+    if (mode == QBM_LOCK_NONE) {
+        return 0;
+    }
+    if (mode == QBM_LOCK_READ) {
+        held = read_held;
+        nheld = QBM_ARRAY_SIZE(read_held);
+        unshared = read_unshared;
+        nunshared = QBM_ARRAY_SIZE(read_unshared);
+    } else {
+        held = write_held;
+        nheld = QBM_ARRAY_SIZE(write_held);
+        unshared = write_unshared;
+        nunshared = QBM_ARRAY_SIZE(write_unshared);
+    }
+    for (i = 0; i < nheld; i++) {
+        r = lock_byte(fd, LOCK_PERM_BASE + held[i]);
+        if (r < 0) {
+            return qbm_err(-r, "cannot lock the image: %s", strerror(-r));
+        }
+    }
+    for (i = 0; i < nunshared; i++) {
+        r = lock_byte(fd, LOCK_SHARED_BASE + unshared[i]);
+        if (r < 0) {
+            return qbm_err(-r, "cannot lock the image: %s", strerror(-r));
+        }
+    }
+    /* Someone who forbids a permission we hold? */
+    for (i = 0; i < nheld; i++) {
+        r = byte_taken(fd, LOCK_SHARED_BASE + held[i]);
+        if (r < 0) {
+            return qbm_err(-r, "cannot test image locks: %s", strerror(-r));
+        }
+        if (r) {
+            return qbm_err(EBUSY,
+                           "failed to get shared \"%s\" lock: another "
+                           "process (QEMU?) is using the image",
+                           perm_name(held[i]));
+        }
+    }
+    /* Someone who holds a permission we forbid? */
+    for (i = 0; i < nunshared; i++) {
+        r = byte_taken(fd, LOCK_PERM_BASE + unshared[i]);
+        if (r < 0) {
+            return qbm_err(-r, "cannot test image locks: %s", strerror(-r));
+        }
+        if (r) {
+            return qbm_err(EBUSY,
+                           "failed to get \"%s\" lock: another process "
+                           "(QEMU?) has the image open for %s; use -U to "
+                           "read it anyway",
+                           perm_name(unshared[i]),
+                           unshared[i] == PERM_WRITE ? "writing" : "resizing");
+        }
+    }
+    return 0;
+}
+
+int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
+                     struct qbm_io **ret_io)
+{
+    struct file_io *f;
+    struct stat st;
+    int fd, r;
+
+    fd = open(filename, (rdwr ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    if (fd < 0) {
+        return qbm_err(errno, "cannot open: %s", strerror(errno));
+    }
+    if (fstat(fd, &st) < 0) {
+        r = qbm_err(errno, "cannot stat: %s", strerror(errno));
+        close(fd);
+        return r;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        close(fd);
+        return qbm_err(EISDIR, "is a directory");
+    }
+    r = apply_locks(fd, lock);
+    if (r < 0) {
+        close(fd);
+        return r;
+    }
+    f = qbm_calloc(1, sizeof(*f));
+    if (!f) {
+        close(fd);
+        return -ENOMEM;
+    }
+    f->io.ops = &file_ops;
+    f->fd = fd;
+    *ret_io = &f->io;
+    return 0;
+}
+
+/* ---- memory backend --------------------------------------------------- */
+
+struct mem_io {
+    struct qbm_io io;
+    uint8_t *buf;
+    size_t len, cap;
+};
+
+/* Memory images are for tests and fuzzing: cap their growth. */
+#define MEM_IO_MAX (1ull << 32)
+
+static int mem_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
+{
+    struct mem_io *m = (struct mem_io *)io;
+    size_t avail = 0;
+
+    if (off < m->len) {
+        avail = m->len - (size_t)off;
+        if (avail > len) {
+            avail = len;
+        }
+        memcpy(buf, m->buf + off, avail);
+    }
+    memset((uint8_t *)buf + avail, 0, len - avail);
+    return 0;
+}
+
+static int mem_pwrite(struct qbm_io *io, const void *buf, size_t len,
+                      uint64_t off)
+{
+    struct mem_io *m = (struct mem_io *)io;
+    uint64_t end;
+
+    if (!add_ok(off, len, &end) || end > MEM_IO_MAX) {
+        return qbm_err(EFBIG, "write past the memory image limit");
+    }
+    if (end > m->cap) {
+        size_t cap = m->cap ? m->cap : 4096;
+        uint8_t *p;
+
+        while (cap < end) {
+            cap *= 2;
+        }
+        p = qbm_realloc(m->buf, cap);
+        if (!p) {
+            return -ENOMEM;
+        }
+        m->buf = p;
+        m->cap = cap;
+    }
+    if (end > m->len) {
+        memset(m->buf + m->len, 0, (size_t)end - m->len);
+        m->len = (size_t)end;
+    }
+    memcpy(m->buf + off, buf, len);
+    return 0;
+}
+
+static int mem_flush(struct qbm_io *io)
+{
+    return 0;
+}
+
+static int mem_size(struct qbm_io *io, uint64_t *ret_size)
+{
+    *ret_size = ((struct mem_io *)io)->len;
+    return 0;
+}
+
+static void mem_close(struct qbm_io *io)
+{
+    struct mem_io *m = (struct mem_io *)io;
+
+    free(m->buf);
+    free(m);
+}
+
+static const struct qbm_io_ops mem_ops = {
+    .pread = mem_pread,
+    .pwrite = mem_pwrite,
+    .flush = mem_flush,
+    .size = mem_size,
+    .close = mem_close,
+};
+
+int qbm_io_mem_open(const void *buf, size_t len, struct qbm_io **ret_io)
+{
+    struct mem_io *m = qbm_calloc(1, sizeof(*m));
+
+    if (!m) {
+        return -ENOMEM;
+    }
+    m->io.ops = &mem_ops;
+    if (len > 0) {
+        m->buf = qbm_malloc(len);
+        if (!m->buf) {
+            free(m);
+            return -ENOMEM;
+        }
+        memcpy(m->buf, buf, len);
+        m->len = m->cap = len;
+    }
+    *ret_io = &m->io;
+    return 0;
+}
+
+const uint8_t *qbm_io_mem_data(struct qbm_io *io, size_t *ret_len)
+{
+    struct mem_io *m = (struct mem_io *)io;
+
+    *ret_len = m->len;
+    return m->buf;
+}

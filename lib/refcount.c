@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Refcount table and refcount blocks (qcow2 spec, "Host cluster
+ * management"; reference notes section 8).
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
+
+uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
+                              uint64_t idx)
+{
+    switch (bits) {
+    case 64:
+        return be64_load(block + idx * 8);
+    case 32:
+        return be32_load(block + idx * 4);
+    case 16:
+        return be16_load(block + idx * 2);
+    case 8:
+        return block[idx];
+    default: {
+        /* 1, 2 and 4-bit entries are packed from the least significant bit
+         * of each byte. */
+        uint64_t bit = idx * bits;
+        return (block[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
+    }
+    }
+}
+
+void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
+                        uint64_t value)
+{
+    switch (bits) {
+    case 64:
+        be64_store(block + idx * 8, value);
+        break;
+    case 32:
+        be32_store(block + idx * 4, (uint32_t)value);
+        break;
+    case 16:
+        be16_store(block + idx * 2, (uint16_t)value);
+        break;
+    case 8:
+        block[idx] = (uint8_t)value;
+        break;
+    default: {
+        uint64_t bit = idx * bits;
+        uint8_t mask = (uint8_t)(((1u << bits) - 1) << (bit % 8));
+
+        block[bit / 8] = (uint8_t)((block[bit / 8] & ~mask) |
+                                   ((value << (bit % 8)) & mask));
+        break;
+    }
+    }
+}
+
+int qcow2_refcount_load(struct qbm_image *img)
+{
+    const struct qcow2_header *h = &img->hdr;
+    uint64_t bytes, i;
+    uint8_t *buf;
+    int r;
+
+    if (h->refcount_table_clusters == 0) {
+        return qbm_err(EINVAL, "refcount table at 0x%llx: zero clusters",
+                       (unsigned long long)h->refcount_table_offset);
+    }
+    if (!is_aligned(h->refcount_table_offset, img->cluster_size) ||
+        h->refcount_table_offset == 0) {
+        return qbm_err(EINVAL, "refcount table at 0x%llx: offset not "
+                       "cluster aligned",
+                       (unsigned long long)h->refcount_table_offset);
+    }
+    if (!mul_ok(h->refcount_table_clusters, img->cluster_size, &bytes) ||
+        bytes > QCOW2_MAX_REFTABLE_BYTES) {
+        return qbm_err(EINVAL, "refcount table at 0x%llx: %u clusters is "
+                       "larger than 8 MiB",
+                       (unsigned long long)h->refcount_table_offset,
+                       h->refcount_table_clusters);
+    }
+    buf = qbm_malloc(bytes);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    r = qbm_image_read_meta(img, buf, bytes, h->refcount_table_offset,
+                            "refcount table");
+    if (r < 0) {
+        free(buf);
+        return r;
+    }
+    img->reftable_entries = bytes / 8;
+    img->reftable = qbm_malloc(bytes);
+    if (!img->reftable) {
+        free(buf);
+        return -ENOMEM;
+    }
+    for (i = 0; i < img->reftable_entries; i++) {
+        img->reftable[i] = be64_load(buf + i * 8);
+    }
+    free(buf);
+    return 0;
+}
+
+int qcow2_refcount_get(struct qbm_image *img, uint64_t cluster,
+                       uint64_t *ret_refcount)
+{
+    uint64_t per_block = img->cluster_size * 8 / img->refcount_bits;
+    uint64_t rt_index = cluster / per_block;
+    uint64_t block;
+    int r;
+
+    if (rt_index >= img->reftable_entries) {
+        *ret_refcount = 0;
+        return 0;
+    }
+    block = img->reftable[rt_index] & REFT_OFFSET_MASK;
+    if (block == 0) {
+        *ret_refcount = 0;
+        return 0;
+    }
+    if (!is_aligned(block, img->cluster_size)) {
+        return qbm_err(EINVAL, "refcount table entry %llu at 0x%llx: block "
+                       "offset 0x%llx not cluster aligned",
+                       (unsigned long long)rt_index,
+                       (unsigned long long)(img->hdr.refcount_table_offset +
+                                            rt_index * 8),
+                       (unsigned long long)block);
+    }
+    if (!img->refblock_cache || img->refblock_cache_offset != block) {
+        if (!img->refblock_cache) {
+            img->refblock_cache = qbm_malloc(img->cluster_size);
+            if (!img->refblock_cache) {
+                return -ENOMEM;
+            }
+        }
+        img->refblock_cache_offset = 0;
+        r = qbm_image_read_meta(img, img->refblock_cache, img->cluster_size,
+                                block, "refcount block");
+        if (r < 0) {
+            return r;
+        }
+        img->refblock_cache_offset = block;
+    }
+    *ret_refcount = qcow2_refblock_entry(img->refblock_cache,
+                                         img->refcount_bits,
+                                         cluster % per_block);
+    return 0;
+}

@@ -1,0 +1,185 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* qbm dump: the dirty extents of one bitmap, or of a checkpoint's chain. */
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qbm-tool.h"
+
+static const char dump_usage[] =
+    "Usage: qbm dump [--chain] [--output=human|json] [-U] IMAGE BITMAP\n"
+    "List the guest byte ranges BITMAP marks dirty, adjacent ranges merged.\n"
+    "\n"
+    "  -c, --chain          the union over every layer of the backing "
+    "chain\n"
+    "                       that has a bitmap of that name\n"
+    "      --output=FORMAT  human (default) or json\n"
+    "  -U, --force-share    do not take QEMU's image locks\n"
+    "  -h, --help           show this help\n";
+
+struct dump_ctx {
+    struct outbuf *ext; /* the extent lines or JSON objects */
+    enum output_format fmt;
+    uint64_t count, bytes;
+};
+
+static int add_extent(void *opaque, uint64_t off, uint64_t len)
+{
+    struct dump_ctx *d = opaque;
+
+    if (d->fmt == OUTPUT_JSON) {
+        ob_puts(d->ext, d->count ? ", {\"offset\": " : "{\"offset\": ");
+        ob_u64(d->ext, off);
+        ob_puts(d->ext, ", \"length\": ");
+        ob_u64(d->ext, len);
+        ob_write(d->ext, "}", 1);
+    } else {
+        ob_u64(d->ext, off);
+        ob_write(d->ext, " ", 1);
+        ob_u64(d->ext, len);
+        ob_write(d->ext, "\n", 1);
+    }
+    d->count++;
+    d->bytes += len;
+    return d->ext->failed ? -1 : 0;
+}
+
+int cmd_dump(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "chain", no_argument, NULL, 'c' },
+        { "output", required_argument, NULL, 'o' },
+        { "force-share", no_argument, NULL, 'U' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    enum output_format fmt = OUTPUT_HUMAN;
+    struct outbuf head = { 0 }, ext = { 0 };
+    struct dump_ctx d = { &ext, OUTPUT_HUMAN, 0, 0 };
+    struct qbm_image *img = NULL;
+    struct qbm_chain *ch = NULL;
+    bool chain = false;
+    unsigned flags = 0;
+    const char *file, *name;
+    int consistent = 1;
+    uint64_t gran = 0;
+    int c, r, ret = 1;
+
+    while ((c = getopt_long(argc, argv, "+chU", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c':
+            chain = true;
+            break;
+        case 'o':
+            if (!parse_output(optarg, &fmt)) {
+                return usage_error("dump", "--output must be human or json");
+            }
+            break;
+        case 'U':
+            flags |= QBM_OPEN_FORCE_SHARE;
+            break;
+        case 'h':
+            fputs(dump_usage, stdout);
+            return 0;
+        default:
+            return usage_error("dump", "invalid option");
+        }
+    }
+    if (argc - optind != 2) {
+        return usage_error("dump", "expected IMAGE and BITMAP arguments");
+    }
+    file = argv[optind];
+    name = argv[optind + 1];
+    d.fmt = fmt;
+
+    if (chain) {
+        ch = qbm_chain_open(file, flags);
+        if (!ch) {
+            tool_lib_error(file);
+            goto out;
+        }
+        r = qbm_chain_bitmap_extents(ch, name, add_extent, &d, &consistent);
+    } else {
+        int idx;
+
+        img = qbm_open(file, flags);
+        if (!img) {
+            tool_lib_error(file);
+            goto out;
+        }
+        idx = qbm_bitmap_find(img, name);
+        if (idx < 0) {
+            if (qbm_image_bitmaps_state(img) == QBM_BITMAPS_STALE) {
+                tool_error(file, "no usable bitmap named '%s' (the bitmaps "
+                           "extension is stale: see qbm info)", name);
+            } else {
+                tool_error(file, "no bitmap named '%s'", name);
+            }
+            goto out;
+        }
+        consistent = qbm_bitmap_consistent(img, (size_t)idx);
+        gran = qbm_bitmap_granularity(img, (size_t)idx);
+        r = qbm_bitmap_extents(img, (size_t)idx, add_extent, &d);
+    }
+    if (r != 0) {
+        if (ext.failed) {
+            tool_error(file, "out of memory building the output");
+        } else {
+            tool_lib_error(file);
+        }
+        goto out;
+    }
+
+    if (fmt == OUTPUT_JSON) {
+        head.failed = false;
+        ob_puts(&head, "{\"filename\": ");
+        ob_json_string(&head, file);
+        ob_puts(&head, ", \"name\": ");
+        ob_json_string(&head, name);
+        if (chain) {
+            size_t i;
+            bool first = true;
+
+            ob_puts(&head, ", \"layers\": [");
+            for (i = 0; i < qbm_chain_length(ch); i++) {
+                struct qbm_image *l = qbm_chain_layer(ch, i);
+                int j = qbm_bitmap_count(l) ? qbm_bitmap_find(l, name) : -1;
+
+                if (j >= 0) {
+                    ob_puts(&head, first ? "" : ", ");
+                    ob_json_string(&head, qbm_chain_filename(ch, i));
+                    first = false;
+                }
+            }
+            ob_puts(&head, "]");
+        } else {
+            ob_printf(&head, ", \"granularity\": %" PRIu64, gran);
+        }
+        ob_printf(&head, ", \"consistent\": %s, \"dirty-bytes\": %" PRIu64
+                  ", \"extents\": [", consistent ? "true" : "false", d.bytes);
+        ob_write(&head, ext.p ? ext.p : "", ext.len);
+        ob_puts(&head, "]}\n");
+    } else {
+        ob_printf(&head, "# %s: bitmap %s, ", file, name);
+        if (chain) {
+            ob_puts(&head, "union over the chain, ");
+        } else {
+            ob_printf(&head, "granularity %" PRIu64 ", ", gran);
+        }
+        ob_printf(&head, "%s, %" PRIu64 " dirty bytes\n",
+                  consistent ? "consistent" : "inconsistent (in-use)",
+                  d.bytes);
+        ob_write(&head, ext.p ? ext.p : "", ext.len);
+    }
+    ob_free(&ext);
+    ret = ob_flush(&head);
+
+out:
+    ob_free(&ext);
+    ob_free(&head);
+    qbm_close(img);
+    qbm_chain_close(ch);
+    return ret;
+}

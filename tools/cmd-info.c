@@ -1,0 +1,388 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* qbm info: header, features and bitmaps of an image or a whole chain. */
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qbm-tool.h"
+
+static const char info_usage[] =
+    "Usage: qbm info [--chain] [--output=human|json] [-U] IMAGE\n"
+    "Show IMAGE's format, geometry, features and bitmaps (name, granularity,\n"
+    "flags, consistency and how many bytes each marks dirty).\n\n"
+    "  -c, --chain          show every layer of the backing chain, top "
+    "first\n"
+    "      --output=FORMAT  human (default) or json\n"
+    "  -U, --force-share    do not take QEMU's image locks\n"
+    "  -h, --help           show this help\n";
+
+static const char *const feature_words[] = { "incompatible", "compatible",
+                                             "autoclear" };
+
+static const char *bitmaps_state_name(int state)
+{
+    switch (state) {
+    case QBM_BITMAPS_OK:
+        return "ok";
+    case QBM_BITMAPS_STALE:
+        return "stale";
+    default:
+        return "none";
+    }
+}
+
+static void json_bool(struct outbuf *ob, const char *key, bool v, bool comma)
+{
+    ob_printf(ob, "\"%s\": %s%s", key, v ? "true" : "false",
+              comma ? ", " : "");
+}
+
+/* Collect per-bitmap dirty byte counts; -1 entries mean "unreadable". */
+static int count_dirty(struct qbm_image *img, int64_t **ret)
+{
+    size_t n = qbm_bitmap_count(img), i;
+    int64_t *v = calloc(n ? n : 1, sizeof(*v));
+
+    if (!v) {
+        tool_error(qbm_image_filename(img), "out of memory");
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        uint64_t bytes;
+
+        if (qbm_bitmap_dirty_bytes(img, i, &bytes) < 0) {
+            /* A stale in-use copy may be unreadable: report it as unknown;
+             * a consistent bitmap that cannot be read is corruption. */
+            if (qbm_bitmap_flags(img, i) & QBM_BITMAP_IN_USE) {
+                v[i] = -1;
+                continue;
+            }
+            tool_lib_error(qbm_image_filename(img));
+            free(v);
+            return -1;
+        }
+        v[i] = (int64_t)bytes;
+    }
+    *ret = v;
+    return 0;
+}
+
+static void info_json(struct outbuf *ob, struct qbm_image *img,
+                      const char *name, const int64_t *dirty)
+{
+    bool raw = strcmp(qbm_image_format(img), "raw") == 0;
+    const char *backing = qbm_image_backing_file(img);
+    uint64_t incompat = qbm_image_features(img, QBM_FEATURE_INCOMPATIBLE);
+    unsigned w, bit;
+    bool first;
+    size_t i;
+
+    ob_puts(ob, "{\"filename\": ");
+    ob_json_string(ob, name);
+    ob_printf(ob, ", \"format\": \"%s\", \"virtual-size\": %" PRIu64
+              ", \"file-size\": %" PRIu64, qbm_image_format(img),
+              qbm_image_virtual_size(img), qbm_image_file_size(img));
+    if (raw) {
+        ob_puts(ob, "}");
+        return;
+    }
+    ob_printf(ob, ", \"cluster-size\": %" PRIu64 ", \"compat\": \"%s\", "
+              "\"refcount-bits\": %u, \"compression-type\": \"%s\", ",
+              qbm_image_cluster_size(img),
+              qbm_image_version(img) >= 3 ? "1.1" : "0.10",
+              qbm_image_refcount_bits(img), qbm_image_compression_type(img));
+    json_bool(ob, "extended-l2", incompat & QBM_INCOMPAT_EXTL2, true);
+    json_bool(ob, "lazy-refcounts",
+              qbm_image_features(img, QBM_FEATURE_COMPATIBLE) &
+                  QBM_COMPAT_LAZY_REFCOUNTS, true);
+    json_bool(ob, "corrupt", incompat & QBM_INCOMPAT_CORRUPT, true);
+    json_bool(ob, "dirty-flag", incompat & QBM_INCOMPAT_DIRTY, false);
+    if (backing) {
+        char *full = qbm_image_backing_path(img);
+
+        ob_puts(ob, ", \"backing-filename\": ");
+        ob_json_string(ob, backing);
+        if (full) {
+            ob_puts(ob, ", \"full-backing-filename\": ");
+            ob_json_string(ob, full);
+            free(full);
+        }
+    }
+    if (qbm_image_backing_format(img)) {
+        ob_puts(ob, ", \"backing-filename-format\": ");
+        ob_json_string(ob, qbm_image_backing_format(img));
+    }
+    if (qbm_image_data_file(img)) {
+        ob_puts(ob, ", \"data-file\": ");
+        ob_json_string(ob, qbm_image_data_file(img));
+    }
+    ob_printf(ob, ", \"snapshots\": %u", qbm_image_snapshot_count(img));
+    for (w = 0; w < 3; w++) {
+        ob_printf(ob, ", \"%s-features\": %" PRIu64, feature_words[w],
+                  qbm_image_features(img, w));
+    }
+    ob_puts(ob, ", \"feature-names\": [");
+    first = true;
+    for (w = 0; w < 3; w++) {
+        uint64_t word = qbm_image_features(img, w);
+
+        for (bit = 0; bit < 64; bit++) {
+            const char *fname;
+            char tmp[64];
+
+            if (!(word & (1ull << bit))) {
+                continue;
+            }
+            fname = qbm_image_feature_name(img, w, bit);
+            if (!fname) {
+                snprintf(tmp, sizeof(tmp), "%s bit %u", feature_words[w],
+                         bit);
+                fname = tmp;
+            }
+            ob_puts(ob, first ? "" : ", ");
+            ob_json_string(ob, fname);
+            first = false;
+        }
+    }
+    ob_printf(ob, "], \"bitmaps-state\": \"%s\", \"bitmaps\": [",
+              bitmaps_state_name(qbm_image_bitmaps_state(img)));
+    for (i = 0; i < qbm_bitmap_count(img); i++) {
+        unsigned flags = qbm_bitmap_flags(img, i);
+
+        ob_puts(ob, i ? ", {\"name\": " : "{\"name\": ");
+        ob_json_string(ob, qbm_bitmap_name(img, i));
+        ob_printf(ob, ", \"granularity\": %" PRIu64 ", \"flags\": [%s%s%s], ",
+                  qbm_bitmap_granularity(img, i),
+                  flags & QBM_BITMAP_IN_USE ? "\"in-use\"" : "",
+                  (flags & QBM_BITMAP_IN_USE) && (flags & QBM_BITMAP_AUTO)
+                      ? ", " : "",
+                  flags & QBM_BITMAP_AUTO ? "\"auto\"" : "");
+        json_bool(ob, "consistent", qbm_bitmap_consistent(img, i), true);
+        if (dirty[i] < 0) {
+            ob_puts(ob, "\"dirty-bytes\": null}");
+        } else {
+            ob_printf(ob, "\"dirty-bytes\": %" PRId64 "}", dirty[i]);
+        }
+    }
+    ob_puts(ob, "]}");
+}
+
+static const char *yesno(bool v)
+{
+    return v ? "yes" : "no";
+}
+
+static void info_human(struct outbuf *ob, struct qbm_image *img,
+                       const char *name, const int64_t *dirty)
+{
+    const char *backing = qbm_image_backing_file(img);
+    uint64_t incompat = qbm_image_features(img, QBM_FEATURE_INCOMPATIBLE);
+    char size[32];
+    unsigned w, bit;
+    size_t i;
+
+    format_size(size, sizeof(size), qbm_image_virtual_size(img));
+    ob_printf(ob, "image: %s\nfile format: %s\n"
+              "virtual size: %s (%" PRIu64 " bytes)\n"
+              "file size: %" PRIu64 " bytes\n",
+              name, qbm_image_format(img), size, qbm_image_virtual_size(img),
+              qbm_image_file_size(img));
+    if (strcmp(qbm_image_format(img), "raw") == 0) {
+        return;
+    }
+    ob_printf(ob, "cluster size: %" PRIu64 "\n", qbm_image_cluster_size(img));
+    if (backing) {
+        char *full = qbm_image_backing_path(img);
+
+        ob_printf(ob, "backing file: %s", backing);
+        if (full && strcmp(full, backing) != 0) {
+            ob_printf(ob, " (actual path: %s)", full);
+        }
+        ob_puts(ob, "\n");
+        free(full);
+    }
+    if (qbm_image_backing_format(img)) {
+        ob_printf(ob, "backing file format: %s\n",
+                  qbm_image_backing_format(img));
+    }
+    if (qbm_image_data_file(img)) {
+        ob_printf(ob, "data file: %s\n", qbm_image_data_file(img));
+    }
+    ob_printf(ob, "format version: %u (compat %s)\nrefcount bits: %u\n"
+              "compression type: %s\nextended l2: %s\nlazy refcounts: %s\n"
+              "corrupt: %s\ndirty flag: %s\nsnapshots: %u\nfeatures:",
+              qbm_image_version(img),
+              qbm_image_version(img) >= 3 ? "1.1" : "0.10",
+              qbm_image_refcount_bits(img), qbm_image_compression_type(img),
+              yesno(incompat & QBM_INCOMPAT_EXTL2),
+              yesno(qbm_image_features(img, QBM_FEATURE_COMPATIBLE) &
+                    QBM_COMPAT_LAZY_REFCOUNTS),
+              yesno(incompat & QBM_INCOMPAT_CORRUPT),
+              yesno(incompat & QBM_INCOMPAT_DIRTY),
+              qbm_image_snapshot_count(img));
+    for (w = 0; w < 3; w++) {
+        uint64_t word = qbm_image_features(img, w);
+        bool first = true;
+
+        ob_printf(ob, "%s %s 0x%" PRIx64, w ? "," : "", feature_words[w],
+                  word);
+        for (bit = 0; bit < 64; bit++) {
+            const char *fname;
+
+            if (!(word & (1ull << bit))) {
+                continue;
+            }
+            fname = qbm_image_feature_name(img, w, bit);
+            if (fname) {
+                ob_printf(ob, "%s%s", first ? " (" : ", ", fname);
+            } else {
+                ob_printf(ob, "%sbit %u", first ? " (" : ", ", bit);
+            }
+            first = false;
+        }
+        if (!first) {
+            ob_puts(ob, ")");
+        }
+    }
+    ob_puts(ob, "\n");
+    switch (qbm_image_bitmaps_state(img)) {
+    case QBM_BITMAPS_NONE:
+        ob_puts(ob, "bitmaps: none\n");
+        return;
+    case QBM_BITMAPS_STALE:
+        ob_puts(ob, "bitmaps: stale (the bitmaps extension is present but "
+                    "the autoclear \"bitmaps\" bit is clear: a program "
+                    "without bitmap support wrote the image, and QEMU "
+                    "ignores all of its bitmaps)\n");
+        return;
+    default:
+        break;
+    }
+    ob_puts(ob, "bitmaps: ok\n");
+    for (i = 0; i < qbm_bitmap_count(img); i++) {
+        unsigned flags = qbm_bitmap_flags(img, i);
+
+        ob_printf(ob, "    %s:\n        granularity: %" PRIu64 "\n"
+                  "        flags:%s%s%s\n        consistent: %s\n",
+                  qbm_bitmap_name(img, i), qbm_bitmap_granularity(img, i),
+                  flags & QBM_BITMAP_IN_USE ? " in-use" : "",
+                  flags & QBM_BITMAP_AUTO ? " auto" : "",
+                  flags ? "" : " (none: disabled)",
+                  qbm_bitmap_consistent(img, i)
+                      ? "yes"
+                      : "no (in-use: QEMU did not store it back; its "
+                        "contents are stale)");
+        if (dirty[i] < 0) {
+            ob_puts(ob, "        dirty bytes: unknown (table unreadable)\n");
+        } else {
+            format_size(size, sizeof(size), (uint64_t)dirty[i]);
+            ob_printf(ob, "        dirty bytes: %" PRId64 " (%s)\n",
+                      dirty[i], size);
+        }
+    }
+}
+
+static int describe(struct outbuf *ob, enum output_format fmt,
+                    struct qbm_image *img, const char *name)
+{
+    int64_t *dirty = NULL;
+
+    if (count_dirty(img, &dirty) < 0) {
+        return -1;
+    }
+    if (fmt == OUTPUT_JSON) {
+        info_json(ob, img, name, dirty);
+    } else {
+        info_human(ob, img, name, dirty);
+    }
+    free(dirty);
+    return 0;
+}
+
+int cmd_info(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "chain", no_argument, NULL, 'c' },
+        { "backing-chain", no_argument, NULL, 'c' },
+        { "output", required_argument, NULL, 'o' },
+        { "force-share", no_argument, NULL, 'U' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    enum output_format fmt = OUTPUT_HUMAN;
+    struct outbuf ob = { 0 };
+    bool chain = false;
+    unsigned flags = 0;
+    const char *file;
+    int c, ret = 0;
+
+    while ((c = getopt_long(argc, argv, "+chU", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c':
+            chain = true;
+            break;
+        case 'o':
+            if (!parse_output(optarg, &fmt)) {
+                return usage_error("info", "--output must be human or json");
+            }
+            break;
+        case 'U':
+            flags |= QBM_OPEN_FORCE_SHARE;
+            break;
+        case 'h':
+            fputs(info_usage, stdout);
+            return 0;
+        default:
+            return usage_error("info", "invalid option");
+        }
+    }
+    if (argc - optind != 1) {
+        return usage_error("info", "expected one IMAGE argument");
+    }
+    file = argv[optind];
+    if (chain) {
+        struct qbm_chain *ch = qbm_chain_open(file, flags);
+        size_t i;
+
+        if (!ch) {
+            tool_lib_error(file);
+            return 1;
+        }
+        if (fmt == OUTPUT_JSON) {
+            ob_puts(&ob, "[");
+        }
+        for (i = 0; i < qbm_chain_length(ch) && ret == 0; i++) {
+            if (i) {
+                ob_puts(&ob, fmt == OUTPUT_JSON ? ", " : "\n");
+            }
+            if (describe(&ob, fmt, qbm_chain_layer(ch, i),
+                         qbm_chain_filename(ch, i)) < 0) {
+                ret = 1;
+            }
+        }
+        if (fmt == OUTPUT_JSON) {
+            ob_puts(&ob, "]\n");
+        }
+        qbm_chain_close(ch);
+    } else {
+        struct qbm_image *img = qbm_open(file, flags);
+
+        if (!img) {
+            tool_lib_error(file);
+            return 1;
+        }
+        if (describe(&ob, fmt, img, file) < 0) {
+            ret = 1;
+        } else if (fmt == OUTPUT_JSON) {
+            ob_puts(&ob, "\n");
+        }
+        qbm_close(img);
+    }
+    if (ret) {
+        ob_free(&ob);
+        return ret;
+    }
+    return ob_flush(&ob);
+}

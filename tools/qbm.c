@@ -1,0 +1,56 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* qbm: the command table. Each subcommand lives in cmd-<name>.c. */
+#include <stdio.h>
+#include <string.h>
+
+#include "qbm-tool.h"
+
+struct command {
+    const char *name;
+    int (*fn)(int argc, char **argv);
+    const char *summary;
+};
+
+static const struct command commands[] = {
+    { "info", cmd_info, "show an image's header and bitmaps" },
+    { "dump", cmd_dump, "list the dirty extents of a bitmap" },
+};
+
+static void print_help(FILE *f)
+{
+    size_t i;
+
+    fprintf(f, "Usage: qbm COMMAND [OPTIONS] ARGS...\n"
+               "Inspect and edit the persistent dirty bitmaps of qcow2 "
+               "images offline.\n\nCommands:\n");
+    for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    }
+    fprintf(f, "\nRun 'qbm COMMAND --help' for a command's options; see "
+               "qbm(1).\n");
+}
+
+int main(int argc, char **argv)
+{
+    size_t i;
+
+    if (argc < 2) {
+        print_help(stderr);
+        return EXIT_USAGE;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        print_help(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
+        printf("qbm %s\n", qbm_version());
+        return 0;
+    }
+    for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        if (strcmp(argv[1], commands[i].name) == 0) {
+            return commands[i].fn(argc - 1, argv + 1);
+        }
+    }
+    return usage_error(NULL, "unknown command '%s'", argv[1]);
+}
