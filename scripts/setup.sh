@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+#
+# One entry point for a fresh Debian 12 machine (run as root from a clone):
+#   ./scripts/setup.sh demo   install what is missing, build, run the demo
+#   ./scripts/setup.sh test   install what is missing, build, run every suite:
+#                             unit + integration + fuzz-regress (normal build),
+#                             the same under ASan+UBSan, and a fuzz smoke run
+# Environment: QBM_FUZZ_SECONDS (default 60 per harness), QBM_SKIP_FUZZ=1,
+# QBM_SKIP_ASAN=1 (for quick local runs; CI runs everything).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+top=$(pwd)
+
+packages=(meson ninja-build pkg-config gcc clang libclang-rt-14-dev
+          zlib1g-dev libzstd-dev libcmocka-dev qemu-utils libnbd-bin
+          python3 time valgrind)
+
+install_missing() {
+    local missing=() p
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null |
+            grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "== installing: ${missing[*]}"
+        if [ "$(id -u)" -ne 0 ]; then
+            echo "setup.sh: need root to install packages" >&2
+            exit 1
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q "${missing[@]}"
+    fi
+}
+
+build() { # build DIR [meson options...]
+    local dir=$1
+    shift
+    if [ ! -f "$dir/build.ninja" ]; then
+        meson setup "$dir" "$@"
+    fi
+    ninja -C "$dir"
+}
+
+passed=0
+failed=0
+# Run meson test and add its Ok/Fail counts to the totals.
+run_suite() { # label dir [meson test args...]
+    local label=$1 dir=$2 log rc
+    shift 2
+    echo "== $label"
+    log=$(mktemp)
+    set +e
+    meson test -C "$dir" --print-errorlogs "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    local ok fail
+    ok=$(awk '/^Ok:/ {print $2}' "$log" | tail -n1)
+    fail=$(awk '/^(Fail|Timeout|Unexpected Pass):/ {s += $NF} END {print s+0}' "$log")
+    rm -f "$log"
+    passed=$((passed + ${ok:-0}))
+    failed=$((failed + ${fail:-0}))
+    if [ "$rc" -ne 0 ] && [ "${fail:-0}" -eq 0 ]; then
+        failed=$((failed + 1))
+    fi
+}
+
+cmd=${1:-}
+case "$cmd" in
+demo)
+    install_missing
+    build build
+    QBM="$top/build/tools/qbm" bash scripts/demo.sh
+    ;;
+test)
+    install_missing
+    build build
+    run_suite "unit, integration and fuzz-regress tests" build
+    if [ "${QBM_SKIP_ASAN:-0}" != 1 ]; then
+        build build-asan -Db_sanitize=address,undefined -Db_lundef=false
+        ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+            run_suite "the same under ASan+UBSan" build-asan
+    fi
+    if [ "${QBM_SKIP_FUZZ:-0}" != 1 ] && [ -x fuzz/run-smoke.sh ]; then
+        echo "== fuzz smoke run"
+        if fuzz/run-smoke.sh "${QBM_FUZZ_SECONDS:-60}"; then
+            passed=$((passed + 1))
+        else
+            failed=$((failed + 1))
+        fi
+    fi
+    echo "tests: $passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+    ;;
+*)
+    echo "usage: $0 demo|test" >&2
+    exit 2
+    ;;
+esac
