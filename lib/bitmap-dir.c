@@ -64,6 +64,7 @@ void qcow2_bitmaps_free(struct qcow2_bitmap *bms, uint32_t n)
     for (i = 0; i < n; i++) {
         free(bms[i].name);
         free(bms[i].table);
+        qbm_bmap_free(bms[i].data);
     }
     free(bms);
 }

@@ -25,19 +25,15 @@ int qbm_image_read_meta(struct qbm_image *img, void *buf, size_t len,
     return 0;
 }
 
+static void image_unload(struct qbm_image *img);
+
 static void image_free(struct qbm_image *img)
 {
     if (!img) {
         return;
     }
+    image_unload(img);
     qbm_io_close(img->io);
-    qcow2_header_free(&img->hdr);
-    qcow2_bitmaps_free(img->bitmaps, img->nb_bitmaps);
-    free(img->l1);
-    free(img->reftable);
-    free(img->snapshots);
-    free(img->l2_cache);
-    free(img->refblock_cache);
     free(img->filename);
     free(img);
 }
@@ -93,61 +89,73 @@ static int load_bitmaps(struct qbm_image *img)
     return 0;
 }
 
-int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
-                      struct qbm_image **ret_img)
+/* Release everything loaded from the file (not the io or the name). */
+static void image_unload(struct qbm_image *img)
 {
-    struct qbm_image *img;
+    qcow2_header_free(&img->hdr);
+    qcow2_bitmaps_free(img->bitmaps, img->nb_bitmaps);
+    img->bitmaps = NULL;
+    img->nb_bitmaps = 0;
+    free(img->l1);
+    free(img->reftable);
+    free(img->snapshots);
+    free(img->l2_cache);
+    free(img->refblock_cache);
+    free(img->pending_free);
+    img->l1 = NULL;
+    img->reftable = NULL;
+    img->snapshots = NULL;
+    img->l2_cache = NULL;
+    img->refblock_cache = NULL;
+    img->pending_free = NULL;
+    img->nb_pending_free = img->cap_pending_free = 0;
+    img->nb_snapshots = 0;
+    img->snapshots_size = 0;
+    img->staged = false;
+    memset(&img->bm_ext, 0, sizeof(img->bm_ext));
+    img->bitmaps_state = QBM_BITMAPS_NONE;
+}
+
+/* Read and validate every structure we use, from the image's io. */
+static int image_load(struct qbm_image *img)
+{
+    struct qbm_io *io = img->io;
     uint8_t first[QCOW2_V3_HEADER_LEN];
     uint8_t *cluster0 = NULL;
     uint64_t cs;
     int r;
 
-    img = qbm_calloc(1, sizeof(*img));
-    if (!img) {
-        qbm_io_close(io);
-        return -ENOMEM;
-    }
-    img->io = io;
-    img->rdwr = rdwr;
-    img->filename = qbm_strndup(filename, strlen(filename));
-    if (!img->filename) {
-        r = -ENOMEM;
-        goto fail;
-    }
     r = qbm_io_size(io, &img->file_size);
     if (r < 0) {
-        goto fail;
+        return r;
     }
     r = qbm_io_pread(io, first, sizeof(first), 0);
     if (r < 0) {
-        goto fail;
+        return r;
     }
     if (img->file_size < QCOW2_V2_HEADER_LEN ||
         be32_load(first) != QCOW2_MAGIC) {
-        r = qbm_err(EINVAL, "not a qcow2 image");
-        goto fail;
+        return qbm_err(EINVAL, "not a qcow2 image");
     }
     /* Cluster 0 holds the header and its extensions; read it whole. */
     if (be32_load(first + 20) < QCOW2_MIN_CLUSTER_BITS ||
         be32_load(first + 20) > QCOW2_MAX_CLUSTER_BITS) {
-        r = qbm_err(EINVAL, "header at 0x0: cluster_bits %u out of range "
-                    "9..21", be32_load(first + 20));
-        goto fail;
+        return qbm_err(EINVAL, "header at 0x0: cluster_bits %u out of range "
+                       "9..21", be32_load(first + 20));
     }
     cs = 1ull << be32_load(first + 20);
     cluster0 = qbm_malloc(cs);
     if (!cluster0) {
-        r = -ENOMEM;
-        goto fail;
-    }
-    r = qbm_io_pread(io, cluster0, cs, 0);
-    if (r < 0) {
-        goto fail;
+        return -ENOMEM;
     }
     /* Bytes past the end of the file read as zeros, like QEMU. */
-    r = qcow2_header_decode(cluster0, cs, img->file_size, &img->hdr);
+    r = qbm_io_pread(io, cluster0, cs, 0);
+    if (r == 0) {
+        r = qcow2_header_decode(cluster0, cs, img->file_size, &img->hdr);
+    }
+    free(cluster0);
     if (r < 0) {
-        goto fail;
+        return r;
     }
     img->cluster_bits = img->hdr.cluster_bits;
     img->cluster_size = img->hdr.cluster_size;
@@ -166,17 +174,46 @@ int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
     if (r == 0) {
         r = load_bitmaps(img);
     }
+    return r;
+}
+
+int qbm_image_reload(struct qbm_image *img)
+{
+    int r;
+
+    image_unload(img);
+    r = image_load(img);
     if (r < 0) {
-        goto fail;
+        img->broken = true;
     }
-    free(cluster0);
+    return r;
+}
+
+int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
+                      struct qbm_image **ret_img)
+{
+    struct qbm_image *img;
+    int r;
+
+    img = qbm_calloc(1, sizeof(*img));
+    if (!img) {
+        qbm_io_close(io);
+        return -ENOMEM;
+    }
+    img->io = io;
+    img->rdwr = rdwr;
+    img->filename = qbm_strndup(filename, strlen(filename));
+    if (!img->filename) {
+        image_free(img);
+        return -ENOMEM;
+    }
+    r = image_load(img);
+    if (r < 0) {
+        image_free(img);
+        return r;
+    }
     *ret_img = img;
     return 0;
-
-fail:
-    free(cluster0);
-    image_free(img);
-    return r;
 }
 
 int qbm_image_open_raw(struct qbm_io *io, const char *filename,

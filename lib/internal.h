@@ -257,6 +257,9 @@ const char *qcow2_feature_name(const struct qcow2_header *h, unsigned type,
 #define BME_TABLE_ALL_ONES 0x1ull
 
 struct qcow2_bitmap {
+    /* Staged edits (write path): new contents to store at commit. */
+    struct qbm_bmap *data; /* non-NULL: rewrite data and table at commit */
+    bool table_bad;        /* in-use bitmap whose table cannot be read */
     uint64_t table_offset;
     uint32_t table_size;
     uint32_t flags;
@@ -303,11 +306,18 @@ struct qbm_image {
 
     struct qcow2_snapshot *snapshots;
     uint32_t nb_snapshots;
+    uint64_t snapshots_size; /* bytes of the snapshot table */
 
     int bitmaps_state; /* QBM_BITMAPS_* */
     struct qcow2_bitmaps_ext bm_ext;
     struct qcow2_bitmap *bitmaps;
     uint32_t nb_bitmaps;
+
+    /* Write path: staged edits not yet committed (edit.c). */
+    bool staged;
+    bool broken; /* a failed commit left the handle unusable */
+    uint64_t *pending_free; /* host cluster offsets to free after commit */
+    size_t nb_pending_free, cap_pending_free;
 
     /* One-block caches (cleared by writers). */
     uint8_t *l2_cache;
@@ -472,5 +482,44 @@ struct qbm_extent_state {
 int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
                            const uint8_t *data);
 int qbm_extent_state_finish(struct qbm_extent_state *st);
+
+/* ---- txn.c: crash-safe transactions -------------------------------------- */
+
+/*
+ * A transaction allocates clusters through the refcount structures, writes
+ * new clusters, then commits by switching one pointer in cluster 0, and
+ * only then frees what was replaced (reference notes section 7):
+ *   1. new data/table/directory clusters written to free clusters
+ *   2. refcount increments (and any new refblocks / grown reftable) written
+ *   3. flush; new refblocks hooked into the reftable; flush
+ *   4. the header's bitmaps extension switched; flush
+ *   5. refcounts of replaced clusters decremented; flush
+ * A crash at any point leaves the old or the new state plus leaked clusters.
+ */
+struct qbm_txn;
+
+int qbm_txn_begin(struct qbm_image *img, struct qbm_txn **ret);
+void qbm_txn_abort(struct qbm_txn *txn);
+/* Allocate n contiguous free clusters; returns their host offset. */
+int qbm_txn_alloc(struct qbm_txn *txn, uint64_t n, uint64_t *ret_offset);
+/* Write into clusters allocated by this transaction. */
+int qbm_txn_write(struct qbm_txn *txn, const void *buf, size_t len,
+                  uint64_t off);
+/* Queue the clusters [off, off + len) to be freed after the commit. */
+int qbm_txn_free_later(struct qbm_txn *txn, uint64_t off, uint64_t len);
+/*
+ * Commit: write refcounts, then make the new bitmap directory live
+ * (nb_bitmaps == 0 removes the extension and clears the autoclear bit),
+ * then free. Consumes txn.
+ */
+int qbm_txn_commit(struct qbm_txn *txn, uint32_t nb_bitmaps,
+                   uint64_t dir_offset, uint64_t dir_size);
+
+/* ---- edit.c: staged bitmap edits and their commit ------------------------ */
+
+/* Reload every structure of an open image from its io (after a commit). */
+int qbm_image_reload(struct qbm_image *img);
+/* Encode a directory entry for bm into buf (qcow2_bitmap_entry_size bytes). */
+void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf);
 
 #endif /* QBM_INTERNAL_H */

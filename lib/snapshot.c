@@ -69,5 +69,6 @@ int qcow2_snapshots_load(struct qbm_image *img)
         }
     }
     img->nb_snapshots = h->nb_snapshots;
+    img->snapshots_size = off - h->snapshots_offset;
     return 0;
 }

@@ -3,6 +3,7 @@
 #ifndef QBM_TOOL_H
 #define QBM_TOOL_H
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -45,7 +46,33 @@ bool parse_output(const char *arg, enum output_format *ret);
 int usage_error(const char *cmd, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* Editing helpers (edit-common.c). edit_open prints its own error. */
+struct qbm_image *edit_open(const char *file);
+/* Commit (or, for a dry run, print the plan), close; returns the exit code. */
+int edit_finish(struct qbm_image *img, const char *file, bool dry_run,
+                struct outbuf *plan);
+/* Print the library error, drop the plan, close; returns 1. */
+int edit_fail(struct qbm_image *img, const char *file, struct outbuf *plan);
+/* "64k", "1M", "512": bytes. */
+bool parse_size(const char *s, uint64_t *ret);
+bool same_file(const char *a, const char *b);
+/*
+ * Parse [--dry-run] [--help] and check the argument count. Returns -1 to
+ * go on (arguments start at optind), else the exit code to return.
+ */
+int parse_simple_edit(int argc, char **argv, const char *cmd,
+                      const char *usage, int min_args, int max_args,
+                      bool *ret_dry_run);
+
 int cmd_info(int argc, char **argv);
 int cmd_dump(int argc, char **argv);
+int cmd_add(int argc, char **argv);
+int cmd_remove(int argc, char **argv);
+int cmd_clear(int argc, char **argv);
+int cmd_enable(int argc, char **argv);
+int cmd_disable(int argc, char **argv);
+int cmd_rename(int argc, char **argv);
+int cmd_merge(int argc, char **argv);
+int cmd_copy(int argc, char **argv);
 
 #endif

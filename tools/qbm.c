@@ -14,6 +14,14 @@ struct command {
 static const struct command commands[] = {
     { "info", cmd_info, "show an image's header and bitmaps" },
     { "dump", cmd_dump, "list the dirty extents of a bitmap" },
+    { "add", cmd_add, "add an empty bitmap" },
+    { "remove", cmd_remove, "remove bitmaps" },
+    { "clear", cmd_clear, "mark every bit of a bitmap clean" },
+    { "enable", cmd_enable, "make a bitmap record writes" },
+    { "disable", cmd_disable, "stop a bitmap recording writes" },
+    { "rename", cmd_rename, "rename a bitmap" },
+    { "merge", cmd_merge, "OR bitmaps into another one" },
+    { "copy", cmd_copy, "copy bitmaps between images" },
 };
 
 static void print_help(FILE *f)

@@ -200,6 +200,55 @@ typedef int (*qbm_extent_fn)(void *opaque, uint64_t offset, uint64_t length);
 QBM_API int qbm_bitmap_extents(struct qbm_image *img, size_t idx,
                                qbm_extent_fn fn, void *opaque);
 
+/* ---- editing ---------------------------------------------------------- */
+
+/*
+ * Edits need an image opened with QBM_OPEN_RDWR (which takes QEMU's writer
+ * locks and fails with EBUSY while QEMU or another qbm uses the image). They
+ * are staged in memory: the accessors above show the staged state at once,
+ * and nothing reaches the file until qbm_commit() writes every staged edit
+ * in one crash-safe transaction. Closing without committing discards them.
+ *
+ * Edits are refused (EINVAL / EOPNOTSUPP, with a message) on version 2
+ * images, images with the dirty or corrupt bit set, images whose bitmaps
+ * extension is stale, and in-use bitmaps (except remove and rename).
+ * All return 0 or -1.
+ */
+#define QBM_ADD_DISABLED 0x1u
+#define QBM_ADD_MASK 0x1u
+
+/*
+ * Add an empty bitmap. granularity: a power of two from 512 B to 2 GiB, or
+ * 0 for qemu-img's default (the cluster size, clamped to 4 KiB..64 KiB).
+ * Enabled (flag auto) unless QBM_ADD_DISABLED.
+ */
+QBM_API int qbm_bitmap_add(struct qbm_image *img, const char *name,
+                           uint64_t granularity, unsigned flags);
+QBM_API int qbm_bitmap_remove(struct qbm_image *img, const char *name);
+QBM_API int qbm_bitmap_clear(struct qbm_image *img, const char *name);
+QBM_API int qbm_bitmap_enable(struct qbm_image *img, const char *name);
+QBM_API int qbm_bitmap_disable(struct qbm_image *img, const char *name);
+QBM_API int qbm_bitmap_rename(struct qbm_image *img, const char *old_name,
+                              const char *new_name);
+/*
+ * OR bitmap `src_name` of `src` (which may be `img` itself, or another
+ * image of the same virtual size) into bitmap `target` of `img`. Different
+ * granularities convert as QEMU does: a target bit is set when any guest
+ * byte it covers is dirty in the source.
+ */
+QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
+                             struct qbm_image *src, const char *src_name);
+/* Mark guest bytes [offset, offset + length) dirty in bitmap `name`. */
+QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
+                                 uint64_t offset, uint64_t length);
+/*
+ * Write every staged edit in one transaction: new clusters, flush, switch
+ * the header's bitmaps extension, flush, free replaced clusters, flush. A
+ * crash leaves the old or the new state (plus, at worst, leaked clusters).
+ * On failure the handle refuses further edits; reopen the image.
+ */
+QBM_API int qbm_commit(struct qbm_image *img);
+
 /* ---- allocation map of one layer -------------------------------------- */
 
 /* Allocation status of a range in one layer (qcow2 spec, "Cluster mapping"). */

@@ -1,0 +1,575 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Staged bitmap edits and their commit. Edits change the in-memory bitmap
+ * list (struct qcow2_bitmap); a bitmap whose contents change gets a
+ * struct qbm_bmap in bm->data, and the clusters its old copy used are
+ * queued to be freed once the new state is live.
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+/* qemu-img's default granularity: the cluster size within 4 KiB..64 KiB. */
+#define DEFAULT_GRAN_MIN 4096u
+#define DEFAULT_GRAN_MAX 65536u
+
+static int writable(struct qbm_image *img)
+{
+    const struct qcow2_header *h = &img->hdr;
+
+    if (img->broken) {
+        return qbm_err(EIO, "an earlier commit failed; reopen the image");
+    }
+    if (!img->rdwr || img->raw) {
+        return qbm_err(EROFS, "image not opened for writing");
+    }
+    if (h->version < 3) {
+        return qbm_err(EOPNOTSUPP, "cannot store bitmaps in a version 2 "
+                       "(compat=0.10) image; upgrade it with 'qemu-img "
+                       "amend -o compat=1.1'");
+    }
+    if (h->incompatible_features & QBM_INCOMPAT_CORRUPT) {
+        return qbm_err(EUCLEAN, "the image is marked corrupt; repair it "
+                       "with 'qemu-img check -r all' first");
+    }
+    if (h->incompatible_features & QBM_INCOMPAT_DIRTY) {
+        return qbm_err(EUCLEAN, "the image's refcounts may be stale (dirty "
+                       "bit set, lazy refcounts); run 'qemu-img check -r "
+                       "all' first");
+    }
+    if (img->bitmaps_state == QBM_BITMAPS_STALE) {
+        return qbm_err(EUCLEAN, "the bitmaps extension is stale (a program "
+                       "without bitmap support wrote the image after them); "
+                       "drop it with 'qemu-img check -r leaks' first");
+    }
+    return 0;
+}
+
+static int find(struct qbm_image *img, const char *name,
+                struct qcow2_bitmap **ret)
+{
+    uint32_t i;
+
+    for (i = 0; i < img->nb_bitmaps; i++) {
+        if (strcmp(img->bitmaps[i].name, name) == 0) {
+            *ret = &img->bitmaps[i];
+            return 0;
+        }
+    }
+    return qbm_err(ENOENT, "no bitmap named '%s'", name);
+}
+
+static int usable(const struct qcow2_bitmap *bm)
+{
+    if (bm->flags & BME_FLAG_IN_USE) {
+        return qbm_err(EBUSY, "bitmap '%s' is in use (inconsistent: QEMU "
+                       "did not store it back); remove it, or repair it "
+                       "with qbm check --repair", bm->name);
+    }
+    return 0;
+}
+
+static int check_name(struct qbm_image *img, const char *name)
+{
+    size_t len = strlen(name);
+    uint32_t i;
+
+    if (len == 0 || len > BME_MAX_NAME_SIZE) {
+        return qbm_err(EINVAL, "bitmap names must be 1 to %u bytes long",
+                       BME_MAX_NAME_SIZE);
+    }
+    for (i = 0; i < img->nb_bitmaps; i++) {
+        if (strcmp(img->bitmaps[i].name, name) == 0) {
+            return qbm_err(EEXIST, "a bitmap named '%s' already exists",
+                           name);
+        }
+    }
+    return 0;
+}
+
+static int queue_free(struct qbm_image *img, uint64_t off, uint64_t len)
+{
+    uint64_t c;
+
+    if (off == 0 || len == 0) {
+        return 0;
+    }
+    for (c = 0; c < div_round_up(len, img->cluster_size); c++) {
+        if (img->nb_pending_free == img->cap_pending_free) {
+            size_t cap = img->cap_pending_free ? img->cap_pending_free * 2
+                                               : 64;
+            uint64_t *p = qbm_realloc(img->pending_free, cap * sizeof(*p));
+
+            if (!p) {
+                return -ENOMEM;
+            }
+            img->pending_free = p;
+            img->cap_pending_free = cap;
+        }
+        img->pending_free[img->nb_pending_free++] = off +
+                                                    c * img->cluster_size;
+    }
+    return 0;
+}
+
+/* Queue the clusters of the on-disk copy of bm (table and data). */
+static int queue_bitmap_clusters(struct qbm_image *img,
+                                 struct qcow2_bitmap *bm)
+{
+    uint64_t i;
+    int r;
+
+    if (bm->table_offset == 0) {
+        return 0; /* added in this session: nothing on disk yet */
+    }
+    r = queue_free(img, bm->table_offset, (uint64_t)bm->table_size * 8);
+    if (r < 0) {
+        return r;
+    }
+    if (qcow2_bitmap_table_load(img, bm) < 0) {
+        /* An in-use bitmap may have a broken table: free the table but
+         * leak the data clusters rather than free something wrongly. */
+        return 0;
+    }
+    for (i = 0; i < bm->table_size; i++) {
+        r = queue_free(img, bm->table[i] & BME_TABLE_OFFSET_MASK,
+                       img->cluster_size);
+        if (r < 0) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+/* Make bm->data hold the bitmap's contents, ready to be modified. */
+static int stage_data(struct qbm_image *img, struct qcow2_bitmap *bm,
+                      bool load)
+{
+    struct qbm_bmap *data;
+    int r;
+
+    if (bm->data) {
+        return 0;
+    }
+    if (load && bm->table_offset) {
+        r = qcow2_bitmap_load(img, bm, &data);
+    } else {
+        r = qbm_bmap_new(img->hdr.size, 1ull << bm->granularity_bits,
+                         img->cluster_size, &data);
+    }
+    if (r < 0) {
+        return r;
+    }
+    r = queue_bitmap_clusters(img, bm);
+    if (r < 0) {
+        qbm_bmap_free(data);
+        return r;
+    }
+    bm->data = data;
+    img->staged = true;
+    return 0;
+}
+
+static int add(struct qbm_image *img, const char *name, uint64_t gran,
+               unsigned flags)
+{
+    struct qcow2_bitmap *bms, *bm;
+    unsigned bits;
+    uint64_t table_size, phys, dir_size = 0;
+    uint32_t i;
+    int r;
+
+    r = writable(img);
+    r = r ? r : check_name(img, name);
+    if (r < 0) {
+        return r;
+    }
+    if (flags & ~QBM_ADD_MASK) {
+        return qbm_err(EINVAL, "unknown flags 0x%x", flags);
+    }
+    if (gran == 0) {
+        gran = img->cluster_size;
+        gran = gran < DEFAULT_GRAN_MIN ? DEFAULT_GRAN_MIN
+               : gran > DEFAULT_GRAN_MAX ? DEFAULT_GRAN_MAX : gran;
+    }
+    if (gran & (gran - 1) || gran < (1u << BME_MIN_GRANULARITY_BITS) ||
+        gran > (1ull << BME_MAX_GRANULARITY_BITS)) {
+        return qbm_err(EINVAL, "granularity must be a power of two from "
+                       "512 B to 2 GiB");
+    }
+    bits = (unsigned)__builtin_ctzll(gran);
+    table_size = qcow2_bitmap_table_size(img->hdr.size, bits,
+                                         img->cluster_size);
+    if (table_size > BME_MAX_TABLE_SIZE ||
+        !mul_ok(table_size, img->cluster_size, &phys) ||
+        phys > BME_MAX_PHYS_SIZE) {
+        return qbm_err(EFBIG, "a bitmap of granularity %llu for this disk "
+                       "would exceed 512 MiB; use a larger granularity",
+                       (unsigned long long)gran);
+    }
+    if (img->nb_bitmaps >= BME_MAX_BITMAPS) {
+        return qbm_err(ENOSPC, "the image already has 65535 bitmaps");
+    }
+    for (i = 0; i < img->nb_bitmaps; i++) {
+        dir_size += qcow2_bitmap_entry_size(&img->bitmaps[i]);
+    }
+    dir_size += ((uint64_t)BME_ENTRY_HEADER + strlen(name) + 7) & ~7ull;
+    if (dir_size > BME_MAX_DIR_SIZE) {
+        return qbm_err(ENOSPC, "the bitmap directory would exceed its "
+                       "maximum size");
+    }
+    bms = qbm_realloc(img->bitmaps, (img->nb_bitmaps + 1) * sizeof(*bms));
+    if (!bms) {
+        return -ENOMEM;
+    }
+    img->bitmaps = bms;
+    bm = &bms[img->nb_bitmaps];
+    memset(bm, 0, sizeof(*bm));
+    bm->name = qbm_strndup(name, strlen(name));
+    if (!bm->name) {
+        return -ENOMEM;
+    }
+    bm->name_size = (uint16_t)strlen(name);
+    bm->granularity_bits = (uint8_t)bits;
+    bm->type = BME_TYPE_DIRTY_TRACKING;
+    bm->flags = (flags & QBM_ADD_DISABLED) ? 0 : BME_FLAG_AUTO;
+    bm->table_size = (uint32_t)table_size;
+    img->nb_bitmaps++;
+    r = stage_data(img, bm, false);
+    if (r < 0) {
+        free(bm->name);
+        img->nb_bitmaps--;
+        return r;
+    }
+    return 0;
+}
+
+QBM_API int qbm_bitmap_add(struct qbm_image *img, const char *name,
+                           uint64_t granularity, unsigned flags)
+{
+    if (!name) {
+        return qbm_public_ret(qbm_err(EINVAL, "no bitmap name"));
+    }
+    return qbm_public_ret(add(img, name, granularity, flags));
+}
+
+QBM_API int qbm_bitmap_remove(struct qbm_image *img, const char *name)
+{
+    struct qcow2_bitmap *bm = NULL;
+    uint32_t idx;
+    int r;
+
+    r = writable(img);
+    r = r ? r : find(img, name, &bm);
+    r = r ? r : queue_bitmap_clusters(img, bm);
+    if (r < 0) {
+        return -1;
+    }
+    idx = (uint32_t)(bm - img->bitmaps);
+    free(bm->name);
+    free(bm->table);
+    qbm_bmap_free(bm->data);
+    memmove(bm, bm + 1, (img->nb_bitmaps - idx - 1) * sizeof(*bm));
+    img->nb_bitmaps--;
+    img->staged = true;
+    return 0;
+}
+
+QBM_API int qbm_bitmap_clear(struct qbm_image *img, const char *name)
+{
+    struct qcow2_bitmap *bm = NULL;
+    int r;
+
+    r = writable(img);
+    r = r ? r : find(img, name, &bm);
+    r = r ? r : usable(bm);
+    if (r < 0) {
+        return -1;
+    }
+    if (bm->data) {
+        struct qbm_bmap *empty;
+
+        r = qbm_bmap_new(img->hdr.size, 1ull << bm->granularity_bits,
+                         img->cluster_size, &empty);
+        if (r < 0) {
+            return -1;
+        }
+        qbm_bmap_free(bm->data);
+        bm->data = empty;
+        return 0;
+    }
+    return qbm_public_ret(stage_data(img, bm, false));
+}
+
+static int set_enabled(struct qbm_image *img, const char *name, bool on)
+{
+    struct qcow2_bitmap *bm = NULL;
+    int r;
+
+    r = writable(img);
+    r = r ? r : find(img, name, &bm);
+    r = r ? r : usable(bm);
+    if (r < 0) {
+        return -1;
+    }
+    bm->flags = on ? (bm->flags | BME_FLAG_AUTO)
+                   : (bm->flags & ~BME_FLAG_AUTO);
+    img->staged = true;
+    return 0;
+}
+
+QBM_API int qbm_bitmap_enable(struct qbm_image *img, const char *name)
+{
+    return set_enabled(img, name, true);
+}
+
+QBM_API int qbm_bitmap_disable(struct qbm_image *img, const char *name)
+{
+    return set_enabled(img, name, false);
+}
+
+QBM_API int qbm_bitmap_rename(struct qbm_image *img, const char *old_name,
+                              const char *new_name)
+{
+    struct qcow2_bitmap *bm = NULL;
+    char *copy;
+    int r;
+
+    r = writable(img);
+    r = r ? r : find(img, old_name, &bm);
+    if (r == 0 && strcmp(old_name, new_name) != 0) {
+        r = check_name(img, new_name);
+    }
+    if (r < 0) {
+        return -1;
+    }
+    copy = qbm_strndup(new_name, strlen(new_name));
+    if (!copy) {
+        return -1;
+    }
+    free(bm->name);
+    bm->name = copy;
+    bm->name_size = (uint16_t)strlen(copy);
+    img->staged = true;
+    return 0;
+}
+
+static int set_range_cb(void *opaque, uint64_t off, uint64_t len)
+{
+    return qbm_bmap_set_range(opaque, off, len);
+}
+
+QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
+                             struct qbm_image *src, const char *src_name)
+{
+    struct qcow2_bitmap *dst = NULL, *sbm = NULL;
+    int r;
+
+    r = writable(img);
+    r = r ? r : find(img, target, &dst);
+    r = r ? r : usable(dst);
+    if (r < 0) {
+        return -1;
+    }
+    r = find(src, src_name, &sbm);
+    r = r ? r : usable(sbm);
+    if (r == 0 && src->bitmaps_state != QBM_BITMAPS_OK) {
+        r = qbm_err(EUCLEAN, "the source's bitmaps are stale");
+    }
+    if (r == 0 && src->hdr.size != img->hdr.size) {
+        r = qbm_err(EINVAL, "the source image's virtual size (%llu) differs "
+                    "from the target's (%llu)",
+                    (unsigned long long)src->hdr.size,
+                    (unsigned long long)img->hdr.size);
+    }
+    if (r < 0) {
+        return -1;
+    }
+    r = stage_data(img, dst, true);
+    if (r < 0) {
+        return -1;
+    }
+    if (sbm->data) {
+        r = qbm_bmap_extents(sbm->data, set_range_cb, dst->data);
+    } else {
+        struct qbm_bmap *tmp;
+
+        r = qcow2_bitmap_load(src, sbm, &tmp);
+        if (r == 0) {
+            r = qbm_bmap_extents(tmp, set_range_cb, dst->data);
+            qbm_bmap_free(tmp);
+        }
+    }
+    return qbm_public_ret(r);
+}
+
+QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
+                                 uint64_t offset, uint64_t length)
+{
+    struct qcow2_bitmap *bm = NULL;
+    int r;
+
+    r = writable(img);
+    r = r ? r : find(img, name, &bm);
+    r = r ? r : usable(bm);
+    r = r ? r : stage_data(img, bm, true);
+    r = r ? r : qbm_bmap_set_range(bm->data, offset, length);
+    return qbm_public_ret(r);
+}
+
+/* ---- commit ------------------------------------------------------------ */
+
+void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf)
+{
+    memset(buf, 0, qcow2_bitmap_entry_size(bm));
+    be64_store(buf, bm->table_offset);
+    be32_store(buf + 8, bm->table_size);
+    be32_store(buf + 12, bm->flags);
+    buf[16] = bm->type;
+    buf[17] = bm->granularity_bits;
+    be16_store(buf + 18, bm->name_size);
+    be32_store(buf + 20, 0);
+    memcpy(buf + BME_ENTRY_HEADER, bm->name, bm->name_size);
+}
+
+/* Write bm->data as new data clusters and a new table. */
+static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
+                        struct qcow2_bitmap *bm, uint8_t *cbuf)
+{
+    struct qbm_bmap *d = bm->data;
+    uint64_t cs = img->cluster_size;
+    uint64_t tbl_clusters = div_round_up(d->nchunks * 8, cs);
+    uint64_t i, off, tbl_off;
+    uint8_t *tbl;
+    int r = 0;
+
+    tbl = qbm_calloc(tbl_clusters, cs);
+    if (!tbl) {
+        return -ENOMEM;
+    }
+    for (i = 0; i < d->nchunks && r == 0; i++) {
+        const uint8_t *c = d->chunks[i];
+
+        if (!c) {
+            continue;
+        }
+        if (c == QBM_CHUNK_ONES) {
+            /* QEMU never writes the all-ones table entry: write the bits,
+             * leaving those past the end of the disk zero. */
+            uint64_t bpc = cs * 8;
+            uint64_t nb = d->nbits - i * bpc < bpc ? d->nbits - i * bpc
+                                                   : bpc;
+
+            memset(cbuf, 0, cs);
+            memset(cbuf, 0xff, nb / 8);
+            if (nb % 8) {
+                cbuf[nb / 8] = (uint8_t)((1u << (nb % 8)) - 1);
+            }
+            c = cbuf;
+        }
+        r = qbm_txn_alloc(txn, 1, &off);
+        r = r ? r : qbm_txn_write(txn, c, cs, off);
+        if (r == 0) {
+            be64_store(tbl + i * 8, off);
+        }
+    }
+    if (r == 0) {
+        r = qbm_txn_alloc(txn, tbl_clusters, &tbl_off);
+    }
+    if (r == 0) {
+        r = qbm_txn_write(txn, tbl, tbl_clusters * cs, tbl_off);
+    }
+    free(tbl);
+    if (r < 0) {
+        return r;
+    }
+    bm->table_offset = tbl_off;
+    bm->table_size = (uint32_t)d->nchunks;
+    bm->flags &= ~BME_FLAG_IN_USE;
+    return 0;
+}
+
+static int commit(struct qbm_image *img)
+{
+    struct qbm_txn *txn;
+    uint64_t dir_size = 0, dir_off = 0, pos, i;
+    uint8_t *buf = NULL;
+    int r;
+
+    r = writable(img);
+    if (r < 0) {
+        return r;
+    }
+    if (!img->staged) {
+        return 0;
+    }
+    r = qbm_txn_begin(img, &txn);
+    if (r < 0) {
+        return r;
+    }
+    buf = qbm_malloc(img->cluster_size);
+    if (!buf) {
+        r = -ENOMEM;
+        goto fail;
+    }
+    for (i = 0; i < img->nb_bitmaps && r == 0; i++) {
+        if (img->bitmaps[i].data) {
+            r = store_bitmap(img, txn, &img->bitmaps[i], buf);
+        }
+    }
+    free(buf);
+    buf = NULL;
+    if (r < 0) {
+        goto fail;
+    }
+    for (i = 0; i < img->nb_bitmaps; i++) {
+        dir_size += qcow2_bitmap_entry_size(&img->bitmaps[i]);
+    }
+    if (img->nb_bitmaps) {
+        uint64_t nclusters = div_round_up(dir_size, img->cluster_size);
+
+        buf = qbm_calloc(nclusters, img->cluster_size);
+        if (!buf) {
+            r = -ENOMEM;
+            goto fail;
+        }
+        for (i = 0, pos = 0; i < img->nb_bitmaps; i++) {
+            qcow2_bitmap_entry_encode(&img->bitmaps[i], buf + pos);
+            pos += qcow2_bitmap_entry_size(&img->bitmaps[i]);
+        }
+        r = qbm_txn_alloc(txn, nclusters, &dir_off);
+        r = r ? r : qbm_txn_write(txn, buf, nclusters * img->cluster_size,
+                                  dir_off);
+        free(buf);
+        if (r < 0) {
+            goto fail;
+        }
+    }
+    if (img->bitmaps_state == QBM_BITMAPS_OK) {
+        r = qbm_txn_free_later(txn, img->bm_ext.dir_offset,
+                               img->bm_ext.dir_size);
+    }
+    for (i = 0; i < img->nb_pending_free && r == 0; i++) {
+        r = qbm_txn_free_later(txn, img->pending_free[i], img->cluster_size);
+    }
+    if (r < 0) {
+        goto fail;
+    }
+    r = qbm_txn_commit(txn, img->nb_bitmaps, dir_off, dir_size);
+    if (r < 0) {
+        img->broken = true;
+        return r;
+    }
+    return qbm_image_reload(img);
+
+fail:
+    qbm_txn_abort(txn);
+    /* Nothing live was touched, but the staged state is gone. */
+    img->broken = true;
+    return r;
+}
+
+QBM_API int qbm_commit(struct qbm_image *img)
+{
+    return qbm_public_ret(commit(img));
+}

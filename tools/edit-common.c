@@ -1,0 +1,132 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* Helpers shared by the editing subcommands. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "qbm-tool.h"
+
+struct qbm_image *edit_open(const char *file)
+{
+    struct qbm_image *img = qbm_open(file, QBM_OPEN_RDWR);
+
+    if (!img) {
+        tool_lib_error(file);
+    }
+    return img;
+}
+
+int edit_finish(struct qbm_image *img, const char *file, bool dry_run,
+                struct outbuf *plan)
+{
+    int ret = 0;
+
+    if (dry_run) {
+        ob_puts(plan, "(dry run: nothing was written)\n");
+        ret = ob_flush(plan);
+    } else if (qbm_commit(img) < 0) {
+        tool_error(file, "%s; the image was not changed", qbm_get_error());
+        ob_free(plan);
+        ret = 1;
+    } else {
+        ob_free(plan);
+    }
+    qbm_close(img);
+    return ret;
+}
+
+int edit_fail(struct qbm_image *img, const char *file, struct outbuf *plan)
+{
+    tool_lib_error(file);
+    ob_free(plan);
+    qbm_close(img);
+    return 1;
+}
+
+bool parse_size(const char *s, uint64_t *ret)
+{
+    char *end;
+    unsigned long long v;
+    unsigned shift = 0;
+
+    if (!*s || *s == '-') {
+        return false;
+    }
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno || end == s) {
+        return false;
+    }
+    switch (*end) {
+    case '\0':
+        break;
+    case 'k':
+    case 'K':
+        shift = 10;
+        break;
+    case 'm':
+    case 'M':
+        shift = 20;
+        break;
+    case 'g':
+    case 'G':
+        shift = 30;
+        break;
+    case 't':
+    case 'T':
+        shift = 40;
+        break;
+    default:
+        return false;
+    }
+    if (*end && end[1] != '\0' && strcmp(end + 1, "iB") != 0 &&
+        strcmp(end + 1, "B") != 0) {
+        return false;
+    }
+    if (shift && v > (UINT64_MAX >> shift)) {
+        return false;
+    }
+    *ret = (uint64_t)v << shift;
+    return true;
+}
+
+bool same_file(const char *a, const char *b)
+{
+    struct stat sa, sb;
+
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+           sa.st_ino == sb.st_ino;
+}
+
+int parse_simple_edit(int argc, char **argv, const char *cmd,
+                      const char *usage, int min_args, int max_args,
+                      bool *ret_dry_run)
+{
+    static const struct option opts[] = {
+        { "dry-run", no_argument, NULL, 'n' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    int c, n;
+
+    *ret_dry_run = false;
+    while ((c = getopt_long(argc, argv, "+nh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'n':
+            *ret_dry_run = true;
+            break;
+        case 'h':
+            fputs(usage, stdout);
+            return 0;
+        default:
+            return usage_error(cmd, "invalid option");
+        }
+    }
+    n = argc - optind;
+    if (n < min_args || (max_args >= 0 && n > max_args)) {
+        return usage_error(cmd, "wrong number of arguments");
+    }
+    return -1;
+}
