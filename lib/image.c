@@ -33,7 +33,9 @@ static void image_free(struct qbm_image *img)
         return;
     }
     image_unload(img);
-    qbm_io_close(img->io);
+    if (img->io) {
+        qbm_io_close(img->io);
+    }
     free(img->filename);
     free(img);
 }

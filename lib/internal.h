@@ -159,6 +159,18 @@ int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
 int qbm_io_mem_open(const void *buf, size_t len, struct qbm_io **ret_io);
 /* Borrow the bytes of a memory io (for tests). */
 const uint8_t *qbm_io_mem_data(struct qbm_io *io, size_t *ret_len);
+/*
+ * Fault injection (tests): a memory file whose crash_at-th write or flush
+ * (counting from 1; 0 = never) and everything after fail with EIO.
+ */
+int qbm_io_fault_open(const void *buf, size_t len, uint64_t crash_at,
+                      uint32_t seed, struct qbm_io **ret_io);
+/* Writes and flushes done so far. */
+uint64_t qbm_io_fault_ops(struct qbm_io *io);
+/* What a crash now would leave: the flushed bytes plus a seeded random
+ * subset of the unflushed writes, some torn at sector boundaries. */
+int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret,
+                             size_t *ret_len);
 
 /* ---- header.c ------------------------------------------------------------ */
 

@@ -390,3 +390,226 @@ const uint8_t *qbm_io_mem_data(struct qbm_io *io, size_t *ret_len)
     *ret_len = m->len;
     return m->buf;
 }
+
+/* ---- fault-injecting backend ------------------------------------------ */
+
+/*
+ * A memory file that counts writes and flushes and "crashes" at the Nth:
+ * that operation and every later one fail with EIO. What a crash leaves on
+ * disk is the flushed state plus any subset of the writes made since the
+ * last flush, each possibly torn at 512-byte sector boundaries (sectors
+ * themselves are written atomically, as disks guarantee).
+ */
+struct pending_write {
+    uint64_t off;
+    size_t len;
+    uint8_t *data;
+};
+
+struct fault_io {
+    struct qbm_io io;
+    struct qbm_io *live;    /* what reads see */
+    struct qbm_io *durable; /* what survives a crash for sure */
+    struct pending_write *pending;
+    size_t npending, cappending;
+    uint64_t ops, crash_at;
+    bool crashed;
+    uint32_t seed;
+};
+
+static int fault_check(struct fault_io *f)
+{
+    if (f->crashed) {
+        return qbm_err(EIO, "simulated crash");
+    }
+    f->ops++;
+    if (f->crash_at && f->ops >= f->crash_at) {
+        f->crashed = true;
+        return qbm_err(EIO, "simulated crash");
+    }
+    return 0;
+}
+
+static int fault_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
+{
+    struct fault_io *f = (struct fault_io *)io;
+
+    if (f->crashed) {
+        return qbm_err(EIO, "simulated crash");
+    }
+    return qbm_io_pread(f->live, buf, len, off);
+}
+
+static int fault_pwrite(struct qbm_io *io, const void *buf, size_t len,
+                        uint64_t off)
+{
+    struct fault_io *f = (struct fault_io *)io;
+    struct pending_write *w;
+    int r = fault_check(f);
+
+    if (r < 0) {
+        return r;
+    }
+    if (f->npending == f->cappending) {
+        size_t cap = f->cappending ? f->cappending * 2 : 16;
+        void *p = qbm_realloc(f->pending, cap * sizeof(*f->pending));
+
+        if (!p) {
+            return -ENOMEM;
+        }
+        f->pending = p;
+        f->cappending = cap;
+    }
+    w = &f->pending[f->npending];
+    w->data = qbm_malloc(len);
+    if (!w->data) {
+        return -ENOMEM;
+    }
+    memcpy(w->data, buf, len);
+    w->off = off;
+    w->len = len;
+    f->npending++;
+    return qbm_io_pwrite(f->live, buf, len, off);
+}
+
+static void drop_pending(struct fault_io *f)
+{
+    size_t i;
+
+    for (i = 0; i < f->npending; i++) {
+        free(f->pending[i].data);
+    }
+    f->npending = 0;
+}
+
+static int fault_flush(struct qbm_io *io)
+{
+    struct fault_io *f = (struct fault_io *)io;
+    size_t i;
+    int r = fault_check(f);
+
+    if (r < 0) {
+        return r;
+    }
+    for (i = 0; i < f->npending; i++) {
+        r = qbm_io_pwrite(f->durable, f->pending[i].data, f->pending[i].len,
+                          f->pending[i].off);
+        if (r < 0) {
+            return r;
+        }
+    }
+    drop_pending(f);
+    return 0;
+}
+
+static int fault_size(struct qbm_io *io, uint64_t *ret_size)
+{
+    return qbm_io_size(((struct fault_io *)io)->live, ret_size);
+}
+
+static void fault_close(struct qbm_io *io)
+{
+    struct fault_io *f = (struct fault_io *)io;
+
+    drop_pending(f);
+    free(f->pending);
+    qbm_io_close(f->live);
+    qbm_io_close(f->durable);
+    free(f);
+}
+
+static const struct qbm_io_ops fault_ops = {
+    .pread = fault_pread,
+    .pwrite = fault_pwrite,
+    .flush = fault_flush,
+    .size = fault_size,
+    .close = fault_close,
+};
+
+int qbm_io_fault_open(const void *buf, size_t len, uint64_t crash_at,
+                      uint32_t seed, struct qbm_io **ret_io)
+{
+    struct fault_io *f = qbm_calloc(1, sizeof(*f));
+    int r;
+
+    if (!f) {
+        return -ENOMEM;
+    }
+    f->io.ops = &fault_ops;
+    f->crash_at = crash_at;
+    f->seed = seed ? seed : 1;
+    r = qbm_io_mem_open(buf, len, &f->live);
+    if (r == 0) {
+        r = qbm_io_mem_open(buf, len, &f->durable);
+    }
+    if (r < 0) {
+        fault_close(&f->io);
+        return r;
+    }
+    *ret_io = &f->io;
+    return 0;
+}
+
+uint64_t qbm_io_fault_ops(struct qbm_io *io)
+{
+    return ((struct fault_io *)io)->ops;
+}
+
+static uint32_t xorshift(uint32_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 17;
+    *s ^= *s << 5;
+    return *s;
+}
+
+int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret, size_t *ret_len)
+{
+    struct fault_io *f = (struct fault_io *)io;
+    struct qbm_io *out;
+    const uint8_t *data;
+    uint32_t s = f->seed;
+    size_t len, i;
+    int r;
+
+    data = qbm_io_mem_data(f->durable, &len);
+    r = qbm_io_mem_open(data, len, &out);
+    if (r < 0) {
+        return r;
+    }
+    for (i = 0; i < f->npending && r == 0; i++) {
+        const struct pending_write *w = &f->pending[i];
+        uint64_t sec = w->off / 512 * 512, end = w->off + w->len;
+
+        switch (xorshift(&s) % 3) {
+        case 0: /* lost */
+            break;
+        case 1: /* complete */
+            r = qbm_io_pwrite(out, w->data, w->len, w->off);
+            break;
+        default: /* torn: a random subset of its sectors */
+            for (; sec < end && r == 0; sec += 512) {
+                uint64_t a = sec < w->off ? w->off : sec;
+                uint64_t b = sec + 512 < end ? sec + 512 : end;
+
+                if (xorshift(&s) & 1) {
+                    r = qbm_io_pwrite(out, w->data + (a - w->off),
+                                      (size_t)(b - a), a);
+                }
+            }
+            break;
+        }
+    }
+    if (r == 0) {
+        data = qbm_io_mem_data(out, &len);
+        *ret = qbm_malloc(len ? len : 1);
+        if (*ret) {
+            memcpy(*ret, data, len);
+            *ret_len = len;
+        } else {
+            r = -ENOMEM;
+        }
+    }
+    qbm_io_close(out);
+    return r;
+}

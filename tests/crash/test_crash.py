@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Crash-safety proof for every editing operation.
+
+For each scenario, crash-harness applies one edit through the fault
+injecting I/O backend with a simulated crash at every write and flush point
+(and several seeds for which unflushed writes survive, torn or not). QEMU
+judges every resulting image: `qemu-img check` must find no corruption
+(leaked clusters are allowed), `qemu-img info` must list either the bitmaps
+from before the edit or those after it, and the contents of every bitmap
+(read with qbm dump, which the other suites check against qemu-nbd) must be
+exactly the before or the after state. The uncrashed result is also
+checked against QEMU's own view with qemu-nbd + nbdinfo.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"]
+
+
+def run(cmd, check=True, **kw):
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, **kw)
+    if check and p.returncode != 0:
+        raise RuntimeError("%s failed (%d): %s" % (" ".join(cmd),
+                                                   p.returncode, p.stderr))
+    return p
+
+
+def qemu_bitmaps(img):
+    """Names -> (granularity, flags) as qemu-img info reports them."""
+    info = json.loads(run(["qemu-img", "info", "-U", "--output=json",
+                           img]).stdout)
+    data = info.get("format-specific", {}).get("data", {})
+    return {b["name"]: (b["granularity"], tuple(sorted(b["flags"])))
+            for b in data.get("bitmaps", [])}
+
+
+def qbm_contents(qbm, img, names):
+    out = {}
+    for n in names:
+        d = json.loads(run([qbm, "dump", "-U", "--output=json", img,
+                            n]).stdout)
+        out[n] = [(e["offset"], e["length"]) for e in d["extents"]]
+    return out
+
+
+def nbd_extents(img, name):
+    p = run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + name, "--",
+             "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, img, "]"])
+    ext = []
+    for e in json.loads(p.stdout):
+        if e["type"] & 1:
+            if ext and ext[-1][0] + ext[-1][1] == e["offset"]:
+                ext[-1] = (ext[-1][0], ext[-1][1] + e["length"])
+            else:
+                ext.append((e["offset"], e["length"]))
+    return ext
+
+
+def state(qbm, img):
+    bm = qemu_bitmaps(img)
+    return bm, qbm_contents(qbm, img, sorted(bm))
+
+
+def make(tmp, name, size, opts, bitmaps, writes, backing=None):
+    path = os.path.join(tmp, name)
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if opts:
+        cmd += ["-o", opts]
+    if backing:
+        cmd += ["-b", backing, "-F", "qcow2"]
+    run(cmd + [path, str(size)])
+    for b, gran, disabled in bitmaps:
+        c = ["qemu-img", "bitmap", "--add", "-g", str(gran)]
+        if disabled:
+            c.append("--disable")
+        run(c + [path, b])
+    if writes:
+        c = ["qemu-io", "-f", "qcow2"]
+        for w in writes:
+            c += ["-c", w]
+        run(c + [path])
+    return path
+
+
+def reftable(path):
+    with open(path, "rb") as f:
+        h = f.read(64)
+    return int.from_bytes(h[48:56], "big"), int.from_bytes(h[56:60], "big")
+
+
+def at_refcount_edge(tmp):
+    """An image whose refcount table is nearly full, so that the clusters
+    qbm allocates need a larger table: the largest single write (found by
+    bisection on fresh images) after which QEMU has not grown it yet."""
+    def build(nbytes):
+        path = make(tmp, "edge.qcow2", 256 << 20,
+                    "cluster_size=512,refcount_bits=64",
+                    [("g0", 512, False)],
+                    ["write 0 %d" % nbytes] if nbytes else [])
+        return reftable(path)[1]
+    first = build(0)
+    lo, hi = 0, 64 << 20  # in bytes, multiples of 4 KiB
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2 // 4096 * 4096
+        if build(mid) == first:
+            lo = mid
+        else:
+            hi = mid
+    build(lo)
+    return os.path.join(tmp, "edge.qcow2")
+
+
+def scenarios(tmp):
+    """(description, image, seeds, operation...)"""
+    base = make(tmp, "std.qcow2", 64 << 20, None,
+                [("b0", 65536, False), ("b1", 131072, True)],
+                ["write 0 64k", "write 1M 192k", "write 10M 512"])
+    small = make(tmp, "small.qcow2", 24 << 20, "cluster_size=512",
+                 [("s0", 512, False)],
+                 ["write 0 20M", "write 22M 4k"])
+    empty = make(tmp, "empty.qcow2", 32 << 20, None, [], ["write 0 1M"])
+    make(tmp, "back.qcow2", 8 << 20, "cluster_size=512", [], [])
+    over = make(tmp, "over.qcow2", 8 << 20, "cluster_size=512", [],
+                ["write 4k 4k"], backing="back.qcow2")
+    extl2 = make(tmp, "extl2.qcow2", 100 << 20,
+                 "extended_l2=on,refcount_bits=1",
+                 [("x", 4096, False)], ["write 5000 3000", "write 50M 1M"])
+    return [
+        ("add to an image with bitmaps", base, 3, "add", "new", "65536",
+         "0"),
+        ("add the first bitmap (creates the extension)", empty, 3, "add",
+         "first", "4096", "0"),
+        ("add next to a backing name in a 512 B header cluster", over, 3,
+         "add", "b", "512", "1"),
+        ("add, 512 B clusters", small, 2, "add", "fine", "512", "0"),
+        ("mark dirty forcing refcount table growth", at_refcount_edge(tmp),
+         2, "dirty", "g0", "0", str(256 << 20)),
+        ("remove one bitmap", base, 3, "remove", "b1"),
+        ("remove every bitmap (drops the extension)", base, 3, "remove",
+         "b0", "b1"),
+        ("clear", base, 3, "clear", "b0"),
+        ("enable", base, 2, "enable", "b1"),
+        ("disable", base, 2, "disable", "b0"),
+        ("rename", base, 2, "rename", "b0", "renamed"),
+        ("merge across granularities", base, 3, "merge", "b1", "b0"),
+        ("mark a range dirty", small, 2, "dirty", "s0", "22000000",
+         "500000"),
+        ("mark dirty, extended L2, 1-bit refcounts", extl2, 2, "dirty", "x",
+         "0", "100000000"),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--harness", required=True)
+    ap.add_argument("--qbm", required=True)
+    args = ap.parse_args()
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    if missing:
+        print("missing tools: %s" % " ".join(missing))
+        return 1 if os.environ.get("CI") else 77
+
+    failures = 0
+    checked = 0
+    with tempfile.TemporaryDirectory(prefix="qbm-crash-") as tmp:
+        for desc, img, seeds, *op in scenarios(tmp):
+            out = tempfile.mkdtemp(dir=tmp)
+            # Backing names are relative: keep them resolvable from out.
+            os.symlink(os.path.join(tmp, "back.qcow2"),
+                       os.path.join(out, "back.qcow2"))
+            before = state(args.qbm, img)
+            digest = hashlib.sha256(open(img, "rb").read()).hexdigest()
+            p = run([args.harness, img, out, str(seeds)] + op, check=False)
+            if p.returncode != 0:
+                print("FAIL %s: harness: %s" % (desc, p.stderr.strip()))
+                failures += 1
+                continue
+            if hashlib.sha256(open(img, "rb").read()).hexdigest() != digest:
+                print("FAIL %s: the input image changed" % desc)
+                failures += 1
+            after_img = os.path.join(out, "after.qcow2")
+            c = run(["qemu-img", "check", after_img], check=False)
+            if c.returncode != 0:
+                print("FAIL %s: after the edit, qemu-img check rc=%d: %s" %
+                      (desc, c.returncode, c.stdout + c.stderr))
+                failures += 1
+                continue
+            after = state(args.qbm, after_img)
+            for name, ext in after[1].items():
+                if nbd_extents(after_img, name) != ext:
+                    print("FAIL %s: QEMU reads bitmap %s differently after "
+                          "the edit" % (desc, name))
+                    failures += 1
+            if after == before:
+                print("FAIL %s: the edit changed nothing" % desc)
+                failures += 1
+            if "growth" in desc and reftable(after_img) == reftable(img):
+                print("FAIL %s: the refcount table did not grow" % desc)
+                failures += 1
+            npoints = int(p.stdout.strip())
+            for f in sorted(os.listdir(out)):
+                if not f.startswith("crash-"):
+                    continue
+                path = os.path.join(out, f)
+                checked += 1
+                c = run(["qemu-img", "check", path], check=False)
+                if c.returncode not in (0, 3):
+                    print("FAIL %s, %s: qemu-img check rc=%d:\n%s" %
+                          (desc, f, c.returncode, c.stdout + c.stderr))
+                    failures += 1
+                    continue
+                try:
+                    got = state(args.qbm, path)
+                except RuntimeError as e:
+                    print("FAIL %s, %s: %s" % (desc, f, e))
+                    failures += 1
+                    continue
+                if got != before and got != after:
+                    print("FAIL %s, %s: bitmaps are neither the old nor the "
+                          "new state:\n before %s\n after  %s\n got    %s" %
+                          (desc, f, before, after, got))
+                    failures += 1
+                os.unlink(path)
+            print("ok: %s (%d write/flush points x %d seeds)" %
+                  (desc, npoints, seeds))
+    print("crash images checked: %d" % checked)
+    print("crash: %d passed, %d failed" % (checked - failures, failures))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
