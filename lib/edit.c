@@ -417,6 +417,67 @@ QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
     return qbm_public_ret(r);
 }
 
+struct populate_ctx {
+    struct qbm_bmap *bm;
+};
+
+static int populate_cb(void *opaque, uint64_t off, uint64_t len,
+                       unsigned status)
+{
+    struct populate_ctx *ctx = opaque;
+
+    return qbm_bmap_set_range(ctx->bm, off, len);
+}
+
+QBM_API int qbm_bitmap_populate(struct qbm_image *img, const char *name,
+                                struct qbm_image *layer)
+{
+    struct qcow2_bitmap *bm = NULL;
+    struct populate_ctx ctx;
+    int r;
+
+    r = writable(img);
+    r = r ? r : find(img, name, &bm);
+    r = r ? r : usable(bm);
+    r = r ? r : stage_data(img, bm, true);
+    if (r < 0) {
+        return -1;
+    }
+    ctx.bm = bm->data;
+    /* Ranges past the bitmap's disk are clipped by set_range. */
+    r = qbm_image_allocation(layer, populate_cb, &ctx);
+    if (r != 0) {
+        if (r > 0 || r < -1) {
+            qbm_err(r > 0 ? EIO : -r, "cannot populate bitmap '%s'", name);
+        }
+        return -1;
+    }
+    return 0;
+}
+
+QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name)
+{
+    struct qcow2_bitmap *bm = NULL;
+    int r;
+
+    r = writable(img);
+    r = r ? r : find(img, name, &bm);
+    if (r < 0) {
+        return -1;
+    }
+    if (!(bm->flags & BME_FLAG_IN_USE)) {
+        return qbm_public_ret(qbm_err(EINVAL, "bitmap '%s' is not in use",
+                                      name));
+    }
+    /* The stale table may be unreadable: start from nothing. */
+    r = stage_data(img, bm, false);
+    r = r ? r : qbm_bmap_set_range(bm->data, 0, img->hdr.size);
+    if (r == 0) {
+        bm->flags &= ~BME_FLAG_IN_USE;
+    }
+    return qbm_public_ret(r);
+}
+
 /* ---- commit ------------------------------------------------------------ */
 
 void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf)

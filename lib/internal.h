@@ -526,6 +526,8 @@ int qbm_txn_free_later(struct qbm_txn *txn, uint64_t off, uint64_t len);
  */
 int qbm_txn_commit(struct qbm_txn *txn, uint32_t nb_bitmaps,
                    uint64_t dir_offset, uint64_t dir_size);
+/* nb_bitmaps value for a commit that only frees (leak repair). */
+#define QBM_TXN_KEEP_HEADER UINT32_MAX
 
 /* ---- edit.c: staged bitmap edits and their commit ------------------------ */
 

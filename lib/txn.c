@@ -897,15 +897,18 @@ int qbm_txn_commit(struct qbm_txn *t, uint32_t nb_bitmaps,
     struct qbm_io *io = t->img->io;
     int r;
 
-    r = read_layout(t, &lay);
-    r = r ? r : header_plan(t, &lay, nb_bitmaps);
+    bool keep = nb_bitmaps == QBM_TXN_KEEP_HEADER;
+
+    r = keep ? 0 : read_layout(t, &lay);
+    r = r ? r : keep ? 0 : header_plan(t, &lay, nb_bitmaps);
     /* 1-3: refcount increments and new refcount structures, durable
      * before anything refers to the new clusters. */
     r = r ? r : write_blocks(t);
     r = r ? r : qbm_io_flush(io);
     r = r ? r : hook_new_blocks(t);
     /* 4: the switch. */
-    r = r ? r : header_switch(t, &lay, nb_bitmaps, dir_offset, dir_size);
+    r = r ? r : keep ? 0 : header_switch(t, &lay, nb_bitmaps, dir_offset,
+                                         dir_size);
     /* 5: only now release what the old state used. */
     r = r ? r : apply_frees(t);
     r = r ? r : write_blocks(t);

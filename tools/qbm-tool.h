@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "qbm.h"
 
@@ -74,5 +75,9 @@ int cmd_disable(int argc, char **argv);
 int cmd_rename(int argc, char **argv);
 int cmd_merge(int argc, char **argv);
 int cmd_copy(int argc, char **argv);
+int cmd_populate(int argc, char **argv);
+int cmd_commit_bitmaps(int argc, char **argv);
+int cmd_snapshot_bitmaps(int argc, char **argv);
+int cmd_check(int argc, char **argv);
 
 #endif

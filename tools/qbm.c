@@ -22,6 +22,12 @@ static const struct command commands[] = {
     { "rename", cmd_rename, "rename a bitmap" },
     { "merge", cmd_merge, "OR bitmaps into another one" },
     { "copy", cmd_copy, "copy bitmaps between images" },
+    { "populate", cmd_populate, "mark a layer's allocated clusters" },
+    { "commit-bitmaps", cmd_commit_bitmaps,
+      "carry bitmaps into the base of a commit" },
+    { "snapshot-bitmaps", cmd_snapshot_bitmaps,
+      "continue checkpoints in a new snapshot layer" },
+    { "check", cmd_check, "check bitmaps, refcounts and chain; repair" },
 };
 
 static void print_help(FILE *f)
@@ -32,7 +38,7 @@ static void print_help(FILE *f)
                "Inspect and edit the persistent dirty bitmaps of qcow2 "
                "images offline.\n\nCommands:\n");
     for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
-        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+        fprintf(f, "  %-17s %s\n", commands[i].name, commands[i].summary);
     }
     fprintf(f, "\nRun 'qbm COMMAND --help' for a command's options; see "
                "qbm(1).\n");

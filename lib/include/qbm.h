@@ -242,12 +242,64 @@ QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
 QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
                                  uint64_t offset, uint64_t length);
 /*
+ * OR into bitmap `name` every range that `layer` itself provides (data or
+ * zero flags, from its L1/L2 tables), converted to the bitmap's
+ * granularity. `layer` may be `img` itself or another image (its ranges
+ * past img's virtual size are ignored).
+ */
+QBM_API int qbm_bitmap_populate(struct qbm_image *img, const char *name,
+                                struct qbm_image *layer);
+/*
+ * Recovery of an in-use (inconsistent) bitmap: mark every bit dirty and
+ * make it consistent again, keeping its name, granularity and flags (the
+ * next backup from it is a full one, but the checkpoint survives).
+ */
+QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name);
+/*
  * Write every staged edit in one transaction: new clusters, flush, switch
  * the header's bitmaps extension, flush, free replaced clusters, flush. A
  * crash leaves the old or the new state (plus, at worst, leaked clusters).
  * On failure the handle refuses further edits; reopen the image.
  */
 QBM_API int qbm_commit(struct qbm_image *img);
+
+/* ---- consistency check and repair -------------------------------------- */
+
+/* Kinds of problems qbm_check() reports. */
+#define QBM_PROBLEM_CORRUPTION 1 /* refcount too low, bad structure */
+#define QBM_PROBLEM_LEAK 2       /* refcount too high: harmless */
+#define QBM_PROBLEM_BITMAP 3     /* in-use bitmap, stale extension */
+
+/* Called once per problem; `offset` is the file offset concerned (or 0).
+ * The message is borrowed for the call. Return 0 to go on. */
+typedef int (*qbm_problem_fn)(void *opaque, int kind, uint64_t offset,
+                              const char *message);
+
+/*
+ * Check every structure of an opened image: the bitmaps (in-use ones, a
+ * stale extension, table entries) and full refcount consistency, counting
+ * the references of the header, refcount structures, active and snapshot
+ * L1/L2 tables, data clusters (compressed ones by the sectors they span),
+ * the snapshot table, the encryption header and the bitmaps. Returns 0
+ * when the check ran (problems went to fn), -1 when it could not run.
+ */
+QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn,
+                      void *opaque);
+
+#define QBM_REPAIR_IN_USE_DIRTY 0x1u  /* in-use bitmaps become all dirty */
+#define QBM_REPAIR_IN_USE_REMOVE 0x2u /* in-use bitmaps are removed */
+#define QBM_REPAIR_STALE 0x4u  /* drop a stale bitmaps extension */
+#define QBM_REPAIR_LEAKS 0x8u  /* give leaked clusters back */
+#define QBM_REPAIR_MASK 0xfu
+
+/*
+ * Repair what `flags` asks for, each step its own crash-safe transaction
+ * (bitmaps first, then leaks, which include the clusters the first steps
+ * freed). Refuses images with corruption (refcounts lower than the
+ * references): that is qemu-img check -r all's job. The image must be
+ * opened with QBM_OPEN_RDWR. Returns 0 or -1.
+ */
+QBM_API int qbm_repair(struct qbm_image *img, unsigned flags);
 
 /* ---- allocation map of one layer -------------------------------------- */
 

@@ -1,0 +1,513 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Consistency check and repair (reference notes sections 6 and 8).
+ *
+ * References are counted per host cluster from every structure qbm knows,
+ * then compared with the refcounts: fewer refcounts than references is
+ * corruption (a cluster could be handed out twice), more is a leak. Leak
+ * repair relies on the count being complete, so every L1 entry is walked,
+ * including those past the virtual size (internal snapshots keep VM state
+ * there), and images with unknown incompatible features never get here.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
+#define REFT_RESERVED_MASK 0x1ffull
+/* Refcounts may claim clusters a little past the end of the file. */
+#define MAX_CLUSTERS_PAST_EOF (1ull << 24)
+
+struct check {
+    struct qbm_image *img;
+    qbm_problem_fn fn;
+    void *opaque;
+    uint64_t cs;
+    uint32_t *refs;
+    uint64_t nref;
+    uint64_t count[4];
+    int stop; /* the callback asked to stop */
+};
+
+static void problem(struct check *c, int kind, uint64_t off,
+                    const char *fmt, ...) QBM_PRINTF(4, 5);
+
+static void problem(struct check *c, int kind, uint64_t off,
+                    const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+
+    c->count[kind]++;
+    if (!c->fn || c->stop) {
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    c->stop = c->fn(c->opaque, kind, off, msg);
+}
+
+static void add_ref(struct check *c, uint64_t off, uint64_t len,
+                    const char *what)
+{
+    uint64_t first = off / c->cs, end, i;
+
+    if (len == 0) {
+        return;
+    }
+    end = div_round_up(off + len, c->cs);
+    if (off + len < off || end > c->nref) {
+        problem(c, QBM_PROBLEM_CORRUPTION, off, "%s at 0x%llx: beyond the "
+                "clusters the refcounts describe", what,
+                (unsigned long long)off);
+        end = c->nref;
+    }
+    for (i = first; i < end; i++) {
+        if (c->refs[i] < UINT32_MAX) {
+            c->refs[i]++;
+        }
+    }
+}
+
+/* Count an L2 table's references to data clusters. */
+static int count_l2(struct check *c, uint64_t l2_off, const char *what)
+{
+    struct qbm_image *img = c->img;
+    bool data_file = img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE;
+    uint64_t j;
+    int r;
+
+    r = qcow2_read_l2(img, l2_off);
+    if (r < 0) {
+        return r;
+    }
+    for (j = 0; j < img->l2_entries; j++) {
+        uint64_t e = be64_load(img->l2_cache + j * img->l2_entry_size);
+        uint64_t off = e & L2E_OFFSET_MASK;
+
+        if (e & L2E_COMPRESSED) {
+            struct qcow2_compressed cd;
+
+            qcow2_compressed_decode(e, img->cluster_bits, &cd);
+            add_ref(c, cd.offset & ~511ull,
+                    (cd.offset & 511) + cd.nb_bytes, "compressed cluster");
+            continue;
+        }
+        if (e & L2E_STD_RESERVED_MASK) {
+            problem(c, QBM_PROBLEM_CORRUPTION, l2_off + j * 8,
+                    "%s at 0x%llx, entry %llu: reserved bits set", what,
+                    (unsigned long long)l2_off, (unsigned long long)j);
+            continue;
+        }
+        if (!off || data_file) {
+            continue;
+        }
+        if (!is_aligned(off, c->cs)) {
+            problem(c, QBM_PROBLEM_CORRUPTION, l2_off + j * 8,
+                    "%s at 0x%llx, entry %llu: data offset 0x%llx not "
+                    "cluster aligned", what, (unsigned long long)l2_off,
+                    (unsigned long long)j, (unsigned long long)off);
+            continue;
+        }
+        add_ref(c, off, c->cs, "data cluster");
+    }
+    return 0;
+}
+
+/* Count an L1 table (all of its entries) and what it points to. */
+static int count_l1(struct check *c, uint64_t l1_off, uint32_t l1_size,
+                    const char *what)
+{
+    uint64_t bytes = (uint64_t)l1_size * 8, i;
+    uint8_t *buf;
+    int r = 0;
+
+    if (l1_size == 0) {
+        return 0;
+    }
+    add_ref(c, l1_off, bytes, what);
+    buf = qbm_malloc(bytes);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    r = qbm_image_read_meta(c->img, buf, bytes, l1_off, what);
+    for (i = 0; i < l1_size && r == 0 && !c->stop; i++) {
+        uint64_t e = be64_load(buf + i * 8);
+        uint64_t l2 = e & L1E_OFFSET_MASK;
+
+        if (e & L1E_RESERVED_MASK) {
+            problem(c, QBM_PROBLEM_CORRUPTION, l1_off + i * 8,
+                    "%s at 0x%llx, entry %llu: reserved bits set", what,
+                    (unsigned long long)l1_off, (unsigned long long)i);
+        }
+        if (!l2) {
+            continue;
+        }
+        if (!is_aligned(l2, c->cs)) {
+            problem(c, QBM_PROBLEM_CORRUPTION, l1_off + i * 8,
+                    "%s at 0x%llx, entry %llu: L2 offset 0x%llx not "
+                    "cluster aligned", what, (unsigned long long)l1_off,
+                    (unsigned long long)i, (unsigned long long)l2);
+            continue;
+        }
+        add_ref(c, l2, c->cs, "L2 table");
+        r = count_l2(c, l2, "L2 table");
+    }
+    free(buf);
+    return r;
+}
+
+static void count_bitmaps(struct check *c)
+{
+    struct qbm_image *img = c->img;
+    uint32_t k;
+    uint64_t i;
+
+    if (img->bitmaps_state == QBM_BITMAPS_STALE) {
+        problem(c, QBM_PROBLEM_BITMAP, 88, "the bitmaps extension is stale "
+                "(autoclear bit clear%s): QEMU ignores every bitmap and "
+                "their clusters are leaked",
+                img->hdr.version < 3 ? ", version 2 image" : "");
+        return;
+    }
+    if (img->bitmaps_state == QBM_BITMAPS_NONE) {
+        if (img->hdr.autoclear_features & QBM_AUTOCLEAR_BITMAPS) {
+            problem(c, QBM_PROBLEM_BITMAP, 88, "the autoclear \"bitmaps\" "
+                    "bit is set without a bitmaps extension (QEMU marks "
+                    "such an image corrupt on its next write)");
+        }
+        return;
+    }
+    add_ref(c, img->bm_ext.dir_offset, img->bm_ext.dir_size,
+            "bitmap directory");
+    for (k = 0; k < img->nb_bitmaps; k++) {
+        struct qcow2_bitmap *bm = &img->bitmaps[k];
+        bool in_use = bm->flags & BME_FLAG_IN_USE;
+
+        if (in_use) {
+            problem(c, QBM_PROBLEM_BITMAP, bm->entry_offset,
+                    "bitmap '%s' is in use (inconsistent): QEMU did not "
+                    "store it back, so it cannot be used for incremental "
+                    "backups", bm->name);
+        }
+        add_ref(c, bm->table_offset, (uint64_t)bm->table_size * 8,
+                "bitmap table");
+        if (qcow2_bitmap_table_load(img, bm) < 0) {
+            problem(c, in_use ? QBM_PROBLEM_BITMAP : QBM_PROBLEM_CORRUPTION,
+                    bm->table_offset, "%s", qbm_get_error());
+            continue;
+        }
+        for (i = 0; i < bm->table_size; i++) {
+            uint64_t off = bm->table[i] & BME_TABLE_OFFSET_MASK;
+
+            if (off) {
+                add_ref(c, off, c->cs, "bitmap data cluster");
+            }
+        }
+    }
+}
+
+/* The highest cluster with a non-zero refcount, plus one. */
+static int refcounted_end(struct check *c, uint64_t *ret)
+{
+    struct qbm_image *img = c->img;
+    uint64_t per_block = c->cs * 8 / img->refcount_bits;
+    uint64_t rt = img->reftable_entries, i;
+    int r;
+
+    while (rt > 0) {
+        uint64_t off = img->reftable[rt - 1] & REFT_OFFSET_MASK;
+
+        rt--;
+        if (!off || !is_aligned(off, c->cs)) {
+            continue;
+        }
+        for (i = per_block; i > 0; i--) {
+            uint64_t rc;
+
+            r = qcow2_refcount_get(img, rt * per_block + i - 1, &rc);
+            if (r < 0) {
+                return r;
+            }
+            if (rc) {
+                *ret = rt * per_block + i;
+                return 0;
+            }
+        }
+    }
+    *ret = 0;
+    return 0;
+}
+
+/* Compare refcounts with references; with `leaks`, collect the excess. */
+static int compare(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
+{
+    struct qbm_image *img = c->img;
+    size_t cap = 0;
+    uint64_t i;
+    int r;
+
+    for (i = 0; i < img->reftable_entries; i++) {
+        uint64_t e = img->reftable[i], off = e & REFT_OFFSET_MASK;
+
+        if (e & REFT_RESERVED_MASK) {
+            problem(c, QBM_PROBLEM_CORRUPTION,
+                    img->hdr.refcount_table_offset + i * 8,
+                    "refcount table entry %llu: reserved bits set",
+                    (unsigned long long)i);
+        }
+        if (off && !is_aligned(off, c->cs)) {
+            problem(c, QBM_PROBLEM_CORRUPTION,
+                    img->hdr.refcount_table_offset + i * 8,
+                    "refcount table entry %llu: block 0x%llx not cluster "
+                    "aligned", (unsigned long long)i,
+                    (unsigned long long)off);
+            return 0; /* refcounts cannot be read reliably */
+        }
+    }
+    for (i = 0; i < c->nref && !c->stop; i++) {
+        uint64_t rc;
+
+        r = qcow2_refcount_get(img, i, &rc);
+        if (r < 0) {
+            return r;
+        }
+        if (rc < c->refs[i]) {
+            problem(c, QBM_PROBLEM_CORRUPTION, i * c->cs,
+                    "cluster 0x%llx: refcount %llu, but %u references",
+                    (unsigned long long)(i * c->cs), (unsigned long long)rc,
+                    c->refs[i]);
+        } else if (rc > c->refs[i]) {
+            problem(c, QBM_PROBLEM_LEAK, i * c->cs,
+                    "cluster 0x%llx leaked: refcount %llu, %u references",
+                    (unsigned long long)(i * c->cs), (unsigned long long)rc,
+                    c->refs[i]);
+            if (leaks) {
+                if (*nleaks == cap) {
+                    size_t ncap = cap ? cap * 2 : 64;
+                    void *p = qbm_realloc(*leaks, ncap * sizeof(**leaks));
+
+                    if (!p) {
+                        return -ENOMEM;
+                    }
+                    *leaks = p;
+                    cap = ncap;
+                }
+                (*leaks)[*nleaks][0] = i;
+                (*leaks)[*nleaks][1] = rc - c->refs[i];
+                (*nleaks)++;
+            }
+        }
+    }
+    return 0;
+}
+
+static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
+{
+    struct qbm_image *img = c->img;
+    const struct qcow2_header *h = &img->hdr;
+    uint64_t file_clusters, end = 0, i;
+    size_t k;
+    int r;
+
+    c->cs = img->cluster_size;
+    file_clusters = div_round_up(img->file_size, c->cs);
+    r = refcounted_end(c, &end);
+    if (r < 0) {
+        return r;
+    }
+    c->nref = file_clusters > end ? file_clusters : end;
+    if (c->nref > file_clusters + MAX_CLUSTERS_PAST_EOF) {
+        problem(c, QBM_PROBLEM_CORRUPTION, 0, "refcounts claim clusters far "
+                "past the end of the file (up to 0x%llx)",
+                (unsigned long long)(end * c->cs));
+        c->nref = file_clusters + MAX_CLUSTERS_PAST_EOF;
+    }
+    c->refs = qbm_calloc(c->nref ? c->nref : 1, sizeof(*c->refs));
+    if (!c->refs) {
+        return -ENOMEM;
+    }
+
+    add_ref(c, 0, c->cs, "header");
+    add_ref(c, h->refcount_table_offset,
+            (uint64_t)h->refcount_table_clusters * c->cs, "refcount table");
+    for (i = 0; i < img->reftable_entries; i++) {
+        uint64_t off = img->reftable[i] & REFT_OFFSET_MASK;
+
+        if (off && is_aligned(off, c->cs)) {
+            add_ref(c, off, c->cs, "refcount block");
+        }
+    }
+    r = count_l1(c, h->l1_table_offset, h->l1_size, "L1 table");
+    if (r < 0) {
+        return r;
+    }
+    if (img->nb_snapshots) {
+        add_ref(c, h->snapshots_offset, img->snapshots_size,
+                "snapshot table");
+    }
+    for (k = 0; k < img->nb_snapshots && r == 0; k++) {
+        r = count_l1(c, img->snapshots[k].l1_table_offset,
+                     img->snapshots[k].l1_size, "snapshot L1 table");
+    }
+    if (r < 0) {
+        return r;
+    }
+    for (k = 0; k < h->nb_exts; k++) {
+        const struct qcow2_ext *e = &h->exts[k];
+
+        if (e->magic == QCOW2_EXT_CRYPTO) {
+            add_ref(c, be64_load(e->data), be64_load(e->data + 8),
+                    "encryption header");
+        }
+    }
+    count_bitmaps(c);
+    if (h->incompatible_features & QBM_INCOMPAT_DIRTY) {
+        problem(c, QBM_PROBLEM_CORRUPTION, 72, "the dirty bit is set: "
+                "refcounts may be stale (lazy refcounts); 'qemu-img check "
+                "-r all' rebuilds them");
+    }
+    if (h->incompatible_features & QBM_INCOMPAT_CORRUPT) {
+        problem(c, QBM_PROBLEM_CORRUPTION, 72, "the image is marked "
+                "corrupt");
+    }
+    return compare(c, leaks, nleaks);
+}
+
+QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
+{
+    struct check c = { .img = img, .fn = fn, .opaque = opaque };
+    int r;
+
+    if (img->raw) {
+        return 0;
+    }
+    r = run_check(&c, NULL, NULL);
+    free(c.refs);
+    return qbm_public_ret(r);
+}
+
+/* ---- repair ---------------------------------------------------------------- */
+
+static int repair_writable(struct qbm_image *img)
+{
+    const struct qcow2_header *h = &img->hdr;
+
+    if (!img->rdwr || img->raw || img->broken) {
+        return qbm_err(EROFS, "image not opened for writing");
+    }
+    if (h->version < 3) {
+        return qbm_err(EOPNOTSUPP, "version 2 images cannot hold bitmaps; "
+                       "'qemu-img check -r leaks' drops a stale extension");
+    }
+    if (h->incompatible_features &
+        (QBM_INCOMPAT_DIRTY | QBM_INCOMPAT_CORRUPT)) {
+        return qbm_err(EUCLEAN, "the image's dirty or corrupt bit is set; "
+                       "run 'qemu-img check -r all' first");
+    }
+    return 0;
+}
+
+static int repair_in_use(struct qbm_image *img, bool remove)
+{
+    uint32_t k = 0;
+    int r;
+
+    while (k < img->nb_bitmaps) {
+        struct qcow2_bitmap *bm = &img->bitmaps[k];
+
+        if (!(bm->flags & BME_FLAG_IN_USE)) {
+            k++;
+            continue;
+        }
+        if (remove) {
+            r = qbm_bitmap_remove(img, bm->name);
+        } else {
+            r = qbm_bitmap_salvage(img, bm->name);
+            k++;
+        }
+        if (r < 0) {
+            return -qbm_get_errno();
+        }
+    }
+    return qbm_commit(img) < 0 ? -qbm_get_errno() : 0;
+}
+
+/* Drop a stale extension (or a lone autoclear bit); its clusters become
+ * leaks, which the leak repair then frees. */
+static int repair_stale(struct qbm_image *img)
+{
+    struct qbm_txn *txn;
+    int r;
+
+    if (img->bitmaps_state == QBM_BITMAPS_OK ||
+        (img->bitmaps_state == QBM_BITMAPS_NONE &&
+         !(img->hdr.autoclear_features & QBM_AUTOCLEAR_BITMAPS))) {
+        return 0;
+    }
+    r = qbm_txn_begin(img, &txn);
+    r = r ? r : qbm_txn_commit(txn, 0, 0, 0);
+    return r ? r : qbm_image_reload(img);
+}
+
+static int repair_leaks(struct qbm_image *img)
+{
+    struct check c = { .img = img };
+    uint64_t (*leaks)[2] = NULL;
+    size_t nleaks = 0, i;
+    struct qbm_txn *txn = NULL;
+    uint64_t n;
+    int r;
+
+    r = run_check(&c, &leaks, &nleaks);
+    free(c.refs);
+    if (r == 0 && c.count[QBM_PROBLEM_CORRUPTION]) {
+        r = qbm_err(EUCLEAN, "the image has %llu corruption(s); qbm only "
+                    "frees leaks: use 'qemu-img check -r all'",
+                    (unsigned long long)c.count[QBM_PROBLEM_CORRUPTION]);
+    }
+    if (r == 0 && nleaks) {
+        r = qbm_txn_begin(img, &txn);
+        for (i = 0; i < nleaks && r == 0; i++) {
+            for (n = 0; n < leaks[i][1] && r == 0; n++) {
+                r = qbm_txn_free_later(txn, leaks[i][0] * img->cluster_size,
+                                       img->cluster_size);
+            }
+        }
+        if (r == 0) {
+            r = qbm_txn_commit(txn, QBM_TXN_KEEP_HEADER, 0, 0);
+        } else {
+            qbm_txn_abort(txn);
+        }
+        if (r == 0) {
+            r = qbm_image_reload(img);
+        }
+    }
+    free(leaks);
+    return r;
+}
+
+QBM_API int qbm_repair(struct qbm_image *img, unsigned flags)
+{
+    int r;
+
+    if (flags & ~QBM_REPAIR_MASK ||
+        (flags & QBM_REPAIR_IN_USE_DIRTY && flags & QBM_REPAIR_IN_USE_REMOVE)) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid repair flags"));
+    }
+    r = repair_writable(img);
+    if (r == 0 && (flags & QBM_REPAIR_STALE)) {
+        r = repair_stale(img);
+    }
+    if (r == 0 && (flags & (QBM_REPAIR_IN_USE_DIRTY |
+                            QBM_REPAIR_IN_USE_REMOVE))) {
+        r = repair_in_use(img, flags & QBM_REPAIR_IN_USE_REMOVE);
+    }
+    if (r == 0 && (flags & QBM_REPAIR_LEAKS)) {
+        r = repair_leaks(img);
+    }
+    return qbm_public_ret(r);
+}
