@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""End-to-end repair workflows with QEMU doing the real steps and judging.
+
+Each scenario builds a chain with qemu-img, writes with qemu-io, runs the
+real QEMU operation (commit, external snapshot, crash), repairs with qbm,
+and checks with qemu-img check and qemu-nbd + nbdinfo. Backup scenarios
+prove the repaired bitmaps are usable: the previous full backup plus the
+ranges the bitmap marks reproduce the current disk exactly.
+Seeded random writes; QBM_TEST_SEED reproduces a run.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+
+TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"]
+MiB = 1 << 20
+
+
+class Fail(Exception):
+    pass
+
+
+def run(cmd, ok=(0,), **kw):
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, **kw)
+    if ok is not None and p.returncode not in ok:
+        raise Fail("%s -> %d\n%s%s" % (" ".join(cmd), p.returncode, p.stdout,
+                                       p.stderr))
+    return p
+
+
+def merge(extents):
+    out = []
+    for off, length in sorted(extents):
+        if out and off <= out[-1][0] + out[-1][1]:
+            end = max(out[-1][0] + out[-1][1], off + length)
+            out[-1] = (out[-1][0], end - out[-1][0])
+        else:
+            out.append((off, length))
+    return out
+
+
+def round_out(extents, gran, size):
+    return merge([(o // gran * gran,
+                   min(size, -(-(o + n) // gran) * gran) - o // gran * gran)
+                  for o, n in extents])
+
+
+def qemu_bitmap(img, name):
+    """QEMU's view of a bitmap: dirty extents from qemu-nbd + nbdinfo."""
+    p = run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + name, "--",
+             "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, img, "]"])
+    return merge([(e["offset"], e["length"]) for e in json.loads(p.stdout)
+                  if e["type"] & 1])
+
+
+def qemu_bitmaps(img):
+    info = json.loads(run(["qemu-img", "info", "--output=json",
+                           img]).stdout)
+    bms = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    return {b["name"]: (b["granularity"], sorted(b["flags"])) for b in bms}
+
+
+def check_clean(img):
+    p = run(["qemu-img", "check", img], ok=None)
+    if p.returncode != 0:
+        raise Fail("qemu-img check %s -> %d\n%s" % (img, p.returncode,
+                                                     p.stdout + p.stderr))
+
+
+def own_allocation(img):
+    """Ranges this layer provides itself (data or zero), from qemu-img map."""
+    p = run(["qemu-img", "map", "--output=json", img])
+    return merge([(e["start"], e["length"]) for e in json.loads(p.stdout)
+                  if e["depth"] == 0 and (e["data"] or e["zero"]) and
+                  e.get("present", True)])
+
+
+class Ctx:
+    def __init__(self, qbm, tmp, rng):
+        self.qbm, self.tmp, self.rng = qbm, tmp, rng
+
+    def path(self, name):
+        return os.path.join(self.tmp, name)
+
+    def q(self, *args, ok=(0,)):
+        return run([self.qbm] + list(args), ok=ok)
+
+    def dump(self, img, name, chain=False):
+        args = ["dump", "--output=json"] + (["--chain"] if chain else [])
+        d = json.loads(self.q(*(args + [img, name])).stdout)
+        return [(e["offset"], e["length"]) for e in d["extents"]]
+
+    def writes(self, img, size, n, zero_frac=0.2):
+        """n random writes (some zero writes); returns the ranges."""
+        cmds, ranges = [], []
+        for _ in range(n):
+            length = self.rng.choice([512, 4096, 65536, 3 * 65536, 1000])
+            off = self.rng.randrange(0, size - length) // 512 * 512
+            length = -(-length // 512) * 512
+            kind = "write -z" if self.rng.random() < zero_frac else \
+                "write -P %d" % self.rng.randrange(1, 255)
+            cmds += ["-c", "%s %d %d" % (kind, off, length)]
+            ranges.append((off, length))
+        run(["qemu-io", "-f", "qcow2"] + cmds + [img])
+        return merge(ranges)
+
+    def create(self, name, size, backing=None, opts=None):
+        p = self.path(name)
+        cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if opts:
+            cmd += ["-o", opts]
+        if backing:
+            cmd += ["-b", os.path.basename(backing), "-F", "qcow2"]
+        run(cmd + [p, str(size)])
+        return p
+
+
+def covers(outer, inner):
+    """Every byte of inner lies in outer."""
+    outer = merge(outer)
+    for o, n in inner:
+        if not any(a <= o and o + n <= a + m for a, m in outer):
+            return False
+    return True
+
+
+def scenario_commit(c):
+    size = c.rng.choice([64, 96, 200]) * MiB
+    g1 = c.rng.choice([4096, 65536, 512 * 1024])
+    g2 = c.rng.choice([512, 65536, MiB])
+    base = c.create("base.qcow2", size)
+    run(["qemu-img", "bitmap", "--add", "-g", str(g1), base, "ck1"])
+    before = c.writes(base, size, 6)
+    top = c.create("top.qcow2", size, backing=base)
+    # libvirt continues ck1 in the new layer and starts ck2 there.
+    run(["qemu-img", "bitmap", "--add", "-g", str(g1), top, "ck1"])
+    run(["qemu-img", "bitmap", "--add", "-g", str(g2), top, "ck2"])
+    after = c.writes(top, size, 8)
+    top_ck1 = qemu_bitmap(top, "ck1")
+    top_ck2 = qemu_bitmap(top, "ck2")
+    run(["qemu-img", "commit", "-q", "-d", top])
+    # QEMU marks what the commit copies (whole clusters) in the base's
+    # enabled ck1 itself; qbm must add exactly the top's ck1 to that.
+    committed_ck1 = qemu_bitmap(base, "ck1")
+    if "ck2" in qemu_bitmaps(base):
+        raise Fail("qemu-img commit unexpectedly carried ck2")
+    c.q("commit-bitmaps", top, base)
+    check_clean(base)
+    bms = qemu_bitmaps(base)
+    if bms.get("ck2") != (g2, ["auto"]):
+        raise Fail("base ck2 is %s" % (bms.get("ck2"),))
+    if qemu_bitmap(base, "ck2") != top_ck2:
+        raise Fail("base ck2 differs from top's ck2")
+    ck1 = qemu_bitmap(base, "ck1")
+    if not covers(ck1, before + after):
+        raise Fail("base ck1 misses writes from before/after the snapshot")
+    if ck1 != merge(committed_ck1 + top_ck1):
+        raise Fail("base ck1 is not QEMU's committed ck1 | the top's ck1")
+    # QEMU keeps recording in the carried bitmaps.
+    more = c.writes(base, size, 2, zero_frac=0)
+    if not covers(qemu_bitmap(base, "ck2"), more):
+        raise Fail("QEMU does not record new writes in ck2")
+
+
+def scenario_commit_mark_written(c):
+    """A base bitmap the top lacks must learn what the commit writes."""
+    size = 64 * MiB
+    g = c.rng.choice([4096, 65536])
+    base = c.create("base.qcow2", size)
+    run(["qemu-img", "bitmap", "--add", "-g", str(g), base, "only_base"])
+    c.writes(base, size, 3)
+    start = qemu_bitmap(base, "only_base")
+    top = c.create("top.qcow2", size, backing=base)
+    c.writes(top, size, 8)
+    alloc = own_allocation(top)
+    c.q("commit-bitmaps", "--mark-written", top, base)
+    check_clean(base)
+    want = merge(start + round_out(alloc, g, size))
+    if qemu_bitmap(base, "only_base") != want:
+        raise Fail("--mark-written: base bitmap is not old | top allocation")
+
+
+def scenario_snapshot(c):
+    size = c.rng.choice([64, 128]) * MiB
+    g = c.rng.choice([512, 65536, 4 * MiB])
+    base = c.create("base.qcow2", size)
+    run(["qemu-img", "bitmap", "--add", "-g", str(g), base, "ck1"])
+    run(["qemu-img", "bitmap", "--add", "--disable", base, "old"])
+    before = c.writes(base, size, 5)
+    top = c.create("top.qcow2", size, backing=base)  # no bitmap handling
+    after = c.writes(top, size, 7)
+    c.q("snapshot-bitmaps", "--disable-base", base, top)
+    check_clean(top)
+    check_clean(base)
+    tb = qemu_bitmaps(top)
+    if tb.get("ck1") != (g, ["auto"]) or "old" in tb:
+        raise Fail("top bitmaps are %s" % tb)
+    if qemu_bitmap(top, "ck1") != round_out(own_allocation(top), g, size):
+        raise Fail("top ck1 is not the top's allocation")
+    if not covers(qemu_bitmap(top, "ck1"), after):
+        raise Fail("top ck1 misses writes since the snapshot")
+    if qemu_bitmaps(base).get("ck1") != (g, []):
+        raise Fail("--disable-base did not disable ck1 in the base")
+    union = c.dump(top, "ck1", chain=True)
+    if union != merge(qemu_bitmap(base, "ck1") + qemu_bitmap(top, "ck1")):
+        raise Fail("dump --chain is not the union of the layers")
+    if not covers(union, before + after):
+        raise Fail("the checkpoint misses writes")
+    later = c.writes(top, size, 3, zero_frac=0)
+    if not covers(qemu_bitmap(top, "ck1"), later):
+        raise Fail("QEMU does not keep tracking in the top's ck1")
+
+
+def scenario_crash(c, mode):
+    size = 64 * MiB
+    img = c.create("vm.qcow2", size)
+    run(["qemu-img", "bitmap", "--add", img, "ck"])
+    run(["qemu-img", "bitmap", "--add", "-g", "512", img, "fine"])
+    c.writes(img, size, 3)
+    run(["qemu-io", "-f", "qcow2", "-c", "write 1M 64k", "-c", "abort", img],
+        ok=None)
+    flags = qemu_bitmaps(img)
+    if flags["ck"][1] != ["auto", "in-use"]:
+        raise Fail("the crash did not leave ck in use: %s" % flags)
+    data = open(img, "rb").read()
+    p = c.q("check", img, ok=(2,))
+    if "in use" not in p.stdout or open(img, "rb").read() != data:
+        raise Fail("check did not report in-use bitmaps read-only")
+    c.q("check", "--repair", "--in-use=" + mode, img)
+    check_clean(img)
+    c.q("check", img)
+    if mode == "remove":
+        if qemu_bitmaps(img):
+            raise Fail("in-use bitmaps were not removed")
+        return
+    for name, (gran, fl) in qemu_bitmaps(img).items():
+        if fl != ["auto"]:
+            raise Fail("%s still has flags %s" % (name, fl))
+        if qemu_bitmap(img, name) != [(0, size)]:
+            raise Fail("%s is not all dirty after the repair" % name)
+
+
+def scenario_populate(c):
+    size = c.rng.choice([32, 100]) * MiB
+    g = c.rng.choice([512, 4096, 65536, 2 * MiB])
+    opts = c.rng.choice([None, "cluster_size=4096", "extended_l2=on",
+                         "cluster_size=2M"])
+    base = c.create("base.qcow2", size)
+    c.writes(base, size, 4)
+    top = c.create("top.qcow2", size, backing=base, opts=opts)
+    c.writes(top, size, 10, zero_frac=0.4)
+    run(["qemu-io", "-f", "qcow2", "-c", "discard 0 64k", top])
+    c.q("add", "-g", str(g), "--disabled", top, "p")
+    c.q("populate", top, "p")
+    check_clean(top)
+    if qemu_bitmap(top, "p") != round_out(own_allocation(top), g, size):
+        raise Fail("populate differs from the layer's allocation "
+                   "(opts %s, granularity %d)" % (opts, g))
+
+
+def scenario_backup(c):
+    """Full backup, then writes, a crash and a repair: full + the ranges the
+    repaired checkpoint marks reproduce the disk exactly."""
+    size = 48 * MiB
+    img = c.create("disk.qcow2", size)
+    c.writes(img, size, 10)
+    run(["qemu-img", "bitmap", "--add", img, "ck"])
+    full = c.path("full.raw")
+    run(["qemu-img", "convert", "-O", "raw", img, full])
+    c.writes(img, size, 10)
+    if c.rng.random() < 0.5:
+        run(["qemu-io", "-f", "qcow2", "-c", "write 5M 4k", "-c", "abort",
+             img], ok=None)
+        c.q("check", "--repair", img)
+    cur = c.path("cur.raw")
+    run(["qemu-img", "convert", "-O", "raw", img, cur])
+    restored = c.path("restored.raw")
+    shutil.copyfile(full, restored)
+    with open(cur, "rb") as src, open(restored, "r+b") as dst:
+        for off, length in c.dump(img, "ck"):
+            src.seek(off)
+            dst.seek(off)
+            dst.write(src.read(length))
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", restored, cur])
+
+
+SCENARIOS = [
+    ("commit", scenario_commit),
+    ("commit --mark-written", scenario_commit_mark_written),
+    ("snapshot", scenario_snapshot),
+    ("crash, repair to dirty", lambda c: scenario_crash(c, "dirty")),
+    ("crash, repair by removal", lambda c: scenario_crash(c, "remove")),
+    ("populate", scenario_populate),
+    ("backup from a repaired bitmap", scenario_backup),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--qbm", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    if missing:
+        print("missing tools: %s" % " ".join(missing))
+        return 1 if os.environ.get("CI") else 77
+    seed = int(os.environ.get("QBM_TEST_SEED", random.randrange(1 << 30)))
+    print("seed %d (set QBM_TEST_SEED to reproduce)" % seed)
+    passed = failed = 0
+    for rnd in range(args.rounds):
+        for name, fn in SCENARIOS:
+            rng = random.Random("%d-%d-%s" % (seed, rnd, name))
+            with tempfile.TemporaryDirectory(prefix="qbm-wf-") as tmp:
+                try:
+                    fn(Ctx(args.qbm, tmp, rng))
+                    passed += 1
+                except Fail as e:
+                    failed += 1
+                    print("FAIL round %d, %s (seed %d): %s" %
+                          (rnd, name, seed, e))
+    print("workflows: %d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
