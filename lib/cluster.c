@@ -168,21 +168,16 @@ static int classify_std(struct qbm_image *img, uint64_t l2_off, uint64_t idx,
     return 0;
 }
 
-static int walk_extl2_entry(struct qbm_image *img, uint64_t l2_off,
-                            uint64_t idx, uint64_t e, uint64_t sc_bitmap,
-                            uint64_t guest, uint64_t limit, struct run *run)
+/* QEMU's rules for an extended L2 entry (qcow2 spec, "Extended L2
+ * Entries"); 0 when valid. */
+static int check_extl2_entry(struct qbm_image *img, uint64_t l2_off,
+                             uint64_t idx, uint64_t e, uint64_t sc_bitmap)
 {
-    uint64_t sc_size = img->cluster_size / 32;
     uint64_t off = e & L2E_OFFSET_MASK;
-    unsigned i;
-    int r;
 
     if (e & L2E_COMPRESSED) {
-        if (sc_bitmap) {
-            return l2_error(img, l2_off, idx, "compressed cluster with a "
-                            "subcluster bitmap");
-        }
-        return run_add(run, guest, limit - guest, QBM_ALLOC_DATA);
+        return sc_bitmap ? l2_error(img, l2_off, idx, "compressed cluster "
+                                    "with a subcluster bitmap") : 0;
     }
     if (e & (L2E_STD_RESERVED_MASK | L2E_ZERO)) {
         return l2_error(img, l2_off, idx, "reserved bits set");
@@ -194,13 +189,29 @@ static int walk_extl2_entry(struct qbm_image *img, uint64_t l2_off,
         return l2_error(img, l2_off, idx, "subcluster both allocated and "
                         "zero");
     }
-    if (!off && (sc_bitmap & 0xffffffffu)) {
-        bool data_file = img->hdr.incompatible_features &
-                         QBM_INCOMPAT_DATA_FILE;
-        if (!(data_file && (e & L2E_COPIED))) {
-            return l2_error(img, l2_off, idx, "allocated subclusters "
-                            "without a host cluster");
-        }
+    if (!off && (sc_bitmap & 0xffffffffu) &&
+        !((img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE) &&
+          (e & L2E_COPIED))) {
+        return l2_error(img, l2_off, idx, "allocated subclusters without a "
+                        "host cluster");
+    }
+    return 0;
+}
+
+static int walk_extl2_entry(struct qbm_image *img, uint64_t l2_off,
+                            uint64_t idx, uint64_t e, uint64_t sc_bitmap,
+                            uint64_t guest, uint64_t limit, struct run *run)
+{
+    uint64_t sc_size = img->cluster_size / 32;
+    unsigned i;
+    int r;
+
+    r = check_extl2_entry(img, l2_off, idx, e, sc_bitmap);
+    if (r < 0) {
+        return r;
+    }
+    if (e & L2E_COMPRESSED) {
+        return run_add(run, guest, limit - guest, QBM_ALLOC_DATA);
     }
     for (i = 0; i < 32; i++) {
         uint64_t start = guest + i * sc_size;
@@ -304,4 +315,179 @@ int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
         }
     }
     return run_flush(&run);
+}
+
+/* ---- host map ----------------------------------------------------------- */
+
+struct map_run {
+    qcow2_map_fn fn;
+    void *opaque;
+    struct qcow2_map_extent cur; /* cur.len == 0: none pending */
+};
+
+static int map_flush(struct map_run *m)
+{
+    int r = 0;
+
+    if (m->cur.len) {
+        r = m->fn(m->opaque, &m->cur);
+        m->cur.len = 0;
+    }
+    return r;
+}
+
+static int map_add(struct map_run *m, uint64_t guest, uint64_t len,
+                   uint32_t type, uint64_t host)
+{
+    struct qcow2_map_extent *c = &m->cur;
+    int r;
+
+    if (len == 0) {
+        return 0;
+    }
+    if (c->len && c->guest + c->len == guest && c->type == type &&
+        (type == QCOW2_MAP_ZERO ||
+         (type == QCOW2_MAP_DATA && c->host + c->len == host))) {
+        c->len += len;
+        return 0;
+    }
+    r = map_flush(m);
+    if (r) {
+        return r;
+    }
+    c->guest = guest;
+    c->len = len;
+    c->type = type;
+    c->host = host;
+    c->layer = 0;
+    c->start = guest;
+    return 0;
+}
+
+int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
+{
+    uint64_t size = img->hdr.size;
+    uint64_t nl1 = div_round_up(size, l2_span(img));
+    uint64_t sc = img->extl2 ? img->cluster_size / 32 : img->cluster_size;
+    struct map_run m = { .fn = fn, .opaque = opaque };
+    uint64_t i, j;
+    int r;
+
+    if (img->raw) {
+        struct qcow2_map_extent all = { 0, size, 0, QCOW2_MAP_DATA, 0, 0 };
+
+        return size ? fn(opaque, &all) : 0;
+    }
+    if (img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE) {
+        return qbm_err(EOPNOTSUPP, "images with an external data file are "
+                       "not supported here");
+    }
+    if (img->hdr.crypt_method) {
+        return qbm_err(EOPNOTSUPP, "encrypted images are not supported "
+                       "here");
+    }
+    for (i = 0; i < nl1; i++) {
+        uint64_t l2_off = img->l1[i] & L1E_OFFSET_MASK;
+
+        if (!l2_off) {
+            continue;
+        }
+        if (!is_aligned(l2_off, img->cluster_size)) {
+            return qbm_err(EINVAL, "L1 table at 0x%llx, entry %llu: L2 "
+                           "offset not cluster aligned",
+                           (unsigned long long)img->hdr.l1_table_offset,
+                           (unsigned long long)i);
+        }
+        r = qcow2_read_l2(img, l2_off);
+        if (r < 0) {
+            return r;
+        }
+        for (j = 0; j < img->l2_entries; j++) {
+            uint64_t guest = i * l2_span(img) + j * img->cluster_size;
+            const uint8_t *p = img->l2_cache + j * img->l2_entry_size;
+            uint64_t e = be64_load(p), limit, k;
+            uint64_t host = e & L2E_OFFSET_MASK;
+
+            if (guest >= size) {
+                break;
+            }
+            limit = size - guest < img->cluster_size ? size - guest
+                                                     : img->cluster_size;
+            if (e & L2E_COMPRESSED) {
+                r = map_add(&m, guest, limit, QCOW2_MAP_COMPRESSED, e);
+                r = r ? r : map_flush(&m); /* one cluster per extent */
+            } else if (!img->extl2) {
+                unsigned st = 0;
+
+                r = classify_std(img, l2_off, j, e, &st);
+                if (r == 0 && st) {
+                    r = map_add(&m, guest, limit,
+                                st == QBM_ALLOC_ZERO ? QCOW2_MAP_ZERO
+                                                     : QCOW2_MAP_DATA,
+                                host);
+                }
+            } else {
+                uint64_t bm = be64_load(p + 8);
+
+                r = check_extl2_entry(img, l2_off, j, e, bm);
+                for (k = 0; k < 32 && r == 0 && k * sc < limit; k++) {
+                    uint64_t n = limit - k * sc < sc ? limit - k * sc : sc;
+
+                    if (bm & (1ull << (32 + k))) {
+                        r = map_add(&m, guest + k * sc, n, QCOW2_MAP_ZERO, 0);
+                    } else if (bm & (1ull << k)) {
+                        r = map_add(&m, guest + k * sc, n, QCOW2_MAP_DATA,
+                                    host + k * sc);
+                    }
+                }
+            }
+            if (r) {
+                return r;
+            }
+        }
+    }
+    return map_flush(&m);
+}
+
+int qcow2_read_compressed(struct qbm_image *img, uint64_t l2e,
+                          uint64_t in_cluster, void *buf, size_t len)
+{
+    struct qcow2_compressed cd;
+    uint8_t *in;
+    int r;
+
+    if (in_cluster + len > img->cluster_size) {
+        return qbm_err(EINVAL, "internal: read past a compressed cluster");
+    }
+    if (!img->zcache || img->zcache_l2e != l2e) {
+        if (!img->zcache) {
+            img->zcache = qbm_malloc(img->cluster_size);
+            if (!img->zcache) {
+                return -ENOMEM;
+            }
+        }
+        img->zcache_l2e = 0;
+        qcow2_compressed_decode(l2e, img->cluster_bits, &cd);
+        in = qbm_malloc(cd.nb_bytes);
+        if (!in) {
+            return -ENOMEM;
+        }
+        r = qbm_image_read_meta(img, in, cd.nb_bytes, cd.offset,
+                                "compressed cluster");
+        if (r == 0) {
+            r = qcow2_decompress(img->hdr.compression_type, in, cd.nb_bytes,
+                                 img->zcache, img->cluster_size);
+            if (r < 0) {
+                r = qbm_err_prefix(r, "compressed cluster at 0x%llx",
+                                   (unsigned long long)cd.offset);
+            }
+        }
+        free(in);
+        if (r < 0) {
+            return r;
+        }
+        img->zcache_l2e = l2e;
+    }
+    memcpy(buf, img->zcache + in_cluster, len);
+    return 0;
 }

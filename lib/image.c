@@ -103,6 +103,8 @@ static void image_unload(struct qbm_image *img)
     free(img->snapshots);
     free(img->l2_cache);
     free(img->refblock_cache);
+    free(img->zcache);
+    img->zcache = NULL;
     free(img->pending_free);
     img->l1 = NULL;
     img->reftable = NULL;

@@ -146,6 +146,8 @@ static inline int qbm_io_size(struct qbm_io *io, uint64_t *ret_size)
     return io->ops->size(io, ret_size);
 }
 void qbm_io_close(struct qbm_io *io);
+/* The file descriptor behind a file io, or -1. */
+int qbm_io_fd(struct qbm_io *io);
 
 /* Lock modes for file images (reference notes section 11). */
 enum qbm_lock_mode {
@@ -155,6 +157,8 @@ enum qbm_lock_mode {
 };
 int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
                      struct qbm_io **ret_io);
+/* Wrap an open descriptor (closed with the io). */
+int qbm_io_file_adopt(int fd, struct qbm_io **ret_io);
 /* A growable in-memory file; `buf` is copied. */
 int qbm_io_mem_open(const void *buf, size_t len, struct qbm_io **ret_io);
 /* Borrow the bytes of a memory io (for tests). */
@@ -336,6 +340,8 @@ struct qbm_image {
     uint64_t l2_cache_offset;
     uint8_t *refblock_cache;
     uint64_t refblock_cache_offset;
+    uint8_t *zcache; /* last decompressed cluster */
+    uint64_t zcache_l2e;
 };
 
 /* Open an image on an existing io (takes ownership of io, also on error). */
@@ -400,6 +406,60 @@ enum qcow2_subcluster_type {
  */
 int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
                           void *opaque);
+
+/*
+ * Host mapping of one layer: maximal guest runs with one kind of content.
+ * DATA runs are host-contiguous (host = file offset of the first byte);
+ * a COMPRESSED run is one cluster (host = its L2 entry); ZERO runs read as
+ * zeros. Ranges falling through to the backing file are not reported.
+ */
+enum qcow2_map_type {
+    QCOW2_MAP_DATA = 1,
+    QCOW2_MAP_ZERO = 2,
+    QCOW2_MAP_COMPRESSED = 3,
+};
+struct qcow2_map_extent {
+    uint64_t guest, len, host;
+    uint32_t type;
+    uint32_t layer; /* set by the resolver */
+    uint64_t start; /* COMPRESSED: guest offset of the cluster */
+};
+typedef int (*qcow2_map_fn)(void *opaque, const struct qcow2_map_extent *e);
+int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque);
+/* Read `len` bytes at guest offset `guest` of a compressed cluster whose
+ * L2 entry is `l2e` (the cluster is decompressed into img's cache). */
+int qcow2_read_compressed(struct qbm_image *img, uint64_t l2e,
+                          uint64_t in_cluster, void *buf, size_t len);
+
+/* ---- resolve.c: which layer provides each guest range -------------------- */
+
+/*
+ * Resolve layers[0..n) (newest first) into one map: for every guest range
+ * in [0, size), the extent of the newest layer that provides it. Ranges
+ * no layer provides are absent (they read as zeros). Returns a sorted
+ * array the caller frees.
+ */
+int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
+                struct qcow2_map_extent **ret, size_t *ret_n);
+
+/* ---- writer.c: fresh qcow2 images ----------------------------------------- */
+
+/* A run of guest clusters to store: data, or zero flags. Sorted. */
+struct qcow2_out_run {
+    uint64_t first, count;
+    bool data;
+};
+struct qcow2_writer;
+/* Plan the layout; `runs` must stay valid until qcow2_writer_finish. */
+int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
+                      const char *backing, const char *backing_fmt,
+                      const struct qcow2_out_run *runs, size_t nruns,
+                      struct qcow2_writer **ret);
+/* Host offset of data run `run`'s first cluster (the rest follow). */
+uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run);
+/* Write every metadata structure and the header, then flush. */
+int qcow2_writer_finish(struct qcow2_writer *w);
+void qcow2_writer_free(struct qcow2_writer *w);
 
 /* ---- compress.c ------------------------------------------------------------ */
 

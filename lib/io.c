@@ -24,6 +24,13 @@ struct file_io {
     int fd;
 };
 
+static const struct qbm_io_ops file_ops;
+
+int qbm_io_fd(struct qbm_io *io)
+{
+    return io && io->ops == &file_ops ? ((struct file_io *)io)->fd : -1;
+}
+
 static int file_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
 {
     struct file_io *f = (struct file_io *)io;
@@ -238,6 +245,19 @@ static int apply_locks(int fd, enum qbm_lock_mode mode)
                            unshared[i] == PERM_WRITE ? "writing" : "resizing");
         }
     }
+    return 0;
+}
+
+int qbm_io_file_adopt(int fd, struct qbm_io **ret_io)
+{
+    struct file_io *f = qbm_calloc(1, sizeof(*f));
+
+    if (!f) {
+        return -ENOMEM;
+    }
+    f->io.ops = &file_ops;
+    f->fd = fd;
+    *ret_io = &f->io;
     return 0;
 }
 

@@ -28,6 +28,8 @@ static const struct command commands[] = {
     { "snapshot-bitmaps", cmd_snapshot_bitmaps,
       "continue checkpoints in a new snapshot layer" },
     { "check", cmd_check, "check bitmaps, refcounts and chain; repair" },
+    { "restore", cmd_restore, "rebuild a disk from full + incrementals" },
+    { "extract", cmd_extract, "write an offline incremental backup" },
 };
 
 static void print_help(FILE *f)

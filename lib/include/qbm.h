@@ -301,6 +301,51 @@ QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn,
  */
 QBM_API int qbm_repair(struct qbm_image *img, unsigned flags);
 
+/* ---- backups ------------------------------------------------------------ */
+
+/* Progress of long operations: `done` of `total` bytes copied. */
+typedef void (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+
+#define QBM_OUTPUT_RAW 0
+#define QBM_OUTPUT_QCOW2 1
+
+/*
+ * Rebuild a disk from images[0] (the full backup: qcow2, or raw) and
+ * images[1..n) (incremental backups, qcow2, oldest first): each guest
+ * range comes from the newest image that holds it (data, compressed data
+ * or zero flags; each image's own layer only, backing pointers are not
+ * followed). Everything is verified before anything is written (readable
+ * images, same virtual size, no image twice). OUTPUT is written under a
+ * temporary name, flushed and renamed into place: on failure no OUTPUT is
+ * left behind. Raw output is sparse; qcow2 output is a fresh image with
+ * 64 KiB clusters. `checkpoint` (qcow2 only, may be NULL): name of an
+ * empty enabled bitmap to create so that incremental backups can resume.
+ * Returns 0 or -1.
+ */
+QBM_API int qbm_restore(const char *const *images, size_t n,
+                        const char *output, int format,
+                        const char *checkpoint, qbm_progress_fn progress,
+                        void *opaque);
+
+#define QBM_EXTRACT_CHAIN 0x1u /* dirty set: the union over the chain */
+#define QBM_EXTRACT_FULL 0x2u  /* copy everything allocated */
+#define QBM_EXTRACT_MASK 0x3u
+
+/*
+ * Offline incremental backup: write to OUTPUT a fresh qcow2 image holding
+ * the clusters of IMAGE (read through its backing chain) that `bitmap`
+ * marks dirty, with zero flags where the disk reads as zeros, so that
+ * qbm_restore() over the previous backups reproduces the disk. `backing`
+ * (may be NULL) is recorded as OUTPUT's backing file (format qcow2), so
+ * QEMU can open the backup chain directly. With QBM_EXTRACT_FULL, every
+ * allocated cluster is copied and `bitmap` may be NULL. Refuses in-use
+ * bitmaps. OUTPUT appears only once complete. Returns 0 or -1.
+ */
+QBM_API int qbm_extract(const char *image, const char *bitmap,
+                        const char *output, unsigned flags,
+                        const char *backing, qbm_progress_fn progress,
+                        void *opaque);
+
 /* ---- allocation map of one layer -------------------------------------- */
 
 /* Allocation status of a range in one layer (qcow2 spec, "Cluster mapping"). */

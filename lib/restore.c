@@ -1,0 +1,631 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Rebuilding disks from backup images (restore) and writing incremental
+ * backups of a shut-down VM's disk (extract).
+ *
+ * Both resolve their input layers into one map (resolve.c) and copy only
+ * what the map holds: uncompressed data with copy_file_range (in-kernel,
+ * possibly reflinked), compressed clusters through the decompressor. The
+ * output is written under a temporary name in the same directory, flushed,
+ * and renamed into place, so a failure or crash never leaves a partial
+ * OUTPUT behind.
+ */
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define COPY_CHUNK (8u << 20)
+
+struct out {
+    const char *output;
+    char *tmp;
+    int fd;
+    struct qbm_io *io;
+    qbm_progress_fn progress;
+    void *opaque;
+    uint64_t done, total;
+};
+
+/* ---- interval helpers (sorted, merged [start, end) lists) -------------- */
+
+struct ivec {
+    uint64_t (*v)[2];
+    size_t n, cap;
+};
+
+static int iv_add(struct ivec *iv, uint64_t s, uint64_t e)
+{
+    if (s >= e) {
+        return 0;
+    }
+    if (iv->n && iv->v[iv->n - 1][1] >= s) {
+        if (e > iv->v[iv->n - 1][1]) {
+            iv->v[iv->n - 1][1] = e;
+        }
+        return 0;
+    }
+    if (iv->n == iv->cap) {
+        size_t cap = iv->cap ? iv->cap * 2 : 64;
+        void *p = qbm_realloc(iv->v, cap * sizeof(*iv->v));
+
+        if (!p) {
+            return -ENOMEM;
+        }
+        iv->v = p;
+        iv->cap = cap;
+    }
+    iv->v[iv->n][0] = s;
+    iv->v[iv->n][1] = e;
+    iv->n++;
+    return 0;
+}
+
+/* ---- copying ------------------------------------------------------------ */
+
+static int copy_range(struct qbm_image *src, uint64_t from, struct out *o,
+                      uint64_t to, uint64_t len)
+{
+    int sfd = qbm_io_fd(src->io);
+    uint8_t *buf = NULL;
+    int r = 0;
+
+    while (len > 0 && sfd >= 0) {
+        loff_t in = (loff_t)from, outp = (loff_t)to;
+        ssize_t n = copy_file_range(sfd, &in, o->fd, &outp,
+                                    len < COPY_CHUNK ? len : COPY_CHUNK, 0);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            break; /* not supported here: fall back to read/write */
+        }
+        if (n == 0) {
+            return 0; /* past the end of the source: reads as zeros */
+        }
+        from += (uint64_t)n;
+        to += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    while (len > 0 && r == 0) {
+        size_t n = len < COPY_CHUNK ? (size_t)len : COPY_CHUNK;
+
+        if (!buf) {
+            buf = qbm_malloc(COPY_CHUNK);
+            if (!buf) {
+                return -ENOMEM;
+            }
+        }
+        r = qbm_io_pread(src->io, buf, n, from);
+        r = r ? r : qbm_io_pwrite(o->io, buf, n, to);
+        from += n;
+        to += n;
+        len -= n;
+    }
+    free(buf);
+    return r;
+}
+
+/* Copy the part [g, g + len) of map extent e to output offset `to`. */
+static int copy_piece(struct qbm_image **layers,
+                      const struct qcow2_map_extent *e, uint64_t g,
+                      uint64_t len, struct out *o, uint64_t to)
+{
+    struct qbm_image *src = layers[e->layer];
+    int r;
+
+    if (e->type == QCOW2_MAP_DATA) {
+        r = copy_range(src, e->host + (g - e->guest), o, to, len);
+    } else if (e->type == QCOW2_MAP_COMPRESSED) {
+        uint8_t *buf = qbm_malloc(len);
+
+        if (!buf) {
+            return -ENOMEM;
+        }
+        r = qcow2_read_compressed(src, e->host, g - e->start, buf, len);
+        r = r ? r : qbm_io_pwrite(o->io, buf, len, to);
+        free(buf);
+    } else {
+        return 0; /* zeros: the output reads as zeros there already */
+    }
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", src->filename);
+    }
+    o->done += len;
+    if (o->progress) {
+        o->progress(o->opaque, o->done, o->total);
+    }
+    return 0;
+}
+
+static bool is_data(const struct qcow2_map_extent *e)
+{
+    return e->type == QCOW2_MAP_DATA || e->type == QCOW2_MAP_COMPRESSED;
+}
+
+/* ---- output files -------------------------------------------------------- */
+
+static int out_create(struct out *o, const char *output)
+{
+    char *d = qbm_strndup(output, strlen(output));
+    char *b = qbm_strndup(output, strlen(output));
+    size_t len;
+    int r;
+
+    if (!d || !b) {
+        free(d);
+        free(b);
+        return -ENOMEM;
+    }
+    /* dirname and basename may modify their argument: one copy each. */
+    len = strlen(output) * 2 + 32;
+    o->tmp = qbm_malloc(len);
+    if (o->tmp) {
+        snprintf(o->tmp, len, "%s/.%s.qbm-XXXXXX", dirname(d), basename(b));
+    }
+    free(d);
+    free(b);
+    if (!o->tmp) {
+        return -ENOMEM;
+    }
+    o->output = output;
+    o->fd = mkostemp(o->tmp, O_CLOEXEC);
+    if (o->fd < 0) {
+        r = qbm_err(errno, "%s: cannot create: %s", output, strerror(errno));
+        free(o->tmp);
+        o->tmp = NULL;
+        return r;
+    }
+    fchmod(o->fd, 0644);
+    r = qbm_io_file_adopt(o->fd, &o->io);
+    if (r < 0) {
+        close(o->fd);
+        unlink(o->tmp);
+    }
+    return r;
+}
+
+static void out_abort(struct out *o)
+{
+    if (o->io) {
+        qbm_io_close(o->io);
+        o->io = NULL;
+    }
+    if (o->tmp) {
+        unlink(o->tmp);
+        free(o->tmp);
+        o->tmp = NULL;
+    }
+}
+
+/* Flush, publish under the final name, and make the rename durable. */
+static int out_publish(struct out *o)
+{
+    char *copy;
+    int r, dfd;
+
+    r = qbm_io_flush(o->io);
+    qbm_io_close(o->io);
+    o->io = NULL;
+    if (r == 0 && rename(o->tmp, o->output) < 0) {
+        r = qbm_err(errno, "%s: cannot rename into place: %s", o->output,
+                    strerror(errno));
+    }
+    if (r < 0) {
+        out_abort(o);
+        return r;
+    }
+    free(o->tmp);
+    o->tmp = NULL;
+    copy = qbm_strndup(o->output, strlen(o->output));
+    if (copy) {
+        dfd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            fsync(dfd);
+            close(dfd);
+        }
+        free(copy);
+    }
+    return 0;
+}
+
+/* Write `map` as a raw disk of `size` bytes: data where it has data, holes
+ * elsewhere. */
+static int write_raw(struct qbm_image **layers,
+                     const struct qcow2_map_extent *map, size_t n,
+                     uint64_t size, struct out *o)
+{
+    size_t i;
+    int r;
+
+    if (ftruncate(o->fd, (off_t)size) < 0) {
+        return qbm_err(errno, "%s: cannot size the output: %s", o->output,
+                       strerror(errno));
+    }
+    for (i = 0; i < n; i++) {
+        r = copy_piece(layers, &map[i], map[i].guest, map[i].len, o,
+                       map[i].guest);
+        if (r < 0) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Write `map` as a fresh qcow2 image. Only guest clusters inside `want`
+ * (NULL: everywhere) are stored: as data when the map has data there, else
+ * as zero flags when `zeros` (an incremental must override what older
+ * backups hold), else not at all.
+ */
+static int write_qcow2(struct qbm_image **layers,
+                       const struct qcow2_map_extent *map, size_t n,
+                       uint64_t size, unsigned cluster_bits,
+                       const struct ivec *want, bool zeros,
+                       const char *backing, struct out *o)
+{
+    uint64_t cs = 1ull << cluster_bits;
+    struct ivec data = { 0 }, all = { 0 };
+    struct qcow2_out_run *runs = NULL;
+    struct qcow2_writer *w = NULL;
+    size_t nruns = 0, i, j, k, m;
+    int r = 0;
+
+    /* Clusters holding data, restricted to what is wanted. */
+    for (i = 0, j = 0; i < n && r == 0; i++) {
+        uint64_t s = map[i].guest / cs;
+        uint64_t e = div_round_up(map[i].guest + map[i].len, cs);
+
+        if (!is_data(&map[i])) {
+            continue;
+        }
+        if (!want) {
+            r = iv_add(&data, s, e);
+            continue;
+        }
+        while (j < want->n && want->v[j][1] <= s) {
+            j++;
+        }
+        for (k = j; k < want->n && want->v[k][0] < e && r == 0; k++) {
+            r = iv_add(&data, s > want->v[k][0] ? s : want->v[k][0],
+                       e < want->v[k][1] ? e : want->v[k][1]);
+        }
+    }
+    /* Runs: data clusters, and the wanted clusters between them as zero
+     * runs when asked for. */
+    if (r == 0 && zeros && want) {
+        for (k = 0; k < want->n && r == 0; k++) {
+            r = iv_add(&all, want->v[k][0], want->v[k][1]);
+        }
+    }
+    if (r == 0) {
+        runs = qbm_calloc(2 * (data.n + all.n) + 1, sizeof(*runs));
+        if (!runs) {
+            r = -ENOMEM;
+        }
+    }
+    for (i = 0, k = 0; r == 0 && (i < data.n || k < all.n);) {
+        /* Walk both lists; data wins where they overlap. */
+        uint64_t ds = i < data.n ? data.v[i][0] : UINT64_MAX;
+
+        if (k < all.n && all.v[k][0] < ds) {
+            uint64_t ze = all.v[k][1] < ds ? all.v[k][1] : ds;
+
+            runs[nruns++] = (struct qcow2_out_run){ all.v[k][0],
+                                                    ze - all.v[k][0], false };
+            all.v[k][0] = ze;
+            if (all.v[k][0] >= all.v[k][1]) {
+                k++;
+            }
+            continue;
+        }
+        runs[nruns++] = (struct qcow2_out_run){ data.v[i][0],
+                                                data.v[i][1] - data.v[i][0],
+                                                true };
+        while (k < all.n && all.v[k][1] <= data.v[i][1]) {
+            k++;
+        }
+        if (k < all.n && all.v[k][0] < data.v[i][1]) {
+            all.v[k][0] = data.v[i][1];
+        }
+        i++;
+    }
+    if (r == 0) {
+        r = qcow2_writer_plan(o->io, size, cluster_bits, backing,
+                              backing ? "qcow2" : NULL, runs, nruns, &w);
+    }
+    /* Copy each data run's pieces (one pass over the sorted map); the
+     * first pass only counts, for progress. */
+    for (int pass = 0; pass < 2; pass++) {
+    for (k = 0, m = 0; r == 0 && k < nruns; k++) {
+        uint64_t gs = runs[k].first * cs;
+        uint64_t ge = (runs[k].first + runs[k].count) * cs;
+        uint64_t host = qcow2_writer_run_host(w, k);
+
+        if (!runs[k].data) {
+            continue;
+        }
+        while (m < n && map[m].guest + map[m].len <= gs) {
+            m++;
+        }
+        for (j = m; j < n && map[j].guest < ge && r == 0; j++) {
+            uint64_t s = map[j].guest > gs ? map[j].guest : gs;
+            uint64_t e = map[j].guest + map[j].len < ge
+                             ? map[j].guest + map[j].len : ge;
+
+            if (is_data(&map[j]) && pass == 0) {
+                o->total += e - s;
+            } else if (is_data(&map[j])) {
+                r = copy_piece(layers, &map[j], s, e - s, o, host + s - gs);
+            }
+        }
+    }
+    }
+    if (r == 0) {
+        r = qcow2_writer_finish(w);
+    }
+    qcow2_writer_free(w);
+    free(runs);
+    free(data.v);
+    free(all.v);
+    return r;
+}
+
+static uint64_t data_bytes(const struct qcow2_map_extent *map, size_t n)
+{
+    uint64_t t = 0;
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        t += is_data(&map[i]) ? map[i].len : 0;
+    }
+    return t;
+}
+
+/* ---- restore --------------------------------------------------------------- */
+
+/* Open a backup image: qcow2 (its own layer only), or raw for the full. */
+static int open_backup(const char *file, bool allow_raw,
+                       struct qbm_image **ret)
+{
+    struct qbm_io *io;
+    uint8_t magic[4];
+    int r;
+
+    r = qbm_io_file_open(file, false, QBM_LOCK_READ, &io);
+    r = r ? r : qbm_io_pread(io, magic, 4, 0);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", file);
+    }
+    if (be32_load(magic) == QCOW2_MAGIC) {
+        r = qbm_image_open_io(io, file, false, ret);
+    } else if (allow_raw) {
+        r = qbm_image_open_raw(io, file, ret);
+    } else {
+        qbm_io_close(io);
+        r = qbm_err(EINVAL, "not a qcow2 image (incremental backups must "
+                    "be qcow2)");
+    }
+    return r < 0 ? qbm_err_prefix(r, "%s", file) : 0;
+}
+
+static bool same_inode(const char *a, const char *b)
+{
+    struct stat sa, sb;
+
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+           sa.st_ino == sb.st_ino;
+}
+
+static int restore(const char *const *images, size_t n, const char *output,
+                   int format, const char *checkpoint,
+                   qbm_progress_fn progress, void *opaque)
+{
+    struct qbm_image **layers = qbm_calloc(n ? n : 1, sizeof(*layers));
+    struct qcow2_map_extent *map = NULL;
+    struct out o = { .fd = -1, .progress = progress, .opaque = opaque };
+    size_t nmap = 0, i, j;
+    uint64_t size = 0;
+    int r = 0;
+
+    if (!layers) {
+        return -ENOMEM;
+    }
+    if (n == 0) {
+        r = qbm_err(EINVAL, "no backup images given");
+    }
+    if (checkpoint && format != QBM_OUTPUT_QCOW2) {
+        r = qbm_err(EINVAL, "a checkpoint needs qcow2 output");
+    }
+    /* Verify everything before writing anything. */
+    for (i = 0; i < n && r == 0; i++) {
+        for (j = 0; j < i && r == 0; j++) {
+            if (same_inode(images[i], images[j])) {
+                r = qbm_err(EINVAL, "%s is given twice", images[i]);
+            }
+        }
+        if (r == 0 && same_inode(images[i], output)) {
+            r = qbm_err(EINVAL, "%s: the output would overwrite an input",
+                        images[i]);
+        }
+        /* The newest image goes first in the resolver's order. */
+        r = r ? r : open_backup(images[i], i == 0, &layers[n - 1 - i]);
+        if (r == 0) {
+            uint64_t s = layers[n - 1 - i]->hdr.size;
+
+            if (i == 0) {
+                size = s;
+            } else if (s != size) {
+                r = qbm_err(EINVAL, "%s: virtual size %llu differs from the "
+                            "full backup's %llu", images[i],
+                            (unsigned long long)s, (unsigned long long)size);
+            }
+        }
+    }
+    if (r == 0) {
+        r = qbm_resolve(layers, n, size, &map, &nmap);
+    }
+    if (r == 0) {
+        o.total = format == QBM_OUTPUT_QCOW2 ? 0 : data_bytes(map, nmap);
+        r = out_create(&o, output);
+    }
+    if (r == 0) {
+        r = format == QBM_OUTPUT_QCOW2
+                ? write_qcow2(layers, map, nmap, size, 16, NULL, false, NULL,
+                              &o)
+                : write_raw(layers, map, nmap, size, &o);
+    }
+    if (r == 0 && checkpoint) {
+        struct qbm_image *img;
+
+        r = qbm_io_flush(o.io);
+        img = r ? NULL : qbm_open(o.tmp, QBM_OPEN_RDWR);
+        if (!img || qbm_bitmap_add(img, checkpoint, 0, 0) < 0 ||
+            qbm_commit(img) < 0) {
+            r = -qbm_get_errno();
+        }
+        qbm_close(img);
+    }
+    if (r == 0) {
+        r = out_publish(&o);
+    } else {
+        out_abort(&o);
+    }
+    for (i = 0; i < n; i++) {
+        qbm_close(layers[i]);
+    }
+    free(layers);
+    free(map);
+    return r;
+}
+
+QBM_API int qbm_restore(const char *const *images, size_t n,
+                        const char *output, int format,
+                        const char *checkpoint, qbm_progress_fn progress,
+                        void *opaque)
+{
+    if (!images || !output ||
+        (format != QBM_OUTPUT_RAW && format != QBM_OUTPUT_QCOW2)) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    return qbm_public_ret(restore(images, n, output, format, checkpoint,
+                                  progress, opaque));
+}
+
+/* ---- extract ----------------------------------------------------------------- */
+
+struct want_ctx {
+    struct ivec *iv;
+    uint64_t cs;
+};
+
+static int want_cb(void *opaque, uint64_t off, uint64_t len)
+{
+    struct want_ctx *w = opaque;
+
+    return iv_add(w->iv, off / w->cs, div_round_up(off + len, w->cs));
+}
+
+static int extract(const char *image, const char *bitmap, const char *output,
+                   unsigned flags, const char *backing,
+                   qbm_progress_fn progress, void *opaque)
+{
+    struct qbm_chain *ch;
+    struct qbm_image **layers = NULL;
+    struct qcow2_map_extent *map = NULL;
+    struct out o = { .fd = -1, .progress = progress, .opaque = opaque };
+    struct ivec want = { 0 };
+    size_t nmap = 0, n, i;
+    unsigned bits = 16;
+    uint64_t size;
+    int r = 0, consistent = 1;
+
+    if ((flags & QBM_EXTRACT_FULL) && backing) {
+        return qbm_err(EINVAL, "a full backup has no backing file");
+    }
+    if (same_inode(image, output)) {
+        return qbm_err(EINVAL, "the output would overwrite the image");
+    }
+    ch = qbm_chain_open(image, 0);
+    if (!ch) {
+        return -qbm_get_errno();
+    }
+    n = qbm_chain_length(ch);
+    size = qbm_chain_layer(ch, 0)->hdr.size;
+    layers = qbm_calloc(n, sizeof(*layers));
+    if (!layers) {
+        r = -ENOMEM;
+    }
+    for (i = 0; r == 0 && i < n; i++) {
+        layers[i] = qbm_chain_layer(ch, i);
+    }
+    if (r == 0 && !(flags & QBM_EXTRACT_FULL)) {
+        struct qbm_image *top = layers[0];
+        int idx = qbm_bitmap_find(top, bitmap);
+        struct want_ctx wc = { &want, 0 };
+        uint64_t gran;
+
+        if (idx < 0 && !(flags & QBM_EXTRACT_CHAIN)) {
+            r = qbm_err(ENOENT, "no bitmap named '%s'", bitmap);
+        } else {
+            gran = idx >= 0 ? qbm_bitmap_granularity(top, (size_t)idx)
+                            : 65536;
+            bits = gran <= 4096 ? 12 : gran >= 65536 ? 16
+                                     : (unsigned)__builtin_ctzll(gran);
+            wc.cs = 1ull << bits;
+            if (flags & QBM_EXTRACT_CHAIN) {
+                r = qbm_chain_bitmap_extents(ch, bitmap, want_cb, &wc,
+                                             &consistent);
+            } else {
+                consistent = qbm_bitmap_consistent(top, (size_t)idx);
+                r = consistent ? qbm_bitmap_extents(top, (size_t)idx,
+                                                    want_cb, &wc) : 0;
+            }
+            r = r < 0 || r > 0 ? -qbm_get_errno() : 0;
+            if (r == 0 && !consistent) {
+                r = qbm_err(EBUSY, "bitmap '%s' is in use (inconsistent); "
+                            "repair it first with 'qbm check --repair'",
+                            bitmap);
+            }
+        }
+    }
+    if (r == 0) {
+        r = qbm_resolve(layers, n, size, &map, &nmap);
+    }
+    if (r == 0) {
+        r = out_create(&o, output);
+    }
+    if (r == 0) {
+        r = write_qcow2(layers, map, nmap, size, bits,
+                        (flags & QBM_EXTRACT_FULL) ? NULL : &want,
+                        !(flags & QBM_EXTRACT_FULL), backing, &o);
+    }
+    if (r == 0) {
+        r = out_publish(&o);
+    } else {
+        out_abort(&o);
+    }
+    free(want.v);
+    free(map);
+    free(layers);
+    qbm_chain_close(ch);
+    return r;
+}
+
+QBM_API int qbm_extract(const char *image, const char *bitmap,
+                        const char *output, unsigned flags,
+                        const char *backing, qbm_progress_fn progress,
+                        void *opaque)
+{
+    if (!image || !output || (flags & ~QBM_EXTRACT_MASK) ||
+        (!bitmap && !(flags & QBM_EXTRACT_FULL))) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    return qbm_public_ret(extract(image, bitmap, output, flags, backing,
+                                  progress, opaque));
+}
