@@ -461,6 +461,10 @@ uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run);
 int qcow2_writer_finish(struct qcow2_writer *w);
 void qcow2_writer_free(struct qcow2_writer *w);
 
+/* consolidate.c: fold `layers` (newest first) into the opened full `img`. */
+int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
+                           size_t n, qbm_progress_fn progress, void *opaque);
+
 /* ---- compress.c ------------------------------------------------------------ */
 
 /* Decompress one cluster: `in` holds `in_len` bytes of a compressed stream
@@ -588,6 +592,14 @@ int qbm_txn_commit(struct qbm_txn *txn, uint32_t nb_bitmaps,
                    uint64_t dir_offset, uint64_t dir_size);
 /* nb_bitmaps value for a commit that only frees (leak repair). */
 #define QBM_TXN_KEEP_HEADER UINT32_MAX
+/*
+ * Commit whose switch is one write of `len` bytes at `off` in cluster 0,
+ * which must stay inside one 512-byte sector (so it cannot be torn).
+ */
+int qbm_txn_commit_write(struct qbm_txn *txn, const void *buf, size_t len,
+                         uint64_t off);
+/* Current refcount of a host cluster as the transaction sees it. */
+int qbm_txn_refcount(struct qbm_txn *txn, uint64_t offset, uint64_t *ret);
 
 /* ---- edit.c: staged bitmap edits and their commit ------------------------ */
 

@@ -890,6 +890,31 @@ static int apply_frees(struct qbm_txn *t)
     return 0;
 }
 
+int qbm_txn_refcount(struct qbm_txn *t, uint64_t offset, uint64_t *ret)
+{
+    return get_refcount(t, offset / t->cs, ret);
+}
+
+int qbm_txn_commit_write(struct qbm_txn *t, const void *buf, size_t len,
+                         uint64_t off)
+{
+    struct qbm_io *io = t->img->io;
+    int r = 0;
+
+    if (len == 0 || off + len > t->cs || !same_sector(off, off + len)) {
+        r = qbm_err(EINVAL, "internal: switch write is not atomic");
+    }
+    r = r ? r : write_blocks(t);
+    r = r ? r : qbm_io_flush(io);
+    r = r ? r : hook_new_blocks(t);
+    r = r ? r : pwrite_flush(io, buf, len, off);
+    r = r ? r : apply_frees(t);
+    r = r ? r : write_blocks(t);
+    r = r ? r : qbm_io_flush(io);
+    qbm_txn_abort(t);
+    return r;
+}
+
 int qbm_txn_commit(struct qbm_txn *t, uint32_t nb_bitmaps,
                    uint64_t dir_offset, uint64_t dir_size)
 {

@@ -81,6 +81,7 @@ int cmd_snapshot_bitmaps(int argc, char **argv);
 int cmd_check(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
 int cmd_extract(int argc, char **argv);
+int cmd_consolidate(int argc, char **argv);
 
 /* progress.c: a qbm_progress_fn; opaque points to an unsigned set to -1. */
 void show_progress(void *opaque, uint64_t done, uint64_t total);

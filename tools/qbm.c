@@ -30,6 +30,8 @@ static const struct command commands[] = {
     { "check", cmd_check, "check bitmaps, refcounts and chain; repair" },
     { "restore", cmd_restore, "rebuild a disk from full + incrementals" },
     { "extract", cmd_extract, "write an offline incremental backup" },
+    { "consolidate", cmd_consolidate,
+      "fold incrementals into the full backup" },
 };
 
 static void print_help(FILE *f)

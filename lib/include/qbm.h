@@ -346,6 +346,28 @@ QBM_API int qbm_extract(const char *image, const char *bitmap,
                         const char *backing, qbm_progress_fn progress,
                         void *opaque);
 
+/*
+ * Fold incremental backups (qcow2, oldest first) into the full backup
+ * FULL in place ("rolling full"). Each changed cluster is written to a new
+ * cluster and the L1 table is switched in one atomic write, so a crash
+ * leaves FULL either as it was or with every incremental folded in. FULL's
+ * enabled bitmaps are marked with what changes. FULL must be a plain
+ * version 3 qcow2 (no internal snapshots, backing file, extended L2,
+ * external data or encryption). Returns 0 or -1.
+ */
+QBM_API int qbm_consolidate(const char *full, const char *const *incs,
+                            size_t n, qbm_progress_fn progress,
+                            void *opaque);
+
+/*
+ * Make `backing` (with format `format`, e.g. "qcow2" or "raw") the backing
+ * file of the image, crash-safely (the name is written to a free part of
+ * cluster 0, then the pointer switched in one write). The image must be
+ * opened with QBM_OPEN_RDWR. Returns 0 or -1.
+ */
+QBM_API int qbm_image_set_backing(struct qbm_image *img, const char *backing,
+                                  const char *format);
+
 /* ---- allocation map of one layer -------------------------------------- */
 
 /* Allocation status of a range in one layer (qcow2 spec, "Cluster mapping"). */

@@ -118,6 +118,24 @@ def at_refcount_edge(tmp):
     return os.path.join(tmp, "edge.qcow2")
 
 
+def content_scenarios(tmp):
+    """Edits of guest data or of the backing pointer: judged by contents
+    (qemu-img compare) and qemu-img check."""
+    full = make(tmp, "full.qcow2", 32 << 20, None, [("f", 65536, False)],
+                ["write -P 1 0 4M", "write -c -P 2 8M 1M"])
+    inc1 = make(tmp, "inc1.qcow2", 32 << 20, "cluster_size=4096", [],
+                ["write -P 3 1M 100k", "write -z 8M 512k"])
+    inc2 = make(tmp, "inc2.qcow2", 32 << 20, None, [],
+                ["write -P 4 3M 2M", "write -P 5 20M 64k"])
+    lonely = make(tmp, "lonely.qcow2", 32 << 20, "cluster_size=512", [],
+                  ["write -P 6 0 1M"])
+    return [
+        ("consolidate two incrementals", full, 2, "consolidate", inc1, inc2),
+        ("set a backing file (adds the format extension)", lonely, 3,
+         "backing", "back32.qcow2", "qcow2"),
+    ]
+
+
 def scenarios(tmp):
     """(description, image, seeds, operation...)"""
     base = make(tmp, "std.qcow2", 64 << 20, None,
@@ -171,6 +189,37 @@ def main():
     failures = 0
     checked = 0
     with tempfile.TemporaryDirectory(prefix="qbm-crash-") as tmp:
+        make(tmp, "back32.qcow2", 32 << 20, None, [], ["write -P 9 0 32M"])
+        for desc, img, seeds, *op in content_scenarios(tmp):
+            out = tempfile.mkdtemp(dir=tmp)
+            os.symlink(os.path.join(tmp, "back32.qcow2"),
+                       os.path.join(out, "back32.qcow2"))
+            p = run([args.harness, img, out, str(seeds)] + op, check=False)
+            if p.returncode != 0:
+                print("FAIL %s: harness: %s" % (desc, p.stderr.strip()))
+                failures += 1
+                continue
+            after_img = os.path.join(out, "after.qcow2")
+            if run(["qemu-img", "check", after_img],
+                   check=False).returncode != 0:
+                print("FAIL %s: after the edit, qemu-img check fails" % desc)
+                failures += 1
+            for f in sorted(os.listdir(out)):
+                if not f.startswith("crash-"):
+                    continue
+                path = os.path.join(out, f)
+                checked += 1
+                c = run(["qemu-img", "check", path], check=False)
+                same = [run(["qemu-img", "compare", path, ref],
+                            check=False).returncode == 0
+                        for ref in (img, after_img)]
+                if c.returncode not in (0, 3) or not any(same):
+                    print("FAIL %s, %s: check rc=%d, equals before/after: %s"
+                          % (desc, f, c.returncode, same))
+                    failures += 1
+                os.unlink(path)
+            print("ok: %s (%s write/flush points x %d seeds)" %
+                  (desc, p.stdout.strip(), seeds))
         for desc, img, seeds, *op in scenarios(tmp):
             out = tempfile.mkdtemp(dir=tmp)
             # Backing names are relative: keep them resolvable from out.
