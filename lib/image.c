@@ -267,6 +267,19 @@ QBM_API struct qbm_image *qbm_open(const char *filename, unsigned flags)
     if (r < 0) {
         return NULL;
     }
+    if ((flags & QBM_OPEN_ANY_FORMAT) && !rdwr) {
+        uint8_t magic[4];
+
+        r = qbm_io_pread(io, magic, sizeof(magic), 0);
+        if (r == 0 && be32_load(magic) != QCOW2_MAGIC) {
+            r = qbm_image_open_raw(io, filename, &img);
+            return r < 0 ? NULL : img;
+        }
+        if (r < 0) {
+            qbm_io_close(io);
+            return NULL;
+        }
+    }
     r = qbm_image_open_io(io, filename, rdwr, &img);
     return r < 0 ? NULL : img;
 }

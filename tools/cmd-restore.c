@@ -56,7 +56,8 @@ static int link_chain(char **files, int n, bool force)
     int i;
 
     for (i = 1; i < n; i++) {
-        struct qbm_image *prev = qbm_open(files[i - 1], 0), *img;
+        struct qbm_image *prev = qbm_open(files[i - 1], QBM_OPEN_ANY_FORMAT);
+        struct qbm_image *img;
         const char *cur;
         char *name, *existing;
         int r = 0;

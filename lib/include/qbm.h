@@ -54,7 +54,9 @@ QBM_API const char *qbm_version(void);
  * Only valid for read-only opens.
  */
 #define QBM_OPEN_FORCE_SHARE 0x2u
-#define QBM_OPEN_MASK 0x3u
+/* A file without the qcow2 magic is opened as a raw layer (read-only). */
+#define QBM_OPEN_ANY_FORMAT 0x4u
+#define QBM_OPEN_MASK 0x7u
 
 /*
  * Open a qcow2 image file. Read-only opens take the shared lock bytes QEMU
