@@ -14,7 +14,7 @@ static __thread char last_msg[1024];
 static __thread int last_errno;
 static unsigned long alloc_fail_countdown;
 
-int qbm_err(int errnum, const char *fmt, ...)
+int qbm_err_set(int errnum, const char *fmt, ...)
 {
     va_list ap;
 

@@ -32,8 +32,16 @@
 
 /* ---- error.c ---------------------------------------------------------- */
 
-/* Record `errnum` and a message as this thread's last error; returns -errnum. */
-int qbm_err(int errnum, const char *fmt, ...) QBM_PRINTF(2, 3);
+/* Record `errnum` and a message as this thread's last error; returns -errnum
+ * (-EIO for a non-positive errnum). */
+int qbm_err_set(int errnum, const char *fmt, ...) QBM_PRINTF(2, 3);
+/* The same, written so that callers and analyzers see a negative result. */
+#define qbm_err(errnum, ...)                                                  \
+    ({                                                                        \
+        int qbm_e_ = (errnum);                                                \
+        qbm_err_set(qbm_e_, __VA_ARGS__);                                     \
+        qbm_e_ > 0 ? -qbm_e_ : -EIO;                                          \
+    })
 /* Prefix the current message with "PREFIX: ". Returns `ret` unchanged. */
 int qbm_err_prefix(int ret, const char *fmt, ...) QBM_PRINTF(2, 3);
 /* Convert an internal -errno into the public -1 convention. */
