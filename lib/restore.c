@@ -19,7 +19,11 @@
 
 #include "internal.h"
 
-#define COPY_CHUNK (8u << 20)
+#define COPY_CHUNK (64u << 20)
+/* Read ahead this far past the piece being copied, and start write-back
+ * every WRITEBACK bytes, so reading, copying and writing overlap. */
+#define READAHEAD (256ull << 20)
+#define WRITEBACK (64ull << 20)
 
 struct out {
     const char *output;
@@ -29,7 +33,50 @@ struct out {
     qbm_progress_fn progress;
     void *opaque;
     uint64_t done, total;
+    /* Overlap: next piece to prefetch and bytes prefetched ahead. */
+    size_t ra_next;
+    uint64_t ra_bytes;
+    uint64_t wb_from, wb_to; /* output range not yet pushed to write-back */
 };
+
+/* Ask the kernel to start reading pieces ahead of piece `cur`. */
+static void prefetch(struct qbm_image **layers,
+                     const struct qcow2_map_extent *map, size_t n, size_t cur,
+                     struct out *o)
+{
+    if (o->ra_next < cur) {
+        o->ra_next = cur;
+        o->ra_bytes = 0;
+    }
+    while (o->ra_next < n && o->ra_bytes < READAHEAD) {
+        const struct qcow2_map_extent *e = &map[o->ra_next++];
+        int fd = qbm_io_fd(layers[e->layer]->io);
+
+        if (fd >= 0 && e->type == QCOW2_MAP_DATA) {
+            posix_fadvise(fd, (off_t)e->host, (off_t)e->len,
+                          POSIX_FADV_WILLNEED);
+            o->ra_bytes += e->len;
+        }
+    }
+    if (cur < n && map[cur].type == QCOW2_MAP_DATA) {
+        o->ra_bytes = o->ra_bytes > map[cur].len ? o->ra_bytes - map[cur].len
+                                                 : 0;
+    }
+}
+
+/* Output offsets only grow: push what was written to write-back early. */
+static void writeback(struct out *o, uint64_t to)
+{
+    if (to > o->wb_to) {
+        o->wb_to = to;
+    }
+    if (o->wb_to - o->wb_from >= WRITEBACK) {
+        sync_file_range(o->fd, (off_t)o->wb_from,
+                        (off_t)(o->wb_to - o->wb_from),
+                        SYNC_FILE_RANGE_WRITE);
+        o->wb_from = o->wb_to;
+    }
+}
 
 /* ---- interval helpers (sorted, merged [start, end) lists) -------------- */
 
@@ -137,6 +184,7 @@ static int copy_piece(struct qbm_image **layers,
         return qbm_err_prefix(r, "%s", src->filename);
     }
     o->done += len;
+    writeback(o, to + len);
     if (o->progress) {
         o->progress(o->opaque, o->done, o->total);
     }
@@ -248,6 +296,7 @@ static int write_raw(struct qbm_image **layers,
                        strerror(errno));
     }
     for (i = 0; i < n; i++) {
+        prefetch(layers, map, n, i, o);
         r = copy_piece(layers, &map[i], map[i].guest, map[i].len, o,
                        map[i].guest);
         if (r < 0) {
@@ -361,6 +410,7 @@ static int write_qcow2(struct qbm_image **layers,
             if (is_data(&map[j]) && pass == 0) {
                 o->total += e - s;
             } else if (is_data(&map[j])) {
+                prefetch(layers, map, n, j, o);
                 r = copy_piece(layers, &map[j], s, e - s, o, host + s - gs);
             }
         }
