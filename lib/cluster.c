@@ -46,6 +46,12 @@ int qcow2_l1_load(struct qbm_image *img)
     }
     /* Entries past what the virtual size needs are never consulted. */
     bytes = needed * 8;
+    if (img->keep_l1 && img->keep_l1_offset == h->l1_table_offset &&
+        img->keep_l1_size == h->l1_size) {
+        img->l1 = img->keep_l1;
+        img->keep_l1 = NULL;
+        return 0;
+    }
     img->l1 = qbm_calloc(needed ? needed : 1, sizeof(uint64_t));
     if (!img->l1) {
         return -ENOMEM;

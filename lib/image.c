@@ -183,10 +183,21 @@ static int image_load(struct qbm_image *img)
 
 int qbm_image_reload(struct qbm_image *img)
 {
+    uint64_t *l1 = img->l1;
+    uint64_t l1_off = img->hdr.l1_table_offset;
+    uint32_t l1_size = img->hdr.l1_size;
     int r;
 
+    /* Bitmap edits never move the L1 table: keep it rather than read
+     * what can be megabytes again. */
+    img->l1 = NULL;
     image_unload(img);
+    img->keep_l1 = l1;
+    img->keep_l1_offset = l1_off;
+    img->keep_l1_size = l1_size;
     r = image_load(img);
+    free(img->keep_l1);
+    img->keep_l1 = NULL;
     if (r < 0) {
         img->broken = true;
     }

@@ -324,7 +324,10 @@ struct qbm_image {
     uint64_t l2_entries;    /* per table */
     bool extl2;
 
-    uint64_t *l1;           /* l1_size entries */
+    uint64_t *l1;           /* the entries the virtual size needs */
+    uint64_t *keep_l1;      /* reload: the old table, reused if unmoved */
+    uint64_t keep_l1_offset;
+    uint32_t keep_l1_size;
     uint64_t *reftable;     /* reftable_entries entries */
     uint64_t reftable_entries;
 

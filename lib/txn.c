@@ -843,11 +843,14 @@ static int hook_new_blocks(struct qbm_txn *t)
         be32_store(hdr12 + 8, (uint32_t)t->rt_clusters);
         return pwrite_flush(io, hdr12, 12, 48);
     }
+    bool any = false;
+
     for (i = 0; i < t->rt_entries; i++) {
         struct rc_block *b = t->blocks[i];
         uint8_t e[8];
 
         if (b && b->is_new) {
+            any = true;
             be64_store(e, b->offset);
             r = qbm_io_pwrite(io, e, 8,
                               t->img->hdr.refcount_table_offset + i * 8);
@@ -857,7 +860,7 @@ static int hook_new_blocks(struct qbm_txn *t)
             b->is_new = false;
         }
     }
-    return qbm_io_flush(io);
+    return any ? qbm_io_flush(io) : 0;
 }
 
 static int apply_frees(struct qbm_txn *t)
