@@ -361,6 +361,87 @@ static int set_range_cb(void *opaque, uint64_t off, uint64_t len)
     return qbm_bmap_set_range(opaque, off, len);
 }
 
+struct merge_ctx {
+    struct qbm_bmap *dst;
+    struct qbm_extent_state st; /* when granularities differ */
+    bool same;
+};
+
+static int merge_chunk(void *opaque, uint64_t idx, const uint8_t *data)
+{
+    struct merge_ctx *m = opaque;
+
+    if (m->same) {
+        return qbm_bmap_or_chunk(m->dst, idx, data);
+    }
+    return qbm_extent_state_chunk(&m->st, idx, data);
+}
+
+/* Same granularity and cluster size: data clusters go straight into
+ * empty target chunks (no copy), and are ORed into the others. */
+static int merge_same_layout(struct qbm_image *src, struct qcow2_bitmap *sbm,
+                             struct qbm_bmap *dst)
+{
+    uint8_t *tmp = NULL;
+    uint64_t i;
+    int r;
+
+    r = qcow2_bitmap_table_load(src, sbm);
+    for (i = 0; r == 0 && i < dst->nchunks && i < sbm->table_size; i++) {
+        uint64_t e = sbm->table[i], off = e & BME_TABLE_OFFSET_MASK;
+        uint8_t *c = dst->chunks[i];
+
+        if (!off) {
+            r = qbm_bmap_or_chunk(dst, i, (e & BME_TABLE_ALL_ONES)
+                                              ? QBM_CHUNK_ONES : NULL);
+        } else if (!c) {
+            c = qbm_bmap_new_chunk(dst, i);
+            r = c ? qbm_image_read_meta(src, c, src->cluster_size, off,
+                                        "bitmap data cluster")
+                  : -ENOMEM;
+        } else if (c != QBM_CHUNK_ONES) {
+            if (!tmp && !(tmp = qbm_malloc(src->cluster_size))) {
+                r = -ENOMEM;
+                break;
+            }
+            r = qbm_image_read_meta(src, tmp, src->cluster_size, off,
+                                    "bitmap data cluster");
+            r = r ? r : qbm_bmap_or_chunk(dst, i, tmp);
+        }
+    }
+    free(tmp);
+    return r;
+}
+
+/* OR a stored bitmap into dst, streaming its data clusters one at a time
+ * (no copy of the source is built). */
+static int merge_stream(struct qbm_image *src, struct qcow2_bitmap *sbm,
+                        struct qbm_bmap *dst)
+{
+    struct merge_ctx m = { .dst = dst };
+    uint64_t gran = 1ull << sbm->granularity_bits;
+    int r = 0;
+
+    m.same = gran == dst->granularity &&
+             src->cluster_size == dst->chunk_bytes &&
+             src->hdr.size == dst->disk_size;
+    m.st.fn = set_range_cb;
+    m.st.opaque = dst;
+    m.st.granularity = gran;
+    m.st.disk_size = src->hdr.size;
+    m.st.chunk_bytes = src->cluster_size;
+    m.st.bits_per_chunk = src->cluster_size * 8;
+    m.st.nbits = div_round_up(src->hdr.size, gran);
+    if (m.same) {
+        return merge_same_layout(src, sbm, dst);
+    }
+    r = qcow2_bitmap_read_chunks(src, sbm, merge_chunk, &m);
+    if (r == 0 && !m.same) {
+        r = qbm_extent_state_finish(&m.st);
+    }
+    return r;
+}
+
 QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
                              struct qbm_image *src, const char *src_name)
 {
@@ -394,13 +475,7 @@ QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
     if (sbm->data) {
         r = qbm_bmap_extents(sbm->data, set_range_cb, dst->data);
     } else {
-        struct qbm_bmap *tmp;
-
-        r = qcow2_bitmap_load(src, sbm, &tmp);
-        if (r == 0) {
-            r = qbm_bmap_extents(tmp, set_range_cb, dst->data);
-            qbm_bmap_free(tmp);
-        }
+        r = merge_stream(src, sbm, dst->data);
     }
     return qbm_public_ret(r);
 }

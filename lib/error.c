@@ -80,6 +80,15 @@ static bool alloc_should_fail(void)
     return false;
 }
 
+bool qbm_alloc_hook_fails(size_t n)
+{
+    if (alloc_should_fail()) {
+        qbm_err(ENOMEM, "out of memory allocating %zu bytes", n);
+        return true;
+    }
+    return false;
+}
+
 void *qbm_malloc(size_t n)
 {
     void *p = alloc_should_fail() ? NULL : malloc(n ? n : 1);

@@ -56,6 +56,9 @@ void *qbm_realloc(void *p, size_t n);
 char *qbm_strndup(const char *s, size_t n);
 /* Test hook: make the Nth allocation from now fail (0 = never). */
 void qbm_alloc_fail_after(unsigned long n);
+/* For allocators that do not use qbm_malloc: true when this one must fail
+ * (and the message is set). */
+bool qbm_alloc_hook_fails(size_t n);
 
 /* ---- byte order and checked arithmetic -------------------------------- */
 
@@ -519,7 +522,11 @@ int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
  * lives in chunk k / (8 * chunk_bytes), byte (k / 8) % chunk_bytes, value
  * 1 << (k % 8): the on-disk order, so chunks are written out unchanged.
  */
+struct qbm_chunk_arena;
+
 struct qbm_bmap {
+    struct qbm_chunk_arena *arenas; /* where chunk buffers live */
+    uint64_t arena_chunks;          /* size of the next arena, in chunks */
     uint64_t nbits;
     uint64_t granularity; /* bytes covered by one bit */
     uint64_t disk_size;   /* bytes covered by the whole bitmap */
@@ -536,6 +543,11 @@ void qbm_bmap_free(struct qbm_bmap *bm);
 /* Mark guest bytes [off, off+len) (clipped to disk_size) dirty. */
 int qbm_bmap_set_range(struct qbm_bmap *bm, uint64_t off, uint64_t len);
 bool qbm_bmap_get(const struct qbm_bmap *bm, uint64_t bit);
+/* OR a chunk in on-disk form (NULL, QBM_CHUNK_ONES or bytes) into chunk
+ * idx of a bitmap of the same granularity and chunk size. */
+int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data);
+/* Install a new zeroed buffer as chunk idx (which must be empty). */
+uint8_t *qbm_bmap_new_chunk(struct qbm_bmap *bm, uint64_t idx);
 /* Walk dirty guest extents (merged, clipped to disk_size). */
 int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
                      void *opaque);
