@@ -179,6 +179,9 @@ static int meta_collect(struct qbm_txn *t)
     for (k = 0; k < img->nb_bitmaps; k++) {
         const struct qcow2_bitmap *bm = &img->bitmaps[k];
 
+        if (bm->table_offset == 0) {
+            continue; /* added in this session: nothing on disk yet */
+        }
         r = meta_add(t, bm->table_offset, (uint64_t)bm->table_size * 8,
                      "bitmap table");
         if (r) {
