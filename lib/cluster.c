@@ -373,10 +373,9 @@ static int map_add(struct map_run *m, uint64_t guest, uint64_t len,
 int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
 {
     uint64_t size = img->hdr.size;
-    uint64_t nl1 = div_round_up(size, l2_span(img));
     uint64_t sc = img->extl2 ? img->cluster_size / 32 : img->cluster_size;
     struct map_run m = { .fn = fn, .opaque = opaque };
-    uint64_t i, j;
+    uint64_t nl1, i, j;
     int r;
 
     if (img->raw) {
@@ -392,6 +391,7 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
         return qbm_err(EOPNOTSUPP, "encrypted images are not supported "
                        "here");
     }
+    nl1 = div_round_up(size, l2_span(img));
     for (i = 0; i < nl1; i++) {
         uint64_t l2_off = img->l1[i] & L1E_OFFSET_MASK;
 
