@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+# Builds the libFuzzer harnesses with clang and runs each for SECONDS
+# (default 60) from a copy of the seed corpus. A crash is copied to
+# fuzz/reproducers/ (replayed by the normal test suite from then on) and
+# makes the script fail.
+set -euo pipefail
+secs=${1:-60}
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(dirname "$here")
+build=$top/build-fuzz
+if [ ! -f "$build/build.ninja" ]; then
+    CC=clang meson setup "$build" "$top" -Dfuzzing=true -Dtests=false \
+        -Db_lundef=false >/dev/null
+fi
+ninja -C "$build" >/dev/null
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+status=0
+for h in fuzz-open fuzz-edit; do
+    mkdir -p "$work/$h" "$work/art-$h"
+    cp "$here"/corpus/open/* "$work/$h/"
+    echo "== $h for ${secs}s"
+    if ! "$build/fuzz/$h" -max_total_time="$secs" -max_len=262144 \
+            -rss_limit_mb=2048 -timeout=10 -dict="$here/qcow2.dict" \
+            -artifact_prefix="$work/art-$h/" -print_final_stats=1 \
+            "$work/$h" 2>"$work/$h.log"; then
+        status=1
+        cp "$work/art-$h"/* "$here/reproducers/" 2>/dev/null || true
+        tail -40 "$work/$h.log"
+        echo "$h: crash; reproducer copied to fuzz/reproducers/"
+    fi
+    grep -E "stat::number_of_executed_units|stat::peak_rss" "$work/$h.log" || true
+done
+exit $status
