@@ -456,7 +456,7 @@ QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
     }
     r = find(src, src_name, &sbm);
     r = r ? r : usable(sbm);
-    if (r == 0 && src->bitmaps_state != QBM_BITMAPS_OK) {
+    if (r == 0 && src->bitmaps_state == QBM_BITMAPS_STALE) {
         r = qbm_err(EUCLEAN, "the source's bitmaps are stale");
     }
     if (r == 0 && src->hdr.size != img->hdr.size) {
