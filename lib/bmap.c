@@ -108,6 +108,19 @@ static uint64_t find_next(const uint8_t *data, uint64_t pos, uint64_t end,
             return found < end ? found : end;
         }
         pos = (pos / 64 + 1) * 64;
+        /* Skip clean (or, looking for a clear bit, dirty) stretches four
+         * words at a time. */
+        while (pos + 256 <= end) {
+            uint64_t a = load_le64(data + pos / 8);
+            uint64_t b = load_le64(data + pos / 8 + 8);
+            uint64_t c = load_le64(data + pos / 8 + 16);
+            uint64_t d = load_le64(data + pos / 8 + 24);
+
+            if (want ? (a | b | c | d) != 0 : (a & b & c & d) != ~0ull) {
+                break;
+            }
+            pos += 256;
+        }
     }
     return end;
 }

@@ -17,9 +17,7 @@ static uint64_t l2_span(const struct qbm_image *img)
 int qcow2_l1_load(struct qbm_image *img)
 {
     const struct qcow2_header *h = &img->hdr;
-    uint64_t needed, bytes, i;
-    uint8_t *buf;
-    int r;
+    uint64_t needed;
 
     needed = div_round_up(h->size, l2_span(img));
     if (needed > QCOW2_MAX_L1_BYTES / 8) {
@@ -44,14 +42,29 @@ int qcow2_l1_load(struct qbm_image *img)
         return qbm_err(EINVAL, "L1 table at 0x%llx: offset not cluster "
                        "aligned", (unsigned long long)h->l1_table_offset);
     }
-    /* Entries past what the virtual size needs are never consulted. */
-    bytes = needed * 8;
     if (img->keep_l1 && img->keep_l1_offset == h->l1_table_offset &&
         img->keep_l1_size == h->l1_size) {
         img->l1 = img->keep_l1;
         img->keep_l1 = NULL;
+    }
+    /* The entries themselves are read when first needed: reading bitmaps
+     * never needs them, and they can be megabytes. */
+    return 0;
+}
+
+int qcow2_l1_ensure(struct qbm_image *img)
+{
+    const struct qcow2_header *h = &img->hdr;
+    uint64_t needed, bytes, i;
+    uint8_t *buf;
+    int r;
+
+    if (img->l1 || img->raw) {
         return 0;
     }
+    /* Entries past what the virtual size needs are never consulted. */
+    needed = div_round_up(h->size, l2_span(img));
+    bytes = needed * 8;
     img->l1 = qbm_calloc(needed ? needed : 1, sizeof(uint64_t));
     if (!img->l1) {
         return -ENOMEM;
@@ -61,18 +74,23 @@ int qcow2_l1_load(struct qbm_image *img)
     }
     buf = qbm_malloc(bytes);
     if (!buf) {
-        return -ENOMEM;
+        r = -ENOMEM;
+        goto fail;
     }
     r = qbm_image_read_meta(img, buf, bytes, h->l1_table_offset, "L1 table");
-    if (r < 0) {
-        free(buf);
-        return r;
-    }
-    for (i = 0; i < needed; i++) {
-        img->l1[i] = be64_load(buf + i * 8);
+    if (r == 0) {
+        for (i = 0; i < needed; i++) {
+            img->l1[i] = be64_load(buf + i * 8);
+        }
     }
     free(buf);
-    return 0;
+    if (r == 0) {
+        return 0;
+    }
+fail:
+    free(img->l1);
+    img->l1 = NULL;
+    return r;
 }
 
 void qcow2_compressed_decode(uint64_t l2e, unsigned cluster_bits,
@@ -273,6 +291,10 @@ int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
     uint64_t i, j;
     int r;
 
+    r = qcow2_l1_ensure(img);
+    if (r < 0) {
+        return r;
+    }
     for (i = 0; i < nl1; i++) {
         uint64_t l1e = img->l1[i];
         uint64_t l2_off = l1e & L1E_OFFSET_MASK;
@@ -392,6 +414,10 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
                        "here");
     }
     nl1 = div_round_up(size, l2_span(img));
+    r = qcow2_l1_ensure(img);
+    if (r < 0) {
+        return r;
+    }
     for (i = 0; i < nl1; i++) {
         uint64_t l2_off = img->l1[i] & L1E_OFFSET_MASK;
 

@@ -183,7 +183,7 @@ static int image_load(struct qbm_image *img)
 
 int qbm_image_reload(struct qbm_image *img)
 {
-    uint64_t *l1 = img->l1;
+    uint64_t *l1 = img->l1; /* may be NULL: not read yet */
     uint64_t l1_off = img->hdr.l1_table_offset;
     uint32_t l1_size = img->hdr.l1_size;
     int r;

@@ -392,8 +392,10 @@ void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
 #define L2E_STD_RESERVED_MASK 0x3f000000000001feull
 #define L2E_ZERO 0x1ull
 
-/* Load and validate the active L1 table. */
+/* Validate the active L1 table's header fields (at open). */
 int qcow2_l1_load(struct qbm_image *img);
+/* Read its entries (img->l1), once, when first needed. */
+int qcow2_l1_ensure(struct qbm_image *img);
 /* Read the L2 table at l2_off into img->l2_cache. */
 int qcow2_read_l2(struct qbm_image *img, uint64_t l2_off);
 

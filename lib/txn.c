@@ -145,6 +145,10 @@ static int meta_collect(struct qbm_txn *t)
         }
     }
     nl1 = div_round_up(h->size, t->cs * img->l2_entries);
+    r = qcow2_l1_ensure(img);
+    if (r < 0) {
+        return r;
+    }
     for (i = 0; i < nl1; i++) {
         uint64_t off = img->l1[i] & L1E_OFFSET_MASK;
 

@@ -30,16 +30,10 @@ static int add_extent(void *opaque, uint64_t off, uint64_t len)
     struct dump_ctx *d = opaque;
 
     if (d->fmt == OUTPUT_JSON) {
-        ob_puts(d->ext, d->count ? ", {\"offset\": " : "{\"offset\": ");
-        ob_u64(d->ext, off);
-        ob_puts(d->ext, ", \"length\": ");
-        ob_u64(d->ext, len);
-        ob_write(d->ext, "}", 1);
+        ob_extent(d->ext, d->count ? ", {\"offset\": " : "{\"offset\": ",
+                  off, ", \"length\": ", len, "}");
     } else {
-        ob_u64(d->ext, off);
-        ob_write(d->ext, " ", 1);
-        ob_u64(d->ext, len);
-        ob_write(d->ext, "\n", 1);
+        ob_extent(d->ext, "", off, " ", len, "\n");
     }
     d->count++;
     d->bytes += len;
@@ -56,7 +50,8 @@ int cmd_dump(int argc, char **argv)
         { NULL, 0, NULL, 0 },
     };
     enum output_format fmt = OUTPUT_HUMAN;
-    struct outbuf head = { 0 }, ext = { 0 };
+    struct outbuf head = { 0 }, ext = { 0 }, tail = { 0 };
+    struct outbuf *all[] = { &head, &ext, &tail };
     struct dump_ctx d = { &ext, OUTPUT_HUMAN, 0, 0 };
     struct qbm_image *img = NULL;
     struct qbm_chain *ch = NULL;
@@ -159,8 +154,7 @@ int cmd_dump(int argc, char **argv)
         }
         ob_printf(&head, ", \"consistent\": %s, \"dirty-bytes\": %" PRIu64
                   ", \"extents\": [", consistent ? "true" : "false", d.bytes);
-        ob_write(&head, ext.p ? ext.p : "", ext.len);
-        ob_puts(&head, "]}\n");
+        ob_puts(&tail, "]}\n");
     } else {
         ob_printf(&head, "# %s: bitmap %s, ", file, name);
         if (chain) {
@@ -171,14 +165,13 @@ int cmd_dump(int argc, char **argv)
         ob_printf(&head, "%s, %" PRIu64 " dirty bytes\n",
                   consistent ? "consistent" : "inconsistent (in-use)",
                   d.bytes);
-        ob_write(&head, ext.p ? ext.p : "", ext.len);
     }
-    ob_free(&ext);
-    ret = ob_flush(&head);
+    ret = ob_flush_all(all, 3);
 
 out:
     ob_free(&ext);
     ob_free(&head);
+    ob_free(&tail);
     qbm_close(img);
     qbm_chain_close(ch);
     return ret;

@@ -4,8 +4,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "qbm-tool.h"
+
+/* Past this size the buffer lives in mappings populated by the kernel in
+ * one go: faulting in megabytes of output page by page costs more than
+ * producing it. */
+#define OB_MAP_MIN (256u << 10)
 
 static void ob_reserve(struct outbuf *ob, size_t more)
 {
@@ -19,10 +25,22 @@ static void ob_reserve(struct outbuf *ob, size_t more)
     while (cap < ob->len + more) {
         cap *= 2;
     }
-    p = realloc(ob->p, cap);
-    if (!p) {
-        ob->failed = true;
-        return;
+    if (cap >= OB_MAP_MIN) {
+        p = mmap(NULL, cap, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        if (p == MAP_FAILED) {
+            ob->failed = true;
+            return;
+        }
+        memcpy(p, ob->p, ob->len);
+        ob_free_storage(ob);
+        ob->mapped = true;
+    } else {
+        p = realloc(ob->p, cap);
+        if (!p) {
+            ob->failed = true;
+            return;
+        }
     }
     ob->p = p;
     ob->cap = cap;
@@ -65,16 +83,48 @@ void ob_printf(struct outbuf *ob, const char *fmt, ...)
 }
 
 /* Decimal without printf: dump prints millions of numbers. */
-void ob_u64(struct outbuf *ob, uint64_t v)
+static size_t u64_digits(char *dst, uint64_t v)
 {
     char tmp[20];
-    size_t i = sizeof(tmp);
+    size_t i = sizeof(tmp), n;
 
     do {
         tmp[--i] = (char)('0' + v % 10);
         v /= 10;
     } while (v);
-    ob_write(ob, tmp + i, sizeof(tmp) - i);
+    n = sizeof(tmp) - i;
+    memcpy(dst, tmp + i, n);
+    return n;
+}
+
+void ob_u64(struct outbuf *ob, uint64_t v)
+{
+    ob_reserve(ob, 20);
+    if (!ob->failed) {
+        ob->len += u64_digits(ob->p + ob->len, v);
+    }
+}
+
+void ob_extent(struct outbuf *ob, const char *pre, uint64_t a,
+               const char *mid, uint64_t b, const char *post)
+{
+    size_t lp = strlen(pre), lm = strlen(mid), lq = strlen(post);
+    char *d;
+
+    ob_reserve(ob, lp + lm + lq + 40);
+    if (ob->failed) {
+        return;
+    }
+    d = ob->p + ob->len;
+    memcpy(d, pre, lp);
+    d += lp;
+    d += u64_digits(d, a);
+    memcpy(d, mid, lm);
+    d += lm;
+    d += u64_digits(d, b);
+    memcpy(d, post, lq);
+    d += lq;
+    ob->len = (size_t)(d - ob->p);
 }
 
 void ob_json_string(struct outbuf *ob, const char *s)
@@ -136,6 +186,36 @@ void ob_json_string(struct outbuf *ob, const char *s)
     ob_write(ob, "\"", 1);
 }
 
+int ob_flush_all(struct outbuf *const *obs, size_t n)
+{
+    size_t i;
+    int ret = 0;
+
+    for (i = 0; i < n; i++) {
+        if (obs[i]->failed) {
+            fprintf(stderr, "qbm: out of memory building the output\n");
+            ret = 1;
+        }
+    }
+    for (i = 0; i < n && ret == 0; i++) {
+        if (obs[i]->len &&
+            fwrite(obs[i]->p, 1, obs[i]->len, stdout) != obs[i]->len) {
+            ret = 1;
+        }
+    }
+    if (ret == 0 && fflush(stdout) != 0) {
+        ret = 1;
+    }
+    if (ret && errno) {
+        fprintf(stderr, "qbm: cannot write the output: %s\n",
+                strerror(errno));
+    }
+    for (i = 0; i < n; i++) {
+        ob_free(obs[i]);
+    }
+    return ret;
+}
+
 int ob_flush(struct outbuf *ob)
 {
     int ret = 0;
@@ -153,9 +233,19 @@ int ob_flush(struct outbuf *ob)
     return ret;
 }
 
+void ob_free_storage(struct outbuf *ob)
+{
+    if (ob->mapped) {
+        munmap(ob->p, ob->cap);
+    } else {
+        free(ob->p);
+    }
+    ob->mapped = false;
+}
+
 void ob_free(struct outbuf *ob)
 {
-    free(ob->p);
+    ob_free_storage(ob);
     ob->p = NULL;
     ob->len = ob->cap = 0;
 }

@@ -19,6 +19,7 @@ struct outbuf {
     char *p;
     size_t len, cap;
     bool failed; /* out of memory */
+    bool mapped; /* p is an mmap()ed area of cap bytes */
 };
 
 void ob_write(struct outbuf *ob, const char *s, size_t n);
@@ -26,10 +27,16 @@ void ob_puts(struct outbuf *ob, const char *s);
 void ob_printf(struct outbuf *ob, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void ob_u64(struct outbuf *ob, uint64_t v);
+/* PRE a MID b POST in one step (the hot path of dump). */
+void ob_extent(struct outbuf *ob, const char *pre, uint64_t a,
+               const char *mid, uint64_t b, const char *post);
 void ob_json_string(struct outbuf *ob, const char *s);
 /* Print to stdout and free; returns 0 or 1 (write error). */
 int ob_flush(struct outbuf *ob);
+/* The same for several buffers, printed in order. */
+int ob_flush_all(struct outbuf *const *obs, size_t n);
 void ob_free(struct outbuf *ob);
+void ob_free_storage(struct outbuf *ob);
 
 /* "64 MiB", "1.5 GiB", "512 B". */
 void format_size(char *buf, size_t len, uint64_t bytes);
