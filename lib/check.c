@@ -459,7 +459,6 @@ static int repair_leaks(struct qbm_image *img)
     uint64_t (*leaks)[2] = NULL;
     size_t nleaks = 0, i;
     struct qbm_txn *txn = NULL;
-    uint64_t n;
     int r;
 
     r = run_check(&c, &leaks, &nleaks);
@@ -472,10 +471,8 @@ static int repair_leaks(struct qbm_image *img)
     if (r == 0 && nleaks) {
         r = qbm_txn_begin(img, &txn);
         for (i = 0; i < nleaks && r == 0; i++) {
-            for (n = 0; n < leaks[i][1] && r == 0; n++) {
-                r = qbm_txn_free_later(txn, leaks[i][0] * img->cluster_size,
-                                       img->cluster_size);
-            }
+            r = qbm_txn_release_later(txn, leaks[i][0] * img->cluster_size,
+                                      img->cluster_size, leaks[i][1]);
         }
         if (r == 0) {
             r = qbm_txn_commit(txn, QBM_TXN_KEEP_HEADER, 0, 0);

@@ -606,8 +606,17 @@ int qbm_txn_alloc(struct qbm_txn *txn, uint64_t n, uint64_t *ret_offset);
 /* Write into clusters allocated by this transaction. */
 int qbm_txn_write(struct qbm_txn *txn, const void *buf, size_t len,
                   uint64_t off);
-/* Queue the clusters [off, off + len) to be freed after the commit. */
-int qbm_txn_free_later(struct qbm_txn *txn, uint64_t off, uint64_t len);
+/* Queue the clusters [off, off + len) to lose `refs` references each after
+ * the commit (leak repair drops a whole excess in one step). */
+int qbm_txn_release_later(struct qbm_txn *txn, uint64_t off, uint64_t len,
+                          uint64_t refs);
+/* Queue the clusters [off, off + len) to be freed after the commit; offset
+ * 0 means "nothing" here (the header is never freed this way). */
+static inline int qbm_txn_free_later(struct qbm_txn *txn, uint64_t off,
+                                     uint64_t len)
+{
+    return off ? qbm_txn_release_later(txn, off, len, 1) : 0;
+}
 /*
  * Commit: write refcounts, then make the new bitmap directory live
  * (nb_bitmaps == 0 removes the extension and clears the autoclear bit),

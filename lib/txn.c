@@ -51,8 +51,9 @@ struct qbm_txn {
     uint64_t (*allocs)[2];
     size_t nallocs, capallocs;
 
-    /* Runs to free after the commit: [offset, length) in bytes. */
-    uint64_t (*frees)[2];
+    /* Runs to free after the commit: [offset, length) in bytes, and how
+     * many references each of their clusters loses. */
+    uint64_t (*frees)[3];
     size_t nfrees, capfrees;
 
     uint64_t hint; /* next cluster index to try */
@@ -594,11 +595,12 @@ int qbm_txn_write(struct qbm_txn *t, const void *buf, size_t len,
                    "allocated by this transaction", (unsigned long long)off);
 }
 
-int qbm_txn_free_later(struct qbm_txn *t, uint64_t off, uint64_t len)
+int qbm_txn_release_later(struct qbm_txn *t, uint64_t off, uint64_t len,
+                          uint64_t refs)
 {
     int r;
 
-    if (len == 0 || off == 0) {
+    if (len == 0 || refs == 0) {
         return 0;
     }
     r = grow_array((void **)&t->frees, &t->capfrees, t->nfrees + 1,
@@ -608,6 +610,7 @@ int qbm_txn_free_later(struct qbm_txn *t, uint64_t off, uint64_t len)
     }
     t->frees[t->nfrees][0] = off;
     t->frees[t->nfrees][1] = len;
+    t->frees[t->nfrees][2] = refs;
     t->nfrees++;
     return 0;
 }
@@ -879,6 +882,7 @@ static int apply_frees(struct qbm_txn *t)
     for (i = 0; i < t->nfrees; i++) {
         uint64_t first = t->frees[i][0] / t->cs;
         uint64_t end = div_round_up(t->frees[i][0] + t->frees[i][1], t->cs);
+        uint64_t refs = t->frees[i][2];
 
         for (c = first; c < end; c++) {
             uint64_t rc;
@@ -887,10 +891,10 @@ static int apply_frees(struct qbm_txn *t)
             if (r < 0) {
                 return r;
             }
-            /* A zero refcount here would be someone else's bug; freeing
-             * it again would only make things worse. */
+            /* A refcount below what is released would be someone else's
+             * bug; going below zero would only make things worse. */
             if (rc > 0) {
-                r = set_refcount(t, c, rc - 1);
+                r = set_refcount(t, c, rc > refs ? rc - refs : 0);
                 if (r < 0) {
                     return r;
                 }

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm check: bitmaps, refcounts and backing-chain rules; --repair. */
+#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -115,6 +116,21 @@ static void chain_rules(struct qbm_chain *ch, struct report *rep)
     }
 }
 
+/* Without --chain the backing files are not checked, but a chain that
+ * loops back (QEMU cannot open such an image at all) is a defect of this
+ * image's header, so it is reported. A missing backing file is not: a
+ * standalone incremental backup may name one that lives elsewhere. */
+static void backing_loop(const char *file, struct report *rep)
+{
+    struct qbm_chain *ch = qbm_chain_open(file, QBM_OPEN_FORCE_SHARE);
+
+    if (ch) {
+        qbm_chain_close(ch);
+    } else if (qbm_get_errno() == ELOOP) {
+        add_problem(rep, QBM_PROBLEM_CORRUPTION, 8, qbm_get_error());
+    }
+}
+
 static int check_one(struct qbm_image *img, const char *name,
                      struct outbuf *ob, enum output_format fmt,
                      struct qbm_chain *ch)
@@ -129,6 +145,8 @@ static int check_one(struct qbm_image *img, const char *name,
     }
     if (ch) {
         chain_rules(ch, &rep);
+    } else {
+        backing_loop(name, &rep);
     }
     if (fmt == OUTPUT_JSON) {
         ob_puts(ob, "{\"filename\": ");

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Hostile-image catalogue: malformed images against every command.
+
+Each entry patches bytes of a qemu-img image (two bitmaps with data, a
+second one with an L2 table) to break one structure. Every command runs on
+it under a timeout; requirements: no crash (exit < 128, no sanitizer
+report), no hang, a failure is exit 1 with `qbm: ...` on stderr and
+nothing on stdout (check may report problems with exit 2 or 3), a refused
+edit leaves the file byte for byte unchanged, and `qbm check` finds every
+malformation (non-zero exit). Also: while qemu-nbd holds the image (read-
+write or read-only) every edit fails with a lock message and changes
+nothing, and a process holding qbm's writer lock bytes makes qemu-img and
+qemu-io fail.
+"""
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+TOOLS = ["qemu-img", "qemu-io", "qemu-nbd"]
+
+
+def run(cmd, timeout=30):
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=timeout)
+
+
+def u32(b, o):
+    return struct.unpack(">I", b[o:o + 4])[0]
+
+
+def u64(b, o):
+    return struct.unpack(">Q", b[o:o + 8])[0]
+
+
+class Layout:
+    """Offsets of the structures in the base image."""
+
+    def __init__(self, data):
+        self.cs = 1 << u32(data, 20)
+        self.l1 = u64(data, 40)
+        self.rt = u64(data, 48)
+        pos = u32(data, 100)
+        self.ext = {}
+        while True:
+            magic, length = struct.unpack(">II", data[pos:pos + 8])
+            if magic == 0:
+                self.end = pos
+                break
+            self.ext[magic] = pos
+            pos += 8 + (length + 7) // 8 * 8
+        bx = self.ext[0x23852875]
+        self.bm_ext = bx + 8
+        self.dir = u64(data, bx + 24)
+        self.dir_size = u64(data, bx + 16)
+        self.entry2 = self.dir + (24 + 2 + 7) // 8 * 8  # "b0" entry is 32
+        self.table = u64(data, self.dir)
+        self.data0 = u64(data, self.table) & 0x00fffffffffffe00
+        self.l2 = u64(data, self.l1) & 0x00fffffffffffe00
+        self.rb = u64(data, self.rt) & ~0x1ff
+
+
+def patch(data, off, fmt, value):
+    data[off:off + struct.calcsize(fmt)] = struct.pack(fmt, value)
+
+
+def catalogue(lay):
+    """(name, patch function) pairs; each gets a fresh copy."""
+    L = lay
+    c = []
+
+    def p(name, off, fmt, value):
+        c.append((name, lambda d: patch(d, off, fmt, value)))
+
+    c.append(("truncated to 50 bytes", lambda d: d.__delitem__(
+        slice(50, None))))
+    c.append(("truncated inside the L1 table", lambda d: d.__delitem__(
+        slice(L.l1 + 4, None))))
+    p("bad magic", 0, ">I", 0x514649fa)
+    p("version 1", 4, ">I", 1)
+    p("version 4", 4, ">I", 4)
+    p("cluster_bits 8", 20, ">I", 8)
+    p("cluster_bits 22", 20, ">I", 22)
+    p("header_length 100", 100, ">I", 100)
+    p("header_length unaligned", 100, ">I", 117)
+    p("header_length past the cluster", 100, ">I", L.cs + 8)
+    p("unknown incompatible bit 20", 72, ">Q", 1 << 20)
+    p("compression bit without a type", 72, ">Q", 8)
+    p("corrupt bit", 72, ">Q", 2)
+    p("dirty bit", 72, ">Q", 1)
+    p("refcount_order 7", 96, ">I", 7)
+    p("crypt_method 5", 32, ">I", 5)
+    p("backing name offset past the cluster", 8, ">Q", L.cs + 512)
+    c.append(("backing name of 2000 bytes", lambda d: (
+        patch(d, 8, ">Q", L.end + 8), patch(d, 16, ">I", 2000))))
+    p("L1 too small for the disk", 36, ">I", 0)
+    p("L1 offset unaligned", 40, ">Q", L.l1 + 8)
+    p("L1 of 5 million entries", 36, ">I", 5 << 20)
+    p("L1 offset past 2^56", 40, ">Q", 1 << 57)
+    p("refcount table offset unaligned", 48, ">Q", L.rt + 16)
+    p("refcount table of 0 clusters", 56, ">I", 0)
+    p("refcount table of 200000 clusters", 56, ">I", 200000)
+    p("70000 snapshots", 60, ">I", 70000)
+    c.append(("snapshot table unaligned", lambda d: (
+        patch(d, 60, ">I", 1), patch(d, 64, ">Q", 0x10008))))
+    p("virtual size 2^62", 24, ">Q", 1 << 62)
+    c.append(("extension overrunning the cluster", lambda d: patch(
+        d, L.end + 4, ">I", L.cs) if patch(d, L.end, ">I", 0x11111111) is None
+        else None))
+    p("bitmaps extension length 23", L.bm_ext - 4, ">I", 23)
+    p("bitmaps extension reserved field", L.bm_ext + 4, ">I", 1)
+    p("nb_bitmaps 0", L.bm_ext, ">I", 0)
+    p("nb_bitmaps one too many", L.bm_ext, ">I", 3)
+    p("nb_bitmaps 70000", L.bm_ext, ">I", 70000)
+    p("directory offset unaligned", L.bm_ext + 16, ">Q", L.dir + 8)
+    p("directory offset past 2^56", L.bm_ext + 16, ">Q", 1 << 57)
+    p("directory size 0", L.bm_ext + 8, ">Q", 0)
+    p("directory size 2^40", L.bm_ext + 8, ">Q", 1 << 40)
+    p("directory size cuts an entry", L.bm_ext + 8, ">Q", L.dir_size - 8)
+    p("entry flag bit 2", L.dir + 12, ">I", 6)
+    p("entry reserved flag bit 9", L.dir + 12, ">I", (1 << 9) | 2)
+    p("entry type 2", L.dir + 16, ">B", 2)
+    p("entry granularity bits 8", L.dir + 17, ">B", 8)
+    p("entry granularity bits 40", L.dir + 17, ">B", 40)
+    p("entry name size 2000", L.dir + 18, ">H", 2000)
+    p("entry extra data size 8", L.dir + 20, ">I", 8)
+    p("entry table offset unaligned", L.dir, ">Q", L.table + 8)
+    p("entry table offset 0", L.dir, ">Q", 0)
+    p("entry table size 0", L.dir + 8, ">I", 0)
+    p("entry table size wrong", L.dir + 8, ">I", 2)
+    p("entry table size huge", L.dir + 8, ">I", 0x9000000)
+    c.append(("duplicate bitmap names", lambda d: d.__setitem__(
+        slice(L.entry2 + 24, L.entry2 + 26), b"b0")))
+    p("table entry reserved bits", L.table, ">Q", L.data0 | 2)
+    p("table entry all-ones with an offset", L.table, ">Q", L.data0 | 1)
+    p("table entry unaligned", L.table, ">Q", L.data0 + 512)
+    p("table entry past 2^56", L.table, ">Q", 1 << 57)
+    p("refcount table entry unaligned", L.rt, ">Q", L.rb + 8)
+    c.append(("refcount block claiming everything", lambda d: d.__setitem__(
+        slice(L.rb, L.rb + L.cs), b"\xff" * L.cs)))
+    p("refcount of the header 0", L.rb, ">H", 0)
+    p("L1 entry unaligned", L.l1, ">Q", (L.l2 + 8) | (1 << 63))
+    p("L2 entry reserved bits", L.l2, ">Q", (1 << 63) | 0x10002)
+    p("L2 entry unaligned data offset", L.l2, ">Q", (1 << 63) | 0x10200)
+    p("autoclear bitmaps bit cleared (stale)", 88, ">Q", 0)
+    c.append(("backing file is itself", lambda d: (
+        d.__setitem__(slice(L.end + 8, L.end + 8 + 7), b"h.qcow2"),
+        patch(d, 8, ">Q", L.end + 8), patch(d, 16, ">I", 7))))
+    return c
+
+
+COMMANDS = [
+    ("info", ["info"], False), ("info --chain", ["info", "--chain"], False),
+    ("info json", ["info", "--output=json"], False),
+    ("dump", ["dump", "@", "b0"], False),
+    ("dump --chain", ["dump", "--chain", "@", "b0"], False),
+    ("check", ["check"], False), ("check --chain", ["check", "--chain"],
+                                  False),
+    ("add", ["add", "@", "new"], True), ("remove", ["remove", "@", "b0"],
+                                        True),
+    ("clear", ["clear", "@", "b0"], True),
+    ("enable", ["enable", "@", "b1"], True),
+    ("rename", ["rename", "@", "b0", "z"], True),
+    ("merge", ["merge", "@", "b0", "b1"], True),
+    ("populate", ["populate", "@", "b0"], True),
+    ("check --repair", ["check", "--repair"], True),
+    ("extract", ["extract", "-o", "OUT", "@", "b0"], False),
+    ("restore", ["restore", "-o", "OUT", "@"], False),
+]
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def command_line(qbm, args, img, out):
+    a = [out if x == "OUT" else img if x == "@" else x for x in args]
+    if "@" not in args:
+        a.append(img)
+    return [qbm] + a
+
+
+def hostile(qbm, tmp):
+    base = os.path.join(tmp, "base.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"])
+    run(["qemu-img", "bitmap", "--add", base, "b0"])
+    run(["qemu-img", "bitmap", "--add", "-g", "128k", base, "b1"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write 0 64k", "-c",
+         "write 1M 192k", base])
+    orig = bytearray(open(base, "rb").read())
+    lay = Layout(orig)
+    img = os.path.join(tmp, "h.qcow2")
+    out = os.path.join(tmp, "out.img")
+    failures = cases = 0
+    for name, fn in catalogue(lay):
+        data = bytearray(orig)
+        fn(data)
+        cases += 1
+        for cname, args, edits in COMMANDS:
+            with open(img, "wb") as f:
+                f.write(data)
+            before = sha(img)
+            cmd = command_line(qbm, args, img, out)
+            try:
+                p = run(cmd, timeout=30)
+            except subprocess.TimeoutExpired:
+                print("FAIL %s / %s: hung" % (name, cname))
+                failures += 1
+                continue
+            bad = []
+            if p.returncode < 0 or p.returncode >= 128:
+                bad.append("crashed (%d)" % p.returncode)
+            if "Sanitizer" in p.stderr or "runtime error" in p.stderr:
+                bad.append("sanitizer report")
+            if p.returncode == 1 and (not p.stderr.startswith("qbm: ") or
+                                      p.stdout):
+                bad.append("unclear failure")
+            if p.returncode not in (0, 1, 2, 3):
+                bad.append("exit %d" % p.returncode)
+            if edits and p.returncode != 0 and sha(img) != before:
+                bad.append("a refused edit changed the file")
+            if cname == "check" and p.returncode == 0:
+                bad.append("check finds nothing wrong")
+            if os.path.exists(out) and p.returncode != 0:
+                bad.append("a failed command left its output")
+            if bad:
+                failures += 1
+                print("FAIL %s / %s: %s\n  stderr: %s" %
+                      (name, cname, ", ".join(bad), p.stderr[:300]))
+            if os.path.exists(out):
+                os.unlink(out)
+    print("hostile images: %d, commands each: %d" % (cases, len(COMMANDS)))
+    return cases * len(COMMANDS) - failures, failures
+
+
+def locks(qbm, tmp):
+    img = os.path.join(tmp, "locked.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"])
+    run(["qemu-img", "bitmap", "--add", img, "b0"])
+    passed = failed = 0
+    for ro in (False, True):
+        sock = os.path.join(tmp, "nbd.sock")
+        nbd = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", "qcow2"] +
+                               (["-r"] if ro else []) + [img],
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        before = sha(img)
+        try:
+            for cname, args, edits in COMMANDS:
+                if not edits:
+                    continue
+                p = run(command_line(qbm, args, img, ""))
+                if p.returncode == 1 and "lock" in p.stderr and \
+                        sha(img) == before:
+                    passed += 1
+                else:
+                    failed += 1
+                    print("FAIL qemu-nbd%s holds the image, %s: exit %d, %s"
+                          % (" -r" if ro else "", cname, p.returncode,
+                             p.stderr.strip()))
+            p = run([qbm, "info", img])
+            if (p.returncode == 0) == ro:
+                passed += 1
+            else:
+                failed += 1
+                print("FAIL qbm info while qemu-nbd%s holds: exit %d" %
+                      (" -r" if ro else "", p.returncode))
+        finally:
+            nbd.terminate()
+            nbd.wait()
+            if os.path.exists(sock):
+                os.unlink(sock)
+    # The lock bytes qbm takes for writing keep QEMU out.
+    fd = os.open(img, os.O_RDWR)
+    try:
+        for byte in (100, 101, 103, 201, 203):
+            fcntl.fcntl(fd, 37, struct.pack("hhqqi", fcntl.F_RDLCK, 0, byte,
+                                            1, 0))  # F_OFD_SETLK
+        for cmd in (["qemu-img", "info", img],
+                    ["qemu-io", "-c", "write 0 512", img]):
+            p = run(cmd)
+            if p.returncode != 0 and "lock" in p.stderr:
+                passed += 1
+            else:
+                failed += 1
+                print("FAIL %s while qbm's writer locks are held: exit %d" %
+                      (cmd[0], p.returncode))
+    finally:
+        os.close(fd)
+    return passed, failed
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--qbm", required=True)
+    args = ap.parse_args()
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    if missing:
+        print("missing tools: %s" % " ".join(missing))
+        return 1 if os.environ.get("CI") else 77
+    with tempfile.TemporaryDirectory(prefix="qbm-hostile-") as tmp:
+        p1, f1 = hostile(args.qbm, tmp)
+        p2, f2 = locks(args.qbm, tmp)
+    print("hostile: %d passed, %d failed" % (p1 + p2, f1 + f2))
+    return 1 if f1 + f2 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
