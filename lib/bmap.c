@@ -13,6 +13,7 @@
 #include "internal.h"
 
 uint8_t qbm_chunk_ones[1];
+uint8_t qbm_chunk_ref[1];
 
 /*
  * Chunk buffers come from arenas of anonymous memory mapped with
@@ -38,6 +39,12 @@ static uint8_t *chunk_alloc(struct qbm_bmap *bm)
 
     if (qbm_alloc_hook_fails(bm->chunk_bytes)) {
         return NULL;
+    }
+    if (bm->spare) {
+        c = bm->spare;
+        bm->spare = NULL;
+        memset(c, 0, bm->chunk_bytes);
+        return c;
     }
     if (!a || a->used + bm->chunk_bytes > a->bytes) {
         uint64_t n = bm->arena_chunks ? bm->arena_chunks : 1;
@@ -242,31 +249,114 @@ int qbm_bmap_new(uint64_t disk_size, uint64_t granularity,
 
 void qbm_bmap_free(struct qbm_bmap *bm)
 {
+    size_t i;
+
     if (!bm) {
         return;
     }
     arenas_free(bm);
+    for (i = 0; i < bm->nowned; i++) {
+        qbm_io_close(bm->owned[i]);
+    }
+    free(bm->owned);
+    free(bm->refs);
     free(bm->chunks);
     free(bm);
 }
 
-bool qbm_bmap_get(const struct qbm_bmap *bm, uint64_t bit)
+int qbm_bmap_adopt_io(struct qbm_bmap *bm, struct qbm_io *io)
 {
-    uint64_t bpc = bm->chunk_bytes * 8;
+    struct qbm_io **p = qbm_realloc(bm->owned,
+                                    (bm->nowned + 1) * sizeof(*p));
+
+    if (!p) {
+        qbm_io_close(io);
+        return -ENOMEM;
+    }
+    bm->owned = p;
+    bm->owned[bm->nowned++] = io;
+    return 0;
+}
+
+int qbm_bmap_set_ref(struct qbm_bmap *bm, uint64_t idx, struct qbm_io *io,
+                     uint64_t offset)
+{
+    if (idx >= bm->nchunks || bm->chunks[idx]) {
+        return qbm_err(EINVAL, "internal: chunk %llu is not empty",
+                       (unsigned long long)idx);
+    }
+    if (!bm->refs) {
+        bm->refs = qbm_calloc(bm->nchunks, sizeof(*bm->refs));
+        if (!bm->refs) {
+            return -ENOMEM;
+        }
+    }
+    bm->refs[idx].io = io;
+    bm->refs[idx].offset = offset;
+    bm->chunks[idx] = QBM_CHUNK_REF;
+    return 0;
+}
+
+/* Read referenced chunk idx into buf. */
+static int ref_read(const struct qbm_bmap *bm, uint64_t idx, uint8_t *buf)
+{
+    const struct qbm_chunk_ref *ref = &bm->refs[idx];
+    int r = qbm_io_pread(ref->io, buf, bm->chunk_bytes, ref->offset);
+
+    if (r < 0) {
+        return qbm_err_prefix(r, "bitmap data cluster at 0x%llx",
+                              (unsigned long long)ref->offset);
+    }
+    return 0;
+}
+
+int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx)
+{
+    uint8_t *c;
+    int r;
+
+    if (bm->chunks[idx] != QBM_CHUNK_REF) {
+        return 0;
+    }
+    c = chunk_alloc(bm);
+    if (!c) {
+        return -ENOMEM;
+    }
+    r = ref_read(bm, idx, c);
+    if (r < 0) {
+        return r;
+    }
+    bm->chunks[idx] = c;
+    return 0;
+}
+
+int qbm_bmap_get(const struct qbm_bmap *bm, uint64_t bit)
+{
+    uint64_t bpc = bm->chunk_bytes * 8, idx = bit / bpc;
     const uint8_t *c;
+    uint8_t byte;
+    int r;
 
     if (bit >= bm->nbits) {
-        return false;
+        return 0;
     }
-    c = bm->chunks[bit / bpc];
+    c = bm->chunks[idx];
     if (!c) {
-        return false;
+        return 0;
     }
     if (c == QBM_CHUNK_ONES) {
-        return true;
+        return 1;
     }
     bit %= bpc;
-    return c[bit / 8] & (1u << (bit % 8));
+    if (c == QBM_CHUNK_REF) {
+        r = qbm_io_pread(bm->refs[idx].io, &byte, 1,
+                         bm->refs[idx].offset + bit / 8);
+        if (r < 0) {
+            return r;
+        }
+        return (byte >> (bit % 8)) & 1;
+    }
+    return (c[bit / 8] >> (bit % 8)) & 1;
 }
 
 /* Set bits [first, end) inside one chunk's buffer. */
@@ -313,6 +403,11 @@ int qbm_bmap_set_range(struct qbm_bmap *bm, uint64_t off, uint64_t len)
                  * nbits stay implicit, as they must be zero on disk. */
                 bm->chunks[ci] = QBM_CHUNK_ONES;
             } else {
+                int r = qbm_bmap_load_chunk(bm, ci);
+
+                if (r < 0) {
+                    return r;
+                }
                 if (!bm->chunks[ci]) {
                     bm->chunks[ci] = chunk_alloc(bm);
                     if (!bm->chunks[ci]) {
@@ -337,10 +432,28 @@ uint8_t *qbm_bmap_new_chunk(struct qbm_bmap *bm, uint64_t idx)
     return c;
 }
 
+/* Whether every bit set in a is set in b. */
+static bool is_subset(const uint8_t *a, const uint8_t *b, uint64_t len)
+{
+    uint64_t i;
+
+    for (i = 0; i < len; i += 8) {
+        uint64_t x, y;
+
+        memcpy(&x, a + i, 8);
+        memcpy(&y, b + i, 8);
+        if (x & ~y) {
+            return false;
+        }
+    }
+    return true;
+}
+
 int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
 {
     uint8_t *c;
     uint64_t i;
+    int r;
 
     if (!data || idx >= bm->nchunks || bm->chunks[idx] == QBM_CHUNK_ONES) {
         return 0;
@@ -350,6 +463,23 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
         return 0;
     }
     c = bm->chunks[idx];
+    if (c == QBM_CHUNK_REF) {
+        /* Read it, but keep the reference when data adds no bit: an
+         * unchanged chunk is shared or copied at commit, not rewritten. */
+        c = chunk_alloc(bm);
+        if (!c) {
+            return -ENOMEM;
+        }
+        r = ref_read(bm, idx, c);
+        if (r < 0) {
+            return r;
+        }
+        if (is_subset(data, c, bm->chunk_bytes)) {
+            bm->spare = c;
+            return 0;
+        }
+        bm->chunks[idx] = c;
+    }
     if (!c) {
         /* Keep only chunks with a set bit: memory follows dirty data. */
         if (data[0] == 0 && memcmp(data, data + 1, bm->chunk_bytes - 1) == 0) {
@@ -388,64 +518,89 @@ static void extent_state_init(struct qbm_extent_state *st,
     st->nbits = bm->nbits;
 }
 
+/* Feed every chunk to st; referenced chunks are read into a scratch
+ * buffer, not kept. */
+static int walk_chunks(const struct qbm_bmap *bm, struct qbm_extent_state *st)
+{
+    uint8_t *tmp = NULL;
+    uint64_t i;
+    int r = 0;
+
+    for (i = 0; i < bm->nchunks && r == 0; i++) {
+        const uint8_t *c = bm->chunks[i];
+
+        if (c == QBM_CHUNK_REF) {
+            if (!tmp && !(tmp = qbm_malloc(bm->chunk_bytes))) {
+                r = -ENOMEM;
+                break;
+            }
+            r = ref_read(bm, i, tmp);
+            c = tmp;
+        }
+        if (r == 0) {
+            r = qbm_extent_state_chunk(st, i, c);
+        }
+    }
+    free(tmp);
+    return r ? r : qbm_extent_state_finish(st);
+}
+
 int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
                      void *opaque)
 {
     struct qbm_extent_state st;
-    uint64_t i;
-    int r;
 
     extent_state_init(&st, bm, fn, opaque);
-    for (i = 0; i < bm->nchunks; i++) {
-        r = qbm_extent_state_chunk(&st, i, bm->chunks[i]);
-        if (r) {
-            return r;
-        }
-    }
-    return qbm_extent_state_finish(&st);
+    return walk_chunks(bm, &st);
 }
 
-uint64_t qbm_bmap_dirty_bytes(const struct qbm_bmap *bm)
+int qbm_bmap_dirty_bytes(const struct qbm_bmap *bm, uint64_t *ret_bytes)
 {
     struct qbm_extent_state st;
-    uint64_t i;
+    int r;
 
     extent_state_init(&st, bm, NULL, NULL);
-    for (i = 0; i < bm->nchunks; i++) {
-        qbm_extent_state_chunk(&st, i, bm->chunks[i]);
+    r = walk_chunks(bm, &st);
+    if (r == 0) {
+        *ret_bytes = st.dirty_bytes;
     }
-    return st.dirty_bytes;
+    return r;
 }
 
 /* ---- loading from an image -------------------------------------------- */
 
-struct load_ctx {
-    struct qbm_bmap *bm;
-};
-
-static int load_chunk(void *opaque, uint64_t idx, const uint8_t *data)
-{
-    struct load_ctx *ctx = opaque;
-
-    return qbm_bmap_or_chunk(ctx->bm, idx, data);
-}
-
 int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
                       struct qbm_bmap **ret)
 {
-    struct load_ctx ctx;
+    struct qbm_bmap *data;
+    uint64_t i, n;
     int r;
 
+    r = qcow2_bitmap_table_load(img, bm);
+    if (r < 0) {
+        return r;
+    }
     r = qbm_bmap_new(img->hdr.size, 1ull << bm->granularity_bits,
-                     img->cluster_size, &ctx.bm);
+                     img->cluster_size, &data);
     if (r < 0) {
         return r;
     }
-    r = qcow2_bitmap_read_chunks(img, bm, load_chunk, &ctx);
+    /* An in-use bitmap's table may be shorter than the disk needs: the
+     * missing part reads as clean. */
+    n = data->nchunks < bm->table_size ? data->nchunks : bm->table_size;
+    for (i = 0; i < n && r == 0; i++) {
+        uint64_t e = bm->table[i], off = e & BME_TABLE_OFFSET_MASK;
+
+        if (off) {
+            r = qbm_bmap_set_ref(data, i, img->io, off);
+        } else if (e & BME_TABLE_ALL_ONES) {
+            data->chunks[i] = QBM_CHUNK_ONES;
+        }
+    }
     if (r < 0) {
-        qbm_bmap_free(ctx.bm);
+        qbm_bmap_free(data);
         return r;
     }
-    *ret = ctx.bm;
+    *ret = data;
     return 0;
 }

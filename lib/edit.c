@@ -377,11 +377,17 @@ static int merge_chunk(void *opaque, uint64_t idx, const uint8_t *data)
     return qbm_extent_state_chunk(&m->st, idx, data);
 }
 
-/* Same granularity and cluster size: data clusters go straight into
- * empty target chunks (no copy), and are ORed into the others. */
-static int merge_same_layout(struct qbm_image *src, struct qcow2_bitmap *sbm,
-                             struct qbm_bmap *dst)
+/*
+ * Same granularity and cluster size: an empty target chunk becomes a
+ * reference to the source's data cluster (shared with it at commit when
+ * both are in one image, else copied file to file), so a merge into an
+ * empty or sparse bitmap moves no bitmap data through memory; other chunks
+ * are ORed.
+ */
+static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
+                             struct qcow2_bitmap *sbm, struct qbm_bmap *dst)
 {
+    struct qbm_io *src_io = src == img ? img->io : NULL;
     uint8_t *tmp = NULL;
     uint64_t i;
     int r;
@@ -394,20 +400,35 @@ static int merge_same_layout(struct qbm_image *src, struct qcow2_bitmap *sbm,
         if (!off) {
             r = qbm_bmap_or_chunk(dst, i, (e & BME_TABLE_ALL_ONES)
                                               ? QBM_CHUNK_ONES : NULL);
-        } else if (!c) {
-            c = qbm_bmap_new_chunk(dst, i);
-            r = c ? qbm_image_read_meta(src, c, src->cluster_size, off,
-                                        "bitmap data cluster")
-                  : -ENOMEM;
-        } else if (c != QBM_CHUNK_ONES) {
-            if (!tmp && !(tmp = qbm_malloc(src->cluster_size))) {
-                r = -ENOMEM;
-                break;
-            }
-            r = qbm_image_read_meta(src, tmp, src->cluster_size, off,
-                                    "bitmap data cluster");
-            r = r ? r : qbm_bmap_or_chunk(dst, i, tmp);
+            continue;
         }
+        if (c == QBM_CHUNK_ONES ||
+            (c == QBM_CHUNK_REF && dst->refs[i].io == src->io &&
+             dst->refs[i].offset == off)) {
+            continue; /* already all ones, or the very same cluster */
+        }
+        if (!c && !src_io) {
+            /* Another image: reference it through a descriptor of our own
+             * (keeping its read lock) so the caller may close src before
+             * committing. Backends without descriptors are read now. */
+            r = qbm_io_dup(src->io, &src_io);
+            if (r == 0) {
+                r = qbm_bmap_adopt_io(dst, src_io);
+            } else if (r == -EOPNOTSUPP) {
+                r = 0;
+            }
+        }
+        if (!c && src_io) {
+            r = r ? r : qbm_bmap_set_ref(dst, i, src_io, off);
+            continue;
+        }
+        if (!tmp && !(tmp = qbm_malloc(src->cluster_size))) {
+            r = -ENOMEM;
+            break;
+        }
+        r = r ? r : qbm_image_read_meta(src, tmp, src->cluster_size, off,
+                                        "bitmap data cluster");
+        r = r ? r : qbm_bmap_or_chunk(dst, i, tmp);
     }
     free(tmp);
     return r;
@@ -415,8 +436,8 @@ static int merge_same_layout(struct qbm_image *src, struct qcow2_bitmap *sbm,
 
 /* OR a stored bitmap into dst, streaming its data clusters one at a time
  * (no copy of the source is built). */
-static int merge_stream(struct qbm_image *src, struct qcow2_bitmap *sbm,
-                        struct qbm_bmap *dst)
+static int merge_stream(struct qbm_image *img, struct qbm_image *src,
+                        struct qcow2_bitmap *sbm, struct qbm_bmap *dst)
 {
     struct merge_ctx m = { .dst = dst };
     uint64_t gran = 1ull << sbm->granularity_bits;
@@ -433,7 +454,7 @@ static int merge_stream(struct qbm_image *src, struct qcow2_bitmap *sbm,
     m.st.bits_per_chunk = src->cluster_size * 8;
     m.st.nbits = div_round_up(src->hdr.size, gran);
     if (m.same) {
-        return merge_same_layout(src, sbm, dst);
+        return merge_same_layout(img, src, sbm, dst);
     }
     r = qcow2_bitmap_read_chunks(src, sbm, merge_chunk, &m);
     if (r == 0 && !m.same) {
@@ -475,7 +496,7 @@ QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
     if (sbm->data) {
         r = qbm_bmap_extents(sbm->data, set_range_cb, dst->data);
     } else {
-        r = merge_stream(src, sbm, dst->data);
+        r = merge_stream(img, src, sbm, dst->data);
     }
     return qbm_public_ret(r);
 }
@@ -591,6 +612,24 @@ static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
         if (!c) {
             continue;
         }
+        if (c == QBM_CHUNK_REF) {
+            /* Unmodified data from disk: share the cluster when it is this
+             * image's own, else copy it without reading it here. */
+            const struct qbm_chunk_ref *ref = &d->refs[i];
+
+            r = ref->io == img->io ? qbm_txn_share(txn, ref->offset) : 0;
+            if (r == 1) {
+                off = ref->offset;
+                r = 0;
+            } else if (r == 0) {
+                r = qbm_txn_alloc(txn, 1, &off);
+                r = r ? r : qbm_txn_copy(txn, ref->io, ref->offset, cs, off);
+            }
+            if (r == 0) {
+                be64_store(tbl + i * 8, off);
+            }
+            continue;
+        }
         if (c == QBM_CHUNK_ONES) {
             /* QEMU never writes the all-ones table entry: write the bits,
              * leaving those past the end of the disk zero. */
@@ -615,7 +654,9 @@ static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
         r = qbm_txn_alloc(txn, tbl_clusters, &tbl_off);
     }
     if (r == 0) {
-        r = qbm_txn_write(txn, tbl, tbl_clusters * cs, tbl_off);
+        /* Readers look at table_size entries only; like QEMU, leave the
+         * rest of the last cluster unwritten (fewer bytes to flush). */
+        r = qbm_txn_write(txn, tbl, div_round_up(d->nchunks * 8, 512) * 512, tbl_off);
     }
     free(tbl);
     if (r < 0) {
@@ -676,7 +717,7 @@ static int commit(struct qbm_image *img)
             pos += qcow2_bitmap_entry_size(&img->bitmaps[i]);
         }
         r = qbm_txn_alloc(txn, nclusters, &dir_off);
-        r = r ? r : qbm_txn_write(txn, buf, nclusters * img->cluster_size,
+        r = r ? r : qbm_txn_write(txn, buf, div_round_up(dir_size, 512) * 512,
                                   dir_off);
         free(buf);
         if (r < 0) {

@@ -157,6 +157,13 @@ static inline int qbm_io_size(struct qbm_io *io, uint64_t *ret_size)
     return io->ops->size(io, ret_size);
 }
 void qbm_io_close(struct qbm_io *io);
+/* Copy len bytes between ios: in the kernel (copy_file_range) when both are
+ * files, else through a buffer. */
+int qbm_io_copy(struct qbm_io *src, uint64_t src_off, struct qbm_io *dst,
+                uint64_t dst_off, size_t len);
+/* A second io on the same open file (a file io only: it shares the file's
+ * locks); -EOPNOTSUPP for other backends. */
+int qbm_io_dup(struct qbm_io *io, struct qbm_io **ret_io);
 /* The file descriptor behind a file io, or -1. */
 int qbm_io_fd(struct qbm_io *io);
 
@@ -520,11 +527,21 @@ int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
 /*
  * A bitmap of nbits bits, stored as chunks of chunk_bytes bytes (one per
  * bitmap-table entry, so one chunk = one bitmap data cluster). Each chunk is
- * all-zero (NULL), all-ones (QBM_CHUNK_ONES) or a malloc'd buffer. Bit k
- * lives in chunk k / (8 * chunk_bytes), byte (k / 8) % chunk_bytes, value
- * 1 << (k % 8): the on-disk order, so chunks are written out unchanged.
+ * all-zero (NULL), all-ones (QBM_CHUNK_ONES), a buffer from the arenas, or
+ * a reference (QBM_CHUNK_REF): "the bytes of cluster refs[i].offset of
+ * refs[i].io", read only when its bits are needed. References let a chunk
+ * that is never modified go back to disk without passing through memory:
+ * shared with the cluster it came from (same image) or copied file to file.
+ * Bit k lives in chunk k / (8 * chunk_bytes), byte (k / 8) % chunk_bytes,
+ * value 1 << (k % 8): the on-disk order, so chunks are written out
+ * unchanged.
  */
 struct qbm_chunk_arena;
+
+struct qbm_chunk_ref {
+    struct qbm_io *io;
+    uint64_t offset;
+};
 
 struct qbm_bmap {
     struct qbm_chunk_arena *arenas; /* where chunk buffers live */
@@ -535,16 +552,31 @@ struct qbm_bmap {
     uint64_t chunk_bytes;
     uint64_t nchunks;
     uint8_t **chunks;
+    struct qbm_chunk_ref *refs; /* per chunk; allocated with the first */
+    uint8_t *spare;             /* an arena buffer to hand out again */
+    struct qbm_io **owned;      /* ios closed with the bitmap */
+    size_t nowned;
 };
 extern uint8_t qbm_chunk_ones[];
+extern uint8_t qbm_chunk_ref[];
 #define QBM_CHUNK_ONES (qbm_chunk_ones)
+#define QBM_CHUNK_REF (qbm_chunk_ref)
 
 int qbm_bmap_new(uint64_t disk_size, uint64_t granularity,
                  uint64_t chunk_bytes, struct qbm_bmap **ret);
 void qbm_bmap_free(struct qbm_bmap *bm);
 /* Mark guest bytes [off, off+len) (clipped to disk_size) dirty. */
 int qbm_bmap_set_range(struct qbm_bmap *bm, uint64_t off, uint64_t len);
-bool qbm_bmap_get(const struct qbm_bmap *bm, uint64_t bit);
+/* Bit `bit`: 1 or 0, or -errno when a referenced cluster cannot be read. */
+int qbm_bmap_get(const struct qbm_bmap *bm, uint64_t bit);
+/* Make empty chunk idx a reference to the cluster at `offset` of `io`, which
+ * must stay open as long as the bitmap (see qbm_bmap_adopt_io). */
+int qbm_bmap_set_ref(struct qbm_bmap *bm, uint64_t idx, struct qbm_io *io,
+                     uint64_t offset);
+/* The bitmap closes `io` when it is freed (also when this fails). */
+int qbm_bmap_adopt_io(struct qbm_bmap *bm, struct qbm_io *io);
+/* Read a referenced chunk into memory (no-op for other chunks). */
+int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx);
 /* OR a chunk in on-disk form (NULL, QBM_CHUNK_ONES or bytes) into chunk
  * idx of a bitmap of the same granularity and chunk size. */
 int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data);
@@ -553,7 +585,7 @@ uint8_t *qbm_bmap_new_chunk(struct qbm_bmap *bm, uint64_t idx);
 /* Walk dirty guest extents (merged, clipped to disk_size). */
 int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
                      void *opaque);
-uint64_t qbm_bmap_dirty_bytes(const struct qbm_bmap *bm);
+int qbm_bmap_dirty_bytes(const struct qbm_bmap *bm, uint64_t *ret_bytes);
 
 /*
  * Stream a bitmap's on-disk data without building a qbm_bmap: for every
@@ -565,7 +597,8 @@ typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
                             const uint8_t *data);
 int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
                              qbm_chunk_fn fn, void *opaque);
-/* Load a whole bitmap into a new qbm_bmap. */
+/* A whole bitmap as a new qbm_bmap whose data chunks reference the
+ * image's clusters (nothing is read until a chunk's bits are needed). */
 int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
                       struct qbm_bmap **ret);
 
@@ -606,6 +639,17 @@ int qbm_txn_alloc(struct qbm_txn *txn, uint64_t n, uint64_t *ret_offset);
 /* Write into clusters allocated by this transaction. */
 int qbm_txn_write(struct qbm_txn *txn, const void *buf, size_t len,
                   uint64_t off);
+/*
+ * Let the new state refer to the live cluster at `off` too: its refcount
+ * goes up by one now, durable before the switch, and the old state's
+ * reference is released after it as usual. Returns 1 when shared, 0 when
+ * the cluster cannot be shared (refcount 0 or at the width's maximum; the
+ * caller copies it instead), or -errno.
+ */
+int qbm_txn_share(struct qbm_txn *txn, uint64_t off);
+/* Copy len bytes at src_off of src into clusters allocated by txn. */
+int qbm_txn_copy(struct qbm_txn *txn, struct qbm_io *src, uint64_t src_off,
+                 size_t len, uint64_t off);
 /* Queue the clusters [off, off + len) to lose `refs` references each after
  * the commit (leak repair drops a whole excess in one step). */
 int qbm_txn_release_later(struct qbm_txn *txn, uint64_t off, uint64_t len,

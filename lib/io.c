@@ -17,6 +17,54 @@ void qbm_io_close(struct qbm_io *io)
     }
 }
 
+static int copy_buffered(struct qbm_io *src, uint64_t src_off,
+                         struct qbm_io *dst, uint64_t dst_off, size_t len)
+{
+    size_t chunk = len < (1u << 20) ? len : (1u << 20);
+    uint8_t *buf = qbm_malloc(chunk ? chunk : 1);
+    int r = 0;
+
+    if (!buf) {
+        return -ENOMEM;
+    }
+    while (len > 0 && r == 0) {
+        size_t n = len < chunk ? len : chunk;
+
+        r = qbm_io_pread(src, buf, n, src_off);
+        r = r ? r : qbm_io_pwrite(dst, buf, n, dst_off);
+        src_off += n;
+        dst_off += n;
+        len -= n;
+    }
+    free(buf);
+    return r;
+}
+
+int qbm_io_copy(struct qbm_io *src, uint64_t src_off, struct qbm_io *dst,
+                uint64_t dst_off, size_t len)
+{
+    int sfd = qbm_io_fd(src), dfd = qbm_io_fd(dst);
+
+    while (sfd >= 0 && dfd >= 0 && len > 0) {
+        loff_t in = (loff_t)src_off, out = (loff_t)dst_off;
+        ssize_t n = copy_file_range(sfd, &in, dfd, &out, len, 0);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            /* Not supported between these files, or the source ends
+             * early (past its end it reads as zeros): the rest goes
+             * through memory. */
+            break;
+        }
+        src_off += (uint64_t)n;
+        dst_off += (uint64_t)n;
+        len -= (size_t)n;
+    }
+    return len ? copy_buffered(src, src_off, dst, dst_off, len) : 0;
+}
+
 /* ---- file backend ----------------------------------------------------- */
 
 struct file_io {
@@ -259,6 +307,27 @@ int qbm_io_file_adopt(int fd, struct qbm_io **ret_io)
     f->fd = fd;
     *ret_io = &f->io;
     return 0;
+}
+
+int qbm_io_dup(struct qbm_io *io, struct qbm_io **ret_io)
+{
+    int fd = qbm_io_fd(io), r;
+
+    if (fd < 0) {
+        return -EOPNOTSUPP;
+    }
+    /* A duplicate shares the open file description, and with it the OFD
+     * locks: they stay as long as either descriptor is open. */
+    fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) {
+        return qbm_err(errno, "cannot duplicate a descriptor: %s",
+                       strerror(errno));
+    }
+    r = qbm_io_file_adopt(fd, ret_io);
+    if (r < 0) {
+        close(fd);
+    }
+    return r;
 }
 
 int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,

@@ -22,7 +22,20 @@ struct rc_block {
     uint8_t *buf;
     bool dirty;
     bool is_new; /* created here: its reftable entry must be written */
+    uint64_t dirty_lo, dirty_hi; /* bytes changed since the last write */
 };
+
+/* Record that bytes [lo, hi) of b changed. */
+static void mark_dirty(struct rc_block *b, uint64_t lo, uint64_t hi)
+{
+    if (!b->dirty || lo < b->dirty_lo) {
+        b->dirty_lo = lo;
+    }
+    if (!b->dirty || hi > b->dirty_hi) {
+        b->dirty_hi = hi;
+    }
+    b->dirty = true;
+}
 
 /* A run of clusters that holds metadata, for the overlap check. */
 struct meta_range {
@@ -321,7 +334,7 @@ static int new_block_at(struct qbm_txn *t, uint64_t rt, uint64_t cluster)
         return -ENOMEM;
     }
     b->offset = cluster * t->cs;
-    b->dirty = true;
+    mark_dirty(b, 0, t->cs); /* a new cluster: written whole */
     b->is_new = true;
     t->blocks[rt] = b;
     t->rt[rt] = b->offset;
@@ -371,7 +384,8 @@ static int set_refcount(struct qbm_txn *t, uint64_t c, uint64_t value)
         b = t->blocks[rt];
     }
     qcow2_refblock_set(b->buf, t->bits, c % t->per_block, value);
-    b->dirty = true;
+    mark_dirty(b, (c % t->per_block) * t->bits / 8,
+               ((c % t->per_block) * t->bits + t->bits + 7) / 8);
     return 0;
 }
 
@@ -578,8 +592,30 @@ int qbm_txn_alloc(struct qbm_txn *t, uint64_t n, uint64_t *ret_offset)
     return 0;
 }
 
-int qbm_txn_write(struct qbm_txn *t, const void *buf, size_t len,
-                  uint64_t off)
+int qbm_txn_share(struct qbm_txn *t, uint64_t off)
+{
+    uint64_t c = off / t->cs, rc, max;
+    int r;
+
+    max = t->bits == 64 ? UINT64_MAX : (1ull << t->bits) - 1;
+    if (!is_aligned(off, t->cs) || c / t->per_block >= t->rt_entries) {
+        return 0;
+    }
+    r = get_refcount(t, c, &rc);
+    if (r < 0) {
+        return r;
+    }
+    /* A refcount of 0 means the cluster is not live (a corrupt table):
+     * sharing would resurrect whatever it holds now. */
+    if (rc == 0 || rc >= max) {
+        return 0;
+    }
+    r = set_refcount(t, c, rc + 1);
+    return r < 0 ? r : 1;
+}
+
+/* The allocated run that [off, off + len) lies in, or an error. */
+static int check_allocated(const struct qbm_txn *t, uint64_t off, size_t len)
 {
     size_t i;
 
@@ -588,11 +624,27 @@ int qbm_txn_write(struct qbm_txn *t, const void *buf, size_t len,
     for (i = 0; i < t->nallocs; i++) {
         if (off >= t->allocs[i][0] &&
             len <= t->allocs[i][1] - (off - t->allocs[i][0])) {
-            return qbm_io_pwrite(t->img->io, buf, len, off);
+            return 0;
         }
     }
     return qbm_err(EFAULT, "internal: write at 0x%llx outside the clusters "
                    "allocated by this transaction", (unsigned long long)off);
+}
+
+int qbm_txn_write(struct qbm_txn *t, const void *buf, size_t len,
+                  uint64_t off)
+{
+    int r = check_allocated(t, off, len);
+
+    return r ? r : qbm_io_pwrite(t->img->io, buf, len, off);
+}
+
+int qbm_txn_copy(struct qbm_txn *t, struct qbm_io *src, uint64_t src_off,
+                 size_t len, uint64_t off)
+{
+    int r = check_allocated(t, off, len);
+
+    return r ? r : qbm_io_copy(src, src_off, t->img->io, off, len);
 }
 
 int qbm_txn_release_later(struct qbm_txn *t, uint64_t off, uint64_t len,
@@ -626,7 +678,15 @@ static int write_blocks(struct qbm_txn *t)
         struct rc_block *b = t->blocks[i];
 
         if (b && b->dirty) {
-            r = qbm_io_pwrite(t->img->io, b->buf, t->cs, b->offset);
+            /* Only the sectors that changed: less to write and flush. */
+            uint64_t lo = b->dirty_lo / SECTOR * SECTOR;
+            uint64_t hi = div_round_up(b->dirty_hi, SECTOR) * SECTOR;
+
+            if (hi > t->cs) {
+                hi = t->cs;
+            }
+            r = qbm_io_pwrite(t->img->io, b->buf + lo, hi - lo,
+                              b->offset + lo);
             if (r < 0) {
                 return r;
             }

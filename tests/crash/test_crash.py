@@ -144,6 +144,9 @@ def scenarios(tmp):
     small = make(tmp, "small.qcow2", 24 << 20, "cluster_size=512",
                  [("s0", 512, False)],
                  ["write 0 20M", "write 22M 4k"])
+    pair = make(tmp, "pair.qcow2", 24 << 20, "cluster_size=512",
+                [("p0", 512, False), ("p1", 512, True)],
+                ["write 0 3M", "write 9M 5k", "write 22M 4k"])
     empty = make(tmp, "empty.qcow2", 32 << 20, None, [], ["write 0 1M"])
     make(tmp, "back.qcow2", 8 << 20, "cluster_size=512", [], [])
     over = make(tmp, "over.qcow2", 8 << 20, "cluster_size=512", [],
@@ -169,6 +172,8 @@ def scenarios(tmp):
         ("disable", base, 2, "disable", "b0"),
         ("rename", base, 2, "rename", "b0", "renamed"),
         ("merge across granularities", base, 3, "merge", "b1", "b0"),
+        ("merge into an empty bitmap (shares the data clusters)", pair, 3,
+         "merge", "p1", "p0"),
         ("mark a range dirty", small, 2, "dirty", "s0", "22000000",
          "500000"),
         ("mark dirty, extended L2, 1-bit refcounts", extl2, 2, "dirty", "x",
