@@ -59,8 +59,12 @@ int qcow2_l1_ensure(struct qbm_image *img)
     uint8_t *buf;
     int r;
 
-    if (img->l1 || img->raw) {
+    if (img->l1) {
         return 0;
+    }
+    if (img->raw) {
+        /* Callers handle raw layers before asking for their L1. */
+        return qbm_err(EINVAL, "internal: a raw layer has no L1 table");
     }
     /* Entries past what the virtual size needs are never consulted. */
     needed = div_round_up(h->size, l2_span(img));
@@ -292,7 +296,7 @@ int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
     int r;
 
     r = qcow2_l1_ensure(img);
-    if (r < 0) {
+    if (r) {
         return r;
     }
     for (i = 0; i < nl1; i++) {
@@ -415,7 +419,7 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
     }
     nl1 = div_round_up(size, l2_span(img));
     r = qcow2_l1_ensure(img);
-    if (r < 0) {
+    if (r) {
         return r;
     }
     for (i = 0; i < nl1; i++) {

@@ -616,12 +616,13 @@ static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
             /* Unmodified data from disk: share the cluster when it is this
              * image's own, else copy it without reading it here. */
             const struct qbm_chunk_ref *ref = &d->refs[i];
+            bool shared = false;
 
-            r = ref->io == img->io ? qbm_txn_share(txn, ref->offset) : 0;
-            if (r == 1) {
-                off = ref->offset;
-                r = 0;
-            } else if (r == 0) {
+            if (ref->io == img->io) {
+                r = qbm_txn_share(txn, ref->offset, &shared);
+            }
+            off = ref->offset;
+            if (r == 0 && !shared) {
                 r = qbm_txn_alloc(txn, 1, &off);
                 r = r ? r : qbm_txn_copy(txn, ref->io, ref->offset, cs, off);
             }
@@ -656,10 +657,11 @@ static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
     if (r == 0) {
         /* Readers look at table_size entries only; like QEMU, leave the
          * rest of the last cluster unwritten (fewer bytes to flush). */
-        r = qbm_txn_write(txn, tbl, div_round_up(d->nchunks * 8, 512) * 512, tbl_off);
+        r = qbm_txn_write(txn, tbl, div_round_up(d->nchunks * 8, 512) * 512,
+                          tbl_off);
     }
     free(tbl);
-    if (r < 0) {
+    if (r) {
         return r;
     }
     bm->table_offset = tbl_off;

@@ -642,11 +642,11 @@ int qbm_txn_write(struct qbm_txn *txn, const void *buf, size_t len,
 /*
  * Let the new state refer to the live cluster at `off` too: its refcount
  * goes up by one now, durable before the switch, and the old state's
- * reference is released after it as usual. Returns 1 when shared, 0 when
- * the cluster cannot be shared (refcount 0 or at the width's maximum; the
- * caller copies it instead), or -errno.
+ * reference is released after it as usual. *ret_shared is false when the
+ * cluster cannot be shared (refcount 0 or at the width's maximum): the
+ * caller copies it instead. Returns 0 or -errno.
  */
-int qbm_txn_share(struct qbm_txn *txn, uint64_t off);
+int qbm_txn_share(struct qbm_txn *txn, uint64_t off, bool *ret_shared);
 /* Copy len bytes at src_off of src into clusters allocated by txn. */
 int qbm_txn_copy(struct qbm_txn *txn, struct qbm_io *src, uint64_t src_off,
                  size_t len, uint64_t off);

@@ -592,11 +592,12 @@ int qbm_txn_alloc(struct qbm_txn *t, uint64_t n, uint64_t *ret_offset)
     return 0;
 }
 
-int qbm_txn_share(struct qbm_txn *t, uint64_t off)
+int qbm_txn_share(struct qbm_txn *t, uint64_t off, bool *ret_shared)
 {
     uint64_t c = off / t->cs, rc, max;
     int r;
 
+    *ret_shared = false;
     max = t->bits == 64 ? UINT64_MAX : (1ull << t->bits) - 1;
     if (!is_aligned(off, t->cs) || c / t->per_block >= t->rt_entries) {
         return 0;
@@ -611,7 +612,11 @@ int qbm_txn_share(struct qbm_txn *t, uint64_t off)
         return 0;
     }
     r = set_refcount(t, c, rc + 1);
-    return r < 0 ? r : 1;
+    if (r < 0) {
+        return r;
+    }
+    *ret_shared = true;
+    return 0;
 }
 
 /* The allocated run that [off, off + len) lies in, or an error. */

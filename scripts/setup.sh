@@ -5,9 +5,11 @@
 #   ./scripts/setup.sh demo   install what is missing, build, run the demo
 #   ./scripts/setup.sh test   install what is missing, build, run every suite:
 #                             unit + integration + fuzz-regress (normal build),
-#                             the same under ASan+UBSan, and a fuzz smoke run
+#                             again under valgrind, the same under ASan+UBSan,
+#                             and a fuzz smoke run
 # Environment: QBM_FUZZ_SECONDS (default 60 per harness), QBM_SKIP_FUZZ=1,
-# QBM_SKIP_ASAN=1 (for quick local runs; CI runs everything).
+# QBM_SKIP_ASAN=1, QBM_SKIP_VALGRIND=1 (for quick local runs; CI runs
+# everything).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -78,11 +80,25 @@ test)
     install_missing
     build build
     run_suite "unit, integration and fuzz-regress tests" build
+    if [ "${QBM_SKIP_VALGRIND:-0}" != 1 ]; then
+        run_suite "under valgrind memcheck (fewer random rounds)" build \
+            --setup valgrind --suite valgrind
+    fi
     if [ "${QBM_SKIP_ASAN:-0}" != 1 ]; then
         build build-asan -Db_sanitize=address,undefined -Db_lundef=false
         ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
         UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
             run_suite "the same under ASan+UBSan" build-asan
+    fi
+    echo "== static analysis of lib/ (gcc -fanalyzer, warnings are errors)"
+    if [ ! -f build-analyzer/build.ninja ]; then
+        CFLAGS=-fanalyzer meson setup build-analyzer -Dtests=false \
+            -Dwerror=true >/dev/null
+    fi
+    if ninja -C build-analyzer lib/libqbm-internal.a; then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1))
     fi
     if [ "${QBM_SKIP_FUZZ:-0}" != 1 ] && [ -x fuzz/run-smoke.sh ]; then
         echo "== fuzz smoke run"
