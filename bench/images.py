@@ -57,13 +57,12 @@ def bitmap_table(img, name):
     raise RuntimeError("no bitmap %s" % name)
 
 
-def make_dense(path, size):
-    run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)])
-    run(["qemu-img", "bitmap", "--add", "-g", "64K", path, "base"])
-    toff, tsize, cs = bitmap_table(path, "base")
-    # One 0xff byte every 320 bytes: ~200 extents of 512 KiB per cluster.
+def fill_bitmap(path, name, first):
+    """Give every data cluster of bitmap `name` one 0xff byte every 320
+    bytes from byte `first` on (~200 extents of 512 KiB per cluster)."""
+    toff, tsize, cs = bitmap_table(path, name)
     chunk = bytearray(cs)
-    for i in range(0, cs, 320):
+    for i in range(first, cs, 320):
         chunk[i] = 0xff
     with open(path, "r+b") as f:
         end = (os.fstat(f.fileno()).st_size + cs - 1) // cs * cs
@@ -74,6 +73,18 @@ def make_dense(path, size):
             table += struct.pack(">Q", end + i * cs)
         f.seek(toff)
         f.write(table)
+
+
+def make_dense(path, size, alt=False):
+    """Bitmap 'base' with all data clusters non-empty; with alt, also
+    bitmap 'alt' whose bits are disjoint from base's, so that merging it
+    into a copy of base changes every data cluster."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)])
+    run(["qemu-img", "bitmap", "--add", "-g", "64K", path, "base"])
+    if alt:
+        run(["qemu-img", "bitmap", "--add", "-g", "64K", path, "alt"])
+        fill_bitmap(path, "alt", 160)
+    fill_bitmap(path, "base", 0)
     # The new clusters have no refcount yet: QEMU's repair adds them.
     subprocess.run(["qemu-img", "check", "-q", "-r", "all", path],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

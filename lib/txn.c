@@ -127,6 +127,47 @@ static int cmp_meta(const void *a, const void *b)
     return x->start < y->start ? -1 : x->start > y->start;
 }
 
+static int meta_add_l2(struct qbm_txn *t, const uint64_t *l1, uint64_t n)
+{
+    uint64_t i;
+    int r;
+
+    for (i = 0; i < n; i++) {
+        uint64_t off = l1[i] & L1E_OFFSET_MASK;
+
+        if (off && (r = meta_add(t, off, t->cs, "L2 table"))) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+/* The L2 tables of an L1 table not loaded yet, read a piece at a time: an
+ * edit of a huge disk's bitmaps need not keep (and fault in) its L1. */
+static int meta_stream_l1(struct qbm_txn *t, uint64_t nl1)
+{
+    enum { PIECE = 512 };
+    uint64_t *piece = qbm_malloc(PIECE * 8);
+    uint64_t i, k, n;
+    int r = 0;
+
+    if (!piece) {
+        return -ENOMEM;
+    }
+    for (i = 0; i < nl1 && r == 0; i += n) {
+        n = nl1 - i < PIECE ? nl1 - i : PIECE;
+        r = qbm_image_read_meta(t->img, piece, n * 8,
+                                t->img->hdr.l1_table_offset + i * 8,
+                                "L1 table");
+        for (k = 0; k < n && r == 0; k++) {
+            piece[k] = be64_load((const uint8_t *)&piece[k]);
+        }
+        r = r ? r : meta_add_l2(t, piece, n);
+    }
+    free(piece);
+    return r;
+}
+
 /*
  * Collect every metadata structure qbm knows about, so that a cluster whose
  * refcount says "free" but which holds metadata is caught (the image is
@@ -159,16 +200,9 @@ static int meta_collect(struct qbm_txn *t)
         }
     }
     nl1 = div_round_up(h->size, t->cs * img->l2_entries);
-    r = qcow2_l1_ensure(img);
-    if (r < 0) {
+    r = img->l1 ? meta_add_l2(t, img->l1, nl1) : meta_stream_l1(t, nl1);
+    if (r) {
         return r;
-    }
-    for (i = 0; i < nl1; i++) {
-        uint64_t off = img->l1[i] & L1E_OFFSET_MASK;
-
-        if (off && (r = meta_add(t, off, t->cs, "L2 table"))) {
-            return r;
-        }
     }
     for (k = 0; k < img->nb_snapshots; k++) {
         r = meta_add(t, img->snapshots[k].l1_table_offset,
