@@ -10,10 +10,11 @@ nothing on stdout (check may report problems with exit 2 or 3), a refused
 edit leaves the file byte for byte unchanged, and `qbm check` finds every
 malformation (non-zero exit). Also: while qemu-nbd holds the image (read-
 write or read-only) every edit fails with a lock message and changes
-nothing, and a process holding qbm's writer lock bytes makes qemu-img and
-qemu-io fail.
+nothing, and a process holding qbm's writer lock bytes, or libqbm with the
+image open for writing, makes qemu-img and qemu-io fail.
 """
 import argparse
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -243,7 +244,7 @@ def hostile(qbm, tmp, every=1):
     return cases * len(COMMANDS) - failures, failures
 
 
-def locks(qbm, tmp):
+def locks(qbm, tmp, libqbm=None):
     img = os.path.join(tmp, "locked.qcow2")
     run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"])
     run(["qemu-img", "bitmap", "--add", img, "b0"])
@@ -290,23 +291,55 @@ def locks(qbm, tmp):
         for byte in (100, 101, 103, 201, 203):
             fcntl.fcntl(fd, 37, struct.pack("hhqqi", fcntl.F_RDLCK, 0, byte,
                                             1, 0))  # F_OFD_SETLK
-        for cmd in (["qemu-img", "info", img],
-                    ["qemu-io", "-c", "write 0 512", img]):
-            p = run(cmd)
-            if p.returncode != 0 and "lock" in p.stderr:
-                passed += 1
-            else:
-                failed += 1
-                print("FAIL %s while qbm's writer locks are held: exit %d" %
-                      (cmd[0], p.returncode))
+        p2, f2 = qemu_kept_out(img, "qbm's writer lock bytes are held")
+        passed += p2
+        failed += f2
     finally:
         os.close(fd)
+    # And the library itself holding the image open for writing.
+    if libqbm:
+        lib = ctypes.CDLL(libqbm)
+        lib.qbm_open.restype = ctypes.c_void_p
+        lib.qbm_open.argtypes = [ctypes.c_char_p, ctypes.c_uint]
+        lib.qbm_close.argtypes = [ctypes.c_void_p]
+        h = lib.qbm_open(img.encode(), 1)  # QBM_OPEN_RDWR
+        if not h:
+            failed += 1
+            print("FAIL qbm_open for writing")
+        else:
+            try:
+                p2, f2 = qemu_kept_out(img, "libqbm has the image open for "
+                                       "writing")
+                passed += p2
+                failed += f2
+            finally:
+                lib.qbm_close(h)
+        p = run(["qemu-io", "-c", "write 0 512", img])
+        if p.returncode == 0:
+            passed += 1
+        else:
+            failed += 1
+            print("FAIL qemu-io after qbm_close: %s" % p.stderr.strip())
+    return passed, failed
+
+
+def qemu_kept_out(img, why):
+    passed = failed = 0
+    for cmd in (["qemu-img", "info", img],
+                ["qemu-io", "-c", "write 0 512", img]):
+        p = run(cmd)
+        if p.returncode != 0 and "lock" in p.stderr:
+            passed += 1
+        else:
+            failed += 1
+            print("FAIL %s while %s: exit %d" % (cmd[0], why, p.returncode))
     return passed, failed
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--qbm", required=True)
+    ap.add_argument("--libqbm", help="libqbm.so, to hold an image open")
     ap.add_argument("--every", type=int, default=1,
                     help="only every Nth catalogue entry (slow runs)")
     args = ap.parse_args()
@@ -316,7 +349,7 @@ def main():
         return 1 if os.environ.get("CI") else 77
     with tempfile.TemporaryDirectory(prefix="qbm-hostile-") as tmp:
         p1, f1 = hostile(args.qbm, tmp, args.every)
-        p2, f2 = locks(args.qbm, tmp)
+        p2, f2 = locks(args.qbm, tmp, args.libqbm)
     print("hostile: %d passed, %d failed" % (p1 + p2, f1 + f2))
     return 1 if f1 + f2 else 0
 
