@@ -462,24 +462,20 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
         bm->chunks[idx] = QBM_CHUNK_ONES;
         return 0;
     }
-    c = bm->chunks[idx];
-    if (c == QBM_CHUNK_REF) {
-        /* Read it, but keep the reference when data adds no bit: an
-         * unchanged chunk is shared or copied at commit, not rewritten. */
-        c = chunk_alloc(bm);
-        if (!c) {
-            return -ENOMEM;
-        }
-        r = ref_read(bm, idx, c);
+    if (bm->chunks[idx] == QBM_CHUNK_REF) {
+        r = qbm_bmap_load_chunk(bm, idx);
         if (r < 0) {
             return r;
         }
-        if (is_subset(data, c, bm->chunk_bytes)) {
-            bm->spare = c;
+        if (is_subset(data, bm->chunks[idx], bm->chunk_bytes)) {
+            /* data adds no bit: keep the reference, so that the unchanged
+             * chunk is shared or copied at commit, not rewritten. */
+            bm->spare = bm->chunks[idx];
+            bm->chunks[idx] = QBM_CHUNK_REF;
             return 0;
         }
-        bm->chunks[idx] = c;
     }
+    c = bm->chunks[idx];
     if (!c) {
         /* Keep only chunks with a set bit: memory follows dirty data. */
         if (data[0] == 0 && memcmp(data, data + 1, bm->chunk_bytes - 1) == 0) {

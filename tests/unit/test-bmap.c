@@ -170,6 +170,36 @@ static void test_whole_chunk_becomes_ones(void **state)
     qbm_bmap_free(bm);
 }
 
+/* ORing into a referenced chunk: a subset keeps the reference (nothing to
+ * rewrite), anything new reads the chunk in and ORs. */
+static void test_or_into_reference(void **state)
+{
+    uint8_t disk[512] = { 0 }, sub[512] = { 0 }, more[512] = { 0 };
+    struct qbm_bmap *bm;
+    struct qbm_io *io;
+
+    disk[0] = 0x0f;
+    disk[100] = 0x80;
+    sub[0] = 0x03;
+    more[1] = 0x01;
+    assert_int_equal(qbm_bmap_new(1 << 21, 512, 512, &bm), 0);
+    assert_int_equal(qbm_io_mem_open(disk, sizeof(disk), &io), 0);
+    assert_int_equal(qbm_bmap_adopt_io(bm, io), 0);
+    assert_int_equal(qbm_bmap_set_ref(bm, 0, io, 0), 0);
+    assert_int_equal(qbm_bmap_or_chunk(bm, 0, sub), 0);
+    assert_ptr_equal(bm->chunks[0], QBM_CHUNK_REF);
+    assert_int_equal(qbm_bmap_get(bm, 3), 1);
+    assert_int_equal(qbm_bmap_get(bm, 4), 0);
+    assert_int_equal(qbm_bmap_or_chunk(bm, 0, more), 0);
+    assert_true(bm->chunks[0] != QBM_CHUNK_REF);
+    assert_int_equal(qbm_bmap_get(bm, 8), 1);
+    assert_int_equal(qbm_bmap_get(bm, 807), 1);
+    assert_int_equal(qbm_bmap_get(bm, 3), 1);
+    /* A reference cannot replace a chunk that holds something. */
+    assert_int_equal(qbm_bmap_set_ref(bm, 0, io, 0), -EINVAL);
+    qbm_bmap_free(bm);
+}
+
 static void test_extent_state_bit_order(void **state)
 {
     uint8_t chunk[512] = { 0 };
@@ -202,6 +232,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_vs_model),
         cmocka_unit_test(test_whole_chunk_becomes_ones),
+        cmocka_unit_test(test_or_into_reference),
         cmocka_unit_test(test_extent_state_bit_order),
     };
 
