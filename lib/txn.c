@@ -142,11 +142,11 @@ static int meta_add_l2(struct qbm_txn *t, const uint64_t *l1, uint64_t n)
     return 0;
 }
 
-/* The L2 tables of an L1 table not loaded yet, read a piece at a time: an
+/* The L2 tables of an L1 table not loaded yet, read 64 KiB at a time: an
  * edit of a huge disk's bitmaps need not keep (and fault in) its L1. */
 static int meta_stream_l1(struct qbm_txn *t, uint64_t nl1)
 {
-    enum { PIECE = 512 };
+    enum { PIECE = 8192 };
     uint64_t *piece = qbm_malloc(PIECE * 8);
     uint64_t i, k, n;
     int r = 0;
