@@ -653,7 +653,7 @@ int qbm_txn_share(struct qbm_txn *t, uint64_t off, bool *ret_shared)
     return 0;
 }
 
-/* The allocated run that [off, off + len) lies in, or an error. */
+/* 0 when [off, off + len) lies in clusters this transaction allocated. */
 static int check_allocated(const struct qbm_txn *t, uint64_t off, size_t len)
 {
     size_t i;
