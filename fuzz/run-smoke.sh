@@ -19,7 +19,7 @@ trap 'rm -rf "$work"' EXIT
 status=0
 for h in fuzz-open fuzz-edit; do
     mkdir -p "$work/$h" "$work/art-$h"
-    cp "$here"/corpus/open/* "$work/$h/"
+    cp "$here"/corpus/open/* "$here"/corpus/found-*/* "$work/$h/"
     echo "== $h for ${secs}s"
     if ! "$build/fuzz/$h" -max_total_time="$secs" -max_len=262144 \
             -rss_limit_mb=2048 -timeout=10 -dict="$here/qcow2.dict" \
