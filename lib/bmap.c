@@ -324,6 +324,7 @@ int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx)
     }
     r = ref_read(bm, idx, c);
     if (r < 0) {
+        bm->spare = c;
         return r;
     }
     bm->chunks[idx] = c;

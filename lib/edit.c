@@ -387,12 +387,24 @@ static int merge_chunk(void *opaque, uint64_t idx, const uint8_t *data)
 static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
                              struct qcow2_bitmap *sbm, struct qbm_bmap *dst)
 {
-    struct qbm_io *src_io = src == img ? img->io : NULL;
+    struct qbm_io *src_io = img->io;
     uint8_t *tmp = NULL;
     uint64_t i;
-    int r;
+    int r = 0;
 
-    r = qcow2_bitmap_table_load(src, sbm);
+    if (src != img) {
+        /* Another image: reference it through a descriptor of our own
+         * (keeping its read lock) so the caller may close src before
+         * committing. Backends without descriptors are read now. */
+        r = qbm_io_dup(src->io, &src_io);
+        if (r == 0) {
+            r = qbm_bmap_adopt_io(dst, src_io);
+        } else if (r == -EOPNOTSUPP) {
+            src_io = NULL;
+            r = 0;
+        }
+    }
+    r = r ? r : qcow2_bitmap_table_load(src, sbm);
     for (i = 0; r == 0 && i < dst->nchunks && i < sbm->table_size; i++) {
         uint64_t e = sbm->table[i], off = e & BME_TABLE_OFFSET_MASK;
         uint8_t *c = dst->chunks[i];
@@ -407,27 +419,16 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
              dst->refs[i].offset == off)) {
             continue; /* already all ones, or the very same cluster */
         }
-        if (!c && !src_io) {
-            /* Another image: reference it through a descriptor of our own
-             * (keeping its read lock) so the caller may close src before
-             * committing. Backends without descriptors are read now. */
-            r = qbm_io_dup(src->io, &src_io);
-            if (r == 0) {
-                r = qbm_bmap_adopt_io(dst, src_io);
-            } else if (r == -EOPNOTSUPP) {
-                r = 0;
-            }
-        }
         if (!c && src_io) {
-            r = r ? r : qbm_bmap_set_ref(dst, i, src_io, off);
+            r = qbm_bmap_set_ref(dst, i, src_io, off);
             continue;
         }
         if (!tmp && !(tmp = qbm_malloc(src->cluster_size))) {
             r = -ENOMEM;
             break;
         }
-        r = r ? r : qbm_image_read_meta(src, tmp, src->cluster_size, off,
-                                        "bitmap data cluster");
+        r = qbm_image_read_meta(src, tmp, src->cluster_size, off,
+                                "bitmap data cluster");
         r = r ? r : qbm_bmap_or_chunk(dst, i, tmp);
     }
     free(tmp);

@@ -145,7 +145,7 @@ static int check_one(struct qbm_image *img, const char *name,
     }
     if (ch) {
         chain_rules(ch, &rep);
-    } else {
+    } else if (qbm_image_backing_file(img)) {
         backing_loop(name, &rep);
     }
     if (fmt == OUTPUT_JSON) {
