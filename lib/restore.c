@@ -12,9 +12,12 @@
  */
 #include <fcntl.h>
 #include <libgen.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -26,7 +29,10 @@
 #define WRITEBACK (64ull << 20)
 
 struct out {
-    const char *output;
+    const char *output; /* as given */
+    char *target;       /* where the data goes: OUTPUT, links followed */
+    bool exists;        /* a regular file is at target, as st says */
+    struct stat st;
     char *tmp;
     int fd;
     struct qbm_io *io;
@@ -198,10 +204,187 @@ static bool is_data(const struct qcow2_map_extent *e)
 
 /* ---- output files -------------------------------------------------------- */
 
-static int out_create(struct out *o, const char *output)
+/*
+ * OUTPUT is looked at before anything is written. Symbolic links are
+ * followed, as open() does for qemu-img convert: the file a link points to
+ * gets the data and the link stays; a dangling link creates its target.
+ * What is found at the end must be a regular file or nothing. Devices,
+ * fifos, sockets and directories are refused, and the final rename makes
+ * sure it never replaces one that appeared in the meantime.
+ *
+ * The output is written to a temporary file beside the target (the rename
+ * must stay within one file system), created with mode 0666 so that the
+ * kernel applies the umask (and a directory's default ACL): the library
+ * cannot read the umask without changing it, which is not thread-safe. An
+ * existing output keeps its permission bits, as when qemu-img convert
+ * truncates it in place.
+ */
+
+#define MAX_LINKS 40 /* as the kernel's limit on symbolic links in a path */
+
+static const char *kind_name(mode_t mode)
 {
-    char *d = qbm_strndup(output, strlen(output));
-    char *b = qbm_strndup(output, strlen(output));
+    switch (mode & S_IFMT) {
+    case S_IFBLK:
+        return "block device";
+    case S_IFCHR:
+        return "character device";
+    case S_IFIFO:
+        return "fifo";
+    case S_IFSOCK:
+        return "socket";
+    case S_IFDIR:
+        return "directory";
+    case S_IFLNK:
+        return "symbolic link";
+    default:
+        return "special file";
+    }
+}
+
+/* The path a symbolic link at `path` points to; relative link text is
+ * relative to the link's directory. */
+static int follow_link(const char *output, const char *path, char **ret)
+{
+    char text[PATH_MAX], *dir, *res;
+    ssize_t n = readlink(path, text, sizeof(text));
+    size_t len;
+
+    if (n < 0 || (size_t)n >= sizeof(text)) {
+        int e = n < 0 ? errno : ENAMETOOLONG;
+
+        return qbm_err(e, "%s: cannot read the symbolic link %s: %s",
+                       output, path, strerror(e));
+    }
+    text[n] = '\0';
+    dir = qbm_strndup(path, strlen(path));
+    if (!dir) {
+        return -ENOMEM;
+    }
+    if (text[0] != '/' && strcmp(dirname(dir), ".") != 0) {
+        len = strlen(dir) + 1 + (size_t)n + 1;
+        res = qbm_malloc(len);
+        if (res) {
+            snprintf(res, len, "%s/%s", dir, text);
+        }
+    } else {
+        res = qbm_strndup(text, (size_t)n);
+    }
+    free(dir);
+    if (!res) {
+        return -ENOMEM;
+    }
+    *ret = res;
+    return 0;
+}
+
+/* Describe the refusal of `target` (of type `mode`) as OUTPUT. */
+static int refuse_kind(const struct out *o, mode_t mode)
+{
+    int e = S_ISDIR(mode) ? EISDIR : EOPNOTSUPP;
+    const char *hint = S_ISDIR(mode)
+                           ? "name the file to write"
+                           : "writing onto devices is not supported yet";
+
+    if (strcmp(o->target, o->output) == 0) {
+        return qbm_err(e, "%s: not a regular file (%s); %s", o->output,
+                       kind_name(mode), hint);
+    }
+    return qbm_err(e, "%s: links to %s, not a regular file (%s); %s",
+                   o->output, o->target, kind_name(mode), hint);
+}
+
+/* Find what OUTPUT names, following symbolic links; refuse anything but
+ * a regular file or nothing. */
+static int out_check(struct out *o, const char *output)
+{
+    char *path = qbm_strndup(output, strlen(output));
+    int hops, r;
+
+    o->output = output;
+    if (!path) {
+        return -ENOMEM;
+    }
+    for (hops = 0;; hops++) {
+        char *next;
+
+        if (lstat(path, &o->st) < 0) {
+            if (errno != ENOENT) {
+                r = qbm_err(errno, "%s: cannot access: %s", output,
+                            strerror(errno));
+                goto fail;
+            }
+            o->exists = false;
+            break;
+        }
+        if (!S_ISLNK(o->st.st_mode)) {
+            o->exists = true;
+            break;
+        }
+        if (hops == MAX_LINKS) {
+            r = qbm_err(ELOOP, "%s: too many levels of symbolic links",
+                        output);
+            goto fail;
+        }
+        r = follow_link(output, path, &next);
+        if (r < 0) {
+            goto fail;
+        }
+        free(path);
+        path = next;
+    }
+    o->target = path;
+    if (o->exists && !S_ISREG(o->st.st_mode)) {
+        return refuse_kind(o, o->st.st_mode);
+    }
+    if (!o->exists && path[0] && path[strlen(path) - 1] == '/') {
+        return qbm_err(EISDIR, "%s: cannot create: names a directory",
+                       output);
+    }
+    return 0;
+
+fail:
+    free(path);
+    return r;
+}
+
+/* Open a new file named `tmpl` with its last six X replaced, as mkostemp
+ * does but with the caller's mode (mkostemp always uses 0600). */
+static int open_temp(char *tmpl, mode_t mode)
+{
+    static const char set[] = "abcdefghijklmnopqrstuvwxyz"
+                              "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    char *x = tmpl + strlen(tmpl) - 6;
+    int tries, i, fd;
+
+    for (tries = 0; tries < 100; tries++) {
+        uint64_t v;
+
+        if (getrandom(&v, sizeof(v), GRND_NONBLOCK) != sizeof(v)) {
+            struct timespec ts;
+
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            v = (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^
+                (uint64_t)getpid() << 32 ^ (uint64_t)tries;
+        }
+        for (i = 0; i < 6; i++) {
+            x[i] = set[v % (sizeof(set) - 1)];
+            v /= sizeof(set) - 1;
+        }
+        fd = open(tmpl, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+        if (fd >= 0 || errno != EEXIST) {
+            return fd;
+        }
+    }
+    errno = EEXIST;
+    return -1;
+}
+
+static int out_create(struct out *o)
+{
+    char *d = qbm_strndup(o->target, strlen(o->target));
+    char *b = qbm_strndup(o->target, strlen(o->target));
+    mode_t mode = o->exists ? (o->st.st_mode & 0777) : 0666;
     size_t len;
     int r;
 
@@ -211,7 +394,7 @@ static int out_create(struct out *o, const char *output)
         return -ENOMEM;
     }
     /* dirname and basename may modify their argument: one copy each. */
-    len = strlen(output) * 2 + 32;
+    len = strlen(o->target) * 2 + 32;
     o->tmp = qbm_malloc(len);
     if (o->tmp) {
         snprintf(o->tmp, len, "%s/.%s.qbm-XXXXXX", dirname(d), basename(b));
@@ -221,19 +404,29 @@ static int out_create(struct out *o, const char *output)
     if (!o->tmp) {
         return -ENOMEM;
     }
-    o->output = output;
-    o->fd = mkostemp(o->tmp, O_CLOEXEC);
+    o->fd = open_temp(o->tmp, mode);
     if (o->fd < 0) {
-        r = qbm_err(errno, "%s: cannot create: %s", output, strerror(errno));
+        r = strcmp(o->target, o->output) == 0
+                ? qbm_err(errno, "%s: cannot create: %s", o->output,
+                          strerror(errno))
+                : qbm_err(errno, "%s: cannot create %s: %s", o->output,
+                          o->target, strerror(errno));
         free(o->tmp);
         o->tmp = NULL;
         return r;
     }
-    fchmod(o->fd, 0644);
+    /* The umask may have taken bits off the old mode; give them back (a
+     * file system without permissions may refuse: the file then stays
+     * at most as open as the umask allows). */
+    if (o->exists) {
+        (void)fchmod(o->fd, mode);
+    }
     r = qbm_io_file_adopt(o->fd, &o->io);
     if (r < 0) {
         close(o->fd);
         unlink(o->tmp);
+        free(o->tmp);
+        o->tmp = NULL;
     }
     return r;
 }
@@ -251,18 +444,142 @@ static void out_abort(struct out *o)
     }
 }
 
+static void out_free(struct out *o)
+{
+    out_abort(o);
+    free(o->target);
+    o->target = NULL;
+}
+
+/* The file system cannot do what a renameat2 flag asks. */
+static bool unsupported(int e)
+{
+    return e == EINVAL || e == ENOSYS || e == EOPNOTSUPP || e == ENOTSUP;
+}
+
+/* OUTPUT turned into something that is not a regular file after
+ * out_check(): nothing may be replaced. */
+static int refuse_changed(const struct out *o, mode_t mode)
+{
+    return qbm_err(EEXIST, "%s: became a %s while the output was written; "
+                   "it was left as it is and the output discarded",
+                   o->target, kind_name(mode));
+}
+
+/* Replace a regular file at the target, checking just before: for file
+ * systems without RENAME_EXCHANGE. What replaces the target between the
+ * lstat() and the rename() is replaced in its turn; only someone who can
+ * write the target's directory can do that, and a directory is safe
+ * anyway (rename() never puts a file over one). */
+static int rename_checked(struct out *o)
+{
+    struct stat st;
+
+    if (lstat(o->target, &st) == 0 && !S_ISREG(st.st_mode)) {
+        return refuse_changed(o, st.st_mode);
+    }
+    if (rename(o->tmp, o->target) < 0) {
+        return qbm_err(errno, "%s: cannot rename into place: %s", o->output,
+                       strerror(errno));
+    }
+    return 0;
+}
+
+/*
+ * Publish over an existing target without ever replacing anything but a
+ * regular file: swap the two names atomically, then look at what was at
+ * the target. A regular file is deleted; anything else is swapped back,
+ * the node itself untouched. A crash in between leaves the old file under
+ * the temporary name (the output is complete by then). Returns 1 when the
+ * target is gone.
+ */
+static int rename_over(struct out *o)
+{
+    struct stat st;
+
+    if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->target,
+                  RENAME_EXCHANGE) < 0) {
+        if (errno == ENOENT) {
+            return 1;
+        }
+        if (unsupported(errno)) {
+            return rename_checked(o);
+        }
+        return qbm_err(errno, "%s: cannot rename into place: %s", o->output,
+                       strerror(errno));
+    }
+    if (lstat(o->tmp, &st) < 0 || S_ISREG(st.st_mode)) {
+        unlink(o->tmp);
+        return 0;
+    }
+    if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->target,
+                  RENAME_EXCHANGE) < 0) {
+        /* Cannot happen short of someone else renaming these names too:
+         * keep the node, and say where it is. */
+        int e = errno;
+        int r = qbm_err(e, "%s: became a %s while the output was written, "
+                        "and it could not be put back: it is now named "
+                        "%s: %s", o->target, kind_name(st.st_mode), o->tmp,
+                        strerror(e));
+
+        free(o->tmp);
+        o->tmp = NULL;
+        return r;
+    }
+    return refuse_changed(o, st.st_mode);
+}
+
+/* Publish where nothing is: never replaces. Returns 1 when something
+ * appeared at the target. */
+static int rename_new(struct out *o)
+{
+    if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->target,
+                  RENAME_NOREPLACE) == 0) {
+        return 0;
+    }
+    if (unsupported(errno)) {
+        /* link() never replaces either (NFS has no RENAME_NOREPLACE). */
+        if (link(o->tmp, o->target) == 0) {
+            unlink(o->tmp);
+            return 0;
+        }
+        if (errno != EEXIST) {
+            return rename_checked(o); /* no hard links either (FAT) */
+        }
+    }
+    if (errno == EEXIST) {
+        return 1;
+    }
+    return qbm_err(errno, "%s: cannot rename into place: %s", o->output,
+                   strerror(errno));
+}
+
 /* Flush, publish under the final name, and make the rename durable. */
 static int out_publish(struct out *o)
 {
+    bool exists = o->exists;
     char *copy;
-    int r, dfd;
+    int r, tries, dfd;
 
     r = qbm_io_flush(o->io);
+    if (r < 0) {
+        qbm_err_prefix(r, "%s", o->output);
+    }
     qbm_io_close(o->io);
     o->io = NULL;
-    if (r == 0 && rename(o->tmp, o->output) < 0) {
-        r = qbm_err(errno, "%s: cannot rename into place: %s", o->output,
-                    strerror(errno));
+    /* The target may come and go under us: try again a few times. */
+    for (tries = 0; r == 0; tries++) {
+        if (tries == 4) {
+            r = qbm_err(EAGAIN, "%s: keeps changing; the output was "
+                        "discarded", o->target);
+            break;
+        }
+        r = exists ? rename_over(o) : rename_new(o);
+        if (r != 1) {
+            break;
+        }
+        r = 0;
+        exists = !exists;
     }
     if (r < 0) {
         out_abort(o);
@@ -270,7 +587,7 @@ static int out_publish(struct out *o)
     }
     free(o->tmp);
     o->tmp = NULL;
-    copy = qbm_strndup(o->output, strlen(o->output));
+    copy = qbm_strndup(o->target, strlen(o->target));
     if (copy) {
         dfd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dfd >= 0) {
@@ -493,6 +810,7 @@ static int restore(const char *const *images, size_t n, const char *output,
         r = qbm_err(EINVAL, "a checkpoint needs qcow2 output");
     }
     /* Verify everything before writing anything. */
+    r = r ? r : out_check(&o, output);
     for (i = 0; i < n && r == 0; i++) {
         for (j = 0; j < i && r == 0; j++) {
             if (same_inode(images[i], images[j])) {
@@ -522,7 +840,7 @@ static int restore(const char *const *images, size_t n, const char *output,
     }
     if (r == 0) {
         o.total = format == QBM_OUTPUT_QCOW2 ? 0 : data_bytes(map, nmap);
-        r = out_create(&o, output);
+        r = out_create(&o);
     }
     if (r == 0) {
         r = format == QBM_OUTPUT_QCOW2
@@ -543,9 +861,8 @@ static int restore(const char *const *images, size_t n, const char *output,
     }
     if (r == 0) {
         r = out_publish(&o);
-    } else {
-        out_abort(&o);
     }
+    out_free(&o);
     for (i = 0; i < n; i++) {
         qbm_close(layers[i]);
     }
@@ -594,16 +911,26 @@ static int extract(const char *image, const char *bitmap, const char *output,
     unsigned bits = 16;
     uint64_t size;
     int r = 0, consistent = 1;
+    bool out_failed = false; /* the message names OUTPUT, not IMAGE */
 
     if ((flags & QBM_EXTRACT_FULL) && backing) {
-        return qbm_err(EINVAL, "a full backup has no backing file");
+        return qbm_err_prefix(qbm_err(EINVAL, "a full backup has no backing "
+                                      "file"), "%s", image);
+    }
+    r = out_check(&o, output);
+    if (r < 0) {
+        out_free(&o);
+        return r;
     }
     if (same_inode(image, output)) {
-        return qbm_err(EINVAL, "the output would overwrite the image");
+        out_free(&o);
+        return qbm_err_prefix(qbm_err(EINVAL, "the output would overwrite "
+                                      "the image"), "%s", image);
     }
     ch = qbm_chain_open(image, 0);
     if (!ch) {
-        return -qbm_get_errno();
+        out_free(&o);
+        return qbm_err_prefix(-qbm_get_errno(), "%s", image);
     }
     n = qbm_chain_length(ch);
     size = qbm_chain_layer(ch, 0)->hdr.size;
@@ -648,7 +975,8 @@ static int extract(const char *image, const char *bitmap, const char *output,
         r = qbm_resolve(layers, n, size, &map, &nmap);
     }
     if (r == 0) {
-        r = out_create(&o, output);
+        r = out_create(&o);
+        out_failed = r < 0;
     }
     if (r == 0) {
         r = write_qcow2(layers, map, nmap, size, bits,
@@ -657,9 +985,12 @@ static int extract(const char *image, const char *bitmap, const char *output,
     }
     if (r == 0) {
         r = out_publish(&o);
-    } else {
-        out_abort(&o);
+        out_failed = r < 0;
     }
+    if (r < 0 && !out_failed) {
+        qbm_err_prefix(r, "%s", image);
+    }
+    out_free(&o);
     free(want.v);
     free(map);
     free(layers);

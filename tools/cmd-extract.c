@@ -13,7 +13,7 @@ static const char usage[] =
     "through its backing chain) that BITMAP marks dirty, zero flags where\n"
     "the disk reads as zeros: an incremental backup of a shut-down VM.\n"
     "'qbm restore FULL ... OUTPUT' rebuilds the disk from it.\n\n"
-    "  -o OUTPUT            the backup file to write\n"
+    "  -o OUTPUT            the backup file to write (as for restore)\n"
     "  -c, --chain          the dirty set is BITMAP's union over the chain\n"
     "      --full           copy everything allocated (a full backup)\n"
     "  -b, --backing=FILE   record FILE (the previous backup) as OUTPUT's\n"
@@ -84,7 +84,8 @@ int cmd_extract(int argc, char **argv)
         if (progress) {
             fputc('\n', stderr);
         }
-        tool_lib_error(image);
+        /* The library names the file each message is about. */
+        tool_lib_error(NULL);
         return 1;
     }
     if (progress) {
