@@ -218,6 +218,24 @@ def scenario_snapshot(c):
         raise Fail("QEMU does not keep tracking in the top's ck1")
 
 
+def scenario_snapshot_deep_gap(c):
+    """snapshot-bitmaps continues a checkpoint that already has a gap deeper
+    in the chain; check --chain must still report that gap afterwards."""
+    size = 16 * MiB
+    parent = c.create("parent.qcow2", size)
+    run(["qemu-img", "bitmap", "--add", parent, "ck"])
+    mid = c.create("mid.qcow2", size, backing=parent)
+    base = c.create("base.qcow2", size, backing=mid)
+    run(["qemu-img", "bitmap", "--add", base, "ck"])
+    top = c.create("top.qcow2", size, backing=base)
+    c.q("snapshot-bitmaps", base, top)
+    if "ck" not in qemu_bitmaps(top):
+        raise Fail("snapshot-bitmaps did not continue ck")
+    p = c.q("check", "--chain", top, ok=(2,))
+    if "missing from layer 2 (%s)" % mid not in p.stdout:
+        raise Fail("check --chain does not report the gap:\n" + p.stdout)
+
+
 def scenario_crash(c, mode):
     size = 64 * MiB
     img = c.create("vm.qcow2", size)
@@ -295,6 +313,7 @@ SCENARIOS = [
     ("commit", scenario_commit),
     ("commit --mark-written", scenario_commit_mark_written),
     ("snapshot", scenario_snapshot),
+    ("snapshot over a deeper gap", scenario_snapshot_deep_gap),
     ("crash, repair to dirty", lambda c: scenario_crash(c, "dirty")),
     ("crash, repair by removal", lambda c: scenario_crash(c, "remove")),
     ("populate", scenario_populate),
