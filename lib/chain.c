@@ -174,7 +174,7 @@ QBM_API struct qbm_chain *qbm_chain_open(const char *filename,
     if (!name || chain_push(chain, img, name) < 0) {
         free(name);
         qbm_close(img);
-        free(chain);
+        qbm_chain_close(chain); /* the arrays chain_push may have grown */
         return NULL;
     }
     for (;;) {

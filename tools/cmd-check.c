@@ -70,7 +70,9 @@ static int add_problem(void *opaque, int kind, uint64_t offset,
 
 /* Checkpoint rules across layers (how libvirt reads a checkpoint that
  * spans an external snapshot): a bitmap that exists in a backing layer
- * must exist in every layer above it, and record in the top. */
+ * must exist in every layer above it, and record in the top. Each bitmap
+ * is judged from its deepest copy, so a gap under several layers that
+ * have it is still seen. */
 static void chain_rules(struct qbm_chain *ch, struct report *rep)
 {
     size_t n = qbm_chain_length(ch), l, i, k;
@@ -81,15 +83,15 @@ static void chain_rules(struct qbm_chain *ch, struct report *rep)
 
         for (i = 0; i < qbm_bitmap_count(img); i++) {
             const char *name = qbm_bitmap_name(img, i);
-            bool first_seen = true;
+            bool deepest = true;
 
-            for (k = 1; k < l; k++) {
+            for (k = l + 1; k < n; k++) {
                 if (qbm_bitmap_find(qbm_chain_layer(ch, k), name) >= 0) {
-                    first_seen = false;
+                    deepest = false;
                 }
             }
-            if (!first_seen) {
-                continue; /* judged at the layer above */
+            if (!deepest) {
+                continue; /* judged at the layer below */
             }
             for (k = 0; k < l; k++) {
                 struct qbm_image *above = qbm_chain_layer(ch, k);

@@ -376,6 +376,72 @@ QBM_API int qbm_consolidate(const char *full, const char *const *incs,
 QBM_API int qbm_image_set_backing(struct qbm_image *img, const char *backing,
                                   const char *format);
 
+/* ---- carrying bitmaps over a commit ------------------------------------ */
+
+/* Flags of qbm_carry_commit(). */
+#define QBM_CARRY_MARK_WRITTEN 0x1u /* see below */
+#define QBM_CARRY_FILL_GAPS 0x2u    /* see below */
+#define QBM_CARRY_MASK 0x3u
+
+/* What qbm_carry_commit() staged, or skipped, reported per bitmap and
+ * layer; `layer` is the file named below. */
+#define QBM_CARRY_COPIED 1 /* created in BASE from `layer`'s copy */
+#define QBM_CARRY_MERGED 2 /* `layer`'s copy ORed into BASE's */
+#define QBM_CARRY_GAP 3    /* not carried at all: `layer` lacks it */
+#define QBM_CARRY_FILLED 4 /* `layer` lacks it; its clusters were marked */
+#define QBM_CARRY_MARKED 5 /* MARK_WRITTEN: `layer` is BASE */
+
+/*
+ * Called once per action, in the order they are staged. `bitmap` and
+ * `layer` (a file name of TOP's chain as qbm_chain_filename() gives it, or
+ * BASE's name as given to qbm_open) are borrowed for the call. Return 0 to
+ * go on, anything else to stop: qbm_carry_commit() then returns that value
+ * (errno ECANCELED) with part of the edits staged.
+ */
+typedef int (*qbm_carry_fn)(void *opaque, int action, const char *bitmap,
+                            const char *layer);
+
+/*
+ * Stage in `base` (opened with QBM_OPEN_RDWR) the bitmaps of the layers
+ * of TOP's backing chain above it, the layers `qemu-img commit` writes
+ * into it, which itself keeps only the bitmaps the base already has.
+ * `base` must be in TOP's chain (the same file, by device and inode) and
+ * every layer above it must have its virtual size and no in-use bitmap;
+ * otherwise nothing is staged.
+ *
+ * Each bitmap of those layers is ORed into BASE's bitmap of that name,
+ * which is created with the granularity of the topmost layer that has the
+ * bitmap when BASE lacks it; BASE's copy is enabled when that topmost copy
+ * is, disabled otherwise.
+ *
+ * A gap is a layer, among the ones above BASE and BASE itself, that lacks
+ * a bitmap although a layer above it has the bitmap and one below it too
+ * (BASE or a layer of its own backing chain included), or that lies above
+ * the topmost copy while that copy is enabled: writes made to it were
+ * recorded nowhere. Such a bitmap is not carried at all (one
+ * QBM_CARRY_GAP per gap layer), so the gap stays visible to a check of
+ * the chain instead of being folded into a bitmap that looks whole. With
+ * QBM_CARRY_FILL_GAPS it is carried, and every gap layer's own allocation
+ * (qbm_bitmap_populate) is ORed into BASE's copy: a superset of what was
+ * written there, as long as that layer still holds its data (a top layer
+ * that `qemu-img commit` has emptied does not).
+ *
+ * QBM_CARRY_MARK_WRITTEN: then OR every layer's own allocation above BASE
+ * into each enabled bitmap of BASE (what the commit copies, for a commit
+ * done by a tool that does not update bitmaps; needs the layers to still
+ * hold their data).
+ *
+ * Nothing is written: qbm_commit(base) writes the staged edits, closing
+ * it without committing drops them. The layers are opened (with read
+ * locks) and closed inside the call; staged copies of their bitmap data
+ * keep a descriptor of their own, and the lock with it, until then.
+ * `top` and `base` stay the caller's. On failure the edits staged so far
+ * stay in `base`: close it without committing.
+ * Returns 0, -1 on error, or the callback's non-zero value.
+ */
+QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
+                             unsigned flags, qbm_carry_fn fn, void *opaque);
+
 /* ---- allocation map of one layer -------------------------------------- */
 
 /* Allocation status of a range in one layer (qcow2 spec, "Cluster mapping"). */

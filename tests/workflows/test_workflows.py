@@ -187,6 +187,129 @@ def scenario_commit_mark_written(c):
         raise Fail("--mark-written: base bitmap is not old | top allocation")
 
 
+def scenario_commit_gap(c, deep, fill):
+    """A checkpoint with a gap at the base (the base never had ck while the
+    layers above and below do) must not be made to look whole: ck is not
+    created in the base, a warning says so and check --chain keeps reporting
+    the gap; --fill-gaps carries it with the base's own clusters marked."""
+    size = c.rng.choice([64, 96]) * MiB
+    g = c.rng.choice([4096, 65536, 512 * 1024])
+    parent = c.create("parent.qcow2", size)
+    run(["qemu-img", "bitmap", "--add", "-g", str(g), parent, "ck"])
+    writes = c.writes(parent, size, 4)
+    base = c.create("base.qcow2", size, backing=parent)
+    writes += c.writes(base, size, 5)  # recorded nowhere
+    top = mid = c.create("mid.qcow2" if deep else "top.qcow2", size,
+                         backing=base)
+    run(["qemu-img", "bitmap", "--add", "-g", str(g), mid, "ck"])
+    writes += c.writes(mid, size, 4)
+    if deep:
+        top = c.create("top.qcow2", size, backing=mid)
+        run(["qemu-img", "bitmap", "--add", "-g", str(g), top, "ck"])
+        writes += c.writes(top, size, 4)
+    p = c.q("check", "--chain", top, ok=(2,))
+    if "missing from layer %d (%s)" % (2 if deep else 1, base) not in p.stdout:
+        raise Fail("check --chain does not report the gap:\n" + p.stdout)
+    opt = ["--fill-gaps"] if fill else []
+    data = open(base, "rb").read()
+    p = c.q(*(["commit-bitmaps", "--dry-run"] + opt + [top, base]))
+    if fill:
+        want = "would mark in bitmap 'ck' of %s the clusters of %s" % (base,
+                                                                     base)
+    else:
+        want = "would not carry bitmap 'ck': %s lacks it" % base
+    if want not in p.stdout or open(base, "rb").read() != data:
+        raise Fail("dry run does not list the gap:\n" + p.stdout)
+    commit = ["qemu-img", "commit", "-q"] + (["-b", base] if deep
+                                             else ["-d"]) + [top]
+    before = c.rng.random() < 0.5
+    if before:
+        run(commit)
+    p = c.q(*(["commit-bitmaps"] + opt + [top, base]))
+    warned = "warning: bitmap 'ck' not carried: %s lacks it" % base
+    if (warned in p.stderr) == fill:
+        raise Fail("%s warning:\n%s" % ("unexpected" if fill else "no",
+                                            p.stderr))
+    if not before:
+        run(commit)
+    check_clean(base)
+    if not fill:
+        if "ck" in qemu_bitmaps(base):
+            raise Fail("ck was created in the base, hiding the gap")
+        p = c.q("check", "--chain", base, ok=(2,))
+        if "missing from layer 0 (%s)" % base not in p.stdout:
+            raise Fail("check --chain does not report the gap after the "
+                       "commit:\n" + p.stdout)
+        return
+    if qemu_bitmaps(base).get("ck") != (g, ["auto"]):
+        raise Fail("base ck is %s" % (qemu_bitmaps(base).get("ck"),))
+    ck = qemu_bitmap(base, "ck")
+    if not covers(ck, own_allocation(base)):
+        raise Fail("--fill-gaps: base ck is not a superset of the base's "
+                   "allocation")
+    if not covers(merge(ck + qemu_bitmap(parent, "ck")), writes):
+        raise Fail("--fill-gaps: the checkpoint misses writes")
+    c.q("check", "--chain", base)
+
+
+# Gap shapes of a commit of t0 (top) and t1 into base. Each layer, top
+# first: "X" has the bitmap enabled, "x" disabled, "-" not. `gaps`: the
+# layers commit-bitmaps must report (by the rule in qbm_carry_commit's
+# documentation, worked out by hand); empty: the bitmap is carried.
+GAP_SHAPES = [
+    (["X", "X", "X", "-"], []),
+    (["X", "-", "X", "-"], ["t1"]),            # hole in a committed layer
+    (["X", "X", "-", "X"], ["base"]),          # hole at the base
+    (["X", "-", "-", "X"], ["t1", "base"]),
+    (["X", "-", "X", "X"], ["t1"]),
+    (["X", "-", "-", "-", "X"], ["t1", "base"]),  # below's hole is not ours
+    (["X", "X", "X", "-", "X"], []),           # only a hole below the base
+    (["X", "-", "-", "-"], []),                # started in the top
+    (["-", "X", "-", "-"], ["t0"]),            # recording, top lacks it
+    (["-", "x", "-", "-"], []),                # frozen before the top
+    (["-", "X", "X", "-"], ["t0"]),
+    (["x", "-", "x", "-"], ["t1"]),
+]
+
+
+def scenario_commit_gap_shapes(c):
+    size = 16 * MiB
+    for shape, gaps in GAP_SHAPES:
+        names = ["t0", "t1", "base"] + ["b%d" % i
+                                        for i in range(len(shape) - 3)]
+        path = {}
+        for i in reversed(range(len(shape))):
+            n = names[i]
+            if os.path.exists(c.path(n)):
+                os.unlink(c.path(n))
+            path[n] = c.create(n, size, backing=path.get(names[i + 1])
+                               if i + 1 < len(shape) else None)
+            if shape[i] != "-":
+                run(["qemu-img", "bitmap", "--add"] +
+                    (["--disable"] if shape[i] == "x" else []) +
+                    [path[n], "X"])
+        for fill in (False, True):
+            opt = ["--fill-gaps"] if fill else []
+            p = c.q(*(["commit-bitmaps", "-n"] + opt +
+                      [path["t0"], path["base"]]))
+            got = [n for n in names if
+                   ("would mark in bitmap 'X' of %s the clusters of %s,"
+                    % (path["base"], path[n]) if fill else
+                    "would not carry bitmap 'X': %s lacks it" % path[n])
+                   in p.stdout]
+            carried = "bitmap 'X' of %s into" % path["t0" if shape[0] != "-"
+                                                       else "t1"]
+            if got != gaps or (carried in p.stdout) != (fill or not gaps) \
+                    or p.stderr.count("warning") != (0 if fill
+                                                     else len(gaps)):
+                raise Fail("shape %s%s: gaps %s, want %s\n%s%s" % (
+                    shape, " --fill-gaps" if fill else "", got, gaps,
+                    p.stdout, p.stderr))
+        # Every gap commit-bitmaps sees is one check --chain reports.
+        if gaps:
+            c.q("check", "--chain", path["t0"], ok=(2,))
+
+
 def scenario_snapshot(c):
     size = c.rng.choice([64, 128]) * MiB
     g = c.rng.choice([512, 65536, 4 * MiB])
@@ -216,6 +339,24 @@ def scenario_snapshot(c):
     later = c.writes(top, size, 3, zero_frac=0)
     if not covers(qemu_bitmap(top, "ck1"), later):
         raise Fail("QEMU does not keep tracking in the top's ck1")
+
+
+def scenario_snapshot_deep_gap(c):
+    """snapshot-bitmaps continues a checkpoint that already has a gap deeper
+    in the chain; check --chain must still report that gap afterwards."""
+    size = 16 * MiB
+    parent = c.create("parent.qcow2", size)
+    run(["qemu-img", "bitmap", "--add", parent, "ck"])
+    mid = c.create("mid.qcow2", size, backing=parent)
+    base = c.create("base.qcow2", size, backing=mid)
+    run(["qemu-img", "bitmap", "--add", base, "ck"])
+    top = c.create("top.qcow2", size, backing=base)
+    c.q("snapshot-bitmaps", base, top)
+    if "ck" not in qemu_bitmaps(top):
+        raise Fail("snapshot-bitmaps did not continue ck")
+    p = c.q("check", "--chain", top, ok=(2,))
+    if "missing from layer 2 (%s)" % mid not in p.stdout:
+        raise Fail("check --chain does not report the gap:\n" + p.stdout)
 
 
 def scenario_crash(c, mode):
@@ -294,7 +435,16 @@ def scenario_backup(c):
 SCENARIOS = [
     ("commit", scenario_commit),
     ("commit --mark-written", scenario_commit_mark_written),
+    ("commit over a gap at the base",
+     lambda c: scenario_commit_gap(c, False, False)),
+    ("commit over a gap under two layers",
+     lambda c: scenario_commit_gap(c, True, False)),
+    ("commit --fill-gaps", lambda c: scenario_commit_gap(c, False, True)),
+    ("commit --fill-gaps, deep",
+     lambda c: scenario_commit_gap(c, True, True)),
+    ("commit gap shapes", scenario_commit_gap_shapes),
     ("snapshot", scenario_snapshot),
+    ("snapshot over a deeper gap", scenario_snapshot_deep_gap),
     ("crash, repair to dirty", lambda c: scenario_crash(c, "dirty")),
     ("crash, repair by removal", lambda c: scenario_crash(c, "remove")),
     ("populate", scenario_populate),
