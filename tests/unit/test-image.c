@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -152,11 +153,35 @@ static void test_allocation_failures(void **state)
     free(img0);
 }
 
+/* A write far past the end of a memory image is refused, not zero-filled:
+ * a fuzzer must report the bug behind the offset, not run out of memory. */
+static void test_mem_far_write(void **state)
+{
+    static const uint8_t sector[512] = { 1 };
+    struct qbm_io *io;
+    uint64_t size;
+
+    assert_int_equal(qbm_io_mem_open(sector, sizeof(sector), &io), 0);
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, 512 + (1ull << 30) + 512),
+                     -EFBIG);
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, 1ull << 40), -EFBIG);
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, UINT64_MAX - 100),
+                     -EFBIG);
+    assert_int_equal(qbm_io_size(io, &size), 0);
+    assert_int_equal(size, 512);
+    /* Growing by less is an ordinary write. */
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, 1 << 20), 0);
+    assert_int_equal(qbm_io_size(io, &size), 0);
+    assert_int_equal(size, (1 << 20) + 512);
+    qbm_io_close(io);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edit_and_reopen),
         cmocka_unit_test(test_allocation_failures),
+        cmocka_unit_test(test_mem_far_write),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
