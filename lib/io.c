@@ -374,8 +374,14 @@ struct mem_io {
     size_t len, cap;
 };
 
-/* Memory images are for tests and fuzzing: cap their growth. */
+/*
+ * Memory images are for tests and fuzzing: their size is capped, and a
+ * write starting far past the end is refused, as a corrupt offset rather
+ * than a growing file (zero-filling gigabytes would only make a fuzzer run
+ * out of memory instead of reporting the bug that produced the offset).
+ */
 #define MEM_IO_MAX (1ull << 32)
+#define MEM_IO_MAX_JUMP (1ull << 30)
 
 static int mem_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
 {
@@ -400,14 +406,24 @@ static int mem_pwrite(struct qbm_io *io, const void *buf, size_t len,
     uint64_t end;
 
     if (!add_ok(off, len, &end) || end > MEM_IO_MAX) {
-        return qbm_err(EFBIG, "write past the memory image limit");
+        return qbm_err(EFBIG, "write at 0x%llx: past the memory image limit "
+                       "(4 GiB)", (unsigned long long)off);
+    }
+    if (off > m->len + MEM_IO_MAX_JUMP) {
+        return qbm_err(EFBIG, "write at 0x%llx: more than 1 GiB past the end "
+                       "of the memory image (0x%zx)", (unsigned long long)off,
+                       m->len);
     }
     if (end > m->cap) {
-        size_t cap = m->cap ? m->cap : 4096;
+        /* Doubling for appends; a jump gets what it needs, not twice. */
+        uint64_t cap = m->cap ? (uint64_t)m->cap * 2 : 4096;
         uint8_t *p;
 
-        while (cap < end) {
-            cap *= 2;
+        if (cap < end) {
+            cap = end;
+        }
+        if (cap > MEM_IO_MAX) {
+            cap = MEM_IO_MAX;
         }
         p = qbm_realloc(m->buf, cap);
         if (!p) {

@@ -15,7 +15,9 @@
 #include "internal.h"
 
 #define REFT_OFFSET_MASK 0xfffffffffffffe00ull
+#define REFT_RESERVED_MASK 0x1ffull
 #define SECTOR 512
+#define REPAIR "; repair with 'qemu-img check -r all'"
 
 struct rc_block {
     uint64_t offset; /* host offset of the block */
@@ -40,8 +42,16 @@ static void mark_dirty(struct rc_block *b, uint64_t lo, uint64_t hi)
 /* A run of clusters that holds metadata, for the overlap check. */
 struct meta_range {
     uint64_t start, end; /* cluster indices, end exclusive */
+    uint64_t off;        /* byte offset of the structure */
+    uint64_t rt_index;   /* refcount blocks: their table entry; else
+                          * UINT64_MAX */
     const char *what;
 };
+
+static const char what_reftable[] = "refcount table";
+static const char what_refblock[] = "refcount block";
+/* Not live metadata: kept from allocation, but anything may lie over it. */
+static const char what_stale_dir[] = "stale bitmap directory";
 
 struct qbm_txn {
     struct qbm_image *img;
@@ -116,6 +126,8 @@ static int meta_add(struct qbm_txn *t, uint64_t off, uint64_t len,
     m = &t->meta[t->nmeta++];
     m->start = off / t->cs;
     m->end = div_round_up(end, t->cs);
+    m->off = off;
+    m->rt_index = UINT64_MAX;
     m->what = what;
     return 0;
 }
@@ -124,7 +136,11 @@ static int cmp_meta(const void *a, const void *b)
 {
     const struct meta_range *x = a, *y = b;
 
-    return x->start < y->start ? -1 : x->start > y->start;
+    /* Refcount blocks at one offset in table order, for the message. */
+    if (x->start != y->start) {
+        return x->start < y->start ? -1 : 1;
+    }
+    return x->rt_index < y->rt_index ? -1 : x->rt_index > y->rt_index;
 }
 
 static int meta_add_l2(struct qbm_txn *t, const uint64_t *l1, uint64_t n)
@@ -186,7 +202,7 @@ static int meta_collect(struct qbm_txn *t)
                          "L1 table");
     r = r ? r : meta_add(t, h->refcount_table_offset,
                          (uint64_t)h->refcount_table_clusters * t->cs,
-                         "refcount table");
+                         what_reftable);
     r = r ? r : meta_add(t, h->snapshots_offset, img->snapshots_size,
                          "snapshot table");
     if (r) {
@@ -195,9 +211,14 @@ static int meta_collect(struct qbm_txn *t)
     for (i = 0; i < img->reftable_entries; i++) {
         uint64_t off = img->reftable[i] & REFT_OFFSET_MASK;
 
-        if (off && (r = meta_add(t, off, t->cs, "refcount block"))) {
+        if (!off) {
+            continue;
+        }
+        r = meta_add(t, off, t->cs, what_refblock);
+        if (r) {
             return r;
         }
+        t->meta[t->nmeta - 1].rt_index = i;
     }
     nl1 = div_round_up(h->size, t->cs * img->l2_entries);
     r = img->l1 ? meta_add_l2(t, img->l1, nl1) : meta_stream_l1(t, nl1);
@@ -223,13 +244,14 @@ static int meta_collect(struct qbm_txn *t)
     }
     if (img->bitmaps_state != QBM_BITMAPS_NONE) {
         r = meta_add(t, img->bm_ext.dir_offset, img->bm_ext.dir_size,
-                     "bitmap directory");
+                     img->bitmaps_state == QBM_BITMAPS_STALE
+                         ? what_stale_dir : "bitmap directory");
         if (r) {
             return r;
         }
     }
     for (k = 0; k < img->nb_bitmaps; k++) {
-        const struct qcow2_bitmap *bm = &img->bitmaps[k];
+        struct qcow2_bitmap *bm = &img->bitmaps[k];
 
         if (bm->table_offset == 0) {
             continue; /* added in this session: nothing on disk yet */
@@ -239,7 +261,13 @@ static int meta_collect(struct qbm_txn *t)
         if (r) {
             return r;
         }
-        if (!bm->table) {
+        /* Tables are small and a refcount block over an untouched
+         * bitmap's data must be found too. One that cannot be loaded is
+         * refused by the edits that read it; skip it here. */
+        if (qcow2_bitmap_table_load(img, bm) < 0) {
+            if (qbm_get_errno() == ENOMEM) {
+                return -ENOMEM;
+            }
             continue;
         }
         for (i = 0; i < bm->table_size; i++) {
@@ -248,6 +276,15 @@ static int meta_collect(struct qbm_txn *t)
             if (off && (r = meta_add(t, off, t->cs, "bitmap data"))) {
                 return r;
             }
+        }
+    }
+    /* Removed or rewritten bitmaps' tables and data: live until the
+     * switch. */
+    for (k = 0; k < img->nb_pending_free; k++) {
+        r = meta_add(t, img->pending_free[k], t->cs,
+                     "replaced bitmap cluster");
+        if (r) {
+            return r;
         }
     }
     qsort(t->meta, t->nmeta, sizeof(*t->meta), cmp_meta);
@@ -281,6 +318,123 @@ static const char *meta_find(const struct qbm_txn *t, uint64_t c)
         }
     }
     return NULL;
+}
+
+/* ---- validating the refcount structures --------------------------------- */
+
+static uint64_t rt_entry_pos(const struct qbm_txn *t, uint64_t i)
+{
+    return t->img->hdr.refcount_table_offset + i * 8;
+}
+
+/* m and o (both in the index) share a cluster; m is a refcount structure. */
+static int overlap_err(const struct qbm_txn *t, const struct meta_range *m,
+                       const struct meta_range *o)
+{
+    if (m->what != what_refblock && o->what == what_refblock) {
+        const struct meta_range *x = m;
+
+        m = o; /* say it from the block's side when there is one */
+        o = x;
+    }
+    if (m->what != what_refblock) {
+        return qbm_err(EUCLEAN, "refcount table at 0x%llx: overlaps the %s "
+                       "at 0x%llx" REPAIR, (unsigned long long)m->off,
+                       o->what, (unsigned long long)o->off);
+    }
+    if (o->what == what_refblock) {
+        return qbm_err(EUCLEAN, "refcount table entries %llu at 0x%llx and "
+                       "%llu at 0x%llx: both point to the refcount block at "
+                       "0x%llx" REPAIR, (unsigned long long)m->rt_index,
+                       (unsigned long long)rt_entry_pos(t, m->rt_index),
+                       (unsigned long long)o->rt_index,
+                       (unsigned long long)rt_entry_pos(t, o->rt_index),
+                       (unsigned long long)m->off);
+    }
+    return qbm_err(EUCLEAN, "refcount table entry %llu at 0x%llx: refcount "
+                   "block at 0x%llx overlaps the %s at 0x%llx" REPAIR,
+                   (unsigned long long)m->rt_index,
+                   (unsigned long long)rt_entry_pos(t, m->rt_index),
+                   (unsigned long long)m->off, o->what,
+                   (unsigned long long)o->off);
+}
+
+/*
+ * Check the whole refcount table and where its blocks lie before anything
+ * relies on them: refcount updates are written into the blocks, so a block
+ * past the end of the file would grow it by gigabytes, and one over other
+ * metadata would overwrite it (qcow2 spec, "Host cluster management";
+ * qemu-img check reports all of these). Reserved bits are refused even in
+ * entries not used yet. Costs a pass over the table and the overlap index,
+ * no I/O: what a block holds is not checked (any value is a refcount).
+ */
+static int refcount_validate(struct qbm_txn *t)
+{
+    const struct qbm_image *img = t->img;
+    const struct qcow2_header *h = &img->hdr;
+    uint64_t size = img->file_size, i;
+    size_t k, top = SIZE_MAX;
+
+    if (h->refcount_table_offset +
+        ((uint64_t)h->refcount_table_clusters - 1) * t->cs >= size) {
+        return qbm_err(EUCLEAN, "refcount table at 0x%llx: its %u clusters "
+                       "run past the end of the file (0x%llx)" REPAIR,
+                       (unsigned long long)h->refcount_table_offset,
+                       h->refcount_table_clusters, (unsigned long long)size);
+    }
+    for (i = 0; i < img->reftable_entries; i++) {
+        uint64_t e = img->reftable[i], off = e & REFT_OFFSET_MASK;
+        unsigned long long pos = rt_entry_pos(t, i);
+
+        if (e & REFT_RESERVED_MASK) {
+            return qbm_err(EUCLEAN, "refcount table entry %llu at 0x%llx: "
+                           "reserved bits set (0x%llx)" REPAIR,
+                           (unsigned long long)i, pos,
+                           (unsigned long long)e);
+        }
+        if (off && !is_aligned(off, t->cs)) {
+            return qbm_err(EUCLEAN, "refcount table entry %llu at 0x%llx: "
+                           "offset 0x%llx is not cluster aligned" REPAIR,
+                           (unsigned long long)i, pos,
+                           (unsigned long long)off);
+        }
+        if (off >= size) {
+            return qbm_err(EUCLEAN, "refcount table entry %llu at 0x%llx: "
+                           "offset 0x%llx is past the end of the file "
+                           "(0x%llx)" REPAIR, (unsigned long long)i, pos,
+                           (unsigned long long)off, (unsigned long long)size);
+        }
+    }
+    /*
+     * The index is sorted by start. A range overlapping a refcount
+     * structure r either starts before it, and then the range reaching
+     * furthest among those before r overlaps r too, or starts inside r,
+     * and then so does the next range after r. Other overlaps (bitmap data
+     * clusters shared between bitmaps) are legitimate.
+     */
+    for (k = 0; k < t->nmeta; k++) {
+        const struct meta_range *m = &t->meta[k];
+        size_t next = k + 1;
+
+        if (m->what == what_stale_dir) {
+            continue;
+        }
+        if (m->what == what_reftable || m->what == what_refblock) {
+            if (top != SIZE_MAX && t->meta[top].end > m->start) {
+                return overlap_err(t, m, &t->meta[top]);
+            }
+            while (next < t->nmeta && t->meta[next].what == what_stale_dir) {
+                next++;
+            }
+            if (next < t->nmeta && t->meta[next].start < m->end) {
+                return overlap_err(t, m, &t->meta[next]);
+            }
+        }
+        if (top == SIZE_MAX || m->end > t->meta[top].end) {
+            top = k;
+        }
+    }
+    return 0;
 }
 
 /* ---- refcount blocks ---------------------------------------------------- */
@@ -547,6 +701,7 @@ int qbm_txn_begin(struct qbm_image *img, struct qbm_txn **ret)
     }
     memcpy(t->rt, img->reftable, t->rt_entries * sizeof(*t->rt));
     r = meta_collect(t);
+    r = r ? r : refcount_validate(t);
     if (r < 0) {
         qbm_txn_abort(t);
         return r;

@@ -8,7 +8,10 @@ it under a timeout; requirements: no crash (exit < 128, no sanitizer
 report), no hang, a failure is exit 1 with `qbm: ...` on stderr and
 nothing on stdout (check may report problems with exit 2 or 3), a refused
 edit leaves the file byte for byte unchanged, and `qbm check` finds every
-malformation (non-zero exit). Also: while qemu-nbd holds the image (read-
+malformation (non-zero exit). Entries that name an offset (the broken
+refcount structures) go further: every edit must refuse with a message
+naming 'refcount', that offset and 'qemu-img check', `qbm check` must
+report corruption (exit 2), and info and dump must still work. Also: while qemu-nbd holds the image (read-
 write or read-only) every edit fails with a lock message and changes
 nothing, and a process holding qbm's writer lock bytes, or libqbm with the
 image open for writing, makes qemu-img and qemu-io fail.
@@ -66,6 +69,11 @@ class Layout:
         self.data0 = u64(data, self.table) & 0x00fffffffffffe00
         self.l2 = u64(data, self.l1) & 0x00fffffffffffe00
         self.rb = u64(data, self.rt) & ~0x1ff
+        self.size = len(data)
+        self.nb_snapshots = u32(data, 60)
+        self.snapshots = u64(data, 64)
+        if self.nb_snapshots:
+            self.snap_l1 = u64(data, self.snapshots)
 
 
 def patch(data, off, fmt, value):
@@ -73,17 +81,18 @@ def patch(data, off, fmt, value):
 
 
 def catalogue(lay):
-    """(name, patch function) pairs; each gets a fresh copy."""
+    """(name, patch function, offset an edit's refusal must name or None)
+    triples; each gets a fresh copy."""
     L = lay
     c = []
 
-    def p(name, off, fmt, value):
-        c.append((name, lambda d: patch(d, off, fmt, value)))
+    def p(name, off, fmt, value, refuse=None):
+        c.append((name, lambda d: patch(d, off, fmt, value), refuse))
 
     c.append(("truncated to 50 bytes", lambda d: d.__delitem__(
-        slice(50, None))))
+        slice(50, None)), None))
     c.append(("truncated inside the L1 table", lambda d: d.__delitem__(
-        slice(L.l1 + 4, None))))
+        slice(L.l1 + 4, None)), None))
     p("bad magic", 0, ">I", 0x514649fa)
     p("version 1", 4, ">I", 1)
     p("version 4", 4, ">I", 4)
@@ -100,7 +109,7 @@ def catalogue(lay):
     p("crypt_method 5", 32, ">I", 5)
     p("backing name offset past the cluster", 8, ">Q", L.cs + 512)
     c.append(("backing name of 2000 bytes", lambda d: (
-        patch(d, 8, ">Q", L.end + 8), patch(d, 16, ">I", 2000))))
+        patch(d, 8, ">Q", L.end + 8), patch(d, 16, ">I", 2000)), None))
     p("L1 too small for the disk", 36, ">I", 0)
     p("L1 offset unaligned", 40, ">Q", L.l1 + 8)
     p("L1 of 5 million entries", 36, ">I", 5 << 20)
@@ -110,11 +119,11 @@ def catalogue(lay):
     p("refcount table of 200000 clusters", 56, ">I", 200000)
     p("70000 snapshots", 60, ">I", 70000)
     c.append(("snapshot table unaligned", lambda d: (
-        patch(d, 60, ">I", 1), patch(d, 64, ">Q", 0x10008))))
+        patch(d, 60, ">I", 1), patch(d, 64, ">Q", 0x10008)), None))
     p("virtual size 2^62", 24, ">Q", 1 << 62)
     c.append(("extension overrunning the cluster", lambda d: patch(
         d, L.end + 4, ">I", L.cs) if patch(d, L.end, ">I", 0x11111111) is None
-        else None))
+        else None, None))
     p("bitmaps extension length 23", L.bm_ext - 4, ">I", 23)
     p("bitmaps extension reserved field", L.bm_ext + 4, ">I", 1)
     p("nb_bitmaps 0", L.bm_ext, ">I", 0)
@@ -138,14 +147,14 @@ def catalogue(lay):
     p("entry table size wrong", L.dir + 8, ">I", 2)
     p("entry table size huge", L.dir + 8, ">I", 0x9000000)
     c.append(("duplicate bitmap names", lambda d: d.__setitem__(
-        slice(L.entry2 + 24, L.entry2 + 26), b"b0")))
+        slice(L.entry2 + 24, L.entry2 + 26), b"b0"), None))
     p("table entry reserved bits", L.table, ">Q", L.data0 | 2)
     p("table entry all-ones with an offset", L.table, ">Q", L.data0 | 1)
     p("table entry unaligned", L.table, ">Q", L.data0 + 512)
     p("table entry past 2^56", L.table, ">Q", 1 << 57)
     p("refcount table entry unaligned", L.rt, ">Q", L.rb + 8)
     c.append(("refcount block claiming everything", lambda d: d.__setitem__(
-        slice(L.rb, L.rb + L.cs), b"\xff" * L.cs)))
+        slice(L.rb, L.rb + L.cs), b"\xff" * L.cs), None))
     p("refcount of the header 0", L.rb, ">H", 0)
     p("L1 entry unaligned", L.l1, ">Q", (L.l2 + 8) | (1 << 63))
     p("L2 entry reserved bits", L.l2, ">Q", (1 << 63) | 0x10002)
@@ -153,12 +162,59 @@ def catalogue(lay):
     p("autoclear bitmaps bit cleared (stale)", 88, ">Q", 0)
     c.append(("backing file is itself", lambda d: (
         d.__setitem__(slice(L.end + 8, L.end + 8 + 7), b"h.qcow2"),
-        patch(d, 8, ">Q", L.end + 8), patch(d, 16, ">I", 7))))
+        patch(d, 8, ">Q", L.end + 8), patch(d, 16, ">I", 7)), None))
+    refcount_cases(L, p)
+    return c
+
+
+def refcount_cases(L, p):
+    """Broken refcount table entries: edits must refuse before writing a
+    refcount block there. Entry 5 is one the image does not use yet (it
+    covers clusters from 5 * 2 GiB on), so only a check of the whole table
+    finds it; entry 0 is the live one."""
+    e0, e5 = L.rt, L.rt + 5 * 8
+    h = "0x%x" % e5
+    p("refcount table entry 0 past the end (live)", e0, ">Q", 0xff000000,
+      "0x%x" % e0)
+    p("refcount table entry 0 unaligned (live)", e0, ">Q", L.rb + 512,
+      "0x%x" % e0)
+    p("refcount table entry reserved bits (unused entry)", e5, ">Q", 0x1ff,
+      h)
+    p("refcount table entry 1 TiB past the end (unused entry)", e5, ">Q",
+      1 << 40, h)
+    p("refcount table entry just past the end (unused entry)", e5, ">Q",
+      (L.size + L.cs - 1) // L.cs * L.cs, h)
+    p("refcount table entry unaligned (unused entry)", e5, ">Q",
+      L.rb + 512, h)
+    p("refcount block inside the header cluster", e5, ">Q", 512, h)
+    p("refcount block over the L1 table", e5, ">Q", L.l1, h)
+    p("refcount block over an L2 table", e5, ">Q", L.l2, h)
+    p("refcount block over the refcount table", e5, ">Q", L.rt, h)
+    p("refcount block shared by two entries", e5, ">Q", L.rb, h)
+    p("refcount block over the bitmap directory", e5, ">Q", L.dir, h)
+    p("refcount block over a bitmap table", e5, ">Q", L.table, h)
+    p("refcount block over bitmap data", e5, ">Q", L.data0, h)
+    if L.nb_snapshots:
+        p("refcount block over the snapshot table", e5, ">Q", L.snapshots,
+          h)
+        p("refcount block over a snapshot L1 table", e5, ">Q", L.snap_l1,
+          h)
+
+
+def snapshot_catalogue(lay):
+    """Cases that need an image with an internal snapshot."""
+    c = []
+
+    def p(name, off, fmt, value, refuse=None):
+        if "snapshot" in name:
+            c.append((name, lambda d: patch(d, off, fmt, value), refuse))
+    refcount_cases(lay, p)
     return c
 
 
 COMMANDS = [
-    ("info", ["info"], False), ("info --chain", ["info", "--chain"], False),
+    ("info", ["info"], False),
+    ("add -g 16k", ["add", "-g", "16k", "@", "f5"], True), ("info --chain", ["info", "--chain"], False),
     ("info json", ["info", "--output=json"], False),
     ("dump", ["dump", "@", "b0"], False),
     ("dump --chain", ["dump", "--chain", "@", "b0"], False),
@@ -189,22 +245,30 @@ def command_line(qbm, args, img, out):
     return [qbm] + a
 
 
-def hostile(qbm, tmp, every=1):
-    base = os.path.join(tmp, "base.qcow2")
-    run(["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"])
-    run(["qemu-img", "bitmap", "--add", base, "b0"])
-    run(["qemu-img", "bitmap", "--add", "-g", "128k", base, "b1"])
+def base_image(path, snapshot=False):
+    run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"])
+    if snapshot:
+        run(["qemu-io", "-f", "qcow2", "-c", "write 8M 64k", path])
+        run(["qemu-img", "snapshot", "-c", "s1", path])
+    run(["qemu-img", "bitmap", "--add", path, "b0"])
+    run(["qemu-img", "bitmap", "--add", "-g", "128k", path, "b1"])
     run(["qemu-io", "-f", "qcow2", "-c", "write 0 64k", "-c",
-         "write 1M 192k", base])
-    orig = bytearray(open(base, "rb").read())
-    lay = Layout(orig)
+         "write 1M 192k", path])
+    return bytearray(open(path, "rb").read())
+
+
+def hostile(qbm, tmp, every=1):
+    orig = base_image(os.path.join(tmp, "base.qcow2"))
+    snap = base_image(os.path.join(tmp, "snap.qcow2"), snapshot=True)
+    entries = [(orig,) + e for e in catalogue(Layout(orig))]
+    entries += [(snap,) + e for e in snapshot_catalogue(Layout(snap))]
     img = os.path.join(tmp, "h.qcow2")
     out = os.path.join(tmp, "out.img")
     failures = cases = 0
-    for i, (name, fn) in enumerate(catalogue(lay)):
+    for i, (base, name, fn, refuse) in enumerate(entries):
         if i % every:
             continue
-        data = bytearray(orig)
+        data = bytearray(base)
         fn(data)
         cases += 1
         for cname, args, edits in COMMANDS:
@@ -232,6 +296,8 @@ def hostile(qbm, tmp, every=1):
                 bad.append("a refused edit changed the file")
             if cname == "check" and p.returncode == 0:
                 bad.append("check finds nothing wrong")
+            if refuse:
+                bad += refused_as_corrupt(cname, edits, p, refuse)
             if os.path.exists(out) and p.returncode != 0:
                 bad.append("a failed command left its output")
             if bad:
@@ -242,6 +308,25 @@ def hostile(qbm, tmp, every=1):
                 os.unlink(out)
     print("hostile images: %d, commands each: %d" % (cases, len(COMMANDS)))
     return cases * len(COMMANDS) - failures, failures
+
+
+def refused_as_corrupt(cname, edits, p, offset):
+    """What an image with a broken refcount structure must get."""
+    if cname == "check":
+        return [] if p.returncode == 2 else ["check exit %d, not 2 "
+                                             "(corruption)" % p.returncode]
+    if cname in ("info", "dump"):
+        return [] if p.returncode == 0 else ["a read-only command failed"]
+    if not edits:
+        return []
+    if p.returncode == 0:
+        return ["the edit was accepted"]
+    if cname == "check --repair":
+        return []
+    missing = [w for w in ("refcount", offset, "qemu-img check")
+               if w not in p.stderr]
+    return ["the refusal does not name %s" % ", ".join(missing)] if missing \
+        else []
 
 
 def locks(qbm, tmp, libqbm=None):

@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -152,11 +153,161 @@ static void test_allocation_failures(void **state)
     free(img0);
 }
 
+/* The fresh image with bitmap "b" holding data, and where things are. */
+struct layout {
+    uint64_t rt, rb, l1, dir, table, data, size;
+};
+
+static uint8_t *bitmap_image(size_t *ret_len, struct layout *lay)
+{
+    size_t len, len2;
+    uint8_t *img0 = fresh_image(&len), *copy;
+    struct qbm_image *img;
+    const uint8_t *b;
+
+    img = qbm_open_memory(img0, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_add(img, "b", 0, 0), 0);
+    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 0, 65536), 0);
+    assert_int_equal(qbm_commit(img), 0);
+    b = qbm_io_mem_data(img->io, &len2);
+    copy = malloc(len2);
+    memcpy(copy, b, len2);
+    qbm_close(img);
+    free(img0);
+
+    img = qbm_open_memory(copy, len2, "mem", 0);
+    assert_non_null(img);
+    assert_int_equal(qcow2_bitmap_table_load(img, &img->bitmaps[0]), 0);
+    lay->rt = img->hdr.refcount_table_offset;
+    lay->rb = img->reftable[0];
+    lay->l1 = img->hdr.l1_table_offset;
+    lay->dir = img->bm_ext.dir_offset;
+    lay->table = img->bitmaps[0].table_offset;
+    lay->data = img->bitmaps[0].table[0] & BME_TABLE_OFFSET_MASK;
+    lay->size = len2;
+    assert_true(lay->rb && lay->data && img->reftable_entries > 5);
+    qbm_close(img);
+    *ret_len = len2;
+    return copy;
+}
+
+/*
+ * A broken refcount table makes every commit refuse before it writes
+ * anything: the message names the structure, its offset and the remedy, and
+ * the image keeps every byte and its size. Entry 5 is not used by an image
+ * this small, so only a check of the whole table finds it.
+ */
+static void test_corrupt_refcounts(void **state)
+{
+    struct layout L;
+    size_t len, i;
+    uint8_t *good = bitmap_image(&len, &L);
+    unsigned long long e5 = L.rt + 5 * 8, end = (L.size + 4095) / 4096 * 4096;
+    struct {
+        uint64_t pos, value;
+        char msg[160];
+    } cases[13];
+    size_t n = 0;
+
+#define CASE(p, v, ...)                                                       \
+    do {                                                                      \
+        cases[n].pos = (p);                                                   \
+        cases[n].value = (v);                                                 \
+        snprintf(cases[n].msg, sizeof(cases[n].msg), __VA_ARGS__);            \
+        n++;                                                                  \
+    } while (0)
+    CASE(e5, 0x1ff, "refcount table entry 5 at 0x%llx: reserved bits", e5);
+    CASE(e5, 1ull << 40, "refcount table entry 5 at 0x%llx: offset "
+         "0x10000000000 is past the end of the file (0x%zx)", e5, len);
+    CASE(e5, end, "refcount table entry 5 at 0x%llx: offset 0x%llx is past "
+         "the end", e5, end);
+    CASE(e5, 512, "refcount table entry 5 at 0x%llx: offset 0x200 is not "
+         "cluster aligned", e5);
+    CASE(e5, L.l1, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the L1 table", e5, (unsigned long long)L.l1);
+    CASE(e5, L.rt, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the refcount table", e5, (unsigned long long)L.rt);
+    CASE(e5, L.rb, "and 5 at 0x%llx: both point to the refcount block at "
+         "0x%llx", e5, (unsigned long long)L.rb);
+    CASE(e5, L.dir, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the bitmap directory", e5,
+         (unsigned long long)L.dir);
+    CASE(e5, L.table, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the bitmap table", e5, (unsigned long long)L.table);
+    CASE(e5, L.data, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the bitmap data", e5, (unsigned long long)L.data);
+    CASE(L.rt, 0xff000000, "refcount table entry 0 at 0x%llx: offset "
+         "0xff000000 is past the end", (unsigned long long)L.rt);
+    CASE(48, L.l1, "refcount table at 0x%llx: overlaps the L1 table",
+         (unsigned long long)L.l1);
+    CASE(48, end, "refcount table at 0x%llx: its 1 clusters run past the "
+         "end", end);
+#undef CASE
+
+    for (i = 0; i < n; i++) {
+        uint8_t *bad = malloc(len);
+        struct qbm_image *img;
+        const uint8_t *b;
+        size_t blen;
+
+        memcpy(bad, good, len);
+        be64_store(bad + cases[i].pos, cases[i].value);
+        img = qbm_open_memory(bad, len, "mem", QBM_OPEN_RDWR);
+        assert_non_null(img);
+        assert_int_equal(qbm_bitmap_add(img, "n", 16384, 0), 0);
+        assert_int_equal(qbm_commit(img), -1);
+        assert_int_equal(qbm_get_errno(), EUCLEAN);
+        if (!strstr(qbm_get_error(), cases[i].msg) ||
+            !strstr(qbm_get_error(), "qemu-img check -r all")) {
+            fail_msg("case %zu: got \"%s\", want \"%s\"", i,
+                     qbm_get_error(), cases[i].msg);
+        }
+        b = qbm_io_mem_data(img->io, &blen);
+        assert_int_equal(blen, len);
+        assert_memory_equal(b, bad, len);
+        /* The same with an edit of the existing bitmap. */
+        assert_int_equal(qbm_bitmap_clear(img, "b"), 0);
+        assert_int_equal(qbm_commit(img), -1);
+        b = qbm_io_mem_data(img->io, &blen);
+        assert_int_equal(blen, len);
+        assert_memory_equal(b, bad, len);
+        qbm_close(img);
+        free(bad);
+    }
+    free(good);
+}
+
+/* A write far past the end of a memory image is refused, not zero-filled:
+ * a fuzzer must report the bug behind the offset, not run out of memory. */
+static void test_mem_far_write(void **state)
+{
+    static const uint8_t sector[512] = { 1 };
+    struct qbm_io *io;
+    uint64_t size;
+
+    assert_int_equal(qbm_io_mem_open(sector, sizeof(sector), &io), 0);
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, 512 + (1ull << 30) + 512),
+                     -EFBIG);
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, 1ull << 40), -EFBIG);
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, UINT64_MAX - 100),
+                     -EFBIG);
+    assert_int_equal(qbm_io_size(io, &size), 0);
+    assert_int_equal(size, 512);
+    /* Growing by less is an ordinary write. */
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, 1 << 20), 0);
+    assert_int_equal(qbm_io_size(io, &size), 0);
+    assert_int_equal(size, (1 << 20) + 512);
+    qbm_io_close(io);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edit_and_reopen),
         cmocka_unit_test(test_allocation_failures),
+        cmocka_unit_test(test_corrupt_refcounts),
+        cmocka_unit_test(test_mem_far_write),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
