@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from images import TiB, make_dense, make_many, make_sparse, rss, timed
+from qbmtest import dirty_map_cmd
 
 
 def main():
@@ -44,13 +45,12 @@ def main():
         null = open(os.devnull, "w")
         cases = []
         for label, img in (("sparse", sparse), ("dense", dense)):
-            nbd = ["nbdinfo", "--map=qemu:dirty-bitmap:base", "--", "[",
-                   "qemu-nbd", "-r", "-f", "qcow2", "-B", "base", img, "]"]
             cases.append(("dump %s 16 TiB" % label, [qbm, "dump", img, "base"],
-                          nbd, label == "dense"))
+                          dirty_map_cmd(img, "base", as_json=False),
+                          label == "dense"))
             cases.append(("dump --output=json %s" % label,
                           [qbm, "dump", "--output=json", img, "base"],
-                          ["nbdinfo", "--json"] + nbd[1:], False))
+                          dirty_map_cmd(img, "base"), False))
         cases.append(("info, %d bitmaps" % args.bitmaps, [qbm, "info", many],
                       ["qemu-img", "info", many], True))
         cases.append(("info --output=json, %d bitmaps" % args.bitmaps,

@@ -26,20 +26,14 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-GiB = 1 << 30
-MiB = 1 << 20
-
-
-def run(cmd, **kw):
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)
+from images import rss as peak_rss, run
+from qbmtest import GiB, MiB, qemu_img, qemu_img_create
 
 
 def fdatasync(path):
@@ -78,7 +72,7 @@ def write_scattered(img, size, total, rng, chunk_choices):
 
 def build(qbm, d, rng, size, full_data, inc_data, nincs):
     disk = os.path.join(d, "disk.qcow2")
-    run(["qemu-img", "create", "-q", "-f", "qcow2", disk, str(size)])
+    qemu_img_create(disk, size)
     write_scattered(disk, size, full_data, rng, [MiB, 4 * MiB, 16 * MiB])
     run([qbm, "add", disk, "ck0"])
     full = os.path.join(d, "full.qcow2")
@@ -98,16 +92,6 @@ def timed(fn):
     t = time.monotonic()
     fn()
     return time.monotonic() - t
-
-
-def peak_rss(cmd):
-    """Maximum resident set size of a command, in MiB, via /usr/bin/time."""
-    p = subprocess.run(["/usr/bin/time", "-v"] + cmd, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True)
-    for line in p.stderr.splitlines():
-        if "Maximum resident set size" in line:
-            return int(line.split(":")[1]) / 1024
-    return float("nan")
 
 
 def main():
@@ -138,9 +122,8 @@ def main():
         out = os.path.join(d, "out.raw")
         # The bytes qbm writes: the data extents of the restored disk.
         run([qbm, "restore", "-o", out, full] + incs)
-        mp = json.loads(subprocess.run(
-            ["qemu-img", "map", "-f", "raw", "--output=json", out],
-            check=True, stdout=subprocess.PIPE).stdout)
+        mp = json.loads(qemu_img("map", "-f", "raw", "--output=json",
+                                 out).stdout)
         need = sum(e["length"] for e in mp if e["data"])
         # The limit's source: those bytes, back to back in one file.
         src = os.path.join(d, "limit-src")

@@ -1,15 +1,25 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Image builders shared by the benchmarks (sparse files; 16 TiB is cheap)."""
+"""Image builders shared by the benchmarks (sparse files; 16 TiB is cheap),
+on the test suites' qbmtest module."""
 import os
 import struct
 import subprocess
+import sys
 import time
 
-TiB = 1 << 40
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "..", "tests"))
+import qbmtest  # noqa: E402
+from qbmtest import (Qcow2, qemu_img, qemu_img_check,  # noqa: E402
+                     qemu_img_create, qemu_io)
+
+TiB = qbmtest.TiB
 
 
 def run(cmd):
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    """Run cmd for its effect (stdout discarded, stderr shown); a failure
+    raises qbmtest.Fail."""
+    return qbmtest.run(cmd, quiet=True)
 
 
 def rss(cmd):
@@ -31,30 +41,9 @@ def timed(cmd):
 
 def bitmap_table(img, name):
     """(table offset, table size, cluster size) of bitmap `name`."""
-    with open(img, "rb") as f:
-        h = f.read(1 << 16)
-        cs = 1 << struct.unpack(">I", h[20:24])[0]
-        pos = struct.unpack(">I", h[100:104])[0]
-        while True:
-            magic, length = struct.unpack(">II", h[pos:pos + 8])
-            if magic == 0x23852875:
-                nb, _, dsize, doff = struct.unpack(">IIQQ",
-                                                   h[pos + 8:pos + 32])
-                break
-            if magic == 0:
-                raise RuntimeError("no bitmaps extension")
-            pos += 8 + (length + 7) // 8 * 8
-        f.seek(doff)
-        d = f.read(dsize)
-    p = 0
-    while p < len(d):
-        toff, tsize, _fl, _ty, _gb, nsz, esz = struct.unpack(">QIIBBHI",
-                                                           d[p:p + 24])
-        n = d[p + 24 + esz:p + 24 + esz + nsz].decode()
-        if n == name:
-            return toff, tsize, cs
-        p += (24 + esz + nsz + 7) // 8 * 8
-    raise RuntimeError("no bitmap %s" % name)
+    q = Qcow2(img)
+    e = q.bitmap(name)
+    return e.bitmap_table_offset, e.bitmap_table_size, q.cluster_size
 
 
 def fill_bitmap(path, name, first):
@@ -79,33 +68,30 @@ def make_dense(path, size, alt=False):
     """Bitmap 'base' with all data clusters non-empty; with alt, also
     bitmap 'alt' whose bits are disjoint from base's, so that merging it
     into a copy of base changes every data cluster."""
-    run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)])
-    run(["qemu-img", "bitmap", "--add", "-g", "64K", path, "base"])
+    qemu_img_create(path, size)
+    qemu_img("bitmap", "--add", "-g", "64K", path, "base")
     if alt:
-        run(["qemu-img", "bitmap", "--add", "-g", "64K", path, "alt"])
+        qemu_img("bitmap", "--add", "-g", "64K", path, "alt")
         fill_bitmap(path, "alt", 160)
     fill_bitmap(path, "base", 0)
     # The new clusters have no refcount yet: QEMU's repair adds them.
-    subprocess.run(["qemu-img", "check", "-q", "-r", "all", path],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run(["qemu-img", "check", "-q", path])
+    qemu_img_check(path, "-q", "-r", "all", ok=None)
+    qemu_img_check(path, "-q")
 
 
 def make_sparse(path, size):
-    run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)])
-    run(["qemu-img", "bitmap", "--add", "-g", "64K", path, "base"])
-    run(["qemu-io", "-f", "qcow2", "-c", "write 1G 64k", "-c",
-         "write %d 1M" % (size // 5), "-c", "write %d 4k" % (size - 65536),
-         path])
+    qemu_img_create(path, size)
+    qemu_img("bitmap", "--add", "-g", "64K", path, "base")
+    qemu_io(path, "write 1G 64k", "write %d 1M" % (size // 5),
+            "write %d 4k" % (size - 65536))
 
 
 def make_many(qbm, path, size, n):
-    run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)])
+    qemu_img_create(path, size)
     for i in range(n):
         run([qbm, "add", path, "b%04d" % i])
         if i % 100 == 0:
-            run(["qemu-io", "-f", "qcow2", "-c", "write %d 1M" % (i << 30),
-                 path])
-    run(["qemu-img", "bitmap", "--add", path, "base"])
+            qemu_io(path, "write %d 1M" % (i << 30))
+    qemu_img("bitmap", "--add", path, "base")
 
 

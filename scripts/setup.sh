@@ -4,7 +4,8 @@
 # One entry point for a fresh Debian 12 machine (run as root from a clone):
 #   ./scripts/setup.sh demo   install what is missing, build, run the demo
 #   ./scripts/setup.sh test   install what is missing, build, run every suite:
-#                             unit + integration + fuzz-regress (normal build),
+#                             unit, integration, workflows, crash and
+#                             fuzz-regress (normal build, in parallel),
 #                             again under valgrind, the same under ASan+UBSan,
 #                             and a fuzz smoke run
 # Environment: QBM_FUZZ_SECONDS (default 60 per harness), QBM_SKIP_FUZZ=1,
@@ -79,7 +80,7 @@ demo)
 test)
     install_missing
     build build
-    run_suite "unit, integration and fuzz-regress tests" build
+    run_suite "unit, integration, workflows, crash and fuzz-regress" build
     if [ "${QBM_SKIP_VALGRIND:-0}" != 1 ]; then
         run_suite "under valgrind memcheck (fewer random rounds)" build \
             --setup valgrind --suite valgrind

@@ -12,88 +12,39 @@ from before the edit or those after it, and the contents of every bitmap
 exactly the before or the after state. The uncrashed result is also
 checked against QEMU's own view with qemu-nbd + nbdinfo.
 """
-import argparse
 import hashlib
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 
-TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"]
-
-
-def run(cmd, check=True, **kw):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, **kw)
-    if check and p.returncode != 0:
-        raise RuntimeError("%s failed (%d): %s" % (" ".join(cmd),
-                                                   p.returncode, p.stderr))
-    return p
-
-
-def qemu_bitmaps(img):
-    """Names -> (granularity, flags) as qemu-img info reports them."""
-    info = json.loads(run(["qemu-img", "info", "-U", "--output=json",
-                           img]).stdout)
-    data = info.get("format-specific", {}).get("data", {})
-    return {b["name"]: (b["granularity"], tuple(sorted(b["flags"])))
-            for b in data.get("bitmaps", [])}
-
-
-def qbm_contents(qbm, img, names):
-    out = {}
-    for n in names:
-        d = json.loads(run([qbm, "dump", "-U", "--output=json", img,
-                            n]).stdout)
-        out[n] = [(e["offset"], e["length"]) for e in d["extents"]]
-    return out
-
-
-def nbd_extents(img, name):
-    p = run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + name, "--",
-             "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, img, "]"])
-    ext = []
-    for e in json.loads(p.stdout):
-        if e["type"] & 1:
-            if ext and ext[-1][0] + ext[-1][1] == e["offset"]:
-                ext[-1] = (ext[-1][0], ext[-1][1] + e["length"])
-            else:
-                ext.append((e["offset"], e["length"]))
-    return ext
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+from qbmtest import (Fail, Qcow2, Suite, dirty_map,  # noqa: E402
+                     qemu_bitmaps, qemu_img, qemu_img_check, qemu_img_compare,
+                     qemu_img_create, qemu_io, run)
 
 
 def state(qbm, img):
-    bm = qemu_bitmaps(img)
-    return bm, qbm_contents(qbm, img, sorted(bm))
+    """The bitmaps of an image as qemu-img info lists them, and their
+    contents as qbm dump reads them (both without taking locks)."""
+    bm = qemu_bitmaps(img, force_share=True)
+    return bm, {n: qbm.dump("-U", img, n) for n in sorted(bm)}
 
 
 def make(tmp, name, size, opts, bitmaps, writes, backing=None):
     path = os.path.join(tmp, name)
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if opts:
-        cmd += ["-o", opts]
-    if backing:
-        cmd += ["-b", backing, "-F", "qcow2"]
-    run(cmd + [path, str(size)])
+    qemu_img_create(path, size, opts=opts, backing=backing)
     for b, gran, disabled in bitmaps:
-        c = ["qemu-img", "bitmap", "--add", "-g", str(gran)]
-        if disabled:
-            c.append("--disable")
-        run(c + [path, b])
+        qemu_img(*(["bitmap", "--add", "-g", str(gran)] +
+                   (["--disable"] if disabled else []) + [path, b]))
     if writes:
-        c = ["qemu-io", "-f", "qcow2"]
-        for w in writes:
-            c += ["-c", w]
-        run(c + [path])
+        qemu_io(path, *writes)
     return path
 
 
 def reftable(path):
-    with open(path, "rb") as f:
-        h = f.read(64)
-    return int.from_bytes(h[48:56], "big"), int.from_bytes(h[56:60], "big")
+    q = Qcow2(path)
+    return q.refcount_table_offset, q.refcount_table_clusters
 
 
 def at_refcount_edge(tmp):
@@ -182,46 +133,35 @@ def scenarios(tmp):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--harness", required=True)
-    ap.add_argument("--qbm", required=True)
-    args = ap.parse_args()
-    missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
-        print("missing tools: %s" % " ".join(missing))
-        return 1 if os.environ.get("CI") else 77
-
-    failures = 0
+    suite = Suite("crash", __doc__)
+    suite.parser.add_argument("--harness", required=True)
+    args = suite.start(paths=["harness"])
+    qbm = suite.qbm
     checked = 0
-    with tempfile.TemporaryDirectory(prefix="qbm-crash-") as tmp:
+    with suite.tempdir() as tmp:
         make(tmp, "back32.qcow2", 32 << 20, None, [], ["write -P 9 0 32M"])
         for desc, img, seeds, *op in content_scenarios(tmp):
             out = tempfile.mkdtemp(dir=tmp)
             os.symlink(os.path.join(tmp, "back32.qcow2"),
                        os.path.join(out, "back32.qcow2"))
-            p = run([args.harness, img, out, str(seeds)] + op, check=False)
+            p = run([args.harness, img, out, str(seeds)] + op, ok=None)
             if p.returncode != 0:
-                print("FAIL %s: harness: %s" % (desc, p.stderr.strip()))
-                failures += 1
+                suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
                 continue
             after_img = os.path.join(out, "after.qcow2")
-            if run(["qemu-img", "check", after_img],
-                   check=False).returncode != 0:
-                print("FAIL %s: after the edit, qemu-img check fails" % desc)
-                failures += 1
+            if qemu_img_check(after_img, ok=None).returncode != 0:
+                suite.fail("%s: after the edit, qemu-img check fails" % desc)
             for f in sorted(os.listdir(out)):
                 if not f.startswith("crash-"):
                     continue
                 path = os.path.join(out, f)
                 checked += 1
-                c = run(["qemu-img", "check", path], check=False)
-                same = [run(["qemu-img", "compare", path, ref],
-                            check=False).returncode == 0
+                c = qemu_img_check(path, ok=None)
+                same = [qemu_img_compare(path, ref)
                         for ref in (img, after_img)]
                 if c.returncode not in (0, 3) or not any(same):
-                    print("FAIL %s, %s: check rc=%d, equals before/after: %s"
-                          % (desc, f, c.returncode, same))
-                    failures += 1
+                    suite.fail("%s, %s: check rc=%d, equals before/after: %s"
+                               % (desc, f, c.returncode, same))
                 os.unlink(path)
             print("ok: %s (%s write/flush points x %d seeds)" %
                   (desc, p.stdout.strip(), seeds))
@@ -230,64 +170,56 @@ def main():
             # Backing names are relative: keep them resolvable from out.
             os.symlink(os.path.join(tmp, "back.qcow2"),
                        os.path.join(out, "back.qcow2"))
-            before = state(args.qbm, img)
+            before = state(qbm, img)
             digest = hashlib.sha256(open(img, "rb").read()).hexdigest()
-            p = run([args.harness, img, out, str(seeds)] + op, check=False)
+            p = run([args.harness, img, out, str(seeds)] + op, ok=None)
             if p.returncode != 0:
-                print("FAIL %s: harness: %s" % (desc, p.stderr.strip()))
-                failures += 1
+                suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
                 continue
             if hashlib.sha256(open(img, "rb").read()).hexdigest() != digest:
-                print("FAIL %s: the input image changed" % desc)
-                failures += 1
+                suite.fail("%s: the input image changed" % desc)
             after_img = os.path.join(out, "after.qcow2")
-            c = run(["qemu-img", "check", after_img], check=False)
+            c = qemu_img_check(after_img, ok=None)
             if c.returncode != 0:
-                print("FAIL %s: after the edit, qemu-img check rc=%d: %s" %
-                      (desc, c.returncode, c.stdout + c.stderr))
-                failures += 1
+                suite.fail("%s: after the edit, qemu-img check rc=%d: %s" %
+                           (desc, c.returncode, c.stdout + c.stderr))
                 continue
-            after = state(args.qbm, after_img)
+            after = state(qbm, after_img)
             for name, ext in after[1].items():
-                if nbd_extents(after_img, name) != ext:
-                    print("FAIL %s: QEMU reads bitmap %s differently after "
-                          "the edit" % (desc, name))
-                    failures += 1
+                if dirty_map(after_img, name) != ext:
+                    suite.fail("%s: QEMU reads bitmap %s differently after "
+                               "the edit" % (desc, name))
             if after == before:
-                print("FAIL %s: the edit changed nothing" % desc)
-                failures += 1
+                suite.fail("%s: the edit changed nothing" % desc)
             if "growth" in desc and reftable(after_img) == reftable(img):
-                print("FAIL %s: the refcount table did not grow" % desc)
-                failures += 1
+                suite.fail("%s: the refcount table did not grow" % desc)
             npoints = int(p.stdout.strip())
             for f in sorted(os.listdir(out)):
                 if not f.startswith("crash-"):
                     continue
                 path = os.path.join(out, f)
                 checked += 1
-                c = run(["qemu-img", "check", path], check=False)
+                c = qemu_img_check(path, ok=None)
                 if c.returncode not in (0, 3):
-                    print("FAIL %s, %s: qemu-img check rc=%d:\n%s" %
-                          (desc, f, c.returncode, c.stdout + c.stderr))
-                    failures += 1
+                    suite.fail("%s, %s: qemu-img check rc=%d:\n%s" %
+                               (desc, f, c.returncode, c.stdout + c.stderr))
                     continue
                 try:
-                    got = state(args.qbm, path)
-                except RuntimeError as e:
-                    print("FAIL %s, %s: %s" % (desc, f, e))
-                    failures += 1
+                    got = state(qbm, path)
+                except Fail as e:
+                    suite.fail("%s, %s: %s" % (desc, f, e))
                     continue
                 if got != before and got != after:
-                    print("FAIL %s, %s: bitmaps are neither the old nor the "
-                          "new state:\n before %s\n after  %s\n got    %s" %
-                          (desc, f, before, after, got))
-                    failures += 1
+                    suite.fail("%s, %s: bitmaps are neither the old nor the "
+                               "new state:\n before %s\n after  %s\n got "
+                               "   %s" % (desc, f, before, after, got))
                 os.unlink(path)
             print("ok: %s (%d write/flush points x %d seeds)" %
                   (desc, npoints, seeds))
     print("crash images checked: %d" % checked)
-    print("crash: %d passed, %d failed" % (checked - failures, failures))
-    return 1 if failures else 0
+    # Every crash image is one case; the other failures count against them.
+    suite.passed = checked - suite.failed
+    return suite.finish()
 
 
 if __name__ == "__main__":

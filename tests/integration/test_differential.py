@@ -12,51 +12,20 @@ names, granularities and flags (qemu-img info), the same dirty extents
 (qemu-nbd -B + nbdinfo) and the same data (qemu-img compare). A rename is
 modelled on the QEMU side as add + merge + remove. Seeded: QBM_TEST_SEED.
 """
-import argparse
-import json
 import os
-import random
 import shutil
-import subprocess
 import sys
-import tempfile
 
-TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"]
-MiB = 1 << 20
-
-
-class Fail(Exception):
-    pass
-
-
-def run(cmd, ok=(0,)):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True)
-    if ok is not None and p.returncode not in ok:
-        raise Fail("%s -> %d\n%s%s" % (" ".join(cmd), p.returncode, p.stdout,
-                                       p.stderr))
-    return p
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+from qbmtest import (MiB, Fail, Suite, dirty_map, qemu_bitmaps,  # noqa: E402
+                     qemu_img, qemu_img_check, qemu_img_create, qemu_io, run)
 
 
 def view(img):
     """What QEMU sees: {name: (granularity, flags, extents)}."""
-    info = json.loads(run(["qemu-img", "info", "--output=json",
-                           img]).stdout)
-    out = {}
-    for b in info.get("format-specific", {}).get("data", {}).get("bitmaps",
-                                                                  []):
-        p = run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + b["name"],
-                 "--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", b["name"],
-                 img, "]"])
-        ext = []
-        for e in json.loads(p.stdout):
-            if e["type"] & 1:
-                if ext and ext[-1][0] + ext[-1][1] == e["offset"]:
-                    ext[-1] = (ext[-1][0], ext[-1][1] + e["length"])
-                else:
-                    ext.append((e["offset"], e["length"]))
-        out[b["name"]] = (b["granularity"], sorted(b["flags"]), ext)
-    return out
+    return {name: (gran, flags, dirty_map(img, name))
+            for name, (gran, flags) in qemu_bitmaps(img).items()}
 
 
 def scenario(qbm, tmp, rng, log):
@@ -69,15 +38,13 @@ def scenario(qbm, tmp, rng, log):
     q = os.path.join(tmp, "q.qcow2")
     b = os.path.join(tmp, "b.qcow2")
     other = os.path.join(tmp, "other.qcow2")
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, q,
-         str(size)])
-    run(["qemu-img", "create", "-q", "-f", "qcow2", other, str(size)])
-    run(["qemu-img", "bitmap", "--add", "-g", "4096", other, "src"])
-    run(["qemu-io", "-f", "qcow2", "-c", "write 0 1M", "-c",
-         "write %d 64k" % (size // 2), other])
+    qemu_img_create(q, size, opts=opts)
+    qemu_img_create(other, size)
+    qemu_img("bitmap", "--add", "-g", "4096", other, "src")
+    qemu_io(other, "write 0 1M", "write %d 64k" % (size // 2))
     if cs == 512 and rng.random() < 0.5:
         # Fill so that the refcount table must grow while qbm allocates.
-        run(["qemu-io", "-f", "qcow2", "-c", "write 0 %d" % (size // 2), q])
+        qemu_io(q, "write 0 %d" % (size // 2))
     shutil.copyfile(q, b)
     log.append("%s size %d" % (opts, size))
     names = []
@@ -119,11 +86,10 @@ def scenario(qbm, tmp, rng, log):
             old = names.pop(rng.randrange(len(names)))
             new = "r%d" % step
             names.append(new)
-            g = view(q)[old][0]
-            fl = view(q)[old][1]
-            run(["qemu-img", "bitmap", "--add", "-g", str(g)] +
-                ([] if "auto" in fl else ["--disable"]) + [q, new])
-            run(["qemu-img", "bitmap", "--merge", old, q, new])
+            g, fl = qemu_bitmaps(q)[old]
+            qemu_img(*(["bitmap", "--add", "-g", str(g)] +
+                       ([] if "auto" in fl else ["--disable"]) + [q, new]))
+            qemu_img("bitmap", "--merge", old, q, new)
             qcmd = ["qemu-img", "bitmap", "--remove", q, old]
             bcmd = [qbm, "rename", b, old, new]
         else:
@@ -143,10 +109,10 @@ def scenario(qbm, tmp, rng, log):
             raise Fail("qemu-img exit %d but qbm exit %d for %s" %
                        (rq, rb, bcmd))
     for img, who in ((q, "qemu-img"), (b, "qbm")):
-        c = run(["qemu-img", "check", img], ok=None)
-        if c.returncode != 0:
-            raise Fail("qemu-img check of the %s copy: rc %d\n%s" %
-                       (who, c.returncode, c.stdout))
+        try:
+            qemu_img_check(img)
+        except Fail as e:
+            raise Fail("the %s copy: %s" % (who, e))
     vq, vb = view(q), view(b)
     if vq != vb:
         raise Fail("QEMU sees different bitmaps:\n qemu-img copy %s\n qbm "
@@ -154,33 +120,27 @@ def scenario(qbm, tmp, rng, log):
                                      {k: v[:2] for k, v in vb.items()}) +
                    "".join("\n  %s extents differ" % k for k in vq
                            if k in vb and vq[k][2] != vb[k][2]))
-    run(["qemu-img", "compare", q, b])
+    qemu_img("compare", q, b)
+
+
+def logged(qbm, tmp, rng):
+    """A scenario whose failure lists the steps that led to it."""
+    log = []
+    try:
+        scenario(qbm, tmp, rng, log)
+    except Fail as e:
+        raise Fail("%s\n  steps: %s" % (e, " | ".join(log)))
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--qbm", required=True)
-    ap.add_argument("--scenarios", type=int, default=30)
-    args = ap.parse_args()
-    missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
-        print("missing tools: %s" % " ".join(missing))
-        return 1 if os.environ.get("CI") else 77
-    seed = int(os.environ.get("QBM_TEST_SEED", random.randrange(1 << 30)))
-    print("seed %d (set QBM_TEST_SEED to reproduce)" % seed)
-    passed = failed = 0
-    for i in range(args.scenarios):
-        log = []
-        with tempfile.TemporaryDirectory(prefix="qbm-diff-") as tmp:
-            try:
-                scenario(args.qbm, tmp, random.Random(seed * 1000 + i), log)
-                passed += 1
-            except Fail as e:
-                failed += 1
-                print("FAIL scenario %d (seed %d)\n  steps: %s\n  %s" %
-                      (i, seed, " | ".join(log), e))
-    print("differential: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    suite = Suite("differential", __doc__, seeded=True)
+    suite.parser.add_argument("--scenarios", type=int, default=30)
+    args = suite.start()
+    for i in suite.indices(args.scenarios):
+        suite.case("scenario %d (seed %d)" % (i, suite.seed),
+                   lambda tmp: logged(suite.qbm.path, tmp, suite.rng(i)),
+                   index=i)
+    return suite.finish()
 
 
 if __name__ == "__main__":

@@ -16,68 +16,48 @@ write or read-only) every edit fails with a lock message and changes
 nothing, and a process holding qbm's writer lock bytes, or libqbm with the
 image open for writing, makes qemu-img and qemu-io fail.
 """
-import argparse
 import ctypes
 import fcntl
 import hashlib
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
-TOOLS = ["qemu-img", "qemu-io", "qemu-nbd"]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+import qbmtest  # noqa: E402
+from qbmtest import OFFSET_MASK, Qcow2, Suite, Timeout, patch  # noqa: E402
 
 
 def run(cmd, timeout=30):
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=timeout)
-
-
-def u32(b, o):
-    return struct.unpack(">I", b[o:o + 4])[0]
-
-
-def u64(b, o):
-    return struct.unpack(">Q", b[o:o + 8])[0]
+    """A command whose exit the caller judges; Timeout after 30 s."""
+    return qbmtest.run(cmd, ok=None, timeout=timeout)
 
 
 class Layout:
     """Offsets of the structures in the base image."""
 
     def __init__(self, data):
-        self.cs = 1 << u32(data, 20)
-        self.l1 = u64(data, 40)
-        self.rt = u64(data, 48)
-        pos = u32(data, 100)
-        self.ext = {}
-        while True:
-            magic, length = struct.unpack(">II", data[pos:pos + 8])
-            if magic == 0:
-                self.end = pos
-                break
-            self.ext[magic] = pos
-            pos += 8 + (length + 7) // 8 * 8
-        bx = self.ext[0x23852875]
-        self.bm_ext = bx + 8
-        self.dir = u64(data, bx + 24)
-        self.dir_size = u64(data, bx + 16)
-        self.entry2 = self.dir + (24 + 2 + 7) // 8 * 8  # "b0" entry is 32
-        self.table = u64(data, self.dir)
-        self.data0 = u64(data, self.table) & 0x00fffffffffffe00
-        self.l2 = u64(data, self.l1) & 0x00fffffffffffe00
-        self.rb = u64(data, self.rt) & ~0x1ff
+        q = Qcow2(data)
+        self.cs = q.cluster_size
+        self.l1 = q.l1_table_offset
+        self.rt = q.refcount_table_offset
+        self.end = q.extensions_end
+        self.bm_ext = q.bitmaps_ext.data
+        self.dir = q.bitmap_directory_offset
+        self.dir_size = q.bitmap_directory_size
+        self.entry2 = q.bitmaps[1].offset
+        self.table = q.bitmaps[0].bitmap_table_offset
+        self.data0 = q.bitmap_table(q.bitmaps[0])[0] & OFFSET_MASK
+        self.l2 = q.l1_table()[0] & OFFSET_MASK
+        self.rb = q.refcount_table()[0] & ~0x1ff
         self.size = len(data)
-        self.nb_snapshots = u32(data, 60)
-        self.snapshots = u64(data, 64)
+        self.nb_snapshots = q.nb_snapshots
+        self.snapshots = q.snapshots_offset
         if self.nb_snapshots:
-            self.snap_l1 = u64(data, self.snapshots)
-
-
-def patch(data, off, fmt, value):
-    data[off:off + struct.calcsize(fmt)] = struct.pack(fmt, value)
+            self.snap_l1 = struct.unpack(">Q", q.read(self.snapshots, 8))[0]
 
 
 def catalogue(lay):
@@ -278,7 +258,7 @@ def hostile(qbm, tmp, every=1):
             cmd = command_line(qbm, args, img, out)
             try:
                 p = run(cmd, timeout=30)
-            except subprocess.TimeoutExpired:
+            except Timeout:
                 print("FAIL %s / %s: hung" % (name, cname))
                 failures += 1
                 continue
@@ -422,21 +402,19 @@ def qemu_kept_out(img, why):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--qbm", required=True)
-    ap.add_argument("--libqbm", help="libqbm.so, to hold an image open")
-    ap.add_argument("--every", type=int, default=1,
-                    help="only every Nth catalogue entry (slow runs)")
-    args = ap.parse_args()
-    missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
-        print("missing tools: %s" % " ".join(missing))
-        return 1 if os.environ.get("CI") else 77
-    with tempfile.TemporaryDirectory(prefix="qbm-hostile-") as tmp:
+    suite = Suite("hostile", __doc__, tools=["qemu-img", "qemu-io",
+                                             "qemu-nbd"])
+    suite.parser.add_argument("--libqbm",
+                              help="libqbm.so, to hold an image open")
+    suite.parser.add_argument("--every", type=int, default=1,
+                              help="only every Nth catalogue entry (slow "
+                              "runs)")
+    args = suite.start(paths=["libqbm"])
+    with suite.tempdir() as tmp:
         p1, f1 = hostile(args.qbm, tmp, args.every)
         p2, f2 = locks(args.qbm, tmp, args.libqbm)
-    print("hostile: %d passed, %d failed" % (p1 + p2, f1 + f2))
-    return 1 if f1 + f2 else 0
+    suite.passed, suite.failed = p1 + p2, f1 + f2
+    return suite.finish()
 
 
 if __name__ == "__main__":

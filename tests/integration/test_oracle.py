@@ -18,47 +18,13 @@ bitmaps in use) and sometimes puts it in a backing chain. Then:
   - qbm info --chain and dump --chain must agree with each layer.
 The seed is printed; QBM_TEST_SEED replays a run.
 """
-import argparse
-import json
 import os
-import random
-import shutil
-import subprocess
 import sys
-import tempfile
 
-TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"]
-MiB = 1 << 20
-
-
-class Fail(Exception):
-    pass
-
-
-def run(cmd, ok=(0,)):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True)
-    if ok is not None and p.returncode not in ok:
-        raise Fail("%s -> %d\n%s%s" % (" ".join(cmd), p.returncode, p.stdout,
-                                       p.stderr))
-    return p
-
-
-def merge(ext):
-    out = []
-    for o, n in ext:
-        if out and out[-1][0] + out[-1][1] == o:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((o, n))
-    return out
-
-
-def qemu_extents(img, name):
-    p = run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + name, "--",
-             "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, img, "]"])
-    return merge([(e["offset"], e["length"]) for e in json.loads(p.stdout)
-                  if e["type"] & 1])
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+from qbmtest import (MiB, Fail, Suite, dirty_map, merge_extents,  # noqa: E402
+                     qemu_img, qemu_img_create, qemu_img_info, qemu_io)
 
 
 def compare_info(qbm, img, q, b, where):
@@ -94,18 +60,16 @@ def compare_info(qbm, img, q, b, where):
                        (where, x["name"], x["consistent"], x["flags"]))
         if not x["consistent"]:
             continue
-        ext = qemu_extents(img, x["name"])
+        ext = dirty_map(img, x["name"])
         if x["dirty-bytes"] != sum(n for _, n in ext):
             raise Fail("%s: %s dirty-bytes %d, QEMU's extents sum to %d" %
                        (where, x["name"], x["dirty-bytes"],
                         sum(n for _, n in ext)))
-        d = json.loads(run([qbm, "dump", "--output=json", img,
-                            x["name"]]).stdout)
-        got = [(e["offset"], e["length"]) for e in d["extents"]]
+        got = qbm.dump(img, x["name"])
         if got != ext:
             raise Fail("%s: dump %s differs from QEMU:\n qbm  %s\n qemu %s" %
                        (where, x["name"], got[:20], ext[:20]))
-        human = run([qbm, "dump", img, x["name"]]).stdout.splitlines()
+        human = qbm("dump", img, x["name"]).stdout.splitlines()
         if [tuple(map(int, line.split())) for line in human[1:]] != ext or \
                 not human[0].startswith("# "):
             raise Fail("%s: human dump of %s differs" % (where, x["name"]))
@@ -129,13 +93,11 @@ def scenario(qbm, tmp, rng):
     backing = None
     if rng.random() < 0.3:
         backing = os.path.join(tmp, "base.qcow2")
-        run(["qemu-img", "create", "-q", "-f", "qcow2", backing, str(size)])
-        run(["qemu-img", "bitmap", "--add", backing, "shared"])
-        run(["qemu-io", "-f", "qcow2", "-c", "write 0 64k", backing])
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
-    if backing:
-        cmd += ["-b", "base.qcow2", "-F", "qcow2"]
-    run(cmd + [img, str(size)])
+        qemu_img_create(backing, size)
+        qemu_img("bitmap", "--add", backing, "shared")
+        qemu_io(backing, "write 0 64k")
+    qemu_img_create(img, size, opts=",".join(opts),
+                    backing="base.qcow2" if backing else None)
     desc.append("%s, size %d%s" % (",".join(opts), size,
                                    ", with backing" if backing else ""))
     names = []
@@ -148,15 +110,15 @@ def scenario(qbm, tmp, rng):
             length = min(length, size - off)
             k = rng.random()
             if k < 0.6:
-                c += ["-c", "write %d %d" % (off, length)]
+                c.append("write %d %d" % (off, length))
             elif k < 0.75 and not v2:
-                c += ["-c", "write -z %d %d" % (off // 512 * 512,
-                                                 max(512, length // 512 * 512))]
+                c.append("write -z %d %d" % (off // 512 * 512,
+                                             max(512, length // 512 * 512)))
             else:
-                c += ["-c", "discard %d %d" % (off // 512 * 512,
-                                                max(512, length // 512 * 512))]
+                c.append("discard %d %d" % (off // 512 * 512,
+                                            max(512, length // 512 * 512)))
         if c:
-            run(["qemu-io", "-f", "qcow2"] + c + [img], ok=None)
+            qemu_io(img, *c, ok=None)
 
     steps = rng.randint(2, 8)
     for _ in range(steps):
@@ -170,43 +132,37 @@ def scenario(qbm, tmp, rng):
                                "x" * rng.randint(1, 40)])
             if name in names:
                 continue
-            cmd = ["qemu-img", "bitmap", "--add", "-g", str(gran)]
+            cmd = ["bitmap", "--add", "-g", str(gran)]
             if rng.random() < 0.3:
                 cmd.append("--disable")
-            if run(cmd + [img, name], ok=None).returncode == 0:
+            if qemu_img(*(cmd + [img, name]), ok=None).returncode == 0:
                 names.append(name)
                 desc.append("add %s g=%d" % (name, gran))
         elif k < 0.45:
             n = rng.choice(names)
-            run(["qemu-img", "bitmap", rng.choice(["--enable", "--disable",
-                                                   "--clear"]), img, n],
-                ok=None)
+            qemu_img("bitmap", rng.choice(["--enable", "--disable",
+                                           "--clear"]), img, n, ok=None)
         else:
             writes(rng.randint(1, 5))
     if names and rng.random() < 0.15:
-        run(["qemu-io", "-f", "qcow2", "-c", "write 0 4k", "-c", "abort",
-             img], ok=None)
+        qemu_io(img, "write 0 4k", "abort", ok=None)
         desc.append("crash")
-    q = json.loads(run(["qemu-img", "info", "--output=json", img]).stdout)
-    b = json.loads(run([qbm, "info", "--output=json", img]).stdout)
+    q = qemu_img_info(img)
+    b = qbm.json("info", img)
     try:
         compare_info(qbm, img, q, b, "image")
         if backing:
-            qc = json.loads(run(["qemu-img", "info", "--backing-chain",
-                                 "--output=json", img]).stdout)
-            bc = json.loads(run([qbm, "info", "--chain", "--output=json",
-                                 img]).stdout)
+            qc = qemu_img_info(img, "--backing-chain")
+            bc = qbm.json("info", "--chain", img)
             if len(qc) != len(bc):
                 raise Fail("chain of %d layers, qemu-img says %d" %
                            (len(bc), len(qc)))
             for layer, (ql, bl) in enumerate(zip(qc, bc)):
                 compare_info(qbm, bl["filename"], ql, bl, "layer %d" % layer)
-            d = json.loads(run([qbm, "dump", "--chain", "--output=json",
-                                img, "shared"]).stdout)
-            want = merge(sorted(qemu_extents(backing, "shared") +
-                                (qemu_extents(img, "shared")
-                                 if "shared" in names else [])))
-            got = [(e["offset"], e["length"]) for e in d["extents"]]
+            got = qbm.dump("--chain", img, "shared")
+            want = merge_extents(dirty_map(backing, "shared") +
+                                 (dirty_map(img, "shared")
+                                  if "shared" in names else []))
             if got != want:
                 raise Fail("dump --chain differs: %s vs %s" % (got, want))
     except Fail as e:
@@ -214,27 +170,14 @@ def scenario(qbm, tmp, rng):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--qbm", required=True)
-    ap.add_argument("--scenarios", type=int, default=60)
-    args = ap.parse_args()
-    missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
-        print("missing tools: %s" % " ".join(missing))
-        return 1 if os.environ.get("CI") else 77
-    seed = int(os.environ.get("QBM_TEST_SEED", random.randrange(1 << 30)))
-    print("seed %d (set QBM_TEST_SEED to reproduce)" % seed)
-    passed = failed = 0
-    for i in range(args.scenarios):
-        with tempfile.TemporaryDirectory(prefix="qbm-oracle-") as tmp:
-            try:
-                scenario(args.qbm, tmp, random.Random(seed * 1000 + i))
-                passed += 1
-            except Fail as e:
-                failed += 1
-                print("FAIL scenario %d (seed %d): %s" % (i, seed, e))
-    print("oracle: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    suite = Suite("oracle", __doc__, seeded=True)
+    suite.parser.add_argument("--scenarios", type=int, default=60)
+    args = suite.start()
+    for i in suite.indices(args.scenarios):
+        suite.case("scenario %d (seed %d)" % (i, suite.seed),
+                   lambda tmp: scenario(suite.qbm, tmp, suite.rng(i)),
+                   index=i)
+    return suite.finish()
 
 
 if __name__ == "__main__":

@@ -11,40 +11,21 @@ on qcow2 output, and the same result as `qemu-img rebase -u` + `qemu-img
 convert` of the same files. Refusals must write nothing.
 Seeded; QBM_TEST_SEED reproduces a run.
 """
-import argparse
 import json
 import os
-import random
 import shutil
-import subprocess
 import sys
-import tempfile
 
-TOOLS = ["qemu-img", "qemu-io"]
-MiB = 1 << 20
-
-
-class Fail(Exception):
-    pass
-
-
-def run(cmd, ok=(0,)):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True)
-    if ok is not None and p.returncode not in ok:
-        raise Fail("%s -> %d\n%s%s" % (" ".join(cmd), p.returncode, p.stdout,
-                                       p.stderr))
-    return p
-
-
-def same(a, b):
-    p = run(["qemu-img", "compare", a, b], ok=None)
-    return p.returncode == 0
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+from qbmtest import (MiB, Fail, Suite, qemu_img,  # noqa: E402
+                     qemu_img_check, qemu_img_compare as same,
+                     qemu_img_create, qemu_img_info, qemu_io)
 
 
 def data_bytes(img):
     """Bytes the image itself stores as data (not zero flags)."""
-    p = run(["qemu-img", "map", "--output=json", img])
+    p = qemu_img("map", "--output=json", img)
     return sum(e["length"] for e in json.loads(p.stdout)
                if e["depth"] == 0 and e["data"])
 
@@ -55,8 +36,7 @@ def scenario(qbm, tmp, rng, desc):
                        "compression_type=zstd", "extended_l2=on",
                        "cluster_size=2M", "refcount_bits=1"])
     disk = os.path.join(tmp, "disk.qcow2")
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, disk,
-         str(size)])
+    qemu_img_create(disk, size, opts=opts)
     gran = rng.choice([512, 4096, 65536, MiB])
     desc.append("size %d, %s, granularity %d" % (size, opts, gran))
 
@@ -75,33 +55,33 @@ def scenario(qbm, tmp, rng, desc):
             length = min(-(-length // 512) * 512, size - off)
             kind = rng.random()
             if kind < 0.5:
-                cmds += ["-c", "write -P %d %d %d" %
-                         (rng.randrange(1, 255), off, length)]
+                cmds.append("write -P %d %d %d" %
+                            (rng.randrange(1, 255), off, length))
             elif kind < 0.65:
                 # Compressed writes need whole, never written clusters.
                 o = off // ccs * ccs
                 if (o + ccs <= size and "extended_l2" not in opts and
                         o // ccs not in touched):
-                    cmds += ["-c", "write -c -P %d %d %d" %
-                             (rng.randrange(1, 255), o, ccs)]
+                    cmds.append("write -c -P %d %d %d" %
+                                (rng.randrange(1, 255), o, ccs))
                     touch(o, ccs)
                 continue
             elif kind < 0.85:
-                cmds += ["-c", "write -z %d %d" % (off, length)]
+                cmds.append("write -z %d %d" % (off, length))
             else:
-                cmds += ["-c", "discard %d %d" % (off, length)]
+                cmds.append("discard %d %d" % (off, length))
             touch(off, length)
         if cmds:
-            run(["qemu-io", "-f", "qcow2"] + cmds + [disk])
+            qemu_io(disk, *cmds)
 
     step(6)
-    run([qbm, "add", "-g", str(gran), disk, "ck0"])
+    qbm("add", "-g", str(gran), disk, "ck0")
     full = os.path.join(tmp, "full.qcow2")
     if rng.random() < 0.5:
-        run([qbm, "extract", "--full", "-o", full, disk])
+        qbm("extract", "--full", "-o", full, disk)
     else:
         full = os.path.join(tmp, "full.raw")
-        run(["qemu-img", "convert", "-O", "raw", disk, full])
+        qemu_img("convert", "-O", "raw", disk, full)
     states = [os.path.join(tmp, "state0.qcow2")]
     shutil.copyfile(disk, states[0])
     incs = []
@@ -109,17 +89,15 @@ def scenario(qbm, tmp, rng, desc):
     for i in range(1, nsteps + 1):
         step(rng.randint(1, 6))
         inc = os.path.join(tmp, "inc%d.qcow2" % i)
-        run([qbm, "extract", "--rotate", "ck%d" % i, "-o", inc, disk,
-             "ck%d" % (i - 1)])
-        run(["qemu-img", "check", inc])
+        qbm("extract", "--rotate", "ck%d" % i, "-o", inc, disk,
+            "ck%d" % (i - 1))
+        qemu_img_check(inc)
         # An incremental holds no more than its checkpoint's dirty data,
         # rounded to its clusters.
-        d = json.loads(run([qbm, "dump", "--output=json", disk,
-                            "ck%d" % (i - 1)]).stdout)
-        cs = json.loads(run(["qemu-img", "info", "--output=json",
-                             inc]).stdout)["cluster-size"]
-        limit = sum(-(-(e["offset"] + e["length"]) // cs) * cs -
-                    e["offset"] // cs * cs for e in d["extents"])
+        extents = qbm.dump(disk, "ck%d" % (i - 1))
+        cs = qemu_img_info(inc)["cluster-size"]
+        limit = sum(-(-(off + length) // cs) * cs - off // cs * cs
+                    for off, length in extents)
         if data_bytes(inc) > limit:
             raise Fail("inc%d stores %d bytes of data, its checkpoint marks "
                        "only %d" % (i, data_bytes(inc), limit))
@@ -131,9 +109,9 @@ def scenario(qbm, tmp, rng, desc):
     for i in range(0, nsteps + 1):
         for fmt in ("raw", "qcow2"):
             out = os.path.join(tmp, "out.%s" % fmt)
-            run([qbm, "restore", "-O", fmt, "-o", out, full] + incs[:i])
+            qbm("restore", "-O", fmt, "-o", out, full, *incs[:i])
             if fmt == "qcow2":
-                run(["qemu-img", "check", out])
+                qemu_img_check(out)
             if not same(out, states[i]):
                 raise Fail("restore to point %d as %s differs" % (i, fmt))
             os.unlink(out)
@@ -145,13 +123,13 @@ def scenario(qbm, tmp, rng, desc):
         copies.append(c)
     prev, prev_fmt = full, "raw" if full.endswith(".raw") else "qcow2"
     for c in copies:
-        run(["qemu-img", "rebase", "-u", "-b", os.path.basename(prev), "-F",
-             prev_fmt, c])
+        qemu_img("rebase", "-u", "-b", os.path.basename(prev), "-F",
+                 prev_fmt, c)
         prev, prev_fmt = c, "qcow2"
     conv = os.path.join(tmp, "conv.raw")
-    run(["qemu-img", "convert", "-O", "raw", prev, conv])
+    qemu_img("convert", "-O", "raw", prev, conv)
     ours = os.path.join(tmp, "ours.raw")
-    run([qbm, "restore", "-o", ours, full] + incs)
+    qbm("restore", "-o", ours, full, *incs)
     if open(conv, "rb").read() != open(ours, "rb").read():
         raise Fail("restore differs from qemu-img rebase -u + convert")
     # restore --link makes the same chain; QEMU reads the disk through it.
@@ -160,15 +138,15 @@ def scenario(qbm, tmp, rng, desc):
         c = os.path.join(tmp, "link%d.qcow2" % i)
         shutil.copyfile(inc, c)
         links.append(c)
-    run([qbm, "restore", "--link", full] + links)
+    qbm("restore", "--link", full, *links)
     if not same(links[-1], states[-1]):
         raise Fail("the --link chain does not read as the disk")
     # Rolling full: consolidate into a qcow2 copy of the full backup.
     if full.endswith(".qcow2"):
         rolled = os.path.join(tmp, "rolled.qcow2")
         shutil.copyfile(full, rolled)
-        run([qbm, "consolidate", rolled] + incs)
-        run(["qemu-img", "check", rolled])
+        qbm("consolidate", rolled, *incs)
+        qemu_img_check(rolled)
         if not same(rolled, states[-1]):
             raise Fail("consolidate does not give the last state")
 
@@ -177,8 +155,8 @@ def refusals(qbm, tmp):
     a = os.path.join(tmp, "a.qcow2")
     b = os.path.join(tmp, "b.qcow2")
     junk = os.path.join(tmp, "junk.qcow2")
-    run(["qemu-img", "create", "-q", "-f", "qcow2", a, "64M"])
-    run(["qemu-img", "create", "-q", "-f", "qcow2", b, "32M"])
+    qemu_img_create(a, "64M")
+    qemu_img_create(b, "32M")
     with open(junk, "wb") as f:
         f.write(b"QFI\xfb" + b"\xff" * 200)
     out = os.path.join(tmp, "out.raw")
@@ -189,47 +167,35 @@ def refusals(qbm, tmp):
         ([a, a], "twice"),
     ]
     for files, word in cases:
-        p = run([qbm, "restore", "-o", out] + files, ok=(1,))
+        p = qbm("restore", "-o", out, *files, ok=(1,))
         if word not in p.stderr or p.stdout:
             raise Fail("refusal without a clear message: %r" % p.stderr)
         left = [f for f in os.listdir(tmp) if f.startswith(".out") or
                 f.startswith("out")]
         if left:
             raise Fail("a refused restore left %s behind" % left)
-    p = run([qbm, "consolidate", a, b], ok=(1,))
+    p = qbm("consolidate", a, b, ok=(1,))
     if "size" not in p.stderr:
         raise Fail("consolidate of another size: %r" % p.stderr)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--qbm", required=True)
-    ap.add_argument("--rounds", type=int, default=12)
-    args = ap.parse_args()
-    missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
-        print("missing tools: %s" % " ".join(missing))
-        return 1 if os.environ.get("CI") else 77
-    seed = int(os.environ.get("QBM_TEST_SEED", random.randrange(1 << 30)))
-    print("seed %d (set QBM_TEST_SEED to reproduce)" % seed)
-    passed = failed = 0
-    for rnd in range(args.rounds + 1):
+    suite = Suite("backup", __doc__, tools=["qemu-img", "qemu-io"],
+                  seeded=True)
+    suite.parser.add_argument("--rounds", type=int, default=12)
+    args = suite.start()
+    for rnd in suite.indices(args.rounds + 1):
         desc = []
-        with tempfile.TemporaryDirectory(prefix="qbm-bk-") as tmp:
-            try:
-                if rnd == args.rounds:
-                    desc.append("refusals")
-                    refusals(args.qbm, tmp)
-                else:
-                    scenario(args.qbm, tmp, random.Random(seed * 1000 + rnd),
-                             desc)
-                passed += 1
-            except Fail as e:
-                failed += 1
-                print("FAIL round %d (seed %d; %s): %s" %
-                      (rnd, seed, "; ".join(desc), e))
-    print("backup: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+        if rnd == args.rounds:
+            desc.append("refusals")
+            fn = lambda tmp: refusals(suite.qbm, tmp)  # noqa: E731
+        else:
+            fn = lambda tmp: scenario(suite.qbm, tmp,  # noqa: E731
+                                      suite.rng(rnd), desc)
+        suite.case(lambda: "round %d (seed %d; %s)" % (rnd, suite.seed,
+                                                       "; ".join(desc)),
+                   fn, index=rnd)
+    return suite.finish()
 
 
 if __name__ == "__main__":

@@ -7,36 +7,34 @@ loser must fail with a message about the lock (exit 1), and the image must
 stay consistent (qemu-img check clean, QEMU reads every bitmap). Seeded;
 QBM_TEST_SEED reproduces a run.
 """
-import argparse
-import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 
-TOOLS = ["qemu-img", "qemu-io"]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+from qbmtest import (Suite, qemu_bitmaps, qemu_img_check,  # noqa: E402
+                     qemu_img_create)
+
+
+def spawn(cmd):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--qbm", required=True)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--procs", type=int, default=12)
-    args = ap.parse_args()
-    missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
-        print("missing tools: %s" % " ".join(missing))
-        return 1 if os.environ.get("CI") else 77
-    seed = int(os.environ.get("QBM_TEST_SEED", random.randrange(1 << 30)))
-    rng = random.Random(seed)
-    print("seed %d (set QBM_TEST_SEED to reproduce)" % seed)
-    passed = failed = wins = losses = 0
-    with tempfile.TemporaryDirectory(prefix="qbm-race-") as tmp:
+    suite = Suite("races", __doc__, tools=["qemu-img", "qemu-io"],
+                  seeded=True, indexed=False)
+    suite.parser.add_argument("--rounds", type=int, default=6)
+    suite.parser.add_argument("--procs", type=int, default=12)
+    args = suite.start()
+    rng = random.Random(suite.seed)
+    qbm = suite.qbm.path
+    wins = losses = 0
+    with suite.tempdir() as tmp:
         img = os.path.join(tmp, "img.qcow2")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img,
-                        "256M"], check=True)
+        qemu_img_create(img, "256M")
         expect = set()
         for rnd in range(args.rounds):
             procs = []
@@ -44,23 +42,18 @@ def main():
                 name = "r%d_%d" % (rnd, i)
                 if expect and rng.random() < 0.3:
                     victim = rng.choice(sorted(expect))
-                    cmd = [args.qbm, "remove", img, victim]
-                    procs.append(("remove", victim, subprocess.Popen(
-                        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        text=True)))
+                    procs.append(("remove", victim,
+                                  spawn([qbm, "remove", img, victim])))
                 else:
-                    cmd = [args.qbm, "add", "-g",
-                           str(rng.choice([512, 65536, 1 << 20])), img, name]
-                    procs.append(("add", name, subprocess.Popen(
-                        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        text=True)))
+                    procs.append(("add", name, spawn(
+                        [qbm, "add", "-g",
+                         str(rng.choice([512, 65536, 1 << 20])), img,
+                         name])))
                 if rng.random() < 0.2:
                     # QEMU joins the race: it either gets the image or not.
-                    procs.append(("qemu", None, subprocess.Popen(
+                    procs.append(("qemu", None, spawn(
                         ["qemu-io", "-f", "qcow2", "-c", "write %d 4k" %
-                         (rng.randrange(0, 65536) * 4096), img],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        text=True)))
+                         (rng.randrange(0, 65536) * 4096), img])))
             for kind, name, p in procs:
                 out, err = p.communicate()
                 if kind == "qemu":
@@ -71,37 +64,27 @@ def main():
                         expect.add(name)
                     else:
                         expect.discard(name)
-                    passed += 1
+                    suite.ok()
                 elif p.returncode == 1 and "lock" in err and not out:
                     losses += 1
-                    passed += 1
+                    suite.ok()
                 elif (p.returncode == 1 and kind == "remove" and
                       "no bitmap named" in err):
-                    passed += 1  # removed by a concurrent winner already
+                    suite.ok()  # removed by a concurrent winner already
                 else:
-                    failed += 1
-                    print("FAIL round %d: %s %s -> %d: %r" %
-                          (rnd, kind, name, p.returncode, err))
-            c = subprocess.run(["qemu-img", "check", img],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-            info = json.loads(subprocess.run(
-                ["qemu-img", "info", "--output=json", img], check=True,
-                stdout=subprocess.PIPE, text=True).stdout)
-            names = {b["name"] for b in info.get("format-specific", {})
-                     .get("data", {}).get("bitmaps", [])}
+                    suite.fail("round %d: %s %s -> %d: %r" %
+                               (rnd, kind, name, p.returncode, err))
+            c = qemu_img_check(img, ok=None)
+            names = set(qemu_bitmaps(img))
             if c.returncode != 0:
-                failed += 1
-                print("FAIL round %d: qemu-img check rc=%d: %s" %
-                      (rnd, c.returncode, c.stdout))
+                suite.fail("round %d: qemu-img check rc=%d: %s" %
+                           (rnd, c.returncode, c.stdout))
             if names != expect:
-                failed += 1
-                print("FAIL round %d: bitmaps %s, expected %s (lost or "
-                      "phantom edits)" % (rnd, sorted(names),
-                                          sorted(expect)))
+                suite.fail("round %d: bitmaps %s, expected %s (lost or "
+                           "phantom edits)" % (rnd, sorted(names),
+                                               sorted(expect)))
     print("%d edits won, %d lost the race for the lock" % (wins, losses))
-    print("races: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return suite.finish()
 
 
 if __name__ == "__main__":

@@ -9,69 +9,25 @@ prove the repaired bitmaps are usable: the previous full backup plus the
 ranges the bitmap marks reproduce the current disk exactly.
 Seeded random writes; QBM_TEST_SEED reproduces a run.
 """
-import argparse
 import json
 import os
 import random
 import shutil
-import subprocess
 import sys
-import tempfile
 
-TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"]
-MiB = 1 << 20
-
-
-class Fail(Exception):
-    pass
-
-
-def run(cmd, ok=(0,), **kw):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, **kw)
-    if ok is not None and p.returncode not in ok:
-        raise Fail("%s -> %d\n%s%s" % (" ".join(cmd), p.returncode, p.stdout,
-                                       p.stderr))
-    return p
-
-
-def merge(extents):
-    out = []
-    for off, length in sorted(extents):
-        if out and off <= out[-1][0] + out[-1][1]:
-            end = max(out[-1][0] + out[-1][1], off + length)
-            out[-1] = (out[-1][0], end - out[-1][0])
-        else:
-            out.append((off, length))
-    return out
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+from qbmtest import (MiB, Fail, Suite, merge_extents as merge,  # noqa: E402
+                     qemu_bitmaps, qemu_img_create, qemu_io, run)
+# QEMU's view of a bitmap (qemu-nbd + nbdinfo), and qemu-img check clean.
+from qbmtest import (dirty_map as qemu_bitmap,  # noqa: E402
+                     qemu_img_check as check_clean)
 
 
 def round_out(extents, gran, size):
     return merge([(o // gran * gran,
                    min(size, -(-(o + n) // gran) * gran) - o // gran * gran)
                   for o, n in extents])
-
-
-def qemu_bitmap(img, name):
-    """QEMU's view of a bitmap: dirty extents from qemu-nbd + nbdinfo."""
-    p = run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + name, "--",
-             "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, img, "]"])
-    return merge([(e["offset"], e["length"]) for e in json.loads(p.stdout)
-                  if e["type"] & 1])
-
-
-def qemu_bitmaps(img):
-    info = json.loads(run(["qemu-img", "info", "--output=json",
-                           img]).stdout)
-    bms = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
-    return {b["name"]: (b["granularity"], sorted(b["flags"])) for b in bms}
-
-
-def check_clean(img):
-    p = run(["qemu-img", "check", img], ok=None)
-    if p.returncode != 0:
-        raise Fail("qemu-img check %s -> %d\n%s" % (img, p.returncode,
-                                                     p.stdout + p.stderr))
 
 
 def own_allocation(img):
@@ -90,12 +46,10 @@ class Ctx:
         return os.path.join(self.tmp, name)
 
     def q(self, *args, ok=(0,)):
-        return run([self.qbm] + list(args), ok=ok)
+        return self.qbm(*args, ok=ok)
 
     def dump(self, img, name, chain=False):
-        args = ["dump", "--output=json"] + (["--chain"] if chain else [])
-        d = json.loads(self.q(*(args + [img, name])).stdout)
-        return [(e["offset"], e["length"]) for e in d["extents"]]
+        return self.qbm.dump(*((["--chain"] if chain else []) + [img, name]))
 
     def writes(self, img, size, n, zero_frac=0.2):
         """n random writes (some zero writes); returns the ranges."""
@@ -106,20 +60,14 @@ class Ctx:
             length = -(-length // 512) * 512
             kind = "write -z" if self.rng.random() < zero_frac else \
                 "write -P %d" % self.rng.randrange(1, 255)
-            cmds += ["-c", "%s %d %d" % (kind, off, length)]
+            cmds.append("%s %d %d" % (kind, off, length))
             ranges.append((off, length))
-        run(["qemu-io", "-f", "qcow2"] + cmds + [img])
+        qemu_io(img, *cmds)
         return merge(ranges)
 
     def create(self, name, size, backing=None, opts=None):
-        p = self.path(name)
-        cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
-        if opts:
-            cmd += ["-o", opts]
-        if backing:
-            cmd += ["-b", os.path.basename(backing), "-F", "qcow2"]
-        run(cmd + [p, str(size)])
-        return p
+        return qemu_img_create(self.path(name), size, opts=opts,
+                               backing=backing and os.path.basename(backing))
 
 
 def covers(outer, inner):
@@ -453,30 +401,15 @@ SCENARIOS = [
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--qbm", required=True)
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
-    missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
-        print("missing tools: %s" % " ".join(missing))
-        return 1 if os.environ.get("CI") else 77
-    seed = int(os.environ.get("QBM_TEST_SEED", random.randrange(1 << 30)))
-    print("seed %d (set QBM_TEST_SEED to reproduce)" % seed)
-    passed = failed = 0
-    for rnd in range(args.rounds):
+    suite = Suite("workflows", __doc__, seeded=True)
+    suite.parser.add_argument("--rounds", type=int, default=3)
+    args = suite.start()
+    for rnd in suite.indices(args.rounds):
         for name, fn in SCENARIOS:
-            rng = random.Random("%d-%d-%s" % (seed, rnd, name))
-            with tempfile.TemporaryDirectory(prefix="qbm-wf-") as tmp:
-                try:
-                    fn(Ctx(args.qbm, tmp, rng))
-                    passed += 1
-                except Fail as e:
-                    failed += 1
-                    print("FAIL round %d, %s (seed %d): %s" %
-                          (rnd, name, seed, e))
-    print("workflows: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+            rng = random.Random("%d-%d-%s" % (suite.seed, rnd, name))
+            suite.case("round %d, %s (seed %d)" % (rnd, name, suite.seed),
+                       lambda tmp: fn(Ctx(suite.qbm, tmp, rng)), index=rnd)
+    return suite.finish()
 
 
 if __name__ == "__main__":
