@@ -17,6 +17,8 @@ struct carry {
     struct qbm_chain *chain; /* TOP's chain, no locks: directories only */
     struct qbm_image **layers; /* the n layers above BASE, read-locked */
     size_t n;                  /* BASE's index in the chain */
+    const char **skipped; /* bitmaps not carried for a gap (borrowed) */
+    size_t nskipped;
     unsigned flags;
     qbm_carry_fn fn;
     void *opaque;
@@ -106,12 +108,28 @@ static int lib_fail(const char *file)
     return qbm_err_prefix(-qbm_get_errno(), "%s", file);
 }
 
-static bool has_gap(struct carry *c, const char *name, size_t t)
+/* Remember that `name` is not carried: decided at its first sight, as
+ * BASE's copy of another bitmap staged since then would change what
+ * is_gap() sees. */
+static int skip(struct carry *c, const char *name)
 {
-    size_t k;
+    const char **p = qbm_realloc(c->skipped,
+                                 (c->nskipped + 1) * sizeof(*p));
 
-    for (k = 0; k <= c->n; k++) {
-        if (is_gap(c, name, t, k)) {
+    if (!p) {
+        return -ENOMEM;
+    }
+    c->skipped = p;
+    c->skipped[c->nskipped++] = name;
+    return 0;
+}
+
+static bool skipped(struct carry *c, const char *name)
+{
+    size_t i;
+
+    for (i = 0; i < c->nskipped; i++) {
+        if (strcmp(c->skipped[i], name) == 0) {
             return true;
         }
     }
@@ -147,7 +165,7 @@ static int carry_first(struct carry *c, const char *name, size_t t)
     }
     if (r || (gap && !fill)) {
         free(gaps);
-        return r;
+        return r ? r : skip(c, name);
     }
     /* The topmost copy decides whether BASE's records writes from now
      * on. */
@@ -231,7 +249,7 @@ static int carry_bitmaps(struct carry *c)
                 }
                 continue;
             }
-            if (!(c->flags & QBM_CARRY_FILL_GAPS) && has_gap(c, name, t)) {
+            if (skipped(c, name)) {
                 continue; /* reported at its first sight */
             }
             if (qbm_bitmap_merge(c->base, name, img, name) < 0) {
@@ -317,7 +335,7 @@ static int carry_commit(struct carry *c, const char *top)
 QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
                              unsigned flags, qbm_carry_fn fn, void *opaque)
 {
-    struct carry c = { base, NULL, NULL, 0, flags, fn, opaque };
+    struct carry c = { base, NULL, NULL, 0, NULL, 0, flags, fn, opaque };
     size_t l;
     int r;
 
@@ -329,6 +347,7 @@ QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
         qbm_close(c.layers[l]);
     }
     free(c.layers);
+    free(c.skipped);
     qbm_chain_close(c.chain);
     return r < 0 ? -1 : r;
 }
