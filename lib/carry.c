@@ -39,26 +39,12 @@ static struct qbm_image *layer(struct carry *c, size_t k)
     if (k < c->n) {
         return c->layers[k];
     }
-    return k == c->n ? c->base : qbm_chain_layer(c->chain, k);
+    return k == c->n ? c->base : c->chain->layers[k];
 }
 
 static const char *layer_name(struct carry *c, size_t k)
 {
-    return k == c->n ? c->base->filename : qbm_chain_filename(c->chain, k);
-}
-
-/* The directory entry of `name` in `img`, or NULL. */
-static const struct qcow2_bitmap *lookup(const struct qbm_image *img,
-                                         const char *name)
-{
-    uint32_t i;
-
-    for (i = 0; i < img->nb_bitmaps; i++) {
-        if (strcmp(img->bitmaps[i].name, name) == 0) {
-            return &img->bitmaps[i];
-        }
-    }
-    return NULL;
+    return k == c->n ? c->base->filename : c->chain->names[k];
 }
 
 /*
@@ -72,16 +58,16 @@ static const struct qcow2_bitmap *lookup(const struct qbm_image *img,
  */
 static bool is_gap(struct carry *c, const char *name, size_t t, size_t k)
 {
-    size_t len = qbm_chain_length(c->chain), j;
+    size_t len = c->chain->n, j;
 
-    if (lookup(layer(c, k), name)) {
+    if (qcow2_bitmap_lookup(layer(c, k), name)) {
         return false;
     }
     if (k < t) {
-        return lookup(layer(c, t), name)->flags & BME_FLAG_AUTO;
+        return qcow2_bitmap_lookup(layer(c, t), name)->flags & BME_FLAG_AUTO;
     }
     for (j = k + 1; j < len; j++) {
-        if (lookup(layer(c, j), name)) {
+        if (qcow2_bitmap_lookup(layer(c, j), name)) {
             return true;
         }
     }
@@ -100,12 +86,6 @@ static int report(struct carry *c, int action, const char *name, size_t k)
         qbm_err(ECANCELED, "stopped by the callback");
     }
     return r;
-}
-
-/* A public call inside the library failed: its -errno, prefixed. */
-static int lib_fail(const char *file)
-{
-    return qbm_err_prefix(-qbm_get_errno(), "%s", file);
 }
 
 /* Remember that `name` is not carried: decided at its first sight, as
@@ -143,7 +123,7 @@ static bool skipped(struct carry *c, const char *name)
  */
 static int carry_first(struct carry *c, const char *name, size_t t)
 {
-    const struct qcow2_bitmap *src = lookup(c->layers[t], name);
+    const struct qcow2_bitmap *src = qcow2_bitmap_lookup(c->layers[t], name);
     bool enabled = src->flags & BME_FLAG_AUTO, created = false;
     bool fill = c->flags & QBM_CARRY_FILL_GAPS, gap = false;
     bool *gaps;
@@ -169,26 +149,29 @@ static int carry_first(struct carry *c, const char *name, size_t t)
     }
     /* The topmost copy decides whether BASE's records writes from now
      * on. */
-    if (!lookup(c->base, name)) {
-        r = qbm_bitmap_add(c->base, name, 1ull << src->granularity_bits,
-                           enabled ? 0 : QBM_ADD_DISABLED);
+    if (!qcow2_bitmap_lookup(c->base, name)) {
+        r = qbm_impl_bitmap_add(c->base, name,
+                                1ull << src->granularity_bits,
+                                enabled ? 0 : QBM_ADD_DISABLED);
         created = true;
     } else if (enabled) {
-        r = qbm_bitmap_enable(c->base, name);
+        r = qbm_impl_bitmap_enable(c->base, name);
     } else {
-        r = qbm_bitmap_disable(c->base, name);
+        r = qbm_impl_bitmap_disable(c->base, name);
     }
-    if (r < 0 || qbm_bitmap_merge(c->base, name, c->layers[t], name) < 0) {
+    r = r ? r : qbm_impl_bitmap_merge(c->base, name, c->layers[t], name);
+    if (r < 0) {
         free(gaps);
-        return lib_fail(c->base->filename);
+        return qbm_err_prefix(r, "%s", c->base->filename);
     }
     r = report(c, created ? QBM_CARRY_COPIED : QBM_CARRY_MERGED, name, t);
     for (k = 0; r == 0 && k <= c->n; k++) {
         if (!gaps[k]) {
             continue;
         }
-        if (qbm_bitmap_populate(c->base, name, layer(c, k)) < 0) {
-            r = lib_fail(c->base->filename);
+        r = qbm_impl_bitmap_populate(c->base, name, layer(c, k));
+        if (r < 0) {
+            r = qbm_err_prefix(r, "%s", c->base->filename);
         } else {
             r = report(c, QBM_CARRY_FILLED, name, k);
         }
@@ -213,7 +196,7 @@ static int validate(struct carry *c)
                            (unsigned long long)c->base->hdr.size);
         }
         for (i = 0; i < img->nb_bitmaps; i++) {
-            if (!qbm_bitmap_consistent(img, i)) {
+            if (!qbm_impl_bitmap_consistent(img, i)) {
                 return qbm_err(EBUSY, "%s: bitmap '%s' is in use; repair "
                                "it first with 'qbm check --repair'",
                                img->filename, img->bitmaps[i].name);
@@ -237,7 +220,7 @@ static int carry_bitmaps(struct carry *c)
             size_t t = l;
 
             for (k = 0; k < l; k++) {
-                if (lookup(c->layers[k], name)) {
+                if (qcow2_bitmap_lookup(c->layers[k], name)) {
                     t = k;
                     break;
                 }
@@ -252,8 +235,9 @@ static int carry_bitmaps(struct carry *c)
             if (skipped(c, name)) {
                 continue; /* reported at its first sight */
             }
-            if (qbm_bitmap_merge(c->base, name, img, name) < 0) {
-                return lib_fail(c->base->filename);
+            r = qbm_impl_bitmap_merge(c->base, name, img, name);
+            if (r < 0) {
+                return qbm_err_prefix(r, "%s", c->base->filename);
             }
             r = report(c, QBM_CARRY_MERGED, name, l);
             if (r) {
@@ -278,8 +262,9 @@ static int mark_written(struct carry *c)
             continue;
         }
         for (l = 0; l < c->n; l++) {
-            if (qbm_bitmap_populate(c->base, name, c->layers[l]) < 0) {
-                return lib_fail(c->base->filename);
+            r = qbm_impl_bitmap_populate(c->base, name, c->layers[l]);
+            if (r < 0) {
+                return qbm_err_prefix(r, "%s", c->base->filename);
             }
         }
         r = report(c, QBM_CARRY_MARKED, name, c->n);
@@ -295,14 +280,13 @@ static int carry_commit(struct carry *c, const char *top)
     size_t len, l;
     int r = 0;
 
-    c->chain = qbm_chain_open(top, QBM_OPEN_FORCE_SHARE);
-    if (!c->chain) {
-        return lib_fail(top);
+    r = qbm_impl_chain_open(top, QBM_OPEN_FORCE_SHARE, &c->chain);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", top);
     }
-    len = qbm_chain_length(c->chain);
+    len = c->chain->n;
     for (c->n = 1; c->n < len; c->n++) {
-        if (same_inode(qbm_chain_filename(c->chain, c->n),
-                       c->base->filename)) {
+        if (same_inode(c->chain->names[c->n], c->base->filename)) {
             break;
         }
     }
@@ -317,11 +301,11 @@ static int carry_commit(struct carry *c, const char *top)
     /* Read locks on the layers whose bitmaps are copied: QEMU cannot
      * change them until BASE's edits are committed or dropped. */
     for (l = 0; l < c->n && r == 0; l++) {
-        const char *name = qbm_chain_filename(c->chain, l);
+        const char *name = c->chain->names[l];
 
-        c->layers[l] = qbm_open(name, 0);
-        if (!c->layers[l]) {
-            r = lib_fail(name);
+        r = qbm_impl_open(name, 0, &c->layers[l]);
+        if (r < 0) {
+            r = qbm_err_prefix(r, "%s", name);
         }
     }
     r = r ? r : validate(c);
@@ -344,10 +328,10 @@ QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
     }
     r = carry_commit(&c, top);
     for (l = 0; c.layers && l < c.n; l++) {
-        qbm_close(c.layers[l]);
+        qbm_impl_close(c.layers[l]);
     }
     free(c.layers);
     free(c.skipped);
-    qbm_chain_close(c.chain);
+    qbm_impl_chain_close(c.chain);
     return r < 0 ? -1 : r;
 }
