@@ -15,8 +15,12 @@
 struct carry {
     struct qbm_image *base;
     struct qbm_chain *chain; /* TOP's chain, no locks: directories only */
-    struct qbm_image **layers; /* the n layers above BASE, read-locked */
+    /* Every layer of TOP's chain as this operation sees it: the n above
+     * BASE are read-locked ones of our own, then BASE (the caller's handle,
+     * with its staged state), then the chain's. */
+    struct qbm_image **layers;
     size_t n;                  /* BASE's index in the chain */
+    int *rules;                /* qbm_chain_rules() of one bitmap */
     const char **skipped; /* bitmaps not carried for a gap (borrowed) */
     size_t nskipped;
     unsigned flags;
@@ -32,46 +36,24 @@ static bool same_inode(const char *a, const char *b)
            sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
-/* Layer k of TOP's chain as this operation sees it: BASE is the caller's
- * handle (with its staged state), the layers above are our locked ones. */
-static struct qbm_image *layer(struct carry *c, size_t k)
-{
-    if (k < c->n) {
-        return c->layers[k];
-    }
-    return k == c->n ? c->base : c->chain->layers[k];
-}
-
 static const char *layer_name(struct carry *c, size_t k)
 {
     return k == c->n ? c->base->filename : c->chain->names[k];
 }
 
 /*
- * Whether layer k is a gap of bitmap `name`, whose topmost copy is in
- * layer t (a layer above BASE). What a commit merges into BASE is layers
- * 0..n; a layer k among them lacking the bitmap loses its writes when
- * k lies between two copies (t < k, and the bitmap is in a layer below
- * k), or when k is above t and t's copy is enabled (it was recording,
- * so the layers above should have continued it, as libvirt requires).
- * A disabled copy with nothing above is a frozen checkpoint: no gap.
+ * Whether layer k (at most BASE) is a gap of the bitmap whose rules are in
+ * c->rules and whose topmost copy is `enabled`: what a commit merges into
+ * BASE is layers 0..n, and a layer among them lacking the bitmap loses
+ * its writes when it lies between two copies, or above the topmost copy
+ * while that copy is enabled (it was recording, so the layers above
+ * should have continued it, as libvirt requires). A disabled copy with
+ * nothing above is a frozen checkpoint: no gap.
  */
-static bool is_gap(struct carry *c, const char *name, size_t t, size_t k)
+static bool is_gap(struct carry *c, bool enabled, size_t k)
 {
-    size_t len = c->chain->n, j;
-
-    if (qcow2_bitmap_lookup(layer(c, k), name)) {
-        return false;
-    }
-    if (k < t) {
-        return qcow2_bitmap_lookup(layer(c, t), name)->flags & BME_FLAG_AUTO;
-    }
-    for (j = k + 1; j < len; j++) {
-        if (qcow2_bitmap_lookup(layer(c, j), name)) {
-            return true;
-        }
-    }
-    return false;
+    return c->rules[k] == QBM_CHAIN_GAP ||
+           (c->rules[k] == QBM_CHAIN_NOT_IN_TOP && enabled);
 }
 
 static int report(struct carry *c, int action, const char *name, size_t k)
@@ -89,8 +71,8 @@ static int report(struct carry *c, int action, const char *name, size_t k)
 }
 
 /* Remember that `name` is not carried: decided at its first sight, as
- * BASE's copy of another bitmap staged since then would change what
- * is_gap() sees. */
+ * BASE's copy of another bitmap staged since then would change the
+ * rules. */
 static int skip(struct carry *c, const char *name)
 {
     const char **p = qbm_realloc(c->skipped,
@@ -126,25 +108,19 @@ static int carry_first(struct carry *c, const char *name, size_t t)
     const struct qcow2_bitmap *src = qcow2_bitmap_lookup(c->layers[t], name);
     bool enabled = src->flags & BME_FLAG_AUTO, created = false;
     bool fill = c->flags & QBM_CARRY_FILL_GAPS, gap = false;
-    bool *gaps;
     size_t k;
     int r = 0;
 
     /* Decided before BASE's copy is created, which would hide BASE's own
-     * gap from is_gap(). */
-    gaps = qbm_calloc(c->n + 1, sizeof(*gaps));
-    if (!gaps) {
-        return -ENOMEM;
-    }
+     * gap. */
+    qbm_chain_rules(c->layers, c->chain->n, name, c->rules);
     for (k = 0; k <= c->n && r == 0; k++) {
-        gaps[k] = is_gap(c, name, t, k);
-        gap = gap || gaps[k];
-        if (gaps[k] && !fill) {
+        gap = gap || is_gap(c, enabled, k);
+        if (is_gap(c, enabled, k) && !fill) {
             r = report(c, QBM_CARRY_GAP, name, k);
         }
     }
     if (r || (gap && !fill)) {
-        free(gaps);
         return r ? r : skip(c, name);
     }
     /* The topmost copy decides whether BASE's records writes from now
@@ -161,22 +137,20 @@ static int carry_first(struct carry *c, const char *name, size_t t)
     }
     r = r ? r : qbm_impl_bitmap_merge(c->base, name, c->layers[t], name);
     if (r < 0) {
-        free(gaps);
         return qbm_err_prefix(r, "%s", c->base->filename);
     }
     r = report(c, created ? QBM_CARRY_COPIED : QBM_CARRY_MERGED, name, t);
     for (k = 0; r == 0 && k <= c->n; k++) {
-        if (!gaps[k]) {
+        if (!is_gap(c, enabled, k)) {
             continue;
         }
-        r = qbm_impl_bitmap_populate(c->base, name, layer(c, k));
+        r = qbm_impl_bitmap_populate(c->base, name, c->layers[k]);
         if (r < 0) {
             r = qbm_err_prefix(r, "%s", c->base->filename);
         } else {
             r = report(c, QBM_CARRY_FILLED, name, k);
         }
     }
-    free(gaps);
     return r;
 }
 
@@ -294,9 +268,14 @@ static int carry_commit(struct carry *c, const char *top)
         return qbm_err(EINVAL, "%s: not in the backing chain of %s",
                        c->base->filename, top);
     }
-    c->layers = qbm_calloc(c->n, sizeof(*c->layers));
-    if (!c->layers) {
+    c->layers = qbm_calloc(len, sizeof(*c->layers));
+    c->rules = c->layers ? qbm_calloc(len, sizeof(*c->rules)) : NULL;
+    if (!c->rules) {
         return -ENOMEM;
+    }
+    c->layers[c->n] = c->base;
+    for (l = c->n + 1; l < len; l++) {
+        c->layers[l] = c->chain->layers[l];
     }
     /* Read locks on the layers whose bitmaps are copied: QEMU cannot
      * change them until BASE's edits are committed or dropped. */
@@ -319,7 +298,8 @@ static int carry_commit(struct carry *c, const char *top)
 QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
                              unsigned flags, qbm_carry_fn fn, void *opaque)
 {
-    struct carry c = { base, NULL, NULL, 0, NULL, 0, flags, fn, opaque };
+    struct carry c = { base, NULL, NULL, 0, NULL, NULL, 0, flags, fn,
+                       opaque };
     size_t l;
     int r;
 
@@ -331,6 +311,7 @@ QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
         qbm_impl_close(c.layers[l]);
     }
     free(c.layers);
+    free(c.rules);
     free(c.skipped);
     qbm_impl_chain_close(c.chain);
     return r < 0 ? -1 : r;

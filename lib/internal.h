@@ -53,6 +53,8 @@ int qbm_err_set(int errnum, const char *fmt, ...) QBM_PRINTF(2, 3);
     })
 /* Prefix the current message with "PREFIX: ". Returns `ret` unchanged. */
 int qbm_err_prefix(int ret, const char *fmt, ...) QBM_PRINTF(2, 3);
+/* The current message (qbm_get_error); valid until the next error. */
+const char *qbm_err_message(void);
 /* Convert an internal -errno into the public -1 convention. */
 static inline int qbm_public_ret(int r)
 {
@@ -762,5 +764,19 @@ int qbm_impl_commit(struct qbm_image *img);
 int qbm_image_reload(struct qbm_image *img);
 /* Encode a directory entry for bm into buf (qcow2_bitmap_entry_size bytes). */
 void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf);
+
+/* ---- chain-check.c: checkpoint rules across layers ----------------------- */
+
+/*
+ * The rules for bitmap `name` over layers[0..n) (0 = top): rules[k] gets
+ * the enum qbm_chain_rule that layer k breaks, or 0. Only layers above the
+ * deepest copy (the origin) can break one: QBM_CHAIN_NOT_IN_TOP when layer
+ * k and every layer above it lack the bitmap, QBM_CHAIN_GAP when it lacks
+ * it under a layer that has it, QBM_CHAIN_DISABLED when k is the top and
+ * its copy is disabled. Returns the origin's index, or n when no layer has
+ * the bitmap.
+ */
+size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
+                       const char *name, int *rules);
 
 #endif /* QBM_INTERNAL_H */

@@ -288,6 +288,22 @@ typedef int (*qbm_problem_fn)(void *opaque, int kind, uint64_t offset,
 QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn,
                       void *opaque);
 
+/*
+ * Follow the backing chain of `img` from its file name as
+ * qbm_chain_open() does, taking no locks, and report a chain that loops
+ * back (QEMU cannot open such an image at all) as one
+ * QBM_PROBLEM_CORRUPTION at offset 8, the header's backing_file_offset
+ * field, with the message of the failed open. A backing file that is
+ * missing or cannot be opened is not reported: a standalone incremental
+ * backup may name one that lives elsewhere. Images without a backing
+ * file, or not opened from a file, have nothing to check. Only the chain
+ * is opened; `img` stays the caller's and is not changed.
+ * Returns 0 when the check ran (a loop went to fn), -1 when it could not
+ * (ENOMEM), or fn's non-zero value (errno ECANCELED).
+ */
+QBM_API int qbm_check_backing(struct qbm_image *img, qbm_problem_fn fn,
+                              void *opaque);
+
 #define QBM_REPAIR_IN_USE_DIRTY 0x1u  /* in-use bitmaps become all dirty */
 #define QBM_REPAIR_IN_USE_REMOVE 0x2u /* in-use bitmaps are removed */
 #define QBM_REPAIR_STALE 0x4u  /* drop a stale bitmaps extension */
@@ -385,14 +401,17 @@ QBM_API int qbm_image_set_backing(struct qbm_image *img, const char *backing,
 
 /* What qbm_carry_commit() staged, or skipped, reported per bitmap and
  * layer; `layer` is the file named below. */
-#define QBM_CARRY_COPIED 1 /* created in BASE from `layer`'s copy */
-#define QBM_CARRY_MERGED 2 /* `layer`'s copy ORed into BASE's */
-#define QBM_CARRY_GAP 3    /* not carried at all: `layer` lacks it */
-#define QBM_CARRY_FILLED 4 /* `layer` lacks it; its clusters were marked */
-#define QBM_CARRY_MARKED 5 /* MARK_WRITTEN: `layer` is BASE */
+enum qbm_carry_action {
+    QBM_CARRY_COPIED = 1, /* created in BASE from `layer`'s copy */
+    QBM_CARRY_MERGED = 2, /* `layer`'s copy ORed into BASE's */
+    QBM_CARRY_GAP = 3,    /* not carried at all: `layer` lacks it */
+    QBM_CARRY_FILLED = 4, /* `layer` lacks it; its clusters were marked */
+    QBM_CARRY_MARKED = 5, /* MARK_WRITTEN: `layer` is BASE */
+};
 
 /*
- * Called once per action, in the order they are staged. `bitmap` and
+ * Called once per action (an enum qbm_carry_action), in the order they are
+ * staged. `bitmap` and
  * `layer` (a file name of TOP's chain as qbm_chain_filename() gives it, or
  * BASE's name as given to qbm_open) are borrowed for the call. Return 0 to
  * go on, anything else to stop: qbm_carry_commit() then returns that value
@@ -418,7 +437,10 @@ typedef int (*qbm_carry_fn)(void *opaque, int action, const char *bitmap,
  * a bitmap although a layer above it has the bitmap and one below it too
  * (BASE or a layer of its own backing chain included), or that lies above
  * the topmost copy while that copy is enabled: writes made to it were
- * recorded nowhere. Such a bitmap is not carried at all (one
+ * recorded nowhere. These are the QBM_CHAIN_GAP and QBM_CHAIN_NOT_IN_TOP
+ * findings of qbm_chain_check(), the latter only under an enabled copy (a
+ * disabled copy with nothing above it is a finished checkpoint), as they
+ * stand before anything is staged. Such a bitmap is not carried at all (one
  * QBM_CARRY_GAP per gap layer), so the gap stays visible to a check of
  * the chain instead of being folded into a bitmap that looks whole. With
  * QBM_CARRY_FILL_GAPS it is carried, and every gap layer's own allocation
@@ -494,6 +516,55 @@ QBM_API const char *qbm_chain_filename(const struct qbm_chain *chain,
 QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
                                      const char *name, qbm_extent_fn fn,
                                      void *opaque, int *ret_consistent);
+
+/* ---- checkpoint rules across a chain ------------------------------------ */
+
+/*
+ * A checkpoint that spans the layers of a chain (made by external
+ * snapshots) is one bitmap of the same name in each layer, from the one
+ * where it began up to the top, the top's copy recording. What breaks
+ * that, found by qbm_chain_check() per bitmap and layer:
+ */
+enum qbm_chain_rule {
+    /* `layer` lacks the bitmap, and so does every layer above it: the
+     * checkpoint does not reach the top (reported for each such layer). */
+    QBM_CHAIN_NOT_IN_TOP = 1,
+    /* `layer` lacks the bitmap under a layer that has it: writes made to
+     * it while it was the top are in no copy. */
+    QBM_CHAIN_GAP = 2,
+    /* `layer`'s copy is disabled and records nothing; reported for the top
+     * layer only. */
+    QBM_CHAIN_DISABLED = 3,
+    /* `layer`'s copy is in use (inconsistent). Not reported by
+     * qbm_chain_check() yet: qbm_check() reports the in-use bitmaps of
+     * each image. */
+    QBM_CHAIN_IN_USE = 4,
+};
+
+/*
+ * Called once per finding: `rule` (an enum qbm_chain_rule) broken by layer
+ * `layer` (0 = top) for bitmap `bitmap`, judged from its deepest copy, in
+ * layer `origin` (> layer). Names are borrowed for the call; file names
+ * come from qbm_chain_filename(). Return 0 to go on, anything else to
+ * stop.
+ */
+typedef int (*qbm_chain_rule_fn)(void *opaque, int rule, const char *bitmap,
+                                 size_t layer, size_t origin);
+
+/*
+ * Check the checkpoint rules over every layer of `chain` (as opened; the
+ * chain is not changed). Each bitmap found below the top is judged once,
+ * from its deepest copy: every layer above that copy must have the bitmap
+ * (else QBM_CHAIN_NOT_IN_TOP or QBM_CHAIN_GAP for that layer), and the
+ * top's copy must be enabled (else QBM_CHAIN_DISABLED). Bitmaps only the
+ * top has break no rule. Findings come by origin layer from the top down,
+ * each origin's bitmaps in directory order, then by layer from the top
+ * down. The state of each image on its own is qbm_check()'s part.
+ * Returns 0 when done, -1 on error, or fn's non-zero value (errno
+ * ECANCELED).
+ */
+QBM_API int qbm_chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
+                            void *opaque);
 
 #ifdef __cplusplus
 }
