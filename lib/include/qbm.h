@@ -464,6 +464,65 @@ typedef int (*qbm_carry_fn)(void *opaque, int action, const char *bitmap,
 QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
                              unsigned flags, qbm_carry_fn fn, void *opaque);
 
+/* ---- carrying bitmaps over an external snapshot -------------------------- */
+
+/* Flags of qbm_carry_snapshot(). */
+#define QBM_CARRY_SNAPSHOT_DISABLE_BASE 0x1u /* see below */
+#define QBM_CARRY_SNAPSHOT_DRY_RUN 0x2u      /* stage and report only */
+#define QBM_CARRY_SNAPSHOT_MASK 0x3u
+
+/* What qbm_carry_snapshot() did, reported per bitmap; `image` is the file
+ * concerned, named as given. */
+enum qbm_carry_snapshot_action {
+    QBM_CARRY_SNAPSHOT_ADDED = 1,   /* created in TOP and marked */
+    QBM_CARRY_SNAPSHOT_MARKED = 2,  /* TOP had it already: marked */
+    QBM_CARRY_SNAPSHOT_SKIPPED = 3, /* disabled in BASE: not carried */
+    /* TOP's edits are committed (in a dry run, would be); bitmap NULL */
+    QBM_CARRY_SNAPSHOT_TOP_DONE = 4,
+    QBM_CARRY_SNAPSHOT_DISABLED = 5, /* DISABLE_BASE: disabled in BASE */
+    /* BASE's edits are committed (or would be); bitmap NULL */
+    QBM_CARRY_SNAPSHOT_BASE_DONE = 6,
+};
+
+/*
+ * Called once per action (an enum qbm_carry_snapshot_action), in order.
+ * `bitmap` and `image` are borrowed for the call. Return 0 to go on,
+ * anything else to stop: qbm_carry_snapshot() then returns that value
+ * (errno ECANCELED); what was committed before (see the _DONE actions)
+ * stays committed.
+ */
+typedef int (*qbm_carry_snapshot_fn)(void *opaque, int action,
+                                     const char *bitmap, const char *image);
+
+/*
+ * Continue BASE's checkpoints in TOP, an external snapshot of BASE (TOP's
+ * backing file is BASE's file) taken without bitmap handling: every
+ * enabled bitmap of BASE, in directory order, is created in TOP with its
+ * name and granularity, enabled (a bitmap TOP has already is kept as it
+ * is), and TOP's own allocation (qbm_bitmap_populate) is ORed into it, a
+ * superset of the writes since the snapshot. The checkpoint then spans
+ * the chain (qbm_chain_bitmap_extents) and QEMU keeps recording in TOP.
+ * Disabled bitmaps of BASE are not carried; an in-use one refuses the
+ * call.
+ *
+ * TOP is opened for writing, BASE read-locked, and TOP's edits committed
+ * in one transaction. With QBM_CARRY_SNAPSHOT_DISABLE_BASE, then, and
+ * only once TOP's edits are durable (a crash in between leaves both
+ * copies recording, never neither), BASE is reopened for writing and the
+ * bitmaps carried are disabled in it, in a second transaction: the
+ * checkpoints moved up. QBM_CARRY_SNAPSHOT_DRY_RUN stages and reports the
+ * same, images opened the same way, but commits nothing.
+ *
+ * Both images are opened and closed inside the call, from the file names
+ * given (used in messages as given). On failure nothing more is written;
+ * TOP's commit stays when BASE's step fails (QBM_CARRY_SNAPSHOT_TOP_DONE
+ * was reported).
+ * Returns 0, -1 on error, or the callback's non-zero value.
+ */
+QBM_API int qbm_carry_snapshot(const char *base, const char *top,
+                               unsigned flags, qbm_carry_snapshot_fn fn,
+                               void *opaque);
+
 /* ---- allocation map of one layer -------------------------------------- */
 
 /* Allocation status of a range in one layer (qcow2 spec, "Cluster mapping"). */
