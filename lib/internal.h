@@ -661,7 +661,7 @@ bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx);
 int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx,
                             qbm_extent_fn fn, void *opaque);
 
-/* ---- chain.c: backing chains ---------------------------------------------- */
+/* ---- chain.c: backing chains --------------------------------------------- */
 
 struct qbm_chain {
     struct qbm_image **layers; /* 0 = top */

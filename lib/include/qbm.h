@@ -240,6 +240,49 @@ QBM_API int qbm_bitmap_rename(struct qbm_image *img, const char *old_name,
  */
 QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
                              struct qbm_image *src, const char *src_name);
+/* Flags of qbm_bitmap_copy(): what to do with a name `img` has already
+ * (without either, it is refused with EEXIST). */
+#define QBM_COPY_MERGE 0x1u   /* OR into it, keeping its granularity, state */
+#define QBM_COPY_REPLACE 0x2u /* remove it, then copy */
+#define QBM_COPY_MASK 0x3u
+
+/* What qbm_bitmap_copy() staged, or skipped, reported per bitmap. */
+enum qbm_copy_action {
+    QBM_COPY_COPIED = 1,   /* created with the source's granularity, state
+                            * and contents */
+    QBM_COPY_MERGED = 2,   /* ORed into `img`'s bitmap of that name */
+    QBM_COPY_REPLACED = 3, /* `img`'s bitmap of that name removed, then
+                            * copied */
+    QBM_COPY_SKIPPED = 4,  /* in use in the source: not copied (only when
+                            * no names are given) */
+};
+
+/*
+ * Called once per bitmap, in the order they are staged, with the action
+ * (an enum qbm_copy_action), the bitmap's name (borrowed for the call)
+ * and the source bitmap's granularity. Return 0 to go on, anything else
+ * to stop: qbm_bitmap_copy() then returns that value (errno ECANCELED).
+ */
+typedef int (*qbm_copy_fn)(void *opaque, int action, const char *bitmap,
+                           uint64_t granularity);
+
+/*
+ * Stage in `img` a copy of bitmaps of `src` (another image, any virtual
+ * size qbm_bitmap_merge accepts): the bitmaps `names[0..n)` in that order,
+ * or, when `names` is NULL, every bitmap of `src` in directory order, its
+ * in-use ones skipped (QBM_COPY_SKIPPED). A copy has the source's name,
+ * granularity, enabled state and contents. A name missing from `src`
+ * (ENOENT), an in-use bitmap named, or a name `img` has already without
+ * QBM_COPY_MERGE or QBM_COPY_REPLACE (EEXIST) stops the call with an
+ * error; the message names the image concerned. `src` is only read; its
+ * data is referenced, not copied, until qbm_commit(img) (see
+ * qbm_bitmap_merge). On failure the edits staged so far stay in `img`:
+ * close it without committing.
+ * Returns 0, -1 on error, or the callback's non-zero value.
+ */
+QBM_API int qbm_bitmap_copy(struct qbm_image *img, struct qbm_image *src,
+                            const char *const *names, size_t n,
+                            unsigned flags, qbm_copy_fn fn, void *opaque);
 /* Mark guest bytes [offset, offset + length) dirty in bitmap `name`. */
 QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
                                  uint64_t offset, uint64_t length);
