@@ -26,6 +26,7 @@ struct carry {
     unsigned flags;
     qbm_carry_fn fn;
     void *opaque;
+    int user_ret; /* the callback's value that stopped the call */
 };
 
 static bool same_inode(const char *a, const char *b)
@@ -56,18 +57,19 @@ static bool is_gap(struct carry *c, bool enabled, size_t k)
            (c->rules[k] == QBM_CHAIN_NOT_IN_TOP && enabled);
 }
 
+/* Tell the caller; 1 when it says stop (its value kept in user_ret, so
+ * that a negative one is not taken for an -errno). */
 static int report(struct carry *c, int action, const char *name, size_t k)
 {
-    int r;
-
     if (!c->fn) {
         return 0;
     }
-    r = c->fn(c->opaque, action, name, layer_name(c, k));
-    if (r) {
+    c->user_ret = c->fn(c->opaque, action, name, layer_name(c, k));
+    if (c->user_ret) {
         qbm_err(ECANCELED, "stopped by the callback");
+        return 1;
     }
-    return r;
+    return 0;
 }
 
 /* Remember that `name` is not carried: decided at its first sight, as
@@ -299,7 +301,7 @@ QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
                              unsigned flags, qbm_carry_fn fn, void *opaque)
 {
     struct carry c = { base, NULL, NULL, 0, NULL, NULL, 0, flags, fn,
-                       opaque };
+                       opaque, 0 };
     size_t l;
     int r;
 
@@ -314,5 +316,8 @@ QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
     free(c.rules);
     free(c.skipped);
     qbm_impl_chain_close(c.chain);
-    return r < 0 ? -1 : r;
+    if (r < 0) {
+        return -1;
+    }
+    return r ? c.user_ret : 0;
 }

@@ -229,6 +229,17 @@ static void test_stop_and_refusals(void **state)
     assert_int_equal(ev.n, 1);
     qbm_close(base); /* drops what was staged */
 
+    /* A negative value is the callback's too, not an error. */
+    base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
+    assert_non_null(base);
+    ev.n = 0;
+    ev.stop = -7;
+    assert_int_equal(qbm_carry_commit(base, path_of("top"), 0, record, &ev),
+                     -7);
+    assert_int_equal(qbm_get_errno(), ECANCELED);
+    assert_int_equal(ev.n, 1);
+    qbm_close(base);
+
     base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
     assert_non_null(base);
     assert_int_equal(qbm_carry_commit(base, path_of("top"), 0x80, NULL,
