@@ -9,17 +9,32 @@ QBM_API size_t qbm_bitmap_count(const struct qbm_image *img)
     return img->nb_bitmaps;
 }
 
-QBM_API int qbm_bitmap_find(const struct qbm_image *img, const char *name)
+struct qcow2_bitmap *qcow2_bitmap_lookup(const struct qbm_image *img,
+                                         const char *name)
 {
     uint32_t i;
 
     for (i = 0; i < img->nb_bitmaps; i++) {
         if (strcmp(img->bitmaps[i].name, name) == 0) {
-            return (int)i;
+            return &img->bitmaps[i];
         }
     }
-    qbm_err(ENOENT, "no bitmap named '%s'", name);
-    return -1;
+    return NULL;
+}
+
+int qbm_impl_bitmap_find(const struct qbm_image *img, const char *name)
+{
+    const struct qcow2_bitmap *bm = qcow2_bitmap_lookup(img, name);
+
+    if (!bm) {
+        return qbm_err(ENOENT, "no bitmap named '%s'", name);
+    }
+    return (int)(bm - img->bitmaps);
+}
+
+QBM_API int qbm_bitmap_find(const struct qbm_image *img, const char *name)
+{
+    return qbm_public_ret(qbm_impl_bitmap_find(img, name));
 }
 
 static const struct qcow2_bitmap *get_bitmap(const struct qbm_image *img,
@@ -50,12 +65,17 @@ QBM_API unsigned qbm_bitmap_flags(const struct qbm_image *img, size_t idx)
     return bm ? bm->flags & (QBM_BITMAP_IN_USE | QBM_BITMAP_AUTO) : 0;
 }
 
-QBM_API int qbm_bitmap_consistent(const struct qbm_image *img, size_t idx)
+bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx)
 {
     const struct qcow2_bitmap *bm = get_bitmap(img, idx);
 
     return bm && !(bm->flags & BME_FLAG_IN_USE) &&
            img->bitmaps_state == QBM_BITMAPS_OK;
+}
+
+QBM_API int qbm_bitmap_consistent(const struct qbm_image *img, size_t idx)
+{
+    return qbm_impl_bitmap_consistent(img, idx);
 }
 
 static int chunk_to_extents(void *opaque, uint64_t idx, const uint8_t *data)
@@ -117,18 +137,28 @@ static int extent_wrap_cb(void *opaque, uint64_t off, uint64_t len)
     return w->user_ret ? 1 : 0;
 }
 
+int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx,
+                            qbm_extent_fn fn, void *opaque)
+{
+    struct qbm_extent_state st = { .fn = fn, .opaque = opaque };
+
+    if (idx >= img->nb_bitmaps) {
+        return qbm_err(EINVAL, "bitmap index %zu out of range", idx);
+    }
+    return walk_bitmap(img, &img->bitmaps[idx], &st);
+}
+
 QBM_API int qbm_bitmap_extents(struct qbm_image *img, size_t idx,
                                qbm_extent_fn fn, void *opaque)
 {
     struct extent_wrap w = { fn, opaque, 0 };
-    struct qbm_extent_state st = { .fn = extent_wrap_cb, .opaque = &w };
     int r;
 
-    if (idx >= img->nb_bitmaps || !fn) {
+    if (!fn) {
         qbm_err(EINVAL, "bitmap index %zu out of range", idx);
         return -1;
     }
-    r = walk_bitmap(img, &img->bitmaps[idx], &st);
+    r = qbm_impl_bitmap_extents(img, idx, extent_wrap_cb, &w);
     if (r < 0) {
         return -1;
     }

@@ -15,11 +15,18 @@
 struct carry {
     struct qbm_image *base;
     struct qbm_chain *chain; /* TOP's chain, no locks: directories only */
-    struct qbm_image **layers; /* the n layers above BASE, read-locked */
+    /* Every layer of TOP's chain as this operation sees it: the n above
+     * BASE are read-locked ones of our own, then BASE (the caller's handle,
+     * with its staged state), then the chain's. */
+    struct qbm_image **layers;
     size_t n;                  /* BASE's index in the chain */
+    int *rules;                /* qbm_chain_rules() of one bitmap */
+    const char **skipped; /* bitmaps not carried for a gap (borrowed) */
+    size_t nskipped;
     unsigned flags;
     qbm_carry_fn fn;
     void *opaque;
+    int user_ret; /* the callback's value that stopped the call */
 };
 
 static bool same_inode(const char *a, const char *b)
@@ -30,88 +37,63 @@ static bool same_inode(const char *a, const char *b)
            sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
-/* Layer k of TOP's chain as this operation sees it: BASE is the caller's
- * handle (with its staged state), the layers above are our locked ones. */
-static struct qbm_image *layer(struct carry *c, size_t k)
-{
-    if (k < c->n) {
-        return c->layers[k];
-    }
-    return k == c->n ? c->base : qbm_chain_layer(c->chain, k);
-}
-
 static const char *layer_name(struct carry *c, size_t k)
 {
-    return k == c->n ? c->base->filename : qbm_chain_filename(c->chain, k);
-}
-
-/* The directory entry of `name` in `img`, or NULL. */
-static const struct qcow2_bitmap *lookup(const struct qbm_image *img,
-                                         const char *name)
-{
-    uint32_t i;
-
-    for (i = 0; i < img->nb_bitmaps; i++) {
-        if (strcmp(img->bitmaps[i].name, name) == 0) {
-            return &img->bitmaps[i];
-        }
-    }
-    return NULL;
+    return k == c->n ? c->base->filename : c->chain->names[k];
 }
 
 /*
- * Whether layer k is a gap of bitmap `name`, whose topmost copy is in
- * layer t (a layer above BASE). What a commit merges into BASE is layers
- * 0..n; a layer k among them lacking the bitmap loses its writes when
- * k lies between two copies (t < k, and the bitmap is in a layer below
- * k), or when k is above t and t's copy is enabled (it was recording,
- * so the layers above should have continued it, as libvirt requires).
- * A disabled copy with nothing above is a frozen checkpoint: no gap.
+ * Whether layer k (at most BASE) is a gap of the bitmap whose rules are in
+ * c->rules and whose topmost copy is `enabled`: what a commit merges into
+ * BASE is layers 0..n, and a layer among them lacking the bitmap loses
+ * its writes when it lies between two copies, or above the topmost copy
+ * while that copy is enabled (it was recording, so the layers above
+ * should have continued it, as libvirt requires). A disabled copy with
+ * nothing above is a frozen checkpoint: no gap.
  */
-static bool is_gap(struct carry *c, const char *name, size_t t, size_t k)
+static bool is_gap(struct carry *c, bool enabled, size_t k)
 {
-    size_t len = qbm_chain_length(c->chain), j;
-
-    if (lookup(layer(c, k), name)) {
-        return false;
-    }
-    if (k < t) {
-        return lookup(layer(c, t), name)->flags & BME_FLAG_AUTO;
-    }
-    for (j = k + 1; j < len; j++) {
-        if (lookup(layer(c, j), name)) {
-            return true;
-        }
-    }
-    return false;
+    return c->rules[k] == QBM_CHAIN_GAP ||
+           (c->rules[k] == QBM_CHAIN_NOT_IN_TOP && enabled);
 }
 
+/* Tell the caller; 1 when it says stop (its value kept in user_ret, so
+ * that a negative one is not taken for an -errno). */
 static int report(struct carry *c, int action, const char *name, size_t k)
 {
-    int r;
-
     if (!c->fn) {
         return 0;
     }
-    r = c->fn(c->opaque, action, name, layer_name(c, k));
-    if (r) {
+    c->user_ret = c->fn(c->opaque, action, name, layer_name(c, k));
+    if (c->user_ret) {
         qbm_err(ECANCELED, "stopped by the callback");
+        return 1;
     }
-    return r;
+    return 0;
 }
 
-/* A public call inside the library failed: its -errno, prefixed. */
-static int lib_fail(const char *file)
+/* Remember that `name` is not carried: decided at its first sight, as
+ * BASE's copy of another bitmap staged since then would change the
+ * rules. */
+static int skip(struct carry *c, const char *name)
 {
-    return qbm_err_prefix(-qbm_get_errno(), "%s", file);
+    const char **p = qbm_realloc(c->skipped,
+                                 (c->nskipped + 1) * sizeof(*p));
+
+    if (!p) {
+        return -ENOMEM;
+    }
+    c->skipped = p;
+    c->skipped[c->nskipped++] = name;
+    return 0;
 }
 
-static bool has_gap(struct carry *c, const char *name, size_t t)
+static bool skipped(struct carry *c, const char *name)
 {
-    size_t k;
+    size_t i;
 
-    for (k = 0; k <= c->n; k++) {
-        if (is_gap(c, name, t, k)) {
+    for (i = 0; i < c->nskipped; i++) {
+        if (strcmp(c->skipped[i], name) == 0) {
             return true;
         }
     }
@@ -125,57 +107,52 @@ static bool has_gap(struct carry *c, const char *name, size_t t)
  */
 static int carry_first(struct carry *c, const char *name, size_t t)
 {
-    const struct qcow2_bitmap *src = lookup(c->layers[t], name);
+    const struct qcow2_bitmap *src = qcow2_bitmap_lookup(c->layers[t], name);
     bool enabled = src->flags & BME_FLAG_AUTO, created = false;
     bool fill = c->flags & QBM_CARRY_FILL_GAPS, gap = false;
-    bool *gaps;
     size_t k;
     int r = 0;
 
     /* Decided before BASE's copy is created, which would hide BASE's own
-     * gap from is_gap(). */
-    gaps = qbm_calloc(c->n + 1, sizeof(*gaps));
-    if (!gaps) {
-        return -ENOMEM;
-    }
+     * gap. */
+    qbm_chain_rules(c->layers, c->chain->n, name, c->rules);
     for (k = 0; k <= c->n && r == 0; k++) {
-        gaps[k] = is_gap(c, name, t, k);
-        gap = gap || gaps[k];
-        if (gaps[k] && !fill) {
+        gap = gap || is_gap(c, enabled, k);
+        if (is_gap(c, enabled, k) && !fill) {
             r = report(c, QBM_CARRY_GAP, name, k);
         }
     }
     if (r || (gap && !fill)) {
-        free(gaps);
-        return r;
+        return r ? r : skip(c, name);
     }
     /* The topmost copy decides whether BASE's records writes from now
      * on. */
-    if (!lookup(c->base, name)) {
-        r = qbm_bitmap_add(c->base, name, 1ull << src->granularity_bits,
-                           enabled ? 0 : QBM_ADD_DISABLED);
+    if (!qcow2_bitmap_lookup(c->base, name)) {
+        r = qbm_impl_bitmap_add(c->base, name,
+                                1ull << src->granularity_bits,
+                                enabled ? 0 : QBM_ADD_DISABLED);
         created = true;
     } else if (enabled) {
-        r = qbm_bitmap_enable(c->base, name);
+        r = qbm_impl_bitmap_enable(c->base, name);
     } else {
-        r = qbm_bitmap_disable(c->base, name);
+        r = qbm_impl_bitmap_disable(c->base, name);
     }
-    if (r < 0 || qbm_bitmap_merge(c->base, name, c->layers[t], name) < 0) {
-        free(gaps);
-        return lib_fail(c->base->filename);
+    r = r ? r : qbm_impl_bitmap_merge(c->base, name, c->layers[t], name);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", c->base->filename);
     }
     r = report(c, created ? QBM_CARRY_COPIED : QBM_CARRY_MERGED, name, t);
     for (k = 0; r == 0 && k <= c->n; k++) {
-        if (!gaps[k]) {
+        if (!is_gap(c, enabled, k)) {
             continue;
         }
-        if (qbm_bitmap_populate(c->base, name, layer(c, k)) < 0) {
-            r = lib_fail(c->base->filename);
+        r = qbm_impl_bitmap_populate(c->base, name, c->layers[k]);
+        if (r < 0) {
+            r = qbm_err_prefix(r, "%s", c->base->filename);
         } else {
             r = report(c, QBM_CARRY_FILLED, name, k);
         }
     }
-    free(gaps);
     return r;
 }
 
@@ -195,7 +172,7 @@ static int validate(struct carry *c)
                            (unsigned long long)c->base->hdr.size);
         }
         for (i = 0; i < img->nb_bitmaps; i++) {
-            if (!qbm_bitmap_consistent(img, i)) {
+            if (!qbm_impl_bitmap_consistent(img, i)) {
                 return qbm_err(EBUSY, "%s: bitmap '%s' is in use; repair "
                                "it first with 'qbm check --repair'",
                                img->filename, img->bitmaps[i].name);
@@ -219,7 +196,7 @@ static int carry_bitmaps(struct carry *c)
             size_t t = l;
 
             for (k = 0; k < l; k++) {
-                if (lookup(c->layers[k], name)) {
+                if (qcow2_bitmap_lookup(c->layers[k], name)) {
                     t = k;
                     break;
                 }
@@ -231,11 +208,12 @@ static int carry_bitmaps(struct carry *c)
                 }
                 continue;
             }
-            if (!(c->flags & QBM_CARRY_FILL_GAPS) && has_gap(c, name, t)) {
+            if (skipped(c, name)) {
                 continue; /* reported at its first sight */
             }
-            if (qbm_bitmap_merge(c->base, name, img, name) < 0) {
-                return lib_fail(c->base->filename);
+            r = qbm_impl_bitmap_merge(c->base, name, img, name);
+            if (r < 0) {
+                return qbm_err_prefix(r, "%s", c->base->filename);
             }
             r = report(c, QBM_CARRY_MERGED, name, l);
             if (r) {
@@ -260,8 +238,9 @@ static int mark_written(struct carry *c)
             continue;
         }
         for (l = 0; l < c->n; l++) {
-            if (qbm_bitmap_populate(c->base, name, c->layers[l]) < 0) {
-                return lib_fail(c->base->filename);
+            r = qbm_impl_bitmap_populate(c->base, name, c->layers[l]);
+            if (r < 0) {
+                return qbm_err_prefix(r, "%s", c->base->filename);
             }
         }
         r = report(c, QBM_CARRY_MARKED, name, c->n);
@@ -277,14 +256,13 @@ static int carry_commit(struct carry *c, const char *top)
     size_t len, l;
     int r = 0;
 
-    c->chain = qbm_chain_open(top, QBM_OPEN_FORCE_SHARE);
-    if (!c->chain) {
-        return lib_fail(top);
+    r = qbm_impl_chain_open(top, QBM_OPEN_FORCE_SHARE, &c->chain);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", top);
     }
-    len = qbm_chain_length(c->chain);
+    len = c->chain->n;
     for (c->n = 1; c->n < len; c->n++) {
-        if (same_inode(qbm_chain_filename(c->chain, c->n),
-                       c->base->filename)) {
+        if (same_inode(c->chain->names[c->n], c->base->filename)) {
             break;
         }
     }
@@ -292,18 +270,23 @@ static int carry_commit(struct carry *c, const char *top)
         return qbm_err(EINVAL, "%s: not in the backing chain of %s",
                        c->base->filename, top);
     }
-    c->layers = qbm_calloc(c->n, sizeof(*c->layers));
-    if (!c->layers) {
+    c->layers = qbm_calloc(len, sizeof(*c->layers));
+    c->rules = c->layers ? qbm_calloc(len, sizeof(*c->rules)) : NULL;
+    if (!c->rules) {
         return -ENOMEM;
+    }
+    c->layers[c->n] = c->base;
+    for (l = c->n + 1; l < len; l++) {
+        c->layers[l] = c->chain->layers[l];
     }
     /* Read locks on the layers whose bitmaps are copied: QEMU cannot
      * change them until BASE's edits are committed or dropped. */
     for (l = 0; l < c->n && r == 0; l++) {
-        const char *name = qbm_chain_filename(c->chain, l);
+        const char *name = c->chain->names[l];
 
-        c->layers[l] = qbm_open(name, 0);
-        if (!c->layers[l]) {
-            r = lib_fail(name);
+        r = qbm_impl_open(name, 0, &c->layers[l]);
+        if (r < 0) {
+            r = qbm_err_prefix(r, "%s", name);
         }
     }
     r = r ? r : validate(c);
@@ -317,7 +300,8 @@ static int carry_commit(struct carry *c, const char *top)
 QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
                              unsigned flags, qbm_carry_fn fn, void *opaque)
 {
-    struct carry c = { base, NULL, NULL, 0, flags, fn, opaque };
+    struct carry c = { base, NULL, NULL, 0, NULL, NULL, 0, flags, fn,
+                       opaque, 0 };
     size_t l;
     int r;
 
@@ -326,9 +310,14 @@ QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
     }
     r = carry_commit(&c, top);
     for (l = 0; c.layers && l < c.n; l++) {
-        qbm_close(c.layers[l]);
+        qbm_impl_close(c.layers[l]);
     }
     free(c.layers);
-    qbm_chain_close(c.chain);
-    return r < 0 ? -1 : r;
+    free(c.rules);
+    free(c.skipped);
+    qbm_impl_chain_close(c.chain);
+    if (r < 0) {
+        return -1;
+    }
+    return r ? c.user_ret : 0;
 }

@@ -11,13 +11,7 @@
 
 #define QBM_MAX_CHAIN 256
 
-struct qbm_chain {
-    struct qbm_image **layers;
-    char **names;
-    size_t n;
-};
-
-QBM_API void qbm_chain_close(struct qbm_chain *chain)
+void qbm_impl_chain_close(struct qbm_chain *chain)
 {
     size_t i;
 
@@ -25,12 +19,17 @@ QBM_API void qbm_chain_close(struct qbm_chain *chain)
         return;
     }
     for (i = 0; i < chain->n; i++) {
-        qbm_close(chain->layers[i]);
+        qbm_impl_close(chain->layers[i]);
         free(chain->names[i]);
     }
     free(chain->layers);
     free(chain->names);
     free(chain);
+}
+
+QBM_API void qbm_chain_close(struct qbm_chain *chain)
+{
+    qbm_impl_chain_close(chain);
 }
 
 /*
@@ -78,18 +77,20 @@ static int resolve_backing(const char *referrer, const char *name,
     return 0;
 }
 
+int qbm_impl_image_backing_path(const struct qbm_image *img,
+                                char **ret_path)
+{
+    if (!img->hdr.backing_file) {
+        return qbm_err(ENOENT, "no backing file");
+    }
+    return resolve_backing(img->filename, img->hdr.backing_file, ret_path);
+}
+
 QBM_API char *qbm_image_backing_path(const struct qbm_image *img)
 {
     char *out = NULL;
 
-    if (!img->hdr.backing_file) {
-        qbm_err(ENOENT, "no backing file");
-        return NULL;
-    }
-    if (resolve_backing(img->filename, img->hdr.backing_file, &out) < 0) {
-        return NULL;
-    }
-    return out;
+    return qbm_impl_image_backing_path(img, &out) < 0 ? NULL : out;
 }
 
 static int chain_push(struct qbm_chain *chain, struct qbm_image *img,
@@ -114,13 +115,12 @@ static int chain_push(struct qbm_chain *chain, struct qbm_image *img,
     return 0;
 }
 
-/* Open a backing layer: format from the referrer's extension, or probed. */
+/* Open a backing layer: format from the referrer's extension, or probed
+ * as QEMU does without one. */
 static int open_layer(const char *name, const char *format, bool force_share,
                       struct qbm_image **ret)
 {
     struct qbm_io *io;
-    uint8_t magic[4];
-    bool qcow2;
     int r;
 
     if (format && strcmp(format, "qcow2") != 0 && strcmp(format, "raw")) {
@@ -132,25 +132,15 @@ static int open_layer(const char *name, const char *format, bool force_share,
     if (r < 0) {
         return r;
     }
-    if (format) {
-        qcow2 = strcmp(format, "qcow2") == 0;
-    } else {
-        /* No backing format extension: QEMU probes, so do we. */
-        r = qbm_io_pread(io, magic, sizeof(magic), 0);
-        if (r < 0) {
-            qbm_io_close(io);
-            return r;
-        }
-        qcow2 = be32_load(magic) == QCOW2_MAGIC;
-    }
-    if (qcow2) {
-        return qbm_image_open_io(io, name, false, ret);
-    }
-    return qbm_image_open_raw(io, name, ret);
+    return qbm_image_open_format(io, name,
+                                 !format ? QBM_FORMAT_PROBE
+                                 : strcmp(format, "qcow2") == 0
+                                     ? QBM_FORMAT_QCOW2 : QBM_FORMAT_RAW,
+                                 false, ret);
 }
 
-QBM_API struct qbm_chain *qbm_chain_open(const char *filename,
-                                         unsigned flags)
+int qbm_impl_chain_open(const char *filename, unsigned flags,
+                        struct qbm_chain **ret_chain)
 {
     struct qbm_chain *chain;
     struct qbm_image *img;
@@ -163,19 +153,20 @@ QBM_API struct qbm_chain *qbm_chain_open(const char *filename,
 
     chain = qbm_calloc(1, sizeof(*chain));
     if (!chain) {
-        return NULL;
+        return -ENOMEM;
     }
-    img = qbm_open(filename, flags);
-    if (!img) {
+    r = qbm_impl_open(filename, flags, &img);
+    if (r < 0) {
         free(chain);
-        return NULL;
+        return r;
     }
     name = qbm_strndup(filename, strlen(filename));
-    if (!name || chain_push(chain, img, name) < 0) {
+    r = name ? chain_push(chain, img, name) : -ENOMEM;
+    if (r < 0) {
         free(name);
-        qbm_close(img);
-        qbm_chain_close(chain); /* the arrays chain_push may have grown */
-        return NULL;
+        qbm_impl_close(img);
+        qbm_impl_chain_close(chain); /* the arrays chain_push may have grown */
+        return r;
     }
     for (;;) {
         struct qbm_image *top = chain->layers[chain->n - 1];
@@ -217,16 +208,25 @@ QBM_API struct qbm_chain *qbm_chain_open(const char *filename,
         }
         r = chain_push(chain, img, name);
         if (r < 0) {
-            qbm_close(img);
+            qbm_impl_close(img);
             free(name);
             goto fail;
         }
     }
-    return chain;
+    *ret_chain = chain;
+    return 0;
 
 fail:
-    qbm_chain_close(chain);
-    return NULL;
+    qbm_impl_chain_close(chain);
+    return r;
+}
+
+QBM_API struct qbm_chain *qbm_chain_open(const char *filename,
+                                         unsigned flags)
+{
+    struct qbm_chain *chain = NULL;
+
+    return qbm_impl_chain_open(filename, flags, &chain) < 0 ? NULL : chain;
 }
 
 QBM_API size_t qbm_chain_length(const struct qbm_chain *chain)
@@ -287,18 +287,14 @@ static int cmp_extent(const void *a, const void *b)
     return x[0] < y[0] ? -1 : x[0] > y[0];
 }
 
-QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
-                                     const char *name, qbm_extent_fn fn,
-                                     void *opaque, int *ret_consistent)
+int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
+                                  qbm_extent_fn fn, void *opaque,
+                                  int *ret_consistent)
 {
     struct extent_vec vec = { 0 };
     int consistent = 1, found = 0, r = 0;
     size_t i;
 
-    if (!name || !fn) {
-        qbm_err(EINVAL, "invalid arguments");
-        return -1;
-    }
     vec.limit = chain->layers[0]->hdr.size;
     for (i = 0; i < chain->n; i++) {
         struct qbm_image *img = chain->layers[i];
@@ -309,25 +305,19 @@ QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
                 continue;
             }
             found = 1;
-            if (!qbm_bitmap_consistent(img, j)) {
+            if (!qbm_impl_bitmap_consistent(img, j)) {
                 consistent = 0;
             }
-            /* The internal walker returns -errno or our own value. */
-            r = qbm_bitmap_extents(img, j, vec_add, &vec);
-            if (r != 0) {
-                if (r != -1) {
-                    qbm_err(-r, "out of memory collecting extents");
-                }
-                qbm_err_prefix(-1, "%s", chain->names[i]);
+            r = qbm_impl_bitmap_extents(img, j, vec_add, &vec);
+            if (r < 0) {
                 free(vec.v);
-                return -1;
+                return qbm_err_prefix(r, "%s", chain->names[i]);
             }
         }
     }
     if (!found) {
-        qbm_err(ENOENT, "no layer of the chain has a bitmap named '%s'",
-                name);
-        return -1;
+        return qbm_err(ENOENT, "no layer of the chain has a bitmap named "
+                       "'%s'", name);
     }
     /* Each layer's list is sorted; the union needs one sort and a sweep. */
     qsort(vec.v, vec.n, sizeof(*vec.v), cmp_extent);
@@ -357,11 +347,48 @@ QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
     }
     free(vec.v);
     if (r) {
-        qbm_err(ECANCELED, "stopped by the callback");
         return r;
     }
     if (ret_consistent) {
         *ret_consistent = consistent;
+    }
+    return 0;
+}
+
+/* Wraps a user callback so that "stop" is told apart from errors. */
+struct extent_wrap {
+    qbm_extent_fn fn;
+    void *opaque;
+    int user_ret;
+};
+
+static int extent_wrap_cb(void *opaque, uint64_t off, uint64_t len)
+{
+    struct extent_wrap *w = opaque;
+
+    w->user_ret = w->fn(w->opaque, off, len);
+    return w->user_ret ? 1 : 0;
+}
+
+QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
+                                     const char *name, qbm_extent_fn fn,
+                                     void *opaque, int *ret_consistent)
+{
+    struct extent_wrap w = { fn, opaque, 0 };
+    int r;
+
+    if (!name || !fn) {
+        qbm_err(EINVAL, "invalid arguments");
+        return -1;
+    }
+    r = qbm_impl_chain_bitmap_extents(chain, name, extent_wrap_cb, &w,
+                                      ret_consistent);
+    if (r < 0) {
+        return -1;
+    }
+    if (w.user_ret) {
+        qbm_err(ECANCELED, "stopped by the callback");
+        return w.user_ret;
     }
     return 0;
 }

@@ -424,16 +424,16 @@ static int repair_in_use(struct qbm_image *img, bool remove)
             continue;
         }
         if (remove) {
-            r = qbm_bitmap_remove(img, bm->name);
+            r = qbm_impl_bitmap_remove(img, bm->name);
         } else {
-            r = qbm_bitmap_salvage(img, bm->name);
+            r = qbm_impl_bitmap_salvage(img, bm->name);
             k++;
         }
         if (r < 0) {
-            return -qbm_get_errno();
+            return r;
         }
     }
-    return qbm_commit(img) < 0 ? -qbm_get_errno() : 0;
+    return qbm_impl_commit(img);
 }
 
 /* Drop a stale extension (or a lone autoclear bit); its clusters become

@@ -255,12 +255,12 @@ int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
             continue;
         }
         for (j = 0; j < nmap && r == 0; j++) {
-            r = qbm_bitmap_set_dirty(img, img->bitmaps[i].name, map[j].guest,
-                                     map[j].len) < 0 ? -qbm_get_errno() : 0;
+            r = qbm_impl_bitmap_set_dirty(img, img->bitmaps[i].name,
+                                          map[j].guest, map[j].len);
         }
     }
-    if (r == 0 && img->staged && qbm_commit(img) < 0) {
-        r = -qbm_get_errno();
+    if (r == 0 && img->staged) {
+        r = qbm_impl_commit(img);
     }
     f.img = img;
     f.incs = layers;
@@ -299,9 +299,9 @@ static int consolidate(const char *full, const char *const *incs, size_t n,
     if (!layers) {
         return -ENOMEM;
     }
-    img = qbm_open(full, QBM_OPEN_RDWR);
-    if (!img) {
-        r = qbm_err_prefix(-qbm_get_errno(), "%s", full);
+    r = qbm_impl_open(full, QBM_OPEN_RDWR, &img);
+    if (r < 0) {
+        r = qbm_err_prefix(r, "%s", full);
         goto out;
     }
     for (i = 0; i < n && r == 0; i++) {
@@ -317,9 +317,9 @@ static int consolidate(const char *full, const char *const *incs, size_t n,
         }
         if (r == 0) {
             /* Newest first for the resolver. */
-            layers[n - 1 - i] = qbm_open(incs[i], 0);
-            if (!layers[n - 1 - i]) {
-                r = qbm_err_prefix(-qbm_get_errno(), "%s", incs[i]);
+            r = qbm_impl_open(incs[i], 0, &layers[n - 1 - i]);
+            if (r < 0) {
+                r = qbm_err_prefix(r, "%s", incs[i]);
             }
         }
     }
@@ -328,10 +328,10 @@ static int consolidate(const char *full, const char *const *incs, size_t n,
     }
 out:
     for (i = 0; i < n; i++) {
-        qbm_close(layers[i]);
+        qbm_impl_close(layers[i]);
     }
     free(layers);
-    qbm_close(img);
+    qbm_impl_close(img);
     return r;
 }
 

@@ -48,13 +48,11 @@ static int writable(struct qbm_image *img)
 static int find(struct qbm_image *img, const char *name,
                 struct qcow2_bitmap **ret)
 {
-    uint32_t i;
+    struct qcow2_bitmap *bm = qcow2_bitmap_lookup(img, name);
 
-    for (i = 0; i < img->nb_bitmaps; i++) {
-        if (strcmp(img->bitmaps[i].name, name) == 0) {
-            *ret = &img->bitmaps[i];
-            return 0;
-        }
+    if (bm) {
+        *ret = bm;
+        return 0;
     }
     /* Spelled out so that analyzers see the failure is non-zero. */
     qbm_err(ENOENT, "no bitmap named '%s'", name);
@@ -172,8 +170,8 @@ static int stage_data(struct qbm_image *img, struct qcow2_bitmap *bm,
     return 0;
 }
 
-static int add(struct qbm_image *img, const char *name, uint64_t gran,
-               unsigned flags)
+int qbm_impl_bitmap_add(struct qbm_image *img, const char *name,
+                        uint64_t gran, unsigned flags)
 {
     struct qcow2_bitmap *bms, *bm;
     unsigned bits;
@@ -252,10 +250,11 @@ QBM_API int qbm_bitmap_add(struct qbm_image *img, const char *name,
     if (!name) {
         return qbm_public_ret(qbm_err(EINVAL, "no bitmap name"));
     }
-    return qbm_public_ret(add(img, name, granularity, flags));
+    return qbm_public_ret(qbm_impl_bitmap_add(img, name, granularity,
+                                              flags));
 }
 
-QBM_API int qbm_bitmap_remove(struct qbm_image *img, const char *name)
+int qbm_impl_bitmap_remove(struct qbm_image *img, const char *name)
 {
     struct qcow2_bitmap *bm = NULL;
     uint32_t idx;
@@ -265,7 +264,7 @@ QBM_API int qbm_bitmap_remove(struct qbm_image *img, const char *name)
     r = r ? r : find(img, name, &bm);
     r = r ? r : queue_bitmap_clusters(img, bm);
     if (r < 0) {
-        return -1;
+        return r;
     }
     idx = (uint32_t)(bm - img->bitmaps);
     free(bm->name);
@@ -277,7 +276,12 @@ QBM_API int qbm_bitmap_remove(struct qbm_image *img, const char *name)
     return 0;
 }
 
-QBM_API int qbm_bitmap_clear(struct qbm_image *img, const char *name)
+QBM_API int qbm_bitmap_remove(struct qbm_image *img, const char *name)
+{
+    return qbm_public_ret(qbm_impl_bitmap_remove(img, name));
+}
+
+int qbm_impl_bitmap_clear(struct qbm_image *img, const char *name)
 {
     struct qcow2_bitmap *bm = NULL;
     int r;
@@ -286,7 +290,7 @@ QBM_API int qbm_bitmap_clear(struct qbm_image *img, const char *name)
     r = r ? r : find(img, name, &bm);
     r = r ? r : usable(bm);
     if (r < 0) {
-        return -1;
+        return r;
     }
     if (bm->data) {
         struct qbm_bmap *empty;
@@ -294,13 +298,18 @@ QBM_API int qbm_bitmap_clear(struct qbm_image *img, const char *name)
         r = qbm_bmap_new(img->hdr.size, 1ull << bm->granularity_bits,
                          img->cluster_size, &empty);
         if (r < 0) {
-            return -1;
+            return r;
         }
         qbm_bmap_free(bm->data);
         bm->data = empty;
         return 0;
     }
-    return qbm_public_ret(stage_data(img, bm, false));
+    return stage_data(img, bm, false);
+}
+
+QBM_API int qbm_bitmap_clear(struct qbm_image *img, const char *name)
+{
+    return qbm_public_ret(qbm_impl_bitmap_clear(img, name));
 }
 
 static int set_enabled(struct qbm_image *img, const char *name, bool on)
@@ -312,7 +321,7 @@ static int set_enabled(struct qbm_image *img, const char *name, bool on)
     r = r ? r : find(img, name, &bm);
     r = r ? r : usable(bm);
     if (r < 0) {
-        return -1;
+        return r;
     }
     bm->flags = on ? (bm->flags | BME_FLAG_AUTO)
                    : (bm->flags & ~BME_FLAG_AUTO);
@@ -320,18 +329,28 @@ static int set_enabled(struct qbm_image *img, const char *name, bool on)
     return 0;
 }
 
-QBM_API int qbm_bitmap_enable(struct qbm_image *img, const char *name)
+int qbm_impl_bitmap_enable(struct qbm_image *img, const char *name)
 {
     return set_enabled(img, name, true);
 }
 
-QBM_API int qbm_bitmap_disable(struct qbm_image *img, const char *name)
+QBM_API int qbm_bitmap_enable(struct qbm_image *img, const char *name)
+{
+    return qbm_public_ret(qbm_impl_bitmap_enable(img, name));
+}
+
+int qbm_impl_bitmap_disable(struct qbm_image *img, const char *name)
 {
     return set_enabled(img, name, false);
 }
 
-QBM_API int qbm_bitmap_rename(struct qbm_image *img, const char *old_name,
-                              const char *new_name)
+QBM_API int qbm_bitmap_disable(struct qbm_image *img, const char *name)
+{
+    return qbm_public_ret(qbm_impl_bitmap_disable(img, name));
+}
+
+int qbm_impl_bitmap_rename(struct qbm_image *img, const char *old_name,
+                           const char *new_name)
 {
     struct qcow2_bitmap *bm = NULL;
     char *copy;
@@ -343,17 +362,23 @@ QBM_API int qbm_bitmap_rename(struct qbm_image *img, const char *old_name,
         r = check_name(img, new_name);
     }
     if (r < 0) {
-        return -1;
+        return r;
     }
     copy = qbm_strndup(new_name, strlen(new_name));
     if (!copy) {
-        return -1;
+        return -ENOMEM;
     }
     free(bm->name);
     bm->name = copy;
     bm->name_size = (uint16_t)strlen(copy);
     img->staged = true;
     return 0;
+}
+
+QBM_API int qbm_bitmap_rename(struct qbm_image *img, const char *old_name,
+                              const char *new_name)
+{
+    return qbm_public_ret(qbm_impl_bitmap_rename(img, old_name, new_name));
 }
 
 static int set_range_cb(void *opaque, uint64_t off, uint64_t len)
@@ -464,8 +489,8 @@ static int merge_stream(struct qbm_image *img, struct qbm_image *src,
     return r;
 }
 
-QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
-                             struct qbm_image *src, const char *src_name)
+int qbm_impl_bitmap_merge(struct qbm_image *img, const char *target,
+                          struct qbm_image *src, const char *src_name)
 {
     struct qcow2_bitmap *dst = NULL, *sbm = NULL;
     int r;
@@ -474,7 +499,7 @@ QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
     r = r ? r : find(img, target, &dst);
     r = r ? r : usable(dst);
     if (r < 0) {
-        return -1;
+        return r;
     }
     r = find(src, src_name, &sbm);
     r = r ? r : usable(sbm);
@@ -487,23 +512,25 @@ QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
                     (unsigned long long)src->hdr.size,
                     (unsigned long long)img->hdr.size);
     }
+    r = r ? r : stage_data(img, dst, true);
     if (r < 0) {
-        return -1;
-    }
-    r = stage_data(img, dst, true);
-    if (r < 0) {
-        return -1;
+        return r;
     }
     if (sbm->data) {
-        r = qbm_bmap_extents(sbm->data, set_range_cb, dst->data);
-    } else {
-        r = merge_stream(img, src, sbm, dst->data);
+        return qbm_bmap_extents(sbm->data, set_range_cb, dst->data);
     }
-    return qbm_public_ret(r);
+    return merge_stream(img, src, sbm, dst->data);
 }
 
-QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
-                                 uint64_t offset, uint64_t length)
+QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
+                             struct qbm_image *src, const char *src_name)
+{
+    return qbm_public_ret(qbm_impl_bitmap_merge(img, target, src,
+                                                src_name));
+}
+
+int qbm_impl_bitmap_set_dirty(struct qbm_image *img, const char *name,
+                              uint64_t offset, uint64_t length)
 {
     struct qcow2_bitmap *bm = NULL;
     int r;
@@ -512,8 +539,14 @@ QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
     r = r ? r : find(img, name, &bm);
     r = r ? r : usable(bm);
     r = r ? r : stage_data(img, bm, true);
-    r = r ? r : qbm_bmap_set_range(bm->data, offset, length);
-    return qbm_public_ret(r);
+    return r ? r : qbm_bmap_set_range(bm->data, offset, length);
+}
+
+QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
+                                 uint64_t offset, uint64_t length)
+{
+    return qbm_public_ret(qbm_impl_bitmap_set_dirty(img, name, offset,
+                                                    length));
 }
 
 struct populate_ctx {
@@ -528,8 +561,8 @@ static int populate_cb(void *opaque, uint64_t off, uint64_t len,
     return qbm_bmap_set_range(ctx->bm, off, len);
 }
 
-QBM_API int qbm_bitmap_populate(struct qbm_image *img, const char *name,
-                                struct qbm_image *layer)
+int qbm_impl_bitmap_populate(struct qbm_image *img, const char *name,
+                             struct qbm_image *layer)
 {
     struct qcow2_bitmap *bm = NULL;
     struct populate_ctx ctx;
@@ -540,21 +573,20 @@ QBM_API int qbm_bitmap_populate(struct qbm_image *img, const char *name,
     r = r ? r : usable(bm);
     r = r ? r : stage_data(img, bm, true);
     if (r < 0) {
-        return -1;
+        return r;
     }
     ctx.bm = bm->data;
     /* Ranges past the bitmap's disk are clipped by set_range. */
-    r = qbm_image_allocation(layer, populate_cb, &ctx);
-    if (r != 0) {
-        if (r > 0 || r < -1) {
-            qbm_err(r > 0 ? EIO : -r, "cannot populate bitmap '%s'", name);
-        }
-        return -1;
-    }
-    return 0;
+    return qbm_impl_image_allocation(layer, populate_cb, &ctx);
 }
 
-QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name)
+QBM_API int qbm_bitmap_populate(struct qbm_image *img, const char *name,
+                                struct qbm_image *layer)
+{
+    return qbm_public_ret(qbm_impl_bitmap_populate(img, name, layer));
+}
+
+int qbm_impl_bitmap_salvage(struct qbm_image *img, const char *name)
 {
     struct qcow2_bitmap *bm = NULL;
     int r;
@@ -562,11 +594,10 @@ QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name)
     r = writable(img);
     r = r ? r : find(img, name, &bm);
     if (r < 0) {
-        return -1;
+        return r;
     }
     if (!(bm->flags & BME_FLAG_IN_USE)) {
-        return qbm_public_ret(qbm_err(EINVAL, "bitmap '%s' is not in use",
-                                      name));
+        return qbm_err(EINVAL, "bitmap '%s' is not in use", name);
     }
     /* The stale table may be unreadable: start from nothing. */
     r = stage_data(img, bm, false);
@@ -574,7 +605,12 @@ QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name)
     if (r == 0) {
         bm->flags &= ~BME_FLAG_IN_USE;
     }
-    return qbm_public_ret(r);
+    return r;
+}
+
+QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name)
+{
+    return qbm_public_ret(qbm_impl_bitmap_salvage(img, name));
 }
 
 /* ---- commit ------------------------------------------------------------ */
@@ -671,7 +707,7 @@ static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
     return 0;
 }
 
-static int commit(struct qbm_image *img)
+int qbm_impl_commit(struct qbm_image *img)
 {
     struct qbm_txn *txn;
     uint64_t dir_size = 0, dir_off = 0, pos, i;
@@ -753,5 +789,5 @@ fail:
 
 QBM_API int qbm_commit(struct qbm_image *img)
 {
-    return qbm_public_ret(commit(img));
+    return qbm_public_ret(qbm_impl_commit(img));
 }

@@ -48,9 +48,14 @@ int qbm_err_prefix(int ret, const char *fmt, ...)
     return ret;
 }
 
-QBM_API const char *qbm_get_error(void)
+const char *qbm_err_message(void)
 {
     return last_msg;
+}
+
+QBM_API const char *qbm_get_error(void)
+{
+    return qbm_err_message();
 }
 
 QBM_API int qbm_get_errno(void)

@@ -258,9 +258,31 @@ int qbm_image_open_raw(struct qbm_io *io, const char *filename,
     return 0;
 }
 
-QBM_API struct qbm_image *qbm_open(const char *filename, unsigned flags)
+int qbm_image_open_format(struct qbm_io *io, const char *filename,
+                          enum qbm_format format, bool rdwr,
+                          struct qbm_image **ret_img)
 {
-    struct qbm_image *img;
+    uint8_t magic[4];
+    int r;
+
+    if (format == QBM_FORMAT_PROBE) {
+        r = qbm_io_pread(io, magic, sizeof(magic), 0);
+        if (r < 0) {
+            qbm_io_close(io);
+            return r;
+        }
+        format = be32_load(magic) == QCOW2_MAGIC ? QBM_FORMAT_QCOW2
+                                                 : QBM_FORMAT_RAW;
+    }
+    if (format == QBM_FORMAT_RAW) {
+        return qbm_image_open_raw(io, filename, ret_img);
+    }
+    return qbm_image_open_io(io, filename, rdwr, ret_img);
+}
+
+int qbm_impl_open(const char *filename, unsigned flags,
+                  struct qbm_image **ret_img)
+{
     struct qbm_io *io;
     enum qbm_lock_mode lock;
     bool rdwr = flags & QBM_OPEN_RDWR;
@@ -268,31 +290,27 @@ QBM_API struct qbm_image *qbm_open(const char *filename, unsigned flags)
 
     if (!filename || (flags & ~QBM_OPEN_MASK) ||
         (rdwr && (flags & QBM_OPEN_FORCE_SHARE))) {
-        qbm_err(EINVAL, "invalid arguments to qbm_open");
-        return NULL;
+        return qbm_err(EINVAL, "invalid arguments to qbm_open");
     }
     lock = rdwr ? QBM_LOCK_WRITE
                 : (flags & QBM_OPEN_FORCE_SHARE) ? QBM_LOCK_NONE
                                                  : QBM_LOCK_READ;
     r = qbm_io_file_open(filename, rdwr, lock, &io);
     if (r < 0) {
-        return NULL;
+        return r;
     }
-    if ((flags & QBM_OPEN_ANY_FORMAT) && !rdwr) {
-        uint8_t magic[4];
+    /* Raw files are only ever read. */
+    return qbm_image_open_format(io, filename,
+                                 (flags & QBM_OPEN_ANY_FORMAT) && !rdwr
+                                     ? QBM_FORMAT_PROBE : QBM_FORMAT_QCOW2,
+                                 rdwr, ret_img);
+}
 
-        r = qbm_io_pread(io, magic, sizeof(magic), 0);
-        if (r == 0 && be32_load(magic) != QCOW2_MAGIC) {
-            r = qbm_image_open_raw(io, filename, &img);
-            return r < 0 ? NULL : img;
-        }
-        if (r < 0) {
-            qbm_io_close(io);
-            return NULL;
-        }
-    }
-    r = qbm_image_open_io(io, filename, rdwr, &img);
-    return r < 0 ? NULL : img;
+QBM_API struct qbm_image *qbm_open(const char *filename, unsigned flags)
+{
+    struct qbm_image *img = NULL;
+
+    return qbm_impl_open(filename, flags, &img) < 0 ? NULL : img;
 }
 
 QBM_API struct qbm_image *qbm_open_memory(const void *buf, size_t len,
@@ -315,9 +333,14 @@ QBM_API struct qbm_image *qbm_open_memory(const void *buf, size_t len,
     return r < 0 ? NULL : img;
 }
 
-QBM_API void qbm_close(struct qbm_image *img)
+void qbm_impl_close(struct qbm_image *img)
 {
     image_free(img);
+}
+
+QBM_API void qbm_close(struct qbm_image *img)
+{
+    qbm_impl_close(img);
 }
 
 /* ---- accessors --------------------------------------------------------- */
@@ -414,6 +437,16 @@ QBM_API int qbm_image_bitmaps_state(const struct qbm_image *img)
     return img->bitmaps_state;
 }
 
+int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
+                              void *opaque)
+{
+    if (img->raw) {
+        return img->hdr.size ? fn(opaque, 0, img->hdr.size, QBM_ALLOC_DATA)
+                             : 0;
+    }
+    return qcow2_allocation_walk(img, fn, opaque);
+}
+
 /* Wraps a user callback so that "stop" is told apart from errors. */
 struct alloc_wrap {
     qbm_alloc_fn fn;
@@ -440,12 +473,7 @@ QBM_API int qbm_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
         qbm_err(EINVAL, "no callback");
         return -1;
     }
-    if (img->raw) {
-        r = img->hdr.size ? alloc_wrap_cb(&w, 0, img->hdr.size,
-                                          QBM_ALLOC_DATA) : 0;
-    } else {
-        r = qcow2_allocation_walk(img, alloc_wrap_cb, &w);
-    }
+    r = qbm_impl_image_allocation(img, alloc_wrap_cb, &w);
     if (r < 0) {
         return -1;
     }

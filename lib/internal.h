@@ -14,6 +14,15 @@
  *
  * Internal functions return 0 (or a count) on success and -errno on failure,
  * after recording a message with qbm_err(). The library never prints.
+ *
+ * Every public call that the library needs itself has an internal body,
+ * qbm_impl_<name> for qbm_<name>: the same arguments, except that a handle
+ * comes back through a ret_ parameter, and 0 (or a count, or a callback's
+ * non-zero value) or -errno as the result. The public function only checks
+ * its arguments and converts the result to -1 or NULL at the edge; the
+ * library never calls its own public API (it would lose the errno, and
+ * go through the exported symbol). Callbacks inside the library follow the
+ * same rule: 0 to go on, -errno on failure, a positive value to stop.
  */
 #ifndef QBM_INTERNAL_H
 #define QBM_INTERNAL_H
@@ -44,6 +53,8 @@ int qbm_err_set(int errnum, const char *fmt, ...) QBM_PRINTF(2, 3);
     })
 /* Prefix the current message with "PREFIX: ". Returns `ret` unchanged. */
 int qbm_err_prefix(int ret, const char *fmt, ...) QBM_PRINTF(2, 3);
+/* The current message (qbm_get_error); valid until the next error. */
+const char *qbm_err_message(void);
 /* Convert an internal -errno into the public -1 convention. */
 static inline int qbm_public_ret(int r)
 {
@@ -376,6 +387,27 @@ int qbm_image_open_raw(struct qbm_io *io, const char *filename,
 int qbm_image_read_meta(struct qbm_image *img, void *buf, size_t len,
                         uint64_t off, const char *what);
 
+/* How qbm_image_open_format() reads a file. */
+enum qbm_format {
+    QBM_FORMAT_QCOW2, /* must be qcow2 */
+    QBM_FORMAT_RAW,   /* a raw layer, whatever it holds */
+    QBM_FORMAT_PROBE, /* qcow2 when it starts with the magic, else raw */
+};
+/*
+ * Open the file behind `io` (taking ownership of io, also on error) as
+ * `format`. This is the only place where the qcow2 magic decides a format
+ * (QEMU probes the same way for a backing file without a format).
+ */
+int qbm_image_open_format(struct qbm_io *io, const char *filename,
+                          enum qbm_format format, bool rdwr,
+                          struct qbm_image **ret_img);
+/* qbm_open, qbm_close, qbm_image_allocation (see qbm.h). */
+int qbm_impl_open(const char *filename, unsigned flags,
+                  struct qbm_image **ret_img);
+void qbm_impl_close(struct qbm_image *img);
+int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
+                              void *opaque);
+
 /* ---- refcount.c ---------------------------------------------------------- */
 
 /* Load and validate the refcount table (not the blocks). */
@@ -617,6 +649,36 @@ int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
                            const uint8_t *data);
 int qbm_extent_state_finish(struct qbm_extent_state *st);
 
+/* ---- bitmap.c: bitmap queries -------------------------------------------- */
+
+/* The directory entry of bitmap `name` (staged state), or NULL; no error is
+ * recorded. */
+struct qcow2_bitmap *qcow2_bitmap_lookup(const struct qbm_image *img,
+                                         const char *name);
+/* qbm_bitmap_find: the index, or -ENOENT with a message. */
+int qbm_impl_bitmap_find(const struct qbm_image *img, const char *name);
+bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx);
+int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx,
+                            qbm_extent_fn fn, void *opaque);
+
+/* ---- chain.c: backing chains --------------------------------------------- */
+
+struct qbm_chain {
+    struct qbm_image **layers; /* 0 = top */
+    char **names;              /* resolved file names */
+    size_t n;
+};
+
+int qbm_impl_chain_open(const char *filename, unsigned flags,
+                        struct qbm_chain **ret_chain);
+void qbm_impl_chain_close(struct qbm_chain *chain);
+/* qbm_image_backing_path: *ret_path is a new string. */
+int qbm_impl_image_backing_path(const struct qbm_image *img,
+                                char **ret_path);
+int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
+                                  qbm_extent_fn fn, void *opaque,
+                                  int *ret_consistent);
+
 /* ---- txn.c: crash-safe transactions -------------------------------------- */
 
 /*
@@ -681,9 +743,40 @@ int qbm_txn_refcount(struct qbm_txn *txn, uint64_t offset, uint64_t *ret);
 
 /* ---- edit.c: staged bitmap edits and their commit ------------------------ */
 
+/* The public edits of qbm.h, with -errno results. */
+int qbm_impl_bitmap_add(struct qbm_image *img, const char *name,
+                        uint64_t granularity, unsigned flags);
+int qbm_impl_bitmap_remove(struct qbm_image *img, const char *name);
+int qbm_impl_bitmap_clear(struct qbm_image *img, const char *name);
+int qbm_impl_bitmap_enable(struct qbm_image *img, const char *name);
+int qbm_impl_bitmap_disable(struct qbm_image *img, const char *name);
+int qbm_impl_bitmap_rename(struct qbm_image *img, const char *old_name,
+                           const char *new_name);
+int qbm_impl_bitmap_merge(struct qbm_image *img, const char *target,
+                          struct qbm_image *src, const char *src_name);
+int qbm_impl_bitmap_set_dirty(struct qbm_image *img, const char *name,
+                              uint64_t offset, uint64_t length);
+int qbm_impl_bitmap_populate(struct qbm_image *img, const char *name,
+                             struct qbm_image *layer);
+int qbm_impl_bitmap_salvage(struct qbm_image *img, const char *name);
+int qbm_impl_commit(struct qbm_image *img);
 /* Reload every structure of an open image from its io (after a commit). */
 int qbm_image_reload(struct qbm_image *img);
 /* Encode a directory entry for bm into buf (qcow2_bitmap_entry_size bytes). */
 void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf);
+
+/* ---- chain-check.c: checkpoint rules across layers ----------------------- */
+
+/*
+ * The rules for bitmap `name` over layers[0..n) (0 = top): rules[k] gets
+ * the enum qbm_chain_rule that layer k breaks, or 0. Only layers above the
+ * deepest copy (the origin) can break one: QBM_CHAIN_NOT_IN_TOP when layer
+ * k and every layer above it lack the bitmap, QBM_CHAIN_GAP when it lacks
+ * it under a layer that has it, QBM_CHAIN_DISABLED when k is the top and
+ * its copy is disabled. Returns the origin's index, or n when no layer has
+ * the bitmap.
+ */
+size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
+                       const char *name, int *rules);
 
 #endif /* QBM_INTERNAL_H */

@@ -760,25 +760,23 @@ static uint64_t data_bytes(const struct qcow2_map_extent *map, size_t n)
 static int open_backup(const char *file, bool allow_raw,
                        struct qbm_image **ret)
 {
+    struct qbm_image *img;
     struct qbm_io *io;
-    uint8_t magic[4];
     int r;
 
     r = qbm_io_file_open(file, false, QBM_LOCK_READ, &io);
-    r = r ? r : qbm_io_pread(io, magic, 4, 0);
-    if (r < 0) {
-        return qbm_err_prefix(r, "%s", file);
-    }
-    if (be32_load(magic) == QCOW2_MAGIC) {
-        r = qbm_image_open_io(io, file, false, ret);
-    } else if (allow_raw) {
-        r = qbm_image_open_raw(io, file, ret);
-    } else {
-        qbm_io_close(io);
+    r = r ? r : qbm_image_open_format(io, file, QBM_FORMAT_PROBE, false,
+                                      &img);
+    if (r == 0 && img->raw && !allow_raw) {
+        qbm_impl_close(img);
         r = qbm_err(EINVAL, "not a qcow2 image (incremental backups must "
                     "be qcow2)");
     }
-    return r < 0 ? qbm_err_prefix(r, "%s", file) : 0;
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", file);
+    }
+    *ret = img;
+    return 0;
 }
 
 static bool same_inode(const char *a, const char *b)
@@ -849,22 +847,20 @@ static int restore(const char *const *images, size_t n, const char *output,
                 : write_raw(layers, map, nmap, size, &o);
     }
     if (r == 0 && checkpoint) {
-        struct qbm_image *img;
+        struct qbm_image *img = NULL;
 
         r = qbm_io_flush(o.io);
-        img = r ? NULL : qbm_open(o.tmp, QBM_OPEN_RDWR);
-        if (!img || qbm_bitmap_add(img, checkpoint, 0, 0) < 0 ||
-            qbm_commit(img) < 0) {
-            r = -qbm_get_errno();
-        }
-        qbm_close(img);
+        r = r ? r : qbm_impl_open(o.tmp, QBM_OPEN_RDWR, &img);
+        r = r ? r : qbm_impl_bitmap_add(img, checkpoint, 0, 0);
+        r = r ? r : qbm_impl_commit(img);
+        qbm_impl_close(img);
     }
     if (r == 0) {
         r = out_publish(&o);
     }
     out_free(&o);
     for (i = 0; i < n; i++) {
-        qbm_close(layers[i]);
+        qbm_impl_close(layers[i]);
     }
     free(layers);
     free(map);
@@ -902,7 +898,7 @@ static int extract(const char *image, const char *bitmap, const char *output,
                    unsigned flags, const char *backing,
                    qbm_progress_fn progress, void *opaque)
 {
-    struct qbm_chain *ch;
+    struct qbm_chain *ch = NULL;
     struct qbm_image **layers = NULL;
     struct qcow2_map_extent *map = NULL;
     struct out o = { .fd = -1, .progress = progress, .opaque = opaque };
@@ -927,43 +923,43 @@ static int extract(const char *image, const char *bitmap, const char *output,
         return qbm_err_prefix(qbm_err(EINVAL, "the output would overwrite "
                                       "the image"), "%s", image);
     }
-    ch = qbm_chain_open(image, 0);
-    if (!ch) {
+    r = qbm_impl_chain_open(image, 0, &ch);
+    if (r < 0) {
         out_free(&o);
-        return qbm_err_prefix(-qbm_get_errno(), "%s", image);
+        return qbm_err_prefix(r, "%s", image);
     }
-    n = qbm_chain_length(ch);
-    size = qbm_chain_layer(ch, 0)->hdr.size;
+    n = ch->n;
+    size = ch->layers[0]->hdr.size;
     layers = qbm_calloc(n, sizeof(*layers));
     if (!layers) {
         r = -ENOMEM;
     }
     for (i = 0; r == 0 && i < n; i++) {
-        layers[i] = qbm_chain_layer(ch, i);
+        layers[i] = ch->layers[i];
     }
     if (r == 0 && !(flags & QBM_EXTRACT_FULL)) {
         struct qbm_image *top = layers[0];
-        int idx = qbm_bitmap_find(top, bitmap);
+        const struct qcow2_bitmap *bm = qcow2_bitmap_lookup(top, bitmap);
         struct want_ctx wc = { &want, 0 };
         uint64_t gran;
 
-        if (idx < 0 && !(flags & QBM_EXTRACT_CHAIN)) {
+        if (!bm && !(flags & QBM_EXTRACT_CHAIN)) {
             r = qbm_err(ENOENT, "no bitmap named '%s'", bitmap);
         } else {
-            gran = idx >= 0 ? qbm_bitmap_granularity(top, (size_t)idx)
-                            : 65536;
+            gran = bm ? 1ull << bm->granularity_bits : 65536;
             bits = gran <= 4096 ? 12 : gran >= 65536 ? 16
                                      : (unsigned)__builtin_ctzll(gran);
             wc.cs = 1ull << bits;
             if (flags & QBM_EXTRACT_CHAIN) {
-                r = qbm_chain_bitmap_extents(ch, bitmap, want_cb, &wc,
-                                             &consistent);
+                r = qbm_impl_chain_bitmap_extents(ch, bitmap, want_cb, &wc,
+                                                  &consistent);
             } else {
-                consistent = qbm_bitmap_consistent(top, (size_t)idx);
-                r = consistent ? qbm_bitmap_extents(top, (size_t)idx,
-                                                    want_cb, &wc) : 0;
+                size_t idx = (size_t)(bm - top->bitmaps);
+
+                consistent = qbm_impl_bitmap_consistent(top, idx);
+                r = consistent ? qbm_impl_bitmap_extents(top, idx, want_cb,
+                                                         &wc) : 0;
             }
-            r = r < 0 || r > 0 ? -qbm_get_errno() : 0;
             if (r == 0 && !consistent) {
                 r = qbm_err(EBUSY, "bitmap '%s' is in use (inconsistent); "
                             "repair it first with 'qbm check --repair'",
@@ -994,7 +990,7 @@ static int extract(const char *image, const char *bitmap, const char *output,
     free(want.v);
     free(map);
     free(layers);
-    qbm_chain_close(ch);
+    qbm_impl_chain_close(ch);
     return r;
 }
 

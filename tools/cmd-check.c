@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm check: bitmaps, refcounts and backing-chain rules; --repair. */
-#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -68,69 +67,35 @@ static int add_problem(void *opaque, int kind, uint64_t offset,
     return 0;
 }
 
-/* Checkpoint rules across layers (how libvirt reads a checkpoint that
- * spans an external snapshot): a bitmap that exists in a backing layer
- * must exist in every layer above it, and record in the top. Each bitmap
- * is judged from its deepest copy, so a gap under several layers that
- * have it is still seen. */
-static void chain_rules(struct qbm_chain *ch, struct report *rep)
+struct chain_report {
+    struct report *rep;
+    struct qbm_chain *ch;
+};
+
+/* A broken checkpoint rule (qbm_chain_check) as a bitmap problem. */
+static int add_rule(void *opaque, int rule, const char *bitmap, size_t layer,
+                    size_t origin)
 {
-    size_t n = qbm_chain_length(ch), l, i, k;
+    struct chain_report *cr = opaque;
     char msg[1200];
 
-    for (l = 1; l < n; l++) {
-        struct qbm_image *img = qbm_chain_layer(ch, l);
-
-        for (i = 0; i < qbm_bitmap_count(img); i++) {
-            const char *name = qbm_bitmap_name(img, i);
-            bool deepest = true;
-
-            for (k = l + 1; k < n; k++) {
-                if (qbm_bitmap_find(qbm_chain_layer(ch, k), name) >= 0) {
-                    deepest = false;
-                }
-            }
-            if (!deepest) {
-                continue; /* judged at the layer below */
-            }
-            for (k = 0; k < l; k++) {
-                struct qbm_image *above = qbm_chain_layer(ch, k);
-                int j = qbm_bitmap_find(above, name);
-
-                if (j < 0) {
-                    snprintf(msg, sizeof(msg), "bitmap '%s' of %s is "
-                             "missing from layer %zu (%s): writes to that "
-                             "layer are not in the checkpoint", name,
-                             qbm_chain_filename(ch, l), k,
-                             qbm_chain_filename(ch, k));
-                    add_problem(rep, QBM_PROBLEM_BITMAP, 0, msg);
-                } else if (k == 0 &&
-                           !(qbm_bitmap_flags(above, (size_t)j) &
-                             QBM_BITMAP_AUTO)) {
-                    snprintf(msg, sizeof(msg), "bitmap '%s' spans the chain "
-                             "but is disabled in the top layer %s: new "
-                             "writes are not recorded", name,
-                             qbm_chain_filename(ch, 0));
-                    add_problem(rep, QBM_PROBLEM_BITMAP, 0, msg);
-                }
-            }
-        }
+    switch (rule) {
+    case QBM_CHAIN_NOT_IN_TOP:
+    case QBM_CHAIN_GAP:
+        snprintf(msg, sizeof(msg), "bitmap '%s' of %s is missing from layer "
+                 "%zu (%s): writes to that layer are not in the checkpoint",
+                 bitmap, qbm_chain_filename(cr->ch, origin), layer,
+                 qbm_chain_filename(cr->ch, layer));
+        break;
+    case QBM_CHAIN_DISABLED:
+        snprintf(msg, sizeof(msg), "bitmap '%s' spans the chain but is "
+                 "disabled in the top layer %s: new writes are not recorded",
+                 bitmap, qbm_chain_filename(cr->ch, layer));
+        break;
+    default:
+        return 0;
     }
-}
-
-/* Without --chain the backing files are not checked, but a chain that
- * loops back (QEMU cannot open such an image at all) is a defect of this
- * image's header, so it is reported. A missing backing file is not: a
- * standalone incremental backup may name one that lives elsewhere. */
-static void backing_loop(const char *file, struct report *rep)
-{
-    struct qbm_chain *ch = qbm_chain_open(file, QBM_OPEN_FORCE_SHARE);
-
-    if (ch) {
-        qbm_chain_close(ch);
-    } else if (qbm_get_errno() == ELOOP) {
-        add_problem(rep, QBM_PROBLEM_CORRUPTION, 8, qbm_get_error());
-    }
+    return add_problem(cr->rep, QBM_PROBLEM_BITMAP, 0, msg);
 }
 
 static int check_one(struct qbm_image *img, const char *name,
@@ -139,16 +104,14 @@ static int check_one(struct qbm_image *img, const char *name,
 {
     struct outbuf body = { 0 };
     struct report rep = { &body, fmt, { 0 }, 0 };
+    struct chain_report cr = { &rep, ch };
 
-    if (qbm_check(img, add_problem, &rep) < 0) {
+    if (qbm_check(img, add_problem, &rep) < 0 ||
+        (ch ? qbm_chain_check(ch, add_rule, &cr)
+            : qbm_check_backing(img, add_problem, &rep)) < 0) {
         tool_lib_error(name);
         ob_free(&body);
         return -1;
-    }
-    if (ch) {
-        chain_rules(ch, &rep);
-    } else if (qbm_image_backing_file(img)) {
-        backing_loop(name, &rep);
     }
     if (fmt == OUTPUT_JSON) {
         ob_puts(ob, "{\"filename\": ");

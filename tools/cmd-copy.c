@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* qbm copy: copy bitmaps, with their granularity and flags, between images. */
+/*
+ * qbm copy: copy bitmaps, with their granularity and flags, between images.
+ * The policy is the library's (qbm_bitmap_copy); this prints what it did.
+ */
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -18,42 +21,28 @@ static const char usage[] =
     "  -n, --dry-run  say what would change, change nothing\n"
     "  -h, --help     show this help\n";
 
-enum clash { CLASH_FAIL, CLASH_MERGE, CLASH_REPLACE };
+struct report {
+    struct outbuf *plan;
+    const char *src;
+};
 
-static int copy_one(struct qbm_image *dst, struct qbm_image *src,
-                    const char *name, enum clash clash, struct outbuf *plan)
+static int report(void *opaque, int action, const char *bitmap,
+                  uint64_t granularity)
 {
-    int si = qbm_bitmap_find(src, name);
-    const char *what = "copy";
+    static const char *const verbs[] = {
+        [QBM_COPY_COPIED] = "copy",
+        [QBM_COPY_MERGED] = "merge",
+        [QBM_COPY_REPLACED] = "replace",
+    };
+    struct report *rep = opaque;
 
-    if (si < 0) {
-        return -1;
+    if (action == QBM_COPY_SKIPPED) {
+        fprintf(stderr, "qbm: %s: warning: skipping in-use bitmap '%s'\n",
+                rep->src, bitmap);
+    } else if (action >= QBM_COPY_COPIED && action <= QBM_COPY_REPLACED) {
+        ob_printf(rep->plan, "would %s bitmap '%s' (granularity %" PRIu64
+                  ")\n", verbs[action], bitmap, granularity);
     }
-    if (qbm_bitmap_find(dst, name) >= 0) {
-        if (clash == CLASH_FAIL) {
-            qbm_bitmap_find(dst, "");
-            return -2;
-        }
-        if (clash == CLASH_REPLACE) {
-            if (qbm_bitmap_remove(dst, name) < 0) {
-                return -3;
-            }
-            what = "replace";
-        } else {
-            what = "merge";
-        }
-    }
-    if (strcmp(what, "merge") != 0 &&
-        qbm_bitmap_add(dst, name, qbm_bitmap_granularity(src, (size_t)si),
-                       (qbm_bitmap_flags(src, (size_t)si) & QBM_BITMAP_AUTO)
-                           ? 0 : QBM_ADD_DISABLED) < 0) {
-        return -3;
-    }
-    if (qbm_bitmap_merge(dst, name, src, name) < 0) {
-        return -3;
-    }
-    ob_printf(plan, "would %s bitmap '%s' (granularity %" PRIu64 ")\n",
-              what, name, qbm_bitmap_granularity(src, (size_t)si));
     return 0;
 }
 
@@ -67,19 +56,20 @@ int cmd_copy(int argc, char **argv)
         { NULL, 0, NULL, 0 },
     };
     struct outbuf plan = { 0 };
+    struct report rep = { &plan, NULL };
     struct qbm_image *src, *dst;
-    enum clash clash = CLASH_FAIL;
-    const char *sfile, *dfile;
+    unsigned flags = 0;
+    const char *dfile;
     bool dry_run = false;
-    int c, i, r = 0;
+    int c, r;
 
     while ((c = getopt_long(argc, argv, "+nh", opts, NULL)) != -1) {
         switch (c) {
         case 'm':
-            clash = CLASH_MERGE;
+            flags = QBM_COPY_MERGE;
             break;
         case 'r':
-            clash = CLASH_REPLACE;
+            flags = QBM_COPY_REPLACE;
             break;
         case 'n':
             dry_run = true;
@@ -94,15 +84,15 @@ int cmd_copy(int argc, char **argv)
     if (argc - optind < 2) {
         return usage_error("copy", "expected SOURCE_IMAGE and TARGET_IMAGE");
     }
-    sfile = argv[optind];
+    rep.src = argv[optind];
     dfile = argv[optind + 1];
-    if (same_file(sfile, dfile)) {
+    if (same_file(rep.src, dfile)) {
         tool_error(dfile, "source and target are the same image");
         return 1;
     }
-    src = qbm_open(sfile, 0);
+    src = qbm_open(rep.src, 0);
     if (!src) {
-        tool_lib_error(sfile);
+        tool_lib_error(rep.src);
         return 1;
     }
     dst = edit_open(dfile);
@@ -110,38 +100,18 @@ int cmd_copy(int argc, char **argv)
         qbm_close(src);
         return 1;
     }
-    if (argc - optind > 2) {
-        for (i = optind + 2; i < argc && r == 0; i++) {
-            r = copy_one(dst, src, argv[i], clash, &plan);
-            if (r == -1) {
-                tool_lib_error(sfile);
-            } else if (r == -2) {
-                tool_error(dfile, "a bitmap named '%s' exists already (use "
-                           "--merge or --replace)", argv[i]);
-            }
+    /* No NAME: every bitmap (NULL). */
+    r = qbm_bitmap_copy(dst, src,
+                        argc - optind > 2
+                            ? (const char *const *)argv + optind + 2 : NULL,
+                        (size_t)(argc - optind - 2), flags, report, &rep);
+    if (r != 0) {
+        if (qbm_get_errno() == EEXIST) {
+            tool_error(NULL, "%s (use --merge or --replace)",
+                       qbm_get_error());
+        } else {
+            tool_lib_error(NULL);
         }
-    } else {
-        size_t n = qbm_bitmap_count(src), k;
-
-        for (k = 0; k < n && r == 0; k++) {
-            const char *name = qbm_bitmap_name(src, k);
-
-            if (!qbm_bitmap_consistent(src, k)) {
-                fprintf(stderr, "qbm: %s: warning: skipping in-use bitmap "
-                        "'%s'\n", sfile, name);
-                continue;
-            }
-            r = copy_one(dst, src, name, clash, &plan);
-            if (r == -2) {
-                tool_error(dfile, "a bitmap named '%s' exists already (use "
-                           "--merge or --replace)", name);
-            }
-        }
-    }
-    if (r == -3) {
-        tool_lib_error(dfile);
-    }
-    if (r < 0) {
         ob_free(&plan);
         qbm_close(dst);
         qbm_close(src);

@@ -240,6 +240,49 @@ QBM_API int qbm_bitmap_rename(struct qbm_image *img, const char *old_name,
  */
 QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
                              struct qbm_image *src, const char *src_name);
+/* Flags of qbm_bitmap_copy(): what to do with a name `img` has already
+ * (without either, it is refused with EEXIST). */
+#define QBM_COPY_MERGE 0x1u   /* OR into it, keeping its granularity, state */
+#define QBM_COPY_REPLACE 0x2u /* remove it, then copy */
+#define QBM_COPY_MASK 0x3u
+
+/* What qbm_bitmap_copy() staged, or skipped, reported per bitmap. */
+enum qbm_copy_action {
+    QBM_COPY_COPIED = 1,   /* created with the source's granularity, state
+                            * and contents */
+    QBM_COPY_MERGED = 2,   /* ORed into `img`'s bitmap of that name */
+    QBM_COPY_REPLACED = 3, /* `img`'s bitmap of that name removed, then
+                            * copied */
+    QBM_COPY_SKIPPED = 4,  /* in use in the source: not copied (only when
+                            * no names are given) */
+};
+
+/*
+ * Called once per bitmap, in the order they are staged, with the action
+ * (an enum qbm_copy_action), the bitmap's name (borrowed for the call)
+ * and the source bitmap's granularity. Return 0 to go on, anything else
+ * to stop: qbm_bitmap_copy() then returns that value (errno ECANCELED).
+ */
+typedef int (*qbm_copy_fn)(void *opaque, int action, const char *bitmap,
+                           uint64_t granularity);
+
+/*
+ * Stage in `img` a copy of bitmaps of `src` (another image, any virtual
+ * size qbm_bitmap_merge accepts): the bitmaps `names[0..n)` in that order,
+ * or, when `names` is NULL, every bitmap of `src` in directory order, its
+ * in-use ones skipped (QBM_COPY_SKIPPED). A copy has the source's name,
+ * granularity, enabled state and contents. A name missing from `src`
+ * (ENOENT), an in-use bitmap named, or a name `img` has already without
+ * QBM_COPY_MERGE or QBM_COPY_REPLACE (EEXIST) stops the call with an
+ * error; the message names the image concerned. `src` is only read; its
+ * data is referenced, not copied, until qbm_commit(img) (see
+ * qbm_bitmap_merge). On failure the edits staged so far stay in `img`:
+ * close it without committing.
+ * Returns 0, -1 on error, or the callback's non-zero value.
+ */
+QBM_API int qbm_bitmap_copy(struct qbm_image *img, struct qbm_image *src,
+                            const char *const *names, size_t n,
+                            unsigned flags, qbm_copy_fn fn, void *opaque);
 /* Mark guest bytes [offset, offset + length) dirty in bitmap `name`. */
 QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
                                  uint64_t offset, uint64_t length);
@@ -287,6 +330,22 @@ typedef int (*qbm_problem_fn)(void *opaque, int kind, uint64_t offset,
  */
 QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn,
                       void *opaque);
+
+/*
+ * Follow the backing chain of `img` from its file name as
+ * qbm_chain_open() does, taking no locks, and report a chain that loops
+ * back (QEMU cannot open such an image at all) as one
+ * QBM_PROBLEM_CORRUPTION at offset 8, the header's backing_file_offset
+ * field, with the message of the failed open. A backing file that is
+ * missing or cannot be opened is not reported: a standalone incremental
+ * backup may name one that lives elsewhere. Images without a backing
+ * file, or not opened from a file, have nothing to check. Only the chain
+ * is opened; `img` stays the caller's and is not changed.
+ * Returns 0 when the check ran (a loop went to fn), -1 when it could not
+ * (ENOMEM), or fn's non-zero value (errno ECANCELED).
+ */
+QBM_API int qbm_check_backing(struct qbm_image *img, qbm_problem_fn fn,
+                              void *opaque);
 
 #define QBM_REPAIR_IN_USE_DIRTY 0x1u  /* in-use bitmaps become all dirty */
 #define QBM_REPAIR_IN_USE_REMOVE 0x2u /* in-use bitmaps are removed */
@@ -385,14 +444,17 @@ QBM_API int qbm_image_set_backing(struct qbm_image *img, const char *backing,
 
 /* What qbm_carry_commit() staged, or skipped, reported per bitmap and
  * layer; `layer` is the file named below. */
-#define QBM_CARRY_COPIED 1 /* created in BASE from `layer`'s copy */
-#define QBM_CARRY_MERGED 2 /* `layer`'s copy ORed into BASE's */
-#define QBM_CARRY_GAP 3    /* not carried at all: `layer` lacks it */
-#define QBM_CARRY_FILLED 4 /* `layer` lacks it; its clusters were marked */
-#define QBM_CARRY_MARKED 5 /* MARK_WRITTEN: `layer` is BASE */
+enum qbm_carry_action {
+    QBM_CARRY_COPIED = 1, /* created in BASE from `layer`'s copy */
+    QBM_CARRY_MERGED = 2, /* `layer`'s copy ORed into BASE's */
+    QBM_CARRY_GAP = 3,    /* not carried at all: `layer` lacks it */
+    QBM_CARRY_FILLED = 4, /* `layer` lacks it; its clusters were marked */
+    QBM_CARRY_MARKED = 5, /* MARK_WRITTEN: `layer` is BASE */
+};
 
 /*
- * Called once per action, in the order they are staged. `bitmap` and
+ * Called once per action (an enum qbm_carry_action), in the order they are
+ * staged. `bitmap` and
  * `layer` (a file name of TOP's chain as qbm_chain_filename() gives it, or
  * BASE's name as given to qbm_open) are borrowed for the call. Return 0 to
  * go on, anything else to stop: qbm_carry_commit() then returns that value
@@ -418,7 +480,10 @@ typedef int (*qbm_carry_fn)(void *opaque, int action, const char *bitmap,
  * a bitmap although a layer above it has the bitmap and one below it too
  * (BASE or a layer of its own backing chain included), or that lies above
  * the topmost copy while that copy is enabled: writes made to it were
- * recorded nowhere. Such a bitmap is not carried at all (one
+ * recorded nowhere. These are the QBM_CHAIN_GAP and QBM_CHAIN_NOT_IN_TOP
+ * findings of qbm_chain_check(), the latter only under an enabled copy (a
+ * disabled copy with nothing above it is a finished checkpoint), as they
+ * stand before anything is staged. Such a bitmap is not carried at all (one
  * QBM_CARRY_GAP per gap layer), so the gap stays visible to a check of
  * the chain instead of being folded into a bitmap that looks whole. With
  * QBM_CARRY_FILL_GAPS it is carried, and every gap layer's own allocation
@@ -441,6 +506,65 @@ typedef int (*qbm_carry_fn)(void *opaque, int action, const char *bitmap,
  */
 QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
                              unsigned flags, qbm_carry_fn fn, void *opaque);
+
+/* ---- carrying bitmaps over an external snapshot -------------------------- */
+
+/* Flags of qbm_carry_snapshot(). */
+#define QBM_CARRY_SNAPSHOT_DISABLE_BASE 0x1u /* see below */
+#define QBM_CARRY_SNAPSHOT_DRY_RUN 0x2u      /* stage and report only */
+#define QBM_CARRY_SNAPSHOT_MASK 0x3u
+
+/* What qbm_carry_snapshot() did, reported per bitmap; `image` is the file
+ * concerned, named as given. */
+enum qbm_carry_snapshot_action {
+    QBM_CARRY_SNAPSHOT_ADDED = 1,   /* created in TOP and marked */
+    QBM_CARRY_SNAPSHOT_MARKED = 2,  /* TOP had it already: marked */
+    QBM_CARRY_SNAPSHOT_SKIPPED = 3, /* disabled in BASE: not carried */
+    /* TOP's edits are committed (in a dry run, would be); bitmap NULL */
+    QBM_CARRY_SNAPSHOT_TOP_DONE = 4,
+    QBM_CARRY_SNAPSHOT_DISABLED = 5, /* DISABLE_BASE: disabled in BASE */
+    /* BASE's edits are committed (or would be); bitmap NULL */
+    QBM_CARRY_SNAPSHOT_BASE_DONE = 6,
+};
+
+/*
+ * Called once per action (an enum qbm_carry_snapshot_action), in order.
+ * `bitmap` and `image` are borrowed for the call. Return 0 to go on,
+ * anything else to stop: qbm_carry_snapshot() then returns that value
+ * (errno ECANCELED); what was committed before (see the _DONE actions)
+ * stays committed.
+ */
+typedef int (*qbm_carry_snapshot_fn)(void *opaque, int action,
+                                     const char *bitmap, const char *image);
+
+/*
+ * Continue BASE's checkpoints in TOP, an external snapshot of BASE (TOP's
+ * backing file is BASE's file) taken without bitmap handling: every
+ * enabled bitmap of BASE, in directory order, is created in TOP with its
+ * name and granularity, enabled (a bitmap TOP has already is kept as it
+ * is), and TOP's own allocation (qbm_bitmap_populate) is ORed into it, a
+ * superset of the writes since the snapshot. The checkpoint then spans
+ * the chain (qbm_chain_bitmap_extents) and QEMU keeps recording in TOP.
+ * Disabled bitmaps of BASE are not carried; an in-use one refuses the
+ * call.
+ *
+ * TOP is opened for writing, BASE read-locked, and TOP's edits committed
+ * in one transaction. With QBM_CARRY_SNAPSHOT_DISABLE_BASE, then, and
+ * only once TOP's edits are durable (a crash in between leaves both
+ * copies recording, never neither), BASE is reopened for writing and the
+ * bitmaps carried are disabled in it, in a second transaction: the
+ * checkpoints moved up. QBM_CARRY_SNAPSHOT_DRY_RUN stages and reports the
+ * same, images opened the same way, but commits nothing.
+ *
+ * Both images are opened and closed inside the call, from the file names
+ * given (used in messages as given). On failure nothing more is written;
+ * TOP's commit stays when BASE's step fails (QBM_CARRY_SNAPSHOT_TOP_DONE
+ * was reported).
+ * Returns 0, -1 on error, or the callback's non-zero value.
+ */
+QBM_API int qbm_carry_snapshot(const char *base, const char *top,
+                               unsigned flags, qbm_carry_snapshot_fn fn,
+                               void *opaque);
 
 /* ---- allocation map of one layer -------------------------------------- */
 
@@ -494,6 +618,55 @@ QBM_API const char *qbm_chain_filename(const struct qbm_chain *chain,
 QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
                                      const char *name, qbm_extent_fn fn,
                                      void *opaque, int *ret_consistent);
+
+/* ---- checkpoint rules across a chain ------------------------------------ */
+
+/*
+ * A checkpoint that spans the layers of a chain (made by external
+ * snapshots) is one bitmap of the same name in each layer, from the one
+ * where it began up to the top, the top's copy recording. What breaks
+ * that, found by qbm_chain_check() per bitmap and layer:
+ */
+enum qbm_chain_rule {
+    /* `layer` lacks the bitmap, and so does every layer above it: the
+     * checkpoint does not reach the top (reported for each such layer). */
+    QBM_CHAIN_NOT_IN_TOP = 1,
+    /* `layer` lacks the bitmap under a layer that has it: writes made to
+     * it while it was the top are in no copy. */
+    QBM_CHAIN_GAP = 2,
+    /* `layer`'s copy is disabled and records nothing; reported for the top
+     * layer only. */
+    QBM_CHAIN_DISABLED = 3,
+    /* `layer`'s copy is in use (inconsistent). Not reported by
+     * qbm_chain_check() yet: qbm_check() reports the in-use bitmaps of
+     * each image. */
+    QBM_CHAIN_IN_USE = 4,
+};
+
+/*
+ * Called once per finding: `rule` (an enum qbm_chain_rule) broken by layer
+ * `layer` (0 = top) for bitmap `bitmap`, judged from its deepest copy, in
+ * layer `origin` (> layer). Names are borrowed for the call; file names
+ * come from qbm_chain_filename(). Return 0 to go on, anything else to
+ * stop.
+ */
+typedef int (*qbm_chain_rule_fn)(void *opaque, int rule, const char *bitmap,
+                                 size_t layer, size_t origin);
+
+/*
+ * Check the checkpoint rules over every layer of `chain` (as opened; the
+ * chain is not changed). Each bitmap found below the top is judged once,
+ * from its deepest copy: every layer above that copy must have the bitmap
+ * (else QBM_CHAIN_NOT_IN_TOP or QBM_CHAIN_GAP for that layer), and the
+ * top's copy must be enabled (else QBM_CHAIN_DISABLED). Bitmaps only the
+ * top has break no rule. Findings come by origin layer from the top down,
+ * each origin's bitmaps in directory order, then by layer from the top
+ * down. The state of each image on its own is qbm_check()'s part.
+ * Returns 0 when done, -1 on error, or fn's non-zero value (errno
+ * ECANCELED).
+ */
+QBM_API int qbm_chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
+                            void *opaque);
 
 #ifdef __cplusplus
 }

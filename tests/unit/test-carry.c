@@ -84,7 +84,7 @@ static int group_setup(void **state)
 }
 
 static const char *const files[] = { "parent", "base", "top", "small",
-                                     "odd" };
+                                     "odd", "b4", "l2", "l1", "t4" };
 
 static int group_teardown(void **state)
 {
@@ -143,11 +143,12 @@ static int put_extent(void *opaque, uint64_t off, uint64_t len)
     return 0;
 }
 
-/* Extents of bitmap `name` of the base on disk, as "off+len,...", or
+/* Extents of bitmap `name` of image `file` on disk, as "off+len,...", or
  * "absent". */
-static void base_extents(const char *name, char *out, size_t len)
+static void image_extents(const char *file, const char *name, char *out,
+                          size_t len)
 {
-    struct qbm_image *img = qbm_open(path_of("base"), 0);
+    struct qbm_image *img = qbm_open(path_of(file), 0);
     struct text t = { out, len };
     int idx;
 
@@ -161,6 +162,11 @@ static void base_extents(const char *name, char *out, size_t len)
         snprintf(out, len, "absent");
     }
     qbm_close(img);
+}
+
+static void base_extents(const char *name, char *out, size_t len)
+{
+    image_extents("base", name, out, len);
 }
 
 static void test_gap_not_carried(void **state)
@@ -223,6 +229,17 @@ static void test_stop_and_refusals(void **state)
     assert_int_equal(ev.n, 1);
     qbm_close(base); /* drops what was staged */
 
+    /* A negative value is the callback's too, not an error. */
+    base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
+    assert_non_null(base);
+    ev.n = 0;
+    ev.stop = -7;
+    assert_int_equal(qbm_carry_commit(base, path_of("top"), 0, record, &ev),
+                     -7);
+    assert_int_equal(qbm_get_errno(), ECANCELED);
+    assert_int_equal(ev.n, 1);
+    qbm_close(base);
+
     base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
     assert_non_null(base);
     assert_int_equal(qbm_carry_commit(base, path_of("top"), 0x80, NULL,
@@ -251,6 +268,37 @@ static void test_stop_and_refusals(void **state)
     assert_non_null(strstr(qbm_get_error(), "virtual size"));
     assert_false(small->staged);
     qbm_close(small);
+}
+
+/*
+ * b4 <- l2 <- l1 (ck) <- t4 (ck): ck started in l1, so l2 and b4, older
+ * than it, are no gap. Both copies go into b4; the second one was once
+ * skipped without a word because b4's freshly staged copy made l2 look
+ * like a hole between two copies.
+ */
+static void test_every_copy_carried(void **state)
+{
+    struct qbm_image *base;
+    struct events ev = { .n = 0 };
+    char got[256];
+
+    write_image("b4", SIZE, NULL, 0);
+    write_image("l2", SIZE, "b4", 0);
+    write_image("l1", SIZE, "l2", 0);
+    write_image("t4", SIZE, "l1", 0);
+    add_bitmap("l1", "ck", true, 2 << 20);
+    add_bitmap("t4", "ck", true, 1 << 20);
+    base = qbm_open(path_of("b4"), QBM_OPEN_RDWR);
+    assert_non_null(base);
+    assert_int_equal(qbm_carry_commit(base, path_of("t4"), 0, record, &ev),
+                     0);
+    assert_int_equal(ev.n, 2);
+    assert_string_equal(ev.line[0], "1 ck t4"); /* QBM_CARRY_COPIED */
+    assert_string_equal(ev.line[1], "2 ck l1"); /* QBM_CARRY_MERGED */
+    assert_int_equal(qbm_commit(base), 0);
+    qbm_close(base);
+    image_extents("b4", "ck", got, sizeof(got));
+    assert_string_equal(got, "1048576+65536,2097152+65536,");
 }
 
 /* Every allocation of the call made to fail in turn: ENOMEM, no crash. */
@@ -287,6 +335,7 @@ int main(void)
         cmocka_unit_test_setup(test_gap_not_carried, setup),
         cmocka_unit_test_setup(test_fill_gaps, setup),
         cmocka_unit_test_setup(test_stop_and_refusals, setup),
+        cmocka_unit_test(test_every_copy_carried),
         cmocka_unit_test_setup(test_allocation_failures, setup),
     };
 

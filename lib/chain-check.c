@@ -1,0 +1,171 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Rules of a checkpoint that spans the layers of a backing chain (how
+ * libvirt reads a bitmap across external snapshots: every layer from the
+ * one where the checkpoint began up to the top holds a copy, and the top's
+ * records), and the backing loop check of a single image. The rules are
+ * also what commit-bitmaps calls a gap (carry.c).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
+                       const char *name, int *rules)
+{
+    size_t origin = n, k;
+    bool above = false;
+
+    for (k = n; k-- > 0;) {
+        if (qcow2_bitmap_lookup(layers[k], name)) {
+            origin = k;
+            break;
+        }
+    }
+    for (k = 0; k < n; k++) {
+        const struct qcow2_bitmap *bm;
+
+        rules[k] = 0;
+        if (origin == n || k >= origin) {
+            continue;
+        }
+        bm = qcow2_bitmap_lookup(layers[k], name);
+        if (!bm) {
+            rules[k] = above ? QBM_CHAIN_GAP : QBM_CHAIN_NOT_IN_TOP;
+        } else {
+            above = true;
+            if (k == 0 && !(bm->flags & BME_FLAG_AUTO)) {
+                rules[k] = QBM_CHAIN_DISABLED;
+            }
+        }
+    }
+    return origin;
+}
+
+static int chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
+                       void *opaque)
+{
+    int *rules = qbm_calloc(chain->n, sizeof(*rules));
+    size_t l, k;
+    uint32_t i;
+    int r = 0;
+
+    if (!rules) {
+        return -ENOMEM;
+    }
+    /* Each bitmap is judged once, from its deepest copy, so a layer that
+     * lacks it under several layers that have it is still seen. */
+    for (l = 1; l < chain->n && r == 0; l++) {
+        struct qbm_image *img = chain->layers[l];
+
+        for (i = 0; i < img->nb_bitmaps && r == 0; i++) {
+            const char *name = img->bitmaps[i].name;
+
+            if (qbm_chain_rules(chain->layers, chain->n, name, rules) != l) {
+                continue; /* judged at the layer below */
+            }
+            for (k = 0; k < l && r == 0; k++) {
+                if (rules[k]) {
+                    r = fn(opaque, rules[k], name, k, l);
+                }
+            }
+        }
+    }
+    free(rules);
+    return r;
+}
+
+/* The caller's callback: its non-zero value stops the walk with 1, kept
+ * here to be returned, so it cannot be mistaken for an -errno. */
+struct user_fn {
+    qbm_chain_rule_fn rule_fn;
+    qbm_problem_fn problem_fn;
+    void *opaque;
+    int ret;
+};
+
+static int user_rule(void *opaque, int rule, const char *bitmap,
+                     size_t layer, size_t origin)
+{
+    struct user_fn *u = opaque;
+
+    u->ret = u->rule_fn(u->opaque, rule, bitmap, layer, origin);
+    return u->ret ? 1 : 0;
+}
+
+static int user_problem(void *opaque, int kind, uint64_t offset,
+                        const char *message)
+{
+    struct user_fn *u = opaque;
+
+    u->ret = u->problem_fn(u->opaque, kind, offset, message);
+    return u->ret ? 1 : 0;
+}
+
+static int user_ret(int r, const struct user_fn *u)
+{
+    if (r < 0) {
+        return -1;
+    }
+    if (u->ret) {
+        qbm_err(ECANCELED, "stopped by the callback");
+        return u->ret;
+    }
+    return 0;
+}
+
+QBM_API int qbm_chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
+                            void *opaque)
+{
+    struct user_fn u = { .rule_fn = fn, .opaque = opaque };
+
+    if (!chain || !fn) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    return user_ret(chain_check(chain, user_rule, &u), &u);
+}
+
+/* Offset of the header's backing_file_offset field (qcow2 spec,
+ * "Header"): where a loop is rooted. */
+#define QCOW2_BACKING_FILE_OFFSET_FIELD 8
+
+static int check_backing(struct qbm_image *img, qbm_problem_fn fn,
+                         void *opaque)
+{
+    struct qbm_chain *chain = NULL;
+    int r;
+
+    /* Only a file's backing names lead anywhere. */
+    if (!img->hdr.backing_file || qbm_io_fd(img->io) < 0) {
+        return 0;
+    }
+    /* The chain as QEMU would open it, without locks: only its shape
+     * matters. A backing file that cannot be opened is no defect of this
+     * image (a standalone incremental backup may name one that lives
+     * elsewhere), but a loop is: QEMU cannot open the image at all. */
+    r = qbm_impl_chain_open(img->filename, QBM_OPEN_FORCE_SHARE, &chain);
+    qbm_impl_chain_close(chain);
+    if (r == -ENOMEM) {
+        return r;
+    }
+    if (r == -ELOOP) {
+        char msg[1024];
+
+        snprintf(msg, sizeof(msg), "%s", qbm_err_message());
+        return fn(opaque, QBM_PROBLEM_CORRUPTION,
+                  QCOW2_BACKING_FILE_OFFSET_FIELD, msg);
+    }
+    return 0;
+}
+
+QBM_API int qbm_check_backing(struct qbm_image *img, qbm_problem_fn fn,
+                              void *opaque)
+{
+    struct user_fn u = { .problem_fn = fn, .opaque = opaque };
+
+    if (!img || !fn) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    return user_ret(check_backing(img, user_problem, &u), &u);
+}

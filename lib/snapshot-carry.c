@@ -1,0 +1,225 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Carrying bitmaps over an external snapshot taken without bitmap
+ * handling (qemu-img create -b BASE TOP, or a snapshot by a tool that
+ * does not know about bitmaps): BASE's checkpoints stop at the snapshot,
+ * and writes to TOP are recorded nowhere. Each enabled bitmap of BASE is
+ * continued in TOP, marked with every cluster TOP already holds (a
+ * superset of the writes since the snapshot), so that the checkpoint
+ * spans the chain and QEMU keeps recording in TOP; BASE's copies can then
+ * be disabled, recording that the checkpoints moved up.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include "internal.h"
+
+struct snap {
+    const char *base_name, *top_name;
+    unsigned flags;
+    struct qbm_image *base, *top;
+    char **carried; /* names of the bitmaps continued in TOP */
+    size_t ncarried;
+    qbm_carry_snapshot_fn fn;
+    void *opaque;
+    int user_ret; /* the callback's value that stopped the call */
+};
+
+/* Tell the caller; 1 when it says stop (its value kept in user_ret). */
+static int report(struct snap *s, int action, const char *bitmap,
+                  const char *image)
+{
+    if (!s->fn) {
+        return 0;
+    }
+    s->user_ret = s->fn(s->opaque, action, bitmap, image);
+    if (s->user_ret) {
+        qbm_err(ECANCELED, "stopped by the callback");
+        return 1;
+    }
+    return 0;
+}
+
+/* Commit `img` (named `file`) unless this is a dry run; then report
+ * `done`. */
+static int finish(struct snap *s, struct qbm_image *img, const char *file,
+                  int done)
+{
+    int r = 0;
+
+    if (!(s->flags & QBM_CARRY_SNAPSHOT_DRY_RUN)) {
+        r = qbm_impl_commit(img);
+    }
+    if (r < 0) {
+        char msg[1024];
+
+        snprintf(msg, sizeof(msg), "%s", qbm_err_message());
+        return qbm_err(-r, "%s: %s; the image was not changed", file, msg);
+    }
+    return report(s, done, NULL, file);
+}
+
+static bool same_inode(const char *a, const char *b)
+{
+    struct stat sa, sb;
+
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 &&
+           sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* TOP must be a snapshot of BASE: its backing file is BASE's file. */
+static int check_backing(struct snap *s)
+{
+    char *backing = NULL;
+    bool same;
+    int r;
+
+    r = qbm_impl_image_backing_path(s->top, &backing);
+    if (r == -ENOMEM) {
+        return r;
+    }
+    if (r < 0) {
+        backing = NULL; /* none, or one qbm cannot name: not BASE */
+    }
+    same = backing && same_inode(backing, s->base_name);
+    if (!same) {
+        qbm_err(EINVAL, "%s: its backing file is %s, not %s", s->top_name,
+                backing ? backing : "(none)", s->base_name);
+    }
+    free(backing);
+    return same ? 0 : -EINVAL;
+}
+
+/* Stage in TOP every enabled bitmap of BASE, marked with TOP's clusters. */
+static int continue_in_top(struct snap *s)
+{
+    uint32_t i;
+    int r;
+
+    s->carried = qbm_calloc(s->base->nb_bitmaps + 1, sizeof(*s->carried));
+    if (!s->carried) {
+        return -ENOMEM;
+    }
+    for (i = 0; i < s->base->nb_bitmaps; i++) {
+        const struct qcow2_bitmap *bm = &s->base->bitmaps[i];
+        bool added = false;
+
+        if (!(bm->flags & BME_FLAG_AUTO)) {
+            r = report(s, QBM_CARRY_SNAPSHOT_SKIPPED, bm->name,
+                       s->base_name);
+            if (r) {
+                return r;
+            }
+            continue;
+        }
+        if (!qbm_impl_bitmap_consistent(s->base, i)) {
+            return qbm_err(EBUSY, "%s: bitmap '%s' is in use; repair it "
+                           "first with 'qbm check --repair'", s->base_name,
+                           bm->name);
+        }
+        r = 0;
+        if (!qcow2_bitmap_lookup(s->top, bm->name)) {
+            r = qbm_impl_bitmap_add(s->top, bm->name,
+                                    1ull << bm->granularity_bits, 0);
+            added = true;
+        }
+        r = r ? r : qbm_impl_bitmap_populate(s->top, bm->name, s->top);
+        if (r < 0) {
+            return qbm_err_prefix(r, "%s", s->top_name);
+        }
+        s->carried[s->ncarried] = qbm_strndup(bm->name, strlen(bm->name));
+        if (!s->carried[s->ncarried]) {
+            return -ENOMEM;
+        }
+        s->ncarried++;
+        r = report(s, added ? QBM_CARRY_SNAPSHOT_ADDED
+                            : QBM_CARRY_SNAPSHOT_MARKED,
+                   bm->name, s->top_name);
+        if (r) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+/* Disable in BASE the bitmaps TOP now continues. */
+static int disable_in_base(struct snap *s)
+{
+    size_t i;
+    int r;
+
+    for (i = 0; i < s->ncarried; i++) {
+        r = qbm_impl_bitmap_disable(s->base, s->carried[i]);
+        if (r < 0) {
+            return qbm_err_prefix(r, "%s", s->base_name);
+        }
+        r = report(s, QBM_CARRY_SNAPSHOT_DISABLED, s->carried[i],
+                   s->base_name);
+        if (r) {
+            return r;
+        }
+    }
+    return finish(s, s->base, s->base_name, QBM_CARRY_SNAPSHOT_BASE_DONE);
+}
+
+static int carry_snapshot(struct snap *s)
+{
+    int r;
+
+    r = qbm_impl_open(s->top_name, QBM_OPEN_RDWR, &s->top);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", s->top_name);
+    }
+    r = check_backing(s);
+    if (r < 0) {
+        return r;
+    }
+    /* A read lock on BASE while TOP is changed: QEMU cannot write it. */
+    r = qbm_impl_open(s->base_name, 0, &s->base);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", s->base_name);
+    }
+    r = continue_in_top(s);
+    r = r ? r : finish(s, s->top, s->top_name, QBM_CARRY_SNAPSHOT_TOP_DONE);
+    qbm_impl_close(s->top);
+    s->top = NULL;
+    if (r || !(s->flags & QBM_CARRY_SNAPSHOT_DISABLE_BASE) ||
+        s->ncarried == 0) {
+        return r;
+    }
+    /* Only once TOP records them: a crash in between leaves both
+     * recording, never neither. */
+    qbm_impl_close(s->base);
+    s->base = NULL;
+    r = qbm_impl_open(s->base_name, QBM_OPEN_RDWR, &s->base);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", s->base_name);
+    }
+    return disable_in_base(s);
+}
+
+QBM_API int qbm_carry_snapshot(const char *base, const char *top,
+                               unsigned flags, qbm_carry_snapshot_fn fn,
+                               void *opaque)
+{
+    struct snap s = { .base_name = base, .top_name = top, .flags = flags,
+                      .fn = fn, .opaque = opaque };
+    size_t i;
+    int r;
+
+    if (!base || !top || (flags & ~QBM_CARRY_SNAPSHOT_MASK)) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    r = carry_snapshot(&s);
+    qbm_impl_close(s.top);
+    qbm_impl_close(s.base);
+    for (i = 0; i < s.ncarried; i++) {
+        free(s.carried[i]);
+    }
+    free(s.carried);
+    if (r < 0) {
+        return -1;
+    }
+    return r ? s.user_ret : 0;
+}
