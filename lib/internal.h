@@ -205,6 +205,8 @@ int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret,
 #define QCOW2_MAX_L1_BYTES (32u << 20)
 #define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
 #define QCOW2_MAX_SNAPSHOTS 65536
+/* Host offsets are limited to bits 9..55 of table entries (qcow2 spec). */
+#define QCOW2_MAX_HOST_OFFSET (1ull << 56)
 
 #define QCOW2_EXT_END 0x00000000u
 #define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
