@@ -20,6 +20,9 @@
 #define REFT_RESERVED_MASK 0x1ffull
 /* Refcounts may claim clusters a little past the end of the file. */
 #define MAX_CLUSTERS_PAST_EOF (1ull << 24)
+/* References are counted in pages of this many clusters, allocated on first
+ * use: memory follows the references, not what the refcounts claim. */
+#define REF_PAGE 4096
 
 struct check {
     struct qbm_image *img;
@@ -28,7 +31,7 @@ struct check {
     uint64_t cs;
     uint64_t file_end; /* the file's size: everything past it reads as 0 */
     uint64_t per_block; /* refcounts per refcount block */
-    uint32_t *refs;
+    uint32_t **refs; /* nref / REF_PAGE pages, NULL until referenced */
     uint64_t nref;
     uint64_t ref_end; /* the last cluster with a reference, plus one */
     uint8_t *block; /* the refcount block last read */
@@ -36,7 +39,25 @@ struct check {
     bool block_valid;
     uint64_t count[4];
     int stop; /* the callback asked to stop */
+    int err;  /* -ENOMEM while counting */
 };
+
+static uint32_t refs_at(const struct check *c, uint64_t i)
+{
+    const uint32_t *page = c->refs[i / REF_PAGE];
+
+    return page ? page[i % REF_PAGE] : 0;
+}
+
+static void refs_free(struct check *c)
+{
+    uint64_t i;
+
+    for (i = 0; c->refs && i < div_round_up(c->nref, REF_PAGE); i++) {
+        free(c->refs[i]);
+    }
+    free(c->refs);
+}
 
 static void problem(struct check *c, int kind, uint64_t off,
                     const char *fmt, ...) QBM_PRINTF(4, 5);
@@ -75,26 +96,40 @@ static void add_ref(struct check *c, uint64_t off, uint64_t len,
     if (first < end && end > c->ref_end) {
         c->ref_end = end;
     }
-    for (i = first; i < end; i++) {
-        if (c->refs[i] < UINT32_MAX) {
-            c->refs[i]++;
+    for (i = first; i < end && !c->err; i++) {
+        uint32_t **page = &c->refs[i / REF_PAGE];
+
+        if (!*page && !(*page = qbm_calloc(REF_PAGE, sizeof(**page)))) {
+            c->err = -ENOMEM;
+            break;
+        }
+        if ((*page)[i % REF_PAGE] < UINT32_MAX) {
+            (*page)[i % REF_PAGE]++;
         }
     }
 }
 
-/* Count an L2 table's references to data clusters. */
+/* Count an L2 table's references to data clusters. Entries past the end
+ * of the file read as zero and reference nothing: they are not walked. */
 static int count_l2(struct check *c, uint64_t l2_off, const char *what)
 {
     struct qbm_image *img = c->img;
     bool data_file = img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE;
-    uint64_t j;
+    uint64_t n = img->l2_entries, j, end;
     int r;
 
+    if (l2_off >= c->file_end && add_ok(l2_off, c->cs, &end) &&
+        end <= QCOW2_MAX_HOST_OFFSET) {
+        return 0;
+    }
+    if (l2_off < c->file_end && c->file_end - l2_off < c->cs) {
+        n = div_round_up(c->file_end - l2_off, img->l2_entry_size);
+    }
     r = qcow2_read_l2(img, l2_off);
     if (r < 0) {
         return r;
     }
-    for (j = 0; j < img->l2_entries; j++) {
+    for (j = 0; j < n; j++) {
         uint64_t e = be64_load(img->l2_cache + j * img->l2_entry_size);
         uint64_t off = e & L2E_OFFSET_MASK;
 
@@ -342,16 +377,18 @@ static int refcounted_end(struct check *c, uint64_t *ret)
 static int compare_one(struct check *c, uint64_t i, uint64_t rc,
                        uint64_t (**leaks)[2], size_t *nleaks, size_t *cap)
 {
-    if (rc < c->refs[i]) {
+    uint32_t refs = refs_at(c, i);
+
+    if (rc < refs) {
         problem(c, QBM_PROBLEM_CORRUPTION, i * c->cs,
                 "cluster 0x%llx: refcount %llu, but %u references",
                 (unsigned long long)(i * c->cs), (unsigned long long)rc,
-                c->refs[i]);
-    } else if (rc > c->refs[i]) {
+                refs);
+    } else if (rc > refs) {
         problem(c, QBM_PROBLEM_LEAK, i * c->cs,
                 "cluster 0x%llx leaked: refcount %llu, %u references",
                 (unsigned long long)(i * c->cs), (unsigned long long)rc,
-                c->refs[i]);
+                refs);
         if (leaks) {
             if (*nleaks == *cap) {
                 size_t ncap = *cap ? *cap * 2 : 64;
@@ -364,7 +401,7 @@ static int compare_one(struct check *c, uint64_t i, uint64_t rc,
                 *cap = ncap;
             }
             (*leaks)[*nleaks][0] = i;
-            (*leaks)[*nleaks][1] = rc - c->refs[i];
+            (*leaks)[*nleaks][1] = rc - refs;
             (*nleaks)++;
         }
     }
@@ -420,10 +457,16 @@ static int compare(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
             end = first + in_file > c->ref_end ? first + in_file : c->ref_end;
         }
         for (i = first; i < end && !c->stop; i++) {
-            uint64_t rc = block && i - first < in_file
-                              ? qcow2_refblock_entry(block, img->refcount_bits,
-                                                     i - first) : 0;
+            uint64_t rc = 0;
 
+            if (block && i - first < in_file) {
+                rc = qcow2_refblock_entry(block, img->refcount_bits,
+                                          i - first);
+            } else if (!c->refs[i / REF_PAGE]) {
+                /* Refcount 0 and no reference up to the next page. */
+                i = (i / REF_PAGE + 1) * REF_PAGE - 1;
+                continue;
+            }
             r = compare_one(c, i, rc, leaks, nleaks, &cap);
             if (r < 0) {
                 return r;
@@ -459,7 +502,8 @@ static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
                 (unsigned long long)(end * c->cs));
         c->nref = file_clusters + MAX_CLUSTERS_PAST_EOF;
     }
-    c->refs = qbm_calloc(c->nref ? c->nref : 1, sizeof(*c->refs));
+    c->refs = qbm_calloc(div_round_up(c->nref, REF_PAGE) + 1,
+                         sizeof(*c->refs));
     if (!c->refs) {
         return -ENOMEM;
     }
@@ -507,7 +551,7 @@ static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
         problem(c, QBM_PROBLEM_CORRUPTION, 72, "the image is marked "
                 "corrupt");
     }
-    return compare(c, leaks, nleaks);
+    return c->err ? c->err : compare(c, leaks, nleaks);
 }
 
 QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
@@ -519,7 +563,7 @@ QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
         return 0;
     }
     r = run_check(&c, NULL, NULL);
-    free(c.refs);
+    refs_free(&c);
     free(c.block);
     return qbm_public_ret(r);
 }
@@ -596,7 +640,7 @@ static int repair_leaks(struct qbm_image *img)
     int r;
 
     r = run_check(&c, &leaks, &nleaks);
-    free(c.refs);
+    refs_free(&c);
     free(c.block);
     if (r == 0 && c.count[QBM_PROBLEM_CORRUPTION]) {
         r = qbm_err(EUCLEAN, "the image has %llu corruption(s); qbm only "

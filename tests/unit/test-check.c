@@ -14,6 +14,9 @@
 #include <string.h>
 
 #include <cmocka.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "internal.h"
 
@@ -70,8 +73,8 @@ static const struct qbm_io_ops count_ops = {
     .close = count_close,
 };
 
-/* A fresh, empty 64 MiB image with 4 KiB clusters, as bytes; the file ends
- * inside its L1 cluster (the L1's 32 entries are all it writes). */
+/* A fresh, empty 64 MiB image with 4 KiB clusters, as bytes (in a buffer
+ * of at least 4 clusters); the file ends at or inside its L1 cluster. */
 static uint8_t *fresh_image(size_t *ret_len)
 {
     struct qbm_io *io;
@@ -148,6 +151,31 @@ static void test_l1_past_eof(void **state)
     assert_string_equal(p.text[0], "1 L1 table at 0x3000: beyond the "
                         "clusters the refcounts describe");
     assert_true(io->read < 64 * 1024);
+    qbm_close(img);
+    free(buf);
+}
+
+/* The 32 L1 entries point at distinct L2 tables past the end of the file:
+ * they hold only zeros, so none is read. */
+static void test_l2_past_eof(void **state)
+{
+    size_t len, i;
+    uint8_t *buf = fresh_image(&len);
+    struct problems p = { .n = 0 };
+    struct count_io *io;
+    struct qbm_image *img;
+
+    for (i = 0; i < 32; i++) {
+        be64_store(buf + L1_OFF + i * 8, (1000 + i) * CS);
+    }
+    img = open_counted(buf, len, &io);
+    io->read = 0;
+    assert_int_equal(qbm_check(img, collect, &p), 0);
+    assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 32);
+    assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
+    assert_string_equal(p.text[0], "1 L2 table at 0x3e8000: beyond the "
+                        "clusters the refcounts describe");
+    assert_true(io->read < 32 * CS);
     qbm_close(img);
     free(buf);
 }
@@ -241,12 +269,71 @@ static void test_compare_past_eof(void **state)
     free(buf);
 }
 
+/* Bytes the allocator holds in mmapped blocks (large allocations), or 0
+ * where that is not known. */
+static uint64_t mapped_bytes(void)
+{
+#ifdef __GLIBC__
+    return mallinfo2().hblkhd;
+#else
+    return 0;
+#endif
+}
+
+struct mapped {
+    uint64_t max;
+    uint64_t count[4];
+};
+
+static int sample_mapped(void *opaque, int kind, uint64_t off,
+                         const char *msg)
+{
+    struct mapped *m = opaque;
+    uint64_t b = mapped_bytes();
+
+    m->count[kind & 3]++;
+    if (b > m->max) {
+        m->max = b;
+    }
+    return 0;
+}
+
+/*
+ * The last refcount table entry repeats the first block: the refcounts
+ * claim 511 * 2048 + 4 clusters (4 GiB) of a 16 KiB file. The reference
+ * counts take memory for the clusters referenced, not for all of those
+ * (sampled while the differences are reported: before, 4 MiB of counts).
+ */
+static void test_refs_follow_references(void **state)
+{
+    size_t len;
+    uint8_t *buf = fresh_image(&len);
+    struct mapped m = { 0 };
+    struct qbm_image *img;
+    uint64_t base;
+
+    be64_store(buf + RT_OFF + (CS / 8 - 1) * 8, RB_OFF);
+    img = qbm_open_memory(buf, len, "mem", 0);
+    assert_non_null(img);
+    base = mapped_bytes();
+    assert_int_equal(qbm_check(img, sample_mapped, &m), 0);
+    /* The block, referenced twice, has refcount 1; its copy's 4 non-zero
+     * refcounts are leaks. */
+    assert_int_equal(m.count[QBM_PROBLEM_CORRUPTION], 1);
+    assert_int_equal(m.count[QBM_PROBLEM_LEAK], 4);
+    assert_true(m.max < base + 1024 * 1024);
+    qbm_close(img);
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_l1_past_eof),
+        cmocka_unit_test(test_l2_past_eof),
         cmocka_unit_test(test_refblocks_past_eof),
         cmocka_unit_test(test_compare_past_eof),
+        cmocka_unit_test(test_refs_follow_references),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
