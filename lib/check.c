@@ -265,7 +265,7 @@ static void count_bitmaps(struct check *c)
                     bm->table_offset, "%s", qbm_get_error());
             continue;
         }
-        for (i = 0; i < bm->table_size; i++) {
+        for (i = 0; i < bm->table_read; i++) {
             uint64_t off = bm->table[i] & BME_TABLE_OFFSET_MASK;
 
             if (off) {

@@ -306,6 +306,8 @@ struct qcow2_bitmap {
     uint16_t name_size;
     uint64_t entry_offset; /* file offset of the directory entry */
     uint64_t *table;       /* loaded lazily, NULL until then */
+    uint32_t table_read;   /* entries read from the file: the rest (past
+                            * its end) are 0 */
 };
 
 struct qcow2_bitmaps_ext {

@@ -269,6 +269,59 @@ static void test_compare_past_eof(void **state)
     free(buf);
 }
 
+/*
+ * An in-use bitmap (whose table size QEMU does not check) with a table of
+ * 131072 entries (1 MiB, the most for 4 KiB clusters) in the last cluster
+ * of the file, so almost all past its end: reading the bitmap and checking
+ * the image read only the part inside the file.
+ */
+static void test_bitmap_table_past_eof(void **state)
+{
+    size_t len, blen;
+    uint8_t *buf = fresh_image(&len), *bytes;
+    struct problems p = { .n = 0 };
+    struct count_io *io;
+    struct qbm_image *img;
+    const uint8_t *b;
+    uint64_t dir, end, dirty = 1;
+
+    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_add(img, "b", 65536, 0), 0);
+    assert_int_equal(qbm_commit(img), 0);
+    b = qbm_io_mem_data(img->io, &blen);
+    /* The table moves to a new, last cluster of zeros (refcount 0). */
+    end = (blen + CS - 1) / CS * CS;
+    bytes = calloc(1, end + CS);
+    memcpy(bytes, b, blen);
+    blen = end + CS;
+    qbm_close(img);
+    /* The bitmaps extension is the first one: its directory's entry. */
+    assert_int_equal(be32_load(bytes + 112), QCOW2_EXT_BITMAPS);
+    dir = be64_load(bytes + 112 + 8 + 16);
+    be64_store(bytes + dir, end);
+    be32_store(bytes + dir + 8, 131072);
+    be32_store(bytes + dir + 12, BME_FLAG_IN_USE);
+
+    img = open_counted(bytes, blen, &io);
+    io->read = 0;
+    assert_int_equal(qbm_bitmap_dirty_bytes(img, 0, &dirty), 0);
+    assert_int_equal(dirty, 0);
+    assert_int_equal(qbm_check(img, collect, &p), 0);
+    /* In use; the table past the refcounts; its first cluster has
+     * refcount 0; the old table's cluster leaks. */
+    assert_int_equal(p.count[QBM_PROBLEM_BITMAP], 1);
+    assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 2);
+    assert_int_equal(p.count[QBM_PROBLEM_LEAK], 1);
+    assert_true(strstr(p.text[1], "bitmap table at ") != NULL);
+    assert_true(strstr(p.text[1], ": beyond the clusters the refcounts "
+                       "describe") != NULL);
+    assert_true(io->read < 64 * 1024);
+    qbm_close(img);
+    free(bytes);
+    free(buf);
+}
+
 /* Bytes the allocator holds in mmapped blocks (large allocations), or 0
  * where that is not known. */
 static uint64_t mapped_bytes(void)
@@ -334,6 +387,7 @@ int main(void)
         cmocka_unit_test(test_refblocks_past_eof),
         cmocka_unit_test(test_compare_past_eof),
         cmocka_unit_test(test_refs_follow_references),
+        cmocka_unit_test(test_bitmap_table_past_eof),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
