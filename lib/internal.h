@@ -261,6 +261,9 @@ struct qcow2_header {
     uint64_t ext_end; /* offset just past the end marker */
     struct qcow2_feature_name *features;
     size_t nb_features;
+    /* The name of each feature bit (the first entry of the table with that
+     * type and bit and a name), pointing into features, or NULL. */
+    const char *feature_names[3][64];
     const struct qcow2_ext *bitmaps_ext; /* points into exts, or NULL */
 };
 
