@@ -379,6 +379,38 @@ static void test_refs_follow_references(void **state)
     free(buf);
 }
 
+/* Every allocation of a check (pages of counts, refcount block, L1
+ * pieces) made to fail in turn: the check fails with ENOMEM, leaking
+ * nothing, until it succeeds. */
+static void test_allocation_failures(void **state)
+{
+    size_t len;
+    uint8_t *buf = fresh_image(&len);
+    struct qbm_image *img;
+    unsigned long n;
+    int r = -1;
+
+    /* Refcounts for 2 * 2048 + 201 clusters (table entry 2 repeats the
+     * block), a reference in the second page of counts, leaks. */
+    be64_store(buf + RT_OFF + 16, RB_OFF);
+    be64_store(buf + L1_OFF, 4200 * CS);
+    be16_store(buf + RB_OFF + 200 * 2, 1);
+    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    for (n = 1; n < 100 && r < 0; n++) {
+        qbm_alloc_fail_after(n);
+        r = qbm_check(img, NULL, NULL);
+        qbm_alloc_fail_after(0);
+        if (r < 0) {
+            assert_int_equal(qbm_get_errno(), ENOMEM);
+        }
+    }
+    assert_int_equal(r, 0);
+    assert_true(n > 4);
+    qbm_close(img);
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -388,6 +420,7 @@ int main(void)
         cmocka_unit_test(test_compare_past_eof),
         cmocka_unit_test(test_refs_follow_references),
         cmocka_unit_test(test_bitmap_table_past_eof),
+        cmocka_unit_test(test_allocation_failures),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
