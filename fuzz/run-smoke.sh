@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: LGPL-2.1-or-later
 # Builds the libFuzzer harnesses with clang and runs each for SECONDS
-# (default 60) from a copy of the seed corpus. A crash is copied to
-# fuzz/reproducers/ (replayed by the normal test suite from then on) and
-# makes the script fail.
+# (default 60) from a copy of the seed corpus, and prints each one's
+# executions, exec/s, peak RSS and final coverage (cov: edges, ft:
+# features). A crash is copied to fuzz/reproducers/ (replayed by the normal
+# test suite from then on) and makes the script fail.
 set -euo pipefail
 secs=${1:-60}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,6 +31,12 @@ for h in fuzz-open fuzz-edit; do
         tail -40 "$work/$h.log"
         echo "$h: crash; reproducer copied to fuzz/reproducers/"
     fi
-    grep -E "stat::number_of_executed_units|stat::peak_rss" "$work/$h.log" || true
+    # The last status line has the coverage (cov: edges, ft: features).
+    last=$(grep -E '^#[0-9]+' "$work/$h.log" | tail -1 || true)
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/$h.log")
+    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$work/$h.log")
+    rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$work/$h.log")
+    echo "$h: ${execs:-?} execs, ${rate:-?} exec/s, peak RSS ${rss:-?} MiB," \
+        "$(echo "$last" | grep -oE 'cov: [0-9]+ ft: [0-9]+' || echo 'no coverage line')"
 done
 exit $status

@@ -202,9 +202,15 @@ fail:
     return r;
 }
 
+/*
+ * Entries past the end of the file read as zero, a valid (clean) entry:
+ * only the part of the table inside the file is read and validated, so a
+ * table claimed far past the end costs no reading.
+ */
 int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm)
 {
-    uint64_t bytes = (uint64_t)bm->table_size * 8, i;
+    uint64_t bytes = (uint64_t)bm->table_size * 8, n = bm->table_size;
+    uint64_t file_end, end, i;
     uint8_t *buf;
     uint64_t *table;
     int r;
@@ -212,19 +218,29 @@ int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm)
     if (bm->table) {
         return 0;
     }
-    buf = qbm_malloc(bytes);
-    table = qbm_malloc(bytes);
+    r = qbm_io_size(img->io, &file_end);
+    if (r < 0) {
+        return r;
+    }
+    /* A table beyond the largest image is left for the read to refuse. */
+    if (add_ok(bm->table_offset, bytes, &end) &&
+        end <= QCOW2_MAX_HOST_OFFSET && end > file_end) {
+        n = bm->table_offset >= file_end
+                ? 0 : div_round_up(file_end - bm->table_offset, 8);
+    }
+    buf = qbm_malloc(n * 8);
+    table = qbm_calloc(bm->table_size, sizeof(*table));
     if (!buf || !table) {
         free(buf);
         free(table);
         return -ENOMEM;
     }
-    r = qbm_image_read_meta(img, buf, bytes, bm->table_offset,
-                            "bitmap table");
+    r = n ? qbm_image_read_meta(img, buf, n * 8, bm->table_offset,
+                                "bitmap table") : 0;
     if (r < 0) {
         goto fail;
     }
-    for (i = 0; i < bm->table_size; i++) {
+    for (i = 0; i < n; i++) {
         uint64_t e = be64_load(buf + i * 8);
         uint64_t off = e & BME_TABLE_OFFSET_MASK;
         const char *why = NULL;
@@ -246,6 +262,7 @@ int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm)
     }
     free(buf);
     bm->table = table;
+    bm->table_read = (uint32_t)n;
     return 0;
 
 fail:

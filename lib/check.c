@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -19,17 +20,44 @@
 #define REFT_RESERVED_MASK 0x1ffull
 /* Refcounts may claim clusters a little past the end of the file. */
 #define MAX_CLUSTERS_PAST_EOF (1ull << 24)
+/* References are counted in pages of this many clusters, allocated on first
+ * use: memory follows the references, not what the refcounts claim. */
+#define REF_PAGE 4096
 
 struct check {
     struct qbm_image *img;
     qbm_problem_fn fn;
     void *opaque;
     uint64_t cs;
-    uint32_t *refs;
+    uint64_t file_end; /* the file's size: everything past it reads as 0 */
+    uint64_t per_block; /* refcounts per refcount block */
+    uint32_t **refs; /* nref / REF_PAGE pages, NULL until referenced */
     uint64_t nref;
+    uint64_t ref_end; /* the last cluster with a reference, plus one */
+    uint8_t *block; /* the refcount block last read */
+    uint64_t block_off;
+    bool block_valid;
     uint64_t count[4];
     int stop; /* the callback asked to stop */
+    int err;  /* -ENOMEM while counting */
 };
+
+static uint32_t refs_at(const struct check *c, uint64_t i)
+{
+    const uint32_t *page = c->refs[i / REF_PAGE];
+
+    return page ? page[i % REF_PAGE] : 0;
+}
+
+static void refs_free(struct check *c)
+{
+    uint64_t i;
+
+    for (i = 0; c->refs && i < div_round_up(c->nref, REF_PAGE); i++) {
+        free(c->refs[i]);
+    }
+    free(c->refs);
+}
 
 static void problem(struct check *c, int kind, uint64_t off,
                     const char *fmt, ...) QBM_PRINTF(4, 5);
@@ -65,26 +93,43 @@ static void add_ref(struct check *c, uint64_t off, uint64_t len,
                 (unsigned long long)off);
         end = c->nref;
     }
-    for (i = first; i < end; i++) {
-        if (c->refs[i] < UINT32_MAX) {
-            c->refs[i]++;
+    if (first < end && end > c->ref_end) {
+        c->ref_end = end;
+    }
+    for (i = first; i < end && !c->err; i++) {
+        uint32_t **page = &c->refs[i / REF_PAGE];
+
+        if (!*page && !(*page = qbm_calloc(REF_PAGE, sizeof(**page)))) {
+            c->err = -ENOMEM;
+            break;
+        }
+        if ((*page)[i % REF_PAGE] < UINT32_MAX) {
+            (*page)[i % REF_PAGE]++;
         }
     }
 }
 
-/* Count an L2 table's references to data clusters. */
+/* Count an L2 table's references to data clusters. Entries past the end
+ * of the file read as zero and reference nothing: they are not walked. */
 static int count_l2(struct check *c, uint64_t l2_off, const char *what)
 {
     struct qbm_image *img = c->img;
     bool data_file = img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE;
-    uint64_t j;
+    uint64_t n = img->l2_entries, j, end;
     int r;
 
+    if (l2_off >= c->file_end && add_ok(l2_off, c->cs, &end) &&
+        end <= QCOW2_MAX_HOST_OFFSET) {
+        return 0;
+    }
+    if (l2_off < c->file_end && c->file_end - l2_off < c->cs) {
+        n = div_round_up(c->file_end - l2_off, img->l2_entry_size);
+    }
     r = qcow2_read_l2(img, l2_off);
     if (r < 0) {
         return r;
     }
-    for (j = 0; j < img->l2_entries; j++) {
+    for (j = 0; j < n; j++) {
         uint64_t e = be64_load(img->l2_cache + j * img->l2_entry_size);
         uint64_t off = e & L2E_OFFSET_MASK;
 
@@ -117,11 +162,17 @@ static int count_l2(struct check *c, uint64_t l2_off, const char *what)
     return 0;
 }
 
-/* Count an L1 table (all of its entries) and what it points to. */
+/*
+ * Count an L1 table (all of its entries) and what it points to. The table
+ * is read 64 KiB at a time, and only up to the end of the file: entries
+ * past it read as zero and reference nothing, so a table far larger than
+ * the file costs nothing (its size is still counted as a reference).
+ */
 static int count_l1(struct check *c, uint64_t l1_off, uint32_t l1_size,
                     const char *what)
 {
-    uint64_t bytes = (uint64_t)l1_size * 8, i;
+    enum { PIECE = 8192 };
+    uint64_t bytes = (uint64_t)l1_size * 8, n = l1_size, i, k, len, end;
     uint8_t *buf;
     int r = 0;
 
@@ -129,32 +180,46 @@ static int count_l1(struct check *c, uint64_t l1_off, uint32_t l1_size,
         return 0;
     }
     add_ref(c, l1_off, bytes, what);
-    buf = qbm_malloc(bytes);
+    if (!add_ok(l1_off, bytes, &end) || end > QCOW2_MAX_HOST_OFFSET) {
+        return qbm_err(EINVAL, "%s at 0x%llx: beyond the largest possible "
+                       "image", what, (unsigned long long)l1_off);
+    }
+    if (l1_off >= c->file_end) {
+        return 0;
+    }
+    if (c->file_end - l1_off < bytes) {
+        n = div_round_up(c->file_end - l1_off, 8);
+    }
+    buf = qbm_malloc((n < PIECE ? n : PIECE) * 8);
     if (!buf) {
         return -ENOMEM;
     }
-    r = qbm_image_read_meta(c->img, buf, bytes, l1_off, what);
-    for (i = 0; i < l1_size && r == 0 && !c->stop; i++) {
-        uint64_t e = be64_load(buf + i * 8);
-        uint64_t l2 = e & L1E_OFFSET_MASK;
+    for (i = 0; i < n && r == 0 && !c->stop; i += len) {
+        len = n - i < PIECE ? n - i : PIECE;
+        r = qbm_image_read_meta(c->img, buf, len * 8, l1_off + i * 8, what);
+        for (k = 0; k < len && r == 0 && !c->stop; k++) {
+            uint64_t e = be64_load(buf + k * 8);
+            uint64_t l2 = e & L1E_OFFSET_MASK;
 
-        if (e & L1E_RESERVED_MASK) {
-            problem(c, QBM_PROBLEM_CORRUPTION, l1_off + i * 8,
-                    "%s at 0x%llx, entry %llu: reserved bits set", what,
-                    (unsigned long long)l1_off, (unsigned long long)i);
+            if (e & L1E_RESERVED_MASK) {
+                problem(c, QBM_PROBLEM_CORRUPTION, l1_off + (i + k) * 8,
+                        "%s at 0x%llx, entry %llu: reserved bits set", what,
+                        (unsigned long long)l1_off,
+                        (unsigned long long)(i + k));
+            }
+            if (!l2) {
+                continue;
+            }
+            if (!is_aligned(l2, c->cs)) {
+                problem(c, QBM_PROBLEM_CORRUPTION, l1_off + (i + k) * 8,
+                        "%s at 0x%llx, entry %llu: L2 offset 0x%llx not "
+                        "cluster aligned", what, (unsigned long long)l1_off,
+                        (unsigned long long)(i + k), (unsigned long long)l2);
+                continue;
+            }
+            add_ref(c, l2, c->cs, "L2 table");
+            r = count_l2(c, l2, "L2 table");
         }
-        if (!l2) {
-            continue;
-        }
-        if (!is_aligned(l2, c->cs)) {
-            problem(c, QBM_PROBLEM_CORRUPTION, l1_off + i * 8,
-                    "%s at 0x%llx, entry %llu: L2 offset 0x%llx not "
-                    "cluster aligned", what, (unsigned long long)l1_off,
-                    (unsigned long long)i, (unsigned long long)l2);
-            continue;
-        }
-        add_ref(c, l2, c->cs, "L2 table");
-        r = count_l2(c, l2, "L2 table");
     }
     free(buf);
     return r;
@@ -200,7 +265,7 @@ static void count_bitmaps(struct check *c)
                     bm->table_offset, "%s", qbm_get_error());
             continue;
         }
-        for (i = 0; i < bm->table_size; i++) {
+        for (i = 0; i < bm->table_read; i++) {
             uint64_t off = bm->table[i] & BME_TABLE_OFFSET_MASK;
 
             if (off) {
@@ -210,12 +275,81 @@ static void count_bitmaps(struct check *c)
     }
 }
 
+/*
+ * Refcount block rt of the table into c->block, or NULL when it is absent
+ * or lies wholly past the end of the file (every refcount 0). The number of
+ * its entries that lie inside the file (the rest read as 0) goes to
+ * *ret_in_file. The last block read is kept: tables may repeat an offset.
+ */
+static int refblock(struct check *c, uint64_t rt, const uint8_t **ret,
+                    uint64_t *ret_in_file)
+{
+    struct qbm_image *img = c->img;
+    uint64_t off = rt < img->reftable_entries
+                       ? img->reftable[rt] & REFT_OFFSET_MASK : 0;
+    uint64_t end;
+    int r;
+
+    *ret = NULL;
+    *ret_in_file = 0;
+    if (!off || (off >= c->file_end && add_ok(off, c->cs, &end) &&
+                 end <= QCOW2_MAX_HOST_OFFSET)) {
+        return 0;
+    }
+    if (!c->block) {
+        c->block = qbm_malloc(c->cs);
+        if (!c->block) {
+            return -ENOMEM;
+        }
+    }
+    if (!c->block_valid || c->block_off != off) {
+        c->block_valid = false;
+        r = qbm_image_read_meta(img, c->block, c->cs, off, "refcount block");
+        if (r < 0) {
+            return r;
+        }
+        c->block_off = off;
+        c->block_valid = true;
+    }
+    *ret = c->block;
+    *ret_in_file = off >= c->file_end ? 0
+                   : c->file_end - off >= c->cs ? c->per_block
+                   : div_round_up((c->file_end - off) * 8, img->refcount_bits);
+    return 0;
+}
+
+/* The index of the last non-zero entry of a block, plus one, or 0. */
+static uint64_t refblock_end(struct check *c, const uint8_t *block,
+                             uint64_t in_file)
+{
+    unsigned bits = c->img->refcount_bits;
+    uint64_t w = div_round_up(in_file * bits, 64), i;
+
+    for (; w > 0; w--) {
+        uint64_t v;
+
+        memcpy(&v, block + (w - 1) * 8, 8);
+        if (v) {
+            break;
+        }
+    }
+    if (w == 0) {
+        return 0;
+    }
+    for (i = w * 64 / bits; i > (w - 1) * 64 / bits; i--) {
+        if (qcow2_refblock_entry(block, bits, i - 1)) {
+            return i;
+        }
+    }
+    return 0;
+}
+
 /* The highest cluster with a non-zero refcount, plus one. */
 static int refcounted_end(struct check *c, uint64_t *ret)
 {
     struct qbm_image *img = c->img;
-    uint64_t per_block = c->cs * 8 / img->refcount_bits;
-    uint64_t rt = img->reftable_entries, i;
+    uint64_t rt = img->reftable_entries, in_file, last;
+    const uint8_t *block;
     int r;
 
     while (rt > 0) {
@@ -225,29 +359,65 @@ static int refcounted_end(struct check *c, uint64_t *ret)
         if (!off || !is_aligned(off, c->cs)) {
             continue;
         }
-        for (i = per_block; i > 0; i--) {
-            uint64_t rc;
-
-            r = qcow2_refcount_get(img, rt * per_block + i - 1, &rc);
-            if (r < 0) {
-                return r;
-            }
-            if (rc) {
-                *ret = rt * per_block + i;
-                return 0;
-            }
+        r = refblock(c, rt, &block, &in_file);
+        if (r < 0) {
+            return r;
+        }
+        last = block ? refblock_end(c, block, in_file) : 0;
+        if (last) {
+            *ret = rt * c->per_block + last;
+            return 0;
         }
     }
     *ret = 0;
     return 0;
 }
 
-/* Compare refcounts with references; with `leaks`, collect the excess. */
+/* Compare the refcount of cluster i with its references. */
+static int compare_one(struct check *c, uint64_t i, uint64_t rc,
+                       uint64_t (**leaks)[2], size_t *nleaks, size_t *cap)
+{
+    uint32_t refs = refs_at(c, i);
+
+    if (rc < refs) {
+        problem(c, QBM_PROBLEM_CORRUPTION, i * c->cs,
+                "cluster 0x%llx: refcount %llu, but %u references",
+                (unsigned long long)(i * c->cs), (unsigned long long)rc,
+                refs);
+    } else if (rc > refs) {
+        problem(c, QBM_PROBLEM_LEAK, i * c->cs,
+                "cluster 0x%llx leaked: refcount %llu, %u references",
+                (unsigned long long)(i * c->cs), (unsigned long long)rc,
+                refs);
+        if (leaks) {
+            if (*nleaks == *cap) {
+                size_t ncap = *cap ? *cap * 2 : 64;
+                void *p = qbm_realloc(*leaks, ncap * sizeof(**leaks));
+
+                if (!p) {
+                    return -ENOMEM;
+                }
+                *leaks = p;
+                *cap = ncap;
+            }
+            (*leaks)[*nleaks][0] = i;
+            (*leaks)[*nleaks][1] = rc - refs;
+            (*nleaks)++;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Compare refcounts with references; with `leaks`, collect the excess.
+ * Block by block: where the refcounts are 0 (no block, or past the end of
+ * the file) only clusters below the last reference can differ.
+ */
 static int compare(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
 {
     struct qbm_image *img = c->img;
     size_t cap = 0;
-    uint64_t i;
+    uint64_t i, rt;
     int r;
 
     for (i = 0; i < img->reftable_entries; i++) {
@@ -268,37 +438,38 @@ static int compare(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
             return 0; /* refcounts cannot be read reliably */
         }
     }
-    for (i = 0; i < c->nref && !c->stop; i++) {
-        uint64_t rc;
+    for (rt = 0; rt * c->per_block < c->nref && !c->stop; rt++) {
+        uint64_t first = rt * c->per_block, end = c->nref, in_file;
+        const uint8_t *block;
 
-        r = qcow2_refcount_get(img, i, &rc);
+        if (end - first > c->per_block) {
+            end = first + c->per_block;
+        }
+        if (first >= c->ref_end && rt >= img->reftable_entries) {
+            break; /* no block and no reference from here on */
+        }
+        r = refblock(c, rt, &block, &in_file);
         if (r < 0) {
             return r;
         }
-        if (rc < c->refs[i]) {
-            problem(c, QBM_PROBLEM_CORRUPTION, i * c->cs,
-                    "cluster 0x%llx: refcount %llu, but %u references",
-                    (unsigned long long)(i * c->cs), (unsigned long long)rc,
-                    c->refs[i]);
-        } else if (rc > c->refs[i]) {
-            problem(c, QBM_PROBLEM_LEAK, i * c->cs,
-                    "cluster 0x%llx leaked: refcount %llu, %u references",
-                    (unsigned long long)(i * c->cs), (unsigned long long)rc,
-                    c->refs[i]);
-            if (leaks) {
-                if (*nleaks == cap) {
-                    size_t ncap = cap ? cap * 2 : 64;
-                    void *p = qbm_realloc(*leaks, ncap * sizeof(**leaks));
+        if (end > first + in_file && end > c->ref_end) {
+            /* Past both: refcount 0 and no reference. */
+            end = first + in_file > c->ref_end ? first + in_file : c->ref_end;
+        }
+        for (i = first; i < end && !c->stop; i++) {
+            uint64_t rc = 0;
 
-                    if (!p) {
-                        return -ENOMEM;
-                    }
-                    *leaks = p;
-                    cap = ncap;
-                }
-                (*leaks)[*nleaks][0] = i;
-                (*leaks)[*nleaks][1] = rc - c->refs[i];
-                (*nleaks)++;
+            if (block && i - first < in_file) {
+                rc = qcow2_refblock_entry(block, img->refcount_bits,
+                                          i - first);
+            } else if (!c->refs[i / REF_PAGE]) {
+                /* Refcount 0 and no reference up to the next page. */
+                i = (i / REF_PAGE + 1) * REF_PAGE - 1;
+                continue;
+            }
+            r = compare_one(c, i, rc, leaks, nleaks, &cap);
+            if (r < 0) {
+                return r;
             }
         }
     }
@@ -314,6 +485,11 @@ static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
     int r;
 
     c->cs = img->cluster_size;
+    c->per_block = c->cs * 8 / img->refcount_bits;
+    r = qbm_io_size(img->io, &c->file_end);
+    if (r < 0) {
+        return r;
+    }
     file_clusters = div_round_up(img->file_size, c->cs);
     r = refcounted_end(c, &end);
     if (r < 0) {
@@ -326,7 +502,8 @@ static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
                 (unsigned long long)(end * c->cs));
         c->nref = file_clusters + MAX_CLUSTERS_PAST_EOF;
     }
-    c->refs = qbm_calloc(c->nref ? c->nref : 1, sizeof(*c->refs));
+    c->refs = qbm_calloc(div_round_up(c->nref, REF_PAGE) + 1,
+                         sizeof(*c->refs));
     if (!c->refs) {
         return -ENOMEM;
     }
@@ -374,7 +551,7 @@ static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
         problem(c, QBM_PROBLEM_CORRUPTION, 72, "the image is marked "
                 "corrupt");
     }
-    return compare(c, leaks, nleaks);
+    return c->err ? c->err : compare(c, leaks, nleaks);
 }
 
 QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
@@ -386,7 +563,8 @@ QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
         return 0;
     }
     r = run_check(&c, NULL, NULL);
-    free(c.refs);
+    refs_free(&c);
+    free(c.block);
     return qbm_public_ret(r);
 }
 
@@ -462,7 +640,8 @@ static int repair_leaks(struct qbm_image *img)
     int r;
 
     r = run_check(&c, &leaks, &nleaks);
-    free(c.refs);
+    refs_free(&c);
+    free(c.block);
     if (r == 0 && c.count[QBM_PROBLEM_CORRUPTION]) {
         r = qbm_err(EUCLEAN, "the image has %llu corruption(s); qbm only "
                     "frees leaks: use 'qemu-img check -r all'",

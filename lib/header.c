@@ -125,6 +125,10 @@ static int decode_feature_table(struct qcow2_header *h, const uint8_t *d,
         h->features[i].bit = e[1];
         memcpy(h->features[i].name, e + 2, 46);
         h->features[i].name[46] = '\0';
+        if (e[0] < 3 && e[1] < 64 && h->features[i].name[0] &&
+            !h->feature_names[e[0]][e[1]]) {
+            h->feature_names[e[0]][e[1]] = h->features[i].name;
+        }
     }
     h->nb_features = n;
     return 0;
@@ -247,13 +251,8 @@ static const char *spec_feature_name(unsigned type, unsigned bit)
 const char *qcow2_feature_name(const struct qcow2_header *h, unsigned type,
                                unsigned bit)
 {
-    size_t i;
-
-    for (i = 0; i < h->nb_features; i++) {
-        if (h->features[i].type == type && h->features[i].bit == bit &&
-            h->features[i].name[0]) {
-            return h->features[i].name;
-        }
+    if (type < 3 && bit < 64 && h->feature_names[type][bit]) {
+        return h->feature_names[type][bit];
     }
     return spec_feature_name(type, bit);
 }

@@ -4,9 +4,6 @@
 
 #include "internal.h"
 
-/* Host offsets are limited to bits 9..55 of table entries (qcow2 spec). */
-#define QCOW2_MAX_HOST_OFFSET (1ull << 56)
-
 int qbm_image_read_meta(struct qbm_image *img, void *buf, size_t len,
                         uint64_t off, const char *what)
 {

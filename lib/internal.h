@@ -216,6 +216,8 @@ int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret,
 #define QCOW2_MAX_L1_BYTES (32u << 20)
 #define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
 #define QCOW2_MAX_SNAPSHOTS 65536
+/* Host offsets are limited to bits 9..55 of table entries (qcow2 spec). */
+#define QCOW2_MAX_HOST_OFFSET (1ull << 56)
 
 #define QCOW2_EXT_END 0x00000000u
 #define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
@@ -270,6 +272,9 @@ struct qcow2_header {
     uint64_t ext_end; /* offset just past the end marker */
     struct qcow2_feature_name *features;
     size_t nb_features;
+    /* The name of each feature bit (the first entry of the table with that
+     * type and bit and a name), pointing into features, or NULL. */
+    const char *feature_names[3][64];
     const struct qcow2_ext *bitmaps_ext; /* points into exts, or NULL */
 };
 
@@ -315,6 +320,8 @@ struct qcow2_bitmap {
     uint16_t name_size;
     uint64_t entry_offset; /* file offset of the directory entry */
     uint64_t *table;       /* loaded lazily, NULL until then */
+    uint32_t table_read;   /* entries read from the file: the rest (past
+                            * its end) are 0 */
 };
 
 struct qcow2_bitmaps_ext {

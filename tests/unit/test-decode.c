@@ -160,6 +160,28 @@ static void test_feature_names(void **state)
     assert_string_equal(qcow2_feature_name(&h, 2, 0), "bitmaps");
     assert_null(qcow2_feature_name(&h, 1, 5));
     qcow2_header_free(&h);
+
+    /* The first named entry for a bit wins; unnamed entries and entries
+     * of unknown types or bits past 63 name nothing. */
+    be32_store(b + 116, 5 * 48);
+    memset(b + 120 + 48, 0, 4 * 48);
+    b[168] = 0; /* incompatible bit 7 again: not used */
+    b[169] = 7;
+    memcpy(b + 170, "dull", 4);
+    b[216] = 1; /* compatible bit 5, no name */
+    b[217] = 5;
+    b[264] = 1; /* compatible bit 5, named */
+    b[265] = 5;
+    memcpy(b + 266, "five", 4);
+    b[312] = 3; /* unknown type */
+    b[313] = 5;
+    memcpy(b + 314, "odd", 3);
+    assert_int_equal(qcow2_header_decode(b, sizeof(b), 512, &h), 0);
+    assert_string_equal(qcow2_feature_name(&h, 0, 7), "shiny");
+    assert_string_equal(qcow2_feature_name(&h, 1, 5), "five");
+    assert_null(qcow2_feature_name(&h, 3, 5));
+    assert_null(qcow2_feature_name(&h, 1, 64));
+    qcow2_header_free(&h);
     /* An unknown incompatible bit is refused by the table's name. */
     be64_store(b + 72, 1ull << 7);
     expect_refused(b, "shiny");

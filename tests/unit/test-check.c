@@ -1,0 +1,427 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * qbm_check on hostile layouts: what it reports, and that its cost follows
+ * the file, not sizes claimed by the header or the refcount table (an L1
+ * table or refcount blocks far past the end of the file read as zeros and
+ * must not be read or walked entry by entry).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
+#include "internal.h"
+
+#define CS 4096ull
+/* The writer's layout with 4 KiB clusters: header, refcount table, one
+ * refcount block (16-bit entries), L1 table. */
+#define RT_OFF (1 * CS)
+#define RB_OFF (2 * CS)
+#define L1_OFF (3 * CS)
+#define PER_BLOCK (CS * 8 / 16)
+
+/* A memory file that counts the bytes read through it. */
+struct count_io {
+    struct qbm_io io;
+    struct qbm_io *inner;
+    uint64_t read;
+};
+
+static int count_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
+{
+    struct count_io *c = (struct count_io *)io;
+
+    c->read += len;
+    return qbm_io_pread(c->inner, buf, len, off);
+}
+
+static int count_pwrite(struct qbm_io *io, const void *buf, size_t len,
+                        uint64_t off)
+{
+    return qbm_io_pwrite(((struct count_io *)io)->inner, buf, len, off);
+}
+
+static int count_flush(struct qbm_io *io)
+{
+    return qbm_io_flush(((struct count_io *)io)->inner);
+}
+
+static int count_size(struct qbm_io *io, uint64_t *ret_size)
+{
+    return qbm_io_size(((struct count_io *)io)->inner, ret_size);
+}
+
+static void count_close(struct qbm_io *io)
+{
+    qbm_io_close(((struct count_io *)io)->inner);
+    free(io);
+}
+
+static const struct qbm_io_ops count_ops = {
+    .pread = count_pread,
+    .pwrite = count_pwrite,
+    .flush = count_flush,
+    .size = count_size,
+    .close = count_close,
+};
+
+/* A fresh, empty 64 MiB image with 4 KiB clusters, as bytes (in a buffer
+ * of at least 4 clusters); the file ends at or inside its L1 cluster. */
+static uint8_t *fresh_image(size_t *ret_len)
+{
+    struct qbm_io *io;
+    struct qcow2_writer *w;
+    uint8_t *copy;
+    const uint8_t *b;
+
+    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
+    assert_int_equal(qcow2_writer_plan(io, 64 << 20, 12, NULL, NULL, NULL, 0,
+                                       &w), 0);
+    assert_int_equal(qcow2_writer_finish(w), 0);
+    qcow2_writer_free(w);
+    b = qbm_io_mem_data(io, ret_len);
+    assert_true(*ret_len > L1_OFF && *ret_len <= L1_OFF + CS);
+    /* Room for the edits below, inside the same clusters. */
+    copy = calloc(1, L1_OFF + CS);
+    memcpy(copy, b, *ret_len);
+    qbm_io_close(io);
+    assert_int_equal(be64_load(copy + 40), L1_OFF);
+    assert_int_equal(be64_load(copy + 48), RT_OFF);
+    assert_int_equal(be64_load(copy + RT_OFF), RB_OFF);
+    return copy;
+}
+
+static struct qbm_image *open_counted(const uint8_t *buf, size_t len,
+                                      struct count_io **ret_io)
+{
+    struct count_io *c = calloc(1, sizeof(*c));
+    struct qbm_image *img;
+
+    assert_non_null(c);
+    c->io.ops = &count_ops;
+    assert_int_equal(qbm_io_mem_open(buf, len, &c->inner), 0);
+    assert_int_equal(qbm_image_open_io(&c->io, "mem", false, &img), 0);
+    *ret_io = c;
+    return img;
+}
+
+struct problems {
+    uint64_t count[4];
+    char text[8][160];
+    size_t n;
+};
+
+static int collect(void *opaque, int kind, uint64_t off, const char *msg)
+{
+    struct problems *p = opaque;
+
+    p->count[kind & 3]++;
+    if (p->n < 8) {
+        snprintf(p->text[p->n++], sizeof(p->text[0]), "%d %s", kind, msg);
+    }
+    return 0;
+}
+
+/*
+ * An L1 table of 4 Mi entries (32 MiB, the most qbm accepts) in a 16 KiB
+ * file: the part past the end of the file references nothing and is not
+ * read; the table's own clusters past the refcounts are one corruption.
+ */
+static void test_l1_past_eof(void **state)
+{
+    size_t len;
+    uint8_t *buf = fresh_image(&len);
+    struct problems p = { .n = 0 };
+    struct count_io *io;
+    struct qbm_image *img;
+
+    be32_store(buf + 36, QCOW2_MAX_L1_BYTES / 8);
+    img = open_counted(buf, len, &io);
+    io->read = 0;
+    assert_int_equal(qbm_check(img, collect, &p), 0);
+    assert_int_equal(p.n, 1);
+    assert_string_equal(p.text[0], "1 L1 table at 0x3000: beyond the "
+                        "clusters the refcounts describe");
+    assert_true(io->read < 64 * 1024);
+    qbm_close(img);
+    free(buf);
+}
+
+/* The 32 L1 entries point at distinct L2 tables past the end of the file:
+ * they hold only zeros, so none is read. */
+static void test_l2_past_eof(void **state)
+{
+    size_t len, i;
+    uint8_t *buf = fresh_image(&len);
+    struct problems p = { .n = 0 };
+    struct count_io *io;
+    struct qbm_image *img;
+
+    for (i = 0; i < 32; i++) {
+        be64_store(buf + L1_OFF + i * 8, (1000 + i) * CS);
+    }
+    img = open_counted(buf, len, &io);
+    io->read = 0;
+    assert_int_equal(qbm_check(img, collect, &p), 0);
+    assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 32);
+    assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
+    assert_string_equal(p.text[0], "1 L2 table at 0x3e8000: beyond the "
+                        "clusters the refcounts describe");
+    assert_true(io->read < 32 * CS);
+    qbm_close(img);
+    free(buf);
+}
+
+/*
+ * 512 refcount table entries pointing at distinct blocks past the end of
+ * the file: they hold only zeros, so none is read.
+ */
+static void test_refblocks_past_eof(void **state)
+{
+    size_t len, i;
+    uint8_t *buf = fresh_image(&len);
+    struct problems p = { .n = 0 };
+    struct count_io *io;
+    struct qbm_image *img;
+
+    for (i = 1; i < CS / 8; i++) {
+        be64_store(buf + RT_OFF + i * 8, (1000 + i) * CS);
+    }
+    img = open_counted(buf, len, &io);
+    io->read = 0;
+    assert_int_equal(qbm_check(img, collect, &p), 0);
+    /* Each block is a reference past the refcounts, and nothing else. */
+    assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], CS / 8 - 1);
+    assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
+    assert_string_equal(p.text[0], "1 refcount block at 0x3e9000: beyond "
+                        "the clusters the refcounts describe");
+    assert_true(io->read < 64 * 1024);
+    qbm_close(img);
+    free(buf);
+}
+
+/*
+ * References and refcounts past the end of the file, compared where the
+ * refcounts are 0 because a block is missing, lies past the end of the
+ * file, or is partly there: every difference is reported, once.
+ *   - refcount 1 for cluster 200 (past the end, in the block): a leak;
+ *   - L1 entry 0 -> an L2 table at cluster 100 (past the end, refcount 0):
+ *     corruption; it reads as zeros and references nothing more;
+ *   - table entry 1 missing, entry 2 the same block as entry 0: the
+ *     refcounts extend to 2 * 2048 + 201 clusters; L1 entry 1 -> cluster
+ *     2048 + 5 (no block): corruption; block 2's refcounts are all leaks,
+ *     and the block, referenced twice, has refcount 1: corruption.
+ */
+static void test_compare_past_eof(void **state)
+{
+    size_t len;
+    uint8_t *buf = fresh_image(&len);
+    struct problems p = { .n = 0 };
+    struct qbm_image *img;
+    uint64_t nonzero = 0, i;
+
+    len = L1_OFF + CS;
+    be16_store(buf + RB_OFF + 200 * 2, 1);
+    for (i = 0; i < PER_BLOCK; i++) {
+        nonzero += be16_load(buf + RB_OFF + i * 2) != 0;
+    }
+    assert_int_equal(nonzero, 5);
+    be64_store(buf + L1_OFF, 100 * CS);
+    be64_store(buf + L1_OFF + 8, (PER_BLOCK + 5) * CS);
+    be64_store(buf + RT_OFF + 16, RB_OFF);
+    img = qbm_open_memory(buf, len, "mem", 0);
+    assert_non_null(img);
+    assert_int_equal(qbm_check(img, collect, &p), 0);
+    /* Block 0 is also block 2: counted twice, with refcount 1. */
+    assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 3);
+    assert_int_equal(p.count[QBM_PROBLEM_LEAK], 1 + nonzero);
+    assert_string_equal(p.text[0], "1 cluster 0x2000: refcount 1, but 2 "
+                        "references");
+    assert_string_equal(p.text[1], "1 cluster 0x64000: refcount 0, but 1 "
+                        "references");
+    assert_string_equal(p.text[2], "2 cluster 0xc8000 leaked: refcount 1, "
+                        "0 references");
+    assert_string_equal(p.text[3], "1 cluster 0x805000: refcount 0, but 1 "
+                        "references");
+    assert_string_equal(p.text[4], "2 cluster 0x1000000 leaked: refcount 1, "
+                        "0 references");
+    qbm_close(img);
+
+    /* The same block cut by the end of the file: cluster 200's refcount is
+     * past it, so it reads as 0 and neither 200 nor 2 * 2048 + 200 leaks;
+     * the refcounts now end with the block's last non-zero entry. */
+    len = RB_OFF + 200 * 2;
+    memset(&p, 0, sizeof(p));
+    img = qbm_open_memory(buf, len, "mem", 0);
+    assert_non_null(img);
+    assert_int_equal(qbm_check(img, collect, &p), 0);
+    assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 1);
+    assert_int_equal(p.count[QBM_PROBLEM_LEAK], nonzero - 1);
+    qbm_close(img);
+    free(buf);
+}
+
+/*
+ * An in-use bitmap (whose table size QEMU does not check) with a table of
+ * 131072 entries (1 MiB, the most for 4 KiB clusters) in the last cluster
+ * of the file, so almost all past its end: reading the bitmap and checking
+ * the image read only the part inside the file.
+ */
+static void test_bitmap_table_past_eof(void **state)
+{
+    size_t len, blen;
+    uint8_t *buf = fresh_image(&len), *bytes;
+    struct problems p = { .n = 0 };
+    struct count_io *io;
+    struct qbm_image *img;
+    const uint8_t *b;
+    uint64_t dir, end, dirty = 1;
+
+    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_add(img, "b", 65536, 0), 0);
+    assert_int_equal(qbm_commit(img), 0);
+    b = qbm_io_mem_data(img->io, &blen);
+    /* The table moves to a new, last cluster of zeros (refcount 0). */
+    end = (blen + CS - 1) / CS * CS;
+    bytes = calloc(1, end + CS);
+    memcpy(bytes, b, blen);
+    blen = end + CS;
+    qbm_close(img);
+    /* The bitmaps extension is the first one: its directory's entry. */
+    assert_int_equal(be32_load(bytes + 112), QCOW2_EXT_BITMAPS);
+    dir = be64_load(bytes + 112 + 8 + 16);
+    be64_store(bytes + dir, end);
+    be32_store(bytes + dir + 8, 131072);
+    be32_store(bytes + dir + 12, BME_FLAG_IN_USE);
+
+    img = open_counted(bytes, blen, &io);
+    io->read = 0;
+    assert_int_equal(qbm_bitmap_dirty_bytes(img, 0, &dirty), 0);
+    assert_int_equal(dirty, 0);
+    assert_int_equal(qbm_check(img, collect, &p), 0);
+    /* In use; the table past the refcounts; its first cluster has
+     * refcount 0; the old table's cluster leaks. */
+    assert_int_equal(p.count[QBM_PROBLEM_BITMAP], 1);
+    assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 2);
+    assert_int_equal(p.count[QBM_PROBLEM_LEAK], 1);
+    assert_true(strstr(p.text[1], "bitmap table at ") != NULL);
+    assert_true(strstr(p.text[1], ": beyond the clusters the refcounts "
+                       "describe") != NULL);
+    assert_true(io->read < 64 * 1024);
+    qbm_close(img);
+    free(bytes);
+    free(buf);
+}
+
+/* Bytes the allocator holds in mmapped blocks (large allocations), or 0
+ * where that is not known. */
+static uint64_t mapped_bytes(void)
+{
+#ifdef __GLIBC__
+    return mallinfo2().hblkhd;
+#else
+    return 0;
+#endif
+}
+
+struct mapped {
+    uint64_t max;
+    uint64_t count[4];
+};
+
+static int sample_mapped(void *opaque, int kind, uint64_t off,
+                         const char *msg)
+{
+    struct mapped *m = opaque;
+    uint64_t b = mapped_bytes();
+
+    m->count[kind & 3]++;
+    if (b > m->max) {
+        m->max = b;
+    }
+    return 0;
+}
+
+/*
+ * The last refcount table entry repeats the first block: the refcounts
+ * claim 511 * 2048 + 4 clusters (4 GiB) of a 16 KiB file. The reference
+ * counts take memory for the clusters referenced, not for all of those
+ * (sampled while the differences are reported: before, 4 MiB of counts).
+ */
+static void test_refs_follow_references(void **state)
+{
+    size_t len;
+    uint8_t *buf = fresh_image(&len);
+    struct mapped m = { 0 };
+    struct qbm_image *img;
+    uint64_t base;
+
+    be64_store(buf + RT_OFF + (CS / 8 - 1) * 8, RB_OFF);
+    img = qbm_open_memory(buf, len, "mem", 0);
+    assert_non_null(img);
+    base = mapped_bytes();
+    assert_int_equal(qbm_check(img, sample_mapped, &m), 0);
+    /* The block, referenced twice, has refcount 1; its copy's 4 non-zero
+     * refcounts are leaks. */
+    assert_int_equal(m.count[QBM_PROBLEM_CORRUPTION], 1);
+    assert_int_equal(m.count[QBM_PROBLEM_LEAK], 4);
+    assert_true(m.max < base + 1024 * 1024);
+    qbm_close(img);
+    free(buf);
+}
+
+/* Every allocation of a check (pages of counts, refcount block, L1
+ * pieces) made to fail in turn: the check fails with ENOMEM, leaking
+ * nothing, until it succeeds. */
+static void test_allocation_failures(void **state)
+{
+    size_t len;
+    uint8_t *buf = fresh_image(&len);
+    struct qbm_image *img;
+    unsigned long n;
+    int r = -1;
+
+    /* Refcounts for 2 * 2048 + 201 clusters (table entry 2 repeats the
+     * block), a reference in the second page of counts, leaks. */
+    be64_store(buf + RT_OFF + 16, RB_OFF);
+    be64_store(buf + L1_OFF, 4200 * CS);
+    be16_store(buf + RB_OFF + 200 * 2, 1);
+    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    for (n = 1; n < 100 && r < 0; n++) {
+        qbm_alloc_fail_after(n);
+        r = qbm_check(img, NULL, NULL);
+        qbm_alloc_fail_after(0);
+        if (r < 0) {
+            assert_int_equal(qbm_get_errno(), ENOMEM);
+        }
+    }
+    assert_int_equal(r, 0);
+    assert_true(n > 4);
+    qbm_close(img);
+    free(buf);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_l1_past_eof),
+        cmocka_unit_test(test_l2_past_eof),
+        cmocka_unit_test(test_refblocks_past_eof),
+        cmocka_unit_test(test_compare_past_eof),
+        cmocka_unit_test(test_refs_follow_references),
+        cmocka_unit_test(test_bitmap_table_past_eof),
+        cmocka_unit_test(test_allocation_failures),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
