@@ -686,6 +686,95 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
                                   qbm_extent_fn fn, void *opaque,
                                   int *ret_consistent);
 
+/* ---- meta.c: where the metadata lies ------------------------------------- */
+
+/*
+ * An index of every metadata structure of an image by host cluster: what a
+ * transaction must never allocate over, whatever the refcounts say.
+ */
+struct qcow2_meta_index;
+
+/* Build the index of img's structures (and of the clusters its staged edits
+ * replace, live until the commit). Loads every bitmap table. */
+int qcow2_meta_index_build(struct qbm_image *img,
+                           struct qcow2_meta_index **ret);
+void qcow2_meta_index_free(struct qcow2_meta_index *mi);
+/* The name of the structure host cluster `cluster` holds, or NULL. */
+const char *qcow2_meta_index_find(const struct qcow2_meta_index *mi,
+                                  uint64_t cluster);
+/* Refuse (EUCLEAN) a refcount table with reserved bits set, or whose
+ * blocks are misaligned, past the end of the file, or over another
+ * structure of the index. */
+int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi);
+
+/* ---- header-write.c: crash-safe writes to cluster 0 ---------------------- */
+
+/* Whether bytes [start, end) lie in one 512-byte sector: a write of them
+ * cannot be torn. */
+static inline bool qcow2_one_sector(uint64_t start, uint64_t end)
+{
+    return start / 512 == (end - 1) / 512;
+}
+/* Write len bytes at off (in cluster 0), then flush. */
+int qcow2_header_write(struct qbm_io *io, const void *buf, size_t len,
+                       uint64_t off);
+
+/* Where things are in cluster 0, as it is on disk now. */
+struct qcow2_header_layout {
+    uint8_t *c0;      /* cluster 0; the caller frees it, also on error */
+    uint64_t end_pos; /* the end-of-extensions marker, 0 when there is none */
+    uint64_t ext_pos; /* the extension looked for, 0 when absent */
+    uint32_t ext_len; /* its length */
+    bool ext_last;    /* it lies directly before the end marker */
+};
+/* Read cluster 0 and find its end marker and the extension `magic`. */
+int qcow2_header_layout_read(struct qbm_image *img, uint32_t magic,
+                             struct qcow2_header_layout *lay);
+/* Check, before anything is written, that the bitmaps extension can be
+ * switched to nb bitmaps (lay: found for QCOW2_EXT_BITMAPS). */
+int qcow2_header_bitmaps_plan(const struct qbm_image *img,
+                              const struct qcow2_header_layout *lay,
+                              uint32_t nb);
+/* Make the directory at dir_offset live (nb == 0: remove the extension and
+ * clear the autoclear bit), one sector-sized write and flush at a time. */
+int qcow2_header_bitmaps_switch(struct qbm_image *img,
+                                struct qcow2_header_layout *lay, uint32_t nb,
+                                uint64_t dir_offset, uint64_t dir_size);
+
+/* ---- alloc.c: a transaction's refcounts and allocator -------------------- */
+
+/*
+ * A working copy of the refcount table and of the blocks it touches: what
+ * the refcounts will be after the commit. Nothing is written before
+ * qbm_alloc_write().
+ */
+struct qbm_alloc;
+
+/* `meta` is borrowed and must outlive the allocator. */
+int qbm_alloc_new(struct qbm_image *img, const struct qcow2_meta_index *meta,
+                  struct qbm_alloc **ret);
+void qbm_alloc_free(struct qbm_alloc *a);
+/* Allocate n contiguous free clusters (first fit; growing the refcount
+ * table if needed); returns their host offset. */
+int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset);
+/* 0 when [off, off + len) lies in clusters allocated here, else -EFAULT. */
+int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off,
+                          size_t len);
+/* qbm_txn_share. */
+int qbm_alloc_share(struct qbm_alloc *a, uint64_t off, bool *ret_shared);
+/* Queue [off, off + len) to lose `refs` references per cluster when
+ * qbm_alloc_apply_releases() runs. */
+int qbm_alloc_release_later(struct qbm_alloc *a, uint64_t off, uint64_t len,
+                            uint64_t refs);
+/* The refcount of the cluster at `offset` in the working copy. */
+int qbm_alloc_refcount(struct qbm_alloc *a, uint64_t offset, uint64_t *ret);
+/* Write the changed sectors of the refcount blocks (no flush). */
+int qbm_alloc_write(struct qbm_alloc *a);
+/* Hook new blocks into the table, or a new table into the header; flush. */
+int qbm_alloc_hook(struct qbm_alloc *a);
+/* Apply the queued releases to the working copy. */
+int qbm_alloc_apply_releases(struct qbm_alloc *a);
+
 /* ---- txn.c: crash-safe transactions -------------------------------------- */
 
 /*

@@ -1,0 +1,613 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The allocator of a transaction: a working copy of the refcount table and
+ * of the refcount blocks it touches, cluster allocation over them, sharing
+ * and deferred releases, and writing the changed refcounts out (qcow2
+ * spec, "Host cluster management"; reference notes sections 3 and 8).
+ *
+ * Nothing here reaches the disk before qbm_alloc_write(): the caller (the
+ * commit in txn.c) decides when refcounts become durable. A cluster whose
+ * refcount says "free" but which holds known metadata (the index of
+ * meta.c) is refused as corruption, never handed out.
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
+#define SECTOR 512
+
+struct rc_block {
+    uint64_t offset; /* host offset of the block */
+    uint8_t *buf;
+    bool dirty;
+    bool is_new; /* created here: its reftable entry must be written */
+    uint64_t dirty_lo, dirty_hi; /* bytes changed since the last write */
+};
+
+/* Record that bytes [lo, hi) of b changed. */
+static void mark_dirty(struct rc_block *b, uint64_t lo, uint64_t hi)
+{
+    if (!b->dirty || lo < b->dirty_lo) {
+        b->dirty_lo = lo;
+    }
+    if (!b->dirty || hi > b->dirty_hi) {
+        b->dirty_hi = hi;
+    }
+    b->dirty = true;
+}
+
+/* A run of clusters allocated by this transaction (bytes). */
+struct alloc_run {
+    uint64_t offset, length;
+};
+
+/* A run to release after the commit: its clusters lose `refs` references
+ * each. */
+struct release {
+    uint64_t offset, length; /* bytes */
+    uint64_t refs;
+};
+
+struct qbm_alloc {
+    struct qbm_image *img;
+    const struct qcow2_meta_index *meta;
+    uint64_t cs;
+    unsigned bits;
+    uint64_t per_block;
+
+    /* Working refcount table: a copy of the live one, or a new, larger
+     * table (rt_grown) placed at rt_offset. */
+    uint64_t *rt;
+    uint64_t rt_entries;
+    bool rt_grown;
+    uint64_t rt_offset, rt_clusters;
+    struct rc_block **blocks; /* by reftable index, loaded on demand */
+
+    /* Runs allocated here (writes are only allowed there). */
+    struct alloc_run *allocs;
+    size_t nallocs, capallocs;
+
+    /* Runs to release after the commit. */
+    struct release *releases;
+    size_t nreleases, capreleases;
+
+    uint64_t hint; /* next cluster index to try */
+};
+
+static int grow_array(void **arr, size_t *cap, size_t need, size_t elem)
+{
+    size_t ncap;
+    void *p;
+
+    if (need <= *cap) {
+        return 0;
+    }
+    ncap = *cap ? *cap * 2 : 64;
+    while (ncap < need) {
+        ncap *= 2;
+    }
+    p = qbm_realloc(*arr, ncap * elem);
+    if (!p) {
+        return -ENOMEM;
+    }
+    *arr = p;
+    *cap = ncap;
+    return 0;
+}
+
+/* ---- refcount blocks ---------------------------------------------------- */
+
+static void free_blocks(struct qbm_alloc *a)
+{
+    uint64_t i;
+
+    if (!a->blocks) {
+        return;
+    }
+    for (i = 0; i < a->rt_entries; i++) {
+        if (a->blocks[i]) {
+            free(a->blocks[i]->buf);
+            free(a->blocks[i]);
+        }
+    }
+    free(a->blocks);
+    a->blocks = NULL;
+}
+
+/* The block for reftable index rt, or NULL when none exists (refcounts in
+ * its range are all 0). */
+static int get_block(struct qbm_alloc *a, uint64_t rt, struct rc_block **ret)
+{
+    struct rc_block *b;
+    uint64_t off;
+    int r;
+
+    if (a->blocks[rt]) {
+        *ret = a->blocks[rt];
+        return 0;
+    }
+    off = a->rt[rt] & REFT_OFFSET_MASK;
+    if (off == 0) {
+        *ret = NULL;
+        return 0;
+    }
+    if (!is_aligned(off, a->cs)) {
+        return qbm_err(EINVAL, "refcount table entry %llu: block offset "
+                       "0x%llx not cluster aligned", (unsigned long long)rt,
+                       (unsigned long long)off);
+    }
+    b = qbm_calloc(1, sizeof(*b));
+    if (!b) {
+        return -ENOMEM;
+    }
+    b->buf = qbm_malloc(a->cs);
+    if (!b->buf) {
+        free(b);
+        return -ENOMEM;
+    }
+    r = qbm_image_read_meta(a->img, b->buf, a->cs, off, "refcount block");
+    if (r < 0) {
+        free(b->buf);
+        free(b);
+        return r;
+    }
+    b->offset = off;
+    a->blocks[rt] = b;
+    *ret = b;
+    return 0;
+}
+
+/* Create the missing block for index rt in the first cluster of the range
+ * it covers, where it describes itself. */
+static int new_block_at(struct qbm_alloc *a, uint64_t rt, uint64_t cluster)
+{
+    struct rc_block *b;
+    const char *what = qcow2_meta_index_find(a->meta, cluster);
+
+    if (what) {
+        return qbm_err(EUCLEAN, "refcount of cluster 0x%llx is 0 but it "
+                       "holds the %s: the image is corrupt (try qemu-img "
+                       "check -r all)",
+                       (unsigned long long)(cluster * a->cs), what);
+    }
+    b = qbm_calloc(1, sizeof(*b));
+    if (!b) {
+        return -ENOMEM;
+    }
+    b->buf = qbm_calloc(1, a->cs);
+    if (!b->buf) {
+        free(b);
+        return -ENOMEM;
+    }
+    b->offset = cluster * a->cs;
+    mark_dirty(b, 0, a->cs); /* a new cluster: written whole */
+    b->is_new = true;
+    a->blocks[rt] = b;
+    a->rt[rt] = b->offset;
+    if (cluster / a->per_block == rt) {
+        qcow2_refblock_set(b->buf, a->bits, cluster % a->per_block, 1);
+    }
+    return 0;
+}
+
+static int get_refcount(struct qbm_alloc *a, uint64_t c, uint64_t *ret)
+{
+    uint64_t rt = c / a->per_block;
+    struct rc_block *b;
+    int r;
+
+    if (rt >= a->rt_entries) {
+        *ret = 0;
+        return 0;
+    }
+    r = get_block(a, rt, &b);
+    if (r < 0) {
+        return r;
+    }
+    *ret = b ? qcow2_refblock_entry(b->buf, a->bits, c % a->per_block) : 0;
+    return 0;
+}
+
+static int set_refcount(struct qbm_alloc *a, uint64_t c, uint64_t value)
+{
+    uint64_t rt = c / a->per_block;
+    struct rc_block *b;
+    int r;
+
+    if (rt >= a->rt_entries) {
+        return qbm_err(EINVAL, "internal: cluster 0x%llx outside the "
+                       "refcount table", (unsigned long long)(c * a->cs));
+    }
+    r = get_block(a, rt, &b);
+    if (r < 0) {
+        return r;
+    }
+    if (!b) {
+        r = new_block_at(a, rt, rt * a->per_block);
+        if (r < 0) {
+            return r;
+        }
+        b = a->blocks[rt];
+    }
+    qcow2_refblock_set(b->buf, a->bits, c % a->per_block, value);
+    mark_dirty(b, (c % a->per_block) * a->bits / 8,
+               ((c % a->per_block) * a->bits + a->bits + 7) / 8);
+    return 0;
+}
+
+/*
+ * Grow the refcount table so that it has at least `need` entries. The new
+ * refblocks and the new table go at the first cluster the old table does
+ * not cover (everything from there on is free), the blocks covering
+ * themselves and the table; the table is oversized by half, as QEMU does.
+ */
+static int grow_reftable(struct qbm_alloc *a, uint64_t need)
+{
+    const struct qcow2_header *h = &a->img->hdr;
+    uint64_t old_entries = a->rt_entries;
+    uint64_t e0 = old_entries * a->per_block; /* first uncovered cluster */
+    uint64_t entries = old_entries + old_entries / 2 + 1;
+    uint64_t k, tbl, i;
+    struct rc_block **blocks;
+    uint64_t *rt;
+    int r;
+
+    if (entries < need) {
+        entries = need;
+    }
+    for (;;) {
+        tbl = div_round_up(entries * 8, a->cs);
+        k = 1;
+        while (k * a->per_block < k + tbl) {
+            k++;
+        }
+        if (entries >= old_entries + k) {
+            break;
+        }
+        entries = old_entries + k;
+    }
+    entries = tbl * a->cs / 8; /* use the whole clusters */
+    if (tbl * a->cs > QCOW2_MAX_REFTABLE_BYTES) {
+        return qbm_err(ENOSPC, "the refcount table would exceed 8 MiB");
+    }
+    rt = qbm_calloc(entries, sizeof(*rt));
+    blocks = qbm_calloc(entries, sizeof(*blocks));
+    if (!rt || !blocks) {
+        free(rt);
+        free(blocks);
+        return -ENOMEM;
+    }
+    memcpy(rt, a->rt, old_entries * sizeof(*rt));
+    memcpy(blocks, a->blocks, old_entries * sizeof(*blocks));
+    free(a->rt);
+    free(a->blocks);
+    a->rt = rt;
+    a->blocks = blocks;
+    a->rt_entries = entries;
+
+    /* A table grown earlier in this transaction never became live: give
+     * its clusters back. */
+    if (a->rt_grown) {
+        for (i = 0; i < a->rt_clusters; i++) {
+            r = set_refcount(a, a->rt_offset / a->cs + i, 0);
+            if (r < 0) {
+                return r;
+            }
+        }
+    } else if (h->refcount_table_offset) {
+        r = qbm_alloc_release_later(a, h->refcount_table_offset,
+                                    (uint64_t)h->refcount_table_clusters *
+                                        a->cs, 1);
+        if (r < 0) {
+            return r;
+        }
+    }
+    for (i = 0; i < k; i++) {
+        r = new_block_at(a, old_entries + i, e0 + i);
+        if (r < 0) {
+            return r;
+        }
+    }
+    for (i = 0; i < k + tbl; i++) {
+        r = set_refcount(a, e0 + i, 1);
+        if (r < 0) {
+            return r;
+        }
+    }
+    a->rt_grown = true;
+    a->rt_offset = (e0 + k) * a->cs;
+    a->rt_clusters = tbl;
+    return 0;
+}
+
+/* ---- allocation --------------------------------------------------------- */
+
+void qbm_alloc_free(struct qbm_alloc *a)
+{
+    if (!a) {
+        return;
+    }
+    free_blocks(a);
+    free(a->rt);
+    free(a->allocs);
+    free(a->releases);
+    free(a);
+}
+
+int qbm_alloc_new(struct qbm_image *img, const struct qcow2_meta_index *meta,
+                  struct qbm_alloc **ret)
+{
+    struct qbm_alloc *a = qbm_calloc(1, sizeof(*a));
+
+    if (!a) {
+        return -ENOMEM;
+    }
+    a->img = img;
+    a->meta = meta;
+    a->cs = img->cluster_size;
+    a->bits = img->refcount_bits;
+    a->per_block = a->cs * 8 / a->bits;
+    a->rt_entries = img->reftable_entries;
+    a->rt = qbm_malloc(a->rt_entries * sizeof(*a->rt));
+    a->blocks = qbm_calloc(a->rt_entries, sizeof(*a->blocks));
+    if (!a->rt || !a->blocks) {
+        qbm_alloc_free(a);
+        return -ENOMEM;
+    }
+    memcpy(a->rt, img->reftable, a->rt_entries * sizeof(*a->rt));
+    *ret = a;
+    return 0;
+}
+
+int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset)
+{
+    uint64_t c = a->hint, start = 0, run = 0, i;
+    int r;
+
+    if (n == 0) {
+        return qbm_err(EINVAL, "internal: empty allocation");
+    }
+    while (run < n) {
+        uint64_t rt = c / a->per_block, rc;
+        const char *what;
+
+        if (rt >= a->rt_entries) {
+            r = grow_reftable(a, rt + (n - run) / a->per_block + 2);
+            if (r < 0) {
+                return r;
+            }
+            run = 0;
+            continue;
+        }
+        if (!(a->rt[rt] & REFT_OFFSET_MASK)) {
+            r = new_block_at(a, rt, rt * a->per_block);
+            if (r < 0) {
+                return r;
+            }
+            if (c == rt * a->per_block) {
+                run = 0;
+                c++;
+                continue;
+            }
+        }
+        r = get_refcount(a, c, &rc);
+        if (r < 0) {
+            return r;
+        }
+        if (rc == 0) {
+            what = qcow2_meta_index_find(a->meta, c);
+            if (what) {
+                return qbm_err(EUCLEAN, "refcount of cluster 0x%llx is 0 but "
+                               "it holds the %s: the image is corrupt (try "
+                               "qemu-img check -r all)",
+                               (unsigned long long)(c * a->cs), what);
+            }
+            if (run == 0) {
+                start = c;
+            }
+            run++;
+        } else {
+            run = 0;
+        }
+        c++;
+    }
+    for (i = 0; i < n; i++) {
+        r = set_refcount(a, start + i, 1);
+        if (r < 0) {
+            return r;
+        }
+    }
+    r = grow_array((void **)&a->allocs, &a->capallocs, a->nallocs + 1,
+                   sizeof(*a->allocs));
+    if (r < 0) {
+        return r;
+    }
+    a->allocs[a->nallocs++] = (struct alloc_run){
+        .offset = start * a->cs,
+        .length = n * a->cs,
+    };
+    a->hint = start + n;
+    *ret_offset = start * a->cs;
+    return 0;
+}
+
+int qbm_alloc_share(struct qbm_alloc *a, uint64_t off, bool *ret_shared)
+{
+    uint64_t c = off / a->cs, rc, max;
+    int r;
+
+    *ret_shared = false;
+    max = a->bits == 64 ? UINT64_MAX : (1ull << a->bits) - 1;
+    if (!is_aligned(off, a->cs) || c / a->per_block >= a->rt_entries) {
+        return 0;
+    }
+    r = get_refcount(a, c, &rc);
+    if (r < 0) {
+        return r;
+    }
+    /* A refcount of 0 means the cluster is not live (a corrupt table):
+     * sharing would resurrect whatever it holds now. */
+    if (rc == 0 || rc >= max) {
+        return 0;
+    }
+    r = set_refcount(a, c, rc + 1);
+    if (r < 0) {
+        return r;
+    }
+    *ret_shared = true;
+    return 0;
+}
+
+int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off,
+                          size_t len)
+{
+    size_t i;
+
+    /* Only clusters this transaction allocated may be written before the
+     * commit: a last line of defence against overwriting live data. */
+    for (i = 0; i < a->nallocs; i++) {
+        const struct alloc_run *run = &a->allocs[i];
+
+        if (off >= run->offset && len <= run->length - (off - run->offset)) {
+            return 0;
+        }
+    }
+    return qbm_err(EFAULT, "internal: write at 0x%llx outside the clusters "
+                   "allocated by this transaction", (unsigned long long)off);
+}
+
+int qbm_alloc_release_later(struct qbm_alloc *a, uint64_t off, uint64_t len,
+                            uint64_t refs)
+{
+    int r;
+
+    if (len == 0 || refs == 0) {
+        return 0;
+    }
+    r = grow_array((void **)&a->releases, &a->capreleases, a->nreleases + 1,
+                   sizeof(*a->releases));
+    if (r < 0) {
+        return r;
+    }
+    a->releases[a->nreleases++] = (struct release){
+        .offset = off,
+        .length = len,
+        .refs = refs,
+    };
+    return 0;
+}
+
+/* ---- writing the refcounts out ------------------------------------------ */
+
+int qbm_alloc_write(struct qbm_alloc *a)
+{
+    uint64_t i;
+    int r;
+
+    for (i = 0; i < a->rt_entries; i++) {
+        struct rc_block *b = a->blocks[i];
+
+        if (b && b->dirty) {
+            /* Only the sectors that changed: less to write and flush. */
+            uint64_t lo = b->dirty_lo / SECTOR * SECTOR;
+            uint64_t hi = div_round_up(b->dirty_hi, SECTOR) * SECTOR;
+
+            if (hi > a->cs) {
+                hi = a->cs;
+            }
+            r = qbm_io_pwrite(a->img->io, b->buf + lo, hi - lo,
+                              b->offset + lo);
+            if (r < 0) {
+                return r;
+            }
+            b->dirty = false;
+        }
+    }
+    return 0;
+}
+
+int qbm_alloc_hook(struct qbm_alloc *a)
+{
+    struct qbm_io *io = a->img->io;
+    uint64_t i;
+    int r;
+
+    if (a->rt_grown) {
+        uint8_t *buf = qbm_calloc(a->rt_clusters, a->cs);
+        uint8_t hdr12[12];
+
+        if (!buf) {
+            return -ENOMEM;
+        }
+        for (i = 0; i < a->rt_entries; i++) {
+            be64_store(buf + i * 8, a->rt[i]);
+        }
+        r = qbm_io_pwrite(io, buf, a->rt_clusters * a->cs, a->rt_offset);
+        free(buf);
+        r = r ? r : qbm_io_flush(io);
+        if (r) {
+            return r;
+        }
+        /* Offset and size of the table in one 12-byte write (sector 0). */
+        be64_store(hdr12, a->rt_offset);
+        be32_store(hdr12 + 8, (uint32_t)a->rt_clusters);
+        return qcow2_header_write(io, hdr12, 12, 48);
+    }
+    bool any = false;
+
+    for (i = 0; i < a->rt_entries; i++) {
+        struct rc_block *b = a->blocks[i];
+        uint8_t e[8];
+
+        if (b && b->is_new) {
+            any = true;
+            be64_store(e, b->offset);
+            r = qbm_io_pwrite(io, e, 8,
+                              a->img->hdr.refcount_table_offset + i * 8);
+            if (r < 0) {
+                return r;
+            }
+            b->is_new = false;
+        }
+    }
+    return any ? qbm_io_flush(io) : 0;
+}
+
+int qbm_alloc_apply_releases(struct qbm_alloc *a)
+{
+    size_t i;
+    uint64_t c;
+    int r;
+
+    for (i = 0; i < a->nreleases; i++) {
+        const struct release *rel = &a->releases[i];
+        uint64_t first = rel->offset / a->cs;
+        uint64_t end = div_round_up(rel->offset + rel->length, a->cs);
+        uint64_t refs = rel->refs;
+
+        for (c = first; c < end; c++) {
+            uint64_t rc;
+
+            r = get_refcount(a, c, &rc);
+            if (r < 0) {
+                return r;
+            }
+            /* A refcount below what is released would be someone else's
+             * bug; going below zero would only make things worse. */
+            if (rc > 0) {
+                r = set_refcount(a, c, rc > refs ? rc - refs : 0);
+                if (r < 0) {
+                    return r;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+int qbm_alloc_refcount(struct qbm_alloc *a, uint64_t offset, uint64_t *ret)
+{
+    return get_refcount(a, offset / a->cs, ret);
+}
+
