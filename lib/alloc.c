@@ -535,7 +535,8 @@ int qbm_alloc_hook(struct qbm_alloc *a)
 
     if (a->rt_grown) {
         uint8_t *buf = qbm_calloc(a->rt_clusters, a->cs);
-        uint8_t hdr12[12];
+        /* refcount_table_offset and refcount_table_clusters */
+        uint8_t sw[QCOW2_HDR_NB_SNAPSHOTS - QCOW2_HDR_REFCOUNT_TABLE_OFFSET];
 
         if (!buf) {
             return -ENOMEM;
@@ -549,10 +550,13 @@ int qbm_alloc_hook(struct qbm_alloc *a)
         if (r) {
             return r;
         }
-        /* Offset and size of the table in one 12-byte write (sector 0). */
-        be64_store(hdr12, a->rt_offset);
-        be32_store(hdr12 + 8, (uint32_t)a->rt_clusters);
-        return qcow2_header_write(io, hdr12, 12, 48);
+        /* Offset and size of the table in one write inside sector 0. */
+        be64_store(sw, a->rt_offset); /* sw starts at the offset */
+        be32_store(sw + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS -
+                       QCOW2_HDR_REFCOUNT_TABLE_OFFSET,
+                   (uint32_t)a->rt_clusters);
+        return qcow2_header_write(io, sw, sizeof(sw),
+                                  QCOW2_HDR_REFCOUNT_TABLE_OFFSET);
     }
     bool any = false;
 

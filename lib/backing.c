@@ -3,8 +3,8 @@
  * Changing an image's backing file crash-safely (qcow2 spec, "Header" and
  * "Header extensions"; reference notes sections 2 and 10).
  *
- * The name is written to a free part of cluster 0 first, then bytes 8..19
- * (backing_file_offset and backing_file_size) are switched in one write
+ * The name is written to a free part of cluster 0 first, then the header's
+ * backing_file_offset and backing_file_size are switched in one write
  * inside sector 0. The backing format extension must never disagree with a
  * live backing name (QEMU would read a qcow2 file as raw data), so it is
  * only changed while no backing file is set, or in the same single-sector
@@ -13,21 +13,6 @@
 #include <stdlib.h>
 
 #include "internal.h"
-
-#define SECTOR 512
-
-static bool one_sector(uint64_t start, uint64_t end)
-{
-    return start / SECTOR == (end - 1) / SECTOR;
-}
-
-static int pwrite_flush(struct qbm_io *io, const void *buf, size_t len,
-                        uint64_t off)
-{
-    int r = qbm_io_pwrite(io, buf, len, off);
-
-    return r < 0 ? r : qbm_io_flush(io);
-}
 
 static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 {
@@ -39,13 +24,13 @@ static int set_backing(struct qbm_image *img, const char *name,
 {
     const struct qcow2_header *h = &img->hdr;
     struct qbm_io *io = img->io;
-    uint64_t cs = img->cluster_size, pos = h->header_length, end_pos = 0;
-    uint64_t fmt_pos = 0, fmt_len = 0, ext_end, npos;
+    uint64_t cs = img->cluster_size, end_pos, fmt_pos, fmt_len, ext_end, npos;
     uint64_t len = strlen(name), flen = strlen(fmt), old = 0, olen = 0;
-    uint64_t limit = h->backing_file_offset ? h->backing_file_offset : cs;
-    bool fmt_same, have_end = false;
+    struct qcow2_header_layout lay = { 0 };
+    bool fmt_same;
     uint8_t *c0;
-    uint8_t ptr[12];
+    /* backing_file_offset and backing_file_size, switched in one write. */
+    uint8_t ptr[QCOW2_HDR_CLUSTER_BITS - QCOW2_HDR_BACKING_FILE_OFFSET];
     int r;
 
     if (!img->rdwr || img->raw) {
@@ -60,33 +45,19 @@ static int set_backing(struct qbm_image *img, const char *name,
         flen >= 16) {
         return qbm_err(EINVAL, "invalid backing file name or format");
     }
-    c0 = qbm_malloc(cs);
-    if (!c0) {
-        return -ENOMEM;
-    }
-    r = qbm_io_pread(io, c0, cs, 0);
+    r = qcow2_header_layout_read(img, QCOW2_EXT_BACKING_FORMAT, &lay);
+    c0 = lay.c0;
     if (r < 0) {
         goto out;
     }
-    while (pos + 8 <= limit) {
-        uint32_t magic = be32_load(c0 + pos), elen = be32_load(c0 + pos + 4);
-
-        if (magic == QCOW2_EXT_END) {
-            end_pos = pos;
-            have_end = true;
-            break;
-        }
-        if (magic == QCOW2_EXT_BACKING_FORMAT) {
-            fmt_pos = pos;
-            fmt_len = elen;
-        }
-        pos += 8 + ((uint64_t)elen + 7) / 8 * 8;
-    }
-    if (!have_end) {
+    if (!lay.end_pos) {
         r = qbm_err(ENOTSUP, "header at 0x0: the extension list has no end "
                     "marker");
         goto out;
     }
+    end_pos = lay.end_pos;
+    fmt_pos = lay.ext_pos;
+    fmt_len = lay.ext_len;
     fmt_same = fmt_pos && fmt_len == flen &&
                memcmp(c0 + fmt_pos + 8, fmt, flen) == 0;
     ext_end = end_pos + 8;
@@ -110,7 +81,8 @@ static int set_backing(struct qbm_image *img, const char *name,
     }
     if (!fmt_same && old &&
         !(fmt_pos && (fmt_len + 7) / 8 == (flen + 7) / 8 &&
-          one_sector(8, fmt_pos + 8 + (flen + 7) / 8 * 8))) {
+          qcow2_one_sector(QCOW2_HDR_BACKING_FILE_OFFSET,
+                           fmt_pos + 8 + (flen + 7) / 8 * 8))) {
         r = qbm_err(ENOTSUP, "cannot change the backing format of an image "
                     "that already has a backing file crash-safely here");
         goto out;
@@ -123,13 +95,13 @@ static int set_backing(struct qbm_image *img, const char *name,
         if (fmt_pos && (fmt_len + 7) / 8 == (flen + 7) / 8) {
             be32_store(ext, (uint32_t)flen);
             memcpy(ext + 4, fmt, flen);
-            r = pwrite_flush(io, ext, 4 + body, fmt_pos + 4);
+            r = qcow2_header_write(io, ext, 4 + body, fmt_pos + 4);
         } else if (!fmt_pos) {
             memcpy(ext, fmt, flen); /* body, then a new end marker */
-            r = pwrite_flush(io, ext, body + 8, end_pos + 8);
+            r = qcow2_header_write(io, ext, body + 8, end_pos + 8);
             be32_store(ext, QCOW2_EXT_BACKING_FORMAT);
             be32_store(ext + 4, (uint32_t)flen);
-            r = r ? r : pwrite_flush(io, ext, 8, end_pos);
+            r = r ? r : qcow2_header_write(io, ext, 8, end_pos);
         } else {
             r = qbm_err(ENOTSUP, "the backing format extension has an "
                         "unexpected size");
@@ -138,24 +110,26 @@ static int set_backing(struct qbm_image *img, const char *name,
             goto out;
         }
     }
-    r = pwrite_flush(io, name, len, npos);
+    r = qcow2_header_write(io, name, len, npos);
     if (r < 0) {
         goto out;
     }
-    be64_store(ptr, npos);
-    be32_store(ptr + 4 + 4, (uint32_t)len);
+    be64_store(ptr, npos); /* ptr starts at backing_file_offset */
+    be32_store(ptr + QCOW2_HDR_BACKING_FILE_SIZE -
+               QCOW2_HDR_BACKING_FILE_OFFSET, (uint32_t)len);
     if (!fmt_same && old) {
         /* Pointer and format together, in one sector-0 write. */
         uint64_t body = (flen + 7) / 8 * 8, wend = fmt_pos + 8 + body;
 
-        memcpy(c0 + 8, ptr, 8);
-        be32_store(c0 + 16, (uint32_t)len);
+        memcpy(c0 + QCOW2_HDR_BACKING_FILE_OFFSET, ptr, sizeof(ptr));
         be32_store(c0 + fmt_pos + 4, (uint32_t)flen);
         memset(c0 + fmt_pos + 8, 0, body);
         memcpy(c0 + fmt_pos + 8, fmt, flen);
-        r = pwrite_flush(io, c0 + 8, wend - 8, 8);
+        r = qcow2_header_write_span(io, c0, QCOW2_HDR_BACKING_FILE_OFFSET,
+                                    wend);
     } else {
-        r = pwrite_flush(io, ptr, 12, 8);
+        r = qcow2_header_write(io, ptr, sizeof(ptr),
+                               QCOW2_HDR_BACKING_FILE_OFFSET);
     }
     if (r == 0) {
         r = qbm_image_reload(img);

@@ -232,17 +232,18 @@ static void count_bitmaps(struct check *c)
     uint64_t i;
 
     if (img->bitmaps_state == QBM_BITMAPS_STALE) {
-        problem(c, QBM_PROBLEM_BITMAP, 88, "the bitmaps extension is stale "
-                "(autoclear bit clear%s): QEMU ignores every bitmap and "
-                "their clusters are leaked",
+        problem(c, QBM_PROBLEM_BITMAP, QCOW2_HDR_AUTOCLEAR_FEATURES,
+                "the bitmaps extension is stale (autoclear bit clear%s): "
+                "QEMU ignores every bitmap and their clusters are leaked",
                 img->hdr.version < 3 ? ", version 2 image" : "");
         return;
     }
     if (img->bitmaps_state == QBM_BITMAPS_NONE) {
         if (img->hdr.autoclear_features & QBM_AUTOCLEAR_BITMAPS) {
-            problem(c, QBM_PROBLEM_BITMAP, 88, "the autoclear \"bitmaps\" "
-                    "bit is set without a bitmaps extension (QEMU marks "
-                    "such an image corrupt on its next write)");
+            problem(c, QBM_PROBLEM_BITMAP, QCOW2_HDR_AUTOCLEAR_FEATURES,
+                    "the autoclear \"bitmaps\" bit is set without a "
+                    "bitmaps extension (QEMU marks such an image corrupt "
+                    "on its next write)");
         }
         return;
     }
@@ -543,13 +544,13 @@ static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
     }
     count_bitmaps(c);
     if (h->incompatible_features & QBM_INCOMPAT_DIRTY) {
-        problem(c, QBM_PROBLEM_CORRUPTION, 72, "the dirty bit is set: "
-                "refcounts may be stale (lazy refcounts); 'qemu-img check "
-                "-r all' rebuilds them");
+        problem(c, QBM_PROBLEM_CORRUPTION, QCOW2_HDR_INCOMPATIBLE_FEATURES,
+                "the dirty bit is set: refcounts may be stale (lazy "
+                "refcounts); 'qemu-img check -r all' rebuilds them");
     }
     if (h->incompatible_features & QBM_INCOMPAT_CORRUPT) {
-        problem(c, QBM_PROBLEM_CORRUPTION, 72, "the image is marked "
-                "corrupt");
+        problem(c, QBM_PROBLEM_CORRUPTION, QCOW2_HDR_INCOMPATIBLE_FEATURES,
+                "the image is marked corrupt");
     }
     return c->err ? c->err : compare(c, leaks, nleaks);
 }

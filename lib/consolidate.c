@@ -153,7 +153,8 @@ static int fold(struct fold *f)
     uint64_t cur = UINT64_MAX, prev_end = 0, c, end;
     uint8_t *l1 = qbm_calloc(l1_clusters ? l1_clusters : 1, cs);
     uint8_t *l2 = qbm_malloc(cs);
-    uint8_t sw[12];
+    /* The switch: l1_size and l1_table_offset, in one write. */
+    uint8_t sw[QCOW2_HDR_REFCOUNT_TABLE_OFFSET - QCOW2_HDR_L1_SIZE];
     size_t k;
     int r = 0;
 
@@ -207,10 +208,9 @@ static int fold(struct fold *f)
     r = r ? r : qbm_txn_free_later(f->txn, img->hdr.l1_table_offset,
                                    l1_clusters * cs);
     if (r == 0) {
-        /* l1_size and l1_table_offset: bytes 36..47, one sector. */
-        be32_store(sw, img->hdr.l1_size);
-        be64_store(sw + 4, off);
-        r = qbm_txn_commit_write(f->txn, sw, sizeof(sw), 36);
+        be32_store(sw, img->hdr.l1_size); /* sw starts at l1_size */
+        be64_store(sw + QCOW2_HDR_L1_TABLE_OFFSET - QCOW2_HDR_L1_SIZE, off);
+        r = qbm_txn_commit_write(f->txn, sw, sizeof(sw), QCOW2_HDR_L1_SIZE);
         f->txn = NULL;
     }
 out:

@@ -26,27 +26,36 @@ void qcow2_header_free(struct qcow2_header *hdr)
     memset(hdr, 0, sizeof(*hdr));
 }
 
+/* The version 2 header stops where the version 3 fields begin; the version
+ * 3 header where the additional fields begin. */
+_Static_assert(QCOW2_V2_HEADER_LEN == QCOW2_HDR_INCOMPATIBLE_FEATURES,
+               "version 2 header length");
+_Static_assert(QCOW2_V3_HEADER_LEN == QCOW2_HDR_COMPRESSION_TYPE,
+               "version 3 header length");
+
 static int decode_fixed(const uint8_t *b, size_t len, struct qcow2_header *h)
 {
     if (len < QCOW2_V2_HEADER_LEN) {
         return qbm_err(EINVAL, "not a qcow2 image: file too short (%zu "
                        "bytes)", len);
     }
-    if (be32_load(b) != QCOW2_MAGIC) {
+    if (be32_load(b + QCOW2_HDR_MAGIC) != QCOW2_MAGIC) {
         return qbm_err(EINVAL, "not a qcow2 image (bad magic)");
     }
-    h->version = be32_load(b + 4);
-    h->backing_file_offset = be64_load(b + 8);
-    h->backing_file_size = be32_load(b + 16);
-    h->cluster_bits = be32_load(b + 20);
-    h->size = be64_load(b + 24);
-    h->crypt_method = be32_load(b + 32);
-    h->l1_size = be32_load(b + 36);
-    h->l1_table_offset = be64_load(b + 40);
-    h->refcount_table_offset = be64_load(b + 48);
-    h->refcount_table_clusters = be32_load(b + 56);
-    h->nb_snapshots = be32_load(b + 60);
-    h->snapshots_offset = be64_load(b + 64);
+    h->version = be32_load(b + QCOW2_HDR_VERSION);
+    h->backing_file_offset = be64_load(b + QCOW2_HDR_BACKING_FILE_OFFSET);
+    h->backing_file_size = be32_load(b + QCOW2_HDR_BACKING_FILE_SIZE);
+    h->cluster_bits = be32_load(b + QCOW2_HDR_CLUSTER_BITS);
+    h->size = be64_load(b + QCOW2_HDR_SIZE);
+    h->crypt_method = be32_load(b + QCOW2_HDR_CRYPT_METHOD);
+    h->l1_size = be32_load(b + QCOW2_HDR_L1_SIZE);
+    h->l1_table_offset = be64_load(b + QCOW2_HDR_L1_TABLE_OFFSET);
+    h->refcount_table_offset =
+        be64_load(b + QCOW2_HDR_REFCOUNT_TABLE_OFFSET);
+    h->refcount_table_clusters =
+        be32_load(b + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS);
+    h->nb_snapshots = be32_load(b + QCOW2_HDR_NB_SNAPSHOTS);
+    h->snapshots_offset = be64_load(b + QCOW2_HDR_SNAPSHOTS_OFFSET);
 
     if (h->version != 2 && h->version != 3) {
         return qbm_err(EOPNOTSUPP, "header at 0x0: unsupported qcow2 "
@@ -67,11 +76,12 @@ static int decode_fixed(const uint8_t *b, size_t len, struct qcow2_header *h)
     if (len < QCOW2_V3_HEADER_LEN) {
         return qbm_err(EINVAL, "header at 0x0: truncated version 3 header");
     }
-    h->incompatible_features = be64_load(b + 72);
-    h->compatible_features = be64_load(b + 80);
-    h->autoclear_features = be64_load(b + 88);
-    h->refcount_order = be32_load(b + 96);
-    h->header_length = be32_load(b + 100);
+    h->incompatible_features =
+        be64_load(b + QCOW2_HDR_INCOMPATIBLE_FEATURES);
+    h->compatible_features = be64_load(b + QCOW2_HDR_COMPATIBLE_FEATURES);
+    h->autoclear_features = be64_load(b + QCOW2_HDR_AUTOCLEAR_FEATURES);
+    h->refcount_order = be32_load(b + QCOW2_HDR_REFCOUNT_ORDER);
+    h->header_length = be32_load(b + QCOW2_HDR_HEADER_LENGTH);
     if (h->header_length < QCOW2_V3_HEADER_LEN ||
         h->header_length % 8 != 0 || h->header_length > h->cluster_size ||
         h->header_length > len) {
@@ -80,8 +90,8 @@ static int decode_fixed(const uint8_t *b, size_t len, struct qcow2_header *h)
     }
     /* Additional fields are absent when the header is too short for them
      * (spec: "Additional fields"). */
-    if (h->header_length > 104) {
-        h->compression_type = b[104];
+    if (h->header_length > QCOW2_HDR_COMPRESSION_TYPE) {
+        h->compression_type = b[QCOW2_HDR_COMPRESSION_TYPE];
     }
     return 0;
 }

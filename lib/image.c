@@ -123,6 +123,7 @@ static int image_load(struct qbm_image *img)
     struct qbm_io *io = img->io;
     uint8_t first[QCOW2_V3_HEADER_LEN];
     uint8_t *cluster0 = NULL;
+    uint32_t cluster_bits;
     uint64_t cs;
     int r;
 
@@ -135,16 +136,17 @@ static int image_load(struct qbm_image *img)
         return r;
     }
     if (img->file_size < QCOW2_V2_HEADER_LEN ||
-        be32_load(first) != QCOW2_MAGIC) {
+        be32_load(first + QCOW2_HDR_MAGIC) != QCOW2_MAGIC) {
         return qbm_err(EINVAL, "not a qcow2 image");
     }
     /* Cluster 0 holds the header and its extensions; read it whole. */
-    if (be32_load(first + 20) < QCOW2_MIN_CLUSTER_BITS ||
-        be32_load(first + 20) > QCOW2_MAX_CLUSTER_BITS) {
+    cluster_bits = be32_load(first + QCOW2_HDR_CLUSTER_BITS);
+    if (cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
+        cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
         return qbm_err(EINVAL, "header at 0x0: cluster_bits %u out of range "
-                       "9..21", be32_load(first + 20));
+                       "9..21", cluster_bits);
     }
-    cs = 1ull << be32_load(first + 20);
+    cs = 1ull << cluster_bits;
     cluster0 = qbm_malloc(cs);
     if (!cluster0) {
         return -ENOMEM;
@@ -263,7 +265,7 @@ int qbm_image_open_format(struct qbm_io *io, const char *filename,
     int r;
 
     if (format == QBM_FORMAT_PROBE) {
-        r = qbm_io_pread(io, magic, sizeof(magic), 0);
+        r = qbm_io_pread(io, magic, sizeof(magic), QCOW2_HDR_MAGIC);
         if (r < 0) {
             qbm_io_close(io);
             return r;

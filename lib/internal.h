@@ -229,6 +229,34 @@ int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret,
 #define QCOW2_INCOMPAT_KNOWN 0x1full
 #define QCOW2_AUTOCLEAR_KNOWN 0x3ull
 
+/*
+ * Where each field of the fixed header starts in cluster 0 (qcow2 spec,
+ * "Header"). Fields are big-endian and contiguous, so each one ends where
+ * the next begins: a write of several fields is the span between two names.
+ * Version 2 headers end where incompatible_features begins.
+ */
+enum qcow2_header_field {
+    QCOW2_HDR_MAGIC = 0,
+    QCOW2_HDR_VERSION = 4,
+    QCOW2_HDR_BACKING_FILE_OFFSET = 8,
+    QCOW2_HDR_BACKING_FILE_SIZE = 16,
+    QCOW2_HDR_CLUSTER_BITS = 20,
+    QCOW2_HDR_SIZE = 24,
+    QCOW2_HDR_CRYPT_METHOD = 32,
+    QCOW2_HDR_L1_SIZE = 36,
+    QCOW2_HDR_L1_TABLE_OFFSET = 40,
+    QCOW2_HDR_REFCOUNT_TABLE_OFFSET = 48,
+    QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS = 56,
+    QCOW2_HDR_NB_SNAPSHOTS = 60,
+    QCOW2_HDR_SNAPSHOTS_OFFSET = 64,
+    QCOW2_HDR_INCOMPATIBLE_FEATURES = 72,
+    QCOW2_HDR_COMPATIBLE_FEATURES = 80,
+    QCOW2_HDR_AUTOCLEAR_FEATURES = 88,
+    QCOW2_HDR_REFCOUNT_ORDER = 96,
+    QCOW2_HDR_HEADER_LENGTH = 100,
+    QCOW2_HDR_COMPRESSION_TYPE = 104, /* additional field, 1 byte */
+};
+
 /* One header extension as found in cluster 0 (data is a copy). */
 struct qcow2_ext {
     uint32_t magic;
@@ -718,6 +746,9 @@ static inline bool qcow2_one_sector(uint64_t start, uint64_t end)
 /* Write len bytes at off (in cluster 0), then flush. */
 int qcow2_header_write(struct qbm_io *io, const void *buf, size_t len,
                        uint64_t off);
+/* Write bytes [start, end) of cluster 0 from its copy c0, then flush. */
+int qcow2_header_write_span(struct qbm_io *io, const uint8_t *c0,
+                            uint64_t start, uint64_t end);
 
 /* Where things are in cluster 0, as it is on disk now. */
 struct qcow2_header_layout {

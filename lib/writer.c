@@ -140,16 +140,17 @@ static int write_header(struct qcow2_writer *w)
     if (!h) {
         return -ENOMEM;
     }
-    be32_store(h, QCOW2_MAGIC);
-    be32_store(h + 4, 3);
-    be32_store(h + 20, w->cluster_bits);
-    be64_store(h + 24, w->size);
-    be32_store(h + 36, (uint32_t)w->l1_entries);
-    be64_store(h + 40, w->l1_off);
-    be64_store(h + 48, w->rt_off);
-    be32_store(h + 56, (uint32_t)w->rt_clusters);
-    be32_store(h + 96, 4); /* refcount_order: 16-bit refcounts */
-    be32_store(h + 100, OUT_HEADER_LENGTH);
+    be32_store(h + QCOW2_HDR_MAGIC, QCOW2_MAGIC);
+    be32_store(h + QCOW2_HDR_VERSION, 3);
+    be32_store(h + QCOW2_HDR_CLUSTER_BITS, w->cluster_bits);
+    be64_store(h + QCOW2_HDR_SIZE, w->size);
+    be32_store(h + QCOW2_HDR_L1_SIZE, (uint32_t)w->l1_entries);
+    be64_store(h + QCOW2_HDR_L1_TABLE_OFFSET, w->l1_off);
+    be64_store(h + QCOW2_HDR_REFCOUNT_TABLE_OFFSET, w->rt_off);
+    be32_store(h + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS,
+               (uint32_t)w->rt_clusters);
+    be32_store(h + QCOW2_HDR_REFCOUNT_ORDER, 4); /* 16-bit refcounts */
+    be32_store(h + QCOW2_HDR_HEADER_LENGTH, OUT_HEADER_LENGTH);
     if (w->backing_fmt) {
         size_t len = strlen(w->backing_fmt);
 
@@ -166,8 +167,8 @@ static int write_header(struct qcow2_writer *w)
             free(h);
             return qbm_err(ENAMETOOLONG, "backing file name too long");
         }
-        be64_store(h + 8, pos);
-        be32_store(h + 16, (uint32_t)len);
+        be64_store(h + QCOW2_HDR_BACKING_FILE_OFFSET, pos);
+        be32_store(h + QCOW2_HDR_BACKING_FILE_SIZE, (uint32_t)len);
         memcpy(h + pos, w->backing, len);
     }
     r = qbm_io_pwrite(w->io, h, w->cs, 0);
