@@ -126,10 +126,6 @@ QBM_API int qbm_chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
     return user_ret(chain_check(chain, user_rule, &u), &u);
 }
 
-/* Offset of the header's backing_file_offset field (qcow2 spec,
- * "Header"): where a loop is rooted. */
-#define QCOW2_BACKING_FILE_OFFSET_FIELD 8
-
 static int check_backing(struct qbm_image *img, qbm_problem_fn fn,
                          void *opaque)
 {
@@ -153,8 +149,9 @@ static int check_backing(struct qbm_image *img, qbm_problem_fn fn,
         char msg[1024];
 
         snprintf(msg, sizeof(msg), "%s", qbm_err_message());
+        /* Rooted at the header's backing_file_offset field. */
         return fn(opaque, QBM_PROBLEM_CORRUPTION,
-                  QCOW2_BACKING_FILE_OFFSET_FIELD, msg);
+                  QCOW2_HDR_BACKING_FILE_OFFSET, msg);
     }
     return 0;
 }
