@@ -716,6 +716,60 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
 
 /* ---- meta.c: where the metadata lies ------------------------------------- */
 
+/* What a structure found by qcow2_meta_walk() is. */
+enum qcow2_meta_kind {
+    QCOW2_META_HEADER,          /* cluster 0 */
+    QCOW2_META_REFTABLE,
+    QCOW2_META_REFBLOCK,        /* owner: the refcount table */
+    QCOW2_META_L1,              /* the active L1 table */
+    QCOW2_META_SNAPSHOT_TABLE,
+    QCOW2_META_SNAPSHOT_L1,     /* owner: the snapshot's table entry */
+    QCOW2_META_L2,              /* owner: an L1 table, active or not */
+    QCOW2_META_DATA,            /* owner: an L2 table (QCOW2_META_WALK_DATA) */
+    QCOW2_META_COMPRESSED,      /* the 512-byte sectors compressed data
+                                 * spans; owner: an L2 table (idem) */
+    QCOW2_META_CRYPTO,          /* encryption header */
+    QCOW2_META_BITMAP_DIR,
+    QCOW2_META_STALE_BITMAP_DIR, /* not live (QEMU ignores it), no bitmaps */
+    QCOW2_META_BITMAP_TABLE,    /* owner: the bitmap's directory entry */
+    QCOW2_META_BITMAP_DATA,     /* owner: a bitmap table */
+};
+
+/* One structure, reported once per reference to it. */
+struct qcow2_meta {
+    enum qcow2_meta_kind kind;
+    const char *what;   /* its name in messages: "L2 table" */
+    uint64_t offset;    /* in the file */
+    uint64_t length;    /* bytes; 0 for an empty table */
+    bool misaligned;    /* a block, L2 table or data cluster whose offset
+                         * is not cluster aligned: not followed */
+    uint64_t owner;     /* file offset of the structure pointing here */
+    uint64_t index;     /* its entry that does (table index, snapshot or
+                         * bitmap number), or UINT64_MAX */
+};
+
+/* Return 0 to go on, a positive value to stop, or -errno. */
+typedef int (*qcow2_meta_fn)(void *opaque, const struct qcow2_meta *m);
+/* A bad entry at file offset `at` of structure m (reserved bits, an
+ * unaligned L2 or data offset), or m cannot be read (a bitmap table). */
+typedef int (*qcow2_meta_problem_fn)(void *opaque, const struct qcow2_meta *m,
+                                     uint64_t at, const char *msg);
+
+/* Also read every L2 table and report the data clusters. */
+#define QCOW2_META_WALK_DATA 0x1u
+
+/*
+ * Report every structure of img, in this order: header, refcount table
+ * and blocks, active L1 table (each L2 table after its entry, then its
+ * data), snapshot table, each snapshot's L1 table likewise, encryption
+ * header, bitmap directory, each bitmap's table and data clusters. Bitmaps
+ * added in this session (no table on disk yet) are left out; every bitmap
+ * table is loaded. Tables are read only up to the end of the file. Returns
+ * 0, -errno, or the first positive value of fn or problem_fn (optional).
+ */
+int qcow2_meta_walk(struct qbm_image *img, unsigned flags, qcow2_meta_fn fn,
+                    qcow2_meta_problem_fn problem_fn, void *opaque);
+
 /*
  * An index of every metadata structure of an image by host cluster: what a
  * transaction must never allocate over, whatever the refcounts say.

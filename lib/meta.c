@@ -1,11 +1,25 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Where an image's metadata lies: an index of every structure qbm knows,
- * by host cluster, so that the allocator never hands out a cluster that
- * holds one even when its refcount says it is free (a corrupt image), and
- * the check of the refcount table against it (reference notes sections 3
- * and 8).
+ * Where an image's metadata lies (qcow2 spec, "Host cluster management";
+ * reference notes sections 3, 6 and 8).
+ *
+ * One enumerator, qcow2_meta_walk(), finds every structure qbm knows, from
+ * the header down to the data clusters, once per reference. Both its users
+ * rely on it being complete: check counts the references it reports and
+ * compares them with the refcounts, and the overlap index built here keeps
+ * the allocator from handing out a cluster that holds metadata although
+ * its refcount says it is free (a corrupt image). Like QEMU's check, it
+ * follows every L1 entry, also those past the virtual size and those of
+ * internal snapshots, into their L2 tables.
+ *
+ * Its cost follows the file, not the sizes the header claims: L1 tables
+ * are read 64 KiB at a time and only up to the end of the file, L2 tables
+ * (read only when data clusters are asked for) and bitmap tables only the
+ * part inside it; past the end everything reads as zeros and references
+ * nothing.
  */
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "internal.h"
@@ -14,19 +28,313 @@
 #define REFT_RESERVED_MASK 0x1ffull
 #define REPAIR "; repair with 'qemu-img check -r all'"
 
-/* A run of clusters that holds metadata, for the overlap check. */
+/* ---- the enumerator ------------------------------------------------------ */
+
+static const char *const kind_names[] = {
+    [QCOW2_META_HEADER] = "header",
+    [QCOW2_META_REFTABLE] = "refcount table",
+    [QCOW2_META_REFBLOCK] = "refcount block",
+    [QCOW2_META_L1] = "L1 table",
+    [QCOW2_META_SNAPSHOT_TABLE] = "snapshot table",
+    [QCOW2_META_SNAPSHOT_L1] = "snapshot L1 table",
+    [QCOW2_META_L2] = "L2 table",
+    [QCOW2_META_DATA] = "data cluster",
+    [QCOW2_META_COMPRESSED] = "compressed cluster",
+    [QCOW2_META_CRYPTO] = "encryption header",
+    [QCOW2_META_BITMAP_DIR] = "bitmap directory",
+    [QCOW2_META_STALE_BITMAP_DIR] = "stale bitmap directory",
+    [QCOW2_META_BITMAP_TABLE] = "bitmap table",
+    [QCOW2_META_BITMAP_DATA] = "bitmap data",
+};
+
+struct walk {
+    struct qbm_image *img;
+    unsigned flags;
+    qcow2_meta_fn fn;
+    qcow2_meta_problem_fn problem_fn;
+    void *opaque;
+    uint64_t cs;
+    uint64_t file_end; /* everything past it reads as zeros */
+};
+
+static int found(struct walk *w, struct qcow2_meta *m,
+                 enum qcow2_meta_kind kind, uint64_t off, uint64_t len,
+                 uint64_t owner, uint64_t index)
+{
+    *m = (struct qcow2_meta){
+        .kind = kind,
+        .what = kind_names[kind],
+        .offset = off,
+        .length = len,
+        .owner = owner,
+        .index = index,
+    };
+    /* Whole-cluster structures that table entries point to; the others
+     * are checked where they are decoded. */
+    if (kind == QCOW2_META_REFBLOCK || kind == QCOW2_META_L2 ||
+        kind == QCOW2_META_DATA) {
+        m->misaligned = !is_aligned(off, w->cs);
+    }
+    return w->fn(w->opaque, m);
+}
+
+static int problem(struct walk *w, const struct qcow2_meta *m, uint64_t at,
+                   const char *fmt, ...) QBM_PRINTF(4, 5);
+
+static int problem(struct walk *w, const struct qcow2_meta *m, uint64_t at,
+                   const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+
+    if (!w->problem_fn) {
+        return 0;
+    }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    return w->problem_fn(w->opaque, m, at, msg);
+}
+
+/* The data clusters an L2 table points to. Entries past the end of the
+ * file read as zero and reference nothing: they are not read. */
+static int walk_l2(struct walk *w, const struct qcow2_meta *l2)
+{
+    struct qbm_image *img = w->img;
+    bool data_file = img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE;
+    uint64_t n = img->l2_entries, j, end;
+    struct qcow2_meta m;
+    int r;
+
+    if (l2->offset >= w->file_end && add_ok(l2->offset, w->cs, &end) &&
+        end <= QCOW2_MAX_HOST_OFFSET) {
+        return 0;
+    }
+    if (l2->offset < w->file_end && w->file_end - l2->offset < w->cs) {
+        n = div_round_up(w->file_end - l2->offset, img->l2_entry_size);
+    }
+    r = qcow2_read_l2(img, l2->offset);
+    if (r < 0) {
+        return r;
+    }
+    for (j = 0; j < n; j++) {
+        uint64_t e = be64_load(img->l2_cache + j * img->l2_entry_size);
+        uint64_t off = e & L2E_OFFSET_MASK;
+
+        if (e & L2E_COMPRESSED) {
+            struct qcow2_compressed cd;
+
+            /* Counted by the 512-byte sectors the data spans. */
+            qcow2_compressed_decode(e, img->cluster_bits, &cd);
+            r = found(w, &m, QCOW2_META_COMPRESSED, cd.offset & ~511ull,
+                      (cd.offset & 511) + cd.nb_bytes, l2->offset, j);
+        } else if (e & L2E_STD_RESERVED_MASK) {
+            r = problem(w, l2, l2->offset + j * 8,
+                        "%s at 0x%llx, entry %llu: reserved bits set",
+                        l2->what, (unsigned long long)l2->offset,
+                        (unsigned long long)j);
+        } else if (!off || data_file) {
+            r = 0;
+        } else if (!is_aligned(off, w->cs)) {
+            r = problem(w, l2, l2->offset + j * 8,
+                        "%s at 0x%llx, entry %llu: data offset 0x%llx not "
+                        "cluster aligned", l2->what,
+                        (unsigned long long)l2->offset,
+                        (unsigned long long)j, (unsigned long long)off);
+        } else {
+            r = found(w, &m, QCOW2_META_DATA, off, w->cs, l2->offset, j);
+        }
+        if (r) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+/*
+ * An L1 table (all of its entries) and what it points to. The table is
+ * read 64 KiB at a time, and only up to the end of the file: entries past
+ * it read as zero, so a table far larger than the file costs nothing.
+ */
+static int walk_l1(struct walk *w, enum qcow2_meta_kind kind,
+                   uint64_t l1_off, uint32_t l1_size, uint64_t owner,
+                   uint64_t index)
+{
+    enum { PIECE = 8192 };
+    uint64_t bytes = (uint64_t)l1_size * 8, n = l1_size, i, k, len, end;
+    struct qcow2_meta l1, l2;
+    uint8_t *buf;
+    int r;
+
+    if (l1_size == 0) {
+        return 0;
+    }
+    r = found(w, &l1, kind, l1_off, bytes, owner, index);
+    if (r) {
+        return r;
+    }
+    if (!add_ok(l1_off, bytes, &end) || end > QCOW2_MAX_HOST_OFFSET) {
+        return qbm_err(EINVAL, "%s at 0x%llx: beyond the largest possible "
+                       "image", l1.what, (unsigned long long)l1_off);
+    }
+    if (l1_off >= w->file_end) {
+        return 0;
+    }
+    if (w->file_end - l1_off < bytes) {
+        n = div_round_up(w->file_end - l1_off, 8);
+    }
+    buf = qbm_malloc((n < PIECE ? n : PIECE) * 8);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    for (i = 0; i < n && r == 0; i += len) {
+        len = n - i < PIECE ? n - i : PIECE;
+        r = qbm_image_read_meta(w->img, buf, len * 8, l1_off + i * 8,
+                                l1.what);
+        for (k = 0; k < len && r == 0; k++) {
+            uint64_t e = be64_load(buf + k * 8);
+            uint64_t pos = l1_off + (i + k) * 8;
+
+            if (e & L1E_RESERVED_MASK) {
+                r = problem(w, &l1, pos, "%s at 0x%llx, entry %llu: "
+                            "reserved bits set", l1.what,
+                            (unsigned long long)l1_off,
+                            (unsigned long long)(i + k));
+            }
+            if (r || !(e & L1E_OFFSET_MASK)) {
+                continue;
+            }
+            if (!is_aligned(e & L1E_OFFSET_MASK, w->cs)) {
+                r = problem(w, &l1, pos, "%s at 0x%llx, entry %llu: L2 "
+                            "offset 0x%llx not cluster aligned", l1.what,
+                            (unsigned long long)l1_off,
+                            (unsigned long long)(i + k),
+                            (unsigned long long)(e & L1E_OFFSET_MASK));
+            }
+            r = r ? r : found(w, &l2, QCOW2_META_L2, e & L1E_OFFSET_MASK,
+                              w->cs, l1_off, i + k);
+            if (r == 0 && !l2.misaligned &&
+                (w->flags & QCOW2_META_WALK_DATA)) {
+                r = walk_l2(w, &l2);
+            }
+        }
+    }
+    free(buf);
+    return r;
+}
+
+/* The bitmaps: a stale directory is reported as such, and has no bitmaps
+ * (QEMU ignores it). */
+static int walk_bitmaps(struct walk *w)
+{
+    struct qbm_image *img = w->img;
+    struct qcow2_meta m;
+    uint64_t i;
+    uint32_t k;
+    int r;
+
+    if (img->bitmaps_state == QBM_BITMAPS_NONE) {
+        return 0;
+    }
+    r = found(w, &m, img->bitmaps_state == QBM_BITMAPS_STALE
+                         ? QCOW2_META_STALE_BITMAP_DIR
+                         : QCOW2_META_BITMAP_DIR,
+              img->bm_ext.dir_offset, img->bm_ext.dir_size, 0, UINT64_MAX);
+    for (k = 0; k < img->nb_bitmaps && r == 0; k++) {
+        struct qcow2_bitmap *bm = &img->bitmaps[k];
+        struct qcow2_meta table;
+
+        if (bm->table_offset == 0) {
+            continue; /* added in this session: nothing on disk yet */
+        }
+        r = found(w, &table, QCOW2_META_BITMAP_TABLE, bm->table_offset,
+                  (uint64_t)bm->table_size * 8, bm->entry_offset, k);
+        if (r) {
+            break;
+        }
+        if (qcow2_bitmap_table_load(img, bm) < 0) {
+            if (qbm_get_errno() == ENOMEM) {
+                return -ENOMEM;
+            }
+            r = problem(w, &table, bm->table_offset, "%s", qbm_get_error());
+            continue;
+        }
+        for (i = 0; i < bm->table_read && r == 0; i++) {
+            uint64_t off = bm->table[i] & BME_TABLE_OFFSET_MASK;
+
+            if (off) {
+                r = found(w, &m, QCOW2_META_BITMAP_DATA, off, w->cs,
+                          bm->table_offset, i);
+            }
+        }
+    }
+    return r;
+}
+
+int qcow2_meta_walk(struct qbm_image *img, unsigned flags, qcow2_meta_fn fn,
+                    qcow2_meta_problem_fn problem_fn, void *opaque)
+{
+    const struct qcow2_header *h = &img->hdr;
+    struct walk w = {
+        .img = img,
+        .flags = flags,
+        .fn = fn,
+        .problem_fn = problem_fn,
+        .opaque = opaque,
+        .cs = img->cluster_size,
+    };
+    struct qcow2_meta m;
+    uint64_t i;
+    size_t k;
+    int r;
+
+    r = qbm_io_size(img->io, &w.file_end);
+    r = r ? r : found(&w, &m, QCOW2_META_HEADER, 0, w.cs, 0, UINT64_MAX);
+    r = r ? r : found(&w, &m, QCOW2_META_REFTABLE, h->refcount_table_offset,
+                      (uint64_t)h->refcount_table_clusters * w.cs, 0,
+                      UINT64_MAX);
+    for (i = 0; i < img->reftable_entries && r == 0; i++) {
+        uint64_t off = img->reftable[i] & REFT_OFFSET_MASK;
+
+        if (off) {
+            r = found(&w, &m, QCOW2_META_REFBLOCK, off, w.cs,
+                      h->refcount_table_offset, i);
+        }
+    }
+    r = r ? r : walk_l1(&w, QCOW2_META_L1, h->l1_table_offset, h->l1_size,
+                        0, UINT64_MAX);
+    if (r == 0 && img->nb_snapshots) {
+        r = found(&w, &m, QCOW2_META_SNAPSHOT_TABLE, h->snapshots_offset,
+                  img->snapshots_size, 0, UINT64_MAX);
+    }
+    for (k = 0; k < img->nb_snapshots && r == 0; k++) {
+        const struct qcow2_snapshot *sn = &img->snapshots[k];
+
+        r = walk_l1(&w, QCOW2_META_SNAPSHOT_L1, sn->l1_table_offset,
+                    sn->l1_size, sn->entry_offset, k);
+    }
+    for (k = 0; k < h->nb_exts && r == 0; k++) {
+        const struct qcow2_ext *e = &h->exts[k];
+
+        if (e->magic == QCOW2_EXT_CRYPTO && e->len == 16) {
+            r = found(&w, &m, QCOW2_META_CRYPTO, be64_load(e->data),
+                      be64_load(e->data + 8), e->offset, UINT64_MAX);
+        }
+    }
+    return r ? r : walk_bitmaps(&w);
+}
+
+/* ---- the overlap index --------------------------------------------------- */
+
+/* A run of clusters that holds metadata. */
 struct meta_range {
     uint64_t start, end; /* cluster indices, end exclusive */
     uint64_t off;        /* byte offset of the structure */
     uint64_t rt_index;   /* refcount blocks: their table entry; else
                           * UINT64_MAX */
+    enum qcow2_meta_kind kind;
     const char *what;
 };
-
-static const char what_reftable[] = "refcount table";
-static const char what_refblock[] = "refcount block";
-/* Not live metadata: kept from allocation, but anything may lie over it. */
-static const char what_stale_dir[] = "stale bitmap directory";
 
 struct qcow2_meta_index {
     struct qbm_image *img;
@@ -56,10 +364,9 @@ static int grow_array(void **arr, size_t *cap, size_t need, size_t elem)
     return 0;
 }
 
-/* ---- building the index ------------------------------------------------ */
-
-static int meta_add(struct qcow2_meta_index *mi, uint64_t off, uint64_t len,
-                    const char *what)
+static int meta_add(struct qcow2_meta_index *mi, enum qcow2_meta_kind kind,
+                    const char *what, uint64_t off, uint64_t len,
+                    uint64_t rt_index)
 {
     struct meta_range *m;
     uint64_t end;
@@ -80,9 +387,18 @@ static int meta_add(struct qcow2_meta_index *mi, uint64_t off, uint64_t len,
     m->start = off / mi->cs;
     m->end = div_round_up(end, mi->cs);
     m->off = off;
-    m->rt_index = UINT64_MAX;
+    m->rt_index = rt_index;
+    m->kind = kind;
     m->what = what;
     return 0;
+}
+
+static int index_found(void *opaque, const struct qcow2_meta *m)
+{
+    struct qcow2_meta_index *mi = opaque;
+
+    return meta_add(mi, m->kind, m->what, m->offset, m->length,
+                    m->kind == QCOW2_META_REFBLOCK ? m->index : UINT64_MAX);
 }
 
 static int cmp_meta(const void *a, const void *b)
@@ -96,155 +412,6 @@ static int cmp_meta(const void *a, const void *b)
     return x->rt_index < y->rt_index ? -1 : x->rt_index > y->rt_index;
 }
 
-static int meta_add_l2(struct qcow2_meta_index *mi, const uint64_t *l1,
-                       uint64_t n)
-{
-    uint64_t i;
-    int r;
-
-    for (i = 0; i < n; i++) {
-        uint64_t off = l1[i] & L1E_OFFSET_MASK;
-
-        if (off && (r = meta_add(mi, off, mi->cs, "L2 table"))) {
-            return r;
-        }
-    }
-    return 0;
-}
-
-/* The L2 tables of an L1 table not loaded yet, read 64 KiB at a time: an
- * edit of a huge disk's bitmaps need not keep (and fault in) its L1. */
-static int meta_stream_l1(struct qcow2_meta_index *mi, uint64_t nl1)
-{
-    enum { PIECE = 8192 };
-    uint64_t *piece = qbm_malloc(PIECE * 8);
-    uint64_t i, k, n;
-    int r = 0;
-
-    if (!piece) {
-        return -ENOMEM;
-    }
-    for (i = 0; i < nl1 && r == 0; i += n) {
-        n = nl1 - i < PIECE ? nl1 - i : PIECE;
-        r = qbm_image_read_meta(mi->img, piece, n * 8,
-                                mi->img->hdr.l1_table_offset + i * 8,
-                                "L1 table");
-        for (k = 0; k < n && r == 0; k++) {
-            piece[k] = be64_load((const uint8_t *)&piece[k]);
-        }
-        r = r ? r : meta_add_l2(mi, piece, n);
-    }
-    free(piece);
-    return r;
-}
-
-/*
- * Collect every metadata structure qbm knows about, so that a cluster whose
- * refcount says "free" but which holds metadata is caught (the image is
- * corrupt) instead of overwritten.
- */
-static int meta_collect(struct qcow2_meta_index *mi)
-{
-    struct qbm_image *img = mi->img;
-    const struct qcow2_header *h = &img->hdr;
-    uint64_t i, nl1;
-    size_t k;
-    int r;
-
-    r = meta_add(mi, 0, mi->cs, "header");
-    r = r ? r : meta_add(mi, h->l1_table_offset, (uint64_t)h->l1_size * 8,
-                         "L1 table");
-    r = r ? r : meta_add(mi, h->refcount_table_offset,
-                         (uint64_t)h->refcount_table_clusters * mi->cs,
-                         what_reftable);
-    r = r ? r : meta_add(mi, h->snapshots_offset, img->snapshots_size,
-                         "snapshot table");
-    if (r) {
-        return r;
-    }
-    for (i = 0; i < img->reftable_entries; i++) {
-        uint64_t off = img->reftable[i] & REFT_OFFSET_MASK;
-
-        if (!off) {
-            continue;
-        }
-        r = meta_add(mi, off, mi->cs, what_refblock);
-        if (r) {
-            return r;
-        }
-        mi->meta[mi->nmeta - 1].rt_index = i;
-    }
-    nl1 = div_round_up(h->size, mi->cs * img->l2_entries);
-    r = img->l1 ? meta_add_l2(mi, img->l1, nl1) : meta_stream_l1(mi, nl1);
-    if (r) {
-        return r;
-    }
-    for (k = 0; k < img->nb_snapshots; k++) {
-        r = meta_add(mi, img->snapshots[k].l1_table_offset,
-                     (uint64_t)img->snapshots[k].l1_size * 8,
-                     "snapshot L1 table");
-        if (r) {
-            return r;
-        }
-    }
-    for (k = 0; k < img->hdr.nb_exts; k++) {
-        const struct qcow2_ext *e = &img->hdr.exts[k];
-
-        if (e->magic == QCOW2_EXT_CRYPTO && e->len == 16 &&
-            (r = meta_add(mi, be64_load(e->data), be64_load(e->data + 8),
-                          "encryption header"))) {
-            return r;
-        }
-    }
-    if (img->bitmaps_state != QBM_BITMAPS_NONE) {
-        r = meta_add(mi, img->bm_ext.dir_offset, img->bm_ext.dir_size,
-                     img->bitmaps_state == QBM_BITMAPS_STALE
-                         ? what_stale_dir : "bitmap directory");
-        if (r) {
-            return r;
-        }
-    }
-    for (k = 0; k < img->nb_bitmaps; k++) {
-        struct qcow2_bitmap *bm = &img->bitmaps[k];
-
-        if (bm->table_offset == 0) {
-            continue; /* added in this session: nothing on disk yet */
-        }
-        r = meta_add(mi, bm->table_offset, (uint64_t)bm->table_size * 8,
-                     "bitmap table");
-        if (r) {
-            return r;
-        }
-        /* Tables are small and a refcount block over an untouched
-         * bitmap's data must be found too. One that cannot be loaded is
-         * refused by the edits that read it; skip it here. */
-        if (qcow2_bitmap_table_load(img, bm) < 0) {
-            if (qbm_get_errno() == ENOMEM) {
-                return -ENOMEM;
-            }
-            continue;
-        }
-        for (i = 0; i < bm->table_size; i++) {
-            uint64_t off = bm->table[i] & BME_TABLE_OFFSET_MASK;
-
-            if (off && (r = meta_add(mi, off, mi->cs, "bitmap data"))) {
-                return r;
-            }
-        }
-    }
-    /* Removed or rewritten bitmaps' tables and data: live until the
-     * switch. */
-    for (k = 0; k < img->nb_pending_free; k++) {
-        r = meta_add(mi, img->pending_free[k], mi->cs,
-                     "replaced bitmap cluster");
-        if (r) {
-            return r;
-        }
-    }
-    qsort(mi->meta, mi->nmeta, sizeof(*mi->meta), cmp_meta);
-    return 0;
-}
-
 void qcow2_meta_index_free(struct qcow2_meta_index *mi)
 {
     if (!mi) {
@@ -254,10 +421,19 @@ void qcow2_meta_index_free(struct qcow2_meta_index *mi)
     free(mi);
 }
 
+/*
+ * Every structure the enumerator finds, except data clusters (L2 tables
+ * are not read: an edit of a huge disk's bitmaps need not walk its
+ * allocation), plus what staged edits replace: the tables and data of
+ * removed or rewritten bitmaps stay live until the switch. A bitmap table
+ * that cannot be loaded is refused by the edits that read it; here it only
+ * goes without its data clusters.
+ */
 int qcow2_meta_index_build(struct qbm_image *img,
                            struct qcow2_meta_index **ret)
 {
     struct qcow2_meta_index *mi = qbm_calloc(1, sizeof(*mi));
+    size_t k;
     int r;
 
     if (!mi) {
@@ -265,17 +441,21 @@ int qcow2_meta_index_build(struct qbm_image *img,
     }
     mi->img = img;
     mi->cs = img->cluster_size;
-    r = meta_collect(mi);
+    r = qcow2_meta_walk(img, 0, index_found, NULL, mi);
+    for (k = 0; k < img->nb_pending_free && r == 0; k++) {
+        r = meta_add(mi, QCOW2_META_BITMAP_DATA, "replaced bitmap cluster",
+                     img->pending_free[k], mi->cs, UINT64_MAX);
+    }
     if (r < 0) {
         qcow2_meta_index_free(mi);
         return r;
     }
+    qsort(mi->meta, mi->nmeta, sizeof(*mi->meta), cmp_meta);
     *ret = mi;
     return 0;
 }
 
 /* ---- looking clusters up ------------------------------------------------ */
-
 
 const char *qcow2_meta_index_find(const struct qcow2_meta_index *mi,
                                   uint64_t c)
@@ -317,18 +497,18 @@ static uint64_t rt_entry_pos(const struct qcow2_meta_index *mi, uint64_t i)
 static int overlap_err(const struct qcow2_meta_index *mi,
                        const struct meta_range *m, const struct meta_range *o)
 {
-    if (m->what != what_refblock && o->what == what_refblock) {
+    if (m->kind != QCOW2_META_REFBLOCK && o->kind == QCOW2_META_REFBLOCK) {
         const struct meta_range *x = m;
 
         m = o; /* say it from the block's side when there is one */
         o = x;
     }
-    if (m->what != what_refblock) {
+    if (m->kind != QCOW2_META_REFBLOCK) {
         return qbm_err(EUCLEAN, "refcount table at 0x%llx: overlaps the %s "
                        "at 0x%llx" REPAIR, (unsigned long long)m->off,
                        o->what, (unsigned long long)o->off);
     }
-    if (o->what == what_refblock) {
+    if (o->kind == QCOW2_META_REFBLOCK) {
         return qbm_err(EUCLEAN, "refcount table entries %llu at 0x%llx and "
                        "%llu at 0x%llx: both point to the refcount block at "
                        "0x%llx" REPAIR, (unsigned long long)m->rt_index,
@@ -396,20 +576,23 @@ int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi)
      * structure r either starts before it, and then the range reaching
      * furthest among those before r overlaps r too, or starts inside r,
      * and then so does the next range after r. Other overlaps (bitmap data
-     * clusters shared between bitmaps) are legitimate.
+     * clusters shared between bitmaps, L2 tables between snapshots) are
+     * legitimate.
      */
     for (k = 0; k < mi->nmeta; k++) {
         const struct meta_range *m = &mi->meta[k];
         size_t next = k + 1;
 
-        if (m->what == what_stale_dir) {
-            continue;
+        if (m->kind == QCOW2_META_STALE_BITMAP_DIR) {
+            continue; /* not live: anything may lie over it */
         }
-        if (m->what == what_reftable || m->what == what_refblock) {
+        if (m->kind == QCOW2_META_REFTABLE ||
+            m->kind == QCOW2_META_REFBLOCK) {
             if (top != SIZE_MAX && mi->meta[top].end > m->start) {
                 return overlap_err(mi, m, &mi->meta[top]);
             }
-            while (next < mi->nmeta && mi->meta[next].what == what_stale_dir) {
+            while (next < mi->nmeta &&
+                   mi->meta[next].kind == QCOW2_META_STALE_BITMAP_DIR) {
                 next++;
             }
             if (next < mi->nmeta && mi->meta[next].start < m->end) {

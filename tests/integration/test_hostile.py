@@ -58,6 +58,11 @@ class Layout:
         self.snapshots = q.snapshots_offset
         if self.nb_snapshots:
             self.snap_l1 = struct.unpack(">Q", q.read(self.snapshots, 8))[0]
+            # The write at 0 after the snapshot copied the L2 table: the
+            # old one is the snapshot's alone.
+            self.snap_l2 = struct.unpack(">Q", q.read(self.snap_l1, 8))[0] \
+                & OFFSET_MASK
+            assert self.snap_l2 and self.snap_l2 != self.l2
 
 
 def catalogue(lay):
@@ -179,6 +184,10 @@ def refcount_cases(L, p):
           h)
         p("refcount block over a snapshot L1 table", e5, ">Q", L.snap_l1,
           h)
+        # Not a refcount structure, but the first free cluster an edit
+        # would allocate: refused as corrupt, never overwritten.
+        p("snapshot-only L2 table with refcount 0",
+          L.rb + L.snap_l2 // L.cs * 2, ">H", 0, "0x%x" % L.snap_l2)
 
 
 def snapshot_catalogue(lay):

@@ -278,6 +278,87 @@ static void test_corrupt_refcounts(void **state)
     free(good);
 }
 
+static int count_problems(void *opaque, int kind, uint64_t off,
+                          const char *msg)
+{
+    struct collect *c = opaque;
+
+    return collect(c, off, (uint64_t)kind);
+}
+
+/*
+ * L2 tables that only an internal snapshot's L1 table, or an active L1
+ * entry past the virtual size, points to hold metadata too: when one's
+ * refcount is 0 (a corrupt image), an edit refuses, naming it, instead of
+ * allocating its cluster and overwriting it; check counts the same
+ * reference. The fresh 64 MiB image has 4 KiB clusters: header, refcount
+ * table, refcount block, L1 table of 32 entries. The L2 table goes to the
+ * first free cluster: 6 after a snapshot table (cluster 4) and the
+ * snapshot's L1 table (cluster 5), else 4.
+ */
+static void test_hidden_l2_not_allocated(void **state)
+{
+    enum { CS = 4096, RB = 2 * CS, L1 = 3 * CS, SN = 4 * CS, SN_L1 = 5 * CS,
+           LEN = 7 * CS };
+    size_t len, blen;
+    uint8_t *img0 = fresh_image(&len), *buf = malloc(LEN);
+    const uint8_t *b;
+    struct qbm_image *img;
+    struct collect p;
+    char msg[160];
+    uint64_t l2;
+    int pass;
+
+    assert_true(len > L1 && len <= L1 + CS);
+    assert_int_equal(be64_load(img0 + QCOW2_HDR_L1_TABLE_OFFSET), L1);
+    assert_int_equal(be32_load(img0 + QCOW2_HDR_L1_SIZE), 32);
+    for (pass = 0; pass < 2; pass++) {
+        memset(buf, 0, LEN);
+        memcpy(buf, img0, len);
+        if (pass == 0) {
+            /* One snapshot (id "1", name "s") with a 1-entry L1 table. */
+            l2 = 6 * CS;
+            be32_store(buf + QCOW2_HDR_NB_SNAPSHOTS, 1);
+            be64_store(buf + QCOW2_HDR_SNAPSHOTS_OFFSET, SN);
+            be64_store(buf + SN, SN_L1);
+            be32_store(buf + SN + 8, 1);
+            be16_store(buf + SN + 12, 1);
+            be16_store(buf + SN + 14, 1);
+            memcpy(buf + SN + 40, "1s", 2);
+            be16_store(buf + RB + 4 * 2, 1);
+            be16_store(buf + RB + 5 * 2, 1);
+            be64_store(buf + SN_L1, l2);
+        } else {
+            /* A 33rd active L1 entry, past the virtual size. */
+            l2 = 4 * CS;
+            be32_store(buf + QCOW2_HDR_L1_SIZE, 33);
+            be64_store(buf + L1 + 32 * 8, l2);
+        }
+        img = qbm_open_memory(buf, LEN, "mem", QBM_OPEN_RDWR);
+        assert_non_null(img);
+
+        memset(&p, 0, sizeof(p));
+        assert_int_equal(qbm_check(img, count_problems, &p), 0);
+        assert_int_equal(p.n, 1);
+        assert_int_equal(p.v[0][0], l2);
+        assert_int_equal(p.v[0][1], QBM_PROBLEM_CORRUPTION);
+
+        assert_int_equal(qbm_bitmap_add(img, "n", 65536, 0), 0);
+        assert_int_equal(qbm_commit(img), -1);
+        assert_int_equal(qbm_get_errno(), EUCLEAN);
+        snprintf(msg, sizeof(msg), "refcount of cluster 0x%llx is 0 but it "
+                 "holds the L2 table: the image is corrupt (try qemu-img "
+                 "check -r all)", (unsigned long long)l2);
+        assert_string_equal(qbm_get_error(), msg);
+        b = qbm_io_mem_data(img->io, &blen);
+        assert_int_equal(blen, LEN);
+        assert_memory_equal(b, buf, LEN);
+        qbm_close(img);
+    }
+    free(buf);
+    free(img0);
+}
+
 /* A write far past the end of a memory image is refused, not zero-filled:
  * a fuzzer must report the bug behind the offset, not run out of memory. */
 static void test_mem_far_write(void **state)
@@ -307,6 +388,7 @@ int main(void)
         cmocka_unit_test(test_edit_and_reopen),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_corrupt_refcounts),
+        cmocka_unit_test(test_hidden_l2_not_allocated),
         cmocka_unit_test(test_mem_far_write),
     };
 
