@@ -3,11 +3,14 @@
  * Consistency check and repair (reference notes sections 6 and 8).
  *
  * References are counted per host cluster from every structure qbm knows,
- * then compared with the refcounts: fewer refcounts than references is
- * corruption (a cluster could be handed out twice), more is a leak. Leak
- * repair relies on the count being complete, so every L1 entry is walked,
- * including those past the virtual size (internal snapshots keep VM state
- * there), and images with unknown incompatible features never get here.
+ * as qcow2_meta_walk() (meta.c) reports them, then compared with the
+ * refcounts: fewer refcounts than references is corruption (a cluster
+ * could be handed out twice), more is a leak. Leak repair relies on the
+ * count being complete, so every L1 entry is walked, including those past
+ * the virtual size (internal snapshots keep VM state there), and images
+ * with unknown incompatible features never get here. The allocator's
+ * overlap index is built by the same walk, so what check counts and what
+ * an edit refuses to allocate over are the same structures.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -109,170 +112,69 @@ static void add_ref(struct check *c, uint64_t off, uint64_t len,
     }
 }
 
-/* Count an L2 table's references to data clusters. Entries past the end
- * of the file read as zero and reference nothing: they are not walked. */
-static int count_l2(struct check *c, uint64_t l2_off, const char *what)
+/* An in-use bitmap's table: the bitmap, or NULL. */
+static const struct qcow2_bitmap *in_use_bitmap(const struct check *c,
+                                                const struct qcow2_meta *m)
 {
-    struct qbm_image *img = c->img;
-    bool data_file = img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE;
-    uint64_t n = img->l2_entries, j, end;
-    int r;
+    const struct qcow2_bitmap *bm;
 
-    if (l2_off >= c->file_end && add_ok(l2_off, c->cs, &end) &&
-        end <= QCOW2_MAX_HOST_OFFSET) {
-        return 0;
+    if (m->kind != QCOW2_META_BITMAP_TABLE) {
+        return NULL;
     }
-    if (l2_off < c->file_end && c->file_end - l2_off < c->cs) {
-        n = div_round_up(c->file_end - l2_off, img->l2_entry_size);
-    }
-    r = qcow2_read_l2(img, l2_off);
-    if (r < 0) {
-        return r;
-    }
-    for (j = 0; j < n; j++) {
-        uint64_t e = be64_load(img->l2_cache + j * img->l2_entry_size);
-        uint64_t off = e & L2E_OFFSET_MASK;
-
-        if (e & L2E_COMPRESSED) {
-            struct qcow2_compressed cd;
-
-            qcow2_compressed_decode(e, img->cluster_bits, &cd);
-            add_ref(c, cd.offset & ~511ull,
-                    (cd.offset & 511) + cd.nb_bytes, "compressed cluster");
-            continue;
-        }
-        if (e & L2E_STD_RESERVED_MASK) {
-            problem(c, QBM_PROBLEM_CORRUPTION, l2_off + j * 8,
-                    "%s at 0x%llx, entry %llu: reserved bits set", what,
-                    (unsigned long long)l2_off, (unsigned long long)j);
-            continue;
-        }
-        if (!off || data_file) {
-            continue;
-        }
-        if (!is_aligned(off, c->cs)) {
-            problem(c, QBM_PROBLEM_CORRUPTION, l2_off + j * 8,
-                    "%s at 0x%llx, entry %llu: data offset 0x%llx not "
-                    "cluster aligned", what, (unsigned long long)l2_off,
-                    (unsigned long long)j, (unsigned long long)off);
-            continue;
-        }
-        add_ref(c, off, c->cs, "data cluster");
-    }
-    return 0;
+    bm = &c->img->bitmaps[m->index];
+    return bm->flags & BME_FLAG_IN_USE ? bm : NULL;
 }
 
-/*
- * Count an L1 table (all of its entries) and what it points to. The table
- * is read 64 KiB at a time, and only up to the end of the file: entries
- * past it read as zero and reference nothing, so a table far larger than
- * the file costs nothing (its size is still counted as a reference).
- */
-static int count_l1(struct check *c, uint64_t l1_off, uint32_t l1_size,
-                    const char *what)
+/* Count one reference to each structure the enumerator finds. */
+static int count_found(void *opaque, const struct qcow2_meta *m)
 {
-    enum { PIECE = 8192 };
-    uint64_t bytes = (uint64_t)l1_size * 8, n = l1_size, i, k, len, end;
-    uint8_t *buf;
-    int r = 0;
+    struct check *c = opaque;
+    const struct qcow2_bitmap *bm = in_use_bitmap(c, m);
 
-    if (l1_size == 0) {
-        return 0;
+    if (m->kind == QCOW2_META_STALE_BITMAP_DIR) {
+        return 0; /* QEMU ignores it: its clusters are leaks */
     }
-    add_ref(c, l1_off, bytes, what);
-    if (!add_ok(l1_off, bytes, &end) || end > QCOW2_MAX_HOST_OFFSET) {
-        return qbm_err(EINVAL, "%s at 0x%llx: beyond the largest possible "
-                       "image", what, (unsigned long long)l1_off);
+    if (bm) {
+        problem(c, QBM_PROBLEM_BITMAP, bm->entry_offset, "bitmap '%s' is in "
+                "use (inconsistent): QEMU did not store it back, so it "
+                "cannot be used for incremental backups", bm->name);
     }
-    if (l1_off >= c->file_end) {
-        return 0;
+    /* Unaligned ones were reported as bad entries of their tables. */
+    if (!m->misaligned) {
+        add_ref(c, m->offset, m->length, m->what);
     }
-    if (c->file_end - l1_off < bytes) {
-        n = div_round_up(c->file_end - l1_off, 8);
-    }
-    buf = qbm_malloc((n < PIECE ? n : PIECE) * 8);
-    if (!buf) {
-        return -ENOMEM;
-    }
-    for (i = 0; i < n && r == 0 && !c->stop; i += len) {
-        len = n - i < PIECE ? n - i : PIECE;
-        r = qbm_image_read_meta(c->img, buf, len * 8, l1_off + i * 8, what);
-        for (k = 0; k < len && r == 0 && !c->stop; k++) {
-            uint64_t e = be64_load(buf + k * 8);
-            uint64_t l2 = e & L1E_OFFSET_MASK;
-
-            if (e & L1E_RESERVED_MASK) {
-                problem(c, QBM_PROBLEM_CORRUPTION, l1_off + (i + k) * 8,
-                        "%s at 0x%llx, entry %llu: reserved bits set", what,
-                        (unsigned long long)l1_off,
-                        (unsigned long long)(i + k));
-            }
-            if (!l2) {
-                continue;
-            }
-            if (!is_aligned(l2, c->cs)) {
-                problem(c, QBM_PROBLEM_CORRUPTION, l1_off + (i + k) * 8,
-                        "%s at 0x%llx, entry %llu: L2 offset 0x%llx not "
-                        "cluster aligned", what, (unsigned long long)l1_off,
-                        (unsigned long long)(i + k), (unsigned long long)l2);
-                continue;
-            }
-            add_ref(c, l2, c->cs, "L2 table");
-            r = count_l2(c, l2, "L2 table");
-        }
-    }
-    free(buf);
-    return r;
+    return c->err ? c->err : c->stop ? 1 : 0;
 }
 
-static void count_bitmaps(struct check *c)
+/* A bad table entry is corruption; so is a bitmap table that cannot be
+ * read, unless the bitmap is in use (already reported as lost). */
+static int count_problem(void *opaque, const struct qcow2_meta *m,
+                         uint64_t at, const char *msg)
+{
+    struct check *c = opaque;
+
+    problem(c, in_use_bitmap(c, m) ? QBM_PROBLEM_BITMAP
+                                   : QBM_PROBLEM_CORRUPTION, at, "%s", msg);
+    return c->stop ? 1 : 0;
+}
+
+/* What the header says about the bitmaps, after their structures. */
+static void check_bitmaps_state(struct check *c)
 {
     struct qbm_image *img = c->img;
-    uint32_t k;
-    uint64_t i;
 
     if (img->bitmaps_state == QBM_BITMAPS_STALE) {
         problem(c, QBM_PROBLEM_BITMAP, QCOW2_HDR_AUTOCLEAR_FEATURES,
                 "the bitmaps extension is stale (autoclear bit clear%s): "
                 "QEMU ignores every bitmap and their clusters are leaked",
                 img->hdr.version < 3 ? ", version 2 image" : "");
-        return;
     }
-    if (img->bitmaps_state == QBM_BITMAPS_NONE) {
-        if (img->hdr.autoclear_features & QBM_AUTOCLEAR_BITMAPS) {
-            problem(c, QBM_PROBLEM_BITMAP, QCOW2_HDR_AUTOCLEAR_FEATURES,
-                    "the autoclear \"bitmaps\" bit is set without a "
-                    "bitmaps extension (QEMU marks such an image corrupt "
-                    "on its next write)");
-        }
-        return;
-    }
-    add_ref(c, img->bm_ext.dir_offset, img->bm_ext.dir_size,
-            "bitmap directory");
-    for (k = 0; k < img->nb_bitmaps; k++) {
-        struct qcow2_bitmap *bm = &img->bitmaps[k];
-        bool in_use = bm->flags & BME_FLAG_IN_USE;
-
-        if (in_use) {
-            problem(c, QBM_PROBLEM_BITMAP, bm->entry_offset,
-                    "bitmap '%s' is in use (inconsistent): QEMU did not "
-                    "store it back, so it cannot be used for incremental "
-                    "backups", bm->name);
-        }
-        add_ref(c, bm->table_offset, (uint64_t)bm->table_size * 8,
-                "bitmap table");
-        if (qcow2_bitmap_table_load(img, bm) < 0) {
-            problem(c, in_use ? QBM_PROBLEM_BITMAP : QBM_PROBLEM_CORRUPTION,
-                    bm->table_offset, "%s", qbm_get_error());
-            continue;
-        }
-        for (i = 0; i < bm->table_read; i++) {
-            uint64_t off = bm->table[i] & BME_TABLE_OFFSET_MASK;
-
-            if (off) {
-                add_ref(c, off, c->cs, "bitmap data cluster");
-            }
-        }
+    if (img->bitmaps_state == QBM_BITMAPS_NONE &&
+        (img->hdr.autoclear_features & QBM_AUTOCLEAR_BITMAPS)) {
+        problem(c, QBM_PROBLEM_BITMAP, QCOW2_HDR_AUTOCLEAR_FEATURES,
+                "the autoclear \"bitmaps\" bit is set without a bitmaps "
+                "extension (QEMU marks such an image corrupt on its next "
+                "write)");
     }
 }
 
@@ -374,9 +276,20 @@ static int refcounted_end(struct check *c, uint64_t *ret)
     return 0;
 }
 
+/* A cluster whose refcount exceeds its references, for leak repair. */
+struct leak {
+    uint64_t cluster;
+    uint64_t excess;
+};
+
+struct leaks {
+    struct leak *v;
+    size_t n, cap;
+};
+
 /* Compare the refcount of cluster i with its references. */
 static int compare_one(struct check *c, uint64_t i, uint64_t rc,
-                       uint64_t (**leaks)[2], size_t *nleaks, size_t *cap)
+                       struct leaks *leaks)
 {
     uint32_t refs = refs_at(c, i);
 
@@ -391,19 +304,20 @@ static int compare_one(struct check *c, uint64_t i, uint64_t rc,
                 (unsigned long long)(i * c->cs), (unsigned long long)rc,
                 refs);
         if (leaks) {
-            if (*nleaks == *cap) {
-                size_t ncap = *cap ? *cap * 2 : 64;
-                void *p = qbm_realloc(*leaks, ncap * sizeof(**leaks));
+            if (leaks->n == leaks->cap) {
+                size_t ncap = leaks->cap ? leaks->cap * 2 : 64;
+                void *p = qbm_realloc(leaks->v, ncap * sizeof(*leaks->v));
 
                 if (!p) {
                     return -ENOMEM;
                 }
-                *leaks = p;
-                *cap = ncap;
+                leaks->v = p;
+                leaks->cap = ncap;
             }
-            (*leaks)[*nleaks][0] = i;
-            (*leaks)[*nleaks][1] = rc - refs;
-            (*nleaks)++;
+            leaks->v[leaks->n++] = (struct leak){
+                .cluster = i,
+                .excess = rc - refs,
+            };
         }
     }
     return 0;
@@ -414,10 +328,9 @@ static int compare_one(struct check *c, uint64_t i, uint64_t rc,
  * Block by block: where the refcounts are 0 (no block, or past the end of
  * the file) only clusters below the last reference can differ.
  */
-static int compare(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
+static int compare(struct check *c, struct leaks *leaks)
 {
     struct qbm_image *img = c->img;
-    size_t cap = 0;
     uint64_t i, rt;
     int r;
 
@@ -468,7 +381,7 @@ static int compare(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
                 i = (i / REF_PAGE + 1) * REF_PAGE - 1;
                 continue;
             }
-            r = compare_one(c, i, rc, leaks, nleaks, &cap);
+            r = compare_one(c, i, rc, leaks);
             if (r < 0) {
                 return r;
             }
@@ -477,12 +390,11 @@ static int compare(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
     return 0;
 }
 
-static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
+static int run_check(struct check *c, struct leaks *leaks)
 {
     struct qbm_image *img = c->img;
     const struct qcow2_header *h = &img->hdr;
-    uint64_t file_clusters, end = 0, i;
-    size_t k;
+    uint64_t file_clusters, end = 0;
     int r;
 
     c->cs = img->cluster_size;
@@ -509,40 +421,12 @@ static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
         return -ENOMEM;
     }
 
-    add_ref(c, 0, c->cs, "header");
-    add_ref(c, h->refcount_table_offset,
-            (uint64_t)h->refcount_table_clusters * c->cs, "refcount table");
-    for (i = 0; i < img->reftable_entries; i++) {
-        uint64_t off = img->reftable[i] & REFT_OFFSET_MASK;
-
-        if (off && is_aligned(off, c->cs)) {
-            add_ref(c, off, c->cs, "refcount block");
-        }
+    r = qcow2_meta_walk(img, QCOW2_META_WALK_DATA, count_found,
+                        count_problem, c);
+    if (r) {
+        return r < 0 ? r : 0; /* > 0: the callback asked to stop */
     }
-    r = count_l1(c, h->l1_table_offset, h->l1_size, "L1 table");
-    if (r < 0) {
-        return r;
-    }
-    if (img->nb_snapshots) {
-        add_ref(c, h->snapshots_offset, img->snapshots_size,
-                "snapshot table");
-    }
-    for (k = 0; k < img->nb_snapshots && r == 0; k++) {
-        r = count_l1(c, img->snapshots[k].l1_table_offset,
-                     img->snapshots[k].l1_size, "snapshot L1 table");
-    }
-    if (r < 0) {
-        return r;
-    }
-    for (k = 0; k < h->nb_exts; k++) {
-        const struct qcow2_ext *e = &h->exts[k];
-
-        if (e->magic == QCOW2_EXT_CRYPTO) {
-            add_ref(c, be64_load(e->data), be64_load(e->data + 8),
-                    "encryption header");
-        }
-    }
-    count_bitmaps(c);
+    check_bitmaps_state(c);
     if (h->incompatible_features & QBM_INCOMPAT_DIRTY) {
         problem(c, QBM_PROBLEM_CORRUPTION, QCOW2_HDR_INCOMPATIBLE_FEATURES,
                 "the dirty bit is set: refcounts may be stale (lazy "
@@ -552,7 +436,7 @@ static int run_check(struct check *c, uint64_t (**leaks)[2], size_t *nleaks)
         problem(c, QBM_PROBLEM_CORRUPTION, QCOW2_HDR_INCOMPATIBLE_FEATURES,
                 "the image is marked corrupt");
     }
-    return c->err ? c->err : compare(c, leaks, nleaks);
+    return compare(c, leaks);
 }
 
 QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
@@ -563,7 +447,7 @@ QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
     if (img->raw) {
         return 0;
     }
-    r = run_check(&c, NULL, NULL);
+    r = run_check(&c, NULL);
     refs_free(&c);
     free(c.block);
     return qbm_public_ret(r);
@@ -635,12 +519,12 @@ static int repair_stale(struct qbm_image *img)
 static int repair_leaks(struct qbm_image *img)
 {
     struct check c = { .img = img };
-    uint64_t (*leaks)[2] = NULL;
-    size_t nleaks = 0, i;
+    struct leaks leaks = { 0 };
     struct qbm_txn *txn = NULL;
+    size_t i;
     int r;
 
-    r = run_check(&c, &leaks, &nleaks);
+    r = run_check(&c, &leaks);
     refs_free(&c);
     free(c.block);
     if (r == 0 && c.count[QBM_PROBLEM_CORRUPTION]) {
@@ -648,11 +532,12 @@ static int repair_leaks(struct qbm_image *img)
                     "frees leaks: use 'qemu-img check -r all'",
                     (unsigned long long)c.count[QBM_PROBLEM_CORRUPTION]);
     }
-    if (r == 0 && nleaks) {
+    if (r == 0 && leaks.n) {
         r = qbm_txn_begin(img, &txn);
-        for (i = 0; i < nleaks && r == 0; i++) {
-            r = qbm_txn_release_later(txn, leaks[i][0] * img->cluster_size,
-                                      img->cluster_size, leaks[i][1]);
+        for (i = 0; i < leaks.n && r == 0; i++) {
+            r = qbm_txn_release_later(txn,
+                                      leaks.v[i].cluster * img->cluster_size,
+                                      img->cluster_size, leaks.v[i].excess);
         }
         if (r == 0) {
             r = qbm_txn_commit(txn, QBM_TXN_KEEP_HEADER, 0, 0);
@@ -663,7 +548,7 @@ static int repair_leaks(struct qbm_image *img)
             r = qbm_image_reload(img);
         }
     }
-    free(leaks);
+    free(leaks.v);
     return r;
 }
 

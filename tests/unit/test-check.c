@@ -411,6 +411,84 @@ static void test_allocation_failures(void **state)
     free(buf);
 }
 
+/* The fresh image with bitmap "a" holding data, committed, as bytes. */
+static uint8_t *bitmap_image(size_t *ret_len)
+{
+    size_t len;
+    uint8_t *buf = fresh_image(&len), *copy;
+    struct qbm_image *img;
+    const uint8_t *b;
+
+    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_add(img, "a", 65536, 0), 0);
+    assert_int_equal(qbm_bitmap_set_dirty(img, "a", 0, 1 << 20), 0);
+    assert_int_equal(qbm_commit(img), 0);
+    b = qbm_io_mem_data(img->io, ret_len);
+    copy = malloc(*ret_len);
+    memcpy(copy, b, *ret_len);
+    qbm_close(img);
+    free(buf);
+    return copy;
+}
+
+/*
+ * Check on a handle with an added bitmap not committed yet: that bitmap
+ * has no table on disk, so it references nothing (before, its table was
+ * taken to be at offset 0, and the header cluster counted twice).
+ */
+static void test_staged_bitmap(void **state)
+{
+    size_t len;
+    uint8_t *buf = bitmap_image(&len);
+    struct problems p = { .n = 0 };
+    struct qbm_image *img;
+
+    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_add(img, "b", 65536, 0), 0);
+    assert_int_equal(qbm_check(img, collect, &p), 0);
+    if (p.n) {
+        fail_msg("unexpected problem: %s", p.text[0]);
+    }
+    qbm_close(img);
+    free(buf);
+}
+
+/*
+ * Every allocation of a check of an image with a bitmap made to fail in
+ * turn: the check fails with ENOMEM, or succeeds finding nothing wrong
+ * (before, a bitmap table that could not be loaded for want of memory was
+ * reported as a corruption of the image).
+ */
+static void test_bitmap_allocation_failures(void **state)
+{
+    size_t len;
+    uint8_t *buf = bitmap_image(&len);
+    struct problems p;
+    struct qbm_image *img;
+    unsigned long n;
+    int r = -1;
+
+    for (n = 1; n < 100 && r < 0; n++) {
+        /* Opened each time: a table once loaded stays loaded. */
+        img = qbm_open_memory(buf, len, "mem", 0);
+        assert_non_null(img);
+        memset(&p, 0, sizeof(p));
+        qbm_alloc_fail_after(n);
+        r = qbm_check(img, collect, &p);
+        qbm_alloc_fail_after(0);
+        if (r < 0) {
+            assert_int_equal(qbm_get_errno(), ENOMEM);
+        } else if (p.n) {
+            fail_msg("allocation %lu failed: %s", n, p.text[0]);
+        }
+        qbm_close(img);
+    }
+    assert_int_equal(r, 0);
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -421,6 +499,8 @@ int main(void)
         cmocka_unit_test(test_refs_follow_references),
         cmocka_unit_test(test_bitmap_table_past_eof),
         cmocka_unit_test(test_allocation_failures),
+        cmocka_unit_test(test_staged_bitmap),
+        cmocka_unit_test(test_bitmap_allocation_failures),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
