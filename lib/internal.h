@@ -741,8 +741,8 @@ struct qcow2_meta {
     const char *what;   /* its name in messages: "L2 table" */
     uint64_t offset;    /* in the file */
     uint64_t length;    /* bytes; 0 for an empty table */
-    bool misaligned;    /* a block, L2 table or data cluster whose offset
-                         * is not cluster aligned: not followed */
+    bool misaligned;    /* a refcount block or L2 table whose offset is
+                         * not cluster aligned: not followed */
     uint64_t owner;     /* file offset of the structure pointing here */
     uint64_t index;     /* its entry that does (table index, snapshot or
                          * bitmap number), or UINT64_MAX */

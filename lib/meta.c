@@ -69,10 +69,9 @@ static int found(struct walk *w, struct qcow2_meta *m,
         .owner = owner,
         .index = index,
     };
-    /* Whole-cluster structures that table entries point to; the others
-     * are checked where they are decoded. */
-    if (kind == QCOW2_META_REFBLOCK || kind == QCOW2_META_L2 ||
-        kind == QCOW2_META_DATA) {
+    /* Reported even so, for the overlap index; the other structures are
+     * checked where they are decoded (unaligned data is a bad entry). */
+    if (kind == QCOW2_META_REFBLOCK || kind == QCOW2_META_L2) {
         m->misaligned = !is_aligned(off, w->cs);
     }
     return w->fn(w->opaque, m);
