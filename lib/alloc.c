@@ -51,7 +51,8 @@ struct release {
 
 struct qbm_alloc {
     struct qbm_image *img;
-    const struct qcow2_meta_index *meta;
+    struct qcow2_meta_index *meta; /* never handed out, whatever the
+                                    * refcounts say */
     uint64_t cs;
     unsigned bits;
     uint64_t per_block;
@@ -329,22 +330,22 @@ void qbm_alloc_free(struct qbm_alloc *a)
         return;
     }
     free_blocks(a);
+    qcow2_meta_index_free(a->meta);
     free(a->rt);
     free(a->allocs);
     free(a->releases);
     free(a);
 }
 
-int qbm_alloc_new(struct qbm_image *img, const struct qcow2_meta_index *meta,
-                  struct qbm_alloc **ret)
+int qbm_alloc_new(struct qbm_image *img, struct qbm_alloc **ret)
 {
     struct qbm_alloc *a = qbm_calloc(1, sizeof(*a));
+    int r;
 
     if (!a) {
         return -ENOMEM;
     }
     a->img = img;
-    a->meta = meta;
     a->cs = img->cluster_size;
     a->bits = img->refcount_bits;
     a->per_block = a->cs * 8 / a->bits;
@@ -356,6 +357,14 @@ int qbm_alloc_new(struct qbm_image *img, const struct qcow2_meta_index *meta,
         return -ENOMEM;
     }
     memcpy(a->rt, img->reftable, a->rt_entries * sizeof(*a->rt));
+    /* Before anything relies on the refcount blocks, check where they lie
+     * against the other structures. */
+    r = qcow2_meta_index_build(img, &a->meta);
+    r = r ? r : qcow2_meta_index_check_refcounts(a->meta);
+    if (r < 0) {
+        qbm_alloc_free(a);
+        return r;
+    }
     *ret = a;
     return 0;
 }

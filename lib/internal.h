@@ -835,9 +835,9 @@ int qcow2_header_bitmaps_switch(struct qbm_image *img,
  */
 struct qbm_alloc;
 
-/* `meta` is borrowed and must outlive the allocator. */
-int qbm_alloc_new(struct qbm_image *img, const struct qcow2_meta_index *meta,
-                  struct qbm_alloc **ret);
+/* Copy img's refcount table and index its metadata (qcow2_meta_index_build),
+ * refusing a broken refcount table (qcow2_meta_index_check_refcounts). */
+int qbm_alloc_new(struct qbm_image *img, struct qbm_alloc **ret);
 void qbm_alloc_free(struct qbm_alloc *a);
 /* Allocate n contiguous free clusters (first fit; growing the refcount
  * table if needed); returns their host offset. */

@@ -2,8 +2,8 @@
 /*
  * Crash-safe transactions: the order in which a commit makes things durable
  * (internal.h; reference notes sections 3, 7 and 8). What is allocated and
- * how refcounts change is alloc.c's; which clusters hold metadata is
- * meta.c's; how cluster 0 is switched is header-write.c's.
+ * how refcounts change is alloc.c's (which asks meta.c which clusters hold
+ * metadata); how cluster 0 is switched is header-write.c's.
  *
  * Nothing reaches the disk before qbm_txn_commit() except the contents of
  * clusters this transaction allocated, which nothing references yet and
@@ -17,8 +17,7 @@
 
 struct qbm_txn {
     struct qbm_image *img;
-    struct qcow2_meta_index *meta; /* what the allocator must not hand out */
-    struct qbm_alloc *alloc;       /* the refcounts as they will be */
+    struct qbm_alloc *alloc; /* the refcounts as they will be */
 };
 
 void qbm_txn_abort(struct qbm_txn *t)
@@ -27,7 +26,6 @@ void qbm_txn_abort(struct qbm_txn *t)
         return;
     }
     qbm_alloc_free(t->alloc);
-    qcow2_meta_index_free(t->meta);
     free(t);
 }
 
@@ -44,9 +42,7 @@ int qbm_txn_begin(struct qbm_image *img, struct qbm_txn **ret)
         return -ENOMEM;
     }
     t->img = img;
-    r = qcow2_meta_index_build(img, &t->meta);
-    r = r ? r : qcow2_meta_index_check_refcounts(t->meta);
-    r = r ? r : qbm_alloc_new(img, t->meta, &t->alloc);
+    r = qbm_alloc_new(img, &t->alloc);
     if (r < 0) {
         qbm_txn_abort(t);
         return r;
