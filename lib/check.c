@@ -3,7 +3,7 @@
  * Consistency check and repair (reference notes sections 6 and 8).
  *
  * References are counted per host cluster from every structure qbm knows,
- * as qcow2_meta_walk() (meta.c) reports them, then compared with the
+ * as qcow2_meta_walk() (image-meta.c) reports them, then compared with the
  * refcounts: fewer refcounts than references is corruption (a cluster
  * could be handed out twice), more is a leak. Leak repair relies on the
  * count being complete, so every L1 entry is walked, including those past

@@ -714,7 +714,7 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
                                   qbm_extent_fn fn, void *opaque,
                                   int *ret_consistent);
 
-/* ---- meta.c: where the metadata lies ------------------------------------- */
+/* ---- image-meta.c: where the metadata lies ------------------------------- */
 
 /* What a structure found by qcow2_meta_walk() is. */
 enum qcow2_meta_kind {
@@ -789,7 +789,7 @@ const char *qcow2_meta_index_find(const struct qcow2_meta_index *mi,
  * structure of the index. */
 int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi);
 
-/* ---- header-write.c: crash-safe writes to cluster 0 ---------------------- */
+/* ---- qcow2-header-write.c: crash-safe writes to cluster 0 ---------------- */
 
 /* Whether bytes [start, end) lie in one 512-byte sector: a write of them
  * cannot be torn. */
@@ -826,7 +826,7 @@ int qcow2_header_bitmaps_switch(struct qbm_image *img,
                                 struct qcow2_header_layout *lay, uint32_t nb,
                                 uint64_t dir_offset, uint64_t dir_size);
 
-/* ---- alloc.c: a transaction's refcounts and allocator -------------------- */
+/* ---- txn-alloc.c: a transaction's refcounts and allocator ---------------- */
 
 /*
  * A working copy of the refcount table and of the blocks it touches: what

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Crash-safe transactions: the order in which a commit makes things durable
- * (internal.h; reference notes sections 3, 7 and 8). What is allocated and
- * how refcounts change is alloc.c's (which asks meta.c which clusters hold
- * metadata); how cluster 0 is switched is header-write.c's.
+ * (docs/design.md, "Crash-safe transactions"). What is allocated and how
+ * refcounts change is txn-alloc.c's (which asks image-meta.c which clusters
+ * hold metadata); how cluster 0 is switched is qcow2-header-write.c's.
  *
  * Nothing reaches the disk before qbm_txn_commit() except the contents of
  * clusters this transaction allocated, which nothing references yet and
@@ -88,7 +88,7 @@ int qbm_txn_refcount(struct qbm_txn *t, uint64_t offset, uint64_t *ret)
     return qbm_alloc_refcount(t->alloc, offset, ret);
 }
 
-/* ---- commit --------------------------------------------------------------- */
+/* ---- commit -------------------------------------------------------------- */
 
 /*
  * Steps 1-3 of the commit: refcount increments and new refcount

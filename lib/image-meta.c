@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Where an image's metadata lies (qcow2 spec, "Host cluster management";
- * reference notes sections 3, 6 and 8).
+ * Where an image's metadata lies (qcow2 spec, "Host cluster management",
+ * "Cluster mapping", "Snapshots", "Bitmaps"; docs/design.md, "Validation").
  *
  * One enumerator, qcow2_meta_walk(), finds every structure qbm knows, from
  * the header down to the data clusters, once per reference. Both its users

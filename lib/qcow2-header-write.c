@@ -1,11 +1,12 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Writing cluster 0 crash-safely (qcow2 spec, "Header" and "Header
- * extensions"; reference notes sections 2 and 7): finding the extensions
- * again in the bytes on disk, and switching the bitmaps extension with
- * writes that stay inside one 512-byte sector, each followed by a flush.
- * header.c decodes the same bytes; the transactions of txn.c and alloc.c
- * and the backing-file change of backing.c write them through here.
+ * extensions"; docs/design.md, "Crash-safe transactions"): finding the
+ * extensions again in the bytes on disk, and switching the bitmaps
+ * extension with writes that stay inside one 512-byte sector, each
+ * followed by a flush. header.c decodes the same bytes; the transactions
+ * of txn.c and txn-alloc.c and the backing-file change of backing.c write
+ * them through here.
  */
 #include <stdlib.h>
 

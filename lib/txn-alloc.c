@@ -3,12 +3,13 @@
  * The allocator of a transaction: a working copy of the refcount table and
  * of the refcount blocks it touches, cluster allocation over them, sharing
  * and deferred releases, and writing the changed refcounts out (qcow2
- * spec, "Host cluster management"; reference notes sections 3 and 8).
+ * spec, "Host cluster management"; docs/design.md, "Crash-safe
+ * transactions").
  *
  * Nothing here reaches the disk before qbm_alloc_write(): the caller (the
  * commit in txn.c) decides when refcounts become durable. A cluster whose
  * refcount says "free" but which holds known metadata (the index of
- * meta.c) is refused as corruption, never handed out.
+ * image-meta.c) is refused as corruption, never handed out.
  */
 #include <stdlib.h>
 
