@@ -177,6 +177,11 @@ int qbm_io_copy(struct qbm_io *src, uint64_t src_off, struct qbm_io *dst,
 int qbm_io_dup(struct qbm_io *io, struct qbm_io **ret_io);
 /* The file descriptor behind a file io, or -1. */
 int qbm_io_fd(struct qbm_io *io);
+/* Read `len` bytes of metadata at `off`, refusing what lies past the
+ * largest offset a qcow2 image can address; `what` names the structure
+ * for messages ("L1 table at 0x...: ..."). */
+int qbm_io_read_meta(struct qbm_io *io, void *buf, size_t len, uint64_t off,
+                     const char *what);
 
 /* Lock modes for file images (reference notes section 11). */
 enum qbm_lock_mode {
@@ -389,10 +394,13 @@ int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
 /* Open a raw layer (virtual size = file size). */
 int qbm_image_open_raw(struct qbm_io *io, const char *filename,
                        struct qbm_image **ret_img);
-/* Read `len` metadata bytes at `off`, checking they lie inside the file
- * limits we accept; `what` names the structure for messages. */
-int qbm_image_read_meta(struct qbm_image *img, void *buf, size_t len,
-                        uint64_t off, const char *what);
+/* qbm_io_read_meta on the image's file. */
+static inline int qbm_image_read_meta(struct qbm_image *img, void *buf,
+                                      size_t len, uint64_t off,
+                                      const char *what)
+{
+    return qbm_io_read_meta(img->io, buf, len, off, what);
+}
 
 /* How qbm_image_open_format() reads a file. */
 enum qbm_format {

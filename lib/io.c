@@ -17,6 +17,24 @@ void qbm_io_close(struct qbm_io *io)
     }
 }
 
+int qbm_io_read_meta(struct qbm_io *io, void *buf, size_t len, uint64_t off,
+                     const char *what)
+{
+    uint64_t end;
+    int r;
+
+    if (!add_ok(off, len, &end) || end > QCOW2_MAX_HOST_OFFSET) {
+        return qbm_err(EINVAL, "%s at 0x%llx: beyond the largest possible "
+                       "image", what, (unsigned long long)off);
+    }
+    r = qbm_io_pread(io, buf, len, off);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s at 0x%llx", what,
+                              (unsigned long long)off);
+    }
+    return 0;
+}
+
 static int copy_buffered(struct qbm_io *src, uint64_t src_off,
                          struct qbm_io *dst, uint64_t dst_off, size_t len)
 {
