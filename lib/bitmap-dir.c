@@ -2,7 +2,9 @@
 /*
  * Bitmaps extension, bitmap directory and bitmap tables (qcow2 spec,
  * "Bitmaps extension", "Bitmap directory", "Bitmap table"; reference notes
- * sections 3-5). Validation follows what QEMU refuses on open.
+ * sections 3-5), and a bitmap's data read through its table, streamed or
+ * as a struct qbm_bmap of references. Validation follows what QEMU refuses
+ * on open.
  */
 #include <stdlib.h>
 
@@ -318,4 +320,40 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
     }
     free(buf);
     return r;
+}
+
+int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
+                      struct qbm_bmap **ret)
+{
+    struct qbm_bmap *data;
+    uint64_t i, n;
+    int r;
+
+    r = qcow2_bitmap_table_load(img, bm);
+    if (r < 0) {
+        return r;
+    }
+    r = qbm_bmap_new(img->hdr.size, 1ull << bm->granularity_bits,
+                     img->cluster_size, &data);
+    if (r < 0) {
+        return r;
+    }
+    /* An in-use bitmap's table may be shorter than the disk needs: the
+     * missing part reads as clean. */
+    n = data->nchunks < bm->table_size ? data->nchunks : bm->table_size;
+    for (i = 0; i < n && r == 0; i++) {
+        uint64_t e = bm->table[i], off = e & BME_TABLE_OFFSET_MASK;
+
+        if (off) {
+            r = qbm_bmap_set_ref(data, i, img->io, off);
+        } else if (e & BME_TABLE_ALL_ONES) {
+            data->chunks[i] = QBM_CHUNK_ONES;
+        }
+    }
+    if (r < 0) {
+        qbm_bmap_free(data);
+        return r;
+    }
+    *ret = data;
+    return 0;
 }

@@ -569,6 +569,21 @@ uint64_t qcow2_bitmap_table_size(uint64_t disk_size, unsigned gran_bits,
 /* Load (once) and validate a bitmap's table. */
 int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
 
+/*
+ * Stream a bitmap's on-disk data without building a qbm_bmap: for every
+ * chunk in order, with its bytes (NULL = all zero, QBM_CHUNK_ONES = all
+ * ones). Used by dump and dirty-byte counting so memory stays at one
+ * cluster.
+ */
+typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
+                            const uint8_t *data);
+int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
+                             qbm_chunk_fn fn, void *opaque);
+/* A whole bitmap as a new qbm_bmap whose data chunks reference the
+ * image's clusters (nothing is read until a chunk's bits are needed). */
+int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
+                      struct qbm_bmap **ret);
+
 /* ---- bmap.c: in-memory chunked bitmap ------------------------------------ */
 
 /*
@@ -633,21 +648,6 @@ uint8_t *qbm_bmap_new_chunk(struct qbm_bmap *bm, uint64_t idx);
 int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
                      void *opaque);
 int qbm_bmap_dirty_bytes(const struct qbm_bmap *bm, uint64_t *ret_bytes);
-
-/*
- * Stream a bitmap's on-disk data without building a qbm_bmap: for every
- * chunk in order, with its bytes (NULL = all zero, QBM_CHUNK_ONES = all
- * ones). Used by dump and dirty-byte counting so memory stays at one
- * cluster.
- */
-typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
-                            const uint8_t *data);
-int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
-                             qbm_chunk_fn fn, void *opaque);
-/* A whole bitmap as a new qbm_bmap whose data chunks reference the
- * image's clusters (nothing is read until a chunk's bits are needed). */
-int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
-                      struct qbm_bmap **ret);
 
 /*
  * Extent walking over chunk data: turns a chunk's bits into guest extents.
