@@ -204,6 +204,19 @@ fail:
     return r;
 }
 
+void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf)
+{
+    memset(buf, 0, qcow2_bitmap_entry_size(bm));
+    be64_store(buf, bm->table_offset);
+    be32_store(buf + 8, bm->table_size);
+    be32_store(buf + 12, bm->flags);
+    buf[16] = bm->type;
+    buf[17] = bm->granularity_bits;
+    be16_store(buf + 18, bm->name_size);
+    be32_store(buf + 20, 0);
+    memcpy(buf + BME_ENTRY_HEADER, bm->name, bm->name_size);
+}
+
 /*
  * Entries past the end of the file read as zero, a valid (clean) entry:
  * only the part of the table inside the file is read and validated, so a

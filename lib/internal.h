@@ -561,6 +561,8 @@ int qcow2_bitmap_dir_decode(const uint8_t *buf, uint64_t dir_size,
                             uint64_t cluster_size, uint64_t disk_size,
                             struct qcow2_bitmap **ret_bitmaps);
 void qcow2_bitmaps_free(struct qcow2_bitmap *bms, uint32_t n);
+/* Encode a directory entry for bm into buf (qcow2_bitmap_entry_size bytes). */
+void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf);
 /* Encoded size of one entry. */
 uint64_t qcow2_bitmap_entry_size(const struct qcow2_bitmap *bm);
 /* Table size QEMU requires for a disk of `disk_size` bytes. */
@@ -777,8 +779,6 @@ int qbm_impl_bitmap_salvage(struct qbm_image *img, const char *name);
 int qbm_impl_commit(struct qbm_image *img);
 /* Reload every structure of an open image from its io (after a commit). */
 int qbm_image_reload(struct qbm_image *img);
-/* Encode a directory entry for bm into buf (qcow2_bitmap_entry_size bytes). */
-void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf);
 
 /* ---- chain-check.c: checkpoint rules across layers ----------------------- */
 
