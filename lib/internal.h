@@ -1,16 +1,26 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Internal interfaces of libqbm. Layers, bottom up:
- *   io        pread/pwrite/flush behind a vtable (file, memory, fault)
- *   header    cluster 0: fixed header and extensions
- *   refcount  refcount table and blocks
- *   cluster   L1/L2 tables, allocation map, compressed descriptors
- *   compress  zlib/zstd cluster decompression
- *   snapshot  internal snapshot table
- *   bitmap-dir  bitmaps extension and directory
- *   bmap      in-memory chunked bitmap; bitmap tables and data
- *   image     struct qbm_image: open, validate, accessors
- *   chain     backing chains
+ * Internal interfaces of libqbm, in the layer order of docs/design.md
+ * ("Layers"): first the qcow2 format's constants, which every layer may
+ * use, then one section per layer, bottom up, and in it one banner per
+ * file with what that file defines:
+ *   util    error.c: errors, allocation; byte order, checked arithmetic
+ *   io      io.c: pread/pwrite/flush behind a vtable (file, memory, fault)
+ *   qcow2   header.c, refcount.c, compress.c, cluster.c, snapshot.c: the
+ *           image's structures; writer.c: fresh qcow2 images
+ *   bitmap  bmap.c: in-memory chunked bitmap; bitmap-dir.c: bitmaps
+ *           extension, directory and tables, a bitmap's data
+ *   image   image.c: struct qbm_image (open, validate, reload);
+ *           bitmap.c: bitmap queries
+ *   chain   chain.c: backing chains; chain-check.c: checkpoint rules;
+ *           resolve.c: which layer provides each guest range
+ *   txn     txn.c: crash-safe transactions
+ *   edit    edit.c: staged bitmap edits and their commit
+ *   op      consolidate.c (the other operations have only a public API)
+ * A file uses its own layer and the ones before it, never one after; one
+ * exception, for data only: struct qbm_image is defined with image.c
+ * (it holds a header and the bitmaps extension by value), but the qcow2
+ * and bitmap layers take it by pointer and keep their state in it.
  *
  * Internal functions return 0 (or a count) on success and -errno on failure,
  * after recording a message with qbm_err(). The library never prints.
@@ -39,7 +49,76 @@
 #define QBM_UNUSED __attribute__((unused))
 #define QBM_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
-/* ---- error.c ---------------------------------------------------------- */
+/* ==== qcow2 format constants ============================================== */
+
+/*
+ * The qcow2 spec's names and values (QEMU's docs/interop/qcow2.txt, by
+ * section), and the limits QEMU applies on open, which qbm applies too.
+ */
+
+/* "Header". */
+#define QCOW2_MAGIC 0x514649fbu
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_V2_HEADER_LEN 72
+#define QCOW2_V3_HEADER_LEN 104
+#define QCOW2_MAX_BACKING_NAME 1023
+#define QCOW2_INCOMPAT_KNOWN 0x1full
+#define QCOW2_AUTOCLEAR_KNOWN 0x3ull
+/* Host offsets are limited to bits 9..55 of table entries. */
+#define QCOW2_MAX_HOST_OFFSET (1ull << 56)
+/* QEMU's limits on the active L1 table, the refcount table and the number
+ * of snapshots. */
+#define QCOW2_MAX_L1_BYTES (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+#define QCOW2_MAX_SNAPSHOTS 65536
+
+/* "Header extensions": their type magics. */
+#define QCOW2_EXT_END 0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
+#define QCOW2_EXT_BITMAPS 0x23852875u
+#define QCOW2_EXT_CRYPTO 0x0537be77u
+#define QCOW2_EXT_DATA_FILE 0x44415441u
+
+/* "Host cluster management": refcount table entries. */
+#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
+#define REFT_RESERVED_MASK 0x1ffull
+
+/* "Cluster mapping": L1 and L2 table entries. */
+#define L1E_OFFSET_MASK 0x00fffffffffffe00ull
+#define L1E_RESERVED_MASK 0x7f000000000001ffull
+#define L2E_COPIED (1ull << 63)
+#define L2E_COMPRESSED (1ull << 62)
+#define L2E_OFFSET_MASK 0x00fffffffffffe00ull
+#define L2E_STD_RESERVED_MASK 0x3f000000000001feull
+#define L2E_ZERO 0x1ull
+
+/* "Snapshots": the fixed part of a table entry, and QEMU's limit on its
+ * extra data. */
+#define QCOW2_SN_HEADER_LEN 40
+#define QCOW2_SN_MAX_EXTRA 1024
+
+/* "Bitmaps extension", "Bitmap directory", "Bitmap table". */
+#define BME_FLAG_IN_USE 0x1u
+#define BME_FLAG_AUTO 0x2u
+#define BME_FLAG_EXTRA_DATA_COMPATIBLE 0x4u
+#define BME_TYPE_DIRTY_TRACKING 1
+#define BME_MIN_GRANULARITY_BITS 9
+#define BME_MAX_GRANULARITY_BITS 31
+#define BME_MAX_NAME_SIZE 1023
+#define BME_MAX_TABLE_SIZE 0x8000000u
+#define BME_MAX_PHYS_SIZE 0x20000000u /* 512 MiB of bitmap data */
+#define BME_MAX_BITMAPS 65535
+#define BME_MAX_DIR_SIZE (65535u * 1024u)
+#define BME_ENTRY_HEADER 24
+#define BME_TABLE_RESERVED 0xff000000000001feull
+#define BME_TABLE_OFFSET_MASK 0x00fffffffffffe00ull
+#define BME_TABLE_ALL_ONES 0x1ull
+
+/* ==== layer util ========================================================== */
+
+/* ---- error.c: errors and allocation -------------------------------------- */
 
 /* Record `errnum` and a message as this thread's last error; returns -errnum
  * (-EIO for a non-positive errnum). */
@@ -71,7 +150,7 @@ void qbm_alloc_fail_after(unsigned long n);
  * (and the message is set). */
 bool qbm_alloc_hook_fails(size_t n);
 
-/* ---- byte order and checked arithmetic -------------------------------- */
+/* ---- byte order and checked arithmetic (inline) -------------------------- */
 
 static inline uint16_t be16_load(const void *p)
 {
@@ -131,7 +210,9 @@ static inline bool is_aligned(uint64_t a, uint64_t b)
     return (a & (b - 1)) == 0;
 }
 
-/* ---- io.c --------------------------------------------------------------- */
+/* ==== layer io ============================================================ */
+
+/* ---- io.c: I/O backends -------------------------------------------------- */
 
 struct qbm_io;
 
@@ -210,29 +291,9 @@ uint64_t qbm_io_fault_ops(struct qbm_io *io);
 int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret,
                              size_t *ret_len);
 
-/* ---- header.c ------------------------------------------------------------ */
+/* ==== layer qcow2 ========================================================= */
 
-#define QCOW2_MAGIC 0x514649fbu
-#define QCOW2_MIN_CLUSTER_BITS 9
-#define QCOW2_MAX_CLUSTER_BITS 21
-#define QCOW2_V2_HEADER_LEN 72
-#define QCOW2_V3_HEADER_LEN 104
-#define QCOW2_MAX_BACKING_NAME 1023
-#define QCOW2_MAX_L1_BYTES (32u << 20)
-#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
-#define QCOW2_MAX_SNAPSHOTS 65536
-/* Host offsets are limited to bits 9..55 of table entries (qcow2 spec). */
-#define QCOW2_MAX_HOST_OFFSET (1ull << 56)
-
-#define QCOW2_EXT_END 0x00000000u
-#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
-#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
-#define QCOW2_EXT_BITMAPS 0x23852875u
-#define QCOW2_EXT_CRYPTO 0x0537be77u
-#define QCOW2_EXT_DATA_FILE 0x44415441u
-
-#define QCOW2_INCOMPAT_KNOWN 0x1full
-#define QCOW2_AUTOCLEAR_KNOWN 0x3ull
+/* ---- header.c: cluster 0 ------------------------------------------------- */
 
 /* One header extension as found in cluster 0 (data is a copy). */
 struct qcow2_ext {
@@ -292,24 +353,195 @@ void qcow2_header_free(struct qcow2_header *hdr);
 const char *qcow2_feature_name(const struct qcow2_header *h, unsigned type,
                                unsigned bit);
 
-/* ---- image object (image.c) --------------------------------------------- */
+/* ---- refcount.c ---------------------------------------------------------- */
 
-/* Bitmap directory entry (qcow2 spec, "Bitmap directory"). */
-#define BME_FLAG_IN_USE 0x1u
-#define BME_FLAG_AUTO 0x2u
-#define BME_FLAG_EXTRA_DATA_COMPATIBLE 0x4u
-#define BME_TYPE_DIRTY_TRACKING 1
-#define BME_MIN_GRANULARITY_BITS 9
-#define BME_MAX_GRANULARITY_BITS 31
-#define BME_MAX_NAME_SIZE 1023
-#define BME_MAX_TABLE_SIZE 0x8000000u
-#define BME_MAX_PHYS_SIZE 0x20000000u /* 512 MiB of bitmap data */
-#define BME_MAX_BITMAPS 65535
-#define BME_MAX_DIR_SIZE (65535u * 1024u)
-#define BME_ENTRY_HEADER 24
-#define BME_TABLE_RESERVED 0xff000000000001feull
-#define BME_TABLE_OFFSET_MASK 0x00fffffffffffe00ull
-#define BME_TABLE_ALL_ONES 0x1ull
+/* Load and validate the refcount table (not the blocks). */
+int qcow2_refcount_load(struct qbm_image *img);
+/* Refcount of host cluster index `cluster`. */
+int qcow2_refcount_get(struct qbm_image *img, uint64_t cluster,
+                       uint64_t *ret_refcount);
+/* Decode entry `idx` of a refcount block of width `bits`. */
+uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
+                              uint64_t idx);
+void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
+                        uint64_t value);
+
+/* ---- compress.c ---------------------------------------------------------- */
+
+/* Decompress one cluster: `in` holds `in_len` bytes of a compressed stream
+ * (type 0 deflate, 1 zstd); exactly `out_len` bytes must be produced. */
+int qcow2_decompress(unsigned type, const uint8_t *in, size_t in_len,
+                     uint8_t *out, size_t out_len);
+
+/* ---- cluster.c: L1/L2 tables --------------------------------------------- */
+
+/* Validate the active L1 table's header fields (at open). */
+int qcow2_l1_load(struct qbm_image *img);
+/* Read its entries (img->l1), once, when first needed. */
+int qcow2_l1_ensure(struct qbm_image *img);
+/* Read the L2 table at l2_off into img->l2_cache. */
+int qcow2_read_l2(struct qbm_image *img, uint64_t l2_off);
+
+/* Decoded compressed-cluster descriptor (qcow2 spec, "Compressed
+ * Clusters Descriptor"). */
+struct qcow2_compressed {
+    uint64_t offset; /* host byte offset of the compressed data */
+    uint64_t nb_bytes; /* readable bytes from offset */
+};
+void qcow2_compressed_decode(uint64_t l2e, unsigned cluster_bits,
+                             struct qcow2_compressed *ret);
+
+/* Per-subcluster (or per-cluster) classification. */
+enum qcow2_subcluster_type {
+    QCOW2_SC_UNALLOCATED,  /* falls through to backing */
+    QCOW2_SC_DATA,         /* normal data at host offset */
+    QCOW2_SC_COMPRESSED,
+    QCOW2_SC_ZERO,         /* reads as zero, shadows backing */
+};
+
+/*
+ * Classify guest cluster range: calls fn for maximal runs of equal status in
+ * [0, virtual size). Unallocated runs are not reported.
+ */
+int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
+                          void *opaque);
+
+/*
+ * Host mapping of one layer: maximal guest runs with one kind of content.
+ * DATA runs are host-contiguous (host = file offset of the first byte);
+ * a COMPRESSED run is one cluster (host = its L2 entry); ZERO runs read as
+ * zeros. Ranges falling through to the backing file are not reported.
+ */
+enum qcow2_map_type {
+    QCOW2_MAP_DATA = 1,
+    QCOW2_MAP_ZERO = 2,
+    QCOW2_MAP_COMPRESSED = 3,
+};
+struct qcow2_map_extent {
+    uint64_t guest, len, host;
+    uint32_t type;
+    uint32_t layer; /* set by the resolver */
+    uint64_t start; /* COMPRESSED: guest offset of the cluster */
+};
+typedef int (*qcow2_map_fn)(void *opaque, const struct qcow2_map_extent *e);
+int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque);
+/* Read `len` bytes at guest offset `guest` of a compressed cluster whose
+ * L2 entry is `l2e` (the cluster is decompressed into img's cache). */
+int qcow2_read_compressed(struct qbm_image *img, uint64_t l2e,
+                          uint64_t in_cluster, void *buf, size_t len);
+
+/* ---- snapshot.c ---------------------------------------------------------- */
+
+struct qcow2_snapshot {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    uint64_t entry_offset;
+};
+
+int qcow2_snapshots_load(struct qbm_image *img);
+
+/* ---- writer.c: fresh qcow2 images ---------------------------------------- */
+
+/* A run of guest clusters to store: data, or zero flags. Sorted. */
+struct qcow2_out_run {
+    uint64_t first, count;
+    bool data;
+};
+struct qcow2_writer;
+/* Plan the layout; `runs` must stay valid until qcow2_writer_finish. */
+int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
+                      const char *backing, const char *backing_fmt,
+                      const struct qcow2_out_run *runs, size_t nruns,
+                      struct qcow2_writer **ret);
+/* Host offset of data run `run`'s first cluster (the rest follow). */
+uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run);
+/* Write every metadata structure and the header, then flush. */
+int qcow2_writer_finish(struct qcow2_writer *w);
+void qcow2_writer_free(struct qcow2_writer *w);
+
+/* ==== layer bitmap ======================================================== */
+
+/* ---- bmap.c: in-memory chunked bitmap ------------------------------------ */
+
+/*
+ * A bitmap of nbits bits, stored as chunks of chunk_bytes bytes (one per
+ * bitmap-table entry, so one chunk = one bitmap data cluster). Each chunk is
+ * all-zero (NULL), all-ones (QBM_CHUNK_ONES), a buffer from the arenas, or
+ * a reference (QBM_CHUNK_REF): "the bytes of cluster refs[i].offset of
+ * refs[i].io", read only when its bits are needed. References let a chunk
+ * that is never modified go back to disk without passing through memory:
+ * shared with the cluster it came from (same image) or copied file to file.
+ * Bit k lives in chunk k / (8 * chunk_bytes), byte (k / 8) % chunk_bytes,
+ * value 1 << (k % 8): the on-disk order, so chunks are written out
+ * unchanged.
+ */
+struct qbm_chunk_arena;
+
+struct qbm_chunk_ref {
+    struct qbm_io *io;
+    uint64_t offset;
+};
+
+struct qbm_bmap {
+    struct qbm_chunk_arena *arenas; /* where chunk buffers live */
+    uint64_t arena_chunks;          /* size of the next arena, in chunks */
+    uint64_t nbits;
+    uint64_t granularity; /* bytes covered by one bit */
+    uint64_t disk_size;   /* bytes covered by the whole bitmap */
+    uint64_t chunk_bytes;
+    uint64_t nchunks;
+    uint8_t **chunks;
+    struct qbm_chunk_ref *refs; /* per chunk; allocated with the first */
+    uint8_t *spare;             /* an arena buffer to hand out again */
+    struct qbm_io **owned;      /* ios closed with the bitmap */
+    size_t nowned;
+};
+extern uint8_t qbm_chunk_ones[];
+extern uint8_t qbm_chunk_ref[];
+#define QBM_CHUNK_ONES (qbm_chunk_ones)
+#define QBM_CHUNK_REF (qbm_chunk_ref)
+
+int qbm_bmap_new(uint64_t disk_size, uint64_t granularity,
+                 uint64_t chunk_bytes, struct qbm_bmap **ret);
+void qbm_bmap_free(struct qbm_bmap *bm);
+/* Mark guest bytes [off, off+len) (clipped to disk_size) dirty. */
+int qbm_bmap_set_range(struct qbm_bmap *bm, uint64_t off, uint64_t len);
+/* Bit `bit`: 1 or 0, or -errno when a referenced cluster cannot be read. */
+int qbm_bmap_get(const struct qbm_bmap *bm, uint64_t bit);
+/* Make empty chunk idx a reference to the cluster at `offset` of `io`, which
+ * must stay open as long as the bitmap (see qbm_bmap_adopt_io). */
+int qbm_bmap_set_ref(struct qbm_bmap *bm, uint64_t idx, struct qbm_io *io,
+                     uint64_t offset);
+/* The bitmap closes `io` when it is freed (also when this fails). */
+int qbm_bmap_adopt_io(struct qbm_bmap *bm, struct qbm_io *io);
+/* Read a referenced chunk into memory (no-op for other chunks). */
+int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx);
+/* OR a chunk in on-disk form (NULL, QBM_CHUNK_ONES or bytes) into chunk
+ * idx of a bitmap of the same granularity and chunk size. */
+int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data);
+/* Install a new zeroed buffer as chunk idx (which must be empty). */
+uint8_t *qbm_bmap_new_chunk(struct qbm_bmap *bm, uint64_t idx);
+/* Walk dirty guest extents (merged, clipped to disk_size). */
+int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
+                     void *opaque);
+int qbm_bmap_dirty_bytes(const struct qbm_bmap *bm, uint64_t *ret_bytes);
+
+/*
+ * Extent walking over chunk data: turns a chunk's bits into guest extents.
+ * `st` carries the pending extent across chunks so adjacent extents merge.
+ */
+struct qbm_extent_state {
+    qbm_extent_fn fn;
+    void *opaque;
+    uint64_t pending_off, pending_len;
+    uint64_t granularity, disk_size, bits_per_chunk, chunk_bytes, nbits;
+    uint64_t dirty_bytes;
+};
+int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
+                           const uint8_t *data);
+int qbm_extent_state_finish(struct qbm_extent_state *st);
+
+/* ---- bitmap-dir.c: bitmaps extension, directory, tables ------------------ */
 
 struct qcow2_bitmap {
     /* Staged edits (write path): new contents to store at commit. */
@@ -335,11 +567,47 @@ struct qcow2_bitmaps_ext {
     uint64_t dir_offset;
 };
 
-struct qcow2_snapshot {
-    uint64_t l1_table_offset;
-    uint32_t l1_size;
-    uint64_t entry_offset;
-};
+/* Decode the 24-byte bitmaps extension. */
+int qcow2_bitmaps_ext_decode(const uint8_t *data, uint32_t len,
+                             uint64_t ext_offset,
+                             struct qcow2_bitmaps_ext *ret);
+/* Decode and validate a whole directory (dir_size bytes at dir_offset,
+ * already read into `buf`). Returns the entries (caller frees with
+ * qcow2_bitmaps_free). `cluster_size` and `disk_size` drive QEMU's
+ * per-entry checks. */
+int qcow2_bitmap_dir_decode(const uint8_t *buf, uint64_t dir_size,
+                            uint64_t dir_offset, uint32_t nb_bitmaps,
+                            uint64_t cluster_size, uint64_t disk_size,
+                            struct qcow2_bitmap **ret_bitmaps);
+void qcow2_bitmaps_free(struct qcow2_bitmap *bms, uint32_t n);
+/* Encode a directory entry for bm into buf (qcow2_bitmap_entry_size bytes). */
+void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf);
+/* Encoded size of one entry. */
+uint64_t qcow2_bitmap_entry_size(const struct qcow2_bitmap *bm);
+/* Table size QEMU requires for a disk of `disk_size` bytes. */
+uint64_t qcow2_bitmap_table_size(uint64_t disk_size, unsigned gran_bits,
+                                 uint64_t cluster_size);
+/* Load (once) and validate a bitmap's table. */
+int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
+
+/*
+ * Stream a bitmap's on-disk data without building a qbm_bmap: for every
+ * chunk in order, with its bytes (NULL = all zero, QBM_CHUNK_ONES = all
+ * ones). Used by dump and dirty-byte counting so memory stays at one
+ * cluster.
+ */
+typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
+                            const uint8_t *data);
+int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
+                             qbm_chunk_fn fn, void *opaque);
+/* A whole bitmap as a new qbm_bmap whose data chunks reference the
+ * image's clusters (nothing is read until a chunk's bits are needed). */
+int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
+                      struct qbm_bmap **ret);
+
+/* ==== layer image ========================================================= */
+
+/* ---- image.c: struct qbm_image ------------------------------------------- */
 
 struct qbm_image {
     char *filename;
@@ -422,249 +690,8 @@ int qbm_impl_open(const char *filename, unsigned flags,
 void qbm_impl_close(struct qbm_image *img);
 int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
                               void *opaque);
-
-/* ---- refcount.c ---------------------------------------------------------- */
-
-/* Load and validate the refcount table (not the blocks). */
-int qcow2_refcount_load(struct qbm_image *img);
-/* Refcount of host cluster index `cluster`. */
-int qcow2_refcount_get(struct qbm_image *img, uint64_t cluster,
-                       uint64_t *ret_refcount);
-/* Decode entry `idx` of a refcount block of width `bits`. */
-uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
-                              uint64_t idx);
-void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
-                        uint64_t value);
-
-/* ---- cluster.c ----------------------------------------------------------- */
-
-#define L1E_OFFSET_MASK 0x00fffffffffffe00ull
-#define L1E_RESERVED_MASK 0x7f000000000001ffull
-#define L2E_COPIED (1ull << 63)
-#define L2E_COMPRESSED (1ull << 62)
-#define L2E_OFFSET_MASK 0x00fffffffffffe00ull
-#define L2E_STD_RESERVED_MASK 0x3f000000000001feull
-#define L2E_ZERO 0x1ull
-
-/* Validate the active L1 table's header fields (at open). */
-int qcow2_l1_load(struct qbm_image *img);
-/* Read its entries (img->l1), once, when first needed. */
-int qcow2_l1_ensure(struct qbm_image *img);
-/* Read the L2 table at l2_off into img->l2_cache. */
-int qcow2_read_l2(struct qbm_image *img, uint64_t l2_off);
-
-/* Decoded compressed-cluster descriptor (qcow2 spec, "Compressed
- * Clusters Descriptor"). */
-struct qcow2_compressed {
-    uint64_t offset; /* host byte offset of the compressed data */
-    uint64_t nb_bytes; /* readable bytes from offset */
-};
-void qcow2_compressed_decode(uint64_t l2e, unsigned cluster_bits,
-                             struct qcow2_compressed *ret);
-
-/* Per-subcluster (or per-cluster) classification. */
-enum qcow2_subcluster_type {
-    QCOW2_SC_UNALLOCATED,  /* falls through to backing */
-    QCOW2_SC_DATA,         /* normal data at host offset */
-    QCOW2_SC_COMPRESSED,
-    QCOW2_SC_ZERO,         /* reads as zero, shadows backing */
-};
-
-/*
- * Classify guest cluster range: calls fn for maximal runs of equal status in
- * [0, virtual size). Unallocated runs are not reported.
- */
-int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
-                          void *opaque);
-
-/*
- * Host mapping of one layer: maximal guest runs with one kind of content.
- * DATA runs are host-contiguous (host = file offset of the first byte);
- * a COMPRESSED run is one cluster (host = its L2 entry); ZERO runs read as
- * zeros. Ranges falling through to the backing file are not reported.
- */
-enum qcow2_map_type {
-    QCOW2_MAP_DATA = 1,
-    QCOW2_MAP_ZERO = 2,
-    QCOW2_MAP_COMPRESSED = 3,
-};
-struct qcow2_map_extent {
-    uint64_t guest, len, host;
-    uint32_t type;
-    uint32_t layer; /* set by the resolver */
-    uint64_t start; /* COMPRESSED: guest offset of the cluster */
-};
-typedef int (*qcow2_map_fn)(void *opaque, const struct qcow2_map_extent *e);
-int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque);
-/* Read `len` bytes at guest offset `guest` of a compressed cluster whose
- * L2 entry is `l2e` (the cluster is decompressed into img's cache). */
-int qcow2_read_compressed(struct qbm_image *img, uint64_t l2e,
-                          uint64_t in_cluster, void *buf, size_t len);
-
-/* ---- resolve.c: which layer provides each guest range -------------------- */
-
-/*
- * Resolve layers[0..n) (newest first) into one map: for every guest range
- * in [0, size), the extent of the newest layer that provides it. Ranges
- * no layer provides are absent (they read as zeros). Returns a sorted
- * array the caller frees.
- */
-int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
-                struct qcow2_map_extent **ret, size_t *ret_n);
-
-/* ---- writer.c: fresh qcow2 images ----------------------------------------- */
-
-/* A run of guest clusters to store: data, or zero flags. Sorted. */
-struct qcow2_out_run {
-    uint64_t first, count;
-    bool data;
-};
-struct qcow2_writer;
-/* Plan the layout; `runs` must stay valid until qcow2_writer_finish. */
-int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
-                      const char *backing, const char *backing_fmt,
-                      const struct qcow2_out_run *runs, size_t nruns,
-                      struct qcow2_writer **ret);
-/* Host offset of data run `run`'s first cluster (the rest follow). */
-uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run);
-/* Write every metadata structure and the header, then flush. */
-int qcow2_writer_finish(struct qcow2_writer *w);
-void qcow2_writer_free(struct qcow2_writer *w);
-
-/* consolidate.c: fold `layers` (newest first) into the opened full `img`. */
-int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
-                           size_t n, qbm_progress_fn progress, void *opaque);
-
-/* ---- compress.c ------------------------------------------------------------ */
-
-/* Decompress one cluster: `in` holds `in_len` bytes of a compressed stream
- * (type 0 deflate, 1 zstd); exactly `out_len` bytes must be produced. */
-int qcow2_decompress(unsigned type, const uint8_t *in, size_t in_len,
-                     uint8_t *out, size_t out_len);
-
-/* ---- snapshot.c ---------------------------------------------------------- */
-
-int qcow2_snapshots_load(struct qbm_image *img);
-
-/* ---- bitmap-dir.c -------------------------------------------------------- */
-
-/* Decode the 24-byte bitmaps extension. */
-int qcow2_bitmaps_ext_decode(const uint8_t *data, uint32_t len,
-                             uint64_t ext_offset,
-                             struct qcow2_bitmaps_ext *ret);
-/* Decode and validate a whole directory (dir_size bytes at dir_offset,
- * already read into `buf`). Returns the entries (caller frees with
- * qcow2_bitmaps_free). `cluster_size` and `disk_size` drive QEMU's
- * per-entry checks. */
-int qcow2_bitmap_dir_decode(const uint8_t *buf, uint64_t dir_size,
-                            uint64_t dir_offset, uint32_t nb_bitmaps,
-                            uint64_t cluster_size, uint64_t disk_size,
-                            struct qcow2_bitmap **ret_bitmaps);
-void qcow2_bitmaps_free(struct qcow2_bitmap *bms, uint32_t n);
-/* Encode a directory entry for bm into buf (qcow2_bitmap_entry_size bytes). */
-void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf);
-/* Encoded size of one entry. */
-uint64_t qcow2_bitmap_entry_size(const struct qcow2_bitmap *bm);
-/* Table size QEMU requires for a disk of `disk_size` bytes. */
-uint64_t qcow2_bitmap_table_size(uint64_t disk_size, unsigned gran_bits,
-                                 uint64_t cluster_size);
-/* Load (once) and validate a bitmap's table. */
-int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
-
-/*
- * Stream a bitmap's on-disk data without building a qbm_bmap: for every
- * chunk in order, with its bytes (NULL = all zero, QBM_CHUNK_ONES = all
- * ones). Used by dump and dirty-byte counting so memory stays at one
- * cluster.
- */
-typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
-                            const uint8_t *data);
-int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
-                             qbm_chunk_fn fn, void *opaque);
-/* A whole bitmap as a new qbm_bmap whose data chunks reference the
- * image's clusters (nothing is read until a chunk's bits are needed). */
-int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
-                      struct qbm_bmap **ret);
-
-/* ---- bmap.c: in-memory chunked bitmap ------------------------------------ */
-
-/*
- * A bitmap of nbits bits, stored as chunks of chunk_bytes bytes (one per
- * bitmap-table entry, so one chunk = one bitmap data cluster). Each chunk is
- * all-zero (NULL), all-ones (QBM_CHUNK_ONES), a buffer from the arenas, or
- * a reference (QBM_CHUNK_REF): "the bytes of cluster refs[i].offset of
- * refs[i].io", read only when its bits are needed. References let a chunk
- * that is never modified go back to disk without passing through memory:
- * shared with the cluster it came from (same image) or copied file to file.
- * Bit k lives in chunk k / (8 * chunk_bytes), byte (k / 8) % chunk_bytes,
- * value 1 << (k % 8): the on-disk order, so chunks are written out
- * unchanged.
- */
-struct qbm_chunk_arena;
-
-struct qbm_chunk_ref {
-    struct qbm_io *io;
-    uint64_t offset;
-};
-
-struct qbm_bmap {
-    struct qbm_chunk_arena *arenas; /* where chunk buffers live */
-    uint64_t arena_chunks;          /* size of the next arena, in chunks */
-    uint64_t nbits;
-    uint64_t granularity; /* bytes covered by one bit */
-    uint64_t disk_size;   /* bytes covered by the whole bitmap */
-    uint64_t chunk_bytes;
-    uint64_t nchunks;
-    uint8_t **chunks;
-    struct qbm_chunk_ref *refs; /* per chunk; allocated with the first */
-    uint8_t *spare;             /* an arena buffer to hand out again */
-    struct qbm_io **owned;      /* ios closed with the bitmap */
-    size_t nowned;
-};
-extern uint8_t qbm_chunk_ones[];
-extern uint8_t qbm_chunk_ref[];
-#define QBM_CHUNK_ONES (qbm_chunk_ones)
-#define QBM_CHUNK_REF (qbm_chunk_ref)
-
-int qbm_bmap_new(uint64_t disk_size, uint64_t granularity,
-                 uint64_t chunk_bytes, struct qbm_bmap **ret);
-void qbm_bmap_free(struct qbm_bmap *bm);
-/* Mark guest bytes [off, off+len) (clipped to disk_size) dirty. */
-int qbm_bmap_set_range(struct qbm_bmap *bm, uint64_t off, uint64_t len);
-/* Bit `bit`: 1 or 0, or -errno when a referenced cluster cannot be read. */
-int qbm_bmap_get(const struct qbm_bmap *bm, uint64_t bit);
-/* Make empty chunk idx a reference to the cluster at `offset` of `io`, which
- * must stay open as long as the bitmap (see qbm_bmap_adopt_io). */
-int qbm_bmap_set_ref(struct qbm_bmap *bm, uint64_t idx, struct qbm_io *io,
-                     uint64_t offset);
-/* The bitmap closes `io` when it is freed (also when this fails). */
-int qbm_bmap_adopt_io(struct qbm_bmap *bm, struct qbm_io *io);
-/* Read a referenced chunk into memory (no-op for other chunks). */
-int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx);
-/* OR a chunk in on-disk form (NULL, QBM_CHUNK_ONES or bytes) into chunk
- * idx of a bitmap of the same granularity and chunk size. */
-int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data);
-/* Install a new zeroed buffer as chunk idx (which must be empty). */
-uint8_t *qbm_bmap_new_chunk(struct qbm_bmap *bm, uint64_t idx);
-/* Walk dirty guest extents (merged, clipped to disk_size). */
-int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
-                     void *opaque);
-int qbm_bmap_dirty_bytes(const struct qbm_bmap *bm, uint64_t *ret_bytes);
-
-/*
- * Extent walking over chunk data: turns a chunk's bits into guest extents.
- * `st` carries the pending extent across chunks so adjacent extents merge.
- */
-struct qbm_extent_state {
-    qbm_extent_fn fn;
-    void *opaque;
-    uint64_t pending_off, pending_len;
-    uint64_t granularity, disk_size, bits_per_chunk, chunk_bytes, nbits;
-    uint64_t dirty_bytes;
-};
-int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
-                           const uint8_t *data);
-int qbm_extent_state_finish(struct qbm_extent_state *st);
+/* Reload every structure of an open image from its io (after a commit). */
+int qbm_image_reload(struct qbm_image *img);
 
 /* ---- bitmap.c: bitmap queries -------------------------------------------- */
 
@@ -677,6 +704,8 @@ int qbm_impl_bitmap_find(const struct qbm_image *img, const char *name);
 bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx);
 int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx,
                             qbm_extent_fn fn, void *opaque);
+
+/* ==== layer chain ========================================================= */
 
 /* ---- chain.c: backing chains --------------------------------------------- */
 
@@ -695,6 +724,33 @@ int qbm_impl_image_backing_path(const struct qbm_image *img,
 int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
                                   qbm_extent_fn fn, void *opaque,
                                   int *ret_consistent);
+
+/* ---- chain-check.c: checkpoint rules across layers ----------------------- */
+
+/*
+ * The rules for bitmap `name` over layers[0..n) (0 = top): rules[k] gets
+ * the enum qbm_chain_rule that layer k breaks, or 0. Only layers above the
+ * deepest copy (the origin) can break one: QBM_CHAIN_NOT_IN_TOP when layer
+ * k and every layer above it lack the bitmap, QBM_CHAIN_GAP when it lacks
+ * it under a layer that has it, QBM_CHAIN_DISABLED when k is the top and
+ * its copy is disabled. Returns the origin's index, or n when no layer has
+ * the bitmap.
+ */
+size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
+                       const char *name, int *rules);
+
+/* ---- resolve.c: which layer provides each guest range -------------------- */
+
+/*
+ * Resolve layers[0..n) (newest first) into one map: for every guest range
+ * in [0, size), the extent of the newest layer that provides it. Ranges
+ * no layer provides are absent (they read as zeros). Returns a sorted
+ * array the caller frees.
+ */
+int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
+                struct qcow2_map_extent **ret, size_t *ret_n);
+
+/* ==== layer txn =========================================================== */
 
 /* ---- txn.c: crash-safe transactions -------------------------------------- */
 
@@ -758,6 +814,8 @@ int qbm_txn_commit_write(struct qbm_txn *txn, const void *buf, size_t len,
 /* Current refcount of a host cluster as the transaction sees it. */
 int qbm_txn_refcount(struct qbm_txn *txn, uint64_t offset, uint64_t *ret);
 
+/* ==== layer edit ========================================================== */
+
 /* ---- edit.c: staged bitmap edits and their commit ------------------------ */
 
 /* The public edits of qbm.h, with -errno results. */
@@ -777,21 +835,13 @@ int qbm_impl_bitmap_populate(struct qbm_image *img, const char *name,
                              struct qbm_image *layer);
 int qbm_impl_bitmap_salvage(struct qbm_image *img, const char *name);
 int qbm_impl_commit(struct qbm_image *img);
-/* Reload every structure of an open image from its io (after a commit). */
-int qbm_image_reload(struct qbm_image *img);
 
-/* ---- chain-check.c: checkpoint rules across layers ----------------------- */
+/* ==== layer op ============================================================ */
 
-/*
- * The rules for bitmap `name` over layers[0..n) (0 = top): rules[k] gets
- * the enum qbm_chain_rule that layer k breaks, or 0. Only layers above the
- * deepest copy (the origin) can break one: QBM_CHAIN_NOT_IN_TOP when layer
- * k and every layer above it lack the bitmap, QBM_CHAIN_GAP when it lacks
- * it under a layer that has it, QBM_CHAIN_DISABLED when k is the top and
- * its copy is disabled. Returns the origin's index, or n when no layer has
- * the bitmap.
- */
-size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
-                       const char *name, int *rules);
+/* ---- consolidate.c ------------------------------------------------------- */
+
+/* Fold `layers` (newest first) into the opened full `img`. */
+int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
+                           size_t n, qbm_progress_fn progress, void *opaque);
 
 #endif /* QBM_INTERNAL_H */

@@ -7,8 +7,6 @@
 
 #include "internal.h"
 
-#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
-
 uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
                               uint64_t idx)
 {
