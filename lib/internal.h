@@ -4,7 +4,8 @@
  * ("Layers"): first the qcow2 format's constants, which every layer may
  * use, then one section per layer, bottom up, and in it one banner per
  * file with what that file defines:
- *   util    error.c: errors, allocation; byte order, checked arithmetic
+ *   util    error.c: errors, allocation; util-darray.c: growable arrays;
+ *           byte order, checked arithmetic
  *   io      io.c: pread/pwrite/flush behind a vtable (file, memory, fault)
  *   qcow2   header.c, refcount.c, compress.c, cluster.c, snapshot.c: the
  *           image's structures; writer.c: fresh qcow2 images
@@ -149,6 +150,10 @@ void qbm_alloc_fail_after(unsigned long n);
 /* For allocators that do not use qbm_malloc: true when this one must fail
  * (and the message is set). */
 bool qbm_alloc_hook_fails(size_t n);
+
+/* ---- util-darray.c: typed growable arrays -------------------------------- */
+
+#include "util-darray.h"
 
 /* ---- byte order and checked arithmetic (inline) -------------------------- */
 
