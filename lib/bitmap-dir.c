@@ -1,10 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Bitmaps extension, bitmap directory and bitmap tables (qcow2 spec,
- * "Bitmaps extension", "Bitmap directory", "Bitmap table"; reference notes
- * sections 3-5), and a bitmap's data read through its table, streamed or
- * as a struct qbm_bmap of references. Validation follows what QEMU refuses
- * on open.
+ * "Bitmaps extension", "Bitmap directory", "Bitmap table"), and a bitmap's
+ * data read through its table ("Bitmap data"), streamed or as a struct
+ * qbm_bmap of references. Validation follows what QEMU refuses on open.
  */
 #include <stdlib.h>
 

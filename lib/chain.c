@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Backing chains (qcow2 spec, "Header": backing file; reference notes
- * section 10): name resolution as QEMU does it, format choice, loop and
- * depth limits, and reading one checkpoint across layers.
+ * Backing chains (qcow2 spec, "Header": backing_file_offset; "Header
+ * extensions": backing file format): name resolution as QEMU does it,
+ * format choice, loop and depth limits (docs/design.md, "Layers"), and
+ * reading one checkpoint across layers.
  */
 #include <stdlib.h>
 #include <sys/stat.h>

@@ -35,8 +35,9 @@ static int load_bitmaps(struct qbm_image *img)
         return r;
     }
     /* Without the autoclear bit (or in a v2 image, which cannot carry it)
-     * QEMU ignores the extension: a program without bitmap support wrote
-     * the image after the bitmaps were stored (reference notes section 6). */
+     * the extension is inconsistent and QEMU ignores it: a program without
+     * bitmap support wrote the image after the bitmaps were stored (qcow2
+     * spec, "Header": autoclear_features bit 0, and "Bitmaps extension"). */
     if (img->hdr.version < 3 ||
         !(img->hdr.autoclear_features & QBM_AUTOCLEAR_BITMAPS)) {
         img->bitmaps_state = QBM_BITMAPS_STALE;

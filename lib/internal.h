@@ -269,7 +269,7 @@ int qbm_io_fd(struct qbm_io *io);
 int qbm_io_read_meta(struct qbm_io *io, void *buf, size_t len, uint64_t off,
                      const char *what);
 
-/* Lock modes for file images (reference notes section 11). */
+/* Lock modes for file images (docs/design.md, "Locking"). */
 enum qbm_lock_mode {
     QBM_LOCK_NONE,   /* -U: take nothing */
     QBM_LOCK_READ,   /* hold 100, 201, 203; refuse writers (101, 103) */
@@ -762,7 +762,8 @@ int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
 /*
  * A transaction allocates clusters through the refcount structures, writes
  * new clusters, then commits by switching one pointer in cluster 0, and
- * only then frees what was replaced (reference notes section 7):
+ * only then frees what was replaced (docs/design.md, "Crash-safe
+ * transactions"):
  *   1. new data/table/directory clusters written to free clusters
  *   2. refcount increments (and any new refblocks / grown reftable) written
  *   3. flush; new refblocks hooked into the reftable; flush

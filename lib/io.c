@@ -188,7 +188,7 @@ static const struct qbm_io_ops file_ops = {
 };
 
 /*
- * QEMU's image locking (block/file-posix.c; reference notes section 11):
+ * QEMU's image locking (block/file-posix.c; docs/design.md, "Locking"):
  * permission i is "held" via a shared lock on byte 100 + i and "not shared"
  * via a shared lock on byte 200 + i. Conflicts are found by testing with a
  * write lock, which OFD locks of our own description never block.

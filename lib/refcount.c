@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Refcount table and refcount blocks (qcow2 spec, "Host cluster
- * management"; reference notes section 8).
+ * management").
  */
 #include <stdlib.h>
 
