@@ -623,9 +623,13 @@ QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
 
 /*
  * A checkpoint that spans the layers of a chain (made by external
- * snapshots) is one bitmap of the same name in each layer, from the one
- * where it began up to the top, the top's copy recording. What breaks
- * that, found by qbm_chain_check() per bitmap and layer:
+ * snapshots) is one bitmap of the same name in each layer, from the top
+ * down to the one where it began. libvirt uses it only when the top layer
+ * has a copy, the layers that have one follow each other from the top
+ * with no layer missing in between (the run may end above the bottom),
+ * and every copy records writes and is consistent
+ * (qemuBlockBitmapChainIsValid). What breaks that, found by
+ * qbm_chain_check() per bitmap and layer:
  */
 enum qbm_chain_rule {
     /* `layer` lacks the bitmap, and so does every layer above it: the
@@ -634,19 +638,17 @@ enum qbm_chain_rule {
     /* `layer` lacks the bitmap under a layer that has it: writes made to
      * it while it was the top are in no copy. */
     QBM_CHAIN_GAP = 2,
-    /* `layer`'s copy is disabled and records nothing; reported for the top
-     * layer only. */
+    /* `layer`'s copy is disabled: it does not record writes. */
     QBM_CHAIN_DISABLED = 3,
-    /* `layer`'s copy is in use (inconsistent). Not reported by
-     * qbm_chain_check() yet: qbm_check() reports the in-use bitmaps of
-     * each image. */
+    /* `layer`'s copy is in use (inconsistent: the image was not closed
+     * cleanly, or a running QEMU holds it). */
     QBM_CHAIN_IN_USE = 4,
 };
 
 /*
  * Called once per finding: `rule` (an enum qbm_chain_rule) broken by layer
  * `layer` (0 = top) for bitmap `bitmap`, judged from its deepest copy, in
- * layer `origin` (> layer). Names are borrowed for the call; file names
+ * layer `origin` (>= layer). Names are borrowed for the call; file names
  * come from qbm_chain_filename(). Return 0 to go on, anything else to
  * stop.
  */
@@ -655,13 +657,15 @@ typedef int (*qbm_chain_rule_fn)(void *opaque, int rule, const char *bitmap,
 
 /*
  * Check the checkpoint rules over every layer of `chain` (as opened; the
- * chain is not changed). Each bitmap found below the top is judged once,
+ * chain is not changed). Each bitmap found in any layer is judged once,
  * from its deepest copy: every layer above that copy must have the bitmap
- * (else QBM_CHAIN_NOT_IN_TOP or QBM_CHAIN_GAP for that layer), and the
- * top's copy must be enabled (else QBM_CHAIN_DISABLED). Bitmaps only the
- * top has break no rule. Findings come by origin layer from the top down,
- * each origin's bitmaps in directory order, then by layer from the top
- * down. The state of each image on its own is qbm_check()'s part.
+ * (else QBM_CHAIN_NOT_IN_TOP or QBM_CHAIN_GAP for that layer), and every
+ * copy must be enabled (else QBM_CHAIN_DISABLED) and not in use (else
+ * QBM_CHAIN_IN_USE). A bitmap with no finding is one libvirt accepts.
+ * Findings come by origin layer from the top down, each origin's bitmaps
+ * in directory order, then by layer from the top down, then in the order
+ * of enum qbm_chain_rule. The state of each image on its own is
+ * qbm_check()'s part (it reports in-use bitmaps too).
  * Returns 0 when done, -1 on error, or fn's non-zero value (errno
  * ECANCELED).
  */
