@@ -644,6 +644,7 @@ int cx_write_redefine(const char *path, const struct cx_redefine *def)
     char *tmp = NULL, *slash;
     int size = 0, fd = -1, r = -1;
     size_t done = 0;
+    mode_t mask;
 
     if (doc) {
         xmlDocDumpFormatMemoryEnc(doc, &mem, &size, "UTF-8", 1);
@@ -680,7 +681,10 @@ int cx_write_redefine(const char *path, const struct cx_redefine *def)
         }
         done += (size_t)n;
     }
-    if (fchmod(fd, 0644) < 0 || fsync(fd) < 0) {
+    /* mkstemp made it 0600: as any new file, 0666 minus the umask. */
+    mask = umask(0);
+    umask(mask);
+    if (fchmod(fd, 0666 & ~mask) < 0 || fsync(fd) < 0) {
         tool_error(path, "%s", strerror(errno));
         goto out;
     }
