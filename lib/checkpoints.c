@@ -608,7 +608,33 @@ static bool named(struct qbm_checkpoints *set, const char *target,
     return false;
 }
 
-/* REMOVE of every copy of `bitmap` in the chain of `tg`. */
+/* Whether a checkpoint (one that is kept, with kept_only) names `bitmap`
+ * for a disk that has `image` among its layers: a domain's disks may share
+ * a backing file, and a copy there belongs to each of them. */
+static bool claimed(struct qbm_checkpoints *set, const char *image,
+                    const char *bitmap, bool kept_only)
+{
+    size_t i, k;
+
+    for (i = 0; i < set->ntargets; i++) {
+        const struct ckpt_target *tg = &set->targets[i];
+
+        if (!tg->chain ||
+            !(kept_only ? kept_name(set, tg->target, bitmap)
+                        : named(set, tg->target, bitmap))) {
+            continue;
+        }
+        for (k = 0; k < tg->chain->n; k++) {
+            if (strcmp(tg->chain->names[k], image) == 0) {
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
+/* REMOVE of every copy of `bitmap` in the chain of `tg` that no kept
+ * checkpoint needs. */
 static int remove_copies(struct eval *e, const char *checkpoint,
                          const struct ckpt_target *tg, const char *bitmap)
 {
@@ -616,7 +642,8 @@ static int remove_copies(struct eval *e, const char *checkpoint,
     int r = 0;
 
     for (k = 0; k < tg->chain->n && r == 0; k++) {
-        if (qcow2_bitmap_lookup(tg->chain->layers[k], bitmap)) {
+        if (qcow2_bitmap_lookup(tg->chain->layers[k], bitmap) &&
+            !claimed(e->set, tg->chain->names[k], bitmap, true)) {
             struct qbm_remedy step = {
                 .action = QBM_REMEDY_REMOVE,
                 .checkpoint = checkpoint,
@@ -816,7 +843,7 @@ static int plan_all(struct eval *e)
             for (b = 0; b < img->nb_bitmaps && r == 0; b++) {
                 const char *name = img->bitmaps[b].name;
 
-                if (!named(set, tg->target, name) &&
+                if (!claimed(set, tg->chain->names[k], name, false) &&
                     !orphan_planned(e, name)) {
                     r = plan_orphan(e, name, &parent, &ctime);
                 }
@@ -882,7 +909,7 @@ static int report(struct eval *e, struct user *u)
             for (b = 0; b < img->nb_bitmaps; b++) {
                 const char *name = img->bitmaps[b].name;
 
-                if (named(set, tg->target, name)) {
+                if (claimed(set, tg->chain->names[k], name, false)) {
                     continue;
                 }
                 u->ret = u->orphan_fn(u->opaque, tg->target,

@@ -755,8 +755,10 @@ typedef int (*qbm_checkpoint_disk_fn)(void *opaque, const char *checkpoint,
 
 /*
  * Called for each bitmap in a layer of a disk's chain that no checkpoint
- * names for that disk: disks in order, layers from the top, bitmaps in
- * directory order. `image` is the layer's file (layer 0 = top). Borrowed.
+ * names for that disk, nor for another disk that shares that layer (file
+ * names compared as the chains give them): disks in order, layers from the
+ * top, bitmaps in directory order. `image` is the layer's file (layer 0 =
+ * top). Borrowed.
  */
 typedef int (*qbm_orphan_fn)(void *opaque, const char *target,
                              const char *image, size_t layer,

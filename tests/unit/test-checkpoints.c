@@ -399,6 +399,47 @@ static void test_allocation_failures(void **state)
     assert_true(succeeded);
 }
 
+/* vda: a <- s, vdb: b <- s. ck1 covers vda only, with copies in a and s;
+ * s's copy belongs to vda as well, so it is no orphan of vdb and is never
+ * removed, while "x" in s, named by nothing, is an orphan of both disks
+ * but is removed once. */
+static void test_shared_backing(void **state)
+{
+    static const char *const s_bm[] = { "ck1", "x", NULL };
+    static const char *const a_bm[] = { "ck1", NULL };
+    struct qbm_chain *vda, *vdb;
+    struct qbm_checkpoints *set;
+    struct out o = { "" };
+
+    write_image("s", NULL);
+    write_image("a", "s");
+    write_image("b", "s");
+    add_bitmaps("s", s_bm);
+    add_bitmaps("a", a_bm);
+    vda = qbm_chain_open(path_of("a"), 0);
+    vdb = qbm_chain_open(path_of("b"), 0);
+    assert_non_null(vda);
+    assert_non_null(vdb);
+    set = qbm_checkpoints_new();
+    assert_non_null(set);
+    assert_int_equal(qbm_checkpoints_add_target(set, "vda", vda), 0);
+    assert_int_equal(qbm_checkpoints_add_target(set, "vdb", vdb), 0);
+    assert_int_equal(qbm_checkpoints_add(set, "ck1", NULL, 1), 0);
+    assert_int_equal(qbm_checkpoints_add_disk(set, "ck1", "vda", "ck1"), 0);
+    assert_int_equal(qbm_checkpoints_check(set, 0, on_disk, on_orphan,
+                                           on_remedy, &o), 0);
+    assert_string_equal(o.text, "D ck1 vda ck1 a 0\n"
+                                "O vda s 1 x\n"
+                                "O vdb s 1 x\n"
+                                "R 6 - vda s x - 0\n");
+    qbm_checkpoints_free(set);
+    qbm_chain_close(vda);
+    qbm_chain_close(vdb);
+    unlink(path_of("a"));
+    unlink(path_of("b"));
+    unlink(path_of("s"));
+}
+
 static int group_setup(void **state)
 {
     assert_non_null(mkdtemp(dir));
@@ -419,6 +460,7 @@ int main(void)
         cmocka_unit_test(test_redefine_time),
         cmocka_unit_test(test_refusals_and_stop),
         cmocka_unit_test(test_allocation_failures),
+        cmocka_unit_test(test_shared_backing),
     };
 
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
