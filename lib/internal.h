@@ -732,17 +732,21 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
 
 /* ---- chain-check.c: checkpoint rules across layers ----------------------- */
 
+/* The bit of enum qbm_chain_rule `r` in a qbm_chain_rules() result. */
+#define QBM_CHAIN_BIT(r) (1u << (r))
+
 /*
  * The rules for bitmap `name` over layers[0..n) (0 = top): rules[k] gets
- * the enum qbm_chain_rule that layer k breaks, or 0. Only layers above the
- * deepest copy (the origin) can break one: QBM_CHAIN_NOT_IN_TOP when layer
- * k and every layer above it lack the bitmap, QBM_CHAIN_GAP when it lacks
- * it under a layer that has it, QBM_CHAIN_DISABLED when k is the top and
- * its copy is disabled. Returns the origin's index, or n when no layer has
- * the bitmap.
+ * the set of QBM_CHAIN_BIT(enum qbm_chain_rule) that layer k breaks, or 0.
+ * Only the deepest copy (the origin) and the layers above it can break
+ * one. A layer lacking the bitmap breaks exactly one: QBM_CHAIN_NOT_IN_TOP
+ * when every layer above it lacks it too, QBM_CHAIN_GAP when it lies under
+ * a layer that has it. A copy breaks QBM_CHAIN_DISABLED when it does not
+ * record and QBM_CHAIN_IN_USE when it is in use, in any layer. Returns the
+ * origin's index, or n when no layer has the bitmap.
  */
 size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
-                       const char *name, int *rules);
+                       const char *name, unsigned *rules);
 
 /* ---- resolve.c: which layer provides each guest range -------------------- */
 
