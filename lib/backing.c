@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Changing an image's backing file crash-safely (qcow2 spec, "Header" and
- * "Header extensions"; reference notes sections 2 and 10).
+ * Changing an image's backing file crash-safely (qcow2 spec, "Header":
+ * backing_file_offset and backing_file_size; "Header extensions": the
+ * backing file format, and the name stored after the extensions).
  *
  * The name is written to a free part of cluster 0 first, then the header's
  * backing_file_offset and backing_file_size are switched in one write

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Bitmaps extension, bitmap directory and bitmap tables (qcow2 spec,
- * "Bitmaps extension", "Bitmap directory", "Bitmap table"; reference notes
- * sections 3-5). Validation follows what QEMU refuses on open.
+ * "Bitmaps extension", "Bitmap directory", "Bitmap table"), and a bitmap's
+ * data read through its table ("Bitmap data"), streamed or as a struct
+ * qbm_bmap of references. Validation follows what QEMU refuses on open.
  */
 #include <stdlib.h>
 
@@ -202,6 +203,19 @@ fail:
     return r;
 }
 
+void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf)
+{
+    memset(buf, 0, qcow2_bitmap_entry_size(bm));
+    be64_store(buf, bm->table_offset);
+    be32_store(buf + 8, bm->table_size);
+    be32_store(buf + 12, bm->flags);
+    buf[16] = bm->type;
+    buf[17] = bm->granularity_bits;
+    be16_store(buf + 18, bm->name_size);
+    be32_store(buf + 20, 0);
+    memcpy(buf + BME_ENTRY_HEADER, bm->name, bm->name_size);
+}
+
 /*
  * Entries past the end of the file read as zero, a valid (clean) entry:
  * only the part of the table inside the file is read and validated, so a
@@ -318,4 +332,40 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
     }
     free(buf);
     return r;
+}
+
+int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
+                      struct qbm_bmap **ret)
+{
+    struct qbm_bmap *data;
+    uint64_t i, n;
+    int r;
+
+    r = qcow2_bitmap_table_load(img, bm);
+    if (r < 0) {
+        return r;
+    }
+    r = qbm_bmap_new(img->hdr.size, 1ull << bm->granularity_bits,
+                     img->cluster_size, &data);
+    if (r < 0) {
+        return r;
+    }
+    /* An in-use bitmap's table may be shorter than the disk needs: the
+     * missing part reads as clean. */
+    n = data->nchunks < bm->table_size ? data->nchunks : bm->table_size;
+    for (i = 0; i < n && r == 0; i++) {
+        uint64_t e = bm->table[i], off = e & BME_TABLE_OFFSET_MASK;
+
+        if (off) {
+            r = qbm_bmap_set_ref(data, i, img->io, off);
+        } else if (e & BME_TABLE_ALL_ONES) {
+            data->chunks[i] = QBM_CHUNK_ONES;
+        }
+    }
+    if (r < 0) {
+        qbm_bmap_free(data);
+        return r;
+    }
+    *ret = data;
+    return 0;
 }

@@ -20,7 +20,7 @@ struct carry {
      * with its staged state), then the chain's. */
     struct qbm_image **layers;
     size_t n;                  /* BASE's index in the chain */
-    int *rules;                /* qbm_chain_rules() of one bitmap */
+    unsigned *rules;           /* qbm_chain_rules() of one bitmap */
     const char **skipped; /* bitmaps not carried for a gap (borrowed) */
     size_t nskipped;
     unsigned flags;
@@ -53,8 +53,10 @@ static const char *layer_name(struct carry *c, size_t k)
  */
 static bool is_gap(struct carry *c, bool enabled, size_t k)
 {
-    return c->rules[k] == QBM_CHAIN_GAP ||
-           (c->rules[k] == QBM_CHAIN_NOT_IN_TOP && enabled);
+    /* Only the rules of a layer lacking the bitmap: the state of the
+     * copies (disabled, in use) is no gap. */
+    return (c->rules[k] & QBM_CHAIN_BIT(QBM_CHAIN_GAP)) ||
+           ((c->rules[k] & QBM_CHAIN_BIT(QBM_CHAIN_NOT_IN_TOP)) && enabled);
 }
 
 /* Tell the caller; 1 when it says stop (its value kept in user_ret, so

@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Rules of a checkpoint that spans the layers of a backing chain (how
- * libvirt reads a bitmap across external snapshots: every layer from the
- * one where the checkpoint began up to the top holds a copy, and the top's
- * records), and the backing loop check of a single image. The rules are
- * also what commit-bitmaps calls a gap (carry.c).
+ * Rules of a checkpoint that spans the layers of a backing chain, as
+ * libvirt judges a bitmap before it uses it (docs/checkpoint-rules.md, R1
+ * to R4): the top layer has a copy, the layers that have one form a single
+ * run from the top down (it may end above the bottom), and every copy
+ * records and is consistent. Also the backing loop check of a single
+ * image. The rules are also what commit-bitmaps calls a gap (carry.c).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,7 +13,7 @@
 #include "internal.h"
 
 size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
-                       const char *name, int *rules)
+                       const char *name, unsigned *rules)
 {
     size_t origin = n, k;
     bool above = false;
@@ -27,17 +28,21 @@ size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
         const struct qcow2_bitmap *bm;
 
         rules[k] = 0;
-        if (origin == n || k >= origin) {
+        if (origin == n || k > origin) {
             continue;
         }
         bm = qcow2_bitmap_lookup(layers[k], name);
         if (!bm) {
-            rules[k] = above ? QBM_CHAIN_GAP : QBM_CHAIN_NOT_IN_TOP;
-        } else {
-            above = true;
-            if (k == 0 && !(bm->flags & BME_FLAG_AUTO)) {
-                rules[k] = QBM_CHAIN_DISABLED;
-            }
+            rules[k] = QBM_CHAIN_BIT(above ? QBM_CHAIN_GAP
+                                           : QBM_CHAIN_NOT_IN_TOP);
+            continue;
+        }
+        above = true;
+        if (!(bm->flags & BME_FLAG_AUTO)) {
+            rules[k] |= QBM_CHAIN_BIT(QBM_CHAIN_DISABLED);
+        }
+        if (bm->flags & BME_FLAG_IN_USE) {
+            rules[k] |= QBM_CHAIN_BIT(QBM_CHAIN_IN_USE);
         }
     }
     return origin;
@@ -46,17 +51,17 @@ size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
 static int chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
                        void *opaque)
 {
-    int *rules = qbm_calloc(chain->n, sizeof(*rules));
+    unsigned *rules = qbm_calloc(chain->n, sizeof(*rules));
     size_t l, k;
     uint32_t i;
-    int r = 0;
+    int r = 0, rule;
 
     if (!rules) {
         return -ENOMEM;
     }
     /* Each bitmap is judged once, from its deepest copy, so a layer that
      * lacks it under several layers that have it is still seen. */
-    for (l = 1; l < chain->n && r == 0; l++) {
+    for (l = 0; l < chain->n && r == 0; l++) {
         struct qbm_image *img = chain->layers[l];
 
         for (i = 0; i < img->nb_bitmaps && r == 0; i++) {
@@ -65,9 +70,12 @@ static int chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
             if (qbm_chain_rules(chain->layers, chain->n, name, rules) != l) {
                 continue; /* judged at the layer below */
             }
-            for (k = 0; k < l && r == 0; k++) {
-                if (rules[k]) {
-                    r = fn(opaque, rules[k], name, k, l);
+            for (k = 0; k <= l && r == 0; k++) {
+                for (rule = QBM_CHAIN_NOT_IN_TOP;
+                     rule <= QBM_CHAIN_IN_USE && r == 0; rule++) {
+                    if (rules[k] & QBM_CHAIN_BIT(rule)) {
+                        r = fn(opaque, rule, name, k, l);
+                    }
                 }
             }
         }

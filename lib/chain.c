@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Backing chains (qcow2 spec, "Header": backing file; reference notes
- * section 10): name resolution as QEMU does it, format choice, loop and
- * depth limits, and reading one checkpoint across layers.
+ * Backing chains (qcow2 spec, "Header": backing_file_offset; "Header
+ * extensions": backing file format): name resolution as QEMU does it,
+ * format choice, loop and depth limits (docs/design.md, "Layers"), and
+ * reading one checkpoint across layers.
  */
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -248,54 +249,47 @@ QBM_API const char *qbm_chain_filename(const struct qbm_chain *chain,
 
 /* ---- one checkpoint across layers ------------------------------------- */
 
-struct extent_vec {
-    uint64_t (*v)[2];
-    size_t n, cap;
+/* A guest byte range. */
+struct guest_extent {
+    uint64_t off, len;
+};
+QBM_DARRAY(guest_extents, struct guest_extent);
+
+/* Every layer's extents of one bitmap, clipped to the top's size. */
+struct extent_collect {
+    struct guest_extents all;
     uint64_t limit;
 };
 
-static int vec_add(void *opaque, uint64_t off, uint64_t len)
+static int collect_extent(void *opaque, uint64_t off, uint64_t len)
 {
-    struct extent_vec *vec = opaque;
+    struct extent_collect *c = opaque;
+    struct guest_extent e;
 
-    if (off >= vec->limit) {
+    if (off >= c->limit) {
         return 0;
     }
-    if (len > vec->limit - off) {
-        len = vec->limit - off;
-    }
-    if (vec->n == vec->cap) {
-        size_t cap = vec->cap ? vec->cap * 2 : 256;
-        void *p = qbm_realloc(vec->v, cap * sizeof(*vec->v));
-
-        if (!p) {
-            return -ENOMEM;
-        }
-        vec->v = p;
-        vec->cap = cap;
-    }
-    vec->v[vec->n][0] = off;
-    vec->v[vec->n][1] = len;
-    vec->n++;
-    return 0;
+    e.off = off;
+    e.len = len > c->limit - off ? c->limit - off : len;
+    return qbm_darray_push(&c->all, e, 0);
 }
 
 static int cmp_extent(const void *a, const void *b)
 {
-    const uint64_t *x = a, *y = b;
+    const struct guest_extent *x = a, *y = b;
 
-    return x[0] < y[0] ? -1 : x[0] > y[0];
+    return x->off < y->off ? -1 : x->off > y->off;
 }
 
 int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
                                   qbm_extent_fn fn, void *opaque,
                                   int *ret_consistent)
 {
-    struct extent_vec vec = { 0 };
+    struct extent_collect c = { { 0 } };
     int consistent = 1, found = 0, r = 0;
     size_t i;
 
-    vec.limit = chain->layers[0]->hdr.size;
+    c.limit = chain->layers[0]->hdr.size;
     for (i = 0; i < chain->n; i++) {
         struct qbm_image *img = chain->layers[i];
         uint32_t j;
@@ -308,9 +302,9 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
             if (!qbm_impl_bitmap_consistent(img, j)) {
                 consistent = 0;
             }
-            r = qbm_impl_bitmap_extents(img, j, vec_add, &vec);
+            r = qbm_impl_bitmap_extents(img, j, collect_extent, &c);
             if (r < 0) {
-                free(vec.v);
+                qbm_darray_free(&c.all);
                 return qbm_err_prefix(r, "%s", chain->names[i]);
             }
         }
@@ -320,13 +314,13 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
                        "'%s'", name);
     }
     /* Each layer's list is sorted; the union needs one sort and a sweep. */
-    qsort(vec.v, vec.n, sizeof(*vec.v), cmp_extent);
+    qsort(c.all.v, c.all.n, sizeof(*c.all.v), cmp_extent);
     {
         uint64_t cur_off = 0, cur_end = 0;
         bool have = false;
 
-        for (i = 0; i < vec.n && r == 0; i++) {
-            uint64_t off = vec.v[i][0], end = off + vec.v[i][1];
+        for (i = 0; i < c.all.n && r == 0; i++) {
+            uint64_t off = c.all.v[i].off, end = off + c.all.v[i].len;
 
             if (have && off <= cur_end) {
                 if (end > cur_end) {
@@ -345,7 +339,7 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
             r = fn(opaque, cur_off, cur_end - cur_off);
         }
     }
-    free(vec.v);
+    qbm_darray_free(&c.all);
     if (r) {
         return r;
     }

@@ -2,7 +2,7 @@
 /*
  * L1/L2 tables: the active L1 table, per-layer allocation map, compressed
  * cluster descriptors (qcow2 spec, "Cluster mapping", "Extended L2
- * Entries", "Compressed Clusters Descriptor"; reference notes section 9).
+ * Entries", "Compressed Clusters Descriptor").
  */
 #include <stdlib.h>
 
@@ -191,7 +191,8 @@ static int classify_std(struct qbm_image *img, uint64_t l2_off, uint64_t idx,
         return 0;
     }
     /* With an external data file, host offset 0 is valid when COPIED says
-     * the entry is in use (reference notes section 9). */
+     * the entry is in use (qcow2 spec, "Cluster mapping": Standard Cluster
+     * Descriptor). */
     *ret_status = (data_file && (e & L2E_COPIED)) ? QBM_ALLOC_DATA : 0;
     return 0;
 }

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Decompression of compressed clusters (reference notes section 9):
- * type 0 is raw deflate (no zlib header), type 1 is zstd frames. The input
- * length is only known to sector precision, so decoding stops once the
- * cluster is full and trailing bytes are ignored.
+ * Decompression of compressed clusters (qcow2 spec, "Compressed Clusters
+ * Descriptor", and compression_type in "Additional fields"): type 0 is
+ * raw deflate (no zlib header, as QEMU writes it), type 1 is zstd frames.
+ * The input length is only known to sector precision, so decoding stops
+ * once the cluster is full and trailing bytes are ignored.
  */
 #include <zlib.h>
 #include <zstd.h>

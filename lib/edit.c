@@ -615,19 +615,6 @@ QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name)
 
 /* ---- commit ------------------------------------------------------------ */
 
-void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf)
-{
-    memset(buf, 0, qcow2_bitmap_entry_size(bm));
-    be64_store(buf, bm->table_offset);
-    be32_store(buf + 8, bm->table_size);
-    be32_store(buf + 12, bm->flags);
-    buf[16] = bm->type;
-    buf[17] = bm->granularity_bits;
-    be16_store(buf + 18, bm->name_size);
-    be32_store(buf + 20, 0);
-    memcpy(buf + BME_ENTRY_HEADER, bm->name, bm->name_size);
-}
-
 /* Write bm->data as new data clusters and a new table. */
 static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
                         struct qcow2_bitmap *bm, uint8_t *cbuf)

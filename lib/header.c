@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Cluster 0: the fixed header and the header extensions
- * (qcow2 spec, "Header" and "Header extensions"; reference notes 1-2).
+ * (qcow2 spec, "Header", "Header extensions", "Feature name table").
  */
 #include <stdio.h>
 #include <stdlib.h>

@@ -4,24 +4,6 @@
 
 #include "internal.h"
 
-int qbm_image_read_meta(struct qbm_image *img, void *buf, size_t len,
-                        uint64_t off, const char *what)
-{
-    uint64_t end;
-    int r;
-
-    if (!add_ok(off, len, &end) || end > QCOW2_MAX_HOST_OFFSET) {
-        return qbm_err(EINVAL, "%s at 0x%llx: beyond the largest possible "
-                       "image", what, (unsigned long long)off);
-    }
-    r = qbm_io_pread(img->io, buf, len, off);
-    if (r < 0) {
-        return qbm_err_prefix(r, "%s at 0x%llx", what,
-                              (unsigned long long)off);
-    }
-    return 0;
-}
-
 static void image_unload(struct qbm_image *img);
 
 static void image_free(struct qbm_image *img)
@@ -53,8 +35,9 @@ static int load_bitmaps(struct qbm_image *img)
         return r;
     }
     /* Without the autoclear bit (or in a v2 image, which cannot carry it)
-     * QEMU ignores the extension: a program without bitmap support wrote
-     * the image after the bitmaps were stored (reference notes section 6). */
+     * the extension is inconsistent and QEMU ignores it: a program without
+     * bitmap support wrote the image after the bitmaps were stored (qcow2
+     * spec, "Header": autoclear_features bit 0, and "Bitmaps extension"). */
     if (img->hdr.version < 3 ||
         !(img->hdr.autoclear_features & QBM_AUTOCLEAR_BITMAPS)) {
         img->bitmaps_state = QBM_BITMAPS_STALE;

@@ -1,16 +1,30 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Internal interfaces of libqbm. Layers, bottom up:
- *   io        pread/pwrite/flush behind a vtable (file, memory, fault)
- *   header    cluster 0: fixed header and extensions
- *   refcount  refcount table and blocks
- *   cluster   L1/L2 tables, allocation map, compressed descriptors
- *   compress  zlib/zstd cluster decompression
- *   snapshot  internal snapshot table
- *   bitmap-dir  bitmaps extension and directory
- *   bmap      in-memory chunked bitmap; bitmap tables and data
- *   image     struct qbm_image: open, validate, accessors
- *   chain     backing chains
+ * Internal interfaces of libqbm, in the layer order of docs/design.md
+ * ("Layers"): first the qcow2 format's constants, which every layer may
+ * use, then one section per layer, bottom up, and in it one banner per
+ * file with what that file defines:
+ *   util    error.c: errors, allocation; util-darray.c: growable arrays;
+ *           byte order, checked arithmetic
+ *   io      io.c: pread/pwrite/flush behind a vtable (file, memory, fault)
+ *   qcow2   header.c, refcount.c, compress.c, cluster.c, snapshot.c: the
+ *           image's structures; qcow2-header-write.c: crash-safe writes
+ *           to cluster 0; writer.c: fresh qcow2 images
+ *   bitmap  bmap.c: in-memory chunked bitmap; bitmap-dir.c: bitmaps
+ *           extension, directory and tables, a bitmap's data
+ *   image   image.c: struct qbm_image (open, validate, reload);
+ *           bitmap.c: bitmap queries; image-meta.c: every structure of an
+ *           image (the enumerator) and the overlap index
+ *   chain   chain.c: backing chains; chain-check.c: checkpoint rules;
+ *           resolve.c: which layer provides each guest range
+ *   txn     txn-alloc.c: a transaction's refcounts and allocator;
+ *           txn.c: crash-safe transactions (the commit order)
+ *   edit    edit.c: staged bitmap edits and their commit
+ *   op      consolidate.c (the other operations have only a public API)
+ * A file uses its own layer and the ones before it, never one after; one
+ * exception, for data only: struct qbm_image is defined with image.c
+ * (it holds a header and the bitmaps extension by value), but the qcow2
+ * and bitmap layers take it by pointer and keep their state in it.
  *
  * Internal functions return 0 (or a count) on success and -errno on failure,
  * after recording a message with qbm_err(). The library never prints.
@@ -39,7 +53,101 @@
 #define QBM_UNUSED __attribute__((unused))
 #define QBM_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
-/* ---- error.c ---------------------------------------------------------- */
+/* ==== qcow2 format constants ============================================== */
+
+/*
+ * The qcow2 spec's names and values (QEMU's docs/interop/qcow2.txt, by
+ * section), and the limits QEMU applies on open, which qbm applies too.
+ */
+
+/* "Header". */
+#define QCOW2_MAGIC 0x514649fbu
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_V2_HEADER_LEN 72
+#define QCOW2_V3_HEADER_LEN 104
+#define QCOW2_MAX_BACKING_NAME 1023
+#define QCOW2_INCOMPAT_KNOWN 0x1full
+#define QCOW2_AUTOCLEAR_KNOWN 0x3ull
+/* Where each field of the fixed header starts in cluster 0. Fields are
+ * big-endian and contiguous, so each one ends where the next begins: a
+ * write of several fields is the span between two names. Version 2
+ * headers end where incompatible_features begins. */
+enum qcow2_header_field {
+    QCOW2_HDR_MAGIC = 0,
+    QCOW2_HDR_VERSION = 4,
+    QCOW2_HDR_BACKING_FILE_OFFSET = 8,
+    QCOW2_HDR_BACKING_FILE_SIZE = 16,
+    QCOW2_HDR_CLUSTER_BITS = 20,
+    QCOW2_HDR_SIZE = 24,
+    QCOW2_HDR_CRYPT_METHOD = 32,
+    QCOW2_HDR_L1_SIZE = 36,
+    QCOW2_HDR_L1_TABLE_OFFSET = 40,
+    QCOW2_HDR_REFCOUNT_TABLE_OFFSET = 48,
+    QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS = 56,
+    QCOW2_HDR_NB_SNAPSHOTS = 60,
+    QCOW2_HDR_SNAPSHOTS_OFFSET = 64,
+    QCOW2_HDR_INCOMPATIBLE_FEATURES = 72,
+    QCOW2_HDR_COMPATIBLE_FEATURES = 80,
+    QCOW2_HDR_AUTOCLEAR_FEATURES = 88,
+    QCOW2_HDR_REFCOUNT_ORDER = 96,
+    QCOW2_HDR_HEADER_LENGTH = 100,
+    QCOW2_HDR_COMPRESSION_TYPE = 104, /* additional field, 1 byte */
+};
+/* Host offsets are limited to bits 9..55 of table entries. */
+#define QCOW2_MAX_HOST_OFFSET (1ull << 56)
+/* QEMU's limits on the active L1 table, the refcount table and the number
+ * of snapshots. */
+#define QCOW2_MAX_L1_BYTES (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+#define QCOW2_MAX_SNAPSHOTS 65536
+
+/* "Header extensions": their type magics. */
+#define QCOW2_EXT_END 0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
+#define QCOW2_EXT_BITMAPS 0x23852875u
+#define QCOW2_EXT_CRYPTO 0x0537be77u
+#define QCOW2_EXT_DATA_FILE 0x44415441u
+
+/* "Host cluster management": refcount table entries. */
+#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
+#define REFT_RESERVED_MASK 0x1ffull
+
+/* "Cluster mapping": L1 and L2 table entries. */
+#define L1E_OFFSET_MASK 0x00fffffffffffe00ull
+#define L1E_RESERVED_MASK 0x7f000000000001ffull
+#define L2E_COPIED (1ull << 63)
+#define L2E_COMPRESSED (1ull << 62)
+#define L2E_OFFSET_MASK 0x00fffffffffffe00ull
+#define L2E_STD_RESERVED_MASK 0x3f000000000001feull
+#define L2E_ZERO 0x1ull
+
+/* "Snapshots": the fixed part of a table entry, and QEMU's limit on its
+ * extra data. */
+#define QCOW2_SN_HEADER_LEN 40
+#define QCOW2_SN_MAX_EXTRA 1024
+
+/* "Bitmaps extension", "Bitmap directory", "Bitmap table". */
+#define BME_FLAG_IN_USE 0x1u
+#define BME_FLAG_AUTO 0x2u
+#define BME_FLAG_EXTRA_DATA_COMPATIBLE 0x4u
+#define BME_TYPE_DIRTY_TRACKING 1
+#define BME_MIN_GRANULARITY_BITS 9
+#define BME_MAX_GRANULARITY_BITS 31
+#define BME_MAX_NAME_SIZE 1023
+#define BME_MAX_TABLE_SIZE 0x8000000u
+#define BME_MAX_PHYS_SIZE 0x20000000u /* 512 MiB of bitmap data */
+#define BME_MAX_BITMAPS 65535
+#define BME_MAX_DIR_SIZE (65535u * 1024u)
+#define BME_ENTRY_HEADER 24
+#define BME_TABLE_RESERVED 0xff000000000001feull
+#define BME_TABLE_OFFSET_MASK 0x00fffffffffffe00ull
+#define BME_TABLE_ALL_ONES 0x1ull
+
+/* ==== layer util ========================================================== */
+
+/* ---- error.c: errors and allocation -------------------------------------- */
 
 /* Record `errnum` and a message as this thread's last error; returns -errnum
  * (-EIO for a non-positive errnum). */
@@ -71,7 +179,11 @@ void qbm_alloc_fail_after(unsigned long n);
  * (and the message is set). */
 bool qbm_alloc_hook_fails(size_t n);
 
-/* ---- byte order and checked arithmetic -------------------------------- */
+/* ---- util-darray.c: typed growable arrays -------------------------------- */
+
+#include "util-darray.h"
+
+/* ---- byte order and checked arithmetic (inline) -------------------------- */
 
 static inline uint16_t be16_load(const void *p)
 {
@@ -131,7 +243,9 @@ static inline bool is_aligned(uint64_t a, uint64_t b)
     return (a & (b - 1)) == 0;
 }
 
-/* ---- io.c --------------------------------------------------------------- */
+/* ==== layer io ============================================================ */
+
+/* ---- io.c: I/O backends -------------------------------------------------- */
 
 struct qbm_io;
 
@@ -177,8 +291,13 @@ int qbm_io_copy(struct qbm_io *src, uint64_t src_off, struct qbm_io *dst,
 int qbm_io_dup(struct qbm_io *io, struct qbm_io **ret_io);
 /* The file descriptor behind a file io, or -1. */
 int qbm_io_fd(struct qbm_io *io);
+/* Read `len` bytes of metadata at `off`, refusing what lies past the
+ * largest offset a qcow2 image can address; `what` names the structure
+ * for messages ("L1 table at 0x...: ..."). */
+int qbm_io_read_meta(struct qbm_io *io, void *buf, size_t len, uint64_t off,
+                     const char *what);
 
-/* Lock modes for file images (reference notes section 11). */
+/* Lock modes for file images (docs/design.md, "Locking"). */
 enum qbm_lock_mode {
     QBM_LOCK_NONE,   /* -U: take nothing */
     QBM_LOCK_READ,   /* hold 100, 201, 203; refuse writers (101, 103) */
@@ -205,57 +324,9 @@ uint64_t qbm_io_fault_ops(struct qbm_io *io);
 int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret,
                              size_t *ret_len);
 
-/* ---- header.c ------------------------------------------------------------ */
+/* ==== layer qcow2 ========================================================= */
 
-#define QCOW2_MAGIC 0x514649fbu
-#define QCOW2_MIN_CLUSTER_BITS 9
-#define QCOW2_MAX_CLUSTER_BITS 21
-#define QCOW2_V2_HEADER_LEN 72
-#define QCOW2_V3_HEADER_LEN 104
-#define QCOW2_MAX_BACKING_NAME 1023
-#define QCOW2_MAX_L1_BYTES (32u << 20)
-#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
-#define QCOW2_MAX_SNAPSHOTS 65536
-/* Host offsets are limited to bits 9..55 of table entries (qcow2 spec). */
-#define QCOW2_MAX_HOST_OFFSET (1ull << 56)
-
-#define QCOW2_EXT_END 0x00000000u
-#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
-#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
-#define QCOW2_EXT_BITMAPS 0x23852875u
-#define QCOW2_EXT_CRYPTO 0x0537be77u
-#define QCOW2_EXT_DATA_FILE 0x44415441u
-
-#define QCOW2_INCOMPAT_KNOWN 0x1full
-#define QCOW2_AUTOCLEAR_KNOWN 0x3ull
-
-/*
- * Where each field of the fixed header starts in cluster 0 (qcow2 spec,
- * "Header"). Fields are big-endian and contiguous, so each one ends where
- * the next begins: a write of several fields is the span between two names.
- * Version 2 headers end where incompatible_features begins.
- */
-enum qcow2_header_field {
-    QCOW2_HDR_MAGIC = 0,
-    QCOW2_HDR_VERSION = 4,
-    QCOW2_HDR_BACKING_FILE_OFFSET = 8,
-    QCOW2_HDR_BACKING_FILE_SIZE = 16,
-    QCOW2_HDR_CLUSTER_BITS = 20,
-    QCOW2_HDR_SIZE = 24,
-    QCOW2_HDR_CRYPT_METHOD = 32,
-    QCOW2_HDR_L1_SIZE = 36,
-    QCOW2_HDR_L1_TABLE_OFFSET = 40,
-    QCOW2_HDR_REFCOUNT_TABLE_OFFSET = 48,
-    QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS = 56,
-    QCOW2_HDR_NB_SNAPSHOTS = 60,
-    QCOW2_HDR_SNAPSHOTS_OFFSET = 64,
-    QCOW2_HDR_INCOMPATIBLE_FEATURES = 72,
-    QCOW2_HDR_COMPATIBLE_FEATURES = 80,
-    QCOW2_HDR_AUTOCLEAR_FEATURES = 88,
-    QCOW2_HDR_REFCOUNT_ORDER = 96,
-    QCOW2_HDR_HEADER_LENGTH = 100,
-    QCOW2_HDR_COMPRESSION_TYPE = 104, /* additional field, 1 byte */
-};
+/* ---- header.c: cluster 0 ------------------------------------------------- */
 
 /* One header extension as found in cluster 0 (data is a copy). */
 struct qcow2_ext {
@@ -315,133 +386,42 @@ void qcow2_header_free(struct qcow2_header *hdr);
 const char *qcow2_feature_name(const struct qcow2_header *h, unsigned type,
                                unsigned bit);
 
-/* ---- image object (image.c) --------------------------------------------- */
+/* ---- qcow2-header-write.c: crash-safe writes to cluster 0 ---------------- */
 
-/* Bitmap directory entry (qcow2 spec, "Bitmap directory"). */
-#define BME_FLAG_IN_USE 0x1u
-#define BME_FLAG_AUTO 0x2u
-#define BME_FLAG_EXTRA_DATA_COMPATIBLE 0x4u
-#define BME_TYPE_DIRTY_TRACKING 1
-#define BME_MIN_GRANULARITY_BITS 9
-#define BME_MAX_GRANULARITY_BITS 31
-#define BME_MAX_NAME_SIZE 1023
-#define BME_MAX_TABLE_SIZE 0x8000000u
-#define BME_MAX_PHYS_SIZE 0x20000000u /* 512 MiB of bitmap data */
-#define BME_MAX_BITMAPS 65535
-#define BME_MAX_DIR_SIZE (65535u * 1024u)
-#define BME_ENTRY_HEADER 24
-#define BME_TABLE_RESERVED 0xff000000000001feull
-#define BME_TABLE_OFFSET_MASK 0x00fffffffffffe00ull
-#define BME_TABLE_ALL_ONES 0x1ull
+/* Whether bytes [start, end) lie in one 512-byte sector: a write of them
+ * cannot be torn. */
+static inline bool qcow2_one_sector(uint64_t start, uint64_t end)
+{
+    return start / 512 == (end - 1) / 512;
+}
+/* Write len bytes at off (in cluster 0), then flush. */
+int qcow2_header_write(struct qbm_io *io, const void *buf, size_t len,
+                       uint64_t off);
+/* Write bytes [start, end) of cluster 0 from its copy c0, then flush. */
+int qcow2_header_write_span(struct qbm_io *io, const uint8_t *c0,
+                            uint64_t start, uint64_t end);
 
-struct qcow2_bitmap {
-    /* Staged edits (write path): new contents to store at commit. */
-    struct qbm_bmap *data; /* non-NULL: rewrite data and table at commit */
-    bool table_bad;        /* in-use bitmap whose table cannot be read */
-    uint64_t table_offset;
-    uint32_t table_size;
-    uint32_t flags;
-    uint8_t type;
-    uint8_t granularity_bits;
-    uint32_t extra_data_size;
-    char *name; /* NUL-terminated copy */
-    uint16_t name_size;
-    uint64_t entry_offset; /* file offset of the directory entry */
-    uint64_t *table;       /* loaded lazily, NULL until then */
-    uint32_t table_read;   /* entries read from the file: the rest (past
-                            * its end) are 0 */
+/* Where things are in cluster 0, as it is on disk now. */
+struct qcow2_header_layout {
+    uint8_t *c0;      /* cluster 0; the caller frees it, also on error */
+    uint64_t end_pos; /* the end-of-extensions marker, 0 when there is none */
+    uint64_t ext_pos; /* the extension looked for, 0 when absent */
+    uint32_t ext_len; /* its length */
+    bool ext_last;    /* it lies directly before the end marker */
 };
-
-struct qcow2_bitmaps_ext {
-    uint32_t nb_bitmaps;
-    uint64_t dir_size;
-    uint64_t dir_offset;
-};
-
-struct qcow2_snapshot {
-    uint64_t l1_table_offset;
-    uint32_t l1_size;
-    uint64_t entry_offset;
-};
-
-struct qbm_image {
-    char *filename;
-    bool raw;
-    bool rdwr;
-    struct qbm_io *io;
-    uint64_t file_size;
-    struct qcow2_header hdr;
-
-    /* Geometry. */
-    uint32_t cluster_bits;
-    uint64_t cluster_size;
-    uint32_t refcount_bits;
-    uint32_t l2_entry_size; /* 8 or 16 */
-    uint64_t l2_entries;    /* per table */
-    bool extl2;
-
-    uint64_t *l1;           /* the entries the virtual size needs */
-    uint64_t *keep_l1;      /* reload: the old table, reused if unmoved */
-    uint64_t keep_l1_offset;
-    uint32_t keep_l1_size;
-    uint64_t *reftable;     /* reftable_entries entries */
-    uint64_t reftable_entries;
-
-    struct qcow2_snapshot *snapshots;
-    uint32_t nb_snapshots;
-    uint64_t snapshots_size; /* bytes of the snapshot table */
-
-    int bitmaps_state; /* QBM_BITMAPS_* */
-    struct qcow2_bitmaps_ext bm_ext;
-    struct qcow2_bitmap *bitmaps;
-    uint32_t nb_bitmaps;
-
-    /* Write path: staged edits not yet committed (edit.c). */
-    bool staged;
-    bool broken; /* a failed commit left the handle unusable */
-    uint64_t *pending_free; /* host cluster offsets to free after commit */
-    size_t nb_pending_free, cap_pending_free;
-
-    /* One-block caches (cleared by writers). */
-    uint8_t *l2_cache;
-    uint64_t l2_cache_offset;
-    uint8_t *refblock_cache;
-    uint64_t refblock_cache_offset;
-    uint8_t *zcache; /* last decompressed cluster */
-    uint64_t zcache_l2e;
-};
-
-/* Open an image on an existing io (takes ownership of io, also on error). */
-int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
-                      struct qbm_image **ret_img);
-/* Open a raw layer (virtual size = file size). */
-int qbm_image_open_raw(struct qbm_io *io, const char *filename,
-                       struct qbm_image **ret_img);
-/* Read `len` metadata bytes at `off`, checking they lie inside the file
- * limits we accept; `what` names the structure for messages. */
-int qbm_image_read_meta(struct qbm_image *img, void *buf, size_t len,
-                        uint64_t off, const char *what);
-
-/* How qbm_image_open_format() reads a file. */
-enum qbm_format {
-    QBM_FORMAT_QCOW2, /* must be qcow2 */
-    QBM_FORMAT_RAW,   /* a raw layer, whatever it holds */
-    QBM_FORMAT_PROBE, /* qcow2 when it starts with the magic, else raw */
-};
-/*
- * Open the file behind `io` (taking ownership of io, also on error) as
- * `format`. This is the only place where the qcow2 magic decides a format
- * (QEMU probes the same way for a backing file without a format).
- */
-int qbm_image_open_format(struct qbm_io *io, const char *filename,
-                          enum qbm_format format, bool rdwr,
-                          struct qbm_image **ret_img);
-/* qbm_open, qbm_close, qbm_image_allocation (see qbm.h). */
-int qbm_impl_open(const char *filename, unsigned flags,
-                  struct qbm_image **ret_img);
-void qbm_impl_close(struct qbm_image *img);
-int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
-                              void *opaque);
+/* Read cluster 0 and find its end marker and the extension `magic`. */
+int qcow2_header_layout_read(struct qbm_image *img, uint32_t magic,
+                             struct qcow2_header_layout *lay);
+/* Check, before anything is written, that the bitmaps extension can be
+ * switched to nb bitmaps (lay: found for QCOW2_EXT_BITMAPS). */
+int qcow2_header_bitmaps_plan(const struct qbm_image *img,
+                              const struct qcow2_header_layout *lay,
+                              uint32_t nb);
+/* Make the directory at dir_offset live (nb == 0: remove the extension and
+ * clear the autoclear bit), one sector-sized write and flush at a time. */
+int qcow2_header_bitmaps_switch(struct qbm_image *img,
+                                struct qcow2_header_layout *lay, uint32_t nb,
+                                uint64_t dir_offset, uint64_t dir_size);
 
 /* ---- refcount.c ---------------------------------------------------------- */
 
@@ -456,15 +436,14 @@ uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
 void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
                         uint64_t value);
 
-/* ---- cluster.c ----------------------------------------------------------- */
+/* ---- compress.c ---------------------------------------------------------- */
 
-#define L1E_OFFSET_MASK 0x00fffffffffffe00ull
-#define L1E_RESERVED_MASK 0x7f000000000001ffull
-#define L2E_COPIED (1ull << 63)
-#define L2E_COMPRESSED (1ull << 62)
-#define L2E_OFFSET_MASK 0x00fffffffffffe00ull
-#define L2E_STD_RESERVED_MASK 0x3f000000000001feull
-#define L2E_ZERO 0x1ull
+/* Decompress one cluster: `in` holds `in_len` bytes of a compressed stream
+ * (type 0 deflate, 1 zstd); exactly `out_len` bytes must be produced. */
+int qcow2_decompress(unsigned type, const uint8_t *in, size_t in_len,
+                     uint8_t *out, size_t out_len);
+
+/* ---- cluster.c: L1/L2 tables --------------------------------------------- */
 
 /* Validate the active L1 table's header fields (at open). */
 int qcow2_l1_load(struct qbm_image *img);
@@ -521,18 +500,17 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque);
 int qcow2_read_compressed(struct qbm_image *img, uint64_t l2e,
                           uint64_t in_cluster, void *buf, size_t len);
 
-/* ---- resolve.c: which layer provides each guest range -------------------- */
+/* ---- snapshot.c ---------------------------------------------------------- */
 
-/*
- * Resolve layers[0..n) (newest first) into one map: for every guest range
- * in [0, size), the extent of the newest layer that provides it. Ranges
- * no layer provides are absent (they read as zeros). Returns a sorted
- * array the caller frees.
- */
-int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
-                struct qcow2_map_extent **ret, size_t *ret_n);
+struct qcow2_snapshot {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    uint64_t entry_offset;
+};
 
-/* ---- writer.c: fresh qcow2 images ----------------------------------------- */
+int qcow2_snapshots_load(struct qbm_image *img);
+
+/* ---- writer.c: fresh qcow2 images ---------------------------------------- */
 
 /* A run of guest clusters to store: data, or zero flags. Sorted. */
 struct qcow2_out_run {
@@ -551,43 +529,7 @@ uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run);
 int qcow2_writer_finish(struct qcow2_writer *w);
 void qcow2_writer_free(struct qcow2_writer *w);
 
-/* consolidate.c: fold `layers` (newest first) into the opened full `img`. */
-int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
-                           size_t n, qbm_progress_fn progress, void *opaque);
-
-/* ---- compress.c ------------------------------------------------------------ */
-
-/* Decompress one cluster: `in` holds `in_len` bytes of a compressed stream
- * (type 0 deflate, 1 zstd); exactly `out_len` bytes must be produced. */
-int qcow2_decompress(unsigned type, const uint8_t *in, size_t in_len,
-                     uint8_t *out, size_t out_len);
-
-/* ---- snapshot.c ---------------------------------------------------------- */
-
-int qcow2_snapshots_load(struct qbm_image *img);
-
-/* ---- bitmap-dir.c -------------------------------------------------------- */
-
-/* Decode the 24-byte bitmaps extension. */
-int qcow2_bitmaps_ext_decode(const uint8_t *data, uint32_t len,
-                             uint64_t ext_offset,
-                             struct qcow2_bitmaps_ext *ret);
-/* Decode and validate a whole directory (dir_size bytes at dir_offset,
- * already read into `buf`). Returns the entries (caller frees with
- * qcow2_bitmaps_free). `cluster_size` and `disk_size` drive QEMU's
- * per-entry checks. */
-int qcow2_bitmap_dir_decode(const uint8_t *buf, uint64_t dir_size,
-                            uint64_t dir_offset, uint32_t nb_bitmaps,
-                            uint64_t cluster_size, uint64_t disk_size,
-                            struct qcow2_bitmap **ret_bitmaps);
-void qcow2_bitmaps_free(struct qcow2_bitmap *bms, uint32_t n);
-/* Encoded size of one entry. */
-uint64_t qcow2_bitmap_entry_size(const struct qcow2_bitmap *bm);
-/* Table size QEMU requires for a disk of `disk_size` bytes. */
-uint64_t qcow2_bitmap_table_size(uint64_t disk_size, unsigned gran_bits,
-                                 uint64_t cluster_size);
-/* Load (once) and validate a bitmap's table. */
-int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
+/* ==== layer bitmap ======================================================== */
 
 /* ---- bmap.c: in-memory chunked bitmap ------------------------------------ */
 
@@ -655,21 +597,6 @@ int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
 int qbm_bmap_dirty_bytes(const struct qbm_bmap *bm, uint64_t *ret_bytes);
 
 /*
- * Stream a bitmap's on-disk data without building a qbm_bmap: for every
- * chunk in order, with its bytes (NULL = all zero, QBM_CHUNK_ONES = all
- * ones). Used by dump and dirty-byte counting so memory stays at one
- * cluster.
- */
-typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
-                            const uint8_t *data);
-int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
-                             qbm_chunk_fn fn, void *opaque);
-/* A whole bitmap as a new qbm_bmap whose data chunks reference the
- * image's clusters (nothing is read until a chunk's bits are needed). */
-int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
-                      struct qbm_bmap **ret);
-
-/*
  * Extent walking over chunk data: turns a chunk's bits into guest extents.
  * `st` carries the pending extent across chunks so adjacent extents merge.
  */
@@ -684,6 +611,158 @@ int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
                            const uint8_t *data);
 int qbm_extent_state_finish(struct qbm_extent_state *st);
 
+/* ---- bitmap-dir.c: bitmaps extension, directory, tables ------------------ */
+
+struct qcow2_bitmap {
+    /* Staged edits (write path): new contents to store at commit. */
+    struct qbm_bmap *data; /* non-NULL: rewrite data and table at commit */
+    bool table_bad;        /* in-use bitmap whose table cannot be read */
+    uint64_t table_offset;
+    uint32_t table_size;
+    uint32_t flags;
+    uint8_t type;
+    uint8_t granularity_bits;
+    uint32_t extra_data_size;
+    char *name; /* NUL-terminated copy */
+    uint16_t name_size;
+    uint64_t entry_offset; /* file offset of the directory entry */
+    uint64_t *table;       /* loaded lazily, NULL until then */
+    uint32_t table_read;   /* entries read from the file: the rest (past
+                            * its end) are 0 */
+};
+
+struct qcow2_bitmaps_ext {
+    uint32_t nb_bitmaps;
+    uint64_t dir_size;
+    uint64_t dir_offset;
+};
+
+/* Decode the 24-byte bitmaps extension. */
+int qcow2_bitmaps_ext_decode(const uint8_t *data, uint32_t len,
+                             uint64_t ext_offset,
+                             struct qcow2_bitmaps_ext *ret);
+/* Decode and validate a whole directory (dir_size bytes at dir_offset,
+ * already read into `buf`). Returns the entries (caller frees with
+ * qcow2_bitmaps_free). `cluster_size` and `disk_size` drive QEMU's
+ * per-entry checks. */
+int qcow2_bitmap_dir_decode(const uint8_t *buf, uint64_t dir_size,
+                            uint64_t dir_offset, uint32_t nb_bitmaps,
+                            uint64_t cluster_size, uint64_t disk_size,
+                            struct qcow2_bitmap **ret_bitmaps);
+void qcow2_bitmaps_free(struct qcow2_bitmap *bms, uint32_t n);
+/* Encode a directory entry for bm into buf (qcow2_bitmap_entry_size bytes). */
+void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf);
+/* Encoded size of one entry. */
+uint64_t qcow2_bitmap_entry_size(const struct qcow2_bitmap *bm);
+/* Table size QEMU requires for a disk of `disk_size` bytes. */
+uint64_t qcow2_bitmap_table_size(uint64_t disk_size, unsigned gran_bits,
+                                 uint64_t cluster_size);
+/* Load (once) and validate a bitmap's table. */
+int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
+
+/*
+ * Stream a bitmap's on-disk data without building a qbm_bmap: for every
+ * chunk in order, with its bytes (NULL = all zero, QBM_CHUNK_ONES = all
+ * ones). Used by dump and dirty-byte counting so memory stays at one
+ * cluster.
+ */
+typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
+                            const uint8_t *data);
+int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
+                             qbm_chunk_fn fn, void *opaque);
+/* A whole bitmap as a new qbm_bmap whose data chunks reference the
+ * image's clusters (nothing is read until a chunk's bits are needed). */
+int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
+                      struct qbm_bmap **ret);
+
+/* ==== layer image ========================================================= */
+
+/* ---- image.c: struct qbm_image ------------------------------------------- */
+
+struct qbm_image {
+    char *filename;
+    bool raw;
+    bool rdwr;
+    struct qbm_io *io;
+    uint64_t file_size;
+    struct qcow2_header hdr;
+
+    /* Geometry. */
+    uint32_t cluster_bits;
+    uint64_t cluster_size;
+    uint32_t refcount_bits;
+    uint32_t l2_entry_size; /* 8 or 16 */
+    uint64_t l2_entries;    /* per table */
+    bool extl2;
+
+    uint64_t *l1;           /* the entries the virtual size needs */
+    uint64_t *keep_l1;      /* reload: the old table, reused if unmoved */
+    uint64_t keep_l1_offset;
+    uint32_t keep_l1_size;
+    uint64_t *reftable;     /* reftable_entries entries */
+    uint64_t reftable_entries;
+
+    struct qcow2_snapshot *snapshots;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_size; /* bytes of the snapshot table */
+
+    int bitmaps_state; /* QBM_BITMAPS_* */
+    struct qcow2_bitmaps_ext bm_ext;
+    struct qcow2_bitmap *bitmaps;
+    uint32_t nb_bitmaps;
+
+    /* Write path: staged edits not yet committed (edit.c). */
+    bool staged;
+    bool broken; /* a failed commit left the handle unusable */
+    uint64_t *pending_free; /* host cluster offsets to free after commit */
+    size_t nb_pending_free, cap_pending_free;
+
+    /* One-block caches (cleared by writers). */
+    uint8_t *l2_cache;
+    uint64_t l2_cache_offset;
+    uint8_t *refblock_cache;
+    uint64_t refblock_cache_offset;
+    uint8_t *zcache; /* last decompressed cluster */
+    uint64_t zcache_l2e;
+};
+
+/* Open an image on an existing io (takes ownership of io, also on error). */
+int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
+                      struct qbm_image **ret_img);
+/* Open a raw layer (virtual size = file size). */
+int qbm_image_open_raw(struct qbm_io *io, const char *filename,
+                       struct qbm_image **ret_img);
+/* qbm_io_read_meta on the image's file. */
+static inline int qbm_image_read_meta(struct qbm_image *img, void *buf,
+                                      size_t len, uint64_t off,
+                                      const char *what)
+{
+    return qbm_io_read_meta(img->io, buf, len, off, what);
+}
+
+/* How qbm_image_open_format() reads a file. */
+enum qbm_format {
+    QBM_FORMAT_QCOW2, /* must be qcow2 */
+    QBM_FORMAT_RAW,   /* a raw layer, whatever it holds */
+    QBM_FORMAT_PROBE, /* qcow2 when it starts with the magic, else raw */
+};
+/*
+ * Open the file behind `io` (taking ownership of io, also on error) as
+ * `format`. This is the only place where the qcow2 magic decides a format
+ * (QEMU probes the same way for a backing file without a format).
+ */
+int qbm_image_open_format(struct qbm_io *io, const char *filename,
+                          enum qbm_format format, bool rdwr,
+                          struct qbm_image **ret_img);
+/* qbm_open, qbm_close, qbm_image_allocation (see qbm.h). */
+int qbm_impl_open(const char *filename, unsigned flags,
+                  struct qbm_image **ret_img);
+void qbm_impl_close(struct qbm_image *img);
+int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
+                              void *opaque);
+/* Reload every structure of an open image from its io (after a commit). */
+int qbm_image_reload(struct qbm_image *img);
+
 /* ---- bitmap.c: bitmap queries -------------------------------------------- */
 
 /* The directory entry of bitmap `name` (staged state), or NULL; no error is
@@ -695,24 +774,6 @@ int qbm_impl_bitmap_find(const struct qbm_image *img, const char *name);
 bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx);
 int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx,
                             qbm_extent_fn fn, void *opaque);
-
-/* ---- chain.c: backing chains --------------------------------------------- */
-
-struct qbm_chain {
-    struct qbm_image **layers; /* 0 = top */
-    char **names;              /* resolved file names */
-    size_t n;
-};
-
-int qbm_impl_chain_open(const char *filename, unsigned flags,
-                        struct qbm_chain **ret_chain);
-void qbm_impl_chain_close(struct qbm_chain *chain);
-/* qbm_image_backing_path: *ret_path is a new string. */
-int qbm_impl_image_backing_path(const struct qbm_image *img,
-                                char **ret_path);
-int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
-                                  qbm_extent_fn fn, void *opaque,
-                                  int *ret_consistent);
 
 /* ---- image-meta.c: where the metadata lies ------------------------------- */
 
@@ -789,42 +850,56 @@ const char *qcow2_meta_index_find(const struct qcow2_meta_index *mi,
  * structure of the index. */
 int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi);
 
-/* ---- qcow2-header-write.c: crash-safe writes to cluster 0 ---------------- */
+/* ==== layer chain ========================================================= */
 
-/* Whether bytes [start, end) lie in one 512-byte sector: a write of them
- * cannot be torn. */
-static inline bool qcow2_one_sector(uint64_t start, uint64_t end)
-{
-    return start / 512 == (end - 1) / 512;
-}
-/* Write len bytes at off (in cluster 0), then flush. */
-int qcow2_header_write(struct qbm_io *io, const void *buf, size_t len,
-                       uint64_t off);
-/* Write bytes [start, end) of cluster 0 from its copy c0, then flush. */
-int qcow2_header_write_span(struct qbm_io *io, const uint8_t *c0,
-                            uint64_t start, uint64_t end);
+/* ---- chain.c: backing chains --------------------------------------------- */
 
-/* Where things are in cluster 0, as it is on disk now. */
-struct qcow2_header_layout {
-    uint8_t *c0;      /* cluster 0; the caller frees it, also on error */
-    uint64_t end_pos; /* the end-of-extensions marker, 0 when there is none */
-    uint64_t ext_pos; /* the extension looked for, 0 when absent */
-    uint32_t ext_len; /* its length */
-    bool ext_last;    /* it lies directly before the end marker */
+struct qbm_chain {
+    struct qbm_image **layers; /* 0 = top */
+    char **names;              /* resolved file names */
+    size_t n;
 };
-/* Read cluster 0 and find its end marker and the extension `magic`. */
-int qcow2_header_layout_read(struct qbm_image *img, uint32_t magic,
-                             struct qcow2_header_layout *lay);
-/* Check, before anything is written, that the bitmaps extension can be
- * switched to nb bitmaps (lay: found for QCOW2_EXT_BITMAPS). */
-int qcow2_header_bitmaps_plan(const struct qbm_image *img,
-                              const struct qcow2_header_layout *lay,
-                              uint32_t nb);
-/* Make the directory at dir_offset live (nb == 0: remove the extension and
- * clear the autoclear bit), one sector-sized write and flush at a time. */
-int qcow2_header_bitmaps_switch(struct qbm_image *img,
-                                struct qcow2_header_layout *lay, uint32_t nb,
-                                uint64_t dir_offset, uint64_t dir_size);
+
+int qbm_impl_chain_open(const char *filename, unsigned flags,
+                        struct qbm_chain **ret_chain);
+void qbm_impl_chain_close(struct qbm_chain *chain);
+/* qbm_image_backing_path: *ret_path is a new string. */
+int qbm_impl_image_backing_path(const struct qbm_image *img,
+                                char **ret_path);
+int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
+                                  qbm_extent_fn fn, void *opaque,
+                                  int *ret_consistent);
+
+/* ---- chain-check.c: checkpoint rules across layers ----------------------- */
+
+/* The bit of enum qbm_chain_rule `r` in a qbm_chain_rules() result. */
+#define QBM_CHAIN_BIT(r) (1u << (r))
+
+/*
+ * The rules for bitmap `name` over layers[0..n) (0 = top): rules[k] gets
+ * the set of QBM_CHAIN_BIT(enum qbm_chain_rule) that layer k breaks, or 0.
+ * Only the deepest copy (the origin) and the layers above it can break
+ * one. A layer lacking the bitmap breaks exactly one: QBM_CHAIN_NOT_IN_TOP
+ * when every layer above it lacks it too, QBM_CHAIN_GAP when it lies under
+ * a layer that has it. A copy breaks QBM_CHAIN_DISABLED when it does not
+ * record and QBM_CHAIN_IN_USE when it is in use, in any layer. Returns the
+ * origin's index, or n when no layer has the bitmap.
+ */
+size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
+                       const char *name, unsigned *rules);
+
+/* ---- resolve.c: which layer provides each guest range -------------------- */
+
+/*
+ * Resolve layers[0..n) (newest first) into one map: for every guest range
+ * in [0, size), the extent of the newest layer that provides it. Ranges
+ * no layer provides are absent (they read as zeros). Returns a sorted
+ * array the caller frees.
+ */
+int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
+                struct qcow2_map_extent **ret, size_t *ret_n);
+
+/* ==== layer txn =========================================================== */
 
 /* ---- txn-alloc.c: a transaction's refcounts and allocator ---------------- */
 
@@ -865,7 +940,8 @@ int qbm_alloc_apply_releases(struct qbm_alloc *a);
 /*
  * A transaction allocates clusters through the refcount structures, writes
  * new clusters, then commits by switching one pointer in cluster 0, and
- * only then frees what was replaced (reference notes section 7):
+ * only then frees what was replaced (docs/design.md, "Crash-safe
+ * transactions"):
  *   1. new data/table/directory clusters written to free clusters
  *   2. refcount increments (and any new refblocks / grown reftable) written
  *   3. flush; new refblocks hooked into the reftable; flush
@@ -922,6 +998,8 @@ int qbm_txn_commit_write(struct qbm_txn *txn, const void *buf, size_t len,
 /* Current refcount of a host cluster as the transaction sees it. */
 int qbm_txn_refcount(struct qbm_txn *txn, uint64_t offset, uint64_t *ret);
 
+/* ==== layer edit ========================================================== */
+
 /* ---- edit.c: staged bitmap edits and their commit ------------------------ */
 
 /* The public edits of qbm.h, with -errno results. */
@@ -941,23 +1019,13 @@ int qbm_impl_bitmap_populate(struct qbm_image *img, const char *name,
                              struct qbm_image *layer);
 int qbm_impl_bitmap_salvage(struct qbm_image *img, const char *name);
 int qbm_impl_commit(struct qbm_image *img);
-/* Reload every structure of an open image from its io (after a commit). */
-int qbm_image_reload(struct qbm_image *img);
-/* Encode a directory entry for bm into buf (qcow2_bitmap_entry_size bytes). */
-void qcow2_bitmap_entry_encode(const struct qcow2_bitmap *bm, uint8_t *buf);
 
-/* ---- chain-check.c: checkpoint rules across layers ----------------------- */
+/* ==== layer op ============================================================ */
 
-/*
- * The rules for bitmap `name` over layers[0..n) (0 = top): rules[k] gets
- * the enum qbm_chain_rule that layer k breaks, or 0. Only layers above the
- * deepest copy (the origin) can break one: QBM_CHAIN_NOT_IN_TOP when layer
- * k and every layer above it lack the bitmap, QBM_CHAIN_GAP when it lacks
- * it under a layer that has it, QBM_CHAIN_DISABLED when k is the top and
- * its copy is disabled. Returns the origin's index, or n when no layer has
- * the bitmap.
- */
-size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
-                       const char *name, int *rules);
+/* ---- consolidate.c ------------------------------------------------------- */
+
+/* Fold `layers` (newest first) into the opened full `img`. */
+int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
+                           size_t n, qbm_progress_fn progress, void *opaque);
 
 #endif /* QBM_INTERNAL_H */

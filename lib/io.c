@@ -17,6 +17,24 @@ void qbm_io_close(struct qbm_io *io)
     }
 }
 
+int qbm_io_read_meta(struct qbm_io *io, void *buf, size_t len, uint64_t off,
+                     const char *what)
+{
+    uint64_t end;
+    int r;
+
+    if (!add_ok(off, len, &end) || end > QCOW2_MAX_HOST_OFFSET) {
+        return qbm_err(EINVAL, "%s at 0x%llx: beyond the largest possible "
+                       "image", what, (unsigned long long)off);
+    }
+    r = qbm_io_pread(io, buf, len, off);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s at 0x%llx", what,
+                              (unsigned long long)off);
+    }
+    return 0;
+}
+
 static int copy_buffered(struct qbm_io *src, uint64_t src_off,
                          struct qbm_io *dst, uint64_t dst_off, size_t len)
 {
@@ -170,7 +188,7 @@ static const struct qbm_io_ops file_ops = {
 };
 
 /*
- * QEMU's image locking (block/file-posix.c; reference notes section 11):
+ * QEMU's image locking (block/file-posix.c; docs/design.md, "Locking"):
  * permission i is "held" via a shared lock on byte 100 + i and "not shared"
  * via a shared lock on byte 200 + i. Conflicts are found by testing with a
  * write lock, which OFD locks of our own description never block.
@@ -368,10 +386,11 @@ int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
 
 /* ---- memory backend --------------------------------------------------- */
 
+QBM_DARRAY(mem_bytes, uint8_t);
+
 struct mem_io {
     struct qbm_io io;
-    uint8_t *buf;
-    size_t len, cap;
+    struct mem_bytes data; /* the file: data.n bytes */
 };
 
 /*
@@ -388,12 +407,12 @@ static int mem_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
     struct mem_io *m = (struct mem_io *)io;
     size_t avail = 0;
 
-    if (off < m->len) {
-        avail = m->len - (size_t)off;
+    if (off < m->data.n) {
+        avail = m->data.n - (size_t)off;
         if (avail > len) {
             avail = len;
         }
-        memcpy(buf, m->buf + off, avail);
+        memcpy(buf, m->data.v + off, avail);
     }
     memset((uint8_t *)buf + avail, 0, len - avail);
     return 0;
@@ -404,39 +423,28 @@ static int mem_pwrite(struct qbm_io *io, const void *buf, size_t len,
 {
     struct mem_io *m = (struct mem_io *)io;
     uint64_t end;
+    int r;
 
     if (!add_ok(off, len, &end) || end > MEM_IO_MAX) {
         return qbm_err(EFBIG, "write at 0x%llx: past the memory image limit "
                        "(4 GiB)", (unsigned long long)off);
     }
-    if (off > m->len + MEM_IO_MAX_JUMP) {
+    if (off > m->data.n + MEM_IO_MAX_JUMP) {
         return qbm_err(EFBIG, "write at 0x%llx: more than 1 GiB past the end "
                        "of the memory image (0x%zx)", (unsigned long long)off,
-                       m->len);
+                       m->data.n);
     }
-    if (end > m->cap) {
+    if (end > m->data.n) {
         /* Doubling for appends; a jump gets what it needs, not twice. */
-        uint64_t cap = m->cap ? (uint64_t)m->cap * 2 : 4096;
-        uint8_t *p;
-
-        if (cap < end) {
-            cap = end;
+        r = qbm_darray_reserve(&m->data, (size_t)end - m->data.n,
+                               MEM_IO_MAX);
+        if (r < 0) {
+            return r;
         }
-        if (cap > MEM_IO_MAX) {
-            cap = MEM_IO_MAX;
-        }
-        p = qbm_realloc(m->buf, cap);
-        if (!p) {
-            return -ENOMEM;
-        }
-        m->buf = p;
-        m->cap = cap;
+        memset(m->data.v + m->data.n, 0, (size_t)end - m->data.n);
+        m->data.n = (size_t)end;
     }
-    if (end > m->len) {
-        memset(m->buf + m->len, 0, (size_t)end - m->len);
-        m->len = (size_t)end;
-    }
-    memcpy(m->buf + off, buf, len);
+    memcpy(m->data.v + off, buf, len);
     return 0;
 }
 
@@ -447,7 +455,7 @@ static int mem_flush(struct qbm_io *io)
 
 static int mem_size(struct qbm_io *io, uint64_t *ret_size)
 {
-    *ret_size = ((struct mem_io *)io)->len;
+    *ret_size = ((struct mem_io *)io)->data.n;
     return 0;
 }
 
@@ -455,7 +463,7 @@ static void mem_close(struct qbm_io *io)
 {
     struct mem_io *m = (struct mem_io *)io;
 
-    free(m->buf);
+    qbm_darray_free(&m->data);
     free(m);
 }
 
@@ -476,13 +484,15 @@ int qbm_io_mem_open(const void *buf, size_t len, struct qbm_io **ret_io)
     }
     m->io.ops = &mem_ops;
     if (len > 0) {
-        m->buf = qbm_malloc(len);
-        if (!m->buf) {
+        /* Exactly the bytes given: growth starts with the first write
+         * past them. */
+        m->data.v = qbm_malloc(len);
+        if (!m->data.v) {
             free(m);
             return -ENOMEM;
         }
-        memcpy(m->buf, buf, len);
-        m->len = m->cap = len;
+        memcpy(m->data.v, buf, len);
+        m->data.n = m->data.cap = len;
     }
     *ret_io = &m->io;
     return 0;
@@ -492,8 +502,8 @@ const uint8_t *qbm_io_mem_data(struct qbm_io *io, size_t *ret_len)
 {
     struct mem_io *m = (struct mem_io *)io;
 
-    *ret_len = m->len;
-    return m->buf;
+    *ret_len = m->data.n;
+    return m->data.v;
 }
 
 /* ---- fault-injecting backend ------------------------------------------ */
@@ -510,13 +520,13 @@ struct pending_write {
     size_t len;
     uint8_t *data;
 };
+QBM_DARRAY(pending_writes, struct pending_write);
 
 struct fault_io {
     struct qbm_io io;
     struct qbm_io *live;    /* what reads see */
     struct qbm_io *durable; /* what survives a crash for sure */
-    struct pending_write *pending;
-    size_t npending, cappending;
+    struct pending_writes pending; /* since the last flush */
     uint64_t ops, crash_at;
     bool crashed;
     uint32_t seed;
@@ -555,17 +565,11 @@ static int fault_pwrite(struct qbm_io *io, const void *buf, size_t len,
     if (r < 0) {
         return r;
     }
-    if (f->npending == f->cappending) {
-        size_t cap = f->cappending ? f->cappending * 2 : 16;
-        void *p = qbm_realloc(f->pending, cap * sizeof(*f->pending));
-
-        if (!p) {
-            return -ENOMEM;
-        }
-        f->pending = p;
-        f->cappending = cap;
+    r = qbm_darray_reserve(&f->pending, 1, 0);
+    if (r < 0) {
+        return r;
     }
-    w = &f->pending[f->npending];
+    w = &f->pending.v[f->pending.n];
     w->data = qbm_malloc(len);
     if (!w->data) {
         return -ENOMEM;
@@ -573,7 +577,7 @@ static int fault_pwrite(struct qbm_io *io, const void *buf, size_t len,
     memcpy(w->data, buf, len);
     w->off = off;
     w->len = len;
-    f->npending++;
+    f->pending.n++;
     return qbm_io_pwrite(f->live, buf, len, off);
 }
 
@@ -581,10 +585,10 @@ static void drop_pending(struct fault_io *f)
 {
     size_t i;
 
-    for (i = 0; i < f->npending; i++) {
-        free(f->pending[i].data);
+    for (i = 0; i < f->pending.n; i++) {
+        free(f->pending.v[i].data);
     }
-    f->npending = 0;
+    f->pending.n = 0;
 }
 
 static int fault_flush(struct qbm_io *io)
@@ -596,9 +600,10 @@ static int fault_flush(struct qbm_io *io)
     if (r < 0) {
         return r;
     }
-    for (i = 0; i < f->npending; i++) {
-        r = qbm_io_pwrite(f->durable, f->pending[i].data, f->pending[i].len,
-                          f->pending[i].off);
+    for (i = 0; i < f->pending.n; i++) {
+        const struct pending_write *w = &f->pending.v[i];
+
+        r = qbm_io_pwrite(f->durable, w->data, w->len, w->off);
         if (r < 0) {
             return r;
         }
@@ -617,7 +622,7 @@ static void fault_close(struct qbm_io *io)
     struct fault_io *f = (struct fault_io *)io;
 
     drop_pending(f);
-    free(f->pending);
+    qbm_darray_free(&f->pending);
     qbm_io_close(f->live);
     qbm_io_close(f->durable);
     free(f);
@@ -682,8 +687,8 @@ int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret, size_t *ret_len)
     if (r < 0) {
         return r;
     }
-    for (i = 0; i < f->npending && r == 0; i++) {
-        const struct pending_write *w = &f->pending[i];
+    for (i = 0; i < f->pending.n && r == 0; i++) {
+        const struct pending_write *w = &f->pending.v[i];
         uint64_t sec = w->off / 512 * 512, end = w->off + w->len;
 
         switch (xorshift(&s) % 3) {

@@ -1,13 +1,11 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Refcount table and refcount blocks (qcow2 spec, "Host cluster
- * management"; reference notes section 8).
+ * management").
  */
 #include <stdlib.h>
 
 #include "internal.h"
-
-#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
 
 uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
                               uint64_t idx)

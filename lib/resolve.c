@@ -9,46 +9,32 @@
 
 #include "internal.h"
 
-struct ext_vec {
-    struct qcow2_map_extent *v;
-    size_t n, cap;
+QBM_DARRAY(map_extents, struct qcow2_map_extent);
+
+/* One layer's extents, clipped to the size and tagged with the layer. */
+struct layer_extents {
+    struct map_extents exts;
     uint64_t limit;
     uint32_t layer;
 };
 
-static int vec_push(struct ext_vec *vec, const struct qcow2_map_extent *e)
-{
-    if (vec->n == vec->cap) {
-        size_t cap = vec->cap ? vec->cap * 2 : 64;
-        void *p = qbm_realloc(vec->v, cap * sizeof(*vec->v));
-
-        if (!p) {
-            return -ENOMEM;
-        }
-        vec->v = p;
-        vec->cap = cap;
-    }
-    vec->v[vec->n++] = *e;
-    return 0;
-}
-
 static int collect(void *opaque, const struct qcow2_map_extent *e)
 {
-    struct ext_vec *vec = opaque;
+    struct layer_extents *le = opaque;
     struct qcow2_map_extent c = *e;
 
-    if (c.guest >= vec->limit) {
+    if (c.guest >= le->limit) {
         return 0;
     }
-    if (c.len > vec->limit - c.guest) {
-        c.len = vec->limit - c.guest;
+    if (c.len > le->limit - c.guest) {
+        c.len = le->limit - c.guest;
     }
-    c.layer = vec->layer;
-    return vec_push(vec, &c);
+    c.layer = le->layer;
+    return qbm_darray_push(&le->exts, c, 0);
 }
 
 /* Append a piece of extent e covering [pos, end) to out, merging. */
-static int emit(struct ext_vec *out, const struct qcow2_map_extent *e,
+static int emit(struct map_extents *out, const struct qcow2_map_extent *e,
                 uint64_t pos, uint64_t end)
 {
     struct qcow2_map_extent p = *e;
@@ -67,14 +53,14 @@ static int emit(struct ext_vec *out, const struct qcow2_map_extent *e,
         last->len += p.len;
         return 0;
     }
-    return vec_push(out, &p);
+    return qbm_darray_push(out, p, 0);
 }
 
 int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
                 struct qcow2_map_extent **ret, size_t *ret_n)
 {
-    struct ext_vec *per = qbm_calloc(n ? n : 1, sizeof(*per));
-    struct ext_vec out = { 0 };
+    struct layer_extents *per = qbm_calloc(n ? n : 1, sizeof(*per));
+    struct map_extents out = { 0 };
     size_t *cur = qbm_calloc(n ? n : 1, sizeof(*cur));
     uint64_t pos = 0;
     size_t l;
@@ -103,7 +89,7 @@ int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
         /* The newest layer covering pos wins; older ones only fill what
          * comes before the next extent of a newer layer. */
         for (l = 0; l < n; l++) {
-            struct ext_vec *v = &per[l];
+            const struct map_extents *v = &per[l].exts;
 
             while (cur[l] < v->n &&
                    v->v[cur[l]].guest + v->v[cur[l]].len <= pos) {
@@ -127,23 +113,26 @@ int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
             pos = next;
             continue;
         }
-        end = per[best].v[cur[best]].guest + per[best].v[cur[best]].len;
+        end = per[best].exts.v[cur[best]].guest +
+              per[best].exts.v[cur[best]].len;
         for (l = 0; l < best; l++) {
-            if (cur[l] < per[l].n && per[l].v[cur[l]].guest > pos &&
-                per[l].v[cur[l]].guest < end) {
-                end = per[l].v[cur[l]].guest;
+            const struct map_extents *v = &per[l].exts;
+
+            if (cur[l] < v->n && v->v[cur[l]].guest > pos &&
+                v->v[cur[l]].guest < end) {
+                end = v->v[cur[l]].guest;
             }
         }
-        r = emit(&out, &per[best].v[cur[best]], pos, end);
+        r = emit(&out, &per[best].exts.v[cur[best]], pos, end);
         pos = end;
     }
     for (l = 0; l < n; l++) {
-        free(per[l].v);
+        qbm_darray_free(&per[l].exts);
     }
     free(per);
     free(cur);
     if (r < 0) {
-        free(out.v);
+        qbm_darray_free(&out);
         return r;
     }
     *ret = out.v;

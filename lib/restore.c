@@ -86,36 +86,26 @@ static void writeback(struct out *o, uint64_t to)
 
 /* ---- interval helpers (sorted, merged [start, end) lists) -------------- */
 
-struct ivec {
-    uint64_t (*v)[2];
-    size_t n, cap;
+/* A run of guest clusters [start, end). */
+struct interval {
+    uint64_t start, end;
 };
+QBM_DARRAY(intervals, struct interval);
 
-static int iv_add(struct ivec *iv, uint64_t s, uint64_t e)
+static int iv_add(struct intervals *iv, uint64_t s, uint64_t e)
 {
+    struct interval x = { s, e };
+
     if (s >= e) {
         return 0;
     }
-    if (iv->n && iv->v[iv->n - 1][1] >= s) {
-        if (e > iv->v[iv->n - 1][1]) {
-            iv->v[iv->n - 1][1] = e;
+    if (iv->n && qbm_darray_last(iv).end >= s) {
+        if (e > qbm_darray_last(iv).end) {
+            qbm_darray_last(iv).end = e;
         }
         return 0;
     }
-    if (iv->n == iv->cap) {
-        size_t cap = iv->cap ? iv->cap * 2 : 64;
-        void *p = qbm_realloc(iv->v, cap * sizeof(*iv->v));
-
-        if (!p) {
-            return -ENOMEM;
-        }
-        iv->v = p;
-        iv->cap = cap;
-    }
-    iv->v[iv->n][0] = s;
-    iv->v[iv->n][1] = e;
-    iv->n++;
-    return 0;
+    return qbm_darray_push(iv, x, 0);
 }
 
 /* ---- copying ------------------------------------------------------------ */
@@ -632,11 +622,11 @@ static int write_raw(struct qbm_image **layers,
 static int write_qcow2(struct qbm_image **layers,
                        const struct qcow2_map_extent *map, size_t n,
                        uint64_t size, unsigned cluster_bits,
-                       const struct ivec *want, bool zeros,
+                       const struct intervals *want, bool zeros,
                        const char *backing, struct out *o)
 {
     uint64_t cs = 1ull << cluster_bits;
-    struct ivec data = { 0 }, all = { 0 };
+    struct intervals data = { 0 }, all = { 0 };
     struct qcow2_out_run *runs = NULL;
     struct qcow2_writer *w = NULL;
     size_t nruns = 0, i, j, k, m;
@@ -654,19 +644,19 @@ static int write_qcow2(struct qbm_image **layers,
             r = iv_add(&data, s, e);
             continue;
         }
-        while (j < want->n && want->v[j][1] <= s) {
+        while (j < want->n && want->v[j].end <= s) {
             j++;
         }
-        for (k = j; k < want->n && want->v[k][0] < e && r == 0; k++) {
-            r = iv_add(&data, s > want->v[k][0] ? s : want->v[k][0],
-                       e < want->v[k][1] ? e : want->v[k][1]);
+        for (k = j; k < want->n && want->v[k].start < e && r == 0; k++) {
+            r = iv_add(&data, s > want->v[k].start ? s : want->v[k].start,
+                       e < want->v[k].end ? e : want->v[k].end);
         }
     }
     /* Runs: data clusters, and the wanted clusters between them as zero
      * runs when asked for. */
     if (r == 0 && zeros && want) {
         for (k = 0; k < want->n && r == 0; k++) {
-            r = iv_add(&all, want->v[k][0], want->v[k][1]);
+            r = iv_add(&all, want->v[k].start, want->v[k].end);
         }
     }
     if (r == 0) {
@@ -677,27 +667,26 @@ static int write_qcow2(struct qbm_image **layers,
     }
     for (i = 0, k = 0; r == 0 && (i < data.n || k < all.n);) {
         /* Walk both lists; data wins where they overlap. */
-        uint64_t ds = i < data.n ? data.v[i][0] : UINT64_MAX;
+        uint64_t ds = i < data.n ? data.v[i].start : UINT64_MAX;
 
-        if (k < all.n && all.v[k][0] < ds) {
-            uint64_t ze = all.v[k][1] < ds ? all.v[k][1] : ds;
+        if (k < all.n && all.v[k].start < ds) {
+            uint64_t ze = all.v[k].end < ds ? all.v[k].end : ds;
 
-            runs[nruns++] = (struct qcow2_out_run){ all.v[k][0],
-                                                    ze - all.v[k][0], false };
-            all.v[k][0] = ze;
-            if (all.v[k][0] >= all.v[k][1]) {
+            runs[nruns++] = (struct qcow2_out_run){
+                all.v[k].start, ze - all.v[k].start, false };
+            all.v[k].start = ze;
+            if (all.v[k].start >= all.v[k].end) {
                 k++;
             }
             continue;
         }
-        runs[nruns++] = (struct qcow2_out_run){ data.v[i][0],
-                                                data.v[i][1] - data.v[i][0],
-                                                true };
-        while (k < all.n && all.v[k][1] <= data.v[i][1]) {
+        runs[nruns++] = (struct qcow2_out_run){
+            data.v[i].start, data.v[i].end - data.v[i].start, true };
+        while (k < all.n && all.v[k].end <= data.v[i].end) {
             k++;
         }
-        if (k < all.n && all.v[k][0] < data.v[i][1]) {
-            all.v[k][0] = data.v[i][1];
+        if (k < all.n && all.v[k].start < data.v[i].end) {
+            all.v[k].start = data.v[i].end;
         }
         i++;
     }
@@ -738,8 +727,8 @@ static int write_qcow2(struct qbm_image **layers,
     }
     qcow2_writer_free(w);
     free(runs);
-    free(data.v);
-    free(all.v);
+    qbm_darray_free(&data);
+    qbm_darray_free(&all);
     return r;
 }
 
@@ -883,7 +872,7 @@ QBM_API int qbm_restore(const char *const *images, size_t n,
 /* ---- extract ----------------------------------------------------------------- */
 
 struct want_ctx {
-    struct ivec *iv;
+    struct intervals *iv;
     uint64_t cs;
 };
 
@@ -902,7 +891,7 @@ static int extract(const char *image, const char *bitmap, const char *output,
     struct qbm_image **layers = NULL;
     struct qcow2_map_extent *map = NULL;
     struct out o = { .fd = -1, .progress = progress, .opaque = opaque };
-    struct ivec want = { 0 };
+    struct intervals want = { 0 };
     size_t nmap = 0, n, i;
     unsigned bits = 16;
     uint64_t size;
@@ -987,7 +976,7 @@ static int extract(const char *image, const char *bitmap, const char *output,
         qbm_err_prefix(r, "%s", image);
     }
     out_free(&o);
-    free(want.v);
+    qbm_darray_free(&want);
     free(map);
     free(layers);
     qbm_impl_chain_close(ch);

@@ -7,14 +7,11 @@
 
 #include "internal.h"
 
-#define SN_HEADER 40
-#define SN_MAX_EXTRA 1024 /* QEMU's limit on per-snapshot extra data */
-
 int qcow2_snapshots_load(struct qbm_image *img)
 {
     const struct qcow2_header *h = &img->hdr;
     uint64_t off = h->snapshots_offset;
-    uint8_t hdrbuf[SN_HEADER];
+    uint8_t hdrbuf[QCOW2_SN_HEADER_LEN];
     uint32_t i;
     int r;
 
@@ -49,7 +46,7 @@ int qcow2_snapshots_load(struct qbm_image *img)
         id_size = be16_load(hdrbuf + 12);
         name_size = be16_load(hdrbuf + 14);
         extra = be32_load(hdrbuf + 36);
-        if (extra > SN_MAX_EXTRA) {
+        if (extra > QCOW2_SN_MAX_EXTRA) {
             return qbm_err(EINVAL, "snapshot table entry %u at 0x%llx: "
                            "extra data size %u too large", i,
                            (unsigned long long)off, extra);
@@ -60,7 +57,7 @@ int qcow2_snapshots_load(struct qbm_image *img)
             return qbm_err(EINVAL, "snapshot table entry %u at 0x%llx: "
                            "invalid L1 table", i, (unsigned long long)off);
         }
-        off += SN_HEADER + extra + id_size + name_size;
+        off += QCOW2_SN_HEADER_LEN + extra + id_size + name_size;
         off = (off + 7) & ~7ull;
         /* QEMU caps the whole table at 64 MiB. */
         if (off - h->snapshots_offset > (64u << 20)) {

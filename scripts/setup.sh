@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 top=$(pwd)
 
 packages=(meson ninja-build pkg-config gcc clang libclang-rt-14-dev
-          zlib1g-dev libzstd-dev libcmocka-dev qemu-utils libnbd-bin
+          zlib1g-dev libzstd-dev libxml2-dev libcmocka-dev qemu-utils libnbd-bin
           python3 time valgrind)
 
 install_missing() {

@@ -39,11 +39,10 @@ struct report {
 /* Listing millions of leaks helps nobody: show the first ones. */
 #define MAX_SHOWN 1000
 
-static int add_problem(void *opaque, int kind, uint64_t offset,
-                       const char *msg)
+/* One problem; `rule_json` (may be NULL) adds keys to its JSON object. */
+static int add_entry(struct report *rep, int kind, uint64_t offset,
+                     const char *msg, const char *rule_json)
 {
-    struct report *rep = opaque;
-
     if (kind < 1 || kind > 3) {
         return 0;
     }
@@ -56,6 +55,7 @@ static int add_problem(void *opaque, int kind, uint64_t offset,
                   ", \"message\": ", rep->shown > 1 ? ", " : "",
                   kind_names[kind], offset);
         ob_json_string(rep->ob, msg);
+        ob_puts(rep->ob, rule_json ? rule_json : "");
         ob_puts(rep->ob, "}");
     } else {
         ob_printf(rep->ob, "%s: %s\n",
@@ -67,35 +67,71 @@ static int add_problem(void *opaque, int kind, uint64_t offset,
     return 0;
 }
 
+static int add_problem(void *opaque, int kind, uint64_t offset,
+                       const char *msg)
+{
+    return add_entry(opaque, kind, offset, msg, NULL);
+}
+
 struct chain_report {
     struct report *rep;
     struct qbm_chain *ch;
 };
 
-/* A broken checkpoint rule (qbm_chain_check) as a bitmap problem. */
+static const char *const rule_names[] = { "", "not-in-top", "gap",
+                                          "disabled", "in-use" };
+
+/* A broken checkpoint rule (qbm_chain_check) as a bitmap problem, naming
+ * the rule and the layer. */
 static int add_rule(void *opaque, int rule, const char *bitmap, size_t layer,
                     size_t origin)
 {
     struct chain_report *cr = opaque;
+    const char *file = qbm_chain_filename(cr->ch, layer);
+    struct outbuf js = { 0 };
     char msg[1200];
+    int r;
 
     switch (rule) {
     case QBM_CHAIN_NOT_IN_TOP:
+        snprintf(msg, sizeof(msg), "bitmap '%s' is not in the top layer: "
+                 "missing from layer %zu (%s) above its copy in layer %zu "
+                 "(%s); writes to that layer are not in the checkpoint",
+                 bitmap, layer, file, origin,
+                 qbm_chain_filename(cr->ch, origin));
+        break;
     case QBM_CHAIN_GAP:
-        snprintf(msg, sizeof(msg), "bitmap '%s' of %s is missing from layer "
-                 "%zu (%s): writes to that layer are not in the checkpoint",
-                 bitmap, qbm_chain_filename(cr->ch, origin), layer,
-                 qbm_chain_filename(cr->ch, layer));
+        snprintf(msg, sizeof(msg), "bitmap '%s' has a gap at layer %zu: "
+                 "missing from layer %zu (%s) between copies above it and "
+                 "in layer %zu (%s); writes to that layer are not in the "
+                 "checkpoint", bitmap, layer, layer, file, origin,
+                 qbm_chain_filename(cr->ch, origin));
         break;
     case QBM_CHAIN_DISABLED:
-        snprintf(msg, sizeof(msg), "bitmap '%s' spans the chain but is "
-                 "disabled in the top layer %s: new writes are not recorded",
-                 bitmap, qbm_chain_filename(cr->ch, layer));
+        snprintf(msg, sizeof(msg), "bitmap '%s' is disabled in layer %zu "
+                 "(%s): it records no writes, and libvirt will not use the "
+                 "checkpoint", bitmap, layer, file);
+        break;
+    case QBM_CHAIN_IN_USE:
+        snprintf(msg, sizeof(msg), "bitmap '%s' is in use in layer %zu "
+                 "(%s): inconsistent, and libvirt will not use the "
+                 "checkpoint", bitmap, layer, file);
         break;
     default:
         return 0;
     }
-    return add_problem(cr->rep, QBM_PROBLEM_BITMAP, 0, msg);
+    ob_printf(&js, ", \"rule\": \"%s\", \"bitmap\": ", rule_names[rule]);
+    ob_json_string(&js, bitmap);
+    ob_printf(&js, ", \"layer\": %zu", layer);
+    ob_write(&js, "", 1); /* the terminating NUL */
+    if (js.failed) {
+        ob_free(&js);
+        cr->rep->ob->failed = true;
+        return 0;
+    }
+    r = add_entry(cr->rep, QBM_PROBLEM_BITMAP, 0, msg, js.p);
+    ob_free(&js);
+    return r;
 }
 
 static int check_one(struct qbm_image *img, const char *name,

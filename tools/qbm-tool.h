@@ -89,6 +89,8 @@ int cmd_check(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
 int cmd_extract(int argc, char **argv);
 int cmd_consolidate(int argc, char **argv);
+/* In qbm-checkpoints, the program of its own (qbm.c). */
+int cmd_checkpoints(int argc, char **argv);
 
 /* progress.c: a qbm_progress_fn; opaque points to an unsigned set to -1. */
 void show_progress(void *opaque, uint64_t done, uint64_t total);

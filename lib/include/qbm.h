@@ -623,9 +623,13 @@ QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
 
 /*
  * A checkpoint that spans the layers of a chain (made by external
- * snapshots) is one bitmap of the same name in each layer, from the one
- * where it began up to the top, the top's copy recording. What breaks
- * that, found by qbm_chain_check() per bitmap and layer:
+ * snapshots) is one bitmap of the same name in each layer, from the top
+ * down to the one where it began. libvirt uses it only when the top layer
+ * has a copy, the layers that have one follow each other from the top
+ * with no layer missing in between (the run may end above the bottom),
+ * and every copy records writes and is consistent
+ * (qemuBlockBitmapChainIsValid). What breaks that, found by
+ * qbm_chain_check() per bitmap and layer:
  */
 enum qbm_chain_rule {
     /* `layer` lacks the bitmap, and so does every layer above it: the
@@ -634,19 +638,17 @@ enum qbm_chain_rule {
     /* `layer` lacks the bitmap under a layer that has it: writes made to
      * it while it was the top are in no copy. */
     QBM_CHAIN_GAP = 2,
-    /* `layer`'s copy is disabled and records nothing; reported for the top
-     * layer only. */
+    /* `layer`'s copy is disabled: it does not record writes. */
     QBM_CHAIN_DISABLED = 3,
-    /* `layer`'s copy is in use (inconsistent). Not reported by
-     * qbm_chain_check() yet: qbm_check() reports the in-use bitmaps of
-     * each image. */
+    /* `layer`'s copy is in use (inconsistent: the image was not closed
+     * cleanly, or a running QEMU holds it). */
     QBM_CHAIN_IN_USE = 4,
 };
 
 /*
  * Called once per finding: `rule` (an enum qbm_chain_rule) broken by layer
  * `layer` (0 = top) for bitmap `bitmap`, judged from its deepest copy, in
- * layer `origin` (> layer). Names are borrowed for the call; file names
+ * layer `origin` (>= layer). Names are borrowed for the call; file names
  * come from qbm_chain_filename(). Return 0 to go on, anything else to
  * stop.
  */
@@ -655,18 +657,205 @@ typedef int (*qbm_chain_rule_fn)(void *opaque, int rule, const char *bitmap,
 
 /*
  * Check the checkpoint rules over every layer of `chain` (as opened; the
- * chain is not changed). Each bitmap found below the top is judged once,
+ * chain is not changed). Each bitmap found in any layer is judged once,
  * from its deepest copy: every layer above that copy must have the bitmap
- * (else QBM_CHAIN_NOT_IN_TOP or QBM_CHAIN_GAP for that layer), and the
- * top's copy must be enabled (else QBM_CHAIN_DISABLED). Bitmaps only the
- * top has break no rule. Findings come by origin layer from the top down,
- * each origin's bitmaps in directory order, then by layer from the top
- * down. The state of each image on its own is qbm_check()'s part.
+ * (else QBM_CHAIN_NOT_IN_TOP or QBM_CHAIN_GAP for that layer), and every
+ * copy must be enabled (else QBM_CHAIN_DISABLED) and not in use (else
+ * QBM_CHAIN_IN_USE). A bitmap with no finding is one libvirt accepts.
+ * Findings come by origin layer from the top down, each origin's bitmaps
+ * in directory order, then by layer from the top down, then in the order
+ * of enum qbm_chain_rule. The state of each image on its own is
+ * qbm_check()'s part (it reports in-use bitmaps too).
  * Returns 0 when done, -1 on error, or fn's non-zero value (errno
  * ECANCELED).
  */
 QBM_API int qbm_chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
                             void *opaque);
+
+/* ---- checkpoints of a libvirt domain ------------------------------------- */
+
+/*
+ * libvirt keeps a domain's checkpoints as metadata (name, parent, creation
+ * time, and per disk the bitmap that records it) apart from the images,
+ * and uses a checkpoint of a disk only while its bitmap passes the rules
+ * of qbm_chain_check() over the disk's chain. A struct qbm_checkpoints
+ * holds that metadata and the domain's disks; qbm_checkpoints_check()
+ * judges every checkpoint disk, finds the bitmaps no checkpoint names,
+ * and says how to repair each problem. Reading libvirt's XML is the
+ * caller's part.
+ */
+struct qbm_checkpoints;
+
+/* A new, empty set (free with qbm_checkpoints_free), or NULL. */
+QBM_API struct qbm_checkpoints *qbm_checkpoints_new(void);
+/* Free the set; the chains given to it stay the caller's. NULL is fine. */
+QBM_API void qbm_checkpoints_free(struct qbm_checkpoints *set);
+
+/*
+ * Add checkpoint `name` with its `parent` (NULL for a root) and creation
+ * time (seconds since the epoch). Strings are copied. Fails with EEXIST
+ * when the set has that name already, EINVAL for an empty name.
+ * Returns 0 or -1.
+ */
+QBM_API int qbm_checkpoints_add(struct qbm_checkpoints *set,
+                                const char *name, const char *parent,
+                                int64_t creation_time);
+
+/*
+ * Add to checkpoint `checkpoint` its disk `target` (a domain disk target
+ * such as "vda") recorded by bitmap `bitmap`, or NULL when the checkpoint
+ * does not cover the disk (libvirt's checkpoint='no'). Strings are copied.
+ * Fails with ENOENT when there is no such checkpoint, EEXIST when it has
+ * the target already. Returns 0 or -1.
+ */
+QBM_API int qbm_checkpoints_add_disk(struct qbm_checkpoints *set,
+                                     const char *checkpoint,
+                                     const char *target, const char *bitmap);
+
+/*
+ * Add a disk of the domain: its `target` and the backing chain of its
+ * image (borrowed: it must stay open until the set is freed), or NULL when
+ * the disk has no image to read (a network disk, an empty drive). Disks
+ * are reported, and listed in redefinitions, in the order added. Fails
+ * with EEXIST when the target was added already. Returns 0 or -1.
+ */
+QBM_API int qbm_checkpoints_add_target(struct qbm_checkpoints *set,
+                                       const char *target,
+                                       struct qbm_chain *chain);
+
+/* The state of one disk of one checkpoint. */
+enum qbm_checkpoint_state {
+    QBM_CHECKPOINT_OK = 0,
+    /* no layer of the disk's chain has the bitmap */
+    QBM_CHECKPOINT_MISSING = 1,
+    /* the top layer lacks it, or a layer between two copies does
+     * (QBM_CHAIN_NOT_IN_TOP, QBM_CHAIN_GAP) */
+    QBM_CHECKPOINT_BROKEN = 2,
+    /* a copy is disabled (QBM_CHAIN_DISABLED) */
+    QBM_CHECKPOINT_INACTIVE = 3,
+    /* a copy is in use (QBM_CHAIN_IN_USE) */
+    QBM_CHECKPOINT_INCONSISTENT = 4,
+    /* not judged: the domain has no such disk, or no image for it */
+    QBM_CHECKPOINT_UNCHECKED = 5,
+};
+
+/*
+ * Called for each disk a checkpoint records with a bitmap: checkpoints by
+ * creation time (then name), disks in the order they were added. `image`
+ * is the top file of the disk's chain (NULL when unchecked); `state` an
+ * enum qbm_checkpoint_state, the worst that applies (missing, broken,
+ * inconsistent, inactive, in that order); `detail` one phrase naming
+ * every finding and its layer ("" when ok). All borrowed for the call.
+ * Return 0 to go on, anything else to stop.
+ */
+typedef int (*qbm_checkpoint_disk_fn)(void *opaque, const char *checkpoint,
+                                      const char *target, const char *bitmap,
+                                      const char *image, int state,
+                                      const char *detail);
+
+/*
+ * Called for each bitmap in a layer of a disk's chain that no checkpoint
+ * names for that disk, nor for another disk that shares that layer (file
+ * names compared as the chains give them): disks in order, layers from the
+ * top, bitmaps in directory order. `image` is the layer's file (layer 0 =
+ * top). Borrowed.
+ */
+typedef int (*qbm_orphan_fn)(void *opaque, const char *target,
+                             const char *image, size_t layer,
+                             const char *bitmap);
+
+/* A step of a repair, as qbm_checkpoints_check() proposes it. */
+enum qbm_remedy_action {
+    /* in use: make every in-use bitmap of `image` all dirty and
+     * consistent (qbm_repair with QBM_REPAIR_IN_USE_DIRTY) */
+    QBM_REMEDY_REPAIR = 1,
+    /* broken: add `bitmap`, enabled, `granularity` bytes per bit, to the
+     * layer `image` that lacks it... */
+    QBM_REMEDY_ADD = 2,
+    /* ...and mark in it every cluster the layer holds itself
+     * (qbm_bitmap_populate): a superset of the writes made to it since
+     * the checkpoint, as the layer was made after it */
+    QBM_REMEDY_POPULATE = 3,
+    /* inactive: OR `source` (the bitmap of a later checkpoint, which
+     * recorded while this copy did not) into `bitmap` of `image`... */
+    QBM_REMEDY_MERGE = 4,
+    /* ...and make `bitmap` of `image` record again */
+    QBM_REMEDY_ENABLE = 5,
+    /* remove `bitmap` from `image` (an orphan, or a copy of a checkpoint
+     * that is deleted) */
+    QBM_REMEDY_REMOVE = 6,
+    /* delete the metadata of `checkpoint`, which cannot be repaired (virsh
+     * checkpoint-delete --metadata); its copies are then removed */
+    QBM_REMEDY_DELETE = 7,
+    /* define checkpoint `checkpoint` for an orphan bitmap valid under the
+     * rules (virsh checkpoint-create --redefine): `parent`, creation time,
+     * and for every disk of the domain, in order, `bitmap` or NULL */
+    QBM_REMEDY_REDEFINE = 8,
+};
+
+/*
+ * One remedy, borrowed for the call. Fields that do not apply to the
+ * action are NULL or 0. Later versions may add fields at the end.
+ */
+struct qbm_remedy {
+    int action;             /* enum qbm_remedy_action */
+    const char *checkpoint; /* the checkpoint repaired, deleted or defined;
+                             * NULL for an orphan's REMOVE */
+    const char *target;     /* the disk (image steps) */
+    const char *image;      /* the file to change (image steps) */
+    const char *bitmap;     /* the bitmap to change (image steps) */
+    const char *source;     /* MERGE: the bitmap ORed in */
+    uint64_t granularity;   /* ADD */
+    const char *parent;     /* REDEFINE: NULL for a root */
+    int64_t creation_time;  /* REDEFINE */
+    size_t ndisks;          /* REDEFINE: every disk of the domain */
+    const char *const *disk_targets;
+    const char *const *disk_bitmaps; /* NULL entry: not covered */
+};
+
+typedef int (*qbm_remedy_fn)(void *opaque, const struct qbm_remedy *remedy);
+
+/* Propose a redefinition for each orphan bitmap that could be a
+ * checkpoint, instead of its removal. */
+#define QBM_CHECKPOINTS_REDEFINE 0x1u
+#define QBM_CHECKPOINTS_MASK 0x1u
+
+/*
+ * Judge the set: each checkpoint disk by the rules of qbm_chain_check()
+ * (disk_fn), the orphan bitmaps (orphan_fn), then the remedies (remedy_fn)
+ * in the order to apply them: REPAIR, then per checkpoint ADD and POPULATE
+ * for each layer lacking the bitmap and MERGE and ENABLE for each disabled
+ * copy, then DELETE and the REMOVEs of the deleted checkpoints' copies,
+ * then per orphan REMOVE or (QBM_CHECKPOINTS_REDEFINE) REDEFINE. Any
+ * callback may be NULL. Nothing is changed: the chains are only read.
+ *
+ * What can be repaired is, and every repair only adds dirty bits or makes
+ * a copy record, so a backup from a repaired checkpoint misses no write:
+ * an in-use copy becomes all dirty; a layer lacking the bitmap gets a copy
+ * marked with every cluster it holds (it was made after the checkpoint);
+ * a disabled copy gets the bitmaps of the later checkpoints of that disk
+ * in its layer ORed in (libvirt before 6.5 disabled a checkpoint's bitmap
+ * when it made the next one) and is enabled. A checkpoint is deleted when
+ * a disk's bitmap is missing, a layer lacking it cannot hold bitmaps (raw
+ * or qcow2 version 2), or a disabled copy in the top layer, not in use,
+ * has no later checkpoint recording in that layer (its writes since it
+ * stopped are in no bitmap).
+ *
+ * An orphan can be redefined when its name is one libvirt accepts and no
+ * checkpoint has, and it passes the rules on some disk: the checkpoint
+ * then covers the disks where it does (the others' copies are removed),
+ * its parent is the newest checkpoint not deleted (or the orphan
+ * redefined before it), and its creation time the current time, after
+ * every other.
+ *
+ * Returns 0, -1 on error, or a callback's non-zero value (errno
+ * ECANCELED).
+ */
+QBM_API int qbm_checkpoints_check(struct qbm_checkpoints *set,
+                                  unsigned flags,
+                                  qbm_checkpoint_disk_fn disk_fn,
+                                  qbm_orphan_fn orphan_fn,
+                                  qbm_remedy_fn remedy_fn, void *opaque);
 
 #ifdef __cplusplus
 }

@@ -325,19 +325,25 @@ def locks(qbm, tmp, libqbm=None):
     passed = failed = 0
     for ro in (False, True):
         sock = os.path.join(tmp, "nbd.sock")
-        nbd = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", "qcow2"] +
+        nbd = subprocess.Popen(["qemu-nbd", "-t", "-k", sock, "-f", "qcow2"] +
                                (["-r"] if ro else []) + [img],
                                stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            if os.path.exists(sock):
+        # The socket appears before qemu-nbd is done opening the image
+        # (a read-write open marks the bitmaps in use): wait until an NBD
+        # client is served, and take each checksum right before qbm runs.
+        uri = "nbd+unix:///?socket=" + sock
+        for _ in range(200):
+            if os.path.exists(sock) and subprocess.run(
+                    ["nbdinfo", "--size", uri], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL).returncode == 0:
                 break
             time.sleep(0.05)
-        before = sha(img)
         try:
             for cname, args, edits in COMMANDS:
                 if not edits:
                     continue
+                before = sha(img)
                 p = run(command_line(qbm, args, img, ""))
                 if p.returncode == 1 and "lock" in p.stderr and \
                         sha(img) == before:

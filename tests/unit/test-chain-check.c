@@ -68,6 +68,31 @@ static void add_bitmap(const char *name, const char *bitmap, bool enabled)
     qbm_close(img);
 }
 
+/* Set the in_use flag of `bitmap`'s directory entry in the file, as a
+ * QEMU that did not close the image leaves it (qcow2 spec, "Bitmap
+ * directory": flags at byte 12 of the entry). */
+static void set_in_use(const char *name, const char *bitmap)
+{
+    struct qbm_image *img = qbm_open(path_of(name), 0);
+    const struct qcow2_bitmap *bm;
+    uint8_t be[4];
+    FILE *f;
+
+    assert_non_null(img);
+    bm = qcow2_bitmap_lookup(img, bitmap);
+    assert_non_null(bm);
+    be[0] = 0;
+    be[1] = 0;
+    be[2] = 0;
+    be[3] = (uint8_t)(bm->flags | BME_FLAG_IN_USE);
+    f = fopen(path_of(name), "r+b");
+    assert_non_null(f);
+    assert_int_equal(fseek(f, (long)bm->entry_offset + 12, SEEK_SET), 0);
+    assert_int_equal(fwrite(be, 1, 4, f), 4);
+    assert_int_equal(fclose(f), 0);
+    qbm_close(img);
+}
+
 static const char *layer_file(size_t i)
 {
     static const char *const names[MAX_LAYERS] = { "l0", "l1", "l2", "l3",
@@ -78,8 +103,9 @@ static const char *layer_file(size_t i)
 
 /*
  * A chain l0 (top) <- l1 <- ... with one character per layer, top first,
- * for each bitmap: "X" has it enabled, "x" disabled, "-" not. shapes[b]
- * is the shape of bitmap "b<b>".
+ * for each bitmap: "X" has it enabled, "x" disabled, "U" enabled and in
+ * use, "u" disabled and in use, "-" not. shapes[b] is the shape of bitmap
+ * "b<b>".
  */
 static void make_chain(const char *const *shapes, size_t nbitmaps)
 {
@@ -93,8 +119,19 @@ static void make_chain(const char *const *shapes, size_t nbitmaps)
     for (b = 0; b < nbitmaps; b++) {
         snprintf(name, sizeof(name), "b%zu", b);
         for (i = 0; i < n; i++) {
-            if (shapes[b][i] != '-') {
-                add_bitmap(layer_file(i), name, shapes[b][i] == 'X');
+            char c = shapes[b][i];
+
+            if (c != '-') {
+                add_bitmap(layer_file(i), name, c == 'X' || c == 'U');
+            }
+        }
+    }
+    /* Last: an image with a bitmap in use takes no more edits. */
+    for (b = 0; b < nbitmaps; b++) {
+        snprintf(name, sizeof(name), "b%zu", b);
+        for (i = 0; i < n; i++) {
+            if (shapes[b][i] == 'U' || shapes[b][i] == 'u') {
+                set_in_use(layer_file(i), name);
             }
         }
     }
@@ -168,6 +205,7 @@ static int teardown(void **state)
 #define NOT_IN_TOP "1"
 #define GAP "2"
 #define DISABLED "3"
+#define IN_USE "4"
 
 static void test_shapes(void **state)
 {
@@ -175,15 +213,23 @@ static void test_shapes(void **state)
         const char *shape, *want;
     } cases[] = {
         { "XXX", "" },
-        { "X--", "" },   /* began in the top */
-        { "x", "" },     /* the top alone breaks nothing */
+        { "X--", "" },   /* began in the top, run ends above the bottom */
+        { "X", "" },
+        { "x", DISABLED ":b0:0:0" }, /* even in the top alone */
+        { "U", IN_USE ":b0:0:0" },
+        { "u", DISABLED ":b0:0:0 " IN_USE ":b0:0:0" },
         { "X-X", GAP ":b0:1:2" },
         { "-XX", NOT_IN_TOP ":b0:0:2" },
         { "--X", NOT_IN_TOP ":b0:0:2 " NOT_IN_TOP ":b0:1:2" },
-        { "-x-", NOT_IN_TOP ":b0:0:1" }, /* frozen: still not in the top */
+        /* frozen before the top: still not in the top, and disabled */
+        { "-x-", NOT_IN_TOP ":b0:0:1 " DISABLED ":b0:1:1" },
         { "x-X", DISABLED ":b0:0:2 " GAP ":b0:1:2" },
         { "xX", DISABLED ":b0:0:1" },
-        { "X-x-X", GAP ":b0:1:4 " GAP ":b0:3:4" },
+        { "Xx", DISABLED ":b0:1:1" }, /* disabled in a backing layer */
+        { "XXx-", DISABLED ":b0:2:2" },
+        { "XU", IN_USE ":b0:1:1" },
+        { "UXU", IN_USE ":b0:0:2 " IN_USE ":b0:2:2" },
+        { "X-x-X", GAP ":b0:1:4 " DISABLED ":b0:2:4 " GAP ":b0:3:4" },
         { "-X--X", NOT_IN_TOP ":b0:0:4 " GAP ":b0:2:4 " GAP ":b0:3:4" },
     };
     char got[512];
@@ -199,14 +245,18 @@ static void test_shapes(void **state)
     }
 }
 
-/* By origin layer from the top down, then directory order, then layer. */
+/* By origin layer from the top down, then directory order, then layer,
+ * then rule. */
 static void test_order(void **state)
 {
-    static const char *const shapes[] = { "X--X", "--X-", "-X--" };
+    static const char *const shapes[] = { "X--X", "--X-", "-X--", "u---",
+                                          "x---" };
     char got[512];
 
-    findings_of(shapes, 3, got, sizeof(got));
-    assert_string_equal(got, NOT_IN_TOP ":b2:0:1 "
+    findings_of(shapes, 5, got, sizeof(got));
+    assert_string_equal(got, DISABLED ":b3:0:0 " IN_USE ":b3:0:0 "
+                        DISABLED ":b4:0:0 "
+                        NOT_IN_TOP ":b2:0:1 "
                         NOT_IN_TOP ":b1:0:2 " NOT_IN_TOP ":b1:1:2 "
                         GAP ":b0:1:3 " GAP ":b0:2:3");
 }

@@ -229,7 +229,8 @@ static void test_compressed_descriptor(void **state)
 {
     struct qcow2_compressed cd;
 
-    /* 64 KiB clusters: offset 0x50000, 69 sectors (reference notes 9). */
+    /* 64 KiB clusters: offset 0x50000, 69 sectors (qcow2 spec,
+     * "Compressed Clusters Descriptor"). */
     qcow2_compressed_decode(0x5100000000050000ull, 16, &cd);
     assert_int_equal(cd.offset, 0x50000);
     assert_int_equal(cd.nb_bytes, 69 * 512);
