@@ -19,8 +19,6 @@
 
 #include "internal.h"
 
-#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
-#define REFT_RESERVED_MASK 0x1ffull
 /* Refcounts may claim clusters a little past the end of the file. */
 #define MAX_CLUSTERS_PAST_EOF (1ull << 24)
 /* References are counted in pages of this many clusters, allocated on first

@@ -24,8 +24,6 @@
 
 #include "internal.h"
 
-#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
-#define REFT_RESERVED_MASK 0x1ffull
 #define REPAIR "; repair with 'qemu-img check -r all'"
 
 /* ---- the enumerator ------------------------------------------------------ */
@@ -194,6 +192,9 @@ static int walk_l1(struct walk *w, enum qcow2_meta_kind kind,
             uint64_t e = be64_load(buf + k * 8);
             uint64_t pos = l1_off + (i + k) * 8;
 
+            if (e == 0) {
+                continue; /* unallocated: most entries of a sparse disk */
+            }
             if (e & L1E_RESERVED_MASK) {
                 r = problem(w, &l1, pos, "%s at 0x%llx, entry %llu: "
                             "reserved bits set", l1.what,
@@ -251,11 +252,12 @@ static int walk_bitmaps(struct walk *w)
         if (r) {
             break;
         }
-        if (qcow2_bitmap_table_load(img, bm) < 0) {
-            if (qbm_get_errno() == ENOMEM) {
-                return -ENOMEM;
-            }
-            r = problem(w, &table, bm->table_offset, "%s", qbm_get_error());
+        r = qcow2_bitmap_table_load(img, bm);
+        if (r == -ENOMEM) {
+            return r;
+        }
+        if (r < 0) {
+            r = problem(w, &table, bm->table_offset, "%s", qbm_err_message());
             continue;
         }
         for (i = 0; i < bm->table_read && r == 0; i++) {
@@ -335,41 +337,26 @@ struct meta_range {
     const char *what;
 };
 
+QBM_DARRAY(meta_ranges, struct meta_range);
+
 struct qcow2_meta_index {
     struct qbm_image *img;
     uint64_t cs;
-    struct meta_range *meta; /* sorted by start */
-    size_t nmeta, capmeta;
+    struct meta_ranges meta; /* sorted by start */
 };
-
-static int grow_array(void **arr, size_t *cap, size_t need, size_t elem)
-{
-    size_t ncap;
-    void *p;
-
-    if (need <= *cap) {
-        return 0;
-    }
-    ncap = *cap ? *cap * 2 : 64;
-    while (ncap < need) {
-        ncap *= 2;
-    }
-    p = qbm_realloc(*arr, ncap * elem);
-    if (!p) {
-        return -ENOMEM;
-    }
-    *arr = p;
-    *cap = ncap;
-    return 0;
-}
 
 static int meta_add(struct qcow2_meta_index *mi, enum qcow2_meta_kind kind,
                     const char *what, uint64_t off, uint64_t len,
                     uint64_t rt_index)
 {
-    struct meta_range *m;
+    struct meta_range m = {
+        .start = off / mi->cs,
+        .off = off,
+        .rt_index = rt_index,
+        .kind = kind,
+        .what = what,
+    };
     uint64_t end;
-    int r;
 
     if (len == 0) {
         return 0;
@@ -377,19 +364,8 @@ static int meta_add(struct qcow2_meta_index *mi, enum qcow2_meta_kind kind,
     if (!add_ok(off, len, &end)) {
         end = UINT64_MAX;
     }
-    r = grow_array((void **)&mi->meta, &mi->capmeta, mi->nmeta + 1,
-                   sizeof(*mi->meta));
-    if (r < 0) {
-        return r;
-    }
-    m = &mi->meta[mi->nmeta++];
-    m->start = off / mi->cs;
-    m->end = div_round_up(end, mi->cs);
-    m->off = off;
-    m->rt_index = rt_index;
-    m->kind = kind;
-    m->what = what;
-    return 0;
+    m.end = div_round_up(end, mi->cs);
+    return qbm_darray_push(&mi->meta, m, 0);
 }
 
 static int index_found(void *opaque, const struct qcow2_meta *m)
@@ -416,7 +392,7 @@ void qcow2_meta_index_free(struct qcow2_meta_index *mi)
     if (!mi) {
         return;
     }
-    free(mi->meta);
+    qbm_darray_free(&mi->meta);
     free(mi);
 }
 
@@ -449,7 +425,7 @@ int qcow2_meta_index_build(struct qbm_image *img,
         qcow2_meta_index_free(mi);
         return r;
     }
-    qsort(mi->meta, mi->nmeta, sizeof(*mi->meta), cmp_meta);
+    qsort(mi->meta.v, mi->meta.n, sizeof(*mi->meta.v), cmp_meta);
     *ret = mi;
     return 0;
 }
@@ -459,21 +435,21 @@ int qcow2_meta_index_build(struct qbm_image *img,
 const char *qcow2_meta_index_find(const struct qcow2_meta_index *mi,
                                   uint64_t c)
 {
-    size_t lo = 0, hi = mi->nmeta, i;
+    size_t lo = 0, hi = mi->meta.n, i;
 
     /* Ranges are sorted by start; find the last one starting <= c. Ranges
      * may overlap (corrupt images), so look back a little. */
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
 
-        if (mi->meta[mid].start <= c) {
+        if (mi->meta.v[mid].start <= c) {
             lo = mid + 1;
         } else {
             hi = mid;
         }
     }
     for (i = lo; i > 0; i--) {
-        const struct meta_range *m = &mi->meta[i - 1];
+        const struct meta_range *m = &mi->meta.v[i - 1];
 
         if (c < m->end) {
             return m->what;
@@ -578,8 +554,8 @@ int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi)
      * clusters shared between bitmaps, L2 tables between snapshots) are
      * legitimate.
      */
-    for (k = 0; k < mi->nmeta; k++) {
-        const struct meta_range *m = &mi->meta[k];
+    for (k = 0; k < mi->meta.n; k++) {
+        const struct meta_range *m = &mi->meta.v[k];
         size_t next = k + 1;
 
         if (m->kind == QCOW2_META_STALE_BITMAP_DIR) {
@@ -587,18 +563,18 @@ int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi)
         }
         if (m->kind == QCOW2_META_REFTABLE ||
             m->kind == QCOW2_META_REFBLOCK) {
-            if (top != SIZE_MAX && mi->meta[top].end > m->start) {
-                return overlap_err(mi, m, &mi->meta[top]);
+            if (top != SIZE_MAX && mi->meta.v[top].end > m->start) {
+                return overlap_err(mi, m, &mi->meta.v[top]);
             }
-            while (next < mi->nmeta &&
-                   mi->meta[next].kind == QCOW2_META_STALE_BITMAP_DIR) {
+            while (next < mi->meta.n &&
+                   mi->meta.v[next].kind == QCOW2_META_STALE_BITMAP_DIR) {
                 next++;
             }
-            if (next < mi->nmeta && mi->meta[next].start < m->end) {
-                return overlap_err(mi, m, &mi->meta[next]);
+            if (next < mi->meta.n && mi->meta.v[next].start < m->end) {
+                return overlap_err(mi, m, &mi->meta.v[next]);
             }
         }
-        if (top == SIZE_MAX || m->end > mi->meta[top].end) {
+        if (top == SIZE_MAX || m->end > mi->meta.v[top].end) {
             top = k;
         }
     }

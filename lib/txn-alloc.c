@@ -15,7 +15,6 @@
 
 #include "internal.h"
 
-#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
 #define SECTOR 512
 
 struct rc_block {
@@ -42,6 +41,7 @@ static void mark_dirty(struct rc_block *b, uint64_t lo, uint64_t hi)
 struct alloc_run {
     uint64_t offset, length;
 };
+QBM_DARRAY(alloc_runs, struct alloc_run);
 
 /* A run to release after the commit: its clusters lose `refs` references
  * each. */
@@ -49,6 +49,7 @@ struct release {
     uint64_t offset, length; /* bytes */
     uint64_t refs;
 };
+QBM_DARRAY(releases, struct release);
 
 struct qbm_alloc {
     struct qbm_image *img;
@@ -66,37 +67,11 @@ struct qbm_alloc {
     uint64_t rt_offset, rt_clusters;
     struct rc_block **blocks; /* by reftable index, loaded on demand */
 
-    /* Runs allocated here (writes are only allowed there). */
-    struct alloc_run *allocs;
-    size_t nallocs, capallocs;
-
-    /* Runs to release after the commit. */
-    struct release *releases;
-    size_t nreleases, capreleases;
+    struct alloc_runs allocs; /* writes are only allowed there */
+    struct releases releases; /* applied after the commit */
 
     uint64_t hint; /* next cluster index to try */
 };
-
-static int grow_array(void **arr, size_t *cap, size_t need, size_t elem)
-{
-    size_t ncap;
-    void *p;
-
-    if (need <= *cap) {
-        return 0;
-    }
-    ncap = *cap ? *cap * 2 : 64;
-    while (ncap < need) {
-        ncap *= 2;
-    }
-    p = qbm_realloc(*arr, ncap * elem);
-    if (!p) {
-        return -ENOMEM;
-    }
-    *arr = p;
-    *cap = ncap;
-    return 0;
-}
 
 /* ---- refcount blocks ---------------------------------------------------- */
 
@@ -333,8 +308,8 @@ void qbm_alloc_free(struct qbm_alloc *a)
     free_blocks(a);
     qcow2_meta_index_free(a->meta);
     free(a->rt);
-    free(a->allocs);
-    free(a->releases);
+    qbm_darray_free(&a->allocs);
+    qbm_darray_free(&a->releases);
     free(a);
 }
 
@@ -373,6 +348,7 @@ int qbm_alloc_new(struct qbm_image *img, struct qbm_alloc **ret)
 int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset)
 {
     uint64_t c = a->hint, start = 0, run = 0, i;
+    struct alloc_run run_bytes;
     int r;
 
     if (n == 0) {
@@ -428,15 +404,12 @@ int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset)
             return r;
         }
     }
-    r = grow_array((void **)&a->allocs, &a->capallocs, a->nallocs + 1,
-                   sizeof(*a->allocs));
+    run_bytes.offset = start * a->cs;
+    run_bytes.length = n * a->cs;
+    r = qbm_darray_push(&a->allocs, run_bytes, 0);
     if (r < 0) {
         return r;
     }
-    a->allocs[a->nallocs++] = (struct alloc_run){
-        .offset = start * a->cs,
-        .length = n * a->cs,
-    };
     a->hint = start + n;
     *ret_offset = start * a->cs;
     return 0;
@@ -476,8 +449,8 @@ int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off,
 
     /* Only clusters this transaction allocated may be written before the
      * commit: a last line of defence against overwriting live data. */
-    for (i = 0; i < a->nallocs; i++) {
-        const struct alloc_run *run = &a->allocs[i];
+    for (i = 0; i < a->allocs.n; i++) {
+        const struct alloc_run *run = &a->allocs.v[i];
 
         if (off >= run->offset && len <= run->length - (off - run->offset)) {
             return 0;
@@ -490,22 +463,12 @@ int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off,
 int qbm_alloc_release_later(struct qbm_alloc *a, uint64_t off, uint64_t len,
                             uint64_t refs)
 {
-    int r;
+    struct release rel = { .offset = off, .length = len, .refs = refs };
 
     if (len == 0 || refs == 0) {
         return 0;
     }
-    r = grow_array((void **)&a->releases, &a->capreleases, a->nreleases + 1,
-                   sizeof(*a->releases));
-    if (r < 0) {
-        return r;
-    }
-    a->releases[a->nreleases++] = (struct release){
-        .offset = off,
-        .length = len,
-        .refs = refs,
-    };
-    return 0;
+    return qbm_darray_push(&a->releases, rel, 0);
 }
 
 /* ---- writing the refcounts out ------------------------------------------ */
@@ -594,8 +557,8 @@ int qbm_alloc_apply_releases(struct qbm_alloc *a)
     uint64_t c;
     int r;
 
-    for (i = 0; i < a->nreleases; i++) {
-        const struct release *rel = &a->releases[i];
+    for (i = 0; i < a->releases.n; i++) {
+        const struct release *rel = &a->releases.v[i];
         uint64_t first = rel->offset / a->cs;
         uint64_t end = div_round_up(rel->offset + rel->length, a->cs);
         uint64_t refs = rel->refs;
