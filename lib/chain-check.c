@@ -5,7 +5,7 @@
  * to R4): the top layer has a copy, the layers that have one form a single
  * run from the top down (it may end above the bottom), and every copy
  * records and is consistent. Also the backing loop check of a single
- * image. The rules are also what commit-bitmaps calls a gap (carry.c).
+ * image. The rules are also what commit-bitmaps calls a gap (op-carry.c).
  */
 #include <stdio.h>
 #include <stdlib.h>

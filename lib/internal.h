@@ -4,23 +4,23 @@
  * ("Layers"): first the qcow2 format's constants, which every layer may
  * use, then one section per layer, bottom up, and in it one banner per
  * file with what that file defines:
- *   util    error.c: errors, allocation; util-darray.c: growable arrays;
+ *   util    util-error.c: errors, allocation; util-darray.c: growable arrays;
  *           byte order, checked arithmetic
  *   io      io.c: pread/pwrite/flush behind a vtable (file, memory, fault)
- *   qcow2   header.c, refcount.c, compress.c, cluster.c, snapshot.c: the
+ *   qcow2   qcow2-header.c, qcow2-refcount.c, qcow2-compress.c, qcow2-cluster.c, qcow2-snapshot.c: the
  *           image's structures; qcow2-header-write.c: crash-safe writes
- *           to cluster 0; writer.c: fresh qcow2 images
- *   bitmap  bmap.c: in-memory chunked bitmap; bitmap-dir.c: bitmaps
+ *           to cluster 0; qcow2-writer.c: fresh qcow2 images
+ *   bitmap  bitmap-chunks.c: in-memory chunked bitmap; bitmap-dir.c: bitmaps
  *           extension, directory and tables, a bitmap's data
  *   image   image.c: struct qbm_image (open, validate, reload);
- *           bitmap.c: bitmap queries; image-meta.c: every structure of an
+ *           image-bitmap.c: bitmap queries; image-meta.c: every structure of an
  *           image (the enumerator) and the overlap index
  *   chain   chain.c: backing chains; chain-check.c: checkpoint rules;
- *           resolve.c: which layer provides each guest range
+ *           chain-resolve.c: which layer provides each guest range
  *   txn     txn-alloc.c: a transaction's refcounts and allocator;
  *           txn.c: crash-safe transactions (the commit order)
  *   edit    edit.c: staged bitmap edits and their commit
- *   op      consolidate.c (the other operations have only a public API)
+ *   op      op-consolidate.c (the other operations have only a public API)
  * A file uses its own layer and the ones before it, never one after; one
  * exception, for data only: struct qbm_image is defined with image.c
  * (it holds a header and the bitmaps extension by value), but the qcow2
@@ -147,7 +147,7 @@ enum qcow2_header_field {
 
 /* ==== layer util ========================================================== */
 
-/* ---- error.c: errors and allocation -------------------------------------- */
+/* ---- util-error.c: errors and allocation -------------------------------------- */
 
 /* Record `errnum` and a message as this thread's last error; returns -errnum
  * (-EIO for a non-positive errnum). */
@@ -326,7 +326,7 @@ int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret,
 
 /* ==== layer qcow2 ========================================================= */
 
-/* ---- header.c: cluster 0 ------------------------------------------------- */
+/* ---- qcow2-header.c: cluster 0 ------------------------------------------------- */
 
 /* One header extension as found in cluster 0 (data is a copy). */
 struct qcow2_ext {
@@ -423,7 +423,7 @@ int qcow2_header_bitmaps_switch(struct qbm_image *img,
                                 struct qcow2_header_layout *lay, uint32_t nb,
                                 uint64_t dir_offset, uint64_t dir_size);
 
-/* ---- refcount.c ---------------------------------------------------------- */
+/* ---- qcow2-refcount.c ---------------------------------------------------------- */
 
 /* Load and validate the refcount table (not the blocks). */
 int qcow2_refcount_load(struct qbm_image *img);
@@ -436,14 +436,14 @@ uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
 void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
                         uint64_t value);
 
-/* ---- compress.c ---------------------------------------------------------- */
+/* ---- qcow2-compress.c ---------------------------------------------------------- */
 
 /* Decompress one cluster: `in` holds `in_len` bytes of a compressed stream
  * (type 0 deflate, 1 zstd); exactly `out_len` bytes must be produced. */
 int qcow2_decompress(unsigned type, const uint8_t *in, size_t in_len,
                      uint8_t *out, size_t out_len);
 
-/* ---- cluster.c: L1/L2 tables --------------------------------------------- */
+/* ---- qcow2-cluster.c: L1/L2 tables --------------------------------------------- */
 
 /* Validate the active L1 table's header fields (at open). */
 int qcow2_l1_load(struct qbm_image *img);
@@ -500,7 +500,7 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque);
 int qcow2_read_compressed(struct qbm_image *img, uint64_t l2e,
                           uint64_t in_cluster, void *buf, size_t len);
 
-/* ---- snapshot.c ---------------------------------------------------------- */
+/* ---- qcow2-snapshot.c ---------------------------------------------------------- */
 
 struct qcow2_snapshot {
     uint64_t l1_table_offset;
@@ -510,7 +510,7 @@ struct qcow2_snapshot {
 
 int qcow2_snapshots_load(struct qbm_image *img);
 
-/* ---- writer.c: fresh qcow2 images ---------------------------------------- */
+/* ---- qcow2-writer.c: fresh qcow2 images ---------------------------------------- */
 
 /* A run of guest clusters to store: data, or zero flags. Sorted. */
 struct qcow2_out_run {
@@ -531,7 +531,7 @@ void qcow2_writer_free(struct qcow2_writer *w);
 
 /* ==== layer bitmap ======================================================== */
 
-/* ---- bmap.c: in-memory chunked bitmap ------------------------------------ */
+/* ---- bitmap-chunks.c: in-memory chunked bitmap ------------------------------------ */
 
 /*
  * A bitmap of nbits bits, stored as chunks of chunk_bytes bytes (one per
@@ -763,7 +763,7 @@ int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
 /* Reload every structure of an open image from its io (after a commit). */
 int qbm_image_reload(struct qbm_image *img);
 
-/* ---- bitmap.c: bitmap queries -------------------------------------------- */
+/* ---- image-bitmap.c: bitmap queries -------------------------------------------- */
 
 /* The directory entry of bitmap `name` (staged state), or NULL; no error is
  * recorded. */
@@ -888,7 +888,7 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
 size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
                        const char *name, unsigned *rules);
 
-/* ---- resolve.c: which layer provides each guest range -------------------- */
+/* ---- chain-resolve.c: which layer provides each guest range -------------------- */
 
 /*
  * Resolve layers[0..n) (newest first) into one map: for every guest range
@@ -1022,7 +1022,7 @@ int qbm_impl_commit(struct qbm_image *img);
 
 /* ==== layer op ============================================================ */
 
-/* ---- consolidate.c ------------------------------------------------------- */
+/* ---- op-consolidate.c ------------------------------------------------------- */
 
 /* Fold `layers` (newest first) into the opened full `img`. */
 int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,

@@ -4,8 +4,8 @@
  * extensions"; docs/design.md, "Crash-safe transactions"): finding the
  * extensions again in the bytes on disk, and switching the bitmaps
  * extension with writes that stay inside one 512-byte sector, each
- * followed by a flush. header.c decodes the same bytes; the transactions
- * of txn.c and txn-alloc.c and the backing-file change of backing.c write
+ * followed by a flush. qcow2-header.c decodes the same bytes; the transactions
+ * of txn.c and txn-alloc.c and the backing-file change of op-backing.c write
  * them through here.
  */
 #include <stdlib.h>

@@ -3,7 +3,7 @@
  * Rebuilding disks from backup images (restore) and writing incremental
  * backups of a shut-down VM's disk (extract).
  *
- * Both resolve their input layers into one map (resolve.c) and copy only
+ * Both resolve their input layers into one map (chain-resolve.c) and copy only
  * what the map holds: uncompressed data with copy_file_range (in-kernel,
  * possibly reflinked), compressed clusters through the decompressor. The
  * output is written under a temporary name in the same directory, flushed,
