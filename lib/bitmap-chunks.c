@@ -67,8 +67,7 @@ static uint8_t *chunk_alloc(struct qbm_bmap *bm)
         a->base = p;
         a->next = bm->arenas;
         bm->arenas = a;
-        bm->arena_chunks = n * 2 > ARENA_MAX_CHUNKS ? ARENA_MAX_CHUNKS
-                                                    : n * 2;
+        bm->arena_chunks = n * 2 > ARENA_MAX_CHUNKS ? ARENA_MAX_CHUNKS : n * 2;
     }
     c = a->base + a->used;
     a->used += bm->chunk_bytes;
@@ -138,8 +137,8 @@ static int extent_emit(struct qbm_extent_state *st, uint64_t first_bit,
                        uint64_t end_bit)
 {
     uint64_t off = first_bit * st->granularity;
-    uint64_t end = end_bit >= st->nbits ? st->disk_size
-                                        : end_bit * st->granularity;
+    uint64_t end =
+        end_bit >= st->nbits ? st->disk_size : end_bit * st->granularity;
     int r;
 
     if (end > st->disk_size) {
@@ -213,8 +212,8 @@ int qbm_extent_state_finish(struct qbm_extent_state *st)
 
 /* ---- chunked bitmap ---------------------------------------------------- */
 
-int qbm_bmap_new(uint64_t disk_size, uint64_t granularity,
-                 uint64_t chunk_bytes, struct qbm_bmap **ret)
+int qbm_bmap_new(uint64_t disk_size, uint64_t granularity, uint64_t chunk_bytes,
+                 struct qbm_bmap **ret)
 {
     struct qbm_bmap *bm;
 
@@ -266,8 +265,7 @@ void qbm_bmap_free(struct qbm_bmap *bm)
 
 int qbm_bmap_adopt_io(struct qbm_bmap *bm, struct qbm_io *io)
 {
-    struct qbm_io **p = qbm_realloc(bm->owned,
-                                    (bm->nowned + 1) * sizeof(*p));
+    struct qbm_io **p = qbm_realloc(bm->owned, (bm->nowned + 1) * sizeof(*p));
 
     if (!p) {
         qbm_io_close(io);
@@ -395,8 +393,8 @@ int qbm_bmap_set_range(struct qbm_bmap *bm, uint64_t off, uint64_t len)
         uint64_t ci = first / bpc;
         uint64_t cfirst = first % bpc;
         uint64_t cend = (end - ci * bpc) < bpc ? end - ci * bpc : bpc;
-        uint64_t chunk_bits = bm->nbits - ci * bpc < bpc
-                                  ? bm->nbits - ci * bpc : bpc;
+        uint64_t chunk_bits =
+            bm->nbits - ci * bpc < bpc ? bm->nbits - ci * bpc : bpc;
 
         if (bm->chunks[ci] != QBM_CHUNK_ONES) {
             if (cfirst == 0 && cend >= chunk_bits) {
@@ -542,8 +540,7 @@ static int walk_chunks(const struct qbm_bmap *bm, struct qbm_extent_state *st)
     return r ? r : qbm_extent_state_finish(st);
 }
 
-int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
-                     void *opaque)
+int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn, void *opaque)
 {
     struct qbm_extent_state st;
 

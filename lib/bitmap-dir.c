@@ -10,30 +10,36 @@
 #include "internal.h"
 
 int qcow2_bitmaps_ext_decode(const uint8_t *data, uint32_t len,
-                             uint64_t ext_offset,
-                             struct qcow2_bitmaps_ext *ret)
+                             uint64_t ext_offset, struct qcow2_bitmaps_ext *ret)
 {
     struct qcow2_bitmaps_ext e;
 
     if (len != 24) {
-        return qbm_err(EINVAL, "bitmaps extension at 0x%llx: length %u, "
-                       "expected 24", (unsigned long long)ext_offset, len);
+        return qbm_err(EINVAL,
+                       "bitmaps extension at 0x%llx: length %u, "
+                       "expected 24",
+                       (unsigned long long)ext_offset, len);
     }
     e.nb_bitmaps = be32_load(data);
     e.dir_size = be64_load(data + 8);
     e.dir_offset = be64_load(data + 16);
     if (be32_load(data + 4) != 0) {
-        return qbm_err(EINVAL, "bitmaps extension at 0x%llx: reserved field "
-                       "is not zero", (unsigned long long)ext_offset);
+        return qbm_err(EINVAL,
+                       "bitmaps extension at 0x%llx: reserved field "
+                       "is not zero",
+                       (unsigned long long)ext_offset);
     }
     if (e.nb_bitmaps == 0 || e.nb_bitmaps > BME_MAX_BITMAPS) {
-        return qbm_err(EINVAL, "bitmaps extension at 0x%llx: %u bitmaps, "
-                       "expected 1..65535", (unsigned long long)ext_offset,
-                       e.nb_bitmaps);
+        return qbm_err(EINVAL,
+                       "bitmaps extension at 0x%llx: %u bitmaps, "
+                       "expected 1..65535",
+                       (unsigned long long)ext_offset, e.nb_bitmaps);
     }
     if (e.dir_size == 0 || e.dir_size > BME_MAX_DIR_SIZE) {
-        return qbm_err(EINVAL, "bitmaps extension at 0x%llx: directory size "
-                       "%llu out of range", (unsigned long long)ext_offset,
+        return qbm_err(EINVAL,
+                       "bitmaps extension at 0x%llx: directory size "
+                       "%llu out of range",
+                       (unsigned long long)ext_offset,
                        (unsigned long long)e.dir_size);
     }
     *ret = e;
@@ -43,7 +49,8 @@ int qcow2_bitmaps_ext_decode(const uint8_t *data, uint32_t len,
 uint64_t qcow2_bitmap_entry_size(const struct qcow2_bitmap *bm)
 {
     return ((uint64_t)BME_ENTRY_HEADER + bm->extra_data_size + bm->name_size +
-            7) & ~7ull;
+            7) &
+           ~7ull;
 }
 
 uint64_t qcow2_bitmap_table_size(uint64_t disk_size, unsigned gran_bits,
@@ -97,15 +104,16 @@ static int check_entry(const struct qcow2_bitmap *bm, uint32_t idx,
                phys > BME_MAX_PHYS_SIZE) {
         why = "bitmap data would exceed 512 MiB";
     } else if (!(bm->flags & BME_FLAG_IN_USE) &&
-               bm->table_size != qcow2_bitmap_table_size(
-                   disk_size, bm->granularity_bits, cluster_size)) {
+               bm->table_size != qcow2_bitmap_table_size(disk_size,
+                                                         bm->granularity_bits,
+                                                         cluster_size)) {
         /* QEMU loads consistent bitmaps on every open and insists on
          * the exact size; an in-use one is never read by QEMU. */
         why = "bitmap_table_size does not match the virtual size";
     }
     if (why) {
-        return qbm_err(EINVAL, "bitmap directory entry %u at 0x%llx: %s",
-                       idx, (unsigned long long)bm->entry_offset, why);
+        return qbm_err(EINVAL, "bitmap directory entry %u at 0x%llx: %s", idx,
+                       (unsigned long long)bm->entry_offset, why);
     }
     return 0;
 }
@@ -130,15 +138,17 @@ int qcow2_bitmap_dir_decode(const uint8_t *buf, uint64_t dir_size,
         uint64_t esize;
 
         if (n == nb_bitmaps) {
-            r = qbm_err(EINVAL, "bitmap directory at 0x%llx: more entries "
+            r = qbm_err(EINVAL,
+                        "bitmap directory at 0x%llx: more entries "
                         "than the %u the extension announces",
                         (unsigned long long)dir_offset, nb_bitmaps);
             goto fail;
         }
         if (dir_size - pos < BME_ENTRY_HEADER) {
-            r = qbm_err(EINVAL, "bitmap directory entry %u at 0x%llx: "
-                        "crosses the end of the directory", n,
-                        (unsigned long long)(dir_offset + pos));
+            r = qbm_err(EINVAL,
+                        "bitmap directory entry %u at 0x%llx: "
+                        "crosses the end of the directory",
+                        n, (unsigned long long)(dir_offset + pos));
             goto fail;
         }
         bm = &bms[n];
@@ -152,13 +162,15 @@ int qcow2_bitmap_dir_decode(const uint8_t *buf, uint64_t dir_size,
         bm->extra_data_size = be32_load(e + 20);
         esize = qcow2_bitmap_entry_size(bm);
         if (esize > dir_size - pos) {
-            r = qbm_err(EINVAL, "bitmap directory entry %u at 0x%llx: "
-                        "crosses the end of the directory", n,
-                        (unsigned long long)bm->entry_offset);
+            r = qbm_err(EINVAL,
+                        "bitmap directory entry %u at 0x%llx: "
+                        "crosses the end of the directory",
+                        n, (unsigned long long)bm->entry_offset);
             goto fail;
         }
         bm->name = qbm_strndup((const char *)e + BME_ENTRY_HEADER +
-                               bm->extra_data_size, bm->name_size);
+                                   bm->extra_data_size,
+                               bm->name_size);
         if (!bm->name) {
             r = -ENOMEM;
             n++;
@@ -170,26 +182,29 @@ int qcow2_bitmap_dir_decode(const uint8_t *buf, uint64_t dir_size,
             goto fail;
         }
         if (strlen(bm->name) != bm->name_size) {
-            r = qbm_err(EINVAL, "bitmap directory entry %u at 0x%llx: name "
-                        "contains a NUL byte", n - 1,
-                        (unsigned long long)bm->entry_offset);
+            r = qbm_err(EINVAL,
+                        "bitmap directory entry %u at 0x%llx: name "
+                        "contains a NUL byte",
+                        n - 1, (unsigned long long)bm->entry_offset);
             goto fail;
         }
         pos += esize;
     }
     if (n != nb_bitmaps) {
-        r = qbm_err(EINVAL, "bitmap directory at 0x%llx: %u entries, the "
-                    "extension announces %u", (unsigned long long)dir_offset,
-                    n, nb_bitmaps);
+        r = qbm_err(EINVAL,
+                    "bitmap directory at 0x%llx: %u entries, the "
+                    "extension announces %u",
+                    (unsigned long long)dir_offset, n, nb_bitmaps);
         goto fail;
     }
     for (i = 0; i < n; i++) {
         for (j = i + 1; j < n; j++) {
             if (bms[i].name_size == bms[j].name_size &&
                 memcmp(bms[i].name, bms[j].name, bms[i].name_size) == 0) {
-                r = qbm_err(EINVAL, "bitmap directory entry %u at 0x%llx: "
-                            "duplicate name '%s'", j,
-                            (unsigned long long)bms[j].entry_offset,
+                r = qbm_err(EINVAL,
+                            "bitmap directory entry %u at 0x%llx: "
+                            "duplicate name '%s'",
+                            j, (unsigned long long)bms[j].entry_offset,
                             bms[j].name);
                 goto fail;
             }
@@ -237,10 +252,11 @@ int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm)
         return r;
     }
     /* A table beyond the largest image is left for the read to refuse. */
-    if (add_ok(bm->table_offset, bytes, &end) &&
-        end <= QCOW2_MAX_HOST_OFFSET && end > file_end) {
+    if (add_ok(bm->table_offset, bytes, &end) && end <= QCOW2_MAX_HOST_OFFSET &&
+        end > file_end) {
         n = bm->table_offset >= file_end
-                ? 0 : div_round_up(file_end - bm->table_offset, 8);
+                ? 0
+                : div_round_up(file_end - bm->table_offset, 8);
     }
     buf = qbm_malloc(n * 8);
     table = qbm_calloc(bm->table_size, sizeof(*table));
@@ -250,7 +266,8 @@ int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm)
         return -ENOMEM;
     }
     r = n ? qbm_image_read_meta(img, buf, n * 8, bm->table_offset,
-                                "bitmap table") : 0;
+                                "bitmap table")
+          : 0;
     if (r < 0) {
         goto fail;
     }
@@ -267,8 +284,10 @@ int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm)
             why = "data offset not cluster aligned";
         }
         if (why) {
-            r = qbm_err(EINVAL, "bitmap '%s': table at 0x%llx, entry %llu: "
-                        "%s", bm->name, (unsigned long long)bm->table_offset,
+            r = qbm_err(EINVAL,
+                        "bitmap '%s': table at 0x%llx, entry %llu: "
+                        "%s",
+                        bm->name, (unsigned long long)bm->table_offset,
                         (unsigned long long)i, why);
             goto fail;
         }
@@ -288,9 +307,8 @@ fail:
 int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
                              qbm_chunk_fn fn, void *opaque)
 {
-    uint64_t nchunks = qcow2_bitmap_table_size(img->hdr.size,
-                                               bm->granularity_bits,
-                                               img->cluster_size);
+    uint64_t nchunks = qcow2_bitmap_table_size(
+        img->hdr.size, bm->granularity_bits, img->cluster_size);
     uint8_t *buf = NULL;
     uint64_t i;
     int r;
@@ -309,8 +327,7 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
         uint64_t off = e & BME_TABLE_OFFSET_MASK;
 
         if (off == 0) {
-            r = fn(opaque, i, (e & BME_TABLE_ALL_ONES) ? QBM_CHUNK_ONES
-                                                        : NULL);
+            r = fn(opaque, i, (e & BME_TABLE_ALL_ONES) ? QBM_CHUNK_ONES : NULL);
         } else {
             if (!buf) {
                 buf = qbm_malloc(img->cluster_size);

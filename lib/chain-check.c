@@ -33,8 +33,8 @@ size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
         }
         bm = qcow2_bitmap_lookup(layers[k], name);
         if (!bm) {
-            rules[k] = QBM_CHAIN_BIT(above ? QBM_CHAIN_GAP
-                                           : QBM_CHAIN_NOT_IN_TOP);
+            rules[k] =
+                QBM_CHAIN_BIT(above ? QBM_CHAIN_GAP : QBM_CHAIN_NOT_IN_TOP);
             continue;
         }
         above = true;
@@ -93,8 +93,8 @@ struct user_fn {
     int ret;
 };
 
-static int user_rule(void *opaque, int rule, const char *bitmap,
-                     size_t layer, size_t origin)
+static int user_rule(void *opaque, int rule, const char *bitmap, size_t layer,
+                     size_t origin)
 {
     struct user_fn *u = opaque;
 
@@ -134,8 +134,7 @@ QBM_API int qbm_chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
     return user_ret(chain_check(chain, user_rule, &u), &u);
 }
 
-static int check_backing(struct qbm_image *img, qbm_problem_fn fn,
-                         void *opaque)
+static int check_backing(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
 {
     struct qbm_chain *chain = NULL;
     int r;
@@ -158,8 +157,8 @@ static int check_backing(struct qbm_image *img, qbm_problem_fn fn,
 
         snprintf(msg, sizeof(msg), "%s", qbm_err_message());
         /* Rooted at the header's backing_file_offset field. */
-        return fn(opaque, QBM_PROBLEM_CORRUPTION,
-                  QCOW2_HDR_BACKING_FILE_OFFSET, msg);
+        return fn(opaque, QBM_PROBLEM_CORRUPTION, QCOW2_HDR_BACKING_FILE_OFFSET,
+                  msg);
     }
     return 0;
 }

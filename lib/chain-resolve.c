@@ -113,8 +113,8 @@ int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
             pos = next;
             continue;
         }
-        end = per[best].exts.v[cur[best]].guest +
-              per[best].exts.v[cur[best]].len;
+        end =
+            per[best].exts.v[cur[best]].guest + per[best].exts.v[cur[best]].len;
         for (l = 0; l < best; l++) {
             const struct map_extents *v = &per[l].exts;
 

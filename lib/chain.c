@@ -38,16 +38,17 @@ QBM_API void qbm_chain_close(struct qbm_chain *chain)
  * it, as given: QEMU joins it with the directory part of that name without
  * resolving symlinks.
  */
-static int resolve_backing(const char *referrer, const char *name,
-                           char **ret)
+static int resolve_backing(const char *referrer, const char *name, char **ret)
 {
     const char *slash, *colon;
     size_t dirlen;
     char *out;
 
     if (strncmp(name, "json:", 5) == 0) {
-        return qbm_err(EOPNOTSUPP, "backing file name '%s' is a json: "
-                       "specification, which qbm does not support", name);
+        return qbm_err(EOPNOTSUPP,
+                       "backing file name '%s' is a json: "
+                       "specification, which qbm does not support",
+                       name);
     }
     colon = strchr(name, ':');
     slash = strchr(name, '/');
@@ -55,8 +56,10 @@ static int resolve_backing(const char *referrer, const char *name,
         if (strncmp(name, "file:", 5) == 0) {
             name += 5;
         } else {
-            return qbm_err(EOPNOTSUPP, "backing file '%s' uses a protocol "
-                           "qbm does not support", name);
+            return qbm_err(EOPNOTSUPP,
+                           "backing file '%s' uses a protocol "
+                           "qbm does not support",
+                           name);
         }
     }
     if (name[0] == '\0') {
@@ -78,8 +81,7 @@ static int resolve_backing(const char *referrer, const char *name,
     return 0;
 }
 
-int qbm_impl_image_backing_path(const struct qbm_image *img,
-                                char **ret_path)
+int qbm_impl_image_backing_path(const struct qbm_image *img, char **ret_path)
 {
     if (!img->hdr.backing_file) {
         return qbm_err(ENOENT, "no backing file");
@@ -125,8 +127,10 @@ static int open_layer(const char *name, const char *format, bool force_share,
     int r;
 
     if (format && strcmp(format, "qcow2") != 0 && strcmp(format, "raw")) {
-        return qbm_err(EOPNOTSUPP, "backing format '%s' is not supported "
-                       "(only qcow2 and raw)", format);
+        return qbm_err(EOPNOTSUPP,
+                       "backing format '%s' is not supported "
+                       "(only qcow2 and raw)",
+                       format);
     }
     r = qbm_io_file_open(name, false,
                          force_share ? QBM_LOCK_NONE : QBM_LOCK_READ, &io);
@@ -136,7 +140,8 @@ static int open_layer(const char *name, const char *format, bool force_share,
     return qbm_image_open_format(io, name,
                                  !format ? QBM_FORMAT_PROBE
                                  : strcmp(format, "qcow2") == 0
-                                     ? QBM_FORMAT_QCOW2 : QBM_FORMAT_RAW,
+                                     ? QBM_FORMAT_QCOW2
+                                     : QBM_FORMAT_RAW,
                                  false, ret);
 }
 
@@ -181,8 +186,10 @@ int qbm_impl_chain_open(const char *filename, unsigned flags,
         }
         for (i = 0; i + 1 < chain->n; i++) {
             if (devs[i] == st.st_dev && inos[i] == st.st_ino) {
-                r = qbm_err(ELOOP, "backing chain loops: '%s' is also layer "
-                            "%zu", chain->names[chain->n - 1], i);
+                r = qbm_err(ELOOP,
+                            "backing chain loops: '%s' is also layer "
+                            "%zu",
+                            chain->names[chain->n - 1], i);
                 goto fail;
             }
         }
@@ -222,8 +229,7 @@ fail:
     return r;
 }
 
-QBM_API struct qbm_chain *qbm_chain_open(const char *filename,
-                                         unsigned flags)
+QBM_API struct qbm_chain *qbm_chain_open(const char *filename, unsigned flags)
 {
     struct qbm_chain *chain = NULL;
 
@@ -310,8 +316,10 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
         }
     }
     if (!found) {
-        return qbm_err(ENOENT, "no layer of the chain has a bitmap named "
-                       "'%s'", name);
+        return qbm_err(ENOENT,
+                       "no layer of the chain has a bitmap named "
+                       "'%s'",
+                       name);
     }
     /* Each layer's list is sorted; the union needs one sort and a sweep. */
     qsort(c.all.v, c.all.n, sizeof(*c.all.v), cmp_extent);
@@ -364,9 +372,9 @@ static int extent_wrap_cb(void *opaque, uint64_t off, uint64_t len)
     return w->user_ret ? 1 : 0;
 }
 
-QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
-                                     const char *name, qbm_extent_fn fn,
-                                     void *opaque, int *ret_consistent)
+QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
+                                     qbm_extent_fn fn, void *opaque,
+                                     int *ret_consistent)
 {
     struct extent_wrap w = { fn, opaque, 0 };
     int r;

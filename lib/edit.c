@@ -24,21 +24,24 @@ static int writable(struct qbm_image *img)
         return qbm_err(EROFS, "image not opened for writing");
     }
     if (h->version < 3) {
-        return qbm_err(EOPNOTSUPP, "cannot store bitmaps in a version 2 "
+        return qbm_err(EOPNOTSUPP,
+                       "cannot store bitmaps in a version 2 "
                        "(compat=0.10) image; upgrade it with 'qemu-img "
                        "amend -o compat=1.1'");
     }
     if (h->incompatible_features & QBM_INCOMPAT_CORRUPT) {
         return qbm_err(EUCLEAN, "the image is marked corrupt; repair it "
-                       "with 'qemu-img check -r all' first");
+                                "with 'qemu-img check -r all' first");
     }
     if (h->incompatible_features & QBM_INCOMPAT_DIRTY) {
-        return qbm_err(EUCLEAN, "the image's refcounts may be stale (dirty "
+        return qbm_err(EUCLEAN,
+                       "the image's refcounts may be stale (dirty "
                        "bit set, lazy refcounts); run 'qemu-img check -r "
                        "all' first");
     }
     if (img->bitmaps_state == QBM_BITMAPS_STALE) {
-        return qbm_err(EUCLEAN, "the bitmaps extension is stale (a program "
+        return qbm_err(EUCLEAN,
+                       "the bitmaps extension is stale (a program "
                        "without bitmap support wrote the image after them); "
                        "drop it with 'qemu-img check -r leaks' first");
     }
@@ -62,9 +65,11 @@ static int find(struct qbm_image *img, const char *name,
 static int usable(const struct qcow2_bitmap *bm)
 {
     if (bm->flags & BME_FLAG_IN_USE) {
-        return qbm_err(EBUSY, "bitmap '%s' is in use (inconsistent: QEMU "
+        return qbm_err(EBUSY,
+                       "bitmap '%s' is in use (inconsistent: QEMU "
                        "did not store it back); remove it, or repair it "
-                       "with qbm check --repair", bm->name);
+                       "with qbm check --repair",
+                       bm->name);
     }
     return 0;
 }
@@ -80,8 +85,7 @@ static int check_name(struct qbm_image *img, const char *name)
     }
     for (i = 0; i < img->nb_bitmaps; i++) {
         if (strcmp(img->bitmaps[i].name, name) == 0) {
-            return qbm_err(EEXIST, "a bitmap named '%s' already exists",
-                           name);
+            return qbm_err(EEXIST, "a bitmap named '%s' already exists", name);
         }
     }
     return 0;
@@ -96,8 +100,7 @@ static int queue_free(struct qbm_image *img, uint64_t off, uint64_t len)
     }
     for (c = 0; c < div_round_up(len, img->cluster_size); c++) {
         if (img->nb_pending_free == img->cap_pending_free) {
-            size_t cap = img->cap_pending_free ? img->cap_pending_free * 2
-                                               : 64;
+            size_t cap = img->cap_pending_free ? img->cap_pending_free * 2 : 64;
             uint64_t *p = qbm_realloc(img->pending_free, cap * sizeof(*p));
 
             if (!p) {
@@ -106,15 +109,13 @@ static int queue_free(struct qbm_image *img, uint64_t off, uint64_t len)
             img->pending_free = p;
             img->cap_pending_free = cap;
         }
-        img->pending_free[img->nb_pending_free++] = off +
-                                                    c * img->cluster_size;
+        img->pending_free[img->nb_pending_free++] = off + c * img->cluster_size;
     }
     return 0;
 }
 
 /* Queue the clusters of the on-disk copy of bm (table and data). */
-static int queue_bitmap_clusters(struct qbm_image *img,
-                                 struct qcow2_bitmap *bm)
+static int queue_bitmap_clusters(struct qbm_image *img, struct qcow2_bitmap *bm)
 {
     uint64_t i;
     int r;
@@ -142,8 +143,7 @@ static int queue_bitmap_clusters(struct qbm_image *img,
 }
 
 /* Make bm->data hold the bitmap's contents, ready to be modified. */
-static int stage_data(struct qbm_image *img, struct qcow2_bitmap *bm,
-                      bool load)
+static int stage_data(struct qbm_image *img, struct qcow2_bitmap *bm, bool load)
 {
     struct qbm_bmap *data;
     int r;
@@ -170,8 +170,8 @@ static int stage_data(struct qbm_image *img, struct qcow2_bitmap *bm,
     return 0;
 }
 
-int qbm_impl_bitmap_add(struct qbm_image *img, const char *name,
-                        uint64_t gran, unsigned flags)
+int qbm_impl_bitmap_add(struct qbm_image *img, const char *name, uint64_t gran,
+                        unsigned flags)
 {
     struct qcow2_bitmap *bms, *bm;
     unsigned bits;
@@ -189,21 +189,23 @@ int qbm_impl_bitmap_add(struct qbm_image *img, const char *name,
     }
     if (gran == 0) {
         gran = img->cluster_size;
-        gran = gran < DEFAULT_GRAN_MIN ? DEFAULT_GRAN_MIN
-               : gran > DEFAULT_GRAN_MAX ? DEFAULT_GRAN_MAX : gran;
+        gran = gran < DEFAULT_GRAN_MIN   ? DEFAULT_GRAN_MIN
+               : gran > DEFAULT_GRAN_MAX ? DEFAULT_GRAN_MAX
+                                         : gran;
     }
     if (gran & (gran - 1) || gran < (1u << BME_MIN_GRANULARITY_BITS) ||
         gran > (1ull << BME_MAX_GRANULARITY_BITS)) {
         return qbm_err(EINVAL, "granularity must be a power of two from "
-                       "512 B to 2 GiB");
+                               "512 B to 2 GiB");
     }
     bits = (unsigned)__builtin_ctzll(gran);
-    table_size = qcow2_bitmap_table_size(img->hdr.size, bits,
-                                         img->cluster_size);
+    table_size =
+        qcow2_bitmap_table_size(img->hdr.size, bits, img->cluster_size);
     if (table_size > BME_MAX_TABLE_SIZE ||
         !mul_ok(table_size, img->cluster_size, &phys) ||
         phys > BME_MAX_PHYS_SIZE) {
-        return qbm_err(EFBIG, "a bitmap of granularity %llu for this disk "
+        return qbm_err(EFBIG,
+                       "a bitmap of granularity %llu for this disk "
                        "would exceed 512 MiB; use a larger granularity",
                        (unsigned long long)gran);
     }
@@ -216,7 +218,7 @@ int qbm_impl_bitmap_add(struct qbm_image *img, const char *name,
     dir_size += ((uint64_t)BME_ENTRY_HEADER + strlen(name) + 7) & ~7ull;
     if (dir_size > BME_MAX_DIR_SIZE) {
         return qbm_err(ENOSPC, "the bitmap directory would exceed its "
-                       "maximum size");
+                               "maximum size");
     }
     bms = qbm_realloc(img->bitmaps, (img->nb_bitmaps + 1) * sizeof(*bms));
     if (!bms) {
@@ -250,8 +252,7 @@ QBM_API int qbm_bitmap_add(struct qbm_image *img, const char *name,
     if (!name) {
         return qbm_public_ret(qbm_err(EINVAL, "no bitmap name"));
     }
-    return qbm_public_ret(qbm_impl_bitmap_add(img, name, granularity,
-                                              flags));
+    return qbm_public_ret(qbm_impl_bitmap_add(img, name, granularity, flags));
 }
 
 int qbm_impl_bitmap_remove(struct qbm_image *img, const char *name)
@@ -323,8 +324,7 @@ static int set_enabled(struct qbm_image *img, const char *name, bool on)
     if (r < 0) {
         return r;
     }
-    bm->flags = on ? (bm->flags | BME_FLAG_AUTO)
-                   : (bm->flags & ~BME_FLAG_AUTO);
+    bm->flags = on ? (bm->flags | BME_FLAG_AUTO) : (bm->flags & ~BME_FLAG_AUTO);
     img->staged = true;
     return 0;
 }
@@ -435,8 +435,8 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
         uint8_t *c = dst->chunks[i];
 
         if (!off) {
-            r = qbm_bmap_or_chunk(dst, i, (e & BME_TABLE_ALL_ONES)
-                                              ? QBM_CHUNK_ONES : NULL);
+            r = qbm_bmap_or_chunk(
+                dst, i, (e & BME_TABLE_ALL_ONES) ? QBM_CHUNK_ONES : NULL);
             continue;
         }
         if (c == QBM_CHUNK_ONES ||
@@ -507,7 +507,8 @@ int qbm_impl_bitmap_merge(struct qbm_image *img, const char *target,
         r = qbm_err(EUCLEAN, "the source's bitmaps are stale");
     }
     if (r == 0 && src->hdr.size != img->hdr.size) {
-        r = qbm_err(EINVAL, "the source image's virtual size (%llu) differs "
+        r = qbm_err(EINVAL,
+                    "the source image's virtual size (%llu) differs "
                     "from the target's (%llu)",
                     (unsigned long long)src->hdr.size,
                     (unsigned long long)img->hdr.size);
@@ -525,8 +526,7 @@ int qbm_impl_bitmap_merge(struct qbm_image *img, const char *target,
 QBM_API int qbm_bitmap_merge(struct qbm_image *img, const char *target,
                              struct qbm_image *src, const char *src_name)
 {
-    return qbm_public_ret(qbm_impl_bitmap_merge(img, target, src,
-                                                src_name));
+    return qbm_public_ret(qbm_impl_bitmap_merge(img, target, src, src_name));
 }
 
 int qbm_impl_bitmap_set_dirty(struct qbm_image *img, const char *name,
@@ -545,8 +545,7 @@ int qbm_impl_bitmap_set_dirty(struct qbm_image *img, const char *name,
 QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
                                  uint64_t offset, uint64_t length)
 {
-    return qbm_public_ret(qbm_impl_bitmap_set_dirty(img, name, offset,
-                                                    length));
+    return qbm_public_ret(qbm_impl_bitmap_set_dirty(img, name, offset, length));
 }
 
 struct populate_ctx {
@@ -659,8 +658,7 @@ static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
             /* QEMU never writes the all-ones table entry: write the bits,
              * leaving those past the end of the disk zero. */
             uint64_t bpc = cs * 8;
-            uint64_t nb = d->nbits - i * bpc < bpc ? d->nbits - i * bpc
-                                                   : bpc;
+            uint64_t nb = d->nbits - i * bpc < bpc ? d->nbits - i * bpc : bpc;
 
             memset(cbuf, 0, cs);
             memset(cbuf, 0xff, nb / 8);
@@ -743,8 +741,9 @@ int qbm_impl_commit(struct qbm_image *img)
             pos += qcow2_bitmap_entry_size(&img->bitmaps[i]);
         }
         r = qbm_txn_alloc(txn, nclusters, &dir_off);
-        r = r ? r : qbm_txn_write(txn, buf, div_round_up(dir_size, 512) * 512,
-                                  dir_off);
+        r = r ? r
+              : qbm_txn_write(txn, buf, div_round_up(dir_size, 512) * 512,
+                              dir_off);
         free(buf);
         if (r < 0) {
             goto fail;

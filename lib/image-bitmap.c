@@ -50,8 +50,7 @@ QBM_API const char *qbm_bitmap_name(const struct qbm_image *img, size_t idx)
     return bm ? bm->name : NULL;
 }
 
-QBM_API uint64_t qbm_bitmap_granularity(const struct qbm_image *img,
-                                        size_t idx)
+QBM_API uint64_t qbm_bitmap_granularity(const struct qbm_image *img, size_t idx)
 {
     const struct qcow2_bitmap *bm = get_bitmap(img, idx);
 
@@ -97,8 +96,7 @@ static int walk_bitmap(struct qbm_image *img, struct qcow2_bitmap *bm,
     st->chunk_bytes = img->cluster_size;
     st->bits_per_chunk = img->cluster_size * 8;
     st->nbits = div_round_up(img->hdr.size, st->granularity);
-    r = qcow2_bitmap_read_chunks(img, bm,
-                                 chunk_to_extents, st);
+    r = qcow2_bitmap_read_chunks(img, bm, chunk_to_extents, st);
     if (r) {
         return r;
     }
@@ -137,8 +135,8 @@ static int extent_wrap_cb(void *opaque, uint64_t off, uint64_t len)
     return w->user_ret ? 1 : 0;
 }
 
-int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx,
-                            qbm_extent_fn fn, void *opaque)
+int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx, qbm_extent_fn fn,
+                            void *opaque)
 {
     struct qbm_extent_state st = { .fn = fn, .opaque = opaque };
 

@@ -127,16 +127,15 @@ static int walk_l2(struct walk *w, const struct qcow2_meta *l2)
                       (cd.offset & 511) + cd.nb_bytes, l2->offset, j);
         } else if (e & L2E_STD_RESERVED_MASK) {
             r = problem(w, l2, l2->offset + j * 8,
-                        "%s at 0x%llx, entry %llu: reserved bits set",
-                        l2->what, (unsigned long long)l2->offset,
-                        (unsigned long long)j);
+                        "%s at 0x%llx, entry %llu: reserved bits set", l2->what,
+                        (unsigned long long)l2->offset, (unsigned long long)j);
         } else if (!off || data_file) {
             r = 0;
         } else if (!is_aligned(off, w->cs)) {
             r = problem(w, l2, l2->offset + j * 8,
                         "%s at 0x%llx, entry %llu: data offset 0x%llx not "
-                        "cluster aligned", l2->what,
-                        (unsigned long long)l2->offset,
+                        "cluster aligned",
+                        l2->what, (unsigned long long)l2->offset,
                         (unsigned long long)j, (unsigned long long)off);
         } else {
             r = found(w, &m, QCOW2_META_DATA, off, w->cs, l2->offset, j);
@@ -153,9 +152,8 @@ static int walk_l2(struct walk *w, const struct qcow2_meta *l2)
  * read 64 KiB at a time, and only up to the end of the file: entries past
  * it read as zero, so a table far larger than the file costs nothing.
  */
-static int walk_l1(struct walk *w, enum qcow2_meta_kind kind,
-                   uint64_t l1_off, uint32_t l1_size, uint64_t owner,
-                   uint64_t index)
+static int walk_l1(struct walk *w, enum qcow2_meta_kind kind, uint64_t l1_off,
+                   uint32_t l1_size, uint64_t owner, uint64_t index)
 {
     enum { PIECE = 8192 };
     uint64_t bytes = (uint64_t)l1_size * 8, n = l1_size, i, k, len, end;
@@ -171,8 +169,10 @@ static int walk_l1(struct walk *w, enum qcow2_meta_kind kind,
         return r;
     }
     if (!add_ok(l1_off, bytes, &end) || end > QCOW2_MAX_HOST_OFFSET) {
-        return qbm_err(EINVAL, "%s at 0x%llx: beyond the largest possible "
-                       "image", l1.what, (unsigned long long)l1_off);
+        return qbm_err(EINVAL,
+                       "%s at 0x%llx: beyond the largest possible "
+                       "image",
+                       l1.what, (unsigned long long)l1_off);
     }
     if (l1_off >= w->file_end) {
         return 0;
@@ -186,8 +186,7 @@ static int walk_l1(struct walk *w, enum qcow2_meta_kind kind,
     }
     for (i = 0; i < n && r == 0; i += len) {
         len = n - i < PIECE ? n - i : PIECE;
-        r = qbm_image_read_meta(w->img, buf, len * 8, l1_off + i * 8,
-                                l1.what);
+        r = qbm_image_read_meta(w->img, buf, len * 8, l1_off + i * 8, l1.what);
         for (k = 0; k < len && r == 0; k++) {
             uint64_t e = be64_load(buf + k * 8);
             uint64_t pos = l1_off + (i + k) * 8;
@@ -196,25 +195,27 @@ static int walk_l1(struct walk *w, enum qcow2_meta_kind kind,
                 continue; /* unallocated: most entries of a sparse disk */
             }
             if (e & L1E_RESERVED_MASK) {
-                r = problem(w, &l1, pos, "%s at 0x%llx, entry %llu: "
-                            "reserved bits set", l1.what,
-                            (unsigned long long)l1_off,
+                r = problem(w, &l1, pos,
+                            "%s at 0x%llx, entry %llu: "
+                            "reserved bits set",
+                            l1.what, (unsigned long long)l1_off,
                             (unsigned long long)(i + k));
             }
             if (r || !(e & L1E_OFFSET_MASK)) {
                 continue;
             }
             if (!is_aligned(e & L1E_OFFSET_MASK, w->cs)) {
-                r = problem(w, &l1, pos, "%s at 0x%llx, entry %llu: L2 "
-                            "offset 0x%llx not cluster aligned", l1.what,
-                            (unsigned long long)l1_off,
+                r = problem(w, &l1, pos,
+                            "%s at 0x%llx, entry %llu: L2 "
+                            "offset 0x%llx not cluster aligned",
+                            l1.what, (unsigned long long)l1_off,
                             (unsigned long long)(i + k),
                             (unsigned long long)(e & L1E_OFFSET_MASK));
             }
-            r = r ? r : found(w, &l2, QCOW2_META_L2, e & L1E_OFFSET_MASK,
-                              w->cs, l1_off, i + k);
-            if (r == 0 && !l2.misaligned &&
-                (w->flags & QCOW2_META_WALK_DATA)) {
+            r = r ? r
+                  : found(w, &l2, QCOW2_META_L2, e & L1E_OFFSET_MASK, w->cs,
+                          l1_off, i + k);
+            if (r == 0 && !l2.misaligned && (w->flags & QCOW2_META_WALK_DATA)) {
                 r = walk_l2(w, &l2);
             }
         }
@@ -236,9 +237,10 @@ static int walk_bitmaps(struct walk *w)
     if (img->bitmaps_state == QBM_BITMAPS_NONE) {
         return 0;
     }
-    r = found(w, &m, img->bitmaps_state == QBM_BITMAPS_STALE
-                         ? QCOW2_META_STALE_BITMAP_DIR
-                         : QCOW2_META_BITMAP_DIR,
+    r = found(w, &m,
+              img->bitmaps_state == QBM_BITMAPS_STALE
+                  ? QCOW2_META_STALE_BITMAP_DIR
+                  : QCOW2_META_BITMAP_DIR,
               img->bm_ext.dir_offset, img->bm_ext.dir_size, 0, UINT64_MAX);
     for (k = 0; k < img->nb_bitmaps && r == 0; k++) {
         struct qcow2_bitmap *bm = &img->bitmaps[k];
@@ -291,9 +293,9 @@ int qcow2_meta_walk(struct qbm_image *img, unsigned flags, qcow2_meta_fn fn,
 
     r = qbm_io_size(img->io, &w.file_end);
     r = r ? r : found(&w, &m, QCOW2_META_HEADER, 0, w.cs, 0, UINT64_MAX);
-    r = r ? r : found(&w, &m, QCOW2_META_REFTABLE, h->refcount_table_offset,
-                      (uint64_t)h->refcount_table_clusters * w.cs, 0,
-                      UINT64_MAX);
+    r = r ? r
+          : found(&w, &m, QCOW2_META_REFTABLE, h->refcount_table_offset,
+                  (uint64_t)h->refcount_table_clusters * w.cs, 0, UINT64_MAX);
     for (i = 0; i < img->reftable_entries && r == 0; i++) {
         uint64_t off = img->reftable[i] & REFT_OFFSET_MASK;
 
@@ -302,8 +304,9 @@ int qcow2_meta_walk(struct qbm_image *img, unsigned flags, qcow2_meta_fn fn,
                       h->refcount_table_offset, i);
         }
     }
-    r = r ? r : walk_l1(&w, QCOW2_META_L1, h->l1_table_offset, h->l1_size,
-                        0, UINT64_MAX);
+    r = r ? r
+          : walk_l1(&w, QCOW2_META_L1, h->l1_table_offset, h->l1_size, 0,
+                    UINT64_MAX);
     if (r == 0 && img->nb_snapshots) {
         r = found(&w, &m, QCOW2_META_SNAPSHOT_TABLE, h->snapshots_offset,
                   img->snapshots_size, 0, UINT64_MAX);
@@ -404,8 +407,7 @@ void qcow2_meta_index_free(struct qcow2_meta_index *mi)
  * that cannot be loaded is refused by the edits that read it; here it only
  * goes without its data clusters.
  */
-int qcow2_meta_index_build(struct qbm_image *img,
-                           struct qcow2_meta_index **ret)
+int qcow2_meta_index_build(struct qbm_image *img, struct qcow2_meta_index **ret)
 {
     struct qcow2_meta_index *mi = qbm_calloc(1, sizeof(*mi));
     size_t k;
@@ -432,8 +434,7 @@ int qcow2_meta_index_build(struct qbm_image *img,
 
 /* ---- looking clusters up ------------------------------------------------ */
 
-const char *qcow2_meta_index_find(const struct qcow2_meta_index *mi,
-                                  uint64_t c)
+const char *qcow2_meta_index_find(const struct qcow2_meta_index *mi, uint64_t c)
 {
     size_t lo = 0, hi = mi->meta.n, i;
 
@@ -479,20 +480,25 @@ static int overlap_err(const struct qcow2_meta_index *mi,
         o = x;
     }
     if (m->kind != QCOW2_META_REFBLOCK) {
-        return qbm_err(EUCLEAN, "refcount table at 0x%llx: overlaps the %s "
-                       "at 0x%llx" REPAIR, (unsigned long long)m->off,
-                       o->what, (unsigned long long)o->off);
+        return qbm_err(EUCLEAN,
+                       "refcount table at 0x%llx: overlaps the %s "
+                       "at 0x%llx" REPAIR,
+                       (unsigned long long)m->off, o->what,
+                       (unsigned long long)o->off);
     }
     if (o->kind == QCOW2_META_REFBLOCK) {
-        return qbm_err(EUCLEAN, "refcount table entries %llu at 0x%llx and "
+        return qbm_err(EUCLEAN,
+                       "refcount table entries %llu at 0x%llx and "
                        "%llu at 0x%llx: both point to the refcount block at "
-                       "0x%llx" REPAIR, (unsigned long long)m->rt_index,
+                       "0x%llx" REPAIR,
+                       (unsigned long long)m->rt_index,
                        (unsigned long long)rt_entry_pos(mi, m->rt_index),
                        (unsigned long long)o->rt_index,
                        (unsigned long long)rt_entry_pos(mi, o->rt_index),
                        (unsigned long long)m->off);
     }
-    return qbm_err(EUCLEAN, "refcount table entry %llu at 0x%llx: refcount "
+    return qbm_err(EUCLEAN,
+                   "refcount table entry %llu at 0x%llx: refcount "
                    "block at 0x%llx overlaps the %s at 0x%llx" REPAIR,
                    (unsigned long long)m->rt_index,
                    (unsigned long long)rt_entry_pos(mi, m->rt_index),
@@ -517,8 +523,10 @@ int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi)
     size_t k, top = SIZE_MAX;
 
     if (h->refcount_table_offset +
-        ((uint64_t)h->refcount_table_clusters - 1) * mi->cs >= size) {
-        return qbm_err(EUCLEAN, "refcount table at 0x%llx: its %u clusters "
+            ((uint64_t)h->refcount_table_clusters - 1) * mi->cs >=
+        size) {
+        return qbm_err(EUCLEAN,
+                       "refcount table at 0x%llx: its %u clusters "
                        "run past the end of the file (0x%llx)" REPAIR,
                        (unsigned long long)h->refcount_table_offset,
                        h->refcount_table_clusters, (unsigned long long)size);
@@ -528,22 +536,24 @@ int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi)
         unsigned long long pos = rt_entry_pos(mi, i);
 
         if (e & REFT_RESERVED_MASK) {
-            return qbm_err(EUCLEAN, "refcount table entry %llu at 0x%llx: "
+            return qbm_err(EUCLEAN,
+                           "refcount table entry %llu at 0x%llx: "
                            "reserved bits set (0x%llx)" REPAIR,
-                           (unsigned long long)i, pos,
-                           (unsigned long long)e);
+                           (unsigned long long)i, pos, (unsigned long long)e);
         }
         if (off && !is_aligned(off, mi->cs)) {
-            return qbm_err(EUCLEAN, "refcount table entry %llu at 0x%llx: "
+            return qbm_err(EUCLEAN,
+                           "refcount table entry %llu at 0x%llx: "
                            "offset 0x%llx is not cluster aligned" REPAIR,
-                           (unsigned long long)i, pos,
-                           (unsigned long long)off);
+                           (unsigned long long)i, pos, (unsigned long long)off);
         }
         if (off >= size) {
-            return qbm_err(EUCLEAN, "refcount table entry %llu at 0x%llx: "
+            return qbm_err(EUCLEAN,
+                           "refcount table entry %llu at 0x%llx: "
                            "offset 0x%llx is past the end of the file "
-                           "(0x%llx)" REPAIR, (unsigned long long)i, pos,
-                           (unsigned long long)off, (unsigned long long)size);
+                           "(0x%llx)" REPAIR,
+                           (unsigned long long)i, pos, (unsigned long long)off,
+                           (unsigned long long)size);
         }
     }
     /*
@@ -561,8 +571,7 @@ int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi)
         if (m->kind == QCOW2_META_STALE_BITMAP_DIR) {
             continue; /* not live: anything may lie over it */
         }
-        if (m->kind == QCOW2_META_REFTABLE ||
-            m->kind == QCOW2_META_REFBLOCK) {
+        if (m->kind == QCOW2_META_REFTABLE || m->kind == QCOW2_META_REFBLOCK) {
             if (top != SIZE_MAX && mi->meta.v[top].end > m->start) {
                 return overlap_err(mi, m, &mi->meta.v[top]);
             }
@@ -580,4 +589,3 @@ int qcow2_meta_index_check_refcounts(const struct qcow2_meta_index *mi)
     }
     return 0;
 }
-

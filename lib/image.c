@@ -46,7 +46,8 @@ static int load_bitmaps(struct qbm_image *img)
     img->bitmaps_state = QBM_BITMAPS_OK;
     if (!is_aligned(img->bm_ext.dir_offset, img->cluster_size) ||
         img->bm_ext.dir_offset == 0) {
-        return qbm_err(EINVAL, "bitmap directory at 0x%llx: offset not "
+        return qbm_err(EINVAL,
+                       "bitmap directory at 0x%llx: offset not "
                        "cluster aligned",
                        (unsigned long long)img->bm_ext.dir_offset);
     }
@@ -59,9 +60,8 @@ static int load_bitmaps(struct qbm_image *img)
     if (r == 0) {
         r = qcow2_bitmap_dir_decode(buf, img->bm_ext.dir_size,
                                     img->bm_ext.dir_offset,
-                                    img->bm_ext.nb_bitmaps,
-                                    img->cluster_size, img->hdr.size,
-                                    &img->bitmaps);
+                                    img->bm_ext.nb_bitmaps, img->cluster_size,
+                                    img->hdr.size, &img->bitmaps);
     }
     free(buf);
     if (r < 0) {
@@ -126,8 +126,10 @@ static int image_load(struct qbm_image *img)
     cluster_bits = be32_load(first + QCOW2_HDR_CLUSTER_BITS);
     if (cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
         cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-        return qbm_err(EINVAL, "header at 0x0: cluster_bits %u out of range "
-                       "9..21", cluster_bits);
+        return qbm_err(EINVAL,
+                       "header at 0x0: cluster_bits %u out of range "
+                       "9..21",
+                       cluster_bits);
     }
     cs = 1ull << cluster_bits;
     cluster0 = qbm_malloc(cs);
@@ -253,8 +255,8 @@ int qbm_image_open_format(struct qbm_io *io, const char *filename,
             qbm_io_close(io);
             return r;
         }
-        format = be32_load(magic) == QCOW2_MAGIC ? QBM_FORMAT_QCOW2
-                                                 : QBM_FORMAT_RAW;
+        format =
+            be32_load(magic) == QCOW2_MAGIC ? QBM_FORMAT_QCOW2 : QBM_FORMAT_RAW;
     }
     if (format == QBM_FORMAT_RAW) {
         return qbm_image_open_raw(io, filename, ret_img);
@@ -274,9 +276,9 @@ int qbm_impl_open(const char *filename, unsigned flags,
         (rdwr && (flags & QBM_OPEN_FORCE_SHARE))) {
         return qbm_err(EINVAL, "invalid arguments to qbm_open");
     }
-    lock = rdwr ? QBM_LOCK_WRITE
-                : (flags & QBM_OPEN_FORCE_SHARE) ? QBM_LOCK_NONE
-                                                 : QBM_LOCK_READ;
+    lock = rdwr                             ? QBM_LOCK_WRITE
+           : (flags & QBM_OPEN_FORCE_SHARE) ? QBM_LOCK_NONE
+                                            : QBM_LOCK_READ;
     r = qbm_io_file_open(filename, rdwr, lock, &io);
     if (r < 0) {
         return r;
@@ -284,7 +286,8 @@ int qbm_impl_open(const char *filename, unsigned flags,
     /* Raw files are only ever read. */
     return qbm_image_open_format(io, filename,
                                  (flags & QBM_OPEN_ANY_FORMAT) && !rdwr
-                                     ? QBM_FORMAT_PROBE : QBM_FORMAT_QCOW2,
+                                     ? QBM_FORMAT_PROBE
+                                     : QBM_FORMAT_QCOW2,
                                  rdwr, ret_img);
 }
 
@@ -310,8 +313,8 @@ QBM_API struct qbm_image *qbm_open_memory(const void *buf, size_t len,
     if (r < 0) {
         return NULL;
     }
-    r = qbm_image_open_io(io, name ? name : "(memory)",
-                          flags & QBM_OPEN_RDWR, &img);
+    r = qbm_image_open_io(io, name ? name : "(memory)", flags & QBM_OPEN_RDWR,
+                          &img);
     return r < 0 ? NULL : img;
 }
 
@@ -390,8 +393,7 @@ QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img)
     return img->nb_snapshots;
 }
 
-QBM_API uint64_t qbm_image_features(const struct qbm_image *img,
-                                    unsigned which)
+QBM_API uint64_t qbm_image_features(const struct qbm_image *img, unsigned which)
 {
     switch (which) {
     case QBM_FEATURE_INCOMPATIBLE:
@@ -423,8 +425,7 @@ int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
                               void *opaque)
 {
     if (img->raw) {
-        return img->hdr.size ? fn(opaque, 0, img->hdr.size, QBM_ALLOC_DATA)
-                             : 0;
+        return img->hdr.size ? fn(opaque, 0, img->hdr.size, QBM_ALLOC_DATA) : 0;
     }
     return qcow2_allocation_walk(img, fn, opaque);
 }

@@ -7,15 +7,14 @@
  *   util    util-error.c: errors, allocation; util-darray.c: growable arrays;
  *           byte order, checked arithmetic
  *   io      io.c: pread/pwrite/flush behind a vtable (file, memory, fault)
- *   qcow2   qcow2-header.c, qcow2-refcount.c, qcow2-compress.c, qcow2-cluster.c, qcow2-snapshot.c: the
- *           image's structures; qcow2-header-write.c: crash-safe writes
- *           to cluster 0; qcow2-writer.c: fresh qcow2 images
- *   bitmap  bitmap-chunks.c: in-memory chunked bitmap; bitmap-dir.c: bitmaps
- *           extension, directory and tables, a bitmap's data
- *   image   image.c: struct qbm_image (open, validate, reload);
- *           image-bitmap.c: bitmap queries; image-meta.c: every structure of an
- *           image (the enumerator) and the overlap index
- *   chain   chain.c: backing chains; chain-check.c: checkpoint rules;
+ *   qcow2   qcow2-header.c, qcow2-refcount.c, qcow2-compress.c,
+ * qcow2-cluster.c, qcow2-snapshot.c: the image's structures;
+ * qcow2-header-write.c: crash-safe writes to cluster 0; qcow2-writer.c: fresh
+ * qcow2 images bitmap  bitmap-chunks.c: in-memory chunked bitmap; bitmap-dir.c:
+ * bitmaps extension, directory and tables, a bitmap's data image   image.c:
+ * struct qbm_image (open, validate, reload); image-bitmap.c: bitmap queries;
+ * image-meta.c: every structure of an image (the enumerator) and the overlap
+ * index chain   chain.c: backing chains; chain-check.c: checkpoint rules;
  *           chain-resolve.c: which layer provides each guest range
  *   txn     txn-alloc.c: a transaction's refcounts and allocator;
  *           txn.c: crash-safe transactions (the commit order)
@@ -147,17 +146,18 @@ enum qcow2_header_field {
 
 /* ==== layer util ========================================================== */
 
-/* ---- util-error.c: errors and allocation -------------------------------------- */
+/* ---- util-error.c: errors and allocation
+ * -------------------------------------- */
 
 /* Record `errnum` and a message as this thread's last error; returns -errnum
  * (-EIO for a non-positive errnum). */
 int qbm_err_set(int errnum, const char *fmt, ...) QBM_PRINTF(2, 3);
 /* The same, written so that callers and analyzers see a negative result. */
-#define qbm_err(errnum, ...)                                                  \
-    ({                                                                        \
-        int qbm_e_ = (errnum);                                                \
-        qbm_err_set(qbm_e_, __VA_ARGS__);                                     \
-        qbm_e_ > 0 ? -qbm_e_ : -EIO;                                          \
+#define qbm_err(errnum, ...)              \
+    ({                                    \
+        int qbm_e_ = (errnum);            \
+        qbm_err_set(qbm_e_, __VA_ARGS__); \
+        qbm_e_ > 0 ? -qbm_e_ : -EIO;      \
     })
 /* Prefix the current message with "PREFIX: ". Returns `ret` unchanged. */
 int qbm_err_prefix(int ret, const char *fmt, ...) QBM_PRINTF(2, 3);
@@ -252,8 +252,7 @@ struct qbm_io;
 struct qbm_io_ops {
     /* Read exactly len bytes; bytes past the end of the file read as 0. */
     int (*pread)(struct qbm_io *io, void *buf, size_t len, uint64_t off);
-    int (*pwrite)(struct qbm_io *io, const void *buf, size_t len,
-                  uint64_t off);
+    int (*pwrite)(struct qbm_io *io, const void *buf, size_t len, uint64_t off);
     int (*flush)(struct qbm_io *io);
     int (*size)(struct qbm_io *io, uint64_t *ret_size);
     void (*close)(struct qbm_io *io);
@@ -268,8 +267,8 @@ static inline int qbm_io_pread(struct qbm_io *io, void *buf, size_t len,
 {
     return io->ops->pread(io, buf, len, off);
 }
-static inline int qbm_io_pwrite(struct qbm_io *io, const void *buf,
-                                size_t len, uint64_t off)
+static inline int qbm_io_pwrite(struct qbm_io *io, const void *buf, size_t len,
+                                uint64_t off)
 {
     return io->ops->pwrite(io, buf, len, off);
 }
@@ -299,9 +298,9 @@ int qbm_io_read_meta(struct qbm_io *io, void *buf, size_t len, uint64_t off,
 
 /* Lock modes for file images (docs/design.md, "Locking"). */
 enum qbm_lock_mode {
-    QBM_LOCK_NONE,   /* -U: take nothing */
-    QBM_LOCK_READ,   /* hold 100, 201, 203; refuse writers (101, 103) */
-    QBM_LOCK_WRITE,  /* hold 100, 101, 103, 201, 203; refuse readers/writers */
+    QBM_LOCK_NONE,  /* -U: take nothing */
+    QBM_LOCK_READ,  /* hold 100, 201, 203; refuse writers (101, 103) */
+    QBM_LOCK_WRITE, /* hold 100, 101, 103, 201, 203; refuse readers/writers */
 };
 int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
                      struct qbm_io **ret_io);
@@ -321,12 +320,12 @@ int qbm_io_fault_open(const void *buf, size_t len, uint64_t crash_at,
 uint64_t qbm_io_fault_ops(struct qbm_io *io);
 /* What a crash now would leave: the flushed bytes plus a seeded random
  * subset of the unflushed writes, some torn at sector boundaries. */
-int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret,
-                             size_t *ret_len);
+int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret, size_t *ret_len);
 
 /* ==== layer qcow2 ========================================================= */
 
-/* ---- qcow2-header.c: cluster 0 ------------------------------------------------- */
+/* ---- qcow2-header.c: cluster 0
+ * ------------------------------------------------- */
 
 /* One header extension as found in cluster 0 (data is a copy). */
 struct qcow2_ext {
@@ -363,9 +362,9 @@ struct qcow2_header {
 
     /* Derived and decoded from extensions. */
     uint64_t cluster_size;
-    char *backing_file;   /* NULL when none */
-    char *backing_format; /* NULL when no extension */
-    char *data_file;      /* NULL when no extension */
+    char *backing_file;     /* NULL when none */
+    char *backing_format;   /* NULL when no extension */
+    char *data_file;        /* NULL when no extension */
     struct qcow2_ext *exts; /* every extension in file order, end excluded */
     size_t nb_exts;
     uint64_t ext_end; /* offset just past the end marker */
@@ -423,7 +422,8 @@ int qcow2_header_bitmaps_switch(struct qbm_image *img,
                                 struct qcow2_header_layout *lay, uint32_t nb,
                                 uint64_t dir_offset, uint64_t dir_size);
 
-/* ---- qcow2-refcount.c ---------------------------------------------------------- */
+/* ---- qcow2-refcount.c
+ * ---------------------------------------------------------- */
 
 /* Load and validate the refcount table (not the blocks). */
 int qcow2_refcount_load(struct qbm_image *img);
@@ -436,14 +436,16 @@ uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
 void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
                         uint64_t value);
 
-/* ---- qcow2-compress.c ---------------------------------------------------------- */
+/* ---- qcow2-compress.c
+ * ---------------------------------------------------------- */
 
 /* Decompress one cluster: `in` holds `in_len` bytes of a compressed stream
  * (type 0 deflate, 1 zstd); exactly `out_len` bytes must be produced. */
 int qcow2_decompress(unsigned type, const uint8_t *in, size_t in_len,
                      uint8_t *out, size_t out_len);
 
-/* ---- qcow2-cluster.c: L1/L2 tables --------------------------------------------- */
+/* ---- qcow2-cluster.c: L1/L2 tables
+ * --------------------------------------------- */
 
 /* Validate the active L1 table's header fields (at open). */
 int qcow2_l1_load(struct qbm_image *img);
@@ -455,7 +457,7 @@ int qcow2_read_l2(struct qbm_image *img, uint64_t l2_off);
 /* Decoded compressed-cluster descriptor (qcow2 spec, "Compressed
  * Clusters Descriptor"). */
 struct qcow2_compressed {
-    uint64_t offset; /* host byte offset of the compressed data */
+    uint64_t offset;   /* host byte offset of the compressed data */
     uint64_t nb_bytes; /* readable bytes from offset */
 };
 void qcow2_compressed_decode(uint64_t l2e, unsigned cluster_bits,
@@ -463,18 +465,17 @@ void qcow2_compressed_decode(uint64_t l2e, unsigned cluster_bits,
 
 /* Per-subcluster (or per-cluster) classification. */
 enum qcow2_subcluster_type {
-    QCOW2_SC_UNALLOCATED,  /* falls through to backing */
-    QCOW2_SC_DATA,         /* normal data at host offset */
+    QCOW2_SC_UNALLOCATED, /* falls through to backing */
+    QCOW2_SC_DATA,        /* normal data at host offset */
     QCOW2_SC_COMPRESSED,
-    QCOW2_SC_ZERO,         /* reads as zero, shadows backing */
+    QCOW2_SC_ZERO, /* reads as zero, shadows backing */
 };
 
 /*
  * Classify guest cluster range: calls fn for maximal runs of equal status in
  * [0, virtual size). Unallocated runs are not reported.
  */
-int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
-                          void *opaque);
+int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn, void *opaque);
 
 /*
  * Host mapping of one layer: maximal guest runs with one kind of content.
@@ -500,7 +501,8 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque);
 int qcow2_read_compressed(struct qbm_image *img, uint64_t l2e,
                           uint64_t in_cluster, void *buf, size_t len);
 
-/* ---- qcow2-snapshot.c ---------------------------------------------------------- */
+/* ---- qcow2-snapshot.c
+ * ---------------------------------------------------------- */
 
 struct qcow2_snapshot {
     uint64_t l1_table_offset;
@@ -510,7 +512,8 @@ struct qcow2_snapshot {
 
 int qcow2_snapshots_load(struct qbm_image *img);
 
-/* ---- qcow2-writer.c: fresh qcow2 images ---------------------------------------- */
+/* ---- qcow2-writer.c: fresh qcow2 images
+ * ---------------------------------------- */
 
 /* A run of guest clusters to store: data, or zero flags. Sorted. */
 struct qcow2_out_run {
@@ -531,7 +534,8 @@ void qcow2_writer_free(struct qcow2_writer *w);
 
 /* ==== layer bitmap ======================================================== */
 
-/* ---- bitmap-chunks.c: in-memory chunked bitmap ------------------------------------ */
+/* ---- bitmap-chunks.c: in-memory chunked bitmap
+ * ------------------------------------ */
 
 /*
  * A bitmap of nbits bits, stored as chunks of chunk_bytes bytes (one per
@@ -571,8 +575,8 @@ extern uint8_t qbm_chunk_ref[];
 #define QBM_CHUNK_ONES (qbm_chunk_ones)
 #define QBM_CHUNK_REF (qbm_chunk_ref)
 
-int qbm_bmap_new(uint64_t disk_size, uint64_t granularity,
-                 uint64_t chunk_bytes, struct qbm_bmap **ret);
+int qbm_bmap_new(uint64_t disk_size, uint64_t granularity, uint64_t chunk_bytes,
+                 struct qbm_bmap **ret);
 void qbm_bmap_free(struct qbm_bmap *bm);
 /* Mark guest bytes [off, off+len) (clipped to disk_size) dirty. */
 int qbm_bmap_set_range(struct qbm_bmap *bm, uint64_t off, uint64_t len);
@@ -592,8 +596,7 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data);
 /* Install a new zeroed buffer as chunk idx (which must be empty). */
 uint8_t *qbm_bmap_new_chunk(struct qbm_bmap *bm, uint64_t idx);
 /* Walk dirty guest extents (merged, clipped to disk_size). */
-int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn,
-                     void *opaque);
+int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn, void *opaque);
 int qbm_bmap_dirty_bytes(const struct qbm_bmap *bm, uint64_t *ret_bytes);
 
 /*
@@ -695,11 +698,11 @@ struct qbm_image {
     uint64_t l2_entries;    /* per table */
     bool extl2;
 
-    uint64_t *l1;           /* the entries the virtual size needs */
-    uint64_t *keep_l1;      /* reload: the old table, reused if unmoved */
+    uint64_t *l1;      /* the entries the virtual size needs */
+    uint64_t *keep_l1; /* reload: the old table, reused if unmoved */
     uint64_t keep_l1_offset;
     uint32_t keep_l1_size;
-    uint64_t *reftable;     /* reftable_entries entries */
+    uint64_t *reftable; /* reftable_entries entries */
     uint64_t reftable_entries;
 
     struct qcow2_snapshot *snapshots;
@@ -713,7 +716,7 @@ struct qbm_image {
 
     /* Write path: staged edits not yet committed (edit.c). */
     bool staged;
-    bool broken; /* a failed commit left the handle unusable */
+    bool broken;            /* a failed commit left the handle unusable */
     uint64_t *pending_free; /* host cluster offsets to free after commit */
     size_t nb_pending_free, cap_pending_free;
 
@@ -763,7 +766,8 @@ int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
 /* Reload every structure of an open image from its io (after a commit). */
 int qbm_image_reload(struct qbm_image *img);
 
-/* ---- image-bitmap.c: bitmap queries -------------------------------------------- */
+/* ---- image-bitmap.c: bitmap queries
+ * -------------------------------------------- */
 
 /* The directory entry of bitmap `name` (staged state), or NULL; no error is
  * recorded. */
@@ -772,41 +776,41 @@ struct qcow2_bitmap *qcow2_bitmap_lookup(const struct qbm_image *img,
 /* qbm_bitmap_find: the index, or -ENOENT with a message. */
 int qbm_impl_bitmap_find(const struct qbm_image *img, const char *name);
 bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx);
-int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx,
-                            qbm_extent_fn fn, void *opaque);
+int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx, qbm_extent_fn fn,
+                            void *opaque);
 
 /* ---- image-meta.c: where the metadata lies ------------------------------- */
 
 /* What a structure found by qcow2_meta_walk() is. */
 enum qcow2_meta_kind {
-    QCOW2_META_HEADER,          /* cluster 0 */
+    QCOW2_META_HEADER, /* cluster 0 */
     QCOW2_META_REFTABLE,
-    QCOW2_META_REFBLOCK,        /* owner: the refcount table */
-    QCOW2_META_L1,              /* the active L1 table */
+    QCOW2_META_REFBLOCK, /* owner: the refcount table */
+    QCOW2_META_L1,       /* the active L1 table */
     QCOW2_META_SNAPSHOT_TABLE,
-    QCOW2_META_SNAPSHOT_L1,     /* owner: the snapshot's table entry */
-    QCOW2_META_L2,              /* owner: an L1 table, active or not */
-    QCOW2_META_DATA,            /* owner: an L2 table (QCOW2_META_WALK_DATA) */
-    QCOW2_META_COMPRESSED,      /* the 512-byte sectors compressed data
-                                 * spans; owner: an L2 table (idem) */
-    QCOW2_META_CRYPTO,          /* encryption header */
+    QCOW2_META_SNAPSHOT_L1, /* owner: the snapshot's table entry */
+    QCOW2_META_L2,          /* owner: an L1 table, active or not */
+    QCOW2_META_DATA,        /* owner: an L2 table (QCOW2_META_WALK_DATA) */
+    QCOW2_META_COMPRESSED,  /* the 512-byte sectors compressed data
+                             * spans; owner: an L2 table (idem) */
+    QCOW2_META_CRYPTO,      /* encryption header */
     QCOW2_META_BITMAP_DIR,
     QCOW2_META_STALE_BITMAP_DIR, /* not live (QEMU ignores it), no bitmaps */
-    QCOW2_META_BITMAP_TABLE,    /* owner: the bitmap's directory entry */
-    QCOW2_META_BITMAP_DATA,     /* owner: a bitmap table */
+    QCOW2_META_BITMAP_TABLE,     /* owner: the bitmap's directory entry */
+    QCOW2_META_BITMAP_DATA,      /* owner: a bitmap table */
 };
 
 /* One structure, reported once per reference to it. */
 struct qcow2_meta {
     enum qcow2_meta_kind kind;
-    const char *what;   /* its name in messages: "L2 table" */
-    uint64_t offset;    /* in the file */
-    uint64_t length;    /* bytes; 0 for an empty table */
-    bool misaligned;    /* a refcount block or L2 table whose offset is
-                         * not cluster aligned: not followed */
-    uint64_t owner;     /* file offset of the structure pointing here */
-    uint64_t index;     /* its entry that does (table index, snapshot or
-                         * bitmap number), or UINT64_MAX */
+    const char *what; /* its name in messages: "L2 table" */
+    uint64_t offset;  /* in the file */
+    uint64_t length;  /* bytes; 0 for an empty table */
+    bool misaligned;  /* a refcount block or L2 table whose offset is
+                       * not cluster aligned: not followed */
+    uint64_t owner;   /* file offset of the structure pointing here */
+    uint64_t index;   /* its entry that does (table index, snapshot or
+                       * bitmap number), or UINT64_MAX */
 };
 
 /* Return 0 to go on, a positive value to stop, or -errno. */
@@ -864,8 +868,7 @@ int qbm_impl_chain_open(const char *filename, unsigned flags,
                         struct qbm_chain **ret_chain);
 void qbm_impl_chain_close(struct qbm_chain *chain);
 /* qbm_image_backing_path: *ret_path is a new string. */
-int qbm_impl_image_backing_path(const struct qbm_image *img,
-                                char **ret_path);
+int qbm_impl_image_backing_path(const struct qbm_image *img, char **ret_path);
 int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
                                   qbm_extent_fn fn, void *opaque,
                                   int *ret_consistent);
@@ -888,7 +891,8 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
 size_t qbm_chain_rules(struct qbm_image *const *layers, size_t n,
                        const char *name, unsigned *rules);
 
-/* ---- chain-resolve.c: which layer provides each guest range -------------------- */
+/* ---- chain-resolve.c: which layer provides each guest range
+ * -------------------- */
 
 /*
  * Resolve layers[0..n) (newest first) into one map: for every guest range
@@ -918,8 +922,7 @@ void qbm_alloc_free(struct qbm_alloc *a);
  * table if needed); returns their host offset. */
 int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset);
 /* 0 when [off, off + len) lies in clusters allocated here, else -EFAULT. */
-int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off,
-                          size_t len);
+int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off, size_t len);
 /* qbm_txn_share. */
 int qbm_alloc_share(struct qbm_alloc *a, uint64_t off, bool *ret_shared);
 /* Queue [off, off + len) to lose `refs` references per cluster when
@@ -1022,7 +1025,8 @@ int qbm_impl_commit(struct qbm_image *img);
 
 /* ==== layer op ============================================================ */
 
-/* ---- op-consolidate.c ------------------------------------------------------- */
+/* ---- op-consolidate.c -------------------------------------------------------
+ */
 
 /* Fold `layers` (newest first) into the opened full `img`. */
 int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,

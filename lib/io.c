@@ -24,13 +24,14 @@ int qbm_io_read_meta(struct qbm_io *io, void *buf, size_t len, uint64_t off,
     int r;
 
     if (!add_ok(off, len, &end) || end > QCOW2_MAX_HOST_OFFSET) {
-        return qbm_err(EINVAL, "%s at 0x%llx: beyond the largest possible "
-                       "image", what, (unsigned long long)off);
+        return qbm_err(EINVAL,
+                       "%s at 0x%llx: beyond the largest possible "
+                       "image",
+                       what, (unsigned long long)off);
     }
     r = qbm_io_pread(io, buf, len, off);
     if (r < 0) {
-        return qbm_err_prefix(r, "%s at 0x%llx", what,
-                              (unsigned long long)off);
+        return qbm_err_prefix(r, "%s at 0x%llx", what, (unsigned long long)off);
     }
     return 0;
 }
@@ -109,8 +110,8 @@ static int file_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
             if (errno == EINTR) {
                 continue;
             }
-            return qbm_err(errno, "read of %zu bytes at 0x%llx failed: %s",
-                           len, (unsigned long long)off, strerror(errno));
+            return qbm_err(errno, "read of %zu bytes at 0x%llx failed: %s", len,
+                           (unsigned long long)off, strerror(errno));
         }
         if (n == 0) {
             /* Past the end of the file: qcow2 treats it as zeros. */
@@ -426,18 +427,20 @@ static int mem_pwrite(struct qbm_io *io, const void *buf, size_t len,
     int r;
 
     if (!add_ok(off, len, &end) || end > MEM_IO_MAX) {
-        return qbm_err(EFBIG, "write at 0x%llx: past the memory image limit "
-                       "(4 GiB)", (unsigned long long)off);
+        return qbm_err(EFBIG,
+                       "write at 0x%llx: past the memory image limit "
+                       "(4 GiB)",
+                       (unsigned long long)off);
     }
     if (off > m->data.n + MEM_IO_MAX_JUMP) {
-        return qbm_err(EFBIG, "write at 0x%llx: more than 1 GiB past the end "
-                       "of the memory image (0x%zx)", (unsigned long long)off,
-                       m->data.n);
+        return qbm_err(EFBIG,
+                       "write at 0x%llx: more than 1 GiB past the end "
+                       "of the memory image (0x%zx)",
+                       (unsigned long long)off, m->data.n);
     }
     if (end > m->data.n) {
         /* Doubling for appends; a jump gets what it needs, not twice. */
-        r = qbm_darray_reserve(&m->data, (size_t)end - m->data.n,
-                               MEM_IO_MAX);
+        r = qbm_darray_reserve(&m->data, (size_t)end - m->data.n, MEM_IO_MAX);
         if (r < 0) {
             return r;
         }
@@ -524,8 +527,8 @@ QBM_DARRAY(pending_writes, struct pending_write);
 
 struct fault_io {
     struct qbm_io io;
-    struct qbm_io *live;    /* what reads see */
-    struct qbm_io *durable; /* what survives a crash for sure */
+    struct qbm_io *live;           /* what reads see */
+    struct qbm_io *durable;        /* what survives a crash for sure */
     struct pending_writes pending; /* since the last flush */
     uint64_t ops, crash_at;
     bool crashed;

@@ -20,8 +20,7 @@ static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
     return a < b + blen && b < a + alen;
 }
 
-static int set_backing(struct qbm_image *img, const char *name,
-                       const char *fmt)
+static int set_backing(struct qbm_image *img, const char *name, const char *fmt)
 {
     const struct qcow2_header *h = &img->hdr;
     struct qbm_io *io = img->io;
@@ -37,13 +36,12 @@ static int set_backing(struct qbm_image *img, const char *name,
     if (!img->rdwr || img->raw) {
         return qbm_err(EROFS, "image not opened for writing");
     }
-    if (h->incompatible_features & (QBM_INCOMPAT_DIRTY |
-                                    QBM_INCOMPAT_CORRUPT)) {
+    if (h->incompatible_features &
+        (QBM_INCOMPAT_DIRTY | QBM_INCOMPAT_CORRUPT)) {
         return qbm_err(EUCLEAN, "the dirty or corrupt bit is set; run "
-                       "'qemu-img check -r all' first");
+                                "'qemu-img check -r all' first");
     }
-    if (len == 0 || len > QCOW2_MAX_BACKING_NAME || flen == 0 ||
-        flen >= 16) {
+    if (len == 0 || len > QCOW2_MAX_BACKING_NAME || flen == 0 || flen >= 16) {
         return qbm_err(EINVAL, "invalid backing file name or format");
     }
     r = qcow2_header_layout_read(img, QCOW2_EXT_BACKING_FORMAT, &lay);
@@ -53,14 +51,14 @@ static int set_backing(struct qbm_image *img, const char *name,
     }
     if (!lay.end_pos) {
         r = qbm_err(ENOTSUP, "header at 0x0: the extension list has no end "
-                    "marker");
+                             "marker");
         goto out;
     }
     end_pos = lay.end_pos;
     fmt_pos = lay.ext_pos;
     fmt_len = lay.ext_len;
-    fmt_same = fmt_pos && fmt_len == flen &&
-               memcmp(c0 + fmt_pos + 8, fmt, flen) == 0;
+    fmt_same =
+        fmt_pos && fmt_len == flen && memcmp(c0 + fmt_pos + 8, fmt, flen) == 0;
     ext_end = end_pos + 8;
     if (!fmt_pos) {
         ext_end += 8 + (flen + 7) / 8 * 8; /* the extension to insert */
@@ -76,7 +74,7 @@ static int set_backing(struct qbm_image *img, const char *name,
         npos = ext_end;
         if (npos + len > cs || overlaps(npos, len, old, olen)) {
             r = qbm_err(ENOSPC, "no room in the header cluster for the "
-                        "backing file name");
+                                "backing file name");
             goto out;
         }
     }
@@ -84,7 +82,8 @@ static int set_backing(struct qbm_image *img, const char *name,
         !(fmt_pos && (fmt_len + 7) / 8 == (flen + 7) / 8 &&
           qcow2_one_sector(QCOW2_HDR_BACKING_FILE_OFFSET,
                            fmt_pos + 8 + (flen + 7) / 8 * 8))) {
-        r = qbm_err(ENOTSUP, "cannot change the backing format of an image "
+        r = qbm_err(ENOTSUP,
+                    "cannot change the backing format of an image "
                     "that already has a backing file crash-safely here");
         goto out;
     }
@@ -105,7 +104,7 @@ static int set_backing(struct qbm_image *img, const char *name,
             r = r ? r : qcow2_header_write(io, ext, 8, end_pos);
         } else {
             r = qbm_err(ENOTSUP, "the backing format extension has an "
-                        "unexpected size");
+                                 "unexpected size");
         }
         if (r < 0) {
             goto out;
@@ -117,7 +116,8 @@ static int set_backing(struct qbm_image *img, const char *name,
     }
     be64_store(ptr, npos); /* ptr starts at backing_file_offset */
     be32_store(ptr + QCOW2_HDR_BACKING_FILE_SIZE -
-               QCOW2_HDR_BACKING_FILE_OFFSET, (uint32_t)len);
+                   QCOW2_HDR_BACKING_FILE_OFFSET,
+               (uint32_t)len);
     if (!fmt_same && old) {
         /* Pointer and format together, in one sector-0 write. */
         uint64_t body = (flen + 7) / 8 * 8, wend = fmt_pos + 8 + body;

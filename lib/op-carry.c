@@ -19,8 +19,8 @@ struct carry {
      * BASE are read-locked ones of our own, then BASE (the caller's handle,
      * with its staged state), then the chain's. */
     struct qbm_image **layers;
-    size_t n;                  /* BASE's index in the chain */
-    unsigned *rules;           /* qbm_chain_rules() of one bitmap */
+    size_t n;             /* BASE's index in the chain */
+    unsigned *rules;      /* qbm_chain_rules() of one bitmap */
     const char **skipped; /* bitmaps not carried for a gap (borrowed) */
     size_t nskipped;
     unsigned flags;
@@ -33,8 +33,8 @@ static bool same_inode(const char *a, const char *b)
 {
     struct stat sa, sb;
 
-    return stat(a, &sa) == 0 && stat(b, &sb) == 0 &&
-           sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+           sa.st_ino == sb.st_ino;
 }
 
 static const char *layer_name(struct carry *c, size_t k)
@@ -79,8 +79,7 @@ static int report(struct carry *c, int action, const char *name, size_t k)
  * rules. */
 static int skip(struct carry *c, const char *name)
 {
-    const char **p = qbm_realloc(c->skipped,
-                                 (c->nskipped + 1) * sizeof(*p));
+    const char **p = qbm_realloc(c->skipped, (c->nskipped + 1) * sizeof(*p));
 
     if (!p) {
         return -ENOMEM;
@@ -130,8 +129,7 @@ static int carry_first(struct carry *c, const char *name, size_t t)
     /* The topmost copy decides whether BASE's records writes from now
      * on. */
     if (!qcow2_bitmap_lookup(c->base, name)) {
-        r = qbm_impl_bitmap_add(c->base, name,
-                                1ull << src->granularity_bits,
+        r = qbm_impl_bitmap_add(c->base, name, 1ull << src->granularity_bits,
                                 enabled ? 0 : QBM_ADD_DISABLED);
         created = true;
     } else if (enabled) {
@@ -168,14 +166,16 @@ static int validate(struct carry *c)
         struct qbm_image *img = c->layers[l];
 
         if (img->hdr.size != c->base->hdr.size) {
-            return qbm_err(EINVAL, "%s: virtual size %llu differs from the "
-                           "base's %llu", img->filename,
-                           (unsigned long long)img->hdr.size,
+            return qbm_err(EINVAL,
+                           "%s: virtual size %llu differs from the "
+                           "base's %llu",
+                           img->filename, (unsigned long long)img->hdr.size,
                            (unsigned long long)c->base->hdr.size);
         }
         for (i = 0; i < img->nb_bitmaps; i++) {
             if (!qbm_impl_bitmap_consistent(img, i)) {
-                return qbm_err(EBUSY, "%s: bitmap '%s' is in use; repair "
+                return qbm_err(EBUSY,
+                               "%s: bitmap '%s' is in use; repair "
                                "it first with 'qbm check --repair'",
                                img->filename, img->bitmaps[i].name);
             }
@@ -302,8 +302,9 @@ static int carry_commit(struct carry *c, const char *top)
 QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
                              unsigned flags, qbm_carry_fn fn, void *opaque)
 {
-    struct carry c = { base, NULL, NULL, 0, NULL, NULL, 0, flags, fn,
-                       opaque, 0 };
+    struct carry c = {
+        base, NULL, NULL, 0, NULL, NULL, 0, flags, fn, opaque, 0
+    };
     size_t l;
     int r;
 

@@ -30,12 +30,12 @@ struct check {
     qbm_problem_fn fn;
     void *opaque;
     uint64_t cs;
-    uint64_t file_end; /* the file's size: everything past it reads as 0 */
+    uint64_t file_end;  /* the file's size: everything past it reads as 0 */
     uint64_t per_block; /* refcounts per refcount block */
-    uint32_t **refs; /* nref / REF_PAGE pages, NULL until referenced */
+    uint32_t **refs;    /* nref / REF_PAGE pages, NULL until referenced */
     uint64_t nref;
     uint64_t ref_end; /* the last cluster with a reference, plus one */
-    uint8_t *block; /* the refcount block last read */
+    uint8_t *block;   /* the refcount block last read */
     uint64_t block_off;
     bool block_valid;
     uint64_t count[4];
@@ -60,11 +60,11 @@ static void refs_free(struct check *c)
     free(c->refs);
 }
 
-static void problem(struct check *c, int kind, uint64_t off,
-                    const char *fmt, ...) QBM_PRINTF(4, 5);
+static void problem(struct check *c, int kind, uint64_t off, const char *fmt,
+                    ...) QBM_PRINTF(4, 5);
 
-static void problem(struct check *c, int kind, uint64_t off,
-                    const char *fmt, ...)
+static void problem(struct check *c, int kind, uint64_t off, const char *fmt,
+                    ...)
 {
     char msg[512];
     va_list ap;
@@ -89,9 +89,10 @@ static void add_ref(struct check *c, uint64_t off, uint64_t len,
     }
     end = div_round_up(off + len, c->cs);
     if (off + len < off || end > c->nref) {
-        problem(c, QBM_PROBLEM_CORRUPTION, off, "%s at 0x%llx: beyond the "
-                "clusters the refcounts describe", what,
-                (unsigned long long)off);
+        problem(c, QBM_PROBLEM_CORRUPTION, off,
+                "%s at 0x%llx: beyond the "
+                "clusters the refcounts describe",
+                what, (unsigned long long)off);
         end = c->nref;
     }
     if (first < end && end > c->ref_end) {
@@ -133,9 +134,11 @@ static int count_found(void *opaque, const struct qcow2_meta *m)
         return 0; /* QEMU ignores it: its clusters are leaks */
     }
     if (bm) {
-        problem(c, QBM_PROBLEM_BITMAP, bm->entry_offset, "bitmap '%s' is in "
+        problem(c, QBM_PROBLEM_BITMAP, bm->entry_offset,
+                "bitmap '%s' is in "
                 "use (inconsistent): QEMU did not store it back, so it "
-                "cannot be used for incremental backups", bm->name);
+                "cannot be used for incremental backups",
+                bm->name);
     }
     /* Unaligned ones were reported as bad entries of their tables. */
     if (!m->misaligned) {
@@ -146,13 +149,14 @@ static int count_found(void *opaque, const struct qcow2_meta *m)
 
 /* A bad table entry is corruption; so is a bitmap table that cannot be
  * read, unless the bitmap is in use (already reported as lost). */
-static int count_problem(void *opaque, const struct qcow2_meta *m,
-                         uint64_t at, const char *msg)
+static int count_problem(void *opaque, const struct qcow2_meta *m, uint64_t at,
+                         const char *msg)
 {
     struct check *c = opaque;
 
-    problem(c, in_use_bitmap(c, m) ? QBM_PROBLEM_BITMAP
-                                   : QBM_PROBLEM_CORRUPTION, at, "%s", msg);
+    problem(c,
+            in_use_bitmap(c, m) ? QBM_PROBLEM_BITMAP : QBM_PROBLEM_CORRUPTION,
+            at, "%s", msg);
     return c->stop ? 1 : 0;
 }
 
@@ -186,8 +190,8 @@ static int refblock(struct check *c, uint64_t rt, const uint8_t **ret,
                     uint64_t *ret_in_file)
 {
     struct qbm_image *img = c->img;
-    uint64_t off = rt < img->reftable_entries
-                       ? img->reftable[rt] & REFT_OFFSET_MASK : 0;
+    uint64_t off =
+        rt < img->reftable_entries ? img->reftable[rt] & REFT_OFFSET_MASK : 0;
     uint64_t end;
     int r;
 
@@ -213,9 +217,11 @@ static int refblock(struct check *c, uint64_t rt, const uint8_t **ret,
         c->block_valid = true;
     }
     *ret = c->block;
-    *ret_in_file = off >= c->file_end ? 0
-                   : c->file_end - off >= c->cs ? c->per_block
-                   : div_round_up((c->file_end - off) * 8, img->refcount_bits);
+    *ret_in_file =
+        off >= c->file_end ? 0
+        : c->file_end - off >= c->cs
+            ? c->per_block
+            : div_round_up((c->file_end - off) * 8, img->refcount_bits);
     return 0;
 }
 
@@ -294,13 +300,11 @@ static int compare_one(struct check *c, uint64_t i, uint64_t rc,
     if (rc < refs) {
         problem(c, QBM_PROBLEM_CORRUPTION, i * c->cs,
                 "cluster 0x%llx: refcount %llu, but %u references",
-                (unsigned long long)(i * c->cs), (unsigned long long)rc,
-                refs);
+                (unsigned long long)(i * c->cs), (unsigned long long)rc, refs);
     } else if (rc > refs) {
         problem(c, QBM_PROBLEM_LEAK, i * c->cs,
                 "cluster 0x%llx leaked: refcount %llu, %u references",
-                (unsigned long long)(i * c->cs), (unsigned long long)rc,
-                refs);
+                (unsigned long long)(i * c->cs), (unsigned long long)rc, refs);
         if (leaks) {
             if (leaks->n == leaks->cap) {
                 size_t ncap = leaks->cap ? leaks->cap * 2 : 64;
@@ -345,8 +349,8 @@ static int compare(struct check *c, struct leaks *leaks)
             problem(c, QBM_PROBLEM_CORRUPTION,
                     img->hdr.refcount_table_offset + i * 8,
                     "refcount table entry %llu: block 0x%llx not cluster "
-                    "aligned", (unsigned long long)i,
-                    (unsigned long long)off);
+                    "aligned",
+                    (unsigned long long)i, (unsigned long long)off);
             return 0; /* refcounts cannot be read reliably */
         }
     }
@@ -372,8 +376,7 @@ static int compare(struct check *c, struct leaks *leaks)
             uint64_t rc = 0;
 
             if (block && i - first < in_file) {
-                rc = qcow2_refblock_entry(block, img->refcount_bits,
-                                          i - first);
+                rc = qcow2_refblock_entry(block, img->refcount_bits, i - first);
             } else if (!c->refs[i / REF_PAGE]) {
                 /* Refcount 0 and no reference up to the next page. */
                 i = (i / REF_PAGE + 1) * REF_PAGE - 1;
@@ -408,19 +411,19 @@ static int run_check(struct check *c, struct leaks *leaks)
     }
     c->nref = file_clusters > end ? file_clusters : end;
     if (c->nref > file_clusters + MAX_CLUSTERS_PAST_EOF) {
-        problem(c, QBM_PROBLEM_CORRUPTION, 0, "refcounts claim clusters far "
+        problem(c, QBM_PROBLEM_CORRUPTION, 0,
+                "refcounts claim clusters far "
                 "past the end of the file (up to 0x%llx)",
                 (unsigned long long)(end * c->cs));
         c->nref = file_clusters + MAX_CLUSTERS_PAST_EOF;
     }
-    c->refs = qbm_calloc(div_round_up(c->nref, REF_PAGE) + 1,
-                         sizeof(*c->refs));
+    c->refs = qbm_calloc(div_round_up(c->nref, REF_PAGE) + 1, sizeof(*c->refs));
     if (!c->refs) {
         return -ENOMEM;
     }
 
-    r = qcow2_meta_walk(img, QCOW2_META_WALK_DATA, count_found,
-                        count_problem, c);
+    r = qcow2_meta_walk(img, QCOW2_META_WALK_DATA, count_found, count_problem,
+                        c);
     if (r) {
         return r < 0 ? r : 0; /* > 0: the callback asked to stop */
     }
@@ -451,7 +454,8 @@ QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
     return qbm_public_ret(r);
 }
 
-/* ---- repair ---------------------------------------------------------------- */
+/* ---- repair ----------------------------------------------------------------
+ */
 
 static int repair_writable(struct qbm_image *img)
 {
@@ -461,13 +465,14 @@ static int repair_writable(struct qbm_image *img)
         return qbm_err(EROFS, "image not opened for writing");
     }
     if (h->version < 3) {
-        return qbm_err(EOPNOTSUPP, "version 2 images cannot hold bitmaps; "
+        return qbm_err(EOPNOTSUPP,
+                       "version 2 images cannot hold bitmaps; "
                        "'qemu-img check -r leaks' drops a stale extension");
     }
     if (h->incompatible_features &
         (QBM_INCOMPAT_DIRTY | QBM_INCOMPAT_CORRUPT)) {
         return qbm_err(EUCLEAN, "the image's dirty or corrupt bit is set; "
-                       "run 'qemu-img check -r all' first");
+                                "run 'qemu-img check -r all' first");
     }
     return 0;
 }
@@ -526,7 +531,8 @@ static int repair_leaks(struct qbm_image *img)
     refs_free(&c);
     free(c.block);
     if (r == 0 && c.count[QBM_PROBLEM_CORRUPTION]) {
-        r = qbm_err(EUCLEAN, "the image has %llu corruption(s); qbm only "
+        r = qbm_err(EUCLEAN,
+                    "the image has %llu corruption(s); qbm only "
                     "frees leaks: use 'qemu-img check -r all'",
                     (unsigned long long)c.count[QBM_PROBLEM_CORRUPTION]);
     }
@@ -562,8 +568,8 @@ QBM_API int qbm_repair(struct qbm_image *img, unsigned flags)
     if (r == 0 && (flags & QBM_REPAIR_STALE)) {
         r = repair_stale(img);
     }
-    if (r == 0 && (flags & (QBM_REPAIR_IN_USE_DIRTY |
-                            QBM_REPAIR_IN_USE_REMOVE))) {
+    if (r == 0 &&
+        (flags & (QBM_REPAIR_IN_USE_DIRTY | QBM_REPAIR_IN_USE_REMOVE))) {
         r = repair_in_use(img, flags & QBM_REPAIR_IN_USE_REMOVE);
     }
     if (r == 0 && (flags & QBM_REPAIR_LEAKS)) {

@@ -150,9 +150,8 @@ static int ckpt_add(struct qbm_checkpoints *set, const char *name,
     return 0;
 }
 
-QBM_API int qbm_checkpoints_add(struct qbm_checkpoints *set,
-                                const char *name, const char *parent,
-                                int64_t creation_time)
+QBM_API int qbm_checkpoints_add(struct qbm_checkpoints *set, const char *name,
+                                const char *parent, int64_t creation_time)
 {
     if (!set || !name) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
@@ -192,8 +191,8 @@ static int ckpt_add_disk(struct qbm_checkpoints *set, const char *checkpoint,
 }
 
 QBM_API int qbm_checkpoints_add_disk(struct qbm_checkpoints *set,
-                                     const char *checkpoint,
-                                     const char *target, const char *bitmap)
+                                     const char *checkpoint, const char *target,
+                                     const char *bitmap)
 {
     if (!set || !checkpoint || !target || (bitmap && !*bitmap)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
@@ -390,8 +389,9 @@ static int judge(struct eval *e, struct verdict *v)
 
     if (!v->tg || !v->tg->chain) {
         v->state = QBM_CHECKPOINT_UNCHECKED;
-        text_add(&t, v->tg ? "disk '%s' has no image to read"
-                           : "the domain has no disk '%s'",
+        text_add(&t,
+                 v->tg ? "disk '%s' has no image to read"
+                       : "the domain has no disk '%s'",
                  v->disk->target);
         v->detail = t.p;
         return t.failed ? -ENOMEM : 0;
@@ -401,8 +401,8 @@ static int judge(struct eval *e, struct verdict *v)
     if (!v->rules) {
         return -ENOMEM;
     }
-    origin = qbm_chain_rules(v->tg->chain->layers, n, v->disk->bitmap,
-                             v->rules);
+    origin =
+        qbm_chain_rules(v->tg->chain->layers, n, v->disk->bitmap, v->rules);
     if (origin == n) {
         v->state = QBM_CHECKPOINT_MISSING;
         text_add(&t, "no layer of the chain of %s has it", layer_name(v, 0));
@@ -429,8 +429,8 @@ static int judge(struct eval *e, struct verdict *v)
             }
         }
         if (rules & QBM_CHAIN_BIT(QBM_CHAIN_DISABLED)) {
-            text_add(&t, "%sdisabled in layer %zu (%s)", t.len ? "; " : "",
-                     k, layer_name(v, k));
+            text_add(&t, "%sdisabled in layer %zu (%s)", t.len ? "; " : "", k,
+                     layer_name(v, k));
             if (state == QBM_CHECKPOINT_OK) {
                 state = QBM_CHECKPOINT_INACTIVE;
             }
@@ -447,7 +447,7 @@ static int judge(struct eval *e, struct verdict *v)
                 }
                 if (!recording) {
                     text_add(&t, ", and no later checkpoint recorded the "
-                             "writes since it stopped");
+                                 "writes since it stopped");
                     repairable = false;
                 }
             }
@@ -556,15 +556,17 @@ static int plan_repairs(struct eval *e, const struct verdict *v)
                      QBM_CHAIN_BIT(QBM_CHAIN_GAP))) {
             r = image_step(e, QBM_REMEDY_ADD, v, k, v->disk->bitmap, NULL,
                            gran);
-            r = r ? r : image_step(e, QBM_REMEDY_POPULATE, v, k,
-                                   v->disk->bitmap, NULL, 0);
+            r = r ? r
+                  : image_step(e, QBM_REMEDY_POPULATE, v, k, v->disk->bitmap,
+                               NULL, 0);
         }
         if (r == 0 && (rules & QBM_CHAIN_BIT(QBM_CHAIN_DISABLED))) {
             if (!(rules & QBM_CHAIN_BIT(QBM_CHAIN_IN_USE))) {
                 r = later_copies(e, v, k, NULL, add_merge);
             }
-            r = r ? r : image_step(e, QBM_REMEDY_ENABLE, v, k,
-                                   v->disk->bitmap, NULL, 0);
+            r = r ? r
+                  : image_step(e, QBM_REMEDY_ENABLE, v, k, v->disk->bitmap,
+                               NULL, 0);
         }
     }
     return r;
@@ -619,9 +621,8 @@ static bool claimed(struct qbm_checkpoints *set, const char *image,
     for (i = 0; i < set->ntargets; i++) {
         const struct ckpt_target *tg = &set->targets[i];
 
-        if (!tg->chain ||
-            !(kept_only ? kept_name(set, tg->target, bitmap)
-                        : named(set, tg->target, bitmap))) {
+        if (!tg->chain || !(kept_only ? kept_name(set, tg->target, bitmap)
+                                      : named(set, tg->target, bitmap))) {
             continue;
         }
         for (k = 0; k < tg->chain->n; k++) {
@@ -687,8 +688,8 @@ static int valid_on(const struct ckpt_target *tg, const char *bitmap,
     if (!rules) {
         return -ENOMEM;
     }
-    valid = qbm_chain_rules(tg->chain->layers, tg->chain->n, bitmap,
-                            rules) < tg->chain->n;
+    valid = qbm_chain_rules(tg->chain->layers, tg->chain->n, bitmap, rules) <
+            tg->chain->n;
     for (k = 0; k < tg->chain->n; k++) {
         valid = valid && !rules[k];
     }
@@ -706,8 +707,8 @@ static bool orphan_planned(struct eval *e, const char *bitmap)
     for (i = 0; i < e->plan.n; i++) {
         const struct qbm_remedy *s = &e->plan.r[i];
 
-        if ((s->action == QBM_REMEDY_REDEFINE && !strcmp(s->checkpoint,
-                                                         bitmap)) ||
+        if ((s->action == QBM_REMEDY_REDEFINE &&
+             !strcmp(s->checkpoint, bitmap)) ||
             (s->action == QBM_REMEDY_REMOVE && !s->checkpoint &&
              !strcmp(s->bitmap, bitmap))) {
             return true;
@@ -721,15 +722,14 @@ static bool orphan_planned(struct eval *e, const char *bitmap)
  * where it passes the rules (REDEFINE flag, a name libvirt takes and no
  * checkpoint has), the removal of every other copy.
  */
-static int plan_orphan(struct eval *e, const char *bitmap,
-                       const char **parent, int64_t *ctime)
+static int plan_orphan(struct eval *e, const char *bitmap, const char **parent,
+                       int64_t *ctime)
 {
     struct qbm_checkpoints *set = e->set;
     const char **targets = NULL, **bitmaps = NULL;
     bool redefine = (e->flags & QBM_CHECKPOINTS_REDEFINE) &&
                     libvirt_name(bitmap) && !find_ckpt(set, bitmap);
-    bool *valid = qbm_calloc(set->ntargets ? set->ntargets : 1,
-                             sizeof(*valid));
+    bool *valid = qbm_calloc(set->ntargets ? set->ntargets : 1, sizeof(*valid));
     bool any = false;
     size_t t;
     int r = valid ? 0 : -ENOMEM;
@@ -891,11 +891,10 @@ static int report(struct eval *e, struct user *u)
     for (i = 0; i < e->nv && u->disk_fn; i++) {
         const struct verdict *v = &e->v[i];
 
-        u->ret = u->disk_fn(u->opaque, v->ck->name, v->disk->target,
-                            v->disk->bitmap,
-                            v->tg && v->tg->chain ? v->tg->chain->names[0]
-                                                  : NULL,
-                            v->state, v->detail ? v->detail : "");
+        u->ret =
+            u->disk_fn(u->opaque, v->ck->name, v->disk->target, v->disk->bitmap,
+                       v->tg && v->tg->chain ? v->tg->chain->names[0] : NULL,
+                       v->state, v->detail ? v->detail : "");
         if (u->ret) {
             return 1;
         }
@@ -980,8 +979,7 @@ static int checkpoints_check(struct qbm_checkpoints *set, unsigned flags,
     return r;
 }
 
-QBM_API int qbm_checkpoints_check(struct qbm_checkpoints *set,
-                                  unsigned flags,
+QBM_API int qbm_checkpoints_check(struct qbm_checkpoints *set, unsigned flags,
                                   qbm_checkpoint_disk_fn disk_fn,
                                   qbm_orphan_fn orphan_fn,
                                   qbm_remedy_fn remedy_fn, void *opaque)

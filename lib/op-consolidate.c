@@ -59,8 +59,7 @@ struct fold {
 };
 
 /* New L2 entry for guest cluster c, given its old one. */
-static int fold_cluster(struct fold *f, uint64_t c, uint64_t old,
-                        uint64_t *ret)
+static int fold_cluster(struct fold *f, uint64_t c, uint64_t old, uint64_t *ret)
 {
     struct qbm_image *img = f->img;
     uint64_t cs = img->cluster_size;
@@ -78,7 +77,8 @@ static int fold_cluster(struct fold *f, uint64_t c, uint64_t old,
     for (j = f->m; j < f->nmap && f->map[j].guest < ge; j++) {
         uint64_t s = f->map[j].guest > gs ? f->map[j].guest : gs;
         uint64_t e = f->map[j].guest + f->map[j].len < ge
-                         ? f->map[j].guest + f->map[j].len : ge;
+                         ? f->map[j].guest + f->map[j].len
+                         : ge;
 
         covered += e - s;
         all_zero &= f->map[j].type == QCOW2_MAP_ZERO;
@@ -190,8 +190,7 @@ static int fold(struct fold *f)
                     memset(l2, 0, cs);
                 }
             }
-            r = r ? r : fold_cluster(f, c, be64_load(l2 + (c % l2e) * 8),
-                                     &e);
+            r = r ? r : fold_cluster(f, c, be64_load(l2 + (c % l2e) * 8), &e);
             if (r == 0) {
                 be64_store(l2 + (c % l2e) * 8, e);
             }
@@ -205,8 +204,9 @@ static int fold(struct fold *f)
     }
     r = r ? r : qbm_txn_alloc(f->txn, l1_clusters, &off);
     r = r ? r : qbm_txn_write(f->txn, l1, l1_clusters * cs, off);
-    r = r ? r : qbm_txn_free_later(f->txn, img->hdr.l1_table_offset,
-                                   l1_clusters * cs);
+    r = r ? r
+          : qbm_txn_free_later(f->txn, img->hdr.l1_table_offset,
+                               l1_clusters * cs);
     if (r == 0) {
         be32_store(sw, img->hdr.l1_size); /* sw starts at l1_size */
         be64_store(sw + QCOW2_HDR_L1_TABLE_OFFSET - QCOW2_HDR_L1_SIZE, off);
@@ -232,15 +232,19 @@ int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
         (img->hdr.incompatible_features &
          (QBM_INCOMPAT_DIRTY | QBM_INCOMPAT_CORRUPT |
           QBM_INCOMPAT_DATA_FILE))) {
-        return qbm_err(EOPNOTSUPP, "%s: consolidate needs a plain version 3 "
+        return qbm_err(EOPNOTSUPP,
+                       "%s: consolidate needs a plain version 3 "
                        "full backup (no snapshots, backing file, extended "
                        "L2, external data, encryption, dirty or corrupt "
-                       "bit)", img->filename);
+                       "bit)",
+                       img->filename);
     }
     for (i = 0; i < n; i++) {
         if (layers[i]->hdr.size != img->hdr.size) {
-            return qbm_err(EINVAL, "%s: virtual size differs from the full "
-                           "backup's", layers[i]->filename);
+            return qbm_err(EINVAL,
+                           "%s: virtual size differs from the full "
+                           "backup's",
+                           layers[i]->filename);
         }
     }
     r = qbm_resolve(layers, n, img->hdr.size, &map, &nmap);
@@ -335,8 +339,8 @@ out:
     return r;
 }
 
-QBM_API int qbm_consolidate(const char *full, const char *const *incs,
-                            size_t n, qbm_progress_fn progress, void *opaque)
+QBM_API int qbm_consolidate(const char *full, const char *const *incs, size_t n,
+                            qbm_progress_fn progress, void *opaque)
 {
     if (!full || (!incs && n)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));

@@ -36,10 +36,9 @@ static int copy_one(struct copy *c, const struct qcow2_bitmap *sbm)
     /* A copy takes the source's granularity and state; a merge keeps the
      * target's. */
     if (r == 0 && action != QBM_COPY_MERGED) {
-        r = qbm_impl_bitmap_add(c->img, name,
-                                1ull << sbm->granularity_bits,
-                                (sbm->flags & BME_FLAG_AUTO)
-                                    ? 0 : QBM_ADD_DISABLED);
+        r = qbm_impl_bitmap_add(
+            c->img, name, 1ull << sbm->granularity_bits,
+            (sbm->flags & BME_FLAG_AUTO) ? 0 : QBM_ADD_DISABLED);
     }
     r = r ? r : qbm_impl_bitmap_merge(c->img, name, c->src, name);
     if (r < 0) {
@@ -55,8 +54,8 @@ static int report(struct copy *c, int action, const struct qcow2_bitmap *sbm)
     if (action < 0 || !c->fn) {
         return action < 0 ? action : 0;
     }
-    c->user_ret = c->fn(c->opaque, action, sbm->name,
-                        1ull << sbm->granularity_bits);
+    c->user_ret =
+        c->fn(c->opaque, action, sbm->name, 1ull << sbm->granularity_bits);
     if (c->user_ret) {
         qbm_err(ECANCELED, "stopped by the callback");
         return 1;
@@ -95,8 +94,8 @@ static int copy_bitmaps(struct copy *c, const char *const *names, size_t n)
 }
 
 QBM_API int qbm_bitmap_copy(struct qbm_image *img, struct qbm_image *src,
-                            const char *const *names, size_t n,
-                            unsigned flags, qbm_copy_fn fn, void *opaque)
+                            const char *const *names, size_t n, unsigned flags,
+                            qbm_copy_fn fn, void *opaque)
 {
     struct copy c = { img, src, flags, fn, opaque, 0 };
     int r;
@@ -107,7 +106,7 @@ QBM_API int qbm_bitmap_copy(struct qbm_image *img, struct qbm_image *src,
     }
     if (img == src) {
         return qbm_public_ret(qbm_err(EINVAL, "source and target are the "
-                                      "same image"));
+                                              "same image"));
     }
     r = copy_bitmaps(&c, names, n);
     if (r < 0) {

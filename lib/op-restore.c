@@ -65,8 +65,8 @@ static void prefetch(struct qbm_image **layers,
         }
     }
     if (cur < n && map[cur].type == QCOW2_MAP_DATA) {
-        o->ra_bytes = o->ra_bytes > map[cur].len ? o->ra_bytes - map[cur].len
-                                                 : 0;
+        o->ra_bytes =
+            o->ra_bytes > map[cur].len ? o->ra_bytes - map[cur].len : 0;
     }
 }
 
@@ -78,8 +78,7 @@ static void writeback(struct out *o, uint64_t to)
     }
     if (o->wb_to - o->wb_from >= WRITEBACK) {
         sync_file_range(o->fd, (off_t)o->wb_from,
-                        (off_t)(o->wb_to - o->wb_from),
-                        SYNC_FILE_RANGE_WRITE);
+                        (off_t)(o->wb_to - o->wb_from), SYNC_FILE_RANGE_WRITE);
         o->wb_from = o->wb_to;
     }
 }
@@ -243,8 +242,8 @@ static int follow_link(const char *output, const char *path, char **ret)
     if (n < 0 || (size_t)n >= sizeof(text)) {
         int e = n < 0 ? errno : ENAMETOOLONG;
 
-        return qbm_err(e, "%s: cannot read the symbolic link %s: %s",
-                       output, path, strerror(e));
+        return qbm_err(e, "%s: cannot read the symbolic link %s: %s", output,
+                       path, strerror(e));
     }
     text[n] = '\0';
     dir = qbm_strndup(path, strlen(path));
@@ -280,8 +279,8 @@ static int refuse_kind(const struct out *o, mode_t mode)
         return qbm_err(e, "%s: not a regular file (%s); %s", o->output,
                        kind_name(mode), hint);
     }
-    return qbm_err(e, "%s: links to %s, not a regular file (%s); %s",
-                   o->output, o->target, kind_name(mode), hint);
+    return qbm_err(e, "%s: links to %s, not a regular file (%s); %s", o->output,
+                   o->target, kind_name(mode), hint);
 }
 
 /* Find what OUTPUT names, following symbolic links; refuse anything but
@@ -312,8 +311,7 @@ static int out_check(struct out *o, const char *output)
             break;
         }
         if (hops == MAX_LINKS) {
-            r = qbm_err(ELOOP, "%s: too many levels of symbolic links",
-                        output);
+            r = qbm_err(ELOOP, "%s: too many levels of symbolic links", output);
             goto fail;
         }
         r = follow_link(output, path, &next);
@@ -328,8 +326,7 @@ static int out_check(struct out *o, const char *output)
         return refuse_kind(o, o->st.st_mode);
     }
     if (!o->exists && path[0] && path[strlen(path) - 1] == '/') {
-        return qbm_err(EISDIR, "%s: cannot create: names a directory",
-                       output);
+        return qbm_err(EISDIR, "%s: cannot create: names a directory", output);
     }
     return 0;
 
@@ -451,7 +448,8 @@ static bool unsupported(int e)
  * out_check(): nothing may be replaced. */
 static int refuse_changed(const struct out *o, mode_t mode)
 {
-    return qbm_err(EEXIST, "%s: became a %s while the output was written; "
+    return qbm_err(EEXIST,
+                   "%s: became a %s while the output was written; "
                    "it was left as it is and the output discarded",
                    o->target, kind_name(mode));
 }
@@ -487,8 +485,7 @@ static int rename_over(struct out *o)
 {
     struct stat st;
 
-    if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->target,
-                  RENAME_EXCHANGE) < 0) {
+    if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->target, RENAME_EXCHANGE) < 0) {
         if (errno == ENOENT) {
             return 1;
         }
@@ -502,15 +499,15 @@ static int rename_over(struct out *o)
         unlink(o->tmp);
         return 0;
     }
-    if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->target,
-                  RENAME_EXCHANGE) < 0) {
+    if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->target, RENAME_EXCHANGE) < 0) {
         /* Cannot happen short of someone else renaming these names too:
          * keep the node, and say where it is. */
         int e = errno;
-        int r = qbm_err(e, "%s: became a %s while the output was written, "
+        int r = qbm_err(e,
+                        "%s: became a %s while the output was written, "
                         "and it could not be put back: it is now named "
-                        "%s: %s", o->target, kind_name(st.st_mode), o->tmp,
-                        strerror(e));
+                        "%s: %s",
+                        o->target, kind_name(st.st_mode), o->tmp, strerror(e));
 
         free(o->tmp);
         o->tmp = NULL;
@@ -523,8 +520,8 @@ static int rename_over(struct out *o)
  * appeared at the target. */
 static int rename_new(struct out *o)
 {
-    if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->target,
-                  RENAME_NOREPLACE) == 0) {
+    if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->target, RENAME_NOREPLACE) ==
+        0) {
         return 0;
     }
     if (unsupported(errno)) {
@@ -560,8 +557,10 @@ static int out_publish(struct out *o)
     /* The target may come and go under us: try again a few times. */
     for (tries = 0; r == 0; tries++) {
         if (tries == 4) {
-            r = qbm_err(EAGAIN, "%s: keeps changing; the output was "
-                        "discarded", o->target);
+            r = qbm_err(EAGAIN,
+                        "%s: keeps changing; the output was "
+                        "discarded",
+                        o->target);
             break;
         }
         r = exists ? rename_over(o) : rename_new(o);
@@ -672,16 +671,18 @@ static int write_qcow2(struct qbm_image **layers,
         if (k < all.n && all.v[k].start < ds) {
             uint64_t ze = all.v[k].end < ds ? all.v[k].end : ds;
 
-            runs[nruns++] = (struct qcow2_out_run){
-                all.v[k].start, ze - all.v[k].start, false };
+            runs[nruns++] =
+                (struct qcow2_out_run){ all.v[k].start, ze - all.v[k].start,
+                                        false };
             all.v[k].start = ze;
             if (all.v[k].start >= all.v[k].end) {
                 k++;
             }
             continue;
         }
-        runs[nruns++] = (struct qcow2_out_run){
-            data.v[i].start, data.v[i].end - data.v[i].start, true };
+        runs[nruns++] =
+            (struct qcow2_out_run){ data.v[i].start,
+                                    data.v[i].end - data.v[i].start, true };
         while (k < all.n && all.v[k].end <= data.v[i].end) {
             k++;
         }
@@ -697,30 +698,31 @@ static int write_qcow2(struct qbm_image **layers,
     /* Copy each data run's pieces (one pass over the sorted map); the
      * first pass only counts, for progress. */
     for (int pass = 0; pass < 2; pass++) {
-    for (k = 0, m = 0; r == 0 && k < nruns; k++) {
-        uint64_t gs = runs[k].first * cs;
-        uint64_t ge = (runs[k].first + runs[k].count) * cs;
-        uint64_t host = qcow2_writer_run_host(w, k);
+        for (k = 0, m = 0; r == 0 && k < nruns; k++) {
+            uint64_t gs = runs[k].first * cs;
+            uint64_t ge = (runs[k].first + runs[k].count) * cs;
+            uint64_t host = qcow2_writer_run_host(w, k);
 
-        if (!runs[k].data) {
-            continue;
-        }
-        while (m < n && map[m].guest + map[m].len <= gs) {
-            m++;
-        }
-        for (j = m; j < n && map[j].guest < ge && r == 0; j++) {
-            uint64_t s = map[j].guest > gs ? map[j].guest : gs;
-            uint64_t e = map[j].guest + map[j].len < ge
-                             ? map[j].guest + map[j].len : ge;
+            if (!runs[k].data) {
+                continue;
+            }
+            while (m < n && map[m].guest + map[m].len <= gs) {
+                m++;
+            }
+            for (j = m; j < n && map[j].guest < ge && r == 0; j++) {
+                uint64_t s = map[j].guest > gs ? map[j].guest : gs;
+                uint64_t e = map[j].guest + map[j].len < ge
+                                 ? map[j].guest + map[j].len
+                                 : ge;
 
-            if (is_data(&map[j]) && pass == 0) {
-                o->total += e - s;
-            } else if (is_data(&map[j])) {
-                prefetch(layers, map, n, j, o);
-                r = copy_piece(layers, &map[j], s, e - s, o, host + s - gs);
+                if (is_data(&map[j]) && pass == 0) {
+                    o->total += e - s;
+                } else if (is_data(&map[j])) {
+                    prefetch(layers, map, n, j, o);
+                    r = copy_piece(layers, &map[j], s, e - s, o, host + s - gs);
+                }
             }
         }
-    }
     }
     if (r == 0) {
         r = qcow2_writer_finish(w);
@@ -743,23 +745,22 @@ static uint64_t data_bytes(const struct qcow2_map_extent *map, size_t n)
     return t;
 }
 
-/* ---- restore --------------------------------------------------------------- */
+/* ---- restore ---------------------------------------------------------------
+ */
 
 /* Open a backup image: qcow2 (its own layer only), or raw for the full. */
-static int open_backup(const char *file, bool allow_raw,
-                       struct qbm_image **ret)
+static int open_backup(const char *file, bool allow_raw, struct qbm_image **ret)
 {
     struct qbm_image *img;
     struct qbm_io *io;
     int r;
 
     r = qbm_io_file_open(file, false, QBM_LOCK_READ, &io);
-    r = r ? r : qbm_image_open_format(io, file, QBM_FORMAT_PROBE, false,
-                                      &img);
+    r = r ? r : qbm_image_open_format(io, file, QBM_FORMAT_PROBE, false, &img);
     if (r == 0 && img->raw && !allow_raw) {
         qbm_impl_close(img);
         r = qbm_err(EINVAL, "not a qcow2 image (incremental backups must "
-                    "be qcow2)");
+                            "be qcow2)");
     }
     if (r < 0) {
         return qbm_err_prefix(r, "%s", file);
@@ -777,8 +778,8 @@ static bool same_inode(const char *a, const char *b)
 }
 
 static int restore(const char *const *images, size_t n, const char *output,
-                   int format, const char *checkpoint,
-                   qbm_progress_fn progress, void *opaque)
+                   int format, const char *checkpoint, qbm_progress_fn progress,
+                   void *opaque)
 {
     struct qbm_image **layers = qbm_calloc(n ? n : 1, sizeof(*layers));
     struct qcow2_map_extent *map = NULL;
@@ -816,9 +817,11 @@ static int restore(const char *const *images, size_t n, const char *output,
             if (i == 0) {
                 size = s;
             } else if (s != size) {
-                r = qbm_err(EINVAL, "%s: virtual size %llu differs from the "
-                            "full backup's %llu", images[i],
-                            (unsigned long long)s, (unsigned long long)size);
+                r = qbm_err(EINVAL,
+                            "%s: virtual size %llu differs from the "
+                            "full backup's %llu",
+                            images[i], (unsigned long long)s,
+                            (unsigned long long)size);
             }
         }
     }
@@ -830,10 +833,9 @@ static int restore(const char *const *images, size_t n, const char *output,
         r = out_create(&o);
     }
     if (r == 0) {
-        r = format == QBM_OUTPUT_QCOW2
-                ? write_qcow2(layers, map, nmap, size, 16, NULL, false, NULL,
-                              &o)
-                : write_raw(layers, map, nmap, size, &o);
+        r = format == QBM_OUTPUT_QCOW2 ? write_qcow2(layers, map, nmap, size,
+                                                     16, NULL, false, NULL, &o)
+                                       : write_raw(layers, map, nmap, size, &o);
     }
     if (r == 0 && checkpoint) {
         struct qbm_image *img = NULL;
@@ -856,20 +858,20 @@ static int restore(const char *const *images, size_t n, const char *output,
     return r;
 }
 
-QBM_API int qbm_restore(const char *const *images, size_t n,
-                        const char *output, int format,
-                        const char *checkpoint, qbm_progress_fn progress,
-                        void *opaque)
+QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
+                        int format, const char *checkpoint,
+                        qbm_progress_fn progress, void *opaque)
 {
     if (!images || !output ||
         (format != QBM_OUTPUT_RAW && format != QBM_OUTPUT_QCOW2)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_public_ret(restore(images, n, output, format, checkpoint,
-                                  progress, opaque));
+    return qbm_public_ret(
+        restore(images, n, output, format, checkpoint, progress, opaque));
 }
 
-/* ---- extract ----------------------------------------------------------------- */
+/* ---- extract
+ * ----------------------------------------------------------------- */
 
 struct want_ctx {
     struct intervals *iv;
@@ -900,7 +902,8 @@ static int extract(const char *image, const char *bitmap, const char *output,
 
     if ((flags & QBM_EXTRACT_FULL) && backing) {
         return qbm_err_prefix(qbm_err(EINVAL, "a full backup has no backing "
-                                      "file"), "%s", image);
+                                              "file"),
+                              "%s", image);
     }
     r = out_check(&o, output);
     if (r < 0) {
@@ -910,7 +913,8 @@ static int extract(const char *image, const char *bitmap, const char *output,
     if (same_inode(image, output)) {
         out_free(&o);
         return qbm_err_prefix(qbm_err(EINVAL, "the output would overwrite "
-                                      "the image"), "%s", image);
+                                              "the image"),
+                              "%s", image);
     }
     r = qbm_impl_chain_open(image, 0, &ch);
     if (r < 0) {
@@ -936,8 +940,9 @@ static int extract(const char *image, const char *bitmap, const char *output,
             r = qbm_err(ENOENT, "no bitmap named '%s'", bitmap);
         } else {
             gran = bm ? 1ull << bm->granularity_bits : 65536;
-            bits = gran <= 4096 ? 12 : gran >= 65536 ? 16
-                                     : (unsigned)__builtin_ctzll(gran);
+            bits = gran <= 4096    ? 12
+                   : gran >= 65536 ? 16
+                                   : (unsigned)__builtin_ctzll(gran);
             wc.cs = 1ull << bits;
             if (flags & QBM_EXTRACT_CHAIN) {
                 r = qbm_impl_chain_bitmap_extents(ch, bitmap, want_cb, &wc,
@@ -946,11 +951,12 @@ static int extract(const char *image, const char *bitmap, const char *output,
                 size_t idx = (size_t)(bm - top->bitmaps);
 
                 consistent = qbm_impl_bitmap_consistent(top, idx);
-                r = consistent ? qbm_impl_bitmap_extents(top, idx, want_cb,
-                                                         &wc) : 0;
+                r = consistent ? qbm_impl_bitmap_extents(top, idx, want_cb, &wc)
+                               : 0;
             }
             if (r == 0 && !consistent) {
-                r = qbm_err(EBUSY, "bitmap '%s' is in use (inconsistent); "
+                r = qbm_err(EBUSY,
+                            "bitmap '%s' is in use (inconsistent); "
                             "repair it first with 'qbm check --repair'",
                             bitmap);
             }
@@ -984,14 +990,13 @@ static int extract(const char *image, const char *bitmap, const char *output,
 }
 
 QBM_API int qbm_extract(const char *image, const char *bitmap,
-                        const char *output, unsigned flags,
-                        const char *backing, qbm_progress_fn progress,
-                        void *opaque)
+                        const char *output, unsigned flags, const char *backing,
+                        qbm_progress_fn progress, void *opaque)
 {
     if (!image || !output || (flags & ~QBM_EXTRACT_MASK) ||
         (!bitmap && !(flags & QBM_EXTRACT_FULL))) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_public_ret(extract(image, bitmap, output, flags, backing,
-                                  progress, opaque));
+    return qbm_public_ret(
+        extract(image, bitmap, output, flags, backing, progress, opaque));
 }

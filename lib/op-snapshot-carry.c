@@ -64,8 +64,8 @@ static bool same_inode(const char *a, const char *b)
 {
     struct stat sa, sb;
 
-    return stat(a, &sa) == 0 && stat(b, &sb) == 0 &&
-           sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+           sa.st_ino == sb.st_ino;
 }
 
 /* TOP must be a snapshot of BASE: its backing file is BASE's file. */
@@ -106,17 +106,17 @@ static int continue_in_top(struct snap *s)
         bool added = false;
 
         if (!(bm->flags & BME_FLAG_AUTO)) {
-            r = report(s, QBM_CARRY_SNAPSHOT_SKIPPED, bm->name,
-                       s->base_name);
+            r = report(s, QBM_CARRY_SNAPSHOT_SKIPPED, bm->name, s->base_name);
             if (r) {
                 return r;
             }
             continue;
         }
         if (!qbm_impl_bitmap_consistent(s->base, i)) {
-            return qbm_err(EBUSY, "%s: bitmap '%s' is in use; repair it "
-                           "first with 'qbm check --repair'", s->base_name,
-                           bm->name);
+            return qbm_err(EBUSY,
+                           "%s: bitmap '%s' is in use; repair it "
+                           "first with 'qbm check --repair'",
+                           s->base_name, bm->name);
         }
         r = 0;
         if (!qcow2_bitmap_lookup(s->top, bm->name)) {
@@ -133,8 +133,8 @@ static int continue_in_top(struct snap *s)
             return -ENOMEM;
         }
         s->ncarried++;
-        r = report(s, added ? QBM_CARRY_SNAPSHOT_ADDED
-                            : QBM_CARRY_SNAPSHOT_MARKED,
+        r = report(s,
+                   added ? QBM_CARRY_SNAPSHOT_ADDED : QBM_CARRY_SNAPSHOT_MARKED,
                    bm->name, s->top_name);
         if (r) {
             return r;
@@ -154,8 +154,7 @@ static int disable_in_base(struct snap *s)
         if (r < 0) {
             return qbm_err_prefix(r, "%s", s->base_name);
         }
-        r = report(s, QBM_CARRY_SNAPSHOT_DISABLED, s->carried[i],
-                   s->base_name);
+        r = report(s, QBM_CARRY_SNAPSHOT_DISABLED, s->carried[i], s->base_name);
         if (r) {
             return r;
         }
@@ -203,8 +202,11 @@ QBM_API int qbm_carry_snapshot(const char *base, const char *top,
                                unsigned flags, qbm_carry_snapshot_fn fn,
                                void *opaque)
 {
-    struct snap s = { .base_name = base, .top_name = top, .flags = flags,
-                      .fn = fn, .opaque = opaque };
+    struct snap s = { .base_name = base,
+                      .top_name = top,
+                      .flags = flags,
+                      .fn = fn,
+                      .opaque = opaque };
     size_t i;
     int r;
 

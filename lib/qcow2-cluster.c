@@ -21,26 +21,31 @@ int qcow2_l1_load(struct qbm_image *img)
 
     needed = div_round_up(h->size, l2_span(img));
     if (needed > QCOW2_MAX_L1_BYTES / 8) {
-        return qbm_err(EINVAL, "header at 0x0: virtual size %llu is too "
+        return qbm_err(EINVAL,
+                       "header at 0x0: virtual size %llu is too "
                        "large for this cluster size",
                        (unsigned long long)h->size);
     }
     if (h->l1_size < needed) {
-        return qbm_err(EINVAL, "L1 table at 0x%llx: %u entries, at least "
+        return qbm_err(EINVAL,
+                       "L1 table at 0x%llx: %u entries, at least "
                        "%llu needed for the virtual size",
                        (unsigned long long)h->l1_table_offset, h->l1_size,
                        (unsigned long long)needed);
     }
     if ((uint64_t)h->l1_size > QCOW2_MAX_L1_BYTES / 8) {
-        return qbm_err(EINVAL, "L1 table at 0x%llx: %u entries is larger "
-                       "than 32 MiB", (unsigned long long)h->l1_table_offset,
-                       h->l1_size);
+        return qbm_err(EINVAL,
+                       "L1 table at 0x%llx: %u entries is larger "
+                       "than 32 MiB",
+                       (unsigned long long)h->l1_table_offset, h->l1_size);
     }
-    if (h->l1_size > 0 && (h->l1_table_offset == 0 ||
-                           !is_aligned(h->l1_table_offset,
-                                       img->cluster_size))) {
-        return qbm_err(EINVAL, "L1 table at 0x%llx: offset not cluster "
-                       "aligned", (unsigned long long)h->l1_table_offset);
+    if (h->l1_size > 0 &&
+        (h->l1_table_offset == 0 ||
+         !is_aligned(h->l1_table_offset, img->cluster_size))) {
+        return qbm_err(EINVAL,
+                       "L1 table at 0x%llx: offset not cluster "
+                       "aligned",
+                       (unsigned long long)h->l1_table_offset);
     }
     if (img->keep_l1 && img->keep_l1_offset == h->l1_table_offset &&
         img->keep_l1_size == h->l1_size) {
@@ -127,8 +132,7 @@ static int run_flush(struct run *run)
     return r;
 }
 
-static int run_add(struct run *run, uint64_t off, uint64_t len,
-                   unsigned status)
+static int run_add(struct run *run, uint64_t off, uint64_t len, unsigned status)
 {
     int r;
 
@@ -165,7 +169,8 @@ static int classify_std(struct qbm_image *img, uint64_t l2_off, uint64_t idx,
 
     if (e & L2E_COMPRESSED) {
         if (data_file) {
-            return l2_error(img, l2_off, idx, "compressed cluster with an "
+            return l2_error(img, l2_off, idx,
+                            "compressed cluster with an "
                             "external data file");
         }
         *ret_status = QBM_ALLOC_DATA;
@@ -176,7 +181,8 @@ static int classify_std(struct qbm_image *img, uint64_t l2_off, uint64_t idx,
     }
     if (e & L2E_ZERO) {
         if (img->hdr.version < 3) {
-            return l2_error(img, l2_off, idx, "zero flag in a version 2 "
+            return l2_error(img, l2_off, idx,
+                            "zero flag in a version 2 "
                             "image");
         }
         *ret_status = QBM_ALLOC_ZERO;
@@ -184,7 +190,8 @@ static int classify_std(struct qbm_image *img, uint64_t l2_off, uint64_t idx,
     }
     if (off) {
         if (!is_aligned(off, img->cluster_size)) {
-            return l2_error(img, l2_off, idx, "data offset not cluster "
+            return l2_error(img, l2_off, idx,
+                            "data offset not cluster "
                             "aligned");
         }
         *ret_status = QBM_ALLOC_DATA;
@@ -205,8 +212,10 @@ static int check_extl2_entry(struct qbm_image *img, uint64_t l2_off,
     uint64_t off = e & L2E_OFFSET_MASK;
 
     if (e & L2E_COMPRESSED) {
-        return sc_bitmap ? l2_error(img, l2_off, idx, "compressed cluster "
-                                    "with a subcluster bitmap") : 0;
+        return sc_bitmap ? l2_error(img, l2_off, idx,
+                                    "compressed cluster "
+                                    "with a subcluster bitmap")
+                         : 0;
     }
     if (e & (L2E_STD_RESERVED_MASK | L2E_ZERO)) {
         return l2_error(img, l2_off, idx, "reserved bits set");
@@ -215,13 +224,15 @@ static int check_extl2_entry(struct qbm_image *img, uint64_t l2_off,
         return l2_error(img, l2_off, idx, "data offset not cluster aligned");
     }
     if ((sc_bitmap & 0xffffffffu) & (sc_bitmap >> 32)) {
-        return l2_error(img, l2_off, idx, "subcluster both allocated and "
+        return l2_error(img, l2_off, idx,
+                        "subcluster both allocated and "
                         "zero");
     }
     if (!off && (sc_bitmap & 0xffffffffu) &&
         !((img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE) &&
           (e & L2E_COPIED))) {
-        return l2_error(img, l2_off, idx, "allocated subclusters without a "
+        return l2_error(img, l2_off, idx,
+                        "allocated subclusters without a "
                         "host cluster");
     }
     return 0;
@@ -287,8 +298,7 @@ int qcow2_read_l2(struct qbm_image *img, uint64_t l2_off)
     return 0;
 }
 
-int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
-                          void *opaque)
+int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn, void *opaque)
 {
     uint64_t size = img->hdr.size;
     uint64_t nl1 = div_round_up(size, l2_span(img));
@@ -309,11 +319,11 @@ int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
             continue;
         }
         if (!is_aligned(l2_off, img->cluster_size)) {
-            return qbm_err(EINVAL, "L1 table at 0x%llx, entry %llu: L2 "
+            return qbm_err(EINVAL,
+                           "L1 table at 0x%llx, entry %llu: L2 "
                            "offset 0x%llx not cluster aligned",
                            (unsigned long long)img->hdr.l1_table_offset,
-                           (unsigned long long)i,
-                           (unsigned long long)l2_off);
+                           (unsigned long long)i, (unsigned long long)l2_off);
         }
         r = qcow2_read_l2(img, l2_off);
         if (r < 0) {
@@ -328,12 +338,13 @@ int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn,
                 break;
             }
             limit = size - guest < img->cluster_size
-                        ? size : guest + img->cluster_size;
+                        ? size
+                        : guest + img->cluster_size;
             p = img->l2_cache + j * img->l2_entry_size;
             e = be64_load(p);
             if (img->extl2) {
-                r = walk_extl2_entry(img, l2_off, j, e, be64_load(p + 8),
-                                     guest, limit, &run);
+                r = walk_extl2_entry(img, l2_off, j, e, be64_load(p + 8), guest,
+                                     limit, &run);
             } else {
                 unsigned status = 0;
 
@@ -412,11 +423,11 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
     }
     if (img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE) {
         return qbm_err(EOPNOTSUPP, "images with an external data file are "
-                       "not supported here");
+                                   "not supported here");
     }
     if (img->hdr.crypt_method) {
         return qbm_err(EOPNOTSUPP, "encrypted images are not supported "
-                       "here");
+                                   "here");
     }
     nl1 = div_round_up(size, l2_span(img));
     r = qcow2_l1_ensure(img);
@@ -430,7 +441,8 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
             continue;
         }
         if (!is_aligned(l2_off, img->cluster_size)) {
-            return qbm_err(EINVAL, "L1 table at 0x%llx, entry %llu: L2 "
+            return qbm_err(EINVAL,
+                           "L1 table at 0x%llx, entry %llu: L2 "
                            "offset not cluster aligned",
                            (unsigned long long)img->hdr.l1_table_offset,
                            (unsigned long long)i);

@@ -33,7 +33,7 @@ static int inflate_cluster(const uint8_t *in, size_t in_len, uint8_t *out,
         return 0;
     }
     return qbm_err(EINVAL, "deflate data does not decompress to a whole "
-                   "cluster");
+                           "cluster");
 }
 
 static int zstd_cluster(const uint8_t *in, size_t in_len, uint8_t *out,
@@ -59,7 +59,7 @@ static int zstd_cluster(const uint8_t *in, size_t in_len, uint8_t *out,
         }
         if (ib.pos == in_before && ob.pos == out_before) {
             r = qbm_err(EINVAL, "zstd data does not decompress to a whole "
-                        "cluster");
+                                "cluster");
             break;
         }
     }

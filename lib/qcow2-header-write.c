@@ -87,7 +87,7 @@ int qcow2_header_bitmaps_plan(const struct qbm_image *img,
 
     if (!lay->end_pos) {
         return qbm_err(ENOTSUP, "header at 0x0: the extension list has no "
-                       "end marker; qbm will not rewrite it");
+                                "end marker; qbm will not rewrite it");
     }
     if (nb > 0 && !lay->ext_pos) {
         /* The extension, then a new end marker. */
@@ -96,18 +96,18 @@ int qcow2_header_bitmaps_plan(const struct qbm_image *img,
         if (h->backing_file_offset && h->backing_file_offset < need &&
             cs - h->backing_file_size < need) {
             return qbm_err(ENOSPC, "header at 0x0: no room in the header "
-                           "cluster for the bitmaps extension");
+                                   "cluster for the bitmaps extension");
         }
         if (need > cs) {
             return qbm_err(ENOSPC, "header at 0x0: no room in the header "
-                           "cluster for the bitmaps extension");
+                                   "cluster for the bitmaps extension");
         }
     }
     if (nb == 0 && lay->ext_pos && !lay->ext_last &&
         !qcow2_one_sector(AUTOCLEAR, lay->end_pos + EXT_HDR)) {
         return qbm_err(ENOTSUP, "header at 0x0: other extensions follow the "
-                       "bitmaps extension, so it cannot be removed "
-                       "crash-safely");
+                                "bitmaps extension, so it cannot be removed "
+                                "crash-safely");
     }
     return 0;
 }
@@ -175,8 +175,9 @@ int qcow2_header_bitmaps_switch(struct qbm_image *img,
             r = qcow2_header_write(io, c0 + h->backing_file_offset,
                                    h->backing_file_size, nbo);
             be64_store(off8, nbo);
-            r = r ? r : qcow2_header_write(io, off8, sizeof(off8),
-                                           QCOW2_HDR_BACKING_FILE_OFFSET);
+            r = r ? r
+                  : qcow2_header_write(io, off8, sizeof(off8),
+                                       QCOW2_HDR_BACKING_FILE_OFFSET);
             if (r) {
                 return r;
             }
@@ -208,8 +209,7 @@ int qcow2_header_bitmaps_switch(struct qbm_image *img,
             if (qcow2_one_sector(AUTOCLEAR, p + EXT_HDR)) {
                 memcpy(c0 + AUTOCLEAR, ac, sizeof(ac));
                 memset(c0 + p, 0, EXT_HDR);
-                return qcow2_header_write_span(io, c0, AUTOCLEAR,
-                                               p + EXT_HDR);
+                return qcow2_header_write_span(io, c0, AUTOCLEAR, p + EXT_HDR);
             }
             r = qcow2_header_write(io, ac, sizeof(ac), AUTOCLEAR);
             return r ? r : qcow2_header_write(io, zero8, EXT_HDR, p);
@@ -220,8 +220,7 @@ int qcow2_header_bitmaps_switch(struct qbm_image *img,
         body_end = p + EXT_HDR + BITMAPS_LEN;
         memcpy(c0 + AUTOCLEAR, ac, sizeof(ac));
         memmove(c0 + p, c0 + body_end, lay->end_pos + EXT_HDR - body_end);
-        memset(c0 + lay->end_pos + EXT_HDR - (body_end - p), 0,
-               body_end - p);
+        memset(c0 + lay->end_pos + EXT_HDR - (body_end - p), 0, body_end - p);
         return qcow2_header_write_span(io, c0, AUTOCLEAR,
                                        lay->end_pos + EXT_HDR);
     }

@@ -36,8 +36,10 @@ _Static_assert(QCOW2_V3_HEADER_LEN == QCOW2_HDR_COMPRESSION_TYPE,
 static int decode_fixed(const uint8_t *b, size_t len, struct qcow2_header *h)
 {
     if (len < QCOW2_V2_HEADER_LEN) {
-        return qbm_err(EINVAL, "not a qcow2 image: file too short (%zu "
-                       "bytes)", len);
+        return qbm_err(EINVAL,
+                       "not a qcow2 image: file too short (%zu "
+                       "bytes)",
+                       len);
     }
     if (be32_load(b + QCOW2_HDR_MAGIC) != QCOW2_MAGIC) {
         return qbm_err(EINVAL, "not a qcow2 image (bad magic)");
@@ -50,21 +52,24 @@ static int decode_fixed(const uint8_t *b, size_t len, struct qcow2_header *h)
     h->crypt_method = be32_load(b + QCOW2_HDR_CRYPT_METHOD);
     h->l1_size = be32_load(b + QCOW2_HDR_L1_SIZE);
     h->l1_table_offset = be64_load(b + QCOW2_HDR_L1_TABLE_OFFSET);
-    h->refcount_table_offset =
-        be64_load(b + QCOW2_HDR_REFCOUNT_TABLE_OFFSET);
+    h->refcount_table_offset = be64_load(b + QCOW2_HDR_REFCOUNT_TABLE_OFFSET);
     h->refcount_table_clusters =
         be32_load(b + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS);
     h->nb_snapshots = be32_load(b + QCOW2_HDR_NB_SNAPSHOTS);
     h->snapshots_offset = be64_load(b + QCOW2_HDR_SNAPSHOTS_OFFSET);
 
     if (h->version != 2 && h->version != 3) {
-        return qbm_err(EOPNOTSUPP, "header at 0x0: unsupported qcow2 "
-                       "version %u", h->version);
+        return qbm_err(EOPNOTSUPP,
+                       "header at 0x0: unsupported qcow2 "
+                       "version %u",
+                       h->version);
     }
     if (h->cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
         h->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-        return qbm_err(EINVAL, "header at 0x0: cluster_bits %u out of range "
-                       "9..21", h->cluster_bits);
+        return qbm_err(EINVAL,
+                       "header at 0x0: cluster_bits %u out of range "
+                       "9..21",
+                       h->cluster_bits);
     }
     h->cluster_size = 1ull << h->cluster_bits;
 
@@ -76,15 +81,13 @@ static int decode_fixed(const uint8_t *b, size_t len, struct qcow2_header *h)
     if (len < QCOW2_V3_HEADER_LEN) {
         return qbm_err(EINVAL, "header at 0x0: truncated version 3 header");
     }
-    h->incompatible_features =
-        be64_load(b + QCOW2_HDR_INCOMPATIBLE_FEATURES);
+    h->incompatible_features = be64_load(b + QCOW2_HDR_INCOMPATIBLE_FEATURES);
     h->compatible_features = be64_load(b + QCOW2_HDR_COMPATIBLE_FEATURES);
     h->autoclear_features = be64_load(b + QCOW2_HDR_AUTOCLEAR_FEATURES);
     h->refcount_order = be32_load(b + QCOW2_HDR_REFCOUNT_ORDER);
     h->header_length = be32_load(b + QCOW2_HDR_HEADER_LENGTH);
-    if (h->header_length < QCOW2_V3_HEADER_LEN ||
-        h->header_length % 8 != 0 || h->header_length > h->cluster_size ||
-        h->header_length > len) {
+    if (h->header_length < QCOW2_V3_HEADER_LEN || h->header_length % 8 != 0 ||
+        h->header_length > h->cluster_size || h->header_length > len) {
         return qbm_err(EINVAL, "header at 0x0: header_length %u is invalid",
                        h->header_length);
     }
@@ -153,8 +156,8 @@ static int decode_string_ext(char **dst, const uint8_t *d, uint32_t elen)
 static int decode_extensions(const uint8_t *b, struct qcow2_header *h)
 {
     uint64_t off = h->header_length;
-    uint64_t end = h->backing_file_offset ? h->backing_file_offset
-                                          : h->cluster_size;
+    uint64_t end =
+        h->backing_file_offset ? h->backing_file_offset : h->cluster_size;
     int r;
 
     while (off < end) {
@@ -164,7 +167,8 @@ static int decode_extensions(const uint8_t *b, struct qcow2_header *h)
         size_t i;
 
         if (end - off < 8) {
-            return qbm_err(EINVAL, "header extension at 0x%llx: extension "
+            return qbm_err(EINVAL,
+                           "header extension at 0x%llx: extension "
                            "header crosses the end of the header area",
                            (unsigned long long)off);
         }
@@ -175,22 +179,25 @@ static int decode_extensions(const uint8_t *b, struct qcow2_header *h)
             return 0;
         }
         if (elen > end - off - 8) {
-            return qbm_err(EINVAL, "header extension 0x%08x at 0x%llx: "
-                           "length %u runs past the header area", magic,
-                           (unsigned long long)off, elen);
+            return qbm_err(EINVAL,
+                           "header extension 0x%08x at 0x%llx: "
+                           "length %u runs past the header area",
+                           magic, (unsigned long long)off, elen);
         }
         d = b + off + 8;
         for (i = 0; i < h->nb_exts; i++) {
             if (h->exts[i].magic == magic) {
-                return qbm_err(EINVAL, "header extension 0x%08x at 0x%llx: "
-                               "appears twice", magic,
-                               (unsigned long long)off);
+                return qbm_err(EINVAL,
+                               "header extension 0x%08x at 0x%llx: "
+                               "appears twice",
+                               magic, (unsigned long long)off);
             }
         }
         switch (magic) {
         case QCOW2_EXT_BACKING_FORMAT:
             if (elen >= 16) {
-                return qbm_err(EINVAL, "backing format extension at 0x%llx: "
+                return qbm_err(EINVAL,
+                               "backing format extension at 0x%llx: "
                                "length %u too large",
                                (unsigned long long)off, elen);
             }
@@ -204,7 +211,8 @@ static int decode_extensions(const uint8_t *b, struct qcow2_header *h)
             break;
         case QCOW2_EXT_BITMAPS:
             if (elen != 24) {
-                return qbm_err(EINVAL, "bitmaps extension at 0x%llx: "
+                return qbm_err(EINVAL,
+                               "bitmaps extension at 0x%llx: "
                                "length %u, expected 24",
                                (unsigned long long)off, elen);
             }
@@ -212,7 +220,8 @@ static int decode_extensions(const uint8_t *b, struct qcow2_header *h)
             break;
         case QCOW2_EXT_CRYPTO:
             if (elen != 16) {
-                return qbm_err(EINVAL, "encryption header pointer at 0x%llx: "
+                return qbm_err(EINVAL,
+                               "encryption header pointer at 0x%llx: "
                                "length %u, expected 16",
                                (unsigned long long)off, elen);
             }
@@ -241,7 +250,7 @@ static int decode_extensions(const uint8_t *b, struct qcow2_header *h)
 static const char *spec_feature_name(unsigned type, unsigned bit)
 {
     static const char *const incompat[] = {
-        "dirty bit", "corrupt bit", "external data file",
+        "dirty bit",        "corrupt bit",         "external data file",
         "compression type", "extended L2 entries",
     };
     static const char *const autoclear[] = { "bitmaps", "raw external data" };
@@ -286,45 +295,52 @@ static int check_features(struct qcow2_header *h)
             if (used < sizeof(names)) {
                 int n;
                 if (name) {
-                    n = snprintf(names + used, sizeof(names) - used,
-                                 "%s%s", used ? ", " : "", name);
+                    n = snprintf(names + used, sizeof(names) - used, "%s%s",
+                                 used ? ", " : "", name);
                 } else {
-                    n = snprintf(names + used, sizeof(names) - used,
-                                 "%sbit %u", used ? ", " : "", bit);
+                    n = snprintf(names + used, sizeof(names) - used, "%sbit %u",
+                                 used ? ", " : "", bit);
                 }
                 used += n > 0 ? (size_t)n : 0;
             }
         }
-        return qbm_err(EOPNOTSUPP, "header at 0x0: unsupported incompatible "
-                       "feature(s): %s", names);
+        return qbm_err(EOPNOTSUPP,
+                       "header at 0x0: unsupported incompatible "
+                       "feature(s): %s",
+                       names);
     }
     if (h->refcount_order > 6) {
         return qbm_err(EINVAL, "header at 0x0: refcount_order %u too large",
                        h->refcount_order);
     }
     if (h->crypt_method > 2) {
-        return qbm_err(EOPNOTSUPP, "header at 0x0: unknown encryption method "
-                       "%u", h->crypt_method);
+        return qbm_err(EOPNOTSUPP,
+                       "header at 0x0: unknown encryption method "
+                       "%u",
+                       h->crypt_method);
     }
     if (!!(h->incompatible_features & QBM_INCOMPAT_COMPRESSION) !=
         (h->compression_type != 0)) {
-        return qbm_err(EINVAL, "header at 0x0: compression type %u does not "
+        return qbm_err(EINVAL,
+                       "header at 0x0: compression type %u does not "
                        "match the compression type feature bit",
                        h->compression_type);
     }
     if (h->compression_type > 1) {
-        return qbm_err(EOPNOTSUPP, "header at 0x0: unknown compression type "
-                       "%u", h->compression_type);
+        return qbm_err(EOPNOTSUPP,
+                       "header at 0x0: unknown compression type "
+                       "%u",
+                       h->compression_type);
     }
     if ((h->incompatible_features & QBM_INCOMPAT_EXTL2) &&
         h->cluster_bits < 14) {
         return qbm_err(EINVAL, "header at 0x0: extended L2 entries need "
-                       "clusters of at least 16 KiB");
+                               "clusters of at least 16 KiB");
     }
     if ((h->autoclear_features & QBM_AUTOCLEAR_DATA_FILE_RAW) &&
         !(h->incompatible_features & QBM_INCOMPAT_DATA_FILE)) {
         return qbm_err(EINVAL, "header at 0x0: raw external data bit set "
-                       "without an external data file");
+                               "without an external data file");
     }
     return 0;
 }
@@ -349,15 +365,18 @@ int qcow2_header_decode(const uint8_t *buf, size_t len, uint64_t file_size,
         if (h.backing_file_offset > h.cluster_size ||
             h.backing_file_size > QCOW2_MAX_BACKING_NAME ||
             h.backing_file_size > h.cluster_size - h.backing_file_offset) {
-            r = qbm_err(EINVAL, "backing file name at 0x%llx: %u bytes do "
+            r = qbm_err(EINVAL,
+                        "backing file name at 0x%llx: %u bytes do "
                         "not fit in the header cluster",
                         (unsigned long long)h.backing_file_offset,
                         h.backing_file_size);
             goto fail;
         }
         if (h.backing_file_offset < h.header_length) {
-            r = qbm_err(EINVAL, "backing file name at 0x%llx: overlaps the "
-                        "header", (unsigned long long)h.backing_file_offset);
+            r = qbm_err(EINVAL,
+                        "backing file name at 0x%llx: overlaps the "
+                        "header",
+                        (unsigned long long)h.backing_file_offset);
             goto fail;
         }
     }
@@ -366,16 +385,17 @@ int qcow2_header_decode(const uint8_t *buf, size_t len, uint64_t file_size,
         goto fail;
     }
     if (h.backing_file_offset) {
-        h.backing_file = qbm_strndup((const char *)buf +
-                                     h.backing_file_offset,
+        h.backing_file = qbm_strndup((const char *)buf + h.backing_file_offset,
                                      h.backing_file_size);
         if (!h.backing_file) {
             r = -ENOMEM;
             goto fail;
         }
         if (strlen(h.backing_file) != h.backing_file_size) {
-            r = qbm_err(EINVAL, "backing file name at 0x%llx: contains a "
-                        "NUL byte", (unsigned long long)h.backing_file_offset);
+            r = qbm_err(EINVAL,
+                        "backing file name at 0x%llx: contains a "
+                        "NUL byte",
+                        (unsigned long long)h.backing_file_offset);
             goto fail;
         }
     }

@@ -7,8 +7,7 @@
 
 #include "internal.h"
 
-uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
-                              uint64_t idx)
+uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits, uint64_t idx)
 {
     switch (bits) {
     case 64:
@@ -48,8 +47,8 @@ void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
         uint64_t bit = idx * bits;
         uint8_t mask = (uint8_t)(((1u << bits) - 1) << (bit % 8));
 
-        block[bit / 8] = (uint8_t)((block[bit / 8] & ~mask) |
-                                   ((value << (bit % 8)) & mask));
+        block[bit / 8] =
+            (uint8_t)((block[bit / 8] & ~mask) | ((value << (bit % 8)) & mask));
         break;
     }
     }
@@ -68,13 +67,15 @@ int qcow2_refcount_load(struct qbm_image *img)
     }
     if (!is_aligned(h->refcount_table_offset, img->cluster_size) ||
         h->refcount_table_offset == 0) {
-        return qbm_err(EINVAL, "refcount table at 0x%llx: offset not "
+        return qbm_err(EINVAL,
+                       "refcount table at 0x%llx: offset not "
                        "cluster aligned",
                        (unsigned long long)h->refcount_table_offset);
     }
     if (!mul_ok(h->refcount_table_clusters, img->cluster_size, &bytes) ||
         bytes > QCOW2_MAX_REFTABLE_BYTES) {
-        return qbm_err(EINVAL, "refcount table at 0x%llx: %u clusters is "
+        return qbm_err(EINVAL,
+                       "refcount table at 0x%llx: %u clusters is "
                        "larger than 8 MiB",
                        (unsigned long long)h->refcount_table_offset,
                        h->refcount_table_clusters);
@@ -120,12 +121,13 @@ int qcow2_refcount_get(struct qbm_image *img, uint64_t cluster,
         return 0;
     }
     if (!is_aligned(block, img->cluster_size)) {
-        return qbm_err(EINVAL, "refcount table entry %llu at 0x%llx: block "
-                       "offset 0x%llx not cluster aligned",
-                       (unsigned long long)rt_index,
-                       (unsigned long long)(img->hdr.refcount_table_offset +
-                                            rt_index * 8),
-                       (unsigned long long)block);
+        return qbm_err(
+            EINVAL,
+            "refcount table entry %llu at 0x%llx: block "
+            "offset 0x%llx not cluster aligned",
+            (unsigned long long)rt_index,
+            (unsigned long long)(img->hdr.refcount_table_offset + rt_index * 8),
+            (unsigned long long)block);
     }
     if (!img->refblock_cache || img->refblock_cache_offset != block) {
         if (!img->refblock_cache) {
@@ -142,8 +144,7 @@ int qcow2_refcount_get(struct qbm_image *img, uint64_t cluster,
         }
         img->refblock_cache_offset = block;
     }
-    *ret_refcount = qcow2_refblock_entry(img->refblock_cache,
-                                         img->refcount_bits,
-                                         cluster % per_block);
+    *ret_refcount = qcow2_refblock_entry(
+        img->refblock_cache, img->refcount_bits, cluster % per_block);
     return 0;
 }

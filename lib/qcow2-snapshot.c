@@ -19,13 +19,16 @@ int qcow2_snapshots_load(struct qbm_image *img)
         return 0;
     }
     if (h->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
-        return qbm_err(EINVAL, "snapshot table at 0x%llx: %u snapshots is "
-                       "more than 65536", (unsigned long long)off,
-                       h->nb_snapshots);
+        return qbm_err(EINVAL,
+                       "snapshot table at 0x%llx: %u snapshots is "
+                       "more than 65536",
+                       (unsigned long long)off, h->nb_snapshots);
     }
     if (off == 0 || !is_aligned(off, img->cluster_size)) {
-        return qbm_err(EINVAL, "snapshot table at 0x%llx: offset not "
-                       "cluster aligned", (unsigned long long)off);
+        return qbm_err(EINVAL,
+                       "snapshot table at 0x%llx: offset not "
+                       "cluster aligned",
+                       (unsigned long long)off);
     }
     img->snapshots = qbm_calloc(h->nb_snapshots, sizeof(*img->snapshots));
     if (!img->snapshots) {
@@ -47,22 +50,27 @@ int qcow2_snapshots_load(struct qbm_image *img)
         name_size = be16_load(hdrbuf + 14);
         extra = be32_load(hdrbuf + 36);
         if (extra > QCOW2_SN_MAX_EXTRA) {
-            return qbm_err(EINVAL, "snapshot table entry %u at 0x%llx: "
-                           "extra data size %u too large", i,
-                           (unsigned long long)off, extra);
+            return qbm_err(EINVAL,
+                           "snapshot table entry %u at 0x%llx: "
+                           "extra data size %u too large",
+                           i, (unsigned long long)off, extra);
         }
         if (sn->l1_size > QCOW2_MAX_L1_BYTES / 8 ||
-            (sn->l1_size && !is_aligned(sn->l1_table_offset,
-                                        img->cluster_size))) {
-            return qbm_err(EINVAL, "snapshot table entry %u at 0x%llx: "
-                           "invalid L1 table", i, (unsigned long long)off);
+            (sn->l1_size &&
+             !is_aligned(sn->l1_table_offset, img->cluster_size))) {
+            return qbm_err(EINVAL,
+                           "snapshot table entry %u at 0x%llx: "
+                           "invalid L1 table",
+                           i, (unsigned long long)off);
         }
         off += QCOW2_SN_HEADER_LEN + extra + id_size + name_size;
         off = (off + 7) & ~7ull;
         /* QEMU caps the whole table at 64 MiB. */
         if (off - h->snapshots_offset > (64u << 20)) {
-            return qbm_err(EINVAL, "snapshot table at 0x%llx: larger than "
-                           "64 MiB", (unsigned long long)h->snapshots_offset);
+            return qbm_err(EINVAL,
+                           "snapshot table at 0x%llx: larger than "
+                           "64 MiB",
+                           (unsigned long long)h->snapshots_offset);
         }
     }
     img->nb_snapshots = h->nb_snapshots;

@@ -23,7 +23,7 @@ struct qcow2_writer {
     unsigned cluster_bits;
     const struct qcow2_out_run *runs;
     size_t nruns;
-    uint64_t *run_host;   /* host offset of each data run's first cluster */
+    uint64_t *run_host; /* host offset of each data run's first cluster */
     uint64_t l1_entries, l1_clusters, nl2, ndata;
     uint64_t rt_off, rt_clusters, rb_off, rb_clusters;
     uint64_t l1_off, l2_off, data_off, total;
@@ -71,8 +71,8 @@ int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
     }
     w->run_host = qbm_calloc(nruns ? nruns : 1, sizeof(*w->run_host));
     if ((backing && !(w->backing = qbm_strndup(backing, strlen(backing)))) ||
-        (backing_fmt && !(w->backing_fmt = qbm_strndup(backing_fmt,
-                                                       strlen(backing_fmt)))) ||
+        (backing_fmt &&
+         !(w->backing_fmt = qbm_strndup(backing_fmt, strlen(backing_fmt)))) ||
         !w->run_host) {
         qcow2_writer_free(w);
         return -ENOMEM;
@@ -147,8 +147,7 @@ static int write_header(struct qcow2_writer *w)
     be32_store(h + QCOW2_HDR_L1_SIZE, (uint32_t)w->l1_entries);
     be64_store(h + QCOW2_HDR_L1_TABLE_OFFSET, w->l1_off);
     be64_store(h + QCOW2_HDR_REFCOUNT_TABLE_OFFSET, w->rt_off);
-    be32_store(h + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS,
-               (uint32_t)w->rt_clusters);
+    be32_store(h + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS, (uint32_t)w->rt_clusters);
     be32_store(h + QCOW2_HDR_REFCOUNT_ORDER, 4); /* 16-bit refcounts */
     be32_store(h + QCOW2_HDR_HEADER_LENGTH, OUT_HEADER_LENGTH);
     if (w->backing_fmt) {
@@ -195,8 +194,7 @@ int qcow2_writer_finish(struct qcow2_writer *w)
 
         for (i = 0; i < run->count && r == 0; i++) {
             uint64_t c = run->first + i;
-            uint64_t e = run->data ? (w->run_host[k] + i * w->cs) |
-                                         L2E_COPIED
+            uint64_t e = run->data ? (w->run_host[k] + i * w->cs) | L2E_COPIED
                                    : L2E_ZERO;
 
             if (c / l2e != cur_l2) {

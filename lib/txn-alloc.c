@@ -110,9 +110,10 @@ static int get_block(struct qbm_alloc *a, uint64_t rt, struct rc_block **ret)
         return 0;
     }
     if (!is_aligned(off, a->cs)) {
-        return qbm_err(EINVAL, "refcount table entry %llu: block offset "
-                       "0x%llx not cluster aligned", (unsigned long long)rt,
-                       (unsigned long long)off);
+        return qbm_err(EINVAL,
+                       "refcount table entry %llu: block offset "
+                       "0x%llx not cluster aligned",
+                       (unsigned long long)rt, (unsigned long long)off);
     }
     b = qbm_calloc(1, sizeof(*b));
     if (!b) {
@@ -143,7 +144,8 @@ static int new_block_at(struct qbm_alloc *a, uint64_t rt, uint64_t cluster)
     const char *what = qcow2_meta_index_find(a->meta, cluster);
 
     if (what) {
-        return qbm_err(EUCLEAN, "refcount of cluster 0x%llx is 0 but it "
+        return qbm_err(EUCLEAN,
+                       "refcount of cluster 0x%llx is 0 but it "
                        "holds the %s: the image is corrupt (try qemu-img "
                        "check -r all)",
                        (unsigned long long)(cluster * a->cs), what);
@@ -193,8 +195,10 @@ static int set_refcount(struct qbm_alloc *a, uint64_t c, uint64_t value)
     int r;
 
     if (rt >= a->rt_entries) {
-        return qbm_err(EINVAL, "internal: cluster 0x%llx outside the "
-                       "refcount table", (unsigned long long)(c * a->cs));
+        return qbm_err(EINVAL,
+                       "internal: cluster 0x%llx outside the "
+                       "refcount table",
+                       (unsigned long long)(c * a->cs));
     }
     r = get_block(a, rt, &b);
     if (r < 0) {
@@ -273,9 +277,9 @@ static int grow_reftable(struct qbm_alloc *a, uint64_t need)
             }
         }
     } else if (h->refcount_table_offset) {
-        r = qbm_alloc_release_later(a, h->refcount_table_offset,
-                                    (uint64_t)h->refcount_table_clusters *
-                                        a->cs, 1);
+        r = qbm_alloc_release_later(
+            a, h->refcount_table_offset,
+            (uint64_t)h->refcount_table_clusters * a->cs, 1);
         if (r < 0) {
             return r;
         }
@@ -384,7 +388,8 @@ int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset)
         if (rc == 0) {
             what = qcow2_meta_index_find(a->meta, c);
             if (what) {
-                return qbm_err(EUCLEAN, "refcount of cluster 0x%llx is 0 but "
+                return qbm_err(EUCLEAN,
+                               "refcount of cluster 0x%llx is 0 but "
                                "it holds the %s: the image is corrupt (try "
                                "qemu-img check -r all)",
                                (unsigned long long)(c * a->cs), what);
@@ -442,8 +447,7 @@ int qbm_alloc_share(struct qbm_alloc *a, uint64_t off, bool *ret_shared)
     return 0;
 }
 
-int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off,
-                          size_t len)
+int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off, size_t len)
 {
     size_t i;
 
@@ -456,8 +460,10 @@ int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off,
             return 0;
         }
     }
-    return qbm_err(EFAULT, "internal: write at 0x%llx outside the clusters "
-                   "allocated by this transaction", (unsigned long long)off);
+    return qbm_err(EFAULT,
+                   "internal: write at 0x%llx outside the clusters "
+                   "allocated by this transaction",
+                   (unsigned long long)off);
 }
 
 int qbm_alloc_release_later(struct qbm_alloc *a, uint64_t off, uint64_t len,
@@ -489,8 +495,7 @@ int qbm_alloc_write(struct qbm_alloc *a)
             if (hi > a->cs) {
                 hi = a->cs;
             }
-            r = qbm_io_pwrite(a->img->io, b->buf + lo, hi - lo,
-                              b->offset + lo);
+            r = qbm_io_pwrite(a->img->io, b->buf + lo, hi - lo, b->offset + lo);
             if (r < 0) {
                 return r;
             }
@@ -587,4 +592,3 @@ int qbm_alloc_refcount(struct qbm_alloc *a, uint64_t offset, uint64_t *ret)
 {
     return get_refcount(a, offset / a->cs, ret);
 }
-

@@ -61,8 +61,7 @@ int qbm_txn_share(struct qbm_txn *t, uint64_t off, bool *ret_shared)
     return qbm_alloc_share(t->alloc, off, ret_shared);
 }
 
-int qbm_txn_write(struct qbm_txn *t, const void *buf, size_t len,
-                  uint64_t off)
+int qbm_txn_write(struct qbm_txn *t, const void *buf, size_t len, uint64_t off)
 {
     int r = qbm_alloc_check_owned(t->alloc, off, len);
 
@@ -128,8 +127,8 @@ int qbm_txn_commit_write(struct qbm_txn *t, const void *buf, size_t len,
     return r;
 }
 
-int qbm_txn_commit(struct qbm_txn *t, uint32_t nb_bitmaps,
-                   uint64_t dir_offset, uint64_t dir_size)
+int qbm_txn_commit(struct qbm_txn *t, uint32_t nb_bitmaps, uint64_t dir_offset,
+                   uint64_t dir_size)
 {
     struct qcow2_header_layout lay = { 0 };
     bool keep = nb_bitmaps == QBM_TXN_KEEP_HEADER;
@@ -142,8 +141,9 @@ int qbm_txn_commit(struct qbm_txn *t, uint32_t nb_bitmaps,
     r = r ? r : commit_refcounts(t);
     /* 4: the switch. */
     if (!keep) {
-        r = r ? r : qcow2_header_bitmaps_switch(t->img, &lay, nb_bitmaps,
-                                                dir_offset, dir_size);
+        r = r ? r
+              : qcow2_header_bitmaps_switch(t->img, &lay, nb_bitmaps,
+                                            dir_offset, dir_size);
     }
     r = r ? r : commit_releases(t);
     free(lay.c0);

@@ -7,8 +7,8 @@
 /* The first allocation of an array: enough elements for this many bytes. */
 #define DARRAY_FIRST_BYTES 4096
 
-int qbm_darray_grow(void **v, size_t *cap, size_t n, size_t extra,
-                    size_t size, size_t max)
+int qbm_darray_grow(void **v, size_t *cap, size_t n, size_t extra, size_t size,
+                    size_t max)
 {
     size_t limit = SIZE_MAX / size, need, next;
     void *p;
@@ -17,8 +17,10 @@ int qbm_darray_grow(void **v, size_t *cap, size_t n, size_t extra,
         limit = max;
     }
     if (__builtin_add_overflow(n, extra, &need) || need > limit) {
-        return qbm_err(ENOMEM, "out of memory: an array would exceed %zu "
-                       "elements", limit);
+        return qbm_err(ENOMEM,
+                       "out of memory: an array would exceed %zu "
+                       "elements",
+                       limit);
     }
     if (need <= *cap) {
         return 0;

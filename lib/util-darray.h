@@ -22,11 +22,11 @@
 #include <stdlib.h>
 
 /* Declare struct `name`: v[0..n) in use, room for cap elements. */
-#define QBM_DARRAY(name, type)                                                \
-    struct name {                                                             \
-        type *v;                                                              \
-        size_t n;                                                             \
-        size_t cap;                                                           \
+#define QBM_DARRAY(name, type) \
+    struct name {              \
+        type *v;               \
+        size_t n;              \
+        size_t cap;            \
     }
 
 /*
@@ -34,41 +34,40 @@
  * bytes, n in use) hold at least n + extra, at most `max` (0: no cap).
  * Returns 0 or -ENOMEM; *v and *cap change only on success.
  */
-int qbm_darray_grow(void **v, size_t *cap, size_t n, size_t extra,
-                    size_t size, size_t max);
+int qbm_darray_grow(void **v, size_t *cap, size_t n, size_t extra, size_t size,
+                    size_t max);
 
 /* Room for `extra` more elements: 0 or -errno. */
-#define qbm_darray_reserve(a, extra, max)                                     \
-    ({                                                                        \
-        __typeof__(a) qbm_da_ = (a);                                          \
-        void *qbm_da_v_ = qbm_da_->v;                                         \
-        int qbm_da_r_ = qbm_darray_grow(&qbm_da_v_, &qbm_da_->cap,            \
-                                        qbm_da_->n, (extra),                  \
-                                        sizeof(*qbm_da_->v), (max));          \
-        qbm_da_->v = qbm_da_v_;                                               \
-        qbm_da_r_;                                                            \
+#define qbm_darray_reserve(a, extra, max)                                      \
+    ({                                                                         \
+        __typeof__(a) qbm_da_ = (a);                                           \
+        void *qbm_da_v_ = qbm_da_->v;                                          \
+        int qbm_da_r_ = qbm_darray_grow(&qbm_da_v_, &qbm_da_->cap, qbm_da_->n, \
+                                        (extra), sizeof(*qbm_da_->v), (max));  \
+        qbm_da_->v = qbm_da_v_;                                                \
+        qbm_da_r_;                                                             \
     })
 
 /* Append `elem` (evaluated after the array has grown): 0 or -errno. */
-#define qbm_darray_push(a, elem, max)                                         \
-    ({                                                                        \
-        __typeof__(a) qbm_dp_ = (a);                                          \
-        int qbm_dp_r_ = qbm_darray_reserve(qbm_dp_, 1, (max));                \
-        if (qbm_dp_r_ == 0) {                                                 \
-            qbm_dp_->v[qbm_dp_->n++] = (elem);                                \
-        }                                                                     \
-        qbm_dp_r_;                                                            \
+#define qbm_darray_push(a, elem, max)                          \
+    ({                                                         \
+        __typeof__(a) qbm_dp_ = (a);                           \
+        int qbm_dp_r_ = qbm_darray_reserve(qbm_dp_, 1, (max)); \
+        if (qbm_dp_r_ == 0) {                                  \
+            qbm_dp_->v[qbm_dp_->n++] = (elem);                 \
+        }                                                      \
+        qbm_dp_r_;                                             \
     })
 
 /* The last element (the array must not be empty). */
 #define qbm_darray_last(a) ((a)->v[(a)->n - 1])
 
 /* Release the elements' storage; the array is empty again. */
-#define qbm_darray_free(a)                                                    \
-    do {                                                                      \
-        free((a)->v);                                                         \
-        (a)->v = NULL;                                                        \
-        (a)->n = (a)->cap = 0;                                                \
+#define qbm_darray_free(a)     \
+    do {                       \
+        free((a)->v);          \
+        (a)->v = NULL;         \
+        (a)->n = (a)->cap = 0; \
     } while (0)
 
 #endif /* QBM_UTIL_DARRAY_H */

@@ -76,8 +76,9 @@ static int read_all(const char *file, char **ret_buf, size_t *ret_len)
     }
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) ||
         st.st_size > CX_MAX_FILE) {
-        tool_error(file, "%s", S_ISREG(st.st_mode) ? "file too large"
-                                                   : "not a regular file");
+        tool_error(file, "%s",
+                   S_ISREG(st.st_mode) ? "file too large"
+                                       : "not a regular file");
         close(fd);
         return -1;
     }
@@ -94,8 +95,8 @@ static int read_all(const char *file, char **ret_buf, size_t *ret_len)
             continue;
         }
         if (n <= 0) {
-            tool_error(file, "%s", n < 0 ? strerror(errno)
-                                         : "file shrank while read");
+            tool_error(file, "%s",
+                       n < 0 ? strerror(errno) : "file shrank while read");
             free(buf);
             close(fd);
             return -1;
@@ -126,9 +127,9 @@ static xmlDocPtr parse_file(const char *file)
     free(buf);
     if (!doc || first_error.line >= 0) {
         line_error(file, first_error.line > 0 ? first_error.line : 1,
-                   "malformed XML: %s", first_error.line >= 0
-                                            ? first_error.message
-                                            : "cannot parse");
+                   "malformed XML: %s",
+                   first_error.line >= 0 ? first_error.message
+                                         : "cannot parse");
         xmlFreeDoc(doc);
         return NULL;
     }
@@ -260,8 +261,10 @@ static int parse_disks(const char *file, xmlNodePtr disks,
             return -1;
         }
         if (mode && strcmp(mode, "bitmap") != 0 && strcmp(mode, "no") != 0) {
-            line_error(file, xmlGetLineNo(n), "disk '%s': checkpoint='%s' "
-                       "is neither 'bitmap' nor 'no'", d->name, mode);
+            line_error(file, xmlGetLineNo(n),
+                       "disk '%s': checkpoint='%s' "
+                       "is neither 'bitmap' nor 'no'",
+                       d->name, mode);
             free(mode);
             return -1;
         }
@@ -273,8 +276,10 @@ static int parse_disks(const char *file, xmlNodePtr disks,
         }
         for (i = 0; i + 1 < ck->ndisks; i++) {
             if (strcmp(ck->disks[i].name, d->name) == 0) {
-                line_error(file, xmlGetLineNo(n), "disk '%s' is listed "
-                           "twice", d->name);
+                line_error(file, xmlGetLineNo(n),
+                           "disk '%s' is listed "
+                           "twice",
+                           d->name);
                 return -1;
             }
         }
@@ -318,8 +323,10 @@ static int parse_checkpoint(const char *file, struct cx_checkpoint *ck)
     ck->doc = doc;
     root = xmlDocGetRootElement(doc);
     if (!is_element(root, "domaincheckpoint")) {
-        line_error(file, xmlGetLineNo(root), "the root element is <%s>, not "
-                   "<domaincheckpoint>", (const char *)root->name);
+        line_error(file, xmlGetLineNo(root),
+                   "the root element is <%s>, not "
+                   "<domaincheckpoint>",
+                   (const char *)root->name);
         return -1;
     }
     n = child(root, "name");
@@ -332,8 +339,10 @@ static int parse_checkpoint(const char *file, struct cx_checkpoint *ck)
         return -1;
     }
     if (!valid_name(ck->name)) {
-        line_error(file, xmlGetLineNo(n), "'%s' is not a checkpoint name "
-                   "libvirt accepts", ck->name);
+        line_error(file, xmlGetLineNo(n),
+                   "'%s' is not a checkpoint name "
+                   "libvirt accepts",
+                   ck->name);
         return -1;
     }
     n = child(root, "parent");
@@ -358,8 +367,10 @@ static int parse_checkpoint(const char *file, struct cx_checkpoint *ck)
         return -1;
     }
     if (!parse_seconds(s, &ck->creation_time)) {
-        line_error(file, xmlGetLineNo(n), "<creationTime> '%s' is not a "
-                   "number of seconds", s);
+        line_error(file, xmlGetLineNo(n),
+                   "<creationTime> '%s' is not a "
+                   "number of seconds",
+                   s);
         free(s);
         return -1;
     }
@@ -398,8 +409,7 @@ static int by_name(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-int cx_read_dir(const char *dir, struct cx_checkpoint **ret_list,
-                size_t *ret_n)
+int cx_read_dir(const char *dir, struct cx_checkpoint **ret_list, size_t *ret_n)
 {
     struct cx_checkpoint *list = NULL;
     char **names = NULL;
@@ -470,8 +480,10 @@ int cx_read_domain_file(const char *file, void **ret_doc, void **ret_node)
     }
     root = xmlDocGetRootElement(doc);
     if (!is_element(root, "domain")) {
-        line_error(file, xmlGetLineNo(root), "the root element is <%s>, not "
-                   "<domain>", (const char *)root->name);
+        line_error(file, xmlGetLineNo(root),
+                   "the root element is <%s>, not "
+                   "<domain>",
+                   (const char *)root->name);
         xmlFreeDoc(doc);
         return -1;
     }
@@ -534,14 +546,17 @@ static int parse_domain_disk(const char *file, xmlNodePtr n,
         return -1;
     }
     if (!d->target || !*d->target) {
-        line_error(file, xmlGetLineNo(n), "a domain <disk> without <target "
+        line_error(file, xmlGetLineNo(n),
+                   "a domain <disk> without <target "
                    "dev=...>");
         return -1;
     }
     for (i = 0; i + 1 < dom->ndisks; i++) {
         if (strcmp(dom->disks[i].target, d->target) == 0) {
-            line_error(file, xmlGetLineNo(n), "domain disk '%s' is listed "
-                       "twice", d->target);
+            line_error(file, xmlGetLineNo(n),
+                       "domain disk '%s' is listed "
+                       "twice",
+                       d->target);
             return -1;
         }
     }
@@ -573,7 +588,8 @@ int cx_domain_from_node(const char *file, void *node, struct cx_domain *ret)
     return 0;
 }
 
-/* ---- writing -------------------------------------------------------------- */
+/* ---- writing --------------------------------------------------------------
+ */
 
 static xmlNodePtr add_text(xmlNodePtr parent, const char *name,
                            const char *text)
@@ -594,8 +610,7 @@ static xmlDocPtr build_redefine(const struct cx_redefine *def)
     if (!doc) {
         return NULL;
     }
-    root = xmlNewDocNode(doc, NULL, (const xmlChar *)"domaincheckpoint",
-                         NULL);
+    root = xmlNewDocNode(doc, NULL, (const xmlChar *)"domaincheckpoint", NULL);
     if (!root) {
         xmlFreeDoc(doc);
         return NULL;
@@ -608,16 +623,15 @@ static xmlDocPtr build_redefine(const struct cx_redefine *def)
     }
     snprintf(secs, sizeof(secs), "%" PRId64, def->creation_time);
     ok = ok && add_text(root, "creationTime", secs);
-    disks = ok ? xmlNewChild(root, NULL, (const xmlChar *)"disks", NULL)
-               : NULL;
+    disks = ok ? xmlNewChild(root, NULL, (const xmlChar *)"disks", NULL) : NULL;
     ok = ok && disks;
     for (i = 0; ok && i < def->ndisks; i++) {
         n = xmlNewChild(disks, NULL, (const xmlChar *)"disk", NULL);
-        ok = n && xmlNewProp(n, (const xmlChar *)"name",
-                             (const xmlChar *)def->targets[i]) &&
+        ok = n &&
+             xmlNewProp(n, (const xmlChar *)"name",
+                        (const xmlChar *)def->targets[i]) &&
              xmlNewProp(n, (const xmlChar *)"checkpoint",
-                        (const xmlChar *)(def->bitmaps[i] ? "bitmap"
-                                                          : "no"));
+                        (const xmlChar *)(def->bitmaps[i] ? "bitmap" : "no"));
         if (ok && def->bitmaps[i]) {
             ok = xmlNewProp(n, (const xmlChar *)"bitmap",
                             (const xmlChar *)def->bitmaps[i]) != NULL;
@@ -656,8 +670,8 @@ int cx_write_redefine(const char *path, const struct cx_redefine *def)
     }
     /* .NAME.qbm-XXXXXX beside PATH, flushed, then renamed over it. */
     slash = strrchr(path, '/');
-    if (asprintf(&tmp, "%.*s.%s.qbm-XXXXXX", slash ? (int)(slash - path + 1)
-                                                   : 0, path,
+    if (asprintf(&tmp, "%.*s.%s.qbm-XXXXXX",
+                 slash ? (int)(slash - path + 1) : 0, path,
                  slash ? slash + 1 : path) < 0) {
         tmp = NULL;
         tool_error(path, "out of memory");
@@ -665,8 +679,7 @@ int cx_write_redefine(const char *path, const struct cx_redefine *def)
     }
     fd = mkstemp(tmp);
     if (fd < 0) {
-        tool_error(path, "cannot create a temporary file: %s",
-                   strerror(errno));
+        tool_error(path, "cannot create a temporary file: %s", strerror(errno));
         goto out;
     }
     while (done < (size_t)size) {

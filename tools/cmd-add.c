@@ -39,8 +39,7 @@ int cmd_add(int argc, char **argv)
         switch (c) {
         case 'g':
             if (!parse_size(optarg, &gran) || gran == 0) {
-                return usage_error("add", "invalid granularity '%s'",
-                                   optarg);
+                return usage_error("add", "invalid granularity '%s'", optarg);
             }
             break;
         case 'd':
@@ -69,9 +68,9 @@ int cmd_add(int argc, char **argv)
         return edit_fail(img, file, &plan);
     }
     idx = qbm_bitmap_find(img, name);
-    ob_printf(&plan, "would add bitmap '%s' to %s: granularity %" PRIu64
-              ", %s\n", name, file,
-              qbm_bitmap_granularity(img, (size_t)idx),
+    ob_printf(&plan,
+              "would add bitmap '%s' to %s: granularity %" PRIu64 ", %s\n",
+              name, file, qbm_bitmap_granularity(img, (size_t)idx),
               (flags & QBM_ADD_DISABLED) ? "disabled" : "enabled");
     return edit_finish(img, file, dry_run, &plan);
 }

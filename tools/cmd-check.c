@@ -26,8 +26,7 @@ static const char usage[] =
     "  -U, --force-share    do not take QEMU's image locks (no --repair)\n"
     "  -h, --help           show this help\n";
 
-static const char *const kind_names[] = { "", "corruption", "leak",
-                                          "bitmap" };
+static const char *const kind_names[] = { "", "corruption", "leak", "bitmap" };
 
 struct report {
     struct outbuf *ob;
@@ -51,9 +50,9 @@ static int add_entry(struct report *rep, int kind, uint64_t offset,
         return 0;
     }
     if (rep->fmt == OUTPUT_JSON) {
-        ob_printf(rep->ob, "%s{\"kind\": \"%s\", \"offset\": %" PRIu64
-                  ", \"message\": ", rep->shown > 1 ? ", " : "",
-                  kind_names[kind], offset);
+        ob_printf(rep->ob,
+                  "%s{\"kind\": \"%s\", \"offset\": %" PRIu64 ", \"message\": ",
+                  rep->shown > 1 ? ", " : "", kind_names[kind], offset);
         ob_json_string(rep->ob, msg);
         ob_puts(rep->ob, rule_json ? rule_json : "");
         ob_puts(rep->ob, "}");
@@ -67,8 +66,7 @@ static int add_entry(struct report *rep, int kind, uint64_t offset,
     return 0;
 }
 
-static int add_problem(void *opaque, int kind, uint64_t offset,
-                       const char *msg)
+static int add_problem(void *opaque, int kind, uint64_t offset, const char *msg)
 {
     return add_entry(opaque, kind, offset, msg, NULL);
 }
@@ -78,8 +76,8 @@ struct chain_report {
     struct qbm_chain *ch;
 };
 
-static const char *const rule_names[] = { "", "not-in-top", "gap",
-                                          "disabled", "in-use" };
+static const char *const rule_names[] = { "", "not-in-top", "gap", "disabled",
+                                          "in-use" };
 
 /* A broken checkpoint rule (qbm_chain_check) as a bitmap problem, naming
  * the rule and the layer. */
@@ -94,28 +92,35 @@ static int add_rule(void *opaque, int rule, const char *bitmap, size_t layer,
 
     switch (rule) {
     case QBM_CHAIN_NOT_IN_TOP:
-        snprintf(msg, sizeof(msg), "bitmap '%s' is not in the top layer: "
+        snprintf(msg, sizeof(msg),
+                 "bitmap '%s' is not in the top layer: "
                  "missing from layer %zu (%s) above its copy in layer %zu "
                  "(%s); writes to that layer are not in the checkpoint",
                  bitmap, layer, file, origin,
                  qbm_chain_filename(cr->ch, origin));
         break;
     case QBM_CHAIN_GAP:
-        snprintf(msg, sizeof(msg), "bitmap '%s' has a gap at layer %zu: "
+        snprintf(msg, sizeof(msg),
+                 "bitmap '%s' has a gap at layer %zu: "
                  "missing from layer %zu (%s) between copies above it and "
                  "in layer %zu (%s); writes to that layer are not in the "
-                 "checkpoint", bitmap, layer, layer, file, origin,
+                 "checkpoint",
+                 bitmap, layer, layer, file, origin,
                  qbm_chain_filename(cr->ch, origin));
         break;
     case QBM_CHAIN_DISABLED:
-        snprintf(msg, sizeof(msg), "bitmap '%s' is disabled in layer %zu "
+        snprintf(msg, sizeof(msg),
+                 "bitmap '%s' is disabled in layer %zu "
                  "(%s): it records no writes, and libvirt will not use the "
-                 "checkpoint", bitmap, layer, file);
+                 "checkpoint",
+                 bitmap, layer, file);
         break;
     case QBM_CHAIN_IN_USE:
-        snprintf(msg, sizeof(msg), "bitmap '%s' is in use in layer %zu "
+        snprintf(msg, sizeof(msg),
+                 "bitmap '%s' is in use in layer %zu "
                  "(%s): inconsistent, and libvirt will not use the "
-                 "checkpoint", bitmap, layer, file);
+                 "checkpoint",
+                 bitmap, layer, file);
         break;
     default:
         return 0;
@@ -134,9 +139,8 @@ static int add_rule(void *opaque, int rule, const char *bitmap, size_t layer,
     return r;
 }
 
-static int check_one(struct qbm_image *img, const char *name,
-                     struct outbuf *ob, enum output_format fmt,
-                     struct qbm_chain *ch)
+static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
+                     enum output_format fmt, struct qbm_chain *ch)
 {
     struct outbuf body = { 0 };
     struct report rep = { &body, fmt, { 0 }, 0 };
@@ -152,11 +156,12 @@ static int check_one(struct qbm_image *img, const char *name,
     if (fmt == OUTPUT_JSON) {
         ob_puts(ob, "{\"filename\": ");
         ob_json_string(ob, name);
-        ob_printf(ob, ", \"format\": \"%s\", \"corruptions\": %" PRIu64
+        ob_printf(ob,
+                  ", \"format\": \"%s\", \"corruptions\": %" PRIu64
                   ", \"leaks\": %" PRIu64 ", \"bitmap-problems\": %" PRIu64
-                  ", \"problems\": [", qbm_image_format(img),
-                  rep.n[QBM_PROBLEM_CORRUPTION], rep.n[QBM_PROBLEM_LEAK],
-                  rep.n[QBM_PROBLEM_BITMAP]);
+                  ", \"problems\": [",
+                  qbm_image_format(img), rep.n[QBM_PROBLEM_CORRUPTION],
+                  rep.n[QBM_PROBLEM_LEAK], rep.n[QBM_PROBLEM_BITMAP]);
         ob_write(ob, body.p ? body.p : "", body.len);
         ob_puts(ob, "]}");
     } else {
@@ -169,7 +174,8 @@ static int check_one(struct qbm_image *img, const char *name,
         if (rep.shown == 0) {
             ob_puts(ob, "No problems were found.\n");
         } else {
-            ob_printf(ob, "%" PRIu64 " corruption(s), %" PRIu64 " leaked "
+            ob_printf(ob,
+                      "%" PRIu64 " corruption(s), %" PRIu64 " leaked "
                       "cluster(s), %" PRIu64 " bitmap problem(s).\n",
                       rep.n[QBM_PROBLEM_CORRUPTION], rep.n[QBM_PROBLEM_LEAK],
                       rep.n[QBM_PROBLEM_BITMAP]);
@@ -231,7 +237,7 @@ int cmd_check(int argc, char **argv)
                 in_use = QBM_REPAIR_IN_USE_REMOVE;
             } else {
                 return usage_error("check", "--in-use must be dirty or "
-                                   "remove");
+                                            "remove");
             }
             break;
         case 'c':
@@ -240,7 +246,7 @@ int cmd_check(int argc, char **argv)
         case 'o':
             if (!parse_output(optarg, &fmt)) {
                 return usage_error("check", "--output must be human or "
-                                   "json");
+                                            "json");
             }
             break;
         case 'U':
@@ -271,8 +277,8 @@ int cmd_check(int argc, char **argv)
                 return 1;
             }
             for (i = 0; i < qbm_chain_length(ch); i++) {
-                if (strcmp(qbm_image_format(qbm_chain_layer(ch, i)),
-                           "qcow2") == 0 &&
+                if (strcmp(qbm_image_format(qbm_chain_layer(ch, i)), "qcow2") ==
+                        0 &&
                     repair_file(qbm_chain_filename(ch, i), flags) < 0) {
                     qbm_chain_close(ch);
                     return 1;

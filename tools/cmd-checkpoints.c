@@ -89,8 +89,7 @@ static int on_disk(void *opaque, const char *checkpoint, const char *target,
                    const char *detail)
 {
     struct run *run = opaque;
-    struct disk_result *d = realloc(run->disks,
-                                    (run->ndisks + 1) * sizeof(*d));
+    struct disk_result *d = realloc(run->disks, (run->ndisks + 1) * sizeof(*d));
 
     if (!d) {
         run->failed = true;
@@ -126,8 +125,8 @@ static int on_orphan(void *opaque, const char *target, const char *image,
         ob_json_string(ob, bitmap);
         ob_puts(ob, "}");
     } else {
-        ob_printf(ob, "  %s: '%s' in layer %zu (%s)\n", target, bitmap,
-                  layer, image);
+        ob_printf(ob, "  %s: '%s' in layer %zu (%s)\n", target, bitmap, layer,
+                  image);
     }
     run->norphans++;
     return 0;
@@ -257,8 +256,7 @@ static int on_remedy(void *opaque, const struct qbm_remedy *m)
     if (m->action < QBM_REMEDY_REPAIR || m->action > QBM_REMEDY_REDEFINE) {
         return 0;
     }
-    if (m->action == QBM_REMEDY_REDEFINE &&
-        write_redefine(run, m, &file) < 0) {
+    if (m->action == QBM_REMEDY_REDEFINE && write_redefine(run, m, &file) < 0) {
         run->reported = true;
         return 1;
     }
@@ -401,8 +399,7 @@ static void print_result(struct run *run, struct outbuf *ob,
         ob_puts(ob, "], \"orphan-bitmaps\": [");
         ob_write(ob, run->orphans.p ? run->orphans.p : "", run->orphans.len);
         ob_puts(ob, "], \"remedies\": [");
-        ob_write(ob, run->remedies.p ? run->remedies.p : "",
-                 run->remedies.len);
+        ob_write(ob, run->remedies.p ? run->remedies.p : "", run->remedies.len);
         ob_puts(ob, "]}\n");
         return;
     }
@@ -429,9 +426,8 @@ static const char *target_of(const struct cx_domain *dom, const char *name)
         return name;
     }
     for (i = 0; i < dom->ndisks; i++) {
-        if (dom->disks[i].source &&
-            (strcmp(dom->disks[i].source, name) == 0 ||
-             same_file(dom->disks[i].source, name))) {
+        if (dom->disks[i].source && (strcmp(dom->disks[i].source, name) == 0 ||
+                                     same_file(dom->disks[i].source, name))) {
             return dom->disks[i].target;
         }
     }
@@ -440,22 +436,22 @@ static const char *target_of(const struct cx_domain *dom, const char *name)
 
 /* The checkpoints, their disks and the domain's disks into `set`. */
 static int fill_set(struct qbm_checkpoints *set, const struct cx_domain *dom,
-                    struct qbm_chain *const *chains,
-                    struct cx_checkpoint *cks, size_t ncks)
+                    struct qbm_chain *const *chains, struct cx_checkpoint *cks,
+                    size_t ncks)
 {
     size_t i, j;
 
     for (i = 0; i < dom->ndisks; i++) {
-        if (qbm_checkpoints_add_target(set, dom->disks[i].target,
-                                       chains[i]) < 0) {
+        if (qbm_checkpoints_add_target(set, dom->disks[i].target, chains[i]) <
+            0) {
             tool_lib_error(dom->disks[i].target);
             return -1;
         }
     }
     for (i = 0; i < ncks; i++) {
         const struct cx_checkpoint *ck = &cks[i];
-        int r = qbm_checkpoints_add(set, ck->name, ck->parent,
-                                    ck->creation_time);
+        int r =
+            qbm_checkpoints_add(set, ck->name, ck->parent, ck->creation_time);
 
         /* Without <disks>, libvirt gives a bitmap to every writable disk
          * that has an image (virDomainCheckpointAlignDisks). */
@@ -521,7 +517,7 @@ int cmd_checkpoints(int argc, char **argv)
         case 'o':
             if (!parse_output(optarg, &run.fmt)) {
                 return usage_error("checkpoints", "--output must be human "
-                                   "or json");
+                                                  "or json");
             }
             break;
         case 'd':
@@ -542,11 +538,12 @@ int cmd_checkpoints(int argc, char **argv)
     }
     if (argc - optind != 1) {
         return usage_error("checkpoints", "expected one CHECKPOINT_DIR "
-                           "argument");
+                                          "argument");
     }
     dir = argv[optind];
     if (run.redefine_dir && same_file(run.redefine_dir, dir)) {
-        return usage_error("checkpoints", "--redefine-dir must not be the "
+        return usage_error("checkpoints",
+                           "--redefine-dir must not be the "
                            "checkpoint directory (libvirt reads it only at "
                            "start; use virsh checkpoint-create --redefine)");
     }
@@ -566,20 +563,21 @@ int cmd_checkpoints(int argc, char **argv)
 
     /* Which image each disk target is. */
     if (domain_xml) {
-        if (cx_read_domain_file(domain_xml, &domain_doc,
-                                &run.domain_node) < 0) {
+        if (cx_read_domain_file(domain_xml, &domain_doc, &run.domain_node) <
+            0) {
             goto out;
         }
         domain_file = domain_xml;
     } else if (ncks == 0) {
         tool_error(dir, "no checkpoint here, and no --domain-xml to tell "
-                   "the domain's disks");
+                        "the domain's disks");
         goto out;
     } else {
         const struct cx_checkpoint *newest = order[ncks - 1];
 
         if (!newest->domain) {
-            tool_error(newest->file, "the newest checkpoint has no <domain> "
+            tool_error(newest->file,
+                       "the newest checkpoint has no <domain> "
                        "(dumped with --no-domain?): give --domain-xml");
             goto out;
         }
@@ -615,8 +613,8 @@ int cmd_checkpoints(int argc, char **argv)
     if (fill_set(set, &dom, chains, cks, ncks) < 0) {
         goto out;
     }
-    r = qbm_checkpoints_check(set, run.redefine_dir ? QBM_CHECKPOINTS_REDEFINE
-                                                    : 0,
+    r = qbm_checkpoints_check(set,
+                              run.redefine_dir ? QBM_CHECKPOINTS_REDEFINE : 0,
                               on_disk, on_orphan, on_remedy, &run);
     if (r < 0 || (r && !run.failed && !run.reported)) {
         tool_lib_error(dir);

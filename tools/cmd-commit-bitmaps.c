@@ -46,24 +46,31 @@ static int report(void *opaque, int action, const char *bitmap,
     case QBM_CARRY_COPIED:
     case QBM_CARRY_MERGED:
         ob_printf(rep->plan, "would %s bitmap '%s' of %s into %s\n",
-                  action == QBM_CARRY_COPIED ? "copy" : "merge", bitmap,
-                  layer, rep->base);
+                  action == QBM_CARRY_COPIED ? "copy" : "merge", bitmap, layer,
+                  rep->base);
         break;
     case QBM_CARRY_GAP:
-        fprintf(stderr, "qbm: %s: warning: bitmap '%s' not carried: %s "
+        fprintf(stderr,
+                "qbm: %s: warning: bitmap '%s' not carried: %s "
                 "lacks it, so writes made to that layer are in no "
                 "checkpoint (--fill-gaps marks its clusters instead)\n",
                 rep->base, bitmap, layer);
-        ob_printf(rep->plan, "would not carry bitmap '%s': %s lacks it "
-                  "(a gap)\n", bitmap, layer);
+        ob_printf(rep->plan,
+                  "would not carry bitmap '%s': %s lacks it "
+                  "(a gap)\n",
+                  bitmap, layer);
         break;
     case QBM_CARRY_FILLED:
-        ob_printf(rep->plan, "would mark in bitmap '%s' of %s the clusters "
-                  "of %s, which lacks it\n", bitmap, rep->base, layer);
+        ob_printf(rep->plan,
+                  "would mark in bitmap '%s' of %s the clusters "
+                  "of %s, which lacks it\n",
+                  bitmap, rep->base, layer);
         break;
     case QBM_CARRY_MARKED:
-        ob_printf(rep->plan, "would mark the committed clusters in bitmap "
-                  "'%s' of %s\n", bitmap, layer);
+        ob_printf(rep->plan,
+                  "would mark the committed clusters in bitmap "
+                  "'%s' of %s\n",
+                  bitmap, layer);
         break;
     }
     return 0;

@@ -40,8 +40,8 @@ static int report(void *opaque, int action, const char *bitmap,
         fprintf(stderr, "qbm: %s: warning: skipping in-use bitmap '%s'\n",
                 rep->src, bitmap);
     } else if (action >= QBM_COPY_COPIED && action <= QBM_COPY_REPLACED) {
-        ob_printf(rep->plan, "would %s bitmap '%s' (granularity %" PRIu64
-                  ")\n", verbs[action], bitmap, granularity);
+        ob_printf(rep->plan, "would %s bitmap '%s' (granularity %" PRIu64 ")\n",
+                  verbs[action], bitmap, granularity);
     }
     return 0;
 }
@@ -101,14 +101,13 @@ int cmd_copy(int argc, char **argv)
         return 1;
     }
     /* No NAME: every bitmap (NULL). */
-    r = qbm_bitmap_copy(dst, src,
-                        argc - optind > 2
-                            ? (const char *const *)argv + optind + 2 : NULL,
-                        (size_t)(argc - optind - 2), flags, report, &rep);
+    r = qbm_bitmap_copy(
+        dst, src,
+        argc - optind > 2 ? (const char *const *)argv + optind + 2 : NULL,
+        (size_t)(argc - optind - 2), flags, report, &rep);
     if (r != 0) {
         if (qbm_get_errno() == EEXIST) {
-            tool_error(NULL, "%s (use --merge or --replace)",
-                       qbm_get_error());
+            tool_error(NULL, "%s (use --merge or --replace)", qbm_get_error());
         } else {
             tool_lib_error(NULL);
         }

@@ -7,7 +7,8 @@
 
 static const char usage[] =
     "Usage: qbm disable [--dry-run] IMAGE NAME\n"
-    "Stop bitmap NAME recording writes (clear flag auto); its bits are kept.\n\n"
+    "Stop bitmap NAME recording writes (clear flag auto); its bits are "
+    "kept.\n\n"
     "  -n, --dry-run  say what would change, change nothing\n"
     "  -h, --help     show this help\n";
 

@@ -30,8 +30,8 @@ static int add_extent(void *opaque, uint64_t off, uint64_t len)
     struct dump_ctx *d = opaque;
 
     if (d->fmt == OUTPUT_JSON) {
-        ob_extent(d->ext, d->count ? ", {\"offset\": " : "{\"offset\": ",
-                  off, ", \"length\": ", len, "}");
+        ob_extent(d->ext, d->count ? ", {\"offset\": " : "{\"offset\": ", off,
+                  ", \"length\": ", len, "}");
     } else {
         ob_extent(d->ext, "", off, " ", len, "\n");
     }
@@ -107,8 +107,10 @@ int cmd_dump(int argc, char **argv)
         idx = qbm_bitmap_find(img, name);
         if (idx < 0) {
             if (qbm_image_bitmaps_state(img) == QBM_BITMAPS_STALE) {
-                tool_error(file, "no usable bitmap named '%s' (the bitmaps "
-                           "extension is stale: see qbm info)", name);
+                tool_error(file,
+                           "no usable bitmap named '%s' (the bitmaps "
+                           "extension is stale: see qbm info)",
+                           name);
             } else {
                 tool_error(file, "no bitmap named '%s'", name);
             }
@@ -152,8 +154,10 @@ int cmd_dump(int argc, char **argv)
         } else {
             ob_printf(&head, ", \"granularity\": %" PRIu64, gran);
         }
-        ob_printf(&head, ", \"consistent\": %s, \"dirty-bytes\": %" PRIu64
-                  ", \"extents\": [", consistent ? "true" : "false", d.bytes);
+        ob_printf(&head,
+                  ", \"consistent\": %s, \"dirty-bytes\": %" PRIu64
+                  ", \"extents\": [",
+                  consistent ? "true" : "false", d.bytes);
         ob_puts(&tail, "]}\n");
     } else {
         ob_printf(&head, "# %s: bitmap %s, ", file, name);
@@ -163,8 +167,7 @@ int cmd_dump(int argc, char **argv)
             ob_printf(&head, "granularity %" PRIu64 ", ", gran);
         }
         ob_printf(&head, "%s, %" PRIu64 " dirty bytes\n",
-                  consistent ? "consistent" : "inconsistent (in-use)",
-                  d.bytes);
+                  consistent ? "consistent" : "inconsistent (in-use)", d.bytes);
     }
     ret = ob_flush_all(all, 3);
 

@@ -70,7 +70,7 @@ int cmd_extract(int argc, char **argv)
     if (!output || argc - optind < 1 || argc - optind > 2 ||
         (argc - optind == 1 && !(flags & QBM_EXTRACT_FULL))) {
         return usage_error("extract", "expected -o OUTPUT, IMAGE and "
-                           "BITMAP");
+                                      "BITMAP");
     }
     image = argv[optind];
     if (argc - optind == 2) {
@@ -99,11 +99,15 @@ int cmd_extract(int argc, char **argv)
     if (!img) {
         return 1;
     }
-    if (qbm_bitmap_add(img, rotate, qbm_bitmap_granularity(
-                           img, (size_t)qbm_bitmap_find(img, bitmap)), 0) < 0 ||
+    if (qbm_bitmap_add(
+            img, rotate,
+            qbm_bitmap_granularity(img, (size_t)qbm_bitmap_find(img, bitmap)),
+            0) < 0 ||
         qbm_bitmap_disable(img, bitmap) < 0 || qbm_commit(img) < 0) {
-        tool_error(image, "the backup was written, but rotating the bitmaps "
-                   "failed: %s", qbm_get_error());
+        tool_error(image,
+                   "the backup was written, but rotating the bitmaps "
+                   "failed: %s",
+                   qbm_get_error());
         qbm_close(img);
         return 1;
     }

@@ -35,8 +35,7 @@ static const char *bitmaps_state_name(int state)
 
 static void json_bool(struct outbuf *ob, const char *key, bool v, bool comma)
 {
-    ob_printf(ob, "\"%s\": %s%s", key, v ? "true" : "false",
-              comma ? ", " : "");
+    ob_printf(ob, "\"%s\": %s%s", key, v ? "true" : "false", comma ? ", " : "");
 }
 
 /* Collect per-bitmap dirty byte counts; -1 entries mean "unreadable". */
@@ -81,14 +80,17 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
 
     ob_puts(ob, "{\"filename\": ");
     ob_json_string(ob, name);
-    ob_printf(ob, ", \"format\": \"%s\", \"virtual-size\": %" PRIu64
-              ", \"file-size\": %" PRIu64, qbm_image_format(img),
-              qbm_image_virtual_size(img), qbm_image_file_size(img));
+    ob_printf(ob,
+              ", \"format\": \"%s\", \"virtual-size\": %" PRIu64
+              ", \"file-size\": %" PRIu64,
+              qbm_image_format(img), qbm_image_virtual_size(img),
+              qbm_image_file_size(img));
     if (raw) {
         ob_puts(ob, "}");
         return;
     }
-    ob_printf(ob, ", \"cluster-size\": %" PRIu64 ", \"compat\": \"%s\", "
+    ob_printf(ob,
+              ", \"cluster-size\": %" PRIu64 ", \"compat\": \"%s\", "
               "\"refcount-bits\": %u, \"compression-type\": \"%s\", ",
               qbm_image_cluster_size(img),
               qbm_image_version(img) >= 3 ? "1.1" : "0.10",
@@ -96,7 +98,8 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
     json_bool(ob, "extended-l2", incompat & QBM_INCOMPAT_EXTL2, true);
     json_bool(ob, "lazy-refcounts",
               qbm_image_features(img, QBM_FEATURE_COMPATIBLE) &
-                  QBM_COMPAT_LAZY_REFCOUNTS, true);
+                  QBM_COMPAT_LAZY_REFCOUNTS,
+              true);
     json_bool(ob, "corrupt", incompat & QBM_INCOMPAT_CORRUPT, true);
     json_bool(ob, "dirty-flag", incompat & QBM_INCOMPAT_DIRTY, false);
     if (backing) {
@@ -137,8 +140,7 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
             }
             fname = qbm_image_feature_name(img, w, bit);
             if (!fname) {
-                snprintf(tmp, sizeof(tmp), "%s bit %u", feature_words[w],
-                         bit);
+                snprintf(tmp, sizeof(tmp), "%s bit %u", feature_words[w], bit);
                 fname = tmp;
             }
             ob_puts(ob, first ? "" : ", ");
@@ -157,7 +159,8 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
                   qbm_bitmap_granularity(img, i),
                   flags & QBM_BITMAP_IN_USE ? "\"in-use\"" : "",
                   (flags & QBM_BITMAP_IN_USE) && (flags & QBM_BITMAP_AUTO)
-                      ? ", " : "",
+                      ? ", "
+                      : "",
                   flags & QBM_BITMAP_AUTO ? "\"auto\"" : "");
         json_bool(ob, "consistent", qbm_bitmap_consistent(img, i), true);
         if (dirty[i] < 0) {
@@ -184,7 +187,8 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     size_t i;
 
     format_size(size, sizeof(size), qbm_image_virtual_size(img));
-    ob_printf(ob, "image: %s\nfile format: %s\n"
+    ob_printf(ob,
+              "image: %s\nfile format: %s\n"
               "virtual size: %s (%" PRIu64 " bytes)\n"
               "file size: %" PRIu64 " bytes\n",
               name, qbm_image_format(img), size, qbm_image_virtual_size(img),
@@ -210,24 +214,23 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     if (qbm_image_data_file(img)) {
         ob_printf(ob, "data file: %s\n", qbm_image_data_file(img));
     }
-    ob_printf(ob, "format version: %u (compat %s)\nrefcount bits: %u\n"
-              "compression type: %s\nextended l2: %s\nlazy refcounts: %s\n"
-              "corrupt: %s\ndirty flag: %s\nsnapshots: %u\nfeatures:",
-              qbm_image_version(img),
-              qbm_image_version(img) >= 3 ? "1.1" : "0.10",
-              qbm_image_refcount_bits(img), qbm_image_compression_type(img),
-              yesno(incompat & QBM_INCOMPAT_EXTL2),
-              yesno(qbm_image_features(img, QBM_FEATURE_COMPATIBLE) &
-                    QBM_COMPAT_LAZY_REFCOUNTS),
-              yesno(incompat & QBM_INCOMPAT_CORRUPT),
-              yesno(incompat & QBM_INCOMPAT_DIRTY),
-              qbm_image_snapshot_count(img));
+    ob_printf(
+        ob,
+        "format version: %u (compat %s)\nrefcount bits: %u\n"
+        "compression type: %s\nextended l2: %s\nlazy refcounts: %s\n"
+        "corrupt: %s\ndirty flag: %s\nsnapshots: %u\nfeatures:",
+        qbm_image_version(img), qbm_image_version(img) >= 3 ? "1.1" : "0.10",
+        qbm_image_refcount_bits(img), qbm_image_compression_type(img),
+        yesno(incompat & QBM_INCOMPAT_EXTL2),
+        yesno(qbm_image_features(img, QBM_FEATURE_COMPATIBLE) &
+              QBM_COMPAT_LAZY_REFCOUNTS),
+        yesno(incompat & QBM_INCOMPAT_CORRUPT),
+        yesno(incompat & QBM_INCOMPAT_DIRTY), qbm_image_snapshot_count(img));
     for (w = 0; w < 3; w++) {
         uint64_t word = qbm_image_features(img, w);
         bool first = true;
 
-        ob_printf(ob, "%s %s 0x%" PRIx64, w ? "," : "", feature_words[w],
-                  word);
+        ob_printf(ob, "%s %s 0x%" PRIx64, w ? "," : "", feature_words[w], word);
         for (bit = 0; bit < 64; bit++) {
             const char *fname;
 
@@ -264,7 +267,8 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     for (i = 0; i < qbm_bitmap_count(img); i++) {
         unsigned flags = qbm_bitmap_flags(img, i);
 
-        ob_printf(ob, "    %s:\n        granularity: %" PRIu64 "\n"
+        ob_printf(ob,
+                  "    %s:\n        granularity: %" PRIu64 "\n"
                   "        flags:%s%s%s\n        consistent: %s\n",
                   qbm_bitmap_name(img, i), qbm_bitmap_granularity(img, i),
                   flags & QBM_BITMAP_IN_USE ? " in-use" : "",
@@ -278,8 +282,8 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
             ob_puts(ob, "        dirty bytes: unknown (table unreadable)\n");
         } else {
             format_size(size, sizeof(size), (uint64_t)dirty[i]);
-            ob_printf(ob, "        dirty bytes: %" PRId64 " (%s)\n",
-                      dirty[i], size);
+            ob_printf(ob, "        dirty bytes: %" PRId64 " (%s)\n", dirty[i],
+                      size);
         }
     }
 }

@@ -38,7 +38,7 @@ int cmd_merge(int argc, char **argv)
         case 'F':
             if (strcmp(optarg, "qcow2") != 0) {
                 return usage_error("merge", "only qcow2 sources have "
-                                   "bitmaps");
+                                            "bitmaps");
             }
             break;
         case 'n':
@@ -72,7 +72,8 @@ int cmd_merge(int argc, char **argv)
         if (qbm_bitmap_merge(img, target, src ? src : img, argv[i]) < 0) {
             tool_lib_error(src && qbm_get_errno() == ENOENT &&
                                    qbm_bitmap_find(img, target) >= 0
-                               ? src_file : file);
+                               ? src_file
+                               : file);
             ob_free(&plan);
             qbm_close(src);
             qbm_close(img);

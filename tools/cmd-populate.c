@@ -65,8 +65,10 @@ int cmd_populate(int argc, char **argv)
         qbm_close(layer);
         return edit_fail(img, file, &plan);
     }
-    ob_printf(&plan, "would mark in bitmap '%s' of %s the clusters "
-              "allocated in %s\n", name, file, layer ? from : file);
+    ob_printf(&plan,
+              "would mark in bitmap '%s' of %s the clusters "
+              "allocated in %s\n",
+              name, file, layer ? from : file);
     ret = edit_finish(img, file, dry_run, &plan);
     qbm_close(layer);
     return ret;

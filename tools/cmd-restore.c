@@ -81,13 +81,15 @@ static int link_chain(char **files, int n, bool force)
         if (r == 0 && cur && existing && same_file(existing, files[i - 1])) {
             /* already linked */
         } else if (r == 0 && cur && !force) {
-            tool_error(files[i], "already has backing file %s (use --force "
-                       "to replace it)", cur);
+            tool_error(files[i],
+                       "already has backing file %s (use --force "
+                       "to replace it)",
+                       cur);
             r = 1;
         } else if (r == 0) {
             name = backing_name(files[i], files[i - 1]);
-            if (!name || qbm_image_set_backing(img, name,
-                                               qbm_image_format(prev)) < 0) {
+            if (!name ||
+                qbm_image_set_backing(img, name, qbm_image_format(prev)) < 0) {
                 tool_error(files[i], "%s",
                            name ? qbm_get_error() : "cannot resolve names");
                 r = 1;
@@ -155,7 +157,7 @@ int cmd_restore(int argc, char **argv)
     if (link) {
         if (output || argc - optind < 2) {
             return usage_error("restore", "--link takes FULL and "
-                               "INCREMENTAL..., and no -o");
+                                          "INCREMENTAL..., and no -o");
         }
         return link_chain(argv + optind, argc - optind, force);
     }
@@ -165,9 +167,9 @@ int cmd_restore(int argc, char **argv)
     if (checkpoint && format != QBM_OUTPUT_QCOW2) {
         return usage_error("restore", "--checkpoint needs -O qcow2");
     }
-    if (qbm_restore((const char *const *)argv + optind,
-                    (size_t)(argc - optind), output, format, checkpoint,
-                    progress ? show_progress : NULL, &last) < 0) {
+    if (qbm_restore((const char *const *)argv + optind, (size_t)(argc - optind),
+                    output, format, checkpoint, progress ? show_progress : NULL,
+                    &last) < 0) {
         if (progress) {
             fputc('\n', stderr);
         }

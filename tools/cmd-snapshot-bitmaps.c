@@ -37,8 +37,10 @@ static int report(void *opaque, int action, const char *bitmap,
         break;
     case QBM_CARRY_SNAPSHOT_ADDED:
     case QBM_CARRY_SNAPSHOT_MARKED:
-        ob_printf(&rep->plan, "would continue bitmap '%s' in %s, marking "
-                  "the clusters it holds\n", bitmap, image);
+        ob_printf(&rep->plan,
+                  "would continue bitmap '%s' in %s, marking "
+                  "the clusters it holds\n",
+                  bitmap, image);
         break;
     case QBM_CARRY_SNAPSHOT_DISABLED:
         ob_printf(&rep->plan, "would disable bitmap '%s' in %s\n", bitmap,
@@ -88,8 +90,7 @@ int cmd_snapshot_bitmaps(int argc, char **argv)
     if (argc - optind != 2) {
         return usage_error("snapshot-bitmaps", "expected BASE and TOP");
     }
-    r = qbm_carry_snapshot(argv[optind], argv[optind + 1], flags, report,
-                           &rep);
+    r = qbm_carry_snapshot(argv[optind], argv[optind + 1], flags, report, &rep);
     ob_free(&rep.plan);
     if (r < 0) {
         tool_lib_error(NULL);

@@ -100,9 +100,8 @@ bool same_file(const char *a, const char *b)
            sa.st_ino == sb.st_ino;
 }
 
-int parse_simple_edit(int argc, char **argv, const char *cmd,
-                      const char *usage, int min_args, int max_args,
-                      bool *ret_dry_run)
+int parse_simple_edit(int argc, char **argv, const char *cmd, const char *usage,
+                      int min_args, int max_args, bool *ret_dry_run)
 {
     static const struct option opts[] = {
         { "dry-run", no_argument, NULL, 'n' },

@@ -105,8 +105,8 @@ void ob_u64(struct outbuf *ob, uint64_t v)
     }
 }
 
-void ob_extent(struct outbuf *ob, const char *pre, uint64_t a,
-               const char *mid, uint64_t b, const char *post)
+void ob_extent(struct outbuf *ob, const char *pre, uint64_t a, const char *mid,
+               uint64_t b, const char *post)
 {
     size_t lp = strlen(pre), lm = strlen(mid), lq = strlen(post);
     char *d;
@@ -207,8 +207,7 @@ int ob_flush_all(struct outbuf *const *obs, size_t n)
         ret = 1;
     }
     if (ret && errno) {
-        fprintf(stderr, "qbm: cannot write the output: %s\n",
-                strerror(errno));
+        fprintf(stderr, "qbm: cannot write the output: %s\n", strerror(errno));
     }
     for (i = 0; i < n; i++) {
         ob_free(obs[i]);
@@ -225,8 +224,7 @@ int ob_flush(struct outbuf *ob)
         ret = 1;
     } else if (ob->len && (fwrite(ob->p, 1, ob->len, stdout) != ob->len ||
                            fflush(stdout) != 0)) {
-        fprintf(stderr, "qbm: cannot write the output: %s\n",
-                strerror(errno));
+        fprintf(stderr, "qbm: cannot write the output: %s\n", strerror(errno));
         ret = 1;
     }
     ob_free(ob);
@@ -252,8 +250,8 @@ void ob_free(struct outbuf *ob)
 
 void format_size(char *buf, size_t len, uint64_t bytes)
 {
-    static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB",
-                                         "PiB", "EiB" };
+    static const char *const units[] = { "B",   "KiB", "MiB", "GiB",
+                                         "TiB", "PiB", "EiB" };
     double v = (double)bytes;
     unsigned u = 0;
 

@@ -28,8 +28,8 @@ void ob_printf(struct outbuf *ob, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void ob_u64(struct outbuf *ob, uint64_t v);
 /* PRE a MID b POST in one step (the hot path of dump). */
-void ob_extent(struct outbuf *ob, const char *pre, uint64_t a,
-               const char *mid, uint64_t b, const char *post);
+void ob_extent(struct outbuf *ob, const char *pre, uint64_t a, const char *mid,
+               uint64_t b, const char *post);
 void ob_json_string(struct outbuf *ob, const char *s);
 /* Print to stdout and free; returns 0 or 1 (write error). */
 int ob_flush(struct outbuf *ob);
@@ -68,9 +68,8 @@ bool same_file(const char *a, const char *b);
  * Parse [--dry-run] [--help] and check the argument count. Returns -1 to
  * go on (arguments start at optind), else the exit code to return.
  */
-int parse_simple_edit(int argc, char **argv, const char *cmd,
-                      const char *usage, int min_args, int max_args,
-                      bool *ret_dry_run);
+int parse_simple_edit(int argc, char **argv, const char *cmd, const char *usage,
+                      int min_args, int max_args, bool *ret_dry_run);
 
 int cmd_info(int argc, char **argv);
 int cmd_dump(int argc, char **argv);

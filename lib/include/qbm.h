@@ -281,8 +281,8 @@ typedef int (*qbm_copy_fn)(void *opaque, int action, const char *bitmap,
  * Returns 0, -1 on error, or the callback's non-zero value.
  */
 QBM_API int qbm_bitmap_copy(struct qbm_image *img, struct qbm_image *src,
-                            const char *const *names, size_t n,
-                            unsigned flags, qbm_copy_fn fn, void *opaque);
+                            const char *const *names, size_t n, unsigned flags,
+                            qbm_copy_fn fn, void *opaque);
 /* Mark guest bytes [offset, offset + length) dirty in bitmap `name`. */
 QBM_API int qbm_bitmap_set_dirty(struct qbm_image *img, const char *name,
                                  uint64_t offset, uint64_t length);
@@ -328,8 +328,7 @@ typedef int (*qbm_problem_fn)(void *opaque, int kind, uint64_t offset,
  * the snapshot table, the encryption header and the bitmaps. Returns 0
  * when the check ran (problems went to fn), -1 when it could not run.
  */
-QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn,
-                      void *opaque);
+QBM_API int qbm_check(struct qbm_image *img, qbm_problem_fn fn, void *opaque);
 
 /*
  * Follow the backing chain of `img` from its file name as
@@ -349,8 +348,8 @@ QBM_API int qbm_check_backing(struct qbm_image *img, qbm_problem_fn fn,
 
 #define QBM_REPAIR_IN_USE_DIRTY 0x1u  /* in-use bitmaps become all dirty */
 #define QBM_REPAIR_IN_USE_REMOVE 0x2u /* in-use bitmaps are removed */
-#define QBM_REPAIR_STALE 0x4u  /* drop a stale bitmaps extension */
-#define QBM_REPAIR_LEAKS 0x8u  /* give leaked clusters back */
+#define QBM_REPAIR_STALE 0x4u         /* drop a stale bitmaps extension */
+#define QBM_REPAIR_LEAKS 0x8u         /* give leaked clusters back */
 #define QBM_REPAIR_MASK 0xfu
 
 /*
@@ -388,10 +387,9 @@ typedef void (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
  * that incremental backups can resume.
  * Returns 0 or -1.
  */
-QBM_API int qbm_restore(const char *const *images, size_t n,
-                        const char *output, int format,
-                        const char *checkpoint, qbm_progress_fn progress,
-                        void *opaque);
+QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
+                        int format, const char *checkpoint,
+                        qbm_progress_fn progress, void *opaque);
 
 #define QBM_EXTRACT_CHAIN 0x1u /* dirty set: the union over the chain */
 #define QBM_EXTRACT_FULL 0x2u  /* copy everything allocated */
@@ -409,9 +407,8 @@ QBM_API int qbm_restore(const char *const *images, size_t n,
  * qbm_restore(). Returns 0 or -1.
  */
 QBM_API int qbm_extract(const char *image, const char *bitmap,
-                        const char *output, unsigned flags,
-                        const char *backing, qbm_progress_fn progress,
-                        void *opaque);
+                        const char *output, unsigned flags, const char *backing,
+                        qbm_progress_fn progress, void *opaque);
 
 /*
  * Fold incremental backups (qcow2, oldest first) into the full backup
@@ -422,9 +419,8 @@ QBM_API int qbm_extract(const char *image, const char *bitmap,
  * version 3 qcow2 (no internal snapshots, backing file, extended L2,
  * external data or encryption). Returns 0 or -1.
  */
-QBM_API int qbm_consolidate(const char *full, const char *const *incs,
-                            size_t n, qbm_progress_fn progress,
-                            void *opaque);
+QBM_API int qbm_consolidate(const char *full, const char *const *incs, size_t n,
+                            qbm_progress_fn progress, void *opaque);
 
 /*
  * Make `backing` (with format `format`, e.g. "qcow2" or "raw") the backing
@@ -596,8 +592,7 @@ QBM_API int qbm_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
  * for qbm_open(); backing files are always opened read-only.
  * Returns a new handle (free with qbm_chain_close), or NULL.
  */
-QBM_API struct qbm_chain *qbm_chain_open(const char *filename,
-                                         unsigned flags);
+QBM_API struct qbm_chain *qbm_chain_open(const char *filename, unsigned flags);
 QBM_API void qbm_chain_close(struct qbm_chain *chain);
 /* Number of layers (>= 1). */
 QBM_API size_t qbm_chain_length(const struct qbm_chain *chain);
@@ -615,9 +610,9 @@ QBM_API const char *qbm_chain_filename(const struct qbm_chain *chain,
  * *ret_consistent (may be NULL) is set to 0 when any of them is in use.
  * Returns 0, -1, or the callback's non-zero value.
  */
-QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain,
-                                     const char *name, qbm_extent_fn fn,
-                                     void *opaque, int *ret_consistent);
+QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
+                                     qbm_extent_fn fn, void *opaque,
+                                     int *ret_consistent);
 
 /* ---- checkpoint rules across a chain ------------------------------------ */
 
@@ -697,9 +692,8 @@ QBM_API void qbm_checkpoints_free(struct qbm_checkpoints *set);
  * when the set has that name already, EINVAL for an empty name.
  * Returns 0 or -1.
  */
-QBM_API int qbm_checkpoints_add(struct qbm_checkpoints *set,
-                                const char *name, const char *parent,
-                                int64_t creation_time);
+QBM_API int qbm_checkpoints_add(struct qbm_checkpoints *set, const char *name,
+                                const char *parent, int64_t creation_time);
 
 /*
  * Add to checkpoint `checkpoint` its disk `target` (a domain disk target
@@ -709,8 +703,8 @@ QBM_API int qbm_checkpoints_add(struct qbm_checkpoints *set,
  * the target already. Returns 0 or -1.
  */
 QBM_API int qbm_checkpoints_add_disk(struct qbm_checkpoints *set,
-                                     const char *checkpoint,
-                                     const char *target, const char *bitmap);
+                                     const char *checkpoint, const char *target,
+                                     const char *bitmap);
 
 /*
  * Add a disk of the domain: its `target` and the backing chain of its
@@ -851,8 +845,7 @@ typedef int (*qbm_remedy_fn)(void *opaque, const struct qbm_remedy *remedy);
  * Returns 0, -1 on error, or a callback's non-zero value (errno
  * ECANCELED).
  */
-QBM_API int qbm_checkpoints_check(struct qbm_checkpoints *set,
-                                  unsigned flags,
+QBM_API int qbm_checkpoints_check(struct qbm_checkpoints *set, unsigned flags,
                                   qbm_checkpoint_disk_fn disk_fn,
                                   qbm_orphan_fn orphan_fn,
                                   qbm_remedy_fn remedy_fn, void *opaque);
