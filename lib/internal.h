@@ -978,11 +978,7 @@ int qbm_txn_release_later(struct qbm_txn *txn, uint64_t off, uint64_t len,
                           uint64_t refs);
 /* Queue the clusters [off, off + len) to be freed after the commit; offset
  * 0 means "nothing" here (the header is never freed this way). */
-static inline int qbm_txn_free_later(struct qbm_txn *txn, uint64_t off,
-                                     uint64_t len)
-{
-    return off ? qbm_txn_release_later(txn, off, len, 1) : 0;
-}
+int qbm_txn_free_later(struct qbm_txn *txn, uint64_t off, uint64_t len);
 /*
  * Commit: write refcounts, then make the new bitmap directory live
  * (nb_bitmaps == 0 removes the extension and clears the autoclear bit),

@@ -82,6 +82,11 @@ int qbm_txn_release_later(struct qbm_txn *t, uint64_t off, uint64_t len,
     return qbm_alloc_release_later(t->alloc, off, len, refs);
 }
 
+int qbm_txn_free_later(struct qbm_txn *t, uint64_t off, uint64_t len)
+{
+    return off ? qbm_txn_release_later(t, off, len, 1) : 0;
+}
+
 int qbm_txn_refcount(struct qbm_txn *t, uint64_t offset, uint64_t *ret)
 {
     return qbm_alloc_refcount(t->alloc, offset, ret);
