@@ -16,8 +16,6 @@
   (a full stderr pipe) while the test swaps OUTPUT.
 QEMU judges the contents (qemu-img compare against reference outputs).
 """
-import argparse
-import errno
 import fcntl
 import hashlib
 import os
@@ -29,26 +27,11 @@ import sys
 import tempfile
 import time
 
-TOOLS = ["qemu-img", "qemu-io"]
-MiB = 1 << 20
-
-
-class Fail(Exception):
-    pass
-
-
-def run(cmd, ok=(0,), umask=None):
-    pre = None if umask is None else (lambda: os.umask(umask))
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, preexec_fn=pre)
-    if ok is not None and p.returncode not in ok:
-        raise Fail("%s -> %d\n%s%s" % (" ".join(cmd), p.returncode, p.stdout,
-                                       p.stderr))
-    return p
-
-
-def same(a, b):
-    return run(["qemu-img", "compare", a, b], ok=None).returncode == 0
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+from qbmtest import (MiB, Fail, Suite, qemu_img,  # noqa: E402
+                     qemu_img_check, qemu_img_compare, qemu_img_create,
+                     qemu_io, run)
 
 
 def digest(path):
@@ -79,16 +62,15 @@ class Setup:
         self.base = os.path.join(tmp, "base.qcow2")
         self.disk = os.path.join(tmp, "disk.qcow2")
         self.full = os.path.join(tmp, "full.qcow2")
-        run(["qemu-img", "create", "-q", "-f", "qcow2", self.base, "32M"])
-        run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 3M",
-             "-c", "write -P 9 20M 1M", self.base])
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", self.base,
-             "-F", "qcow2", self.disk])
+        qemu_img_create(self.base, "32M")
+        qemu_io(self.base, "write -P 7 0 3M", "write -P 9 20M 1M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", self.base, "-F",
+                 "qcow2", self.disk)
         run([qbm, "add", self.base, "ck0"])
         run([qbm, "add", self.disk, "ck0"])
-        run(["qemu-io", "-f", "qcow2", "-c", "write -P 5 1M 2M",
-             "-c", "write -z 20M 64k", "-c", "write -P 3 30M 1M", self.disk])
-        run(["qemu-img", "convert", "-O", "qcow2", self.disk, self.full])
+        qemu_io(self.disk, "write -P 5 1M 2M", "write -z 20M 64k",
+                "write -P 3 30M 1M")
+        qemu_img("convert", "-O", "qcow2", self.disk, self.full)
         self.work = os.path.join(tmp, "work.qcow2")
         self.refs = {}
         for name in self.commands():
@@ -123,11 +105,11 @@ class Setup:
         raise ValueError(name)
 
     def check_content(self, name, out):
-        if not same(out, self.refs[name]):
+        if not qemu_img_compare(out, self.refs[name]):
             raise Fail("%s: %s differs from the reference output" %
                        (name, out))
         if name.endswith("qcow2") or name.startswith("extract"):
-            run(["qemu-img", "check", out])
+            qemu_img_check(out)
 
 
 def modes(s):
@@ -173,7 +155,10 @@ class LoopDevice:
             for i in range(8):
                 f.write(bytes([i + 1]) * MiB)
         self.dev = None
-        p = run(["losetup", "-f", "--show", self.backing], ok=None)
+        try:
+            p = run(["losetup", "-f", "--show", self.backing], ok=None)
+        except Fail as e:
+            raise OSError(str(e)) from None
         if p.returncode != 0 or not p.stdout.strip():
             raise OSError(p.stderr.strip() or "losetup failed")
         self.dev = p.stdout.strip()
@@ -438,31 +423,20 @@ def races(s, notes):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--qbm", required=True)
-    args = ap.parse_args()
-    missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
-        print("missing tools: %s" % " ".join(missing))
-        return 1 if os.environ.get("CI") else 77
-    passed = failed = 0
+    suite = Suite("outputs", __doc__, tools=["qemu-img", "qemu-io"])
+    args = suite.start()
     notes = []
     for part in (modes, non_regular, symlinks, races):
-        with tempfile.TemporaryDirectory(prefix="qbm-out-") as tmp:
-            try:
-                s = Setup(args.qbm, tmp)
-                if part in (non_regular, races):
-                    part(s, notes)
-                else:
-                    part(s)
-                passed += 1
-            except Fail as e:
-                failed += 1
-                print("FAIL %s: %s" % (part.__name__, e))
+        def fn(tmp, part=part):
+            s = Setup(args.qbm, tmp)
+            if part in (non_regular, races):
+                part(s, notes)
+            else:
+                part(s)
+        suite.case(part.__name__, fn)
     for n in notes:
         print("note: %s" % n)
-    print("outputs: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return suite.finish()
 
 
 if __name__ == "__main__":
