@@ -59,7 +59,8 @@ def run(cmd, ok=(0,), timeout=None, quiet=False, **kw):
     stderr. An exit status not in ok (None: any) raises Fail with the
     command line, the status and the output; running past timeout seconds
     raises Timeout. quiet sends stdout to /dev/null and leaves stderr on
-    ours: no pipes to drain, for what a benchmark times."""
+    ours: no pipes to drain, for what a benchmark times. Other keywords go
+    to subprocess.run: cwd, env, umask (the child's, e.g. umask=0o077)."""
     cmd = [str(c) for c in cmd]
     out = subprocess.DEVNULL if quiet else subprocess.PIPE
     try:
