@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 top=$(pwd)
 
 packages=(meson ninja-build pkg-config gcc clang libclang-rt-14-dev
-          zlib1g-dev libzstd-dev libxml2-dev libcmocka-dev qemu-utils libnbd-bin
-          python3 time valgrind)
+          zlib1g-dev libzstd-dev libxml2-dev libcmocka-dev clang-format
+          qemu-utils libnbd-bin python3 time valgrind)
 
 install_missing() {
     local missing=() p
@@ -162,6 +162,10 @@ test)
             count 1
         fi
     fi
+    echo "== format of lib/ and tools/ (clang-format --dry-run --Werror)"
+    rc=0
+    scripts/format-check.sh || rc=$?
+    count $rc
     echo "== static analysis of lib/ (gcc -fanalyzer, warnings are errors)"
     rc=0
     collect analyzer || rc=$?
