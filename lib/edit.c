@@ -99,17 +99,12 @@ static int queue_free(struct qbm_image *img, uint64_t off, uint64_t len)
         return 0;
     }
     for (c = 0; c < div_round_up(len, img->cluster_size); c++) {
-        if (img->nb_pending_free == img->cap_pending_free) {
-            size_t cap = img->cap_pending_free ? img->cap_pending_free * 2 : 64;
-            uint64_t *p = qbm_realloc(img->pending_free, cap * sizeof(*p));
+        int r =
+            qbm_darray_push(&img->pending_free, off + c * img->cluster_size, 0);
 
-            if (!p) {
-                return -ENOMEM;
-            }
-            img->pending_free = p;
-            img->cap_pending_free = cap;
+        if (r < 0) {
+            return r;
         }
-        img->pending_free[img->nb_pending_free++] = off + c * img->cluster_size;
     }
     return 0;
 }
@@ -753,8 +748,8 @@ int qbm_impl_commit(struct qbm_image *img)
         r = qbm_txn_free_later(txn, img->bm_ext.dir_offset,
                                img->bm_ext.dir_size);
     }
-    for (i = 0; i < img->nb_pending_free && r == 0; i++) {
-        r = qbm_txn_free_later(txn, img->pending_free[i], img->cluster_size);
+    for (i = 0; i < img->pending_free.n && r == 0; i++) {
+        r = qbm_txn_free_later(txn, img->pending_free.v[i], img->cluster_size);
     }
     if (r < 0) {
         goto fail;

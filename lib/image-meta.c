@@ -419,9 +419,9 @@ int qcow2_meta_index_build(struct qbm_image *img, struct qcow2_meta_index **ret)
     mi->img = img;
     mi->cs = img->cluster_size;
     r = qcow2_meta_walk(img, 0, index_found, NULL, mi);
-    for (k = 0; k < img->nb_pending_free && r == 0; k++) {
+    for (k = 0; k < img->pending_free.n && r == 0; k++) {
         r = meta_add(mi, QCOW2_META_BITMAP_DATA, "replaced bitmap cluster",
-                     img->pending_free[k], mi->cs, UINT64_MAX);
+                     img->pending_free.v[k], mi->cs, UINT64_MAX);
     }
     if (r < 0) {
         qcow2_meta_index_free(mi);

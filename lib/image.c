@@ -85,14 +85,12 @@ static void image_unload(struct qbm_image *img)
     free(img->refblock_cache);
     free(img->zcache);
     img->zcache = NULL;
-    free(img->pending_free);
+    qbm_darray_free(&img->pending_free);
     img->l1 = NULL;
     img->reftable = NULL;
     img->snapshots = NULL;
     img->l2_cache = NULL;
     img->refblock_cache = NULL;
-    img->pending_free = NULL;
-    img->nb_pending_free = img->cap_pending_free = 0;
     img->nb_snapshots = 0;
     img->snapshots_size = 0;
     img->staged = false;

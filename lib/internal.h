@@ -682,6 +682,9 @@ int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
 
 /* ---- image.c: struct qbm_image ------------------------------------------- */
 
+/* Host offsets (of clusters), a growable array. */
+QBM_DARRAY(qbm_offsets, uint64_t);
+
 struct qbm_image {
     char *filename;
     bool raw;
@@ -716,9 +719,8 @@ struct qbm_image {
 
     /* Write path: staged edits not yet committed (edit.c). */
     bool staged;
-    bool broken;            /* a failed commit left the handle unusable */
-    uint64_t *pending_free; /* host cluster offsets to free after commit */
-    size_t nb_pending_free, cap_pending_free;
+    bool broken; /* a failed commit left the handle unusable */
+    struct qbm_offsets pending_free; /* host clusters to free after commit */
 
     /* One-block caches (cleared by writers). */
     uint8_t *l2_cache;

@@ -286,10 +286,7 @@ struct leak {
     uint64_t excess;
 };
 
-struct leaks {
-    struct leak *v;
-    size_t n, cap;
-};
+QBM_DARRAY(leaks, struct leak);
 
 /* Compare the refcount of cluster i with its references. */
 static int compare_one(struct check *c, uint64_t i, uint64_t rc,
@@ -306,20 +303,12 @@ static int compare_one(struct check *c, uint64_t i, uint64_t rc,
                 "cluster 0x%llx leaked: refcount %llu, %u references",
                 (unsigned long long)(i * c->cs), (unsigned long long)rc, refs);
         if (leaks) {
-            if (leaks->n == leaks->cap) {
-                size_t ncap = leaks->cap ? leaks->cap * 2 : 64;
-                void *p = qbm_realloc(leaks->v, ncap * sizeof(*leaks->v));
+            struct leak l = { .cluster = i, .excess = rc - refs };
+            int r = qbm_darray_push(leaks, l, 0);
 
-                if (!p) {
-                    return -ENOMEM;
-                }
-                leaks->v = p;
-                leaks->cap = ncap;
+            if (r < 0) {
+                return r;
             }
-            leaks->v[leaks->n++] = (struct leak){
-                .cluster = i,
-                .excess = rc - refs,
-            };
         }
     }
     return 0;
@@ -552,7 +541,7 @@ static int repair_leaks(struct qbm_image *img)
             r = qbm_image_reload(img);
         }
     }
-    free(leaks.v);
+    qbm_darray_free(&leaks);
     return r;
 }
 
