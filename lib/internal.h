@@ -255,11 +255,20 @@ struct qbm_io_ops {
     int (*pwrite)(struct qbm_io *io, const void *buf, size_t len, uint64_t off);
     int (*flush)(struct qbm_io *io);
     int (*size)(struct qbm_io *io, uint64_t *ret_size);
+    /* Optional: set the file's size (a device keeps its own). */
+    int (*truncate)(struct qbm_io *io, uint64_t size);
+    /* Optional: make the writes to [off, off + len) unable to fail for
+     * want of space (a file's holes and growth). */
+    int (*reserve)(struct qbm_io *io, uint64_t off, uint64_t len);
     void (*close)(struct qbm_io *io);
 };
 
 struct qbm_io {
     const struct qbm_io_ops *ops;
+    /* The most the file can hold, or 0 when it grows as written: a block
+     * device's size (size() then returns it too). Writes past it fail
+     * with ENOSPC before reaching the backend. */
+    uint64_t capacity;
 };
 
 static inline int qbm_io_pread(struct qbm_io *io, void *buf, size_t len,
@@ -267,9 +276,13 @@ static inline int qbm_io_pread(struct qbm_io *io, void *buf, size_t len,
 {
     return io->ops->pread(io, buf, len, off);
 }
+int qbm_io_past_capacity(struct qbm_io *io, size_t len, uint64_t off);
 static inline int qbm_io_pwrite(struct qbm_io *io, const void *buf, size_t len,
                                 uint64_t off)
 {
+    if (io->capacity && (off > io->capacity || len > io->capacity - off)) {
+        return qbm_io_past_capacity(io, len, off);
+    }
     return io->ops->pwrite(io, buf, len, off);
 }
 static inline int qbm_io_flush(struct qbm_io *io)
@@ -280,6 +293,19 @@ static inline int qbm_io_size(struct qbm_io *io, uint64_t *ret_size)
 {
     return io->ops->size(io, ret_size);
 }
+/* Set the size of a file (nothing for a device or a backend without). */
+static inline int qbm_io_truncate(struct qbm_io *io, uint64_t size)
+{
+    return io->ops->truncate ? io->ops->truncate(io, size) : 0;
+}
+/* Reserve the space of [off, off + len) (see qbm_io_ops.reserve). */
+static inline int qbm_io_reserve(struct qbm_io *io, uint64_t off, uint64_t len)
+{
+    return io->ops->reserve ? io->ops->reserve(io, off, len) : 0;
+}
+/* A memory or fault io that behaves as a device of `capacity` bytes: its
+ * size is the capacity and nothing is written past it (tests). */
+void qbm_io_set_capacity(struct qbm_io *io, uint64_t capacity);
 void qbm_io_close(struct qbm_io *io);
 /* Copy len bytes between ios: in the kernel (copy_file_range) when both are
  * files, else through a buffer. */
@@ -318,6 +344,9 @@ int qbm_io_fault_open(const void *buf, size_t len, uint64_t crash_at,
                       uint32_t seed, struct qbm_io **ret_io);
 /* Writes and flushes done so far. */
 uint64_t qbm_io_fault_ops(struct qbm_io *io);
+/* Instead of crashing, fail only the at-th write or flush, with -err (a
+ * transient error such as ENOSPC: what follows succeeds). */
+void qbm_io_fault_fail_once(struct qbm_io *io, uint64_t at, int err);
 /* What a crash now would leave: the flushed bytes plus a seeded random
  * subset of the unflushed writes, some torn at sector boundaries. */
 int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret, size_t *ret_len);
@@ -435,6 +464,17 @@ uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
                               uint64_t idx);
 void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
                         uint64_t value);
+/* The index of the last non-zero entry among the first n of a block, plus
+ * one, or 0. */
+uint64_t qcow2_refblock_last(const uint8_t *block, unsigned bits, uint64_t n);
+/*
+ * The image end: the end of the last cluster whose refcount is not 0 (what
+ * qemu-img check reports as "Image end offset" on a consistent image).
+ * On a block device it is where the image stops, not the device's size;
+ * on a file it may lie before or, by a partial last cluster, past the
+ * file's end.
+ */
+int qcow2_refcount_end(struct qbm_image *img, uint64_t *ret_end);
 
 /* ---- qcow2-compress.c
  * ---------------------------------------------------------- */
@@ -765,6 +805,8 @@ int qbm_impl_open(const char *filename, unsigned flags,
 void qbm_impl_close(struct qbm_image *img);
 int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
                               void *opaque);
+/* qbm_image_end_offset (see qbm.h). */
+int qbm_impl_image_end_offset(struct qbm_image *img, uint64_t *ret_end);
 /* Reload every structure of an open image from its io (after a commit). */
 int qbm_image_reload(struct qbm_image *img);
 
@@ -778,6 +820,8 @@ struct qcow2_bitmap *qcow2_bitmap_lookup(const struct qbm_image *img,
 /* qbm_bitmap_find: the index, or -ENOENT with a message. */
 int qbm_impl_bitmap_find(const struct qbm_image *img, const char *name);
 bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx);
+/* qbm_image_bitmaps_bytes (see qbm.h). */
+int qbm_impl_image_bitmaps_bytes(struct qbm_image *img, uint64_t *ret_bytes);
 int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx, qbm_extent_fn fn,
                             void *opaque);
 

@@ -148,3 +148,69 @@ int qcow2_refcount_get(struct qbm_image *img, uint64_t cluster,
         img->refblock_cache, img->refcount_bits, cluster % per_block);
     return 0;
 }
+
+uint64_t qcow2_refblock_last(const uint8_t *block, unsigned bits, uint64_t n)
+{
+    uint64_t w = div_round_up(n * bits, 64), i;
+
+    /* Whole 64-bit words first: a mostly empty block costs little. */
+    for (; w > 0; w--) {
+        uint64_t v;
+
+        memcpy(&v, block + (w - 1) * 8, 8);
+        if (v) {
+            break;
+        }
+    }
+    if (w == 0) {
+        return 0;
+    }
+    for (i = w * 64 / bits; i > (w - 1) * 64 / bits; i--) {
+        if (i <= n && qcow2_refblock_entry(block, bits, i - 1)) {
+            return i;
+        }
+    }
+    return 0;
+}
+
+int qcow2_refcount_end(struct qbm_image *img, uint64_t *ret_end)
+{
+    uint64_t cs = img->cluster_size, per_block = cs * 8 / img->refcount_bits;
+    uint64_t rt = img->reftable_entries, size, last;
+    uint8_t *block;
+    int r;
+
+    r = qbm_io_size(img->io, &size);
+    if (r < 0) {
+        return r;
+    }
+    block = qbm_malloc(cs);
+    if (!block) {
+        return -ENOMEM;
+    }
+    /* From the last block down: usually one block is read. Blocks past the
+     * end of the file (or device) read as zeros: all their refcounts are
+     * 0, as check counts them. */
+    for (last = 0; rt > 0 && last == 0; rt--) {
+        uint64_t off = img->reftable[rt - 1] & REFT_OFFSET_MASK, n;
+
+        if (!off || !is_aligned(off, cs) || off >= size) {
+            continue;
+        }
+        r = qbm_image_read_meta(img, block, cs, off, "refcount block");
+        if (r < 0) {
+            free(block);
+            return r;
+        }
+        n = size - off >= cs
+                ? per_block
+                : div_round_up((size - off) * 8, img->refcount_bits);
+        last = qcow2_refblock_last(block, img->refcount_bits, n);
+        if (last) {
+            last += (rt - 1) * per_block;
+        }
+    }
+    free(block);
+    *ret_end = last * cs;
+    return 0;
+}

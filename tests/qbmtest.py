@@ -16,18 +16,24 @@
   qemu_bitmaps(), qemu_img_compare();
 - Qcow2: the layout of an image read straight from its bytes (header
   fields by name, extensions, refcount table, L1, bitmaps extension,
-  directory and tables), for tests that patch or inspect the file.
+  directory and tables), for tests that patch or inspect the file;
+- block devices: loop_device() (a loop device over a file of the test's
+  temporary directory, used only through a private device node made there,
+  detached whatever happens) and require_loop() (skip rule);
+  qemu_image_end() (what `qemu-img check` reports as "Image end offset").
 
 Suites import it from the tests/ directory (bench/ puts it on sys.path).
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import random
 import shlex
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -190,6 +196,16 @@ def qemu_img_check(img, *opts, ok=(0,)):
         raise Fail("qemu-img check %s: exit %d\n%s" % (
             img, p.returncode, (p.stdout + p.stderr).strip()))
     return p
+
+
+def qemu_image_end(img):
+    """The "Image end offset" qemu-img check reports for IMG (the end of
+    the last cluster in use), or None when it does not report one."""
+    p = qemu_img_check(img, ok=None)
+    for line in p.stdout.splitlines():
+        if line.startswith("Image end offset:"):
+            return int(line.split(":")[1])
+    return None
 
 
 def qemu_img_compare(a, b, *opts):
@@ -400,6 +416,53 @@ def require(tools, files=()):
             print("(a failure under CI)")
             sys.exit(1)
         sys.exit(SKIP)
+
+
+def loop_available():
+    """Whether this process can attach loop devices and make device nodes:
+    root, losetup and mknod present, and /dev/loop-control there."""
+    return (os.geteuid() == 0 and shutil.which("losetup") is not None and
+            os.path.exists("/dev/loop-control"))
+
+
+def require_loop():
+    """Exit 77 (skip) when loop devices cannot be used, or 1 under CI."""
+    if not loop_available():
+        print("loop devices unavailable (needs root, losetup, "
+              "/dev/loop-control)")
+        if in_ci():
+            print("(a failure under CI)")
+            sys.exit(1)
+        sys.exit(SKIP)
+
+
+@contextlib.contextmanager
+def loop_device(tmp, size, name="dev"):
+    """A block device of size bytes: a loop device over TMP/NAME.backing,
+    reached ONLY through the private node TMP/NAME (made with mknod, same
+    major and minor), which is what the context yields. The loop device is
+    detached afterwards, also when the body fails. Tests never use
+    /dev/loopN itself, so a mistake can only touch the backing file."""
+    backing = os.path.join(tmp, name + ".backing")
+    with open(backing, "wb") as f:
+        f.truncate(size)
+    dev = run(["losetup", "-f", "--show", backing]).stdout.strip()
+    try:
+        node = os.path.join(tmp, name)
+        rdev = os.stat(dev).st_rdev
+        os.mknod(node, 0o600 | stat.S_IFBLK, rdev)
+        yield node
+    finally:
+        run(["losetup", "-d", dev], ok=None)
+
+
+def file_hash(path):
+    """SHA-256 of a file's or a device's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -112,8 +112,29 @@ QBM_API char *qbm_image_backing_path(const struct qbm_image *img);
 QBM_API const char *qbm_image_backing_format(const struct qbm_image *img);
 /* The external data file name, or NULL when absent. */
 QBM_API const char *qbm_image_data_file(const struct qbm_image *img);
-/* Host size of the image file in bytes. */
+/* Host size of the image file in bytes; for a block device, the device's
+ * size (BLKGETSIZE64). */
 QBM_API uint64_t qbm_image_file_size(const struct qbm_image *img);
+/*
+ * The most the image can hold: the size of the block device it lives on,
+ * or 0 when it is a file, which grows as it is written.
+ */
+QBM_API uint64_t qbm_image_capacity(const struct qbm_image *img);
+/*
+ * The image end offset: the end of the last host cluster whose refcount is
+ * not 0, as `qemu-img check` reports it ("Image end offset") for a
+ * consistent image. On a block device this is where the image stops (new
+ * clusters go to free clusters below it first, then past it up to the
+ * device's size). Sets *ret_end and returns 0, or -1. Raw layers: the
+ * file size.
+ */
+QBM_API int qbm_image_end_offset(struct qbm_image *img, uint64_t *ret_end);
+/*
+ * The bytes the bitmaps occupy on disk: their directory, tables and data
+ * clusters, each cluster counted once (bitmaps may share data clusters).
+ * Sets *ret_bytes and returns 0, or -1.
+ */
+QBM_API int qbm_image_bitmaps_bytes(struct qbm_image *img, uint64_t *ret_bytes);
 /* Number of internal snapshots. */
 QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img);
 
