@@ -163,6 +163,8 @@ int qbm_err_set(int errnum, const char *fmt, ...) QBM_PRINTF(2, 3);
 int qbm_err_prefix(int ret, const char *fmt, ...) QBM_PRINTF(2, 3);
 /* The current message (qbm_get_error); valid until the next error. */
 const char *qbm_err_message(void);
+/* The current errno (qbm_get_errno). */
+int qbm_err_errno(void);
 /* Convert an internal -errno into the public -1 convention. */
 static inline int qbm_public_ret(int r)
 {
@@ -347,6 +349,8 @@ uint64_t qbm_io_fault_ops(struct qbm_io *io);
 /* Instead of crashing, fail only the at-th write or flush, with -err (a
  * transient error such as ENOSPC: what follows succeeds). */
 void qbm_io_fault_fail_once(struct qbm_io *io, uint64_t at, int err);
+/* The memory io holding what reads see (borrowed). */
+struct qbm_io *qbm_io_fault_live(struct qbm_io *io);
 /* What a crash now would leave: the flushed bytes plus a seeded random
  * subset of the unflushed writes, some torn at sector boundaries. */
 int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret, size_t *ret_len);
@@ -759,7 +763,8 @@ struct qbm_image {
 
     /* Write path: staged edits not yet committed (edit.c). */
     bool staged;
-    bool broken; /* a failed commit left the handle unusable */
+    bool broken;  /* a failed commit left the handle unusable */
+    bool changed; /* a failed commit got past its switch (txn.c sets it) */
     struct qbm_offsets pending_free; /* host clusters to free after commit */
 
     /* One-block caches (cleared by writers). */
@@ -984,6 +989,23 @@ int qbm_alloc_hook(struct qbm_alloc *a);
 /* Apply the queued releases to the working copy. */
 int qbm_alloc_apply_releases(struct qbm_alloc *a);
 
+/* The space a transaction needs (bytes). */
+struct qbm_space {
+    uint64_t bytes;      /* new clusters it writes: data, tables, directory,
+                          * refcount blocks, a grown refcount table */
+    uint64_t end_before; /* the image end before it */
+    uint64_t end_after;  /* the image end with them (before the replaced
+                          * clusters are freed) */
+};
+/* What the allocations so far need. */
+void qbm_alloc_space(struct qbm_alloc *a, struct qbm_space *ret);
+/* Reserve the space of every new cluster in the file (qbm_io_reserve). */
+int qbm_alloc_reserve(struct qbm_alloc *a);
+/* Undo the refcount writes of a commit that failed before its switch:
+ * unhook new refcount blocks (or the grown table), then write the old
+ * bytes of the live blocks back; flush. */
+int qbm_alloc_rollback(struct qbm_alloc *a);
+
 /* ---- txn.c: crash-safe transactions -------------------------------------- */
 
 /*
@@ -1042,6 +1064,18 @@ int qbm_txn_commit_write(struct qbm_txn *txn, const void *buf, size_t len,
                          uint64_t off);
 /* Current refcount of a host cluster as the transaction sees it. */
 int qbm_txn_refcount(struct qbm_txn *txn, uint64_t offset, uint64_t *ret);
+/*
+ * Once every cluster is allocated, before anything is written: check that
+ * the header can be switched to nb_bitmaps (QBM_TXN_KEEP_HEADER: no
+ * switch), report what the transaction needs (*ret, may be NULL), refuse
+ * with ENOSPC when the image cannot hold it (a block device too small:
+ * "not enough space on ..."), and unless `dry`, reserve the space in the
+ * file (fallocate; on failure the abort cuts the file back).
+ */
+int qbm_txn_prepare(struct qbm_txn *txn, uint32_t nb_bitmaps, bool dry,
+                    struct qbm_space *ret);
+/* What the allocations so far need, nothing checked. */
+void qbm_txn_space(struct qbm_txn *txn, struct qbm_space *ret);
 
 /* ==== layer edit ========================================================== */
 
@@ -1064,6 +1098,8 @@ int qbm_impl_bitmap_populate(struct qbm_image *img, const char *name,
                              struct qbm_image *layer);
 int qbm_impl_bitmap_salvage(struct qbm_image *img, const char *name);
 int qbm_impl_commit(struct qbm_image *img);
+int qbm_impl_commit_plan(struct qbm_image *img, unsigned flags,
+                         uint64_t *ret_bytes, uint64_t *ret_end);
 
 /* ==== layer op ============================================================ */
 

@@ -776,6 +776,11 @@ uint64_t qbm_io_fault_ops(struct qbm_io *io)
     return ((struct fault_io *)io)->ops;
 }
 
+struct qbm_io *qbm_io_fault_live(struct qbm_io *io)
+{
+    return ((struct fault_io *)io)->live;
+}
+
 void qbm_io_fault_fail_once(struct qbm_io *io, uint64_t at, int err)
 {
     struct fault_io *f = (struct fault_io *)io;

@@ -61,6 +61,9 @@ int edit_finish(struct qbm_image *img, const char *file, bool dry_run,
                 struct outbuf *plan);
 /* Print the library error, drop the plan, close; returns 1. */
 int edit_fail(struct qbm_image *img, const char *file, struct outbuf *plan);
+/* Append the space the staged edits need (qbm_commit_plan with flags) to
+ * plan; -1 with the library's error when the commit would be refused. */
+int edit_plan_space(struct qbm_image *img, unsigned flags, struct outbuf *plan);
 /* "64k", "1M", "512": bytes. */
 bool parse_size(const char *s, uint64_t *ret);
 bool same_file(const char *a, const char *b);

@@ -325,9 +325,38 @@ QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name);
  * Write every staged edit in one transaction: new clusters, flush, switch
  * the header's bitmaps extension, flush, free replaced clusters, flush. A
  * crash leaves the old or the new state (plus, at worst, leaked clusters).
- * On failure the handle refuses further edits; reopen the image.
+ *
+ * Every cluster the commit needs (data, tables, directory, refcount blocks,
+ * a grown refcount table) is placed before anything is written, free
+ * clusters first, then past the image end. On a block device that cannot
+ * hold the image end this gives, the commit is refused with ENOSPC ("not
+ * enough space on DEVICE: the edit needs N bytes past the image end M; the
+ * device has S") and nothing is written; on a file the space is reserved
+ * first (fallocate), so a full file system refuses the same way. An error
+ * met before the switch (ENOSPC, EIO) gives the old refcounts back and
+ * cuts the file back to its old size; the message then ends with "the
+ * image was not changed". An error at or after the switch says which
+ * state the image holds. On failure the handle refuses further edits;
+ * reopen the image. Returns 0 or -1.
  */
 QBM_API int qbm_commit(struct qbm_image *img);
+
+/* Plan as if every data cluster of each staged bitmap were dirty: the
+ * most the staged bitmaps can take once QEMU has written to the whole
+ * disk (for an added bitmap: what it can grow to). */
+#define QBM_PLAN_WORST_CASE 0x1u
+#define QBM_PLAN_MASK 0x1u
+
+/*
+ * A dry run of qbm_commit(): the same checks and the same placement of
+ * every new cluster, nothing written, the staged edits kept. Sets
+ * *ret_bytes to the bytes of new clusters the commit would write and
+ * *ret_end to the image end offset once they are written (before the
+ * clusters it replaces are freed), and returns 0; or fails as the commit
+ * would before writing (ENOSPC on a device too small included), -1.
+ */
+QBM_API int qbm_commit_plan(struct qbm_image *img, unsigned flags,
+                            uint64_t *ret_bytes, uint64_t *ret_end);
 
 /* ---- consistency check and repair -------------------------------------- */
 

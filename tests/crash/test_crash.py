@@ -11,10 +11,19 @@ from before the edit or those after it, and the contents of every bitmap
 (read with qbm dump, which the other suites check against qemu-nbd) must be
 exactly the before or the after state. The uncrashed result is also
 checked against QEMU's own view with qemu-nbd + nbdinfo.
+Errors that are not crashes (a full disk, a transient EIO): every write
+and flush point of each bitmap edit fails once in turn (crash-harness
+--fail, ENOSPC for every edit, EIO for a few), and the image the failed
+commit leaves is judged by what the message says: "the image was not
+changed" means the old bitmaps, the old size and a clean qemu-img check
+(no leaks: the refcounts written are given back); "the edit is in place"
+the new bitmaps; "the switch ... failed" either state; leaks are allowed
+in the last two.
 --seeds N caps the seeds of every scenario (valgrind runs 1: the seed only
 picks which unflushed writes the crash image keeps; the library runs the
 same code for every seed).
 """
+import errno
 import hashlib
 import os
 import sys
@@ -135,6 +144,56 @@ def scenarios(tmp):
     ]
 
 
+def check_failures(suite, qbm, harness, tmp, desc, img, op, err):
+    """Fail each write/flush point of the edit once with err; judge the
+    images left behind. Returns how many were judged."""
+    out = tempfile.mkdtemp(dir=tmp)
+    os.symlink(os.path.join(tmp, "back.qcow2"),
+               os.path.join(out, "back.qcow2"))
+    label = "%s, %s" % (desc, errno.errorcode[err])
+    p = run([harness, "--fail=%d" % err, img, out, "1"] + op, ok=None)
+    if p.returncode != 0:
+        suite.fail("%s: harness: %s" % (label, p.stderr.strip()))
+        return 0
+    before = state(qbm, img)
+    after = state(qbm, os.path.join(out, "after.qcow2"))
+    size = os.path.getsize(img)
+    n = 0
+    for point in range(1, int(p.stdout.strip()) + 1):
+        path = os.path.join(out, "failed-%d.qcow2" % point)
+        with open(os.path.join(out, "failed-%d.txt" % point)) as f:
+            msg = f.read().strip()
+        n += 1
+        c = qemu_img_check(path, ok=None)
+        try:
+            got = state(qbm, path)
+        except Fail as e:
+            suite.fail("%s, point %d: %s" % (label, point, e))
+            continue
+        where = "%s, point %d (%s)" % (label, point, msg)
+        if msg.endswith("the image was not changed"):
+            if got != before or c.returncode != 0 or \
+                    os.path.getsize(path) != size:
+                suite.fail("%s: not the old state: check rc=%d, size %d "
+                           "(was %d), bitmaps %s" % (
+                               where, c.returncode, os.path.getsize(path),
+                               size, got))
+        elif msg.startswith("the edit is in place"):
+            if got != after or c.returncode not in (0, 3):
+                suite.fail("%s: not the new state: check rc=%d" %
+                           (where, c.returncode))
+        elif msg.startswith("the switch to the new state failed"):
+            if got not in (before, after) or c.returncode not in (0, 3):
+                suite.fail("%s: neither state: check rc=%d" %
+                           (where, c.returncode))
+        else:
+            suite.fail("%s: the message does not say what state the image "
+                       "is in" % where)
+        os.unlink(path)
+    print("ok: %s (%d points fail once)" % (label, n))
+    return n
+
+
 def main():
     suite = Suite("crash", __doc__)
     suite.parser.add_argument("--harness", required=True)
@@ -171,7 +230,8 @@ def main():
                 os.unlink(path)
             print("ok: %s (%s write/flush points x %d seeds)" %
                   (desc, p.stdout.strip(), seeds))
-        for desc, img, seeds, *op in scenarios(tmp):
+        edits = scenarios(tmp)
+        for desc, img, seeds, *op in edits:
             seeds = min(seeds, args.seeds or seeds)
             out = tempfile.mkdtemp(dir=tmp)
             # Backing names are relative: keep them resolvable from out.
@@ -223,6 +283,11 @@ def main():
                 os.unlink(path)
             print("ok: %s (%d write/flush points x %d seeds)" %
                   (desc, npoints, seeds))
+        for k, (desc, img, seeds, *op) in enumerate(edits):
+            for err in (errno.ENOSPC, errno.EIO) if k < 3 else (
+                    errno.ENOSPC,):
+                checked += check_failures(suite, qbm, args.harness, tmp,
+                                          desc, img, op, err)
     print("crash images checked: %d" % checked)
     # Every crash image is one case; the other failures count against them.
     suite.passed = checked - suite.failed

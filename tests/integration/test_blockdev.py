@@ -96,13 +96,237 @@ def scenario_basic(qbm, tmp):
             raise Fail("dump through a symbolic link differs")
 
 
+def dirty_source(tmp, size):
+    """An image of virtual size `size` whose bitmap 'big' (512 B
+    granularity) QEMU marked dirty everywhere: size / 4096 bytes of bitmap
+    data (16 MiB for 64 GiB)."""
+    src = os.path.join(tmp, "src.qcow2")
+    qemu_img_create(src, size)
+    qemu_img("bitmap", "--add", "-g", "512", src, "big")
+    step = 1 << 30
+    qemu_io(src, *["write -z %d %d" % (o, min(step, size - o))
+                   for o in range(0, size, step)])
+    return src
+
+
+def scenario_no_space(qbm, tmp):
+    """The issue's example: a 6 MiB device, 2 MiB written, a merge of a
+    16 MiB bitmap from another image."""
+    src = dirty_source(tmp, 64 << 30)
+    with loop_device(tmp, 6 * MiB) as dev:
+        qemu_img_create(dev, 64 << 30)
+        qemu_io(dev, "write -P 7 0 2M")
+        qbm("add", "-g", "512", dev, "t")
+        end = qemu_image_end(dev)
+        before = file_hash(dev)
+        for dry in ([], ["--dry-run"]):
+            p = qbm("merge", *dry, "-b", src, dev, "t", "big", ok=(1,))
+            want = ("not enough space on %s: the edit needs %d bytes past "
+                    "the image end %d; the device has %d" % (
+                        dev, (16 << 20) + 2 * 65536, end, 6 * MiB))
+            if want not in p.stderr or p.stdout:
+                raise Fail("merge %s: expected '%s', got stdout %r stderr "
+                           "%r" % (dry, want, p.stdout, p.stderr))
+            if file_hash(dev) != before:
+                raise Fail("merge %s: the device changed" % dry)
+        qemu_img_check(dev)
+        if dirty_map(dev, "t") != []:
+            raise Fail("bitmap t is dirty: %s" % dirty_map(dev, "t"))
+        # add --dry-run: the most a bitmap can take, before making room.
+        p = qbm("add", "--dry-run", "-g", "512", dev, "n")
+        if ("at most, once every bit is dirty, it needs %d bytes" %
+                ((16 << 20) + 2 * 65536)) not in p.stdout or \
+                "(too few)" not in p.stdout:
+            raise Fail("add --dry-run: %r" % p.stdout)
+        if file_hash(dev) != before:
+            raise Fail("add --dry-run changed the device")
+        # A merge that fits: the other image's bitmap at 64 KiB granularity
+        # (tens of bytes of data).
+        qbm("add", dev, "u")
+        p = qbm("merge", "--dry-run", "-b", src, dev, "u", "big")
+        need = int(p.stdout.split("needs ")[1].split(" ")[0])
+        after = int(p.stdout.split("image end after the edit: ")[1]
+                    .split(";")[0])
+        qbm("merge", "-b", src, dev, "u", "big")
+        qemu_img_check(dev)
+        if qemu_image_end(dev) != after:
+            raise Fail("dry run said image end %d, QEMU says %d after the "
+                       "merge" % (after, qemu_image_end(dev)))
+        if need != 4 * 65536:
+            raise Fail("dry run: needs %d bytes, expected 4 clusters (2 of "
+                       "data, a table, a directory)" % need)
+        if dirty_map(dev, "u") != [(0, 64 << 30)]:
+            raise Fail("bitmap u: %s" % dirty_map(dev, "u"))
+
+
+def set_capacity(dev, size):
+    """Shrink the loop device behind node `dev` to `size` bytes."""
+    backing = dev + ".backing"
+    os.truncate(backing, size)
+    loop = run(["losetup", "-j", backing]).stdout.split(":")[0]
+    run(["losetup", "-c", loop])
+    with open(dev, "rb") as f:
+        if f.seek(0, 2) != size:
+            raise Fail("could not shrink the device to %d" % size)
+
+
+def scenario_free_clusters(qbm, tmp):
+    """A device that ends at the image end: an edit that fits into the
+    free clusters below it works and the image end does not move; one that
+    does not fit is refused, the device unchanged."""
+    with loop_device(tmp, 64 * MiB) as dev:
+        qemu_img_create(dev, 4 << 30, opts="cluster_size=4096")
+        qemu_io(dev, *["write %d 64k" % (i << 29) for i in range(8)])
+        qbm("add", "-g", "512", dev, "old")    # 8 data clusters, a table
+        qbm("populate", dev, "old")
+        qbm("add", "-g", "64k", dev, "keep")   # 2 data clusters, a table
+        qbm("populate", dev, "keep")
+        qbm("remove", dev, "old")
+        qemu_img_check(dev)
+        end = qemu_image_end(dev)
+        set_capacity(dev, end)
+        qbm("add", "-g", "64k", dev, "new")
+        qbm("populate", dev, "new")            # 4 clusters with the directory
+        qemu_img_check(dev)
+        if qemu_image_end(dev) != end:
+            raise Fail("image end moved from %d to %d" %
+                       (end, qemu_image_end(dev)))
+        for name in ("keep", "new"):
+            if qbm.dump(dev, name) != dirty_map(dev, name):
+                raise Fail("bitmap %s differs from QEMU's view" % name)
+        qbm("add", "-g", "512", dev, "more")
+        before = file_hash(dev)
+        p = qbm("populate", dev, "more", ok=(1,))  # 10 clusters: too many
+        if "not enough space on %s" % dev not in p.stderr:
+            raise Fail("populate on a full device: %s" % p.stderr.strip())
+        if file_hash(dev) != before:
+            raise Fail("the refused populate changed the device")
+        qemu_img_check(dev)
+
+
+def scenario_small_fs(qbm, tmp):
+    """An image on a tiny tmpfs: an edit that cannot fit is refused with
+    the file unchanged (bytes and size); one that fits works."""
+    src = dirty_source(tmp, 64 << 30)
+    mnt = os.path.join(tmp, "mnt")
+    os.mkdir(mnt)
+    run(["mount", "-t", "tmpfs", "-o", "size=6m", "qbm-test", mnt])
+    try:
+        img = os.path.join(mnt, "img.qcow2")
+        qemu_img_create(img, 64 << 30)
+        qemu_io(img, "write -P 7 0 2M")
+        qbm("add", "-g", "512", img, "t")
+        qbm("add", img, "u")
+        size, before = os.path.getsize(img), file_hash(img)
+        p = qbm("merge", "-b", src, img, "t", "big", ok=(1,))
+        if "not enough space for" not in p.stderr or \
+                "the image was not changed" not in p.stderr:
+            raise Fail("merge on a full file system: %s" % p.stderr.strip())
+        if os.path.getsize(img) != size or file_hash(img) != before:
+            raise Fail("the refused merge changed the file (size %d -> %d)"
+                       % (size, os.path.getsize(img)))
+        qemu_img_check(img)
+        qbm("merge", "-b", src, img, "u", "big")
+        qemu_img_check(img)
+        if dirty_map(img, "u") != [(0, 64 << 30)] or dirty_map(img, "t"):
+            raise Fail("bitmaps after the merge that fits: u %s, t %s" %
+                       (dirty_map(img, "u"), dirty_map(img, "t")))
+    finally:
+        run(["umount", mnt], ok=None)
+
+
+def scenario_dry_run_checks(qbm, tmp):
+    """--dry-run refuses what the edit refuses: here a cluster 0 with no
+    room left for the bitmaps extension (512 B clusters, a 360-byte
+    backing name)."""
+    img = os.path.join(tmp, "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-o", "cluster_size=512",
+             "-b", "b" * 354 + ".qcow2", "-F", "qcow2", img, "16M")
+    real = qbm("add", img, "x", ok=None)
+    dry = qbm("add", "--dry-run", img, "x", ok=None)
+    if real.returncode == 0:
+        raise Fail("the real add worked: the image is not what the test "
+                   "needs")
+    if dry.returncode != real.returncode or dry.stdout:
+        raise Fail("add --dry-run: exit %d, stdout %r; the real add: exit "
+                   "%d, %s" % (dry.returncode, dry.stdout, real.returncode,
+                               real.stderr.strip()))
+
+
+def random_edits(rng, n):
+    """n random edits as argument lists for qbm (IMAGE stands for the
+    image), with qemu-io writes between them."""
+    names, out = [], []
+    for _ in range(n):
+        k = rng.randrange(8)
+        if k == 0 or len(names) < 2:
+            name = "b%d" % rng.randrange(1000)
+            if name in names:
+                continue
+            g = rng.choice(["512", "4k", "64k", "1M"])
+            out.append(("qbm", ["add", "-g", g, "IMAGE", name]))
+            names.append(name)
+        elif k == 1:
+            out.append(("qbm", ["remove", "IMAGE", names.pop(
+                rng.randrange(len(names)))]))
+        elif k == 2:
+            out.append(("qbm", ["clear", "IMAGE", rng.choice(names)]))
+        elif k == 3:
+            a, b = rng.sample(names, 2)
+            out.append(("qbm", ["merge", "IMAGE", a, b]))
+        elif k == 4:
+            out.append(("qbm", [rng.choice(["enable", "disable"]), "IMAGE",
+                                rng.choice(names)]))
+        elif k == 5:
+            off = rng.randrange(0, 256) << 20
+            out.append(("io", "write %d %d" % (off, rng.randrange(1, 64) <<
+                                                 16)))
+        else:
+            out.append(("qbm", ["populate", "IMAGE", rng.choice(names)]))
+    return out
+
+
+def scenario_differential(qbm, tmp, rng):
+    """The same edits on a file image and on a device image."""
+    with loop_device(tmp, 32 * MiB) as dev:
+        f = os.path.join(tmp, "file.qcow2")
+        for img in (f, dev):
+            qemu_img_create(img, 256 * MiB, opts="cluster_size=4096")
+        for kind, what in random_edits(rng, 30):
+            for img in (f, dev):
+                if kind == "io":
+                    qemu_io(img, what)
+                else:
+                    qbm(*[img if a == "IMAGE" else a for a in what])
+        for img in (f, dev):
+            qemu_img_check(img)
+        bf, bd = qemu_bitmaps(f), qemu_bitmaps(dev)
+        if bf != bd:
+            raise Fail("bitmaps differ: file %s, device %s" % (bf, bd))
+        for name in bf:
+            if dirty_map(f, name) != dirty_map(dev, name):
+                raise Fail("bitmap %s differs: file %s, device %s" % (
+                    name, dirty_map(f, name), dirty_map(dev, name)))
+        if qemu_image_end(f) != qemu_image_end(dev):
+            raise Fail("image ends differ: file %d, device %d" % (
+                qemu_image_end(f), qemu_image_end(dev)))
+        if info(qbm, dev)["image-end-offset"] != qemu_image_end(dev):
+            raise Fail("qbm info's image end differs from QEMU's")
+
+
 def main():
     suite = Suite("blockdev", __doc__, seeded=True)
     suite.parser.add_argument("--rounds", type=int, default=3,
                               help="random differential rounds")
     args = suite.start()
     require_loop()
-    suite.case("basic", lambda tmp: scenario_basic(suite.qbm, tmp))
+    for fn in (scenario_basic, scenario_no_space, scenario_free_clusters,
+               scenario_small_fs, scenario_dry_run_checks):
+        suite.case(fn.__name__, lambda tmp: fn(suite.qbm, tmp))
+    for i in range(args.rounds):
+        suite.case("differential round %d" % i,
+                   lambda tmp: scenario_differential(suite.qbm, tmp,
+                                                     suite.rng(i)), index=i)
     return suite.finish()
 
 

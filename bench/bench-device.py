@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Benchmark: the same work on an image on a block device and on a file.
+
+One image (16 TiB, 64 KiB clusters, bitmap 'base' with every one of its 512
+data clusters non-empty, about 100,000 extents, and 'alt' with disjoint
+bits) is copied byte for byte onto a loop device and into a file, both
+under --dir (default /var/tmp). The device is reached only through a
+private node made with mknod in a temporary directory, and detached
+afterwards. Alternating device and file, --reps times: dump base (human),
+info, add t, merge base into t (shared clusters), merge alt into t (every
+data cluster of t changes: written and flushed), clear t, remove t, and the
+same merge with --dry-run. Prints the medians, the device/file ratio per
+step and overall (sum of medians). Target: within 1.1x. Needs root and
+losetup.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+from images import TiB, make_dense, timed
+from qbmtest import MiB, loop_available, loop_device, qemu_img_check
+
+
+def steps(img):
+    return [("dump", ["dump", img, "base"]),
+            ("info", ["info", img]),
+            ("add", ["add", img, "t"]),
+            ("merge", ["merge", img, "t", "base"]),
+            ("merge alt", ["merge", img, "t", "alt"]),
+            ("dry-run", ["merge", "--dry-run", img, "t", "base"]),
+            ("clear", ["clear", img, "t"]),
+            ("remove", ["remove", img, "t"])]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--qbm", default=os.path.join(here, "..", "build",
+                                                  "tools", "qbm"))
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--dir", default=os.environ.get("QBM_BENCH_DIR",
+                                                    "/var/tmp"))
+    args = ap.parse_args()
+    if not loop_available():
+        print("loop devices unavailable (needs root and losetup)")
+        return 77
+    qbm = os.path.abspath(args.qbm)
+    d = tempfile.mkdtemp(prefix="qbm-bench-device-", dir=args.dir)
+    try:
+        src = os.path.join(d, "src.qcow2")
+        make_dense(src, 16 * TiB, alt=True)
+        size = os.path.getsize(src)
+        with loop_device(d, size + 256 * MiB) as dev:
+            f = os.path.join(d, "file.qcow2")
+            for dst in (dev, f):
+                with open(src, "rb") as i, open(dst, "r+b" if dst == dev
+                                                else "wb") as o:
+                    shutil.copyfileobj(i, o, 1 << 20)
+                    o.flush()
+                    os.fsync(o.fileno())
+            times = {}
+            for _ in range(args.reps):
+                for kind, img in (("device", dev), ("file", f)):
+                    for name, cmd in steps(img):
+                        times.setdefault((name, kind), []).append(
+                            timed([qbm] + cmd))
+            for img in (dev, f):
+                qemu_img_check(img, "-q")
+        print("%-10s %10s %10s %7s" % ("step", "device ms", "file ms",
+                                       "ratio"))
+        total = {"device": 0.0, "file": 0.0}
+        for name, _ in steps("x"):
+            m = {k: statistics.median(times[(name, k)]) * 1000
+                 for k in ("device", "file")}
+            for k in m:
+                total[k] += m[k]
+            print("%-10s %10.1f %10.1f %6.2fx" % (name, m["device"],
+                                                   m["file"],
+                                                   m["device"] / m["file"]))
+        ratio = total["device"] / total["file"]
+        print("all steps: device %.1f ms, file %.1f ms: %.2fx (target <= "
+              "1.1x): %s" % (total["device"], total["file"], ratio,
+                             "PASS" if ratio <= 1.1 else "FAIL"))
+        return 0 if ratio <= 1.1 else 1
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
