@@ -8,8 +8,11 @@
  * Nothing reaches the disk before qbm_txn_commit() except the contents of
  * clusters this transaction allocated, which nothing references yet and
  * whose refcount on disk is still 0: abandoning a transaction before the
- * commit therefore leaves the image exactly as it was (apart from bytes in
- * free clusters and possibly a longer file).
+ * commit therefore leaves the image as it was, apart from bytes in free
+ * clusters (a longer file is cut back). A commit that fails before its
+ * switch gives the refcounts it wrote back (qbm_alloc_rollback) first.
+ * qbm_txn_prepare() tells, before anything is written, what the
+ * transaction needs and whether the image (a block device) can hold it.
  */
 #include <stdio.h>
 #include <stdlib.h>

@@ -9,7 +9,9 @@ when the case fails. Images are made by qemu-img directly on the node.
 - basic: info, add, populate, merge, dump, check and remove on a device
   (the size comes from the device, not from fstat); QEMU's check is clean
   and qemu-nbd exports what qbm wrote; `qbm info` reports the image end
-  offset qemu-img check reports; locks work on the node;
+  offset qemu-img check reports and the bitmaps' size the layout gives;
+  locks work on the node; symbolic links are followed; check --repair
+  after a QEMU crash on the device;
 - no space: the issue's example (a 6 MiB device, 2 MiB written, a merge of
   a dirty 16 MiB-disk bitmap from another image at 512 B granularity):
   refused with the no-space message, the device byte for byte unchanged,
@@ -31,10 +33,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
-from qbmtest import (MiB, Fail, Suite, dirty_map, file_hash,  # noqa: E402
-                     loop_device, qemu_bitmaps, qemu_image_end, qemu_img,
-                     qemu_img_check, qemu_img_create, qemu_io, require_loop,
-                     run)
+from qbmtest import (OFFSET_MASK, MiB, Fail, Qcow2, Suite,  # noqa: E402
+                     dirty_map, file_hash, loop_device, qemu_bitmaps,
+                     qemu_image_end, qemu_img, qemu_img_check,
+                     qemu_img_create, qemu_io, require_loop, run)
 
 
 def info(qbm, img):
@@ -94,6 +96,27 @@ def scenario_basic(qbm, tmp):
         os.symlink(dev, link)
         if qbm.dump(link, "a") != dirty_map(dev, "a"):
             raise Fail("dump through a symbolic link differs")
+        # bitmaps-size: the directory, tables and data clusters, once each.
+        q = Qcow2(dev)
+        cs = q.cluster_size
+        clusters = {q.bitmap_directory_offset // cs + k for k in range(
+            (q.bitmap_directory_size + cs - 1) // cs)}
+        for e in q.bitmaps:
+            clusters |= {e.bitmap_table_offset // cs + k for k in range(
+                (e.bitmap_table_size * 8 + cs - 1) // cs)}
+            clusters |= {x // cs for x in (y & OFFSET_MASK for y in
+                                           q.bitmap_table(e)) if x}
+        if info(qbm, dev)["bitmaps-size"] != len(clusters) * cs:
+            raise Fail("info: bitmaps-size %d, the layout says %d" % (
+                info(qbm, dev)["bitmaps-size"], len(clusters) * cs))
+        # A crash (QEMU leaves the bitmap in use and clusters leaked), then
+        # check and repair on the device.
+        qemu_io(dev, "write 2M 64k", "abort", ok=None)
+        qbm("check", dev, ok=(2,))
+        qbm("check", "--repair", dev, ok=(0,))
+        qemu_img_check(dev)
+        if dirty_map(dev, "a") != [(0, 256 * MiB)]:
+            raise Fail("repaired bitmap a: %s" % dirty_map(dev, "a"))
 
 
 def dirty_source(tmp, size):
