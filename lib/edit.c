@@ -749,8 +749,11 @@ static int commit_run(struct qbm_image *img, enum commit_mode mode,
         return r;
     }
     if (!img->staged) {
+        /* Nothing to write; a dry run still reports where the image ends. */
         memset(ret_space, 0, sizeof(*ret_space));
-        r = qbm_impl_image_end_offset(img, &ret_space->end_before);
+        r = mode == COMMIT_WRITE
+                ? 0
+                : qbm_impl_image_end_offset(img, &ret_space->end_before);
         ret_space->end_after = ret_space->end_before;
         return r;
     }
