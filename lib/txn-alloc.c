@@ -678,15 +678,35 @@ void qbm_alloc_space(struct qbm_alloc *a, struct qbm_space *ret)
     for_each_new_run(a, add_run, ret);
 }
 
+/* Adjacent runs (clusters allocated one by one) are reserved together. */
+struct reserve_state {
+    uint64_t off, len;
+};
+
 static int reserve_run(struct qbm_alloc *a, uint64_t off, uint64_t len,
                        void *opaque)
 {
-    return qbm_io_reserve(a->img->io, off, len);
+    struct reserve_state *st = opaque;
+    int r = 0;
+
+    if (st->len && st->off + st->len == off) {
+        st->len += len;
+        return 0;
+    }
+    if (st->len) {
+        r = qbm_io_reserve(a->img->io, st->off, st->len);
+    }
+    st->off = off;
+    st->len = len;
+    return r;
 }
 
 int qbm_alloc_reserve(struct qbm_alloc *a)
 {
-    return for_each_new_run(a, reserve_run, NULL);
+    struct reserve_state st = { 0 };
+    int r = for_each_new_run(a, reserve_run, &st);
+
+    return r || !st.len ? r : qbm_io_reserve(a->img->io, st.off, st.len);
 }
 
 int qbm_alloc_rollback(struct qbm_alloc *a)
