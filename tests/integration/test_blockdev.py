@@ -311,7 +311,8 @@ def random_edits(rng, n):
 
 def scenario_differential(qbm, tmp, rng):
     """The same edits on a file image and on a device image."""
-    with loop_device(tmp, 32 * MiB) as dev:
+    # Room for the largest sequence (30 writes of up to 4 MiB).
+    with loop_device(tmp, 192 * MiB) as dev:
         f = os.path.join(tmp, "file.qcow2")
         for img in (f, dev):
             qemu_img_create(img, 256 * MiB, opts="cluster_size=4096")
