@@ -627,8 +627,7 @@ int qbm_alloc_refcount(struct qbm_alloc *a, uint64_t offset, uint64_t *ret)
     return get_refcount(a, offset / a->cs, ret);
 }
 
-/* ---- space and rollback ---------------------------------------------------
- */
+/* ---- space and rollback ------------------------------------------------- */
 
 /* Call fn on every run of clusters the transaction writes: allocated
  * clusters, refcount blocks it created, a grown refcount table. */
