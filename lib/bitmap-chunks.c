@@ -42,7 +42,7 @@ static uint8_t *chunk_alloc(struct qbm_bmap *bm)
     }
     if (bm->spare) {
         c = bm->spare;
-        bm->spare = NULL;
+        memcpy(&bm->spare, c, sizeof(bm->spare));
         memset(c, 0, bm->chunk_bytes);
         return c;
     }
@@ -72,6 +72,13 @@ static uint8_t *chunk_alloc(struct qbm_bmap *bm)
     c = a->base + a->used;
     a->used += bm->chunk_bytes;
     return c;
+}
+
+/* Give a buffer back: the spare list is linked through the buffers. */
+static void chunk_give_back(struct qbm_bmap *bm, uint8_t *c)
+{
+    memcpy(c, &bm->spare, sizeof(bm->spare));
+    bm->spare = c;
 }
 
 static void arenas_free(struct qbm_bmap *bm)
@@ -322,7 +329,7 @@ int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx)
     }
     r = ref_read(bm, idx, c);
     if (r < 0) {
-        bm->spare = c;
+        chunk_give_back(bm, c);
         return r;
     }
     bm->chunks[idx] = c;
@@ -469,7 +476,7 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
         if (is_subset(data, bm->chunks[idx], bm->chunk_bytes)) {
             /* data adds no bit: keep the reference, so that the unchanged
              * chunk is shared or copied at commit, not rewritten. */
-            bm->spare = bm->chunks[idx];
+            chunk_give_back(bm, bm->chunks[idx]);
             bm->chunks[idx] = QBM_CHUNK_REF;
             return 0;
         }
@@ -497,6 +504,73 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
         memcpy(c + i, &a, 8);
     }
     return 0;
+}
+
+int qbm_bmap_or_chunks(struct qbm_bmap *bm, const uint64_t *idx,
+                       const uint8_t *const *data, size_t n)
+{
+    uint64_t *offs = NULL;
+    uint8_t **bufs = NULL;
+    size_t *which = NULL, m = 0, k, j;
+    int r = 0;
+
+    /* The referenced chunks that data may change: their clusters are read
+     * into new buffers, runs of one io's consecutive clusters at once. */
+    for (k = 0; k < n; k++) {
+        if (idx[k] < bm->nchunks && bm->chunks[idx[k]] == QBM_CHUNK_REF &&
+            data[k] && data[k] != QBM_CHUNK_ONES) {
+            m++;
+        }
+    }
+    if (m) {
+        offs = qbm_malloc(m * sizeof(*offs));
+        bufs = qbm_calloc(m, sizeof(*bufs));
+        which = qbm_malloc(m * sizeof(*which));
+        if (!offs || !bufs || !which) {
+            free(offs);
+            free(bufs);
+            free(which);
+            return -ENOMEM;
+        }
+    }
+    for (k = 0, m = 0; k < n && r == 0; k++) {
+        if (idx[k] < bm->nchunks && bm->chunks[idx[k]] == QBM_CHUNK_REF &&
+            data[k] && data[k] != QBM_CHUNK_ONES) {
+            bufs[m] = chunk_alloc(bm);
+            r = bufs[m] ? 0 : -ENOMEM;
+            offs[m] = bm->refs[idx[k]].offset;
+            which[m++] = k;
+        }
+    }
+    for (k = 0; k < m && r == 0; k = j) {
+        struct qbm_io *io = bm->refs[idx[which[k]]].io;
+
+        for (j = k + 1; j < m && bm->refs[idx[which[j]]].io == io; j++) {
+        }
+        r = qbm_io_read_pieces(io, offs + k, bufs + k, j - k, bm->chunk_bytes);
+        if (r < 0) {
+            r = qbm_err_prefix(r, "bitmap data clusters");
+        }
+    }
+    for (k = 0; k < m; k++) {
+        if (r == 0 && !is_subset(data[which[k]], bufs[k], bm->chunk_bytes)) {
+            bm->chunks[idx[which[k]]] = bufs[k]; /* ORed below */
+        } else if (bufs[k]) {
+            /* data adds no bit: the reference stays (see or_chunk). */
+            chunk_give_back(bm, bufs[k]);
+        }
+    }
+    free(offs);
+    free(bufs);
+    free(which);
+    for (k = 0; k < n && r == 0; k++) {
+        if (idx[k] < bm->nchunks && bm->chunks[idx[k]] != QBM_CHUNK_REF) {
+            r = qbm_bmap_or_chunk(bm, idx[k], data[k]);
+        } else if (data[k] == QBM_CHUNK_ONES) {
+            r = qbm_bmap_or_chunk(bm, idx[k], data[k]);
+        }
+    }
+    return r;
 }
 
 static void extent_state_init(struct qbm_extent_state *st,

@@ -304,13 +304,42 @@ fail:
     return r;
 }
 
+int qcow2_bitmap_read_clusters(struct qbm_image *img, const uint64_t *offs,
+                               uint8_t *const *bufs, size_t n)
+{
+    size_t k;
+    int r;
+
+    for (k = 0; k < n; k++) {
+        /* What qbm_io_read_meta refuses for a single cluster. */
+        if (offs[k] > QCOW2_MAX_HOST_OFFSET - img->cluster_size) {
+            return qbm_err(EINVAL,
+                           "bitmap data cluster at 0x%llx: beyond the "
+                           "largest possible image",
+                           (unsigned long long)offs[k]);
+        }
+    }
+    r = qbm_io_read_pieces(img->io, offs, bufs, n, img->cluster_size);
+    return r < 0 ? qbm_err_prefix(r, "bitmap data clusters") : 0;
+}
+
+/* Clusters read at once: runs of consecutive clusters in one call. */
+static uint64_t window_clusters(const struct qbm_image *img)
+{
+    return img->cluster_size >= QBM_READ_WINDOW
+               ? 1
+               : QBM_READ_WINDOW / img->cluster_size;
+}
+
 int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
                              qbm_chunk_fn fn, void *opaque)
 {
     uint64_t nchunks = qcow2_bitmap_table_size(
         img->hdr.size, bm->granularity_bits, img->cluster_size);
-    uint8_t *buf = NULL;
-    uint64_t i;
+    uint64_t win = window_clusters(img), i = 0, first, k;
+    uint64_t *offs = NULL;
+    uint8_t *buf = NULL, **bufs = NULL;
+    size_t n;
     int r;
 
     r = qcow2_bitmap_table_load(img, bm);
@@ -322,32 +351,47 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
     if (nchunks > bm->table_size) {
         nchunks = bm->table_size;
     }
-    for (i = 0; i < nchunks; i++) {
-        uint64_t e = bm->table[i];
-        uint64_t off = e & BME_TABLE_OFFSET_MASK;
+    while (i < nchunks && r == 0) {
+        /* Chunks [first, i) hold n data clusters: read them together,
+         * then hand every chunk to fn in order. */
+        for (first = i, n = 0; i < nchunks && n < win; i++) {
+            uint64_t off = bm->table[i] & BME_TABLE_OFFSET_MASK;
 
-        if (off == 0) {
-            r = fn(opaque, i, (e & BME_TABLE_ALL_ONES) ? QBM_CHUNK_ONES : NULL);
-        } else {
-            if (!buf) {
-                buf = qbm_malloc(img->cluster_size);
-                if (!buf) {
-                    return -ENOMEM;
+            if (off && !buf) {
+                n = (size_t)(nchunks - i < win ? nchunks - i : win);
+                buf = qbm_malloc(n * img->cluster_size);
+                offs = qbm_malloc(win * sizeof(*offs));
+                bufs = qbm_malloc(win * sizeof(*bufs));
+                if (!buf || !offs || !bufs) {
+                    r = -ENOMEM;
+                    break;
                 }
+                n = 0;
             }
-            r = qbm_image_read_meta(img, buf, img->cluster_size, off,
-                                    "bitmap data cluster");
-            if (r < 0) {
-                r = qbm_err_prefix(r, "bitmap '%s'", bm->name);
-            } else {
-                r = fn(opaque, i, buf);
+            if (off) {
+                offs[n] = off;
+                bufs[n] = buf + n * img->cluster_size;
+                n++;
             }
         }
-        if (r) {
-            break;
+        r = r ? r : qcow2_bitmap_read_clusters(img, offs, bufs, n);
+        if (r < 0) {
+            r = qbm_err_prefix(r, "bitmap '%s'", bm->name);
+        }
+        for (k = first, n = 0; k < i && r == 0; k++) {
+            uint64_t e = bm->table[k];
+
+            if (e & BME_TABLE_OFFSET_MASK) {
+                r = fn(opaque, k, bufs[n++]);
+            } else {
+                r = fn(opaque, k,
+                       (e & BME_TABLE_ALL_ONES) ? QBM_CHUNK_ONES : NULL);
+            }
         }
     }
     free(buf);
+    free(offs);
+    free(bufs);
     return r;
 }
 

@@ -409,8 +409,9 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
                              struct qcow2_bitmap *sbm, struct qbm_bmap *dst)
 {
     struct qbm_io *src_io = img->io;
-    uint8_t *tmp = NULL;
-    uint64_t i;
+    uint64_t cs = src->cluster_size, win, i, *idx = NULL, *offs = NULL;
+    uint8_t *buf = NULL, **bufs = NULL;
+    size_t n = 0;
     int r = 0;
 
     if (src != img) {
@@ -426,6 +427,9 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
         }
     }
     r = r ? r : qcow2_bitmap_table_load(src, sbm);
+    /* The clusters to OR are read a window at a time, as are the target's
+     * referenced clusters they change (qbm_bmap_or_chunks). */
+    win = cs >= QBM_READ_WINDOW ? 1 : QBM_READ_WINDOW / cs;
     for (i = 0; r == 0 && i < dst->nchunks && i < sbm->table_size; i++) {
         uint64_t e = sbm->table[i], off = e & BME_TABLE_OFFSET_MASK;
         uint8_t *c = dst->chunks[i];
@@ -444,15 +448,33 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
             r = qbm_bmap_set_ref(dst, i, src_io, off);
             continue;
         }
-        if (!tmp && !(tmp = qbm_malloc(src->cluster_size))) {
-            r = -ENOMEM;
-            break;
+        if (!buf) {
+            buf = qbm_malloc(win * cs);
+            idx = qbm_malloc(win * sizeof(*idx));
+            offs = qbm_malloc(win * sizeof(*offs));
+            bufs = qbm_malloc(win * sizeof(*bufs));
+            if (!buf || !idx || !offs || !bufs) {
+                r = -ENOMEM;
+                break;
+            }
         }
-        r = qbm_image_read_meta(src, tmp, src->cluster_size, off,
-                                "bitmap data cluster");
-        r = r ? r : qbm_bmap_or_chunk(dst, i, tmp);
+        idx[n] = i;
+        offs[n] = off;
+        bufs[n] = buf + n * cs;
+        if (++n == win) {
+            r = qcow2_bitmap_read_clusters(src, offs, bufs, n);
+            r = r ? r : qbm_bmap_or_chunks(dst, idx, (const uint8_t **)bufs, n);
+            n = 0;
+        }
     }
-    free(tmp);
+    if (r == 0 && n) {
+        r = qcow2_bitmap_read_clusters(src, offs, bufs, n);
+        r = r ? r : qbm_bmap_or_chunks(dst, idx, (const uint8_t **)bufs, n);
+    }
+    free(buf);
+    free(idx);
+    free(offs);
+    free(bufs);
     return r;
 }
 
@@ -631,6 +653,7 @@ struct new_table {
     uint8_t *tbl; /* big-endian entries, whole clusters */
     uint64_t offset;
     uint64_t clusters;
+    uint8_t *tail; /* the last chunk's set bits, when it is all ones */
 };
 
 /* Where each data cluster of bm->data and its new table go. */
@@ -638,7 +661,8 @@ static int plan_bitmap(struct qbm_image *img, struct qbm_txn *txn,
                        struct new_table *nt, bool worst)
 {
     struct qbm_bmap *d = nt->bm->data;
-    uint64_t cs = img->cluster_size, i, off;
+    uint64_t cs = img->cluster_size, i, off = 0, n = 0, left = 0;
+    bool run;
     int r = 0;
 
     nt->clusters = div_round_up(d->nchunks * 8, cs);
@@ -656,25 +680,122 @@ static int plan_bitmap(struct qbm_image *img, struct qbm_txn *txn,
         if (c == QBM_CHUNK_REF && d->refs[i].io == img->io) {
             /* Unmodified data of this image: share the cluster. */
             r = qbm_txn_share(txn, d->refs[i].offset, &shared);
-            off = d->refs[i].offset;
         }
-        if (r == 0 && !shared) {
-            r = qbm_txn_alloc(txn, 1, &off);
+        if (shared) {
+            be64_store(nt->tbl + i * 8, d->refs[i].offset);
+        } else {
+            n++; /* an entry left 0 gets a new cluster below */
         }
-        if (r == 0) {
-            be64_store(nt->tbl + i * 8, off);
+    }
+    /*
+     * The new clusters in one run, in table order, so that they go out in
+     * one vectored write (write_bitmap): first fit, in a hole large enough
+     * or at the end of a file, which grows past holes too small for the
+     * run (they stay free for later edits). Runs longer than half a
+     * refcount block's range are split (qbm_txn_alloc_run), which only
+     * matters for narrow clusters with wide refcounts. A device has no end
+     * to grow into: there they are placed one by one, first fit, as tight
+     * as the free space is.
+     */
+    run = !img->io->capacity;
+    for (i = 0; i < d->nchunks && r == 0 && n; i++) {
+        if ((!d->chunks[i] && !worst) || be64_load(nt->tbl + i * 8)) {
+            continue;
         }
+        if (left == 0) {
+            r = run ? qbm_txn_alloc_run(txn, n, &off, &left)
+                    : qbm_txn_alloc(txn, 1, &off);
+            left = run ? left : 1;
+            if (r < 0) {
+                break;
+            }
+        }
+        be64_store(nt->tbl + i * 8, off);
+        off += cs;
+        left--;
+        n--;
     }
     return r ? r : qbm_txn_alloc(txn, nt->clusters, &nt->offset);
 }
 
-/* Write the data clusters and the table plan_bitmap placed. */
-static int write_bitmap(struct qbm_image *img, struct qbm_txn *txn,
-                        struct new_table *nt, uint8_t *cbuf)
+/*
+ * Writes of new clusters gathered into batches: buffers for consecutive
+ * clusters go out in one vectored write, copies of consecutive clusters of
+ * one file in one copy.
+ */
+#define BATCH_IOV 1024
+
+struct batch {
+    struct qbm_txn *txn;
+    struct iovec iov[BATCH_IOV];
+    int n;
+    uint64_t off, len;        /* the pending write */
+    struct qbm_io *src;       /* the pending copy: from src */
+    uint64_t src_off, to, cp; /* ... at src_off, to `to`, cp bytes */
+};
+
+static int batch_flush(struct batch *b)
+{
+    int r = 0;
+
+    if (b->n) {
+        r = qbm_txn_writev(b->txn, b->iov, b->n, b->off);
+        b->n = 0;
+    }
+    if (r == 0 && b->cp) {
+        r = qbm_txn_copy(b->txn, b->src, b->src_off, b->cp, b->to);
+        b->cp = 0;
+    }
+    return r;
+}
+
+static int batch_write(struct batch *b, const void *buf, size_t len,
+                       uint64_t off)
+{
+    int r = 0;
+
+    if (b->n && (b->off + b->len != off || b->n == BATCH_IOV)) {
+        r = batch_flush(b);
+    }
+    if (b->n == 0) {
+        b->off = off;
+        b->len = 0;
+    }
+    b->iov[b->n].iov_base = (void *)buf;
+    b->iov[b->n++].iov_len = len;
+    b->len += len;
+    return r;
+}
+
+static int batch_copy(struct batch *b, struct qbm_io *src, uint64_t src_off,
+                      size_t len, uint64_t off)
+{
+    int r = 0;
+
+    if (b->cp && b->src == src && b->src_off + b->cp == src_off &&
+        b->to + b->cp == off) {
+        b->cp += len;
+        return 0;
+    }
+    if (b->cp) {
+        r = batch_flush(b);
+    }
+    b->src = src;
+    b->src_off = src_off;
+    b->to = off;
+    b->cp = len;
+    return r;
+}
+
+/* Write the data clusters and the table plan_bitmap placed; `ones` holds
+ * a cluster of set bits. Every buffer stays valid until the batch is
+ * flushed. */
+static int write_bitmap(struct qbm_image *img, struct batch *b,
+                        struct new_table *nt, const uint8_t *ones)
 {
     struct qcow2_bitmap *bm = nt->bm;
     struct qbm_bmap *d = bm->data;
-    uint64_t cs = img->cluster_size, i;
+    uint64_t cs = img->cluster_size, bpc = cs * 8, i;
     int r = 0;
 
     for (i = 0; i < d->nchunks && r == 0; i++) {
@@ -689,30 +810,35 @@ static int write_bitmap(struct qbm_image *img, struct qbm_txn *txn,
 
             if (ref->io != img->io || ref->offset != off) {
                 /* Copied without reading it here. */
-                r = qbm_txn_copy(txn, ref->io, ref->offset, cs, off);
+                r = batch_copy(b, ref->io, ref->offset, cs, off);
             }
             continue;
         }
         if (c == QBM_CHUNK_ONES) {
             /* QEMU never writes the all-ones table entry: write the bits,
              * leaving those past the end of the disk zero. */
-            uint64_t bpc = cs * 8;
-            uint64_t nb = d->nbits - i * bpc < bpc ? d->nbits - i * bpc : bpc;
+            uint64_t nb = d->nbits - i * bpc;
 
-            memset(cbuf, 0, cs);
-            memset(cbuf, 0xff, nb / 8);
-            if (nb % 8) {
-                cbuf[nb / 8] = (uint8_t)((1u << (nb % 8)) - 1);
+            c = ones;
+            if (nb < bpc) {
+                nt->tail = qbm_calloc(1, cs);
+                if (!nt->tail) {
+                    return -ENOMEM;
+                }
+                memset(nt->tail, 0xff, nb / 8);
+                if (nb % 8) {
+                    nt->tail[nb / 8] = (uint8_t)((1u << (nb % 8)) - 1);
+                }
+                c = nt->tail;
             }
-            c = cbuf;
         }
-        r = qbm_txn_write(txn, c, cs, off);
+        r = batch_write(b, c, cs, off);
     }
     if (r == 0) {
         /* Readers look at table_size entries only; like QEMU, leave the
          * rest of the last cluster unwritten (fewer bytes to flush). */
-        r = qbm_txn_write(txn, nt->tbl, div_round_up(d->nchunks * 8, 512) * 512,
-                          nt->offset);
+        r = batch_write(b, nt->tbl, div_round_up(d->nchunks * 8, 512) * 512,
+                        nt->offset);
     }
     if (r) {
         return r;
@@ -729,6 +855,7 @@ static void free_tables(struct new_table *nts, size_t n)
 
     for (i = 0; nts && i < n; i++) {
         free(nts[i].tbl);
+        free(nts[i].tail);
     }
     free(nts);
 }
@@ -741,7 +868,8 @@ static int commit_run(struct qbm_image *img, enum commit_mode mode,
     struct qbm_space sp;
     uint64_t dir_size = 0, dir_off = 0, pos, i, nclusters = 0;
     size_t nt = 0;
-    uint8_t *buf = NULL;
+    uint8_t *buf = NULL, *ones = NULL;
+    struct batch *b = NULL;
     int r;
 
     r = writable(img);
@@ -797,14 +925,17 @@ static int commit_run(struct qbm_image *img, enum commit_mode mode,
         }
         goto out;
     }
-    /* 3. Write the new clusters. */
-    buf = qbm_malloc(img->cluster_size);
-    r = buf ? 0 : -ENOMEM;
-    for (i = 0; i < nt && r == 0; i++) {
-        r = write_bitmap(img, txn, &nts[i], buf);
+    /* 3. Write the new clusters, in batches. */
+    b = qbm_calloc(1, sizeof(*b));
+    ones = qbm_malloc(img->cluster_size);
+    r = b && ones ? 0 : -ENOMEM;
+    if (r == 0) {
+        b->txn = txn;
+        memset(ones, 0xff, img->cluster_size);
     }
-    free(buf);
-    buf = NULL;
+    for (i = 0; i < nt && r == 0; i++) {
+        r = write_bitmap(img, b, &nts[i], ones);
+    }
     if (r == 0 && img->nb_bitmaps) {
         buf = qbm_calloc(nclusters, img->cluster_size);
         r = buf ? 0 : -ENOMEM;
@@ -813,10 +944,12 @@ static int commit_run(struct qbm_image *img, enum commit_mode mode,
             pos += qcow2_bitmap_entry_size(&img->bitmaps[i]);
         }
         r = r ? r
-              : qbm_txn_write(txn, buf, div_round_up(dir_size, 512) * 512,
-                              dir_off);
-        free(buf);
+              : batch_write(b, buf, div_round_up(dir_size, 512) * 512, dir_off);
     }
+    r = r ? r : batch_flush(b);
+    free(b);
+    free(ones);
+    free(buf);
     if (r < 0) {
         /* The abort gives the old state back; the staged one is gone. */
         img->broken = true;

@@ -45,6 +45,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include "qbm.h"
 
@@ -262,6 +263,13 @@ struct qbm_io_ops {
     /* Optional: make the writes to [off, off + len) unable to fail for
      * want of space (a file's holes and growth). */
     int (*reserve)(struct qbm_io *io, uint64_t off, uint64_t len);
+    /* Optional: the buffers of iov filled from (or written to) the bytes
+     * from off on, in one system call where the backend can (a batch);
+     * without, qbm_io_preadv/pwritev call pread/pwrite once per buffer. */
+    int (*preadv)(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                  uint64_t off);
+    int (*pwritev)(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                   uint64_t off);
     void (*close)(struct qbm_io *io);
 };
 
@@ -305,6 +313,17 @@ static inline int qbm_io_reserve(struct qbm_io *io, uint64_t off, uint64_t len)
 {
     return io->ops->reserve ? io->ops->reserve(io, off, len) : 0;
 }
+/* Vectored read and write: iovcnt buffers (any number; a file backend
+ * splits them into batches of IOV_MAX) at consecutive offsets from off. */
+int qbm_io_preadv(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                  uint64_t off);
+int qbm_io_pwritev(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                   uint64_t off);
+/* Read n pieces of len bytes, piece k at offs[k] into bufs[k]: pieces
+ * that follow each other in the file in one vectored read (one buffer
+ * when they follow each other in memory too). */
+int qbm_io_read_pieces(struct qbm_io *io, const uint64_t *offs,
+                       uint8_t *const *bufs, size_t n, size_t len);
 /* A memory or fault io that behaves as a device of `capacity` bytes: its
  * size is the capacity and nothing is written past it (tests). */
 void qbm_io_set_capacity(struct qbm_io *io, uint64_t capacity);
@@ -349,6 +368,9 @@ uint64_t qbm_io_fault_ops(struct qbm_io *io);
 /* Instead of crashing, fail only the at-th write or flush, with -err (a
  * transient error such as ENOSPC: what follows succeeds). */
 void qbm_io_fault_fail_once(struct qbm_io *io, uint64_t at, int err);
+/* Whether the crash (or the one failure) cut a vectored write: part of the
+ * batch, *ret_bytes (may be NULL), was written before it failed. */
+bool qbm_io_fault_cut(struct qbm_io *io, uint64_t *ret_bytes);
 /* The memory io holding what reads see (borrowed). */
 struct qbm_io *qbm_io_fault_live(struct qbm_io *io);
 /* What a crash now would leave: the flushed bytes plus a seeded random
@@ -610,8 +632,9 @@ struct qbm_bmap {
     uint64_t nchunks;
     uint8_t **chunks;
     struct qbm_chunk_ref *refs; /* per chunk; allocated with the first */
-    uint8_t *spare;             /* an arena buffer to hand out again */
-    struct qbm_io **owned;      /* ios closed with the bitmap */
+    uint8_t *spare;        /* arena buffers to hand out again, a list linked
+                            * through their first bytes */
+    struct qbm_io **owned; /* ios closed with the bitmap */
     size_t nowned;
 };
 extern uint8_t qbm_chunk_ones[];
@@ -637,6 +660,11 @@ int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx);
 /* OR a chunk in on-disk form (NULL, QBM_CHUNK_ONES or bytes) into chunk
  * idx of a bitmap of the same granularity and chunk size. */
 int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data);
+/* qbm_bmap_or_chunk for chunks idx[0..n) with data[0..n); the referenced
+ * chunks among them are read in batches (consecutive clusters of one io in
+ * one vectored read). */
+int qbm_bmap_or_chunks(struct qbm_bmap *bm, const uint64_t *idx,
+                       const uint8_t *const *data, size_t n);
 /* Install a new zeroed buffer as chunk idx (which must be empty). */
 uint8_t *qbm_bmap_new_chunk(struct qbm_bmap *bm, uint64_t idx);
 /* Walk dirty guest extents (merged, clipped to disk_size). */
@@ -707,11 +735,18 @@ uint64_t qcow2_bitmap_table_size(uint64_t disk_size, unsigned gran_bits,
 /* Load (once) and validate a bitmap's table. */
 int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
 
+/* Bitmap data is read in windows of this many bytes (at least a cluster):
+ * a run of consecutive clusters costs one system call. */
+#define QBM_READ_WINDOW (1u << 20)
+/* Read data clusters offs[0..n) of img into bufs (see qbm_io_read_pieces),
+ * refusing offsets past the largest image. */
+int qcow2_bitmap_read_clusters(struct qbm_image *img, const uint64_t *offs,
+                               uint8_t *const *bufs, size_t n);
 /*
  * Stream a bitmap's on-disk data without building a qbm_bmap: for every
  * chunk in order, with its bytes (NULL = all zero, QBM_CHUNK_ONES = all
  * ones). Used by dump and dirty-byte counting so memory stays at one
- * cluster.
+ * window (QBM_READ_WINDOW).
  */
 typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
                             const uint8_t *data);
@@ -972,6 +1007,10 @@ void qbm_alloc_free(struct qbm_alloc *a);
 /* Allocate n contiguous free clusters (first fit; growing the refcount
  * table if needed); returns their host offset. */
 int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset);
+/* Allocate a run of up to n contiguous clusters (n itself unless n exceeds
+ * half the clusters of a refcount block's range); *ret_n says how many. */
+int qbm_alloc_run(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset,
+                  uint64_t *ret_n);
 /* 0 when [off, off + len) lies in clusters allocated here, else -EFAULT. */
 int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off, size_t len);
 /* qbm_txn_share. */
@@ -1026,9 +1065,17 @@ int qbm_txn_begin(struct qbm_image *img, struct qbm_txn **ret);
 void qbm_txn_abort(struct qbm_txn *txn);
 /* Allocate n contiguous free clusters; returns their host offset. */
 int qbm_txn_alloc(struct qbm_txn *txn, uint64_t n, uint64_t *ret_offset);
+/* Allocate the first run of up to n clusters (qbm_alloc_run): n clusters
+ * in few runs, each placed first fit; *ret_n says how many it holds. */
+int qbm_txn_alloc_run(struct qbm_txn *txn, uint64_t n, uint64_t *ret_offset,
+                      uint64_t *ret_n);
 /* Write into clusters allocated by this transaction. */
 int qbm_txn_write(struct qbm_txn *txn, const void *buf, size_t len,
                   uint64_t off);
+/* The same with the buffers of iov at consecutive offsets from off, in one
+ * vectored write (a batch). */
+int qbm_txn_writev(struct qbm_txn *txn, const struct iovec *iov, int iovcnt,
+                   uint64_t off);
 /*
  * Let the new state refer to the live cluster at `off` too: its refcount
  * goes up by one now, durable before the switch, and the old state's

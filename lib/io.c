@@ -4,6 +4,7 @@
  * locks, and a growable memory buffer (tests, fuzzing).
  */
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/fs.h>
 #include <stdlib.h>
 #include <sys/ioctl.h>
@@ -45,6 +46,82 @@ int qbm_io_read_meta(struct qbm_io *io, void *buf, size_t len, uint64_t off,
         return qbm_err_prefix(r, "%s at 0x%llx", what, (unsigned long long)off);
     }
     return 0;
+}
+
+static size_t iov_bytes(const struct iovec *iov, int iovcnt)
+{
+    size_t n = 0;
+    int i;
+
+    for (i = 0; i < iovcnt; i++) {
+        n += iov[i].iov_len;
+    }
+    return n;
+}
+
+int qbm_io_preadv(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                  uint64_t off)
+{
+    int i, r = 0;
+
+    if (io->ops->preadv) {
+        return io->ops->preadv(io, iov, iovcnt, off);
+    }
+    for (i = 0; i < iovcnt && r == 0; i++) {
+        r = qbm_io_pread(io, iov[i].iov_base, iov[i].iov_len, off);
+        off += iov[i].iov_len;
+    }
+    return r;
+}
+
+int qbm_io_pwritev(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                   uint64_t off)
+{
+    size_t len = iov_bytes(iov, iovcnt);
+    int i, r = 0;
+
+    if (io->capacity && (off > io->capacity || len > io->capacity - off)) {
+        return qbm_io_past_capacity(io, len, off);
+    }
+    if (io->ops->pwritev) {
+        return io->ops->pwritev(io, iov, iovcnt, off);
+    }
+    for (i = 0; i < iovcnt && r == 0; i++) {
+        r = qbm_io_pwrite(io, iov[i].iov_base, iov[i].iov_len, off);
+        off += iov[i].iov_len;
+    }
+    return r;
+}
+
+int qbm_io_read_pieces(struct qbm_io *io, const uint64_t *offs,
+                       uint8_t *const *bufs, size_t n, size_t len)
+{
+    struct iovec iov[IOV_MAX];
+    uint64_t start = 0, end = 0;
+    size_t k;
+    int cnt = 0, r = 0;
+
+    for (k = 0; k < n && r == 0; k++) {
+        if (cnt && end == offs[k] &&
+            (uint8_t *)iov[cnt - 1].iov_base + iov[cnt - 1].iov_len ==
+                bufs[k]) {
+            /* Adjacent in the file and in memory: one buffer. */
+            iov[cnt - 1].iov_len += len;
+        } else {
+            if (cnt && (end != offs[k] || cnt == IOV_MAX)) {
+                r = qbm_io_preadv(io, iov, cnt, start);
+                cnt = 0;
+            }
+            if (!cnt) {
+                start = offs[k];
+            }
+            iov[cnt].iov_base = bufs[k];
+            iov[cnt].iov_len = len;
+            cnt++;
+        }
+        end = offs[k] + len;
+    }
+    return r == 0 && cnt ? qbm_io_preadv(io, iov, cnt, start) : r;
 }
 
 static int copy_buffered(struct qbm_io *src, uint64_t src_off,
@@ -160,6 +237,71 @@ static int file_pwrite(struct qbm_io *io, const void *buf, size_t len,
     return 0;
 }
 
+/*
+ * preadv/pwritev over any number of buffers: batches of IOV_MAX, resumed
+ * after a short transfer. A read that meets the end of the file zeroes
+ * what is left, as file_pread does.
+ */
+static int file_rwv(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                    uint64_t off, bool write)
+{
+    struct file_io *f = (struct file_io *)io;
+    struct iovec cur[IOV_MAX];
+
+    while (iovcnt > 0) {
+        int n = iovcnt < IOV_MAX ? iovcnt : IOV_MAX, i = 0;
+
+        memcpy(cur, iov, (size_t)n * sizeof(*cur));
+        while (i < n) {
+            ssize_t got = write ? pwritev(f->fd, cur + i, n - i, (off_t)off)
+                                : preadv(f->fd, cur + i, n - i, (off_t)off);
+
+            if (got < 0 && errno == EINTR) {
+                continue;
+            }
+            if (got < 0 || (got == 0 && write)) {
+                int e = got < 0 ? errno : EIO;
+
+                return qbm_err(e, "%s of %zu bytes at 0x%llx failed: %s",
+                               write ? "write" : "read",
+                               iov_bytes(cur + i, n - i),
+                               (unsigned long long)off, strerror(e));
+            }
+            if (got == 0) {
+                /* Past the end of the file: qcow2 treats it as zeros. */
+                for (; i < n; i++) {
+                    memset(cur[i].iov_base, 0, cur[i].iov_len);
+                }
+                break;
+            }
+            off += (uint64_t)got;
+            while (i < n && (size_t)got >= cur[i].iov_len) {
+                got -= (ssize_t)cur[i].iov_len;
+                i++;
+            }
+            if (got > 0) {
+                cur[i].iov_base = (uint8_t *)cur[i].iov_base + got;
+                cur[i].iov_len -= (size_t)got;
+            }
+        }
+        iov += n;
+        iovcnt -= n;
+    }
+    return 0;
+}
+
+static int file_preadv(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                       uint64_t off)
+{
+    return file_rwv(io, iov, iovcnt, off, false);
+}
+
+static int file_pwritev(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                        uint64_t off)
+{
+    return file_rwv(io, iov, iovcnt, off, true);
+}
+
 static int file_flush(struct qbm_io *io)
 {
     struct file_io *f = (struct file_io *)io;
@@ -242,6 +384,8 @@ static const struct qbm_io_ops file_ops = {
     .size = file_size,
     .truncate = file_truncate,
     .reserve = file_reserve,
+    .preadv = file_preadv,
+    .pwritev = file_pwritev,
     .close = file_close,
 };
 
@@ -619,6 +763,9 @@ struct fault_io {
     struct qbm_io *durable;        /* what survives a crash for sure */
     struct pending_writes pending; /* since the last flush */
     uint64_t ops, crash_at;
+    uint64_t cut_bytes; /* of the vectored write the crash (or the failure)
+                         * cut: what it wrote before failing */
+    bool cut;
     bool crashed;
     int fail_err; /* fail_once: only crash_at fails, with this error */
     uint32_t seed;
@@ -653,22 +800,18 @@ static int fault_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
     return qbm_io_pread(f->live, buf, len, off);
 }
 
-static int fault_pwrite(struct qbm_io *io, const void *buf, size_t len,
+/* Record an unflushed write and apply it to what reads see. */
+static int fault_record(struct fault_io *f, const void *buf, size_t len,
                         uint64_t off)
 {
-    struct fault_io *f = (struct fault_io *)io;
     struct pending_write *w;
-    int r = fault_check(f);
+    int r = qbm_darray_reserve(&f->pending, 1, 0);
 
     if (r < 0) {
         return r;
     }
-    r = qbm_darray_reserve(&f->pending, 1, 0);
-    if (r < 0) {
-        return r;
-    }
     w = &f->pending.v[f->pending.n];
-    w->data = qbm_malloc(len);
+    w->data = qbm_malloc(len ? len : 1);
     if (!w->data) {
         return -ENOMEM;
     }
@@ -677,6 +820,64 @@ static int fault_pwrite(struct qbm_io *io, const void *buf, size_t len,
     w->len = len;
     f->pending.n++;
     return qbm_io_pwrite(f->live, buf, len, off);
+}
+
+static int fault_pwrite(struct qbm_io *io, const void *buf, size_t len,
+                        uint64_t off)
+{
+    struct fault_io *f = (struct fault_io *)io;
+    int r = fault_check(f);
+
+    return r < 0 ? r : fault_record(f, buf, len, off);
+}
+
+static uint32_t xorshift(uint32_t *s);
+
+/*
+ * A vectored write is one operation, as one pwritev call. When the crash
+ * (or the one failure) falls on it, a disk may have written part of the
+ * batch: a seeded prefix of whole sectors (at least one, never all of it)
+ * lands before the error, possibly ending inside one of the buffers.
+ */
+static int fault_pwritev(struct qbm_io *io, const struct iovec *iov, int iovcnt,
+                         uint64_t off)
+{
+    struct fault_io *f = (struct fault_io *)io;
+    size_t total = iov_bytes(iov, iovcnt), keep = 0;
+    int i, r;
+
+    if (f->crashed) {
+        return qbm_err(EIO, "simulated crash");
+    }
+    r = fault_check(f);
+    if (r < 0 && total > 512) {
+        uint32_t s = f->seed ^ (uint32_t)(f->ops * 2654435761u);
+        uint64_t sectors = div_round_up(total, 512);
+
+        keep = (size_t)(1 + xorshift(&s) % (sectors - 1)) * 512;
+        f->cut = true;
+        f->cut_bytes = keep;
+    }
+    for (i = 0; i < iovcnt && (r == 0 || keep > 0); i++) {
+        size_t n = iov[i].iov_len;
+        int w;
+
+        if (r < 0) {
+            n = n < keep ? n : keep;
+            keep -= n;
+        }
+        w = fault_record(f, iov[i].iov_base, n, off);
+        if (w < 0) {
+            return w;
+        }
+        off += iov[i].iov_len;
+    }
+    if (r < 0 && f->cut) {
+        return qbm_err(-r, "simulated %s after %llu of %zu bytes",
+                       f->crashed ? "crash" : strerror(-r),
+                       (unsigned long long)f->cut_bytes, total);
+    }
+    return r;
 }
 
 static void drop_pending(struct fault_io *f)
@@ -741,6 +942,7 @@ static void fault_close(struct qbm_io *io)
 static const struct qbm_io_ops fault_ops = {
     .pread = fault_pread,
     .pwrite = fault_pwrite,
+    .pwritev = fault_pwritev,
     .flush = fault_flush,
     .size = fault_size,
     .truncate = fault_truncate,
@@ -774,6 +976,16 @@ int qbm_io_fault_open(const void *buf, size_t len, uint64_t crash_at,
 uint64_t qbm_io_fault_ops(struct qbm_io *io)
 {
     return ((struct fault_io *)io)->ops;
+}
+
+bool qbm_io_fault_cut(struct qbm_io *io, uint64_t *ret_bytes)
+{
+    struct fault_io *f = (struct fault_io *)io;
+
+    if (f->cut && ret_bytes) {
+        *ret_bytes = f->cut_bytes;
+    }
+    return f->cut;
 }
 
 struct qbm_io *qbm_io_fault_live(struct qbm_io *io)

@@ -421,13 +421,32 @@ int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset)
     }
     run_bytes.offset = start * a->cs;
     run_bytes.length = n * a->cs;
-    r = qbm_darray_push(&a->allocs, run_bytes, 0);
-    if (r < 0) {
-        return r;
+    if (a->allocs.n && a->allocs.v[a->allocs.n - 1].offset +
+                               a->allocs.v[a->allocs.n - 1].length ==
+                           run_bytes.offset) {
+        /* Right after the previous run: one run, checked at once. */
+        a->allocs.v[a->allocs.n - 1].length += run_bytes.length;
+    } else {
+        r = qbm_darray_push(&a->allocs, run_bytes, 0);
+        if (r < 0) {
+            return r;
+        }
     }
     a->hint = start + n;
     *ret_offset = start * a->cs;
     return 0;
+}
+
+int qbm_alloc_run(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset,
+                  uint64_t *ret_n)
+{
+    /* A new refcount block takes the first cluster of its range, so free
+     * space past the covered part never holds a run longer than a range
+     * minus one: half a range is always found. */
+    uint64_t most = a->per_block / 2 ? a->per_block / 2 : 1;
+
+    *ret_n = n < most ? n : most;
+    return qbm_alloc_clusters(a, *ret_n, ret_offset);
 }
 
 int qbm_alloc_share(struct qbm_alloc *a, uint64_t off, bool *ret_shared)
@@ -459,21 +478,32 @@ int qbm_alloc_share(struct qbm_alloc *a, uint64_t off, bool *ret_shared)
 
 int qbm_alloc_check_owned(const struct qbm_alloc *a, uint64_t off, size_t len)
 {
+    uint64_t pos = off, end = off + len;
     size_t i;
 
     /* Only clusters this transaction allocated may be written before the
-     * commit: a last line of defence against overwriting live data. */
-    for (i = 0; i < a->allocs.n; i++) {
-        const struct alloc_run *run = &a->allocs.v[i];
+     * commit: a last line of defence against overwriting live data. A
+     * batch may span runs allocated one after the other. */
+    while (pos < end || len == 0) {
+        for (i = 0; i < a->allocs.n; i++) {
+            const struct alloc_run *run = &a->allocs.v[i];
 
-        if (off >= run->offset && len <= run->length - (off - run->offset)) {
-            return 0;
+            if (pos >= run->offset && pos - run->offset < run->length) {
+                break;
+            }
         }
+        if (i == a->allocs.n) {
+            return qbm_err(EFAULT,
+                           "internal: write at 0x%llx outside the clusters "
+                           "allocated by this transaction",
+                           (unsigned long long)pos);
+        }
+        if (len == 0) {
+            break;
+        }
+        pos = a->allocs.v[i].offset + a->allocs.v[i].length;
     }
-    return qbm_err(EFAULT,
-                   "internal: write at 0x%llx outside the clusters "
-                   "allocated by this transaction",
-                   (unsigned long long)off);
+    return 0;
 }
 
 int qbm_alloc_release_later(struct qbm_alloc *a, uint64_t off, uint64_t len,

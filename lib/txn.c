@@ -107,6 +107,12 @@ int qbm_txn_alloc(struct qbm_txn *t, uint64_t n, uint64_t *ret_offset)
     return qbm_alloc_clusters(t->alloc, n, ret_offset);
 }
 
+int qbm_txn_alloc_run(struct qbm_txn *t, uint64_t n, uint64_t *ret_offset,
+                      uint64_t *ret_n)
+{
+    return qbm_alloc_run(t->alloc, n, ret_offset, ret_n);
+}
+
 int qbm_txn_share(struct qbm_txn *t, uint64_t off, bool *ret_shared)
 {
     return qbm_alloc_share(t->alloc, off, ret_shared);
@@ -118,6 +124,20 @@ int qbm_txn_write(struct qbm_txn *t, const void *buf, size_t len, uint64_t off)
 
     t->wrote = true;
     return r ? r : qbm_io_pwrite(t->img->io, buf, len, off);
+}
+
+int qbm_txn_writev(struct qbm_txn *t, const struct iovec *iov, int iovcnt,
+                   uint64_t off)
+{
+    size_t len = 0;
+    int i, r;
+
+    for (i = 0; i < iovcnt; i++) {
+        len += iov[i].iov_len;
+    }
+    r = qbm_alloc_check_owned(t->alloc, off, len);
+    t->wrote = true;
+    return r ? r : qbm_io_pwritev(t->img->io, iov, iovcnt, off);
 }
 
 int qbm_txn_copy(struct qbm_txn *t, struct qbm_io *src, uint64_t src_off,

@@ -1,0 +1,306 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The system calls of bitmap data (issue 16): a commit that rewrites every
+ * data cluster of a bitmap reads and writes them in runs, not one cluster
+ * per call; and the fault backend's vectored write, which a crash or an
+ * error can cut after a prefix of its sectors.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "internal.h"
+
+/* 4 KiB clusters and granularity: a data cluster covers 128 MiB, so a
+ * disk of almost 4 GiB has NCHUNKS of them, the last one short by three
+ * bits. */
+#define CS 4096ull
+#define GRAN 4096ull
+#define CHUNK_SPAN (CS * 8 * GRAN)
+#define NCHUNKS 32ull
+#define DISK (NCHUNKS * CHUNK_SPAN - 3 * GRAN)
+
+/* A memory file that counts the calls made through it. */
+struct count_io {
+    struct qbm_io io;
+    struct qbm_io *inner;
+    uint64_t reads, writes, flushes;
+};
+
+static int count_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
+{
+    struct count_io *c = (struct count_io *)io;
+
+    c->reads++;
+    return qbm_io_pread(c->inner, buf, len, off);
+}
+
+static int count_pwrite(struct qbm_io *io, const void *buf, size_t len,
+                        uint64_t off)
+{
+    struct count_io *c = (struct count_io *)io;
+
+    c->writes++;
+    return qbm_io_pwrite(c->inner, buf, len, off);
+}
+
+static int count_preadv(struct qbm_io *io, const struct iovec *iov, int n,
+                        uint64_t off)
+{
+    struct count_io *c = (struct count_io *)io;
+
+    c->reads++;
+    return qbm_io_preadv(c->inner, iov, n, off);
+}
+
+static int count_pwritev(struct qbm_io *io, const struct iovec *iov, int n,
+                         uint64_t off)
+{
+    struct count_io *c = (struct count_io *)io;
+
+    c->writes++;
+    return qbm_io_pwritev(c->inner, iov, n, off);
+}
+
+static int count_flush(struct qbm_io *io)
+{
+    struct count_io *c = (struct count_io *)io;
+
+    c->flushes++;
+    return qbm_io_flush(c->inner);
+}
+
+static int count_size(struct qbm_io *io, uint64_t *ret_size)
+{
+    return qbm_io_size(((struct count_io *)io)->inner, ret_size);
+}
+
+static int count_truncate(struct qbm_io *io, uint64_t size)
+{
+    return qbm_io_truncate(((struct count_io *)io)->inner, size);
+}
+
+static void count_close(struct qbm_io *io)
+{
+    qbm_io_close(((struct count_io *)io)->inner);
+    free(io);
+}
+
+static const struct qbm_io_ops count_ops = {
+    .pread = count_pread,
+    .pwrite = count_pwrite,
+    .preadv = count_preadv,
+    .pwritev = count_pwritev,
+    .flush = count_flush,
+    .size = count_size,
+    .truncate = count_truncate,
+    .close = count_close,
+};
+
+static struct qbm_image *open_counted(const uint8_t *buf, size_t len,
+                                      struct count_io **ret_io)
+{
+    struct count_io *c = calloc(1, sizeof(*c));
+    struct qbm_image *img;
+
+    assert_non_null(c);
+    c->io.ops = &count_ops;
+    assert_int_equal(qbm_io_mem_open(buf, len, &c->inner), 0);
+    assert_int_equal(qbm_image_open_io(&c->io, "mem", true, &img), 0);
+    *ret_io = c;
+    return img;
+}
+
+/* The bytes of an image with bitmaps a and b: in every chunk, a has the
+ * first half of the bits and b the second, so merging b into a changes
+ * every data cluster of a. */
+static uint8_t *dense_pair(size_t *ret_len)
+{
+    struct qbm_io *io;
+    struct qcow2_writer *w;
+    struct qbm_image *img;
+    const uint8_t *b;
+    uint8_t *copy;
+    uint64_t i;
+
+    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
+    assert_int_equal(
+        qcow2_writer_plan(io, DISK, 12, NULL, NULL, NULL, 0, &w), 0);
+    assert_int_equal(qcow2_writer_finish(w), 0);
+    qcow2_writer_free(w);
+    assert_int_equal(qbm_image_open_io(io, "mem", true, &img), 0);
+    assert_int_equal(qbm_bitmap_add(img, "a", GRAN, 0), 0);
+    assert_int_equal(qbm_bitmap_add(img, "b", GRAN, 0), 0);
+    for (i = 0; i < NCHUNKS; i++) {
+        assert_int_equal(qbm_bitmap_set_dirty(img, "a", i * CHUNK_SPAN,
+                                              CHUNK_SPAN / 2),
+                         0);
+        assert_int_equal(qbm_bitmap_set_dirty(img, "b",
+                                              i * CHUNK_SPAN + CHUNK_SPAN / 2,
+                                              CHUNK_SPAN / 2 - GRAN),
+                         0);
+    }
+    assert_int_equal(qbm_commit(img), 0);
+    img->io = NULL;
+    qbm_close(img);
+    b = qbm_io_mem_data(io, ret_len);
+    copy = malloc(*ret_len);
+    assert_non_null(copy);
+    memcpy(copy, b, *ret_len);
+    qbm_io_close(io);
+    return copy;
+}
+
+static uint64_t dirty(struct qbm_image *img, const char *name)
+{
+    uint64_t bytes = 0;
+    size_t i;
+
+    for (i = 0; i < qbm_bitmap_count(img); i++) {
+        if (!strcmp(qbm_bitmap_name(img, i), name)) {
+            assert_int_equal(qbm_bitmap_dirty_bytes(img, i, &bytes), 0);
+        }
+    }
+    return bytes;
+}
+
+/*
+ * Merging b into a rewrites a's NCHUNKS data clusters: they are read in
+ * runs (b's and a's, a window at a time) and written in one batch with
+ * the table; one call per cluster would be 2 * NCHUNKS reads and NCHUNKS
+ * writes.
+ */
+static void test_dense_rewrite_batches(void **state)
+{
+    struct count_io *c;
+    struct qbm_image *img;
+    size_t len;
+    uint8_t *buf = dense_pair(&len);
+    uint64_t reads, writes;
+
+    img = open_counted(buf, len, &c);
+    c->reads = 0;
+    assert_int_equal(qbm_bitmap_merge(img, "a", img, "b"), 0);
+    reads = c->reads;
+    assert_int_equal(qbm_commit(img), 0);
+    writes = c->writes;
+    printf("merge: %llu reads; commit: %llu reads, %llu writes, %llu "
+           "flushes\n",
+           (unsigned long long)reads, (unsigned long long)c->reads - reads,
+           (unsigned long long)writes, (unsigned long long)c->flushes);
+    /* b's table, then the data clusters in two reads (b's, then a's:
+     * 128 KiB each, one window). */
+    assert_true(reads <= 4);
+    /* Data and table in one batch, the directory, refcount sectors, the
+     * switch and the releases: a handful, whatever NCHUNKS is. */
+    assert_true(writes <= 8);
+    assert_int_equal(dirty(img, "a"), DISK - (NCHUNKS - 1) * GRAN);
+    qbm_close(img);
+    free(buf);
+}
+
+/* A rewrite of a bitmap whose chunks are all ones writes them as bits,
+ * the last one only up to the end of the disk, in the same batch. */
+static void test_all_ones_batch(void **state)
+{
+    struct count_io *c;
+    struct qbm_image *img;
+    size_t len;
+    uint8_t *buf = dense_pair(&len);
+
+    img = open_counted(buf, len, &c);
+    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 0, DISK - 512), 0);
+    assert_int_equal(qbm_commit(img), 0);
+    assert_true(c->writes <= 8);
+    assert_int_equal(dirty(img, "b"), DISK);
+    qbm_close(img);
+    free(buf);
+}
+
+/* A crash on a vectored write leaves a prefix of its sectors (at least
+ * one, not all) in what reads see and among the unflushed writes. */
+static void test_fault_cuts_batch(void **state)
+{
+    static uint8_t zero[8192];
+    uint8_t a[1024], b[3000], got[8192];
+    struct iovec iov[2] = { { a, sizeof(a) }, { b, sizeof(b) } };
+    struct qbm_io *io;
+    uint64_t cut = 0;
+    size_t len, k;
+    const uint8_t *live;
+    uint32_t seed;
+    bool inside_b = false;
+
+    memset(a, 0xaa, sizeof(a));
+    memset(b, 0xbb, sizeof(b));
+    for (seed = 1; seed <= 16; seed++) {
+        assert_int_equal(qbm_io_fault_open(zero, sizeof(zero), 1, seed, &io),
+                         0);
+        assert_true(qbm_io_pwritev(io, iov, 2, 512) < 0);
+        assert_true(qbm_io_fault_cut(io, &cut));
+        assert_true(cut >= 512 && cut < sizeof(a) + sizeof(b));
+        assert_true(cut % 512 == 0);
+        inside_b |= cut > sizeof(a);
+        live = qbm_io_mem_data(qbm_io_fault_live(io), &len);
+        memcpy(got, zero, sizeof(got));
+        memcpy(got, live, len < sizeof(got) ? len : sizeof(got));
+        for (k = 0; k < sizeof(a) + sizeof(b); k++) {
+            uint8_t want = k >= cut ? 0 : k < sizeof(a) ? 0xaa : 0xbb;
+
+            assert_int_equal(got[512 + k], want);
+        }
+        /* Later operations fail: the process is gone. */
+        assert_true(qbm_io_flush(io) < 0);
+        qbm_io_close(io);
+    }
+    assert_true(inside_b);
+
+    /* Failing once (a full disk) cuts it too, and what follows works. */
+    assert_int_equal(qbm_io_fault_open(zero, sizeof(zero), 0, 7, &io), 0);
+    qbm_io_fault_fail_once(io, 1, ENOSPC);
+    assert_int_equal(qbm_io_pwritev(io, iov, 2, 0), -ENOSPC);
+    assert_true(qbm_io_fault_cut(io, NULL));
+    assert_int_equal(qbm_io_pwritev(io, iov, 2, 0), 0);
+    assert_int_equal(qbm_io_flush(io), 0);
+    qbm_io_close(io);
+}
+
+/* The memory backend has no vectored ops: the fallback loop writes and
+ * reads each buffer in turn. */
+static void test_fallback_loop(void **state)
+{
+    uint8_t a[100], b[700], ra[100], rb[700];
+    struct iovec w[2] = { { a, sizeof(a) }, { b, sizeof(b) } };
+    struct iovec r[2] = { { ra, sizeof(ra) }, { rb, sizeof(rb) } };
+    struct qbm_io *io;
+
+    memset(a, 1, sizeof(a));
+    memset(b, 2, sizeof(b));
+    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
+    assert_int_equal(qbm_io_pwritev(io, w, 2, 10), 0);
+    assert_int_equal(qbm_io_preadv(io, r, 2, 10), 0);
+    assert_memory_equal(a, ra, sizeof(a));
+    assert_memory_equal(b, rb, sizeof(b));
+    /* Past the end reads as zeros. */
+    assert_int_equal(qbm_io_preadv(io, r, 2, 500), 0);
+    assert_int_equal(rb[699], 0);
+    qbm_io_close(io);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_dense_rewrite_batches),
+        cmocka_unit_test(test_all_ones_batch),
+        cmocka_unit_test(test_fault_cuts_batch),
+        cmocka_unit_test(test_fallback_loop),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
