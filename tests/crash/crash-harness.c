@@ -12,6 +12,10 @@
  * OUTDIR/failed-POINT.qcow2 and the commit's message to
  * OUTDIR/failed-POINT.txt.
  *
+ * A point that is a vectored write (a batch of clusters) is cut: a prefix
+ * of its sectors is written before the crash or the failure. Prints the
+ * number of points and how many of the crashes or failures cut a batch.
+ *
  * Usage: crash-harness [--fail=ERRNO] INPUT OUTDIR SEEDS OP ARGS...
  *   OP: add NAME GRANULARITY DISABLED | remove NAME... | clear NAME |
  *       enable NAME | disable NAME | rename OLD NEW | merge TARGET SOURCE |
@@ -160,7 +164,7 @@ static int run_failures(const uint8_t *buf, size_t len, uint64_t npoints,
 {
     const uint8_t *live;
     size_t livelen;
-    uint64_t point;
+    uint64_t point, cuts = 0;
     struct qbm_io *io;
     char path[4096];
     FILE *f;
@@ -168,6 +172,7 @@ static int run_failures(const uint8_t *buf, size_t len, uint64_t npoints,
 
     for (point = 1; point <= npoints; point++) {
         io = run(buf, len, point, 1, op, nop, err, &rc);
+        cuts += qbm_io_fault_cut(io, NULL);
         if (rc == 0) {
             fprintf(stderr,
                     "crash-harness: commit succeeded despite an error "
@@ -188,6 +193,8 @@ static int run_failures(const uint8_t *buf, size_t len, uint64_t npoints,
         write_file(path, live, livelen);
         qbm_io_close(io);
     }
+    printf("%llu %llu\n", (unsigned long long)npoints,
+           (unsigned long long)cuts);
     return 0;
 }
 
@@ -195,7 +202,7 @@ int main(int argc, char **argv)
 {
     uint8_t *buf, *out;
     size_t len, outlen;
-    uint64_t npoints, point;
+    uint64_t npoints, point, cuts = 0;
     uint32_t seed, nseeds;
     struct qbm_io *io;
     char path[4096];
@@ -232,7 +239,6 @@ int main(int argc, char **argv)
     if (fail_err) {
         rc = run_failures(buf, len, npoints, argv[2], argv + 4, argc - 4,
                           fail_err);
-        printf("%llu\n", (unsigned long long)npoints);
         free(buf);
         return rc;
     }
@@ -246,6 +252,7 @@ int main(int argc, char **argv)
                         "crash at point %llu\n", (unsigned long long)point);
                 return 1;
             }
+            cuts += qbm_io_fault_cut(io, NULL);
             if (qbm_io_fault_crash_image(io, &out, &outlen) < 0) {
                 return 1;
             }
@@ -256,7 +263,8 @@ int main(int argc, char **argv)
             qbm_io_close(io);
         }
     }
-    printf("%llu\n", (unsigned long long)npoints);
+    printf("%llu %llu\n", (unsigned long long)npoints,
+           (unsigned long long)cuts);
     free(buf);
     return 0;
 }

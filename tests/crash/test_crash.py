@@ -11,6 +11,9 @@ from before the edit or those after it, and the contents of every bitmap
 (read with qbm dump, which the other suites check against qemu-nbd) must be
 exactly the before or the after state. The uncrashed result is also
 checked against QEMU's own view with qemu-nbd + nbdinfo.
+A crash or an error on a vectored write (a batch of new clusters) cuts
+it: a prefix of its sectors lands first; the scenarios named "batch"
+must meet such a cut and are judged like every other point.
 Errors that are not crashes (a full disk, a transient EIO): every write
 and flush point of each bitmap edit fails once in turn (crash-harness
 --fail, ENOSPC for every edit, EIO for a few), and the image the failed
@@ -114,6 +117,14 @@ def scenarios(tmp):
     make(tmp, "back.qcow2", 8 << 20, "cluster_size=512", [], [])
     over = make(tmp, "over.qcow2", 8 << 20, "cluster_size=512", [],
                 ["write 4k 4k"], backing="back.qcow2")
+    # d0 has the first MiB of every 2 MiB, d1 the second: merging d1 into
+    # d0 rewrites all 12 data clusters of d0 (512 B clusters) in one batch.
+    dense = make(tmp, "dense.qcow2", 24 << 20, "cluster_size=512",
+                 [("d0", 512, False), ("d1", 512, True)],
+                 ["write %d 1M" % (m << 20) for m in range(0, 24, 2)])
+    qemu_img("bitmap", "--disable", dense, "d0")
+    qemu_img("bitmap", "--enable", dense, "d1")
+    qemu_io(dense, *["write %d 1M" % (m << 20) for m in range(1, 24, 2)])
     extl2 = make(tmp, "extl2.qcow2", 100 << 20,
                  "extended_l2=on,refcount_bits=1",
                  [("x", 4096, False)], ["write 5000 3000", "write 50M 1M"])
@@ -137,6 +148,8 @@ def scenarios(tmp):
         ("merge across granularities", base, 3, "merge", "b1", "b0"),
         ("merge into an empty bitmap (shares the data clusters)", pair, 3,
          "merge", "p1", "p0"),
+        ("merge rewriting every data cluster (one batch)", dense, 3,
+         "merge", "d0", "d1"),
         ("mark a range dirty", small, 2, "dirty", "s0", "22000000",
          "500000"),
         ("mark dirty, extended L2, 1-bit refcounts", extl2, 2, "dirty", "x",
@@ -158,8 +171,11 @@ def check_failures(suite, qbm, harness, tmp, desc, img, op, err):
     before = state(qbm, img)
     after = state(qbm, os.path.join(out, "after.qcow2"))
     size = os.path.getsize(img)
+    npoints, cuts = map(int, p.stdout.split())
+    if "batch" in desc and not cuts:
+        suite.fail("%s: no failure cut a batch" % label)
     n = 0
-    for point in range(1, int(p.stdout.strip()) + 1):
+    for point in range(1, npoints + 1):
         path = os.path.join(out, "failed-%d.qcow2" % point)
         with open(os.path.join(out, "failed-%d.txt" % point)) as f:
             msg = f.read().strip()
@@ -190,7 +206,7 @@ def check_failures(suite, qbm, harness, tmp, desc, img, op, err):
             suite.fail("%s: the message does not say what state the image "
                        "is in" % where)
         os.unlink(path)
-    print("ok: %s (%d points fail once)" % (label, n))
+    print("ok: %s (%d points fail once, %d cut a batch)" % (label, n, cuts))
     return n
 
 
@@ -229,7 +245,7 @@ def main():
                                % (desc, f, c.returncode, same))
                 os.unlink(path)
             print("ok: %s (%s write/flush points x %d seeds)" %
-                  (desc, p.stdout.strip(), seeds))
+                  (desc, p.stdout.split()[0], seeds))
         edits = scenarios(tmp)
         for desc, img, seeds, *op in edits:
             seeds = min(seeds, args.seeds or seeds)
@@ -260,7 +276,9 @@ def main():
                 suite.fail("%s: the edit changed nothing" % desc)
             if "growth" in desc and reftable(after_img) == reftable(img):
                 suite.fail("%s: the refcount table did not grow" % desc)
-            npoints = int(p.stdout.strip())
+            npoints, cuts = map(int, p.stdout.split())
+            if "batch" in desc and not cuts:
+                suite.fail("%s: no crash cut a batch" % desc)
             for f in sorted(os.listdir(out)):
                 if not f.startswith("crash-"):
                     continue
@@ -281,8 +299,8 @@ def main():
                                "new state:\n before %s\n after  %s\n got "
                                "   %s" % (desc, f, before, after, got))
                 os.unlink(path)
-            print("ok: %s (%d write/flush points x %d seeds)" %
-                  (desc, npoints, seeds))
+            print("ok: %s (%d write/flush points x %d seeds, %d crashes "
+                  "cut a batch)" % (desc, npoints, seeds, cuts))
         for k, (desc, img, seeds, *op) in enumerate(edits):
             for err in (errno.ENOSPC, errno.EIO) if k < 3 else (
                     errno.ENOSPC,):
