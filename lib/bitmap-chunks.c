@@ -16,13 +16,40 @@ uint8_t qbm_chunk_ones[1];
 uint8_t qbm_chunk_ref[1];
 
 /*
- * Chunk buffers come from arenas of anonymous memory mapped with
- * MAP_POPULATE: faulting pages in one by one costs several times more
- * than having the kernel populate a mapping at once (measured: 130 ms vs
- * 33 ms for 32 MiB in a VM). Arenas double in size, so a bitmap with one
- * dirty chunk still maps only one chunk's worth. Buffers are released
- * with the whole bitmap.
+ * Chunk buffers come from arenas of anonymous memory, populated by the
+ * kernel at once: faulting pages in one by one costs several times more
+ * than having the kernel populate a mapping (measured: 130 ms vs 33 ms for
+ * 32 MiB in a VM). Arenas double in size, so a bitmap with one dirty chunk
+ * still maps only one chunk's worth; from 2 MiB on they are asked for
+ * transparent huge pages before being populated, which halved the cost of
+ * the memory of a 32 MiB rewrite again (docs/performance.md, issue 16).
+ * Buffers are released with the whole bitmap.
  */
+#define ARENA_HUGE (2u << 20)
+
+static void *arena_map(size_t bytes)
+{
+    void *p;
+
+    if (bytes < ARENA_HUGE) {
+        p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+             -1, 0);
+    if (p == MAP_FAILED) {
+        return NULL;
+    }
+    /* Advice only: without huge pages (or MADV_POPULATE_WRITE, Linux
+     * 5.14), pages come as they are touched. */
+    madvise(p, bytes, MADV_HUGEPAGE);
+#ifdef MADV_POPULATE_WRITE
+    madvise(p, bytes, MADV_POPULATE_WRITE);
+#endif
+    return p;
+}
+
 struct qbm_chunk_arena {
     struct qbm_chunk_arena *next;
     uint8_t *base;
@@ -30,6 +57,30 @@ struct qbm_chunk_arena {
 };
 
 #define ARENA_MAX_CHUNKS 256
+
+uint8_t *qbm_window_alloc(size_t bytes)
+{
+    void *p;
+
+    if (qbm_alloc_hook_fails(bytes)) {
+        return NULL;
+    }
+    /* Populated at once, as an arena: it is filled by reads right away. */
+    p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (p == MAP_FAILED) {
+        qbm_err(ENOMEM, "out of memory mapping %zu bytes", bytes);
+        return NULL;
+    }
+    return p;
+}
+
+void qbm_window_free(uint8_t *p, size_t bytes)
+{
+    if (p) {
+        munmap(p, bytes);
+    }
+}
 
 /* A zeroed chunk buffer, or NULL (ENOMEM recorded). */
 static uint8_t *chunk_alloc(struct qbm_bmap *bm)
@@ -56,9 +107,8 @@ static uint8_t *chunk_alloc(struct qbm_bmap *bm)
             return NULL;
         }
         a->bytes = n * bm->chunk_bytes;
-        p = mmap(NULL, a->bytes, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-        if (p == MAP_FAILED) {
+        p = arena_map(a->bytes);
+        if (!p) {
             free(a);
             qbm_err(ENOMEM, "out of memory mapping %llu bytes",
                     (unsigned long long)(n * bm->chunk_bytes));

