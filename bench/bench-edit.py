@@ -16,6 +16,15 @@ are already in t, so nothing changes), on the dense image merge alt (bits
 disjoint from base: every data cluster of t changes), clear, remove.
 Prints medians, qemu-img/qbm ratios and peak RSS (from /usr/bin/time -v).
 Targets: qbm at least 10x faster; a sparse bitmap edited in under 10 ms.
+
+With --base QBM (another build, e.g. the branch an optimization starts
+from), that qbm runs the same sequence on a third copy in the same loop:
+each step is printed with its median and qbm / base; a step more than 10 %
+slower than the base fails.
+On the dense image, the "limit" of merge alt is copying as many bytes as
+it writes (its data clusters) with one dd (1 MiB blocks, from the image's
+page cache to a new file) plus fdatasync, timed in the same loop; target:
+merge alt within 2x of it.
 """
 import argparse
 import os
@@ -25,7 +34,8 @@ import sys
 import tempfile
 import time
 
-from images import TiB, make_dense, make_many, make_sparse, rss, run
+from images import (TiB, data_clusters, make_dense, make_many, make_sparse,
+                    rss, run)
 from qbmtest import qemu_img_check
 
 
@@ -51,16 +61,43 @@ def ops(tool, img, other, alt=False):
     return [o for o in seq if alt or o[0] != "merge alt"]
 
 
-def bench_case(qbm, name, a, b, other, reps, alt):
+def copy_limit(img, out):
+    """dd of the bytes merge alt writes (t's data clusters, as many as the
+    image's alt has) into a new file, plus fdatasync: the time of one run."""
+    offs, cs = data_clusters(img, "alt")
+    if os.path.exists(out):
+        os.unlink(out)
+    mib = len(offs) * cs // (1 << 20)
+    t = time.perf_counter()
+    run(["dd", "if=" + img, "of=" + out, "bs=1M", "count=%d" % mib,
+         "conv=fdatasync", "status=none"])
+    return time.perf_counter() - t, mib
+
+
+def bench_case(qbm, name, a, b, other, reps, alt, base=None):
+    """Run the sequence reps times with each tool in turn; returns (worst
+    qemu-img / qbm ratio, slowest qbm step, steps slower than base,
+    merge alt over its limit)."""
     times = {}
+    tools = [("qbm", qbm, a), ("qemu-img", "qemu-img", b)]
+    if base:
+        c = a.replace("-a.", "-c.")
+        shutil.copyfile(a, c)
+        tools.append(("base", base, c))
+    mib = 0
     for _ in range(reps):
-        for tool, img in (("qbm", a), ("qemu-img", b)):
-            exe = qbm if tool == "qbm" else "qemu-img"
-            for op, args in ops(tool, img, other, alt):
+        for tool, exe, img in tools:
+            for op, args in ops("qemu-img" if tool == "qemu-img" else "qbm",
+                                img, other, alt):
                 t = time.perf_counter()
                 run([exe] + args)
                 times.setdefault((op, tool), []).append(
                     time.perf_counter() - t)
+        if alt:
+            t, mib = copy_limit(a, a + ".copy")
+            times.setdefault(("limit", "dd"), []).append(t)
+    if alt:
+        os.unlink(a + ".copy")
     # Peak RSS of the heaviest step, the merge of 'base'.
     run([qbm, "add", a, "t"])
     run(["qemu-img", "bitmap", "--add", b, "t"])
@@ -68,21 +105,38 @@ def bench_case(qbm, name, a, b, other, reps, alt):
     r_i = rss(["qemu-img", "bitmap", "--merge", "base", b, "t"])
     run([qbm, "remove", a, "t"])
     run(["qemu-img", "bitmap", "--remove", b, "t"])
-    for tool, img in (("qbm", a), ("qemu-img", b)):
+    for tool, exe, img in tools:
         if qemu_img_check(img, ok=None).returncode != 0:
             print("qemu-img check %s failed after the %s run" % (img, tool))
             sys.exit(1)
+
+    def med(op, tool):
+        return statistics.median(times[(op, tool)]) * 1000
+
     print("\n== %s" % name)
-    print("%-10s %10s %12s %8s" % ("op", "qbm ms", "qemu-img ms", "ratio"))
-    worst = None
+    print("%-10s %10s %12s %8s%s" % ("op", "qbm ms", "qemu-img ms", "ratio",
+                                     "  %10s %9s" % ("base ms", "qbm/base")
+                                     if base else ""))
+    worst, slower, over = None, [], None
     for op, _ in ops("qbm", a, other, alt):
-        q = statistics.median(times[(op, "qbm")]) * 1000
-        i = statistics.median(times[(op, "qemu-img")]) * 1000
-        print("%-10s %10.1f %12.1f %7.1fx" % (op, q, i, i / q))
+        q, i = med(op, "qbm"), med(op, "qemu-img")
+        line = "%-10s %10.1f %12.1f %7.1fx" % (op, q, i, i / q)
+        if base:
+            m = med(op, "base")
+            line += "  %10.1f %8.2fx" % (m, q / m)
+            if q > m * 1.10:
+                slower.append(op)
+        print(line)
         worst = min(worst, i / q) if worst else i / q
+    if alt:
+        lim = med("limit", "dd")
+        over = med("merge alt", "qbm") / lim
+        print("limit of merge alt: dd of %d MiB + fdatasync %.1f ms; merge "
+              "alt / limit = %.2fx (target <= 2x): %s" % (
+                  mib, lim, over, "PASS" if over <= 2 else "FAIL"))
     print("peak RSS of merge: qbm %.1f MiB, qemu-img %.1f MiB" % (r_q, r_i))
     return worst, max(statistics.median(times[(op, "qbm")])
-                      for op, _ in ops("qbm", a, other, alt))
+                      for op, _ in ops("qbm", a, other, alt)), slower, over
 
 
 def main():
@@ -94,8 +148,12 @@ def main():
     ap.add_argument("--dir", default=os.environ.get("QBM_BENCH_DIR",
                                                     "/var/tmp"))
     ap.add_argument("--bitmaps", type=int, default=1000)
+    ap.add_argument("--base", metavar="QBM",
+                    help="another qbm to compare with, in the same loop")
     args = ap.parse_args()
     qbm = os.path.abspath(args.qbm)
+    base = os.path.abspath(args.base) if args.base else None
+    print("load average before: %.2f %.2f %.2f" % os.getloadavg())
     d = tempfile.mkdtemp(prefix="qbm-bench-edit-", dir=args.dir)
     ok = True
     try:
@@ -119,9 +177,16 @@ def main():
             shutil.copyfile(a, b)
             cases.append((name, a, b, other))
         for name, a, b, other in cases:
-            worst, slowest = bench_case(qbm, name, a, b, other, args.reps,
-                                        name.startswith("dense"))
+            worst, slowest, slower, over = bench_case(
+                qbm, name, a, b, other, args.reps, name.startswith("dense"),
+                base)
             good = worst >= 10
+            if base:
+                print("no step more than 10 %% slower than the base: %s" % (
+                    "PASS" if not slower else "FAIL (%s)" % ", ".join(slower)))
+                ok &= not slower
+            if over is not None:
+                ok &= over <= 2
             print("slowest qbm step %.1f ms; worst ratio %.1fx (target >= "
                   "10x): %s" % (slowest * 1000, worst,
                                 "PASS" if good else "FAIL"))
@@ -133,6 +198,7 @@ def main():
             ok &= good
     finally:
         shutil.rmtree(d, ignore_errors=True)
+    print("load average after: %.2f %.2f %.2f" % os.getloadavg())
     return 0 if ok else 1
 
 

@@ -46,6 +46,16 @@ def bitmap_table(img, name):
     return e.bitmap_table_offset, e.bitmap_table_size, q.cluster_size
 
 
+def data_clusters(img, name):
+    """(host offsets of the data clusters of bitmap `name`, cluster size)."""
+    toff, tsize, cs = bitmap_table(img, name)
+    with open(img, "rb") as f:
+        f.seek(toff)
+        raw = f.read(tsize * 8)
+    offs = [e & 0x00fffffffffffe00 for e in struct.unpack(">%dQ" % tsize, raw)]
+    return [o for o in offs if o], cs
+
+
 def fill_bitmap(path, name, first):
     """Give every data cluster of bitmap `name` one 0xff byte every 320
     bytes from byte `first` on (~200 extents of 512 KiB per cluster)."""
