@@ -130,17 +130,16 @@ static uint8_t *dense_pair(size_t *ret_len)
     uint64_t i;
 
     assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(
-        qcow2_writer_plan(io, DISK, 12, NULL, NULL, NULL, 0, &w), 0);
+    assert_int_equal(qcow2_writer_plan(io, DISK, 12, NULL, NULL, NULL, 0, &w),
+                     0);
     assert_int_equal(qcow2_writer_finish(w), 0);
     qcow2_writer_free(w);
     assert_int_equal(qbm_image_open_io(io, "mem", true, &img), 0);
     assert_int_equal(qbm_bitmap_add(img, "a", GRAN, 0), 0);
     assert_int_equal(qbm_bitmap_add(img, "b", GRAN, 0), 0);
     for (i = 0; i < NCHUNKS; i++) {
-        assert_int_equal(qbm_bitmap_set_dirty(img, "a", i * CHUNK_SPAN,
-                                              CHUNK_SPAN / 2),
-                         0);
+        assert_int_equal(
+            qbm_bitmap_set_dirty(img, "a", i * CHUNK_SPAN, CHUNK_SPAN / 2), 0);
         assert_int_equal(qbm_bitmap_set_dirty(img, "b",
                                               i * CHUNK_SPAN + CHUNK_SPAN / 2,
                                               CHUNK_SPAN / 2 - GRAN),
