@@ -85,18 +85,22 @@ def bench_case(qbm, name, a, b, other, reps, alt, base=None):
         shutil.copyfile(a, c)
         tools.append(("base", base, c))
     mib = 0
-    for _ in range(reps):
-        for tool, exe, img in tools:
+    # Each repetition starts with the next tool (the limit's dd among
+    # them): none always runs right after another's flushes and frees.
+    turns = tools + ([("dd", None, None)] if alt else [])
+    for k in range(reps):
+        for tool, exe, img in turns[k % len(turns):] + turns[:k % len(turns)]:
+            if tool == "dd":
+                t, mib = copy_limit(a, a + ".copy")
+                times.setdefault(("limit", "dd"), []).append(t)
+                continue
             for op, args in ops("qemu-img" if tool == "qemu-img" else "qbm",
                                 img, other, alt):
                 t = time.perf_counter()
                 run([exe] + args)
                 times.setdefault((op, tool), []).append(
                     time.perf_counter() - t)
-        if alt:
-            t, mib = copy_limit(a, a + ".copy")
-            times.setdefault(("limit", "dd"), []).append(t)
-    if alt:
+    if os.path.exists(a + ".copy"):
         os.unlink(a + ".copy")
     # Peak RSS of the heaviest step, the merge of 'base'.
     run([qbm, "add", a, "t"])
