@@ -690,14 +690,13 @@ static int plan_bitmap(struct qbm_image *img, struct qbm_txn *txn,
     /*
      * The new clusters in one run, in table order, so that they go out in
      * one vectored write (write_bitmap): first fit, in a hole large enough
-     * or at the end of a file, which grows past holes too small for the
-     * run (they stay free for later edits). Runs longer than half a
-     * refcount block's range are split (qbm_txn_alloc_run), which only
-     * matters for narrow clusters with wide refcounts. A device has no end
-     * to grow into: there they are placed one by one, first fit, as tight
-     * as the free space is.
+     * or at the end. The image never grows for it: without such a hole
+     * they are placed one by one, first fit, as before (on a file and a
+     * device alike). Runs longer than half a refcount block's range are
+     * split (qbm_txn_alloc_run), which only matters for narrow clusters
+     * with wide refcounts.
      */
-    run = !img->io->capacity;
+    run = true;
     for (i = 0; i < d->nchunks && r == 0 && n; i++) {
         if ((!d->chunks[i] && !worst) || be64_load(nt->tbl + i * 8)) {
             continue;
@@ -705,7 +704,9 @@ static int plan_bitmap(struct qbm_image *img, struct qbm_txn *txn,
         if (left == 0) {
             r = run ? qbm_txn_alloc_run(txn, n, &off, &left)
                     : qbm_txn_alloc(txn, 1, &off);
-            left = run ? left : 1;
+            /* One cluster for more: no hole; the rest one by one. */
+            run = run && (left > 1 || n == 1);
+            left = left ? left : 1;
             if (r < 0) {
                 break;
             }

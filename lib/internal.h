@@ -1011,7 +1011,9 @@ void qbm_alloc_free(struct qbm_alloc *a);
  * table if needed); returns their host offset. */
 int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset);
 /* Allocate a run of up to n contiguous clusters (n itself unless n exceeds
- * half the clusters of a refcount block's range); *ret_n says how many. */
+ * half the clusters of a refcount block's range), first fit, where a hole
+ * below the image end or the end itself takes it without leaving free
+ * clusters behind; else one cluster. *ret_n says how many. */
 int qbm_alloc_run(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset,
                   uint64_t *ret_n);
 /* 0 when [off, off + len) lies in clusters allocated here, else -EFAULT. */

@@ -437,6 +437,44 @@ int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset)
     return 0;
 }
 
+/* Whether n free clusters in a row lie below the image end, from the hint
+ * on; nothing is changed (ranges without a refcount block are skipped). */
+static int hole_for(struct qbm_alloc *a, uint64_t n, bool *ret)
+{
+    struct qbm_space sp;
+    uint64_t c, end, run = 0, rc;
+    int r;
+
+    *ret = false;
+    qbm_alloc_space(a, &sp);
+    end = sp.end_after / a->cs;
+    for (c = a->hint; c < end; c++) {
+        uint64_t rt = c / a->per_block;
+
+        if (rt >= a->rt_entries) {
+            break;
+        }
+        if (!(a->rt[rt] & REFT_OFFSET_MASK)) {
+            run = 0;
+            c = (rt + 1) * a->per_block - 1;
+            continue;
+        }
+        r = get_refcount(a, c, &rc);
+        if (r < 0) {
+            return r;
+        }
+        if (rc == 0 && !qcow2_meta_index_find(a->meta, c)) {
+            if (++run == n) {
+                *ret = true;
+                return 0;
+            }
+        } else {
+            run = 0;
+        }
+    }
+    return 0;
+}
+
 int qbm_alloc_run(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset,
                   uint64_t *ret_n)
 {
@@ -444,8 +482,19 @@ int qbm_alloc_run(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset,
      * space past the covered part never holds a run longer than a range
      * minus one: half a range is always found. */
     uint64_t most = a->per_block / 2 ? a->per_block / 2 : 1;
+    bool hole = true;
+    int r = 0;
 
     *ret_n = n < most ? n : most;
+    /* Never grow the image for the sake of a run: without a hole for it
+     * below the end, one cluster, first fit, as any allocation. */
+    if (*ret_n > 1 && a->hint < a->old_end / a->cs) {
+        r = hole_for(a, *ret_n, &hole);
+    }
+    if (r < 0) {
+        return r;
+    }
+    *ret_n = hole ? *ret_n : 1;
     return qbm_alloc_clusters(a, *ret_n, ret_offset);
 }
 
