@@ -5,7 +5,6 @@
  * the bitmaps that exist only above the base. The policy is the
  * library's (qbm_carry_commit); this prints what it did.
  */
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -28,9 +27,7 @@ static const char usage[] =
     "                      of its writes); needs those layers' data\n"
     "      --mark-written  also mark in BASE's enabled bitmaps every cluster\n"
     "                      the commit copies (the layers' own allocation);\n"
-    "                      needs the layers to still hold their data\n"
-    "  -n, --dry-run       say what would change, change nothing\n"
-    "  -h, --help          show this help\n";
+    "                      needs the layers to still hold their data\n";
 
 struct report {
     struct outbuf *plan;
@@ -80,51 +77,47 @@ int cmd_commit_bitmaps(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "mark-written", no_argument, NULL, 'm' },
-        { "fill-gaps", no_argument, NULL, 'f' },
-        { "dry-run", no_argument, NULL, 'n' },
-        { "help", no_argument, NULL, 'h' },
+        { "fill-gaps", no_argument, NULL, 'g' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "commit-bitmaps",
+        .usage = usage,
+        .opts = opts,
+        .common = TOOL_OPT_EDIT,
+        .min_args = 2,
+        .max_args = 2,
+        .args_hint = "TOP and BASE",
     };
     struct outbuf plan = { 0 };
     struct report rep = { &plan, NULL };
     struct qbm_image *base;
     unsigned flags = 0;
-    bool dry_run = false;
-    const char *top;
     int c;
 
-    while ((c = getopt_long(argc, argv, "+nh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'm':
             flags |= QBM_CARRY_MARK_WRITTEN;
             break;
-        case 'f':
+        case 'g':
             flags |= QBM_CARRY_FILL_GAPS;
             break;
-        case 'n':
-            dry_run = true;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("commit-bitmaps", "invalid option");
         }
     }
-    if (argc - optind != 2) {
-        return usage_error("commit-bitmaps", "expected TOP and BASE");
+    if (c < 0) {
+        return a.status;
     }
-    top = argv[optind];
-    rep.base = argv[optind + 1];
+    rep.base = a.args[1];
     base = edit_open(rep.base);
     if (!base) {
         return 1;
     }
-    if (qbm_carry_commit(base, top, flags, report, &rep) != 0) {
+    if (qbm_carry_commit(base, a.args[0], flags, report, &rep) != 0) {
         tool_lib_error(NULL);
         ob_free(&plan);
         qbm_close(base);
         return 1;
     }
-    return edit_finish(base, rep.base, dry_run, &plan);
+    return edit_finish(base, rep.base, a.dry_run, &plan);
 }

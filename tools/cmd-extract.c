@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm extract: an offline incremental (or full) backup of a disk. */
-#include <getopt.h>
 #include <stdio.h>
 
 #include "qbm-tool.h"
@@ -19,28 +18,35 @@ static const char usage[] =
     "  -b, --backing=FILE   record FILE (the previous backup) as OUTPUT's\n"
     "                       backing file, so QEMU opens the chain directly\n"
     "      --rotate=NEW     once OUTPUT is safely written, add an empty\n"
-    "                       enabled bitmap NEW to IMAGE and disable BITMAP\n"
-    "  -p                   show progress\n"
-    "  -h, --help           show this help\n";
+    "                       enabled bitmap NEW to IMAGE and disable BITMAP\n";
 
 int cmd_extract(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "chain", no_argument, NULL, 'c' },
-        { "full", no_argument, NULL, 'f' },
+        { "full", no_argument, NULL, 'F' },
         { "backing", required_argument, NULL, 'b' },
         { "rotate", required_argument, NULL, 'r' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "extract",
+        .usage = usage,
+        .shortopts = "o:cb:",
+        .opts = opts,
+        .common = TOOL_OPT_FORMAT | TOOL_OPT_PROGRESS,
+        .min_args = 1,
+        .max_args = 2,
+        .args_hint = "-o OUTPUT, IMAGE and BITMAP",
     };
     const char *output = NULL, *backing = NULL, *rotate = NULL;
     const char *image, *bitmap = NULL;
-    unsigned flags = 0, last = (unsigned)-1;
-    bool progress = false;
+    unsigned flags = 0;
+    struct progress p;
     struct qbm_image *img;
     int c;
 
-    while ((c = getopt_long(argc, argv, "+o:cb:ph", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'o':
             output = optarg;
@@ -48,7 +54,7 @@ int cmd_extract(int argc, char **argv)
         case 'c':
             flags |= QBM_EXTRACT_CHAIN;
             break;
-        case 'f':
+        case 'F':
             flags |= QBM_EXTRACT_FULL;
             break;
         case 'b':
@@ -57,39 +63,27 @@ int cmd_extract(int argc, char **argv)
         case 'r':
             rotate = optarg;
             break;
-        case 'p':
-            progress = true;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("extract", "invalid option");
         }
     }
-    if (!output || argc - optind < 1 || argc - optind > 2 ||
-        (argc - optind == 1 && !(flags & QBM_EXTRACT_FULL))) {
+    if (c < 0) {
+        return a.status;
+    }
+    if (!output || (a.nargs == 1 && !(flags & QBM_EXTRACT_FULL))) {
         return usage_error("extract", "expected -o OUTPUT, IMAGE and "
                                       "BITMAP");
     }
-    image = argv[optind];
-    if (argc - optind == 2) {
-        bitmap = argv[optind + 1];
+    image = a.args[0];
+    if (a.nargs == 2) {
+        bitmap = a.args[1];
     }
     if (rotate && !bitmap) {
         return usage_error("extract", "--rotate needs BITMAP");
     }
-    if (qbm_extract(image, bitmap, output, flags, backing,
-                    progress ? show_progress : NULL, &last) < 0) {
-        if (progress) {
-            fputc('\n', stderr);
-        }
-        /* The library names the file each message is about. */
-        tool_lib_error(NULL);
+    p = progress_init(&a);
+    /* The library names the file each message is about. */
+    if (progress_finish(&p, qbm_extract(image, bitmap, output, flags, backing,
+                                        progress_fn(&p), &p)) != 0) {
         return 1;
-    }
-    if (progress) {
-        end_progress(&last);
     }
     if (!rotate) {
         return 0;

@@ -5,7 +5,6 @@
  * workflow is the library's (qbm_carry_snapshot); this prints what it
  * did.
  */
-#include <getopt.h>
 #include <stdio.h>
 
 #include "qbm-tool.h"
@@ -17,9 +16,7 @@ static const char usage[] =
     "already holds, so each checkpoint covers the writes since the\n"
     "snapshot and QEMU keeps tracking in TOP. Disabled bitmaps are not\n"
     "carried. A bitmap TOP already has is only marked.\n\n"
-    "      --disable-base  then disable the carried bitmaps in BASE\n"
-    "  -n, --dry-run       say what would change, change nothing\n"
-    "  -h, --help          show this help\n";
+    "      --disable-base  then disable the carried bitmaps in BASE\n";
 
 struct report {
     struct outbuf plan;
@@ -63,34 +60,36 @@ int cmd_snapshot_bitmaps(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "disable-base", no_argument, NULL, 'd' },
-        { "dry-run", no_argument, NULL, 'n' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "snapshot-bitmaps",
+        .usage = usage,
+        .opts = opts,
+        .common = TOOL_OPT_EDIT,
+        .min_args = 2,
+        .max_args = 2,
+        .args_hint = "BASE and TOP",
     };
     struct report rep = { { 0 }, false };
     unsigned flags = 0;
     int c, r;
 
-    while ((c = getopt_long(argc, argv, "+nh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'd':
             flags |= QBM_CARRY_SNAPSHOT_DISABLE_BASE;
             break;
-        case 'n':
-            flags |= QBM_CARRY_SNAPSHOT_DRY_RUN;
-            rep.dry_run = true;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("snapshot-bitmaps", "invalid option");
         }
     }
-    if (argc - optind != 2) {
-        return usage_error("snapshot-bitmaps", "expected BASE and TOP");
+    if (c < 0) {
+        return a.status;
     }
-    r = qbm_carry_snapshot(argv[optind], argv[optind + 1], flags, report, &rep);
+    if (a.dry_run) {
+        flags |= QBM_CARRY_SNAPSHOT_DRY_RUN;
+        rep.dry_run = true;
+    }
+    r = qbm_carry_snapshot(a.args[0], a.args[1], flags, report, &rep);
     ob_free(&rep.plan);
     if (r < 0) {
         tool_lib_error(NULL);

@@ -197,7 +197,7 @@ int ob_flush_all(struct outbuf *const *obs, size_t n)
             ret = 1;
         }
     }
-    for (i = 0; i < n && ret == 0; i++) {
+    for (i = 0; i < n && ret == 0 && !tool_quiet; i++) {
         if (obs[i]->len &&
             fwrite(obs[i]->p, 1, obs[i]->len, stdout) != obs[i]->len) {
             ret = 1;
@@ -222,8 +222,9 @@ int ob_flush(struct outbuf *ob)
     if (ob->failed) {
         fprintf(stderr, "qbm: out of memory building the output\n");
         ret = 1;
-    } else if (ob->len && (fwrite(ob->p, 1, ob->len, stdout) != ob->len ||
-                           fflush(stdout) != 0)) {
+    } else if (ob->len && !tool_quiet &&
+               (fwrite(ob->p, 1, ob->len, stdout) != ob->len ||
+                fflush(stdout) != 0)) {
         fprintf(stderr, "qbm: cannot write the output: %s\n", strerror(errno));
         ret = 1;
     }
@@ -295,20 +296,4 @@ bool parse_output(const char *arg, enum output_format *ret)
         return false;
     }
     return true;
-}
-
-int usage_error(const char *cmd, const char *fmt, ...)
-{
-    va_list ap;
-
-    fputs("qbm: ", stderr);
-    if (cmd) {
-        fprintf(stderr, "%s: ", cmd);
-    }
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "\nTry 'qbm %s%s--help' for more information.\n",
-            cmd ? cmd : "", cmd ? " " : "");
-    return EXIT_USAGE;
 }
