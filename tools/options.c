@@ -65,14 +65,9 @@ int usage_error(const char *cmd, const char *fmt, ...)
 {
     va_list ap;
 
-    fputs("qbm: ", stderr);
-    if (cmd) {
-        fprintf(stderr, "%s: ", cmd);
-    }
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    tool_verror(cmd, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
     hint(cmd);
     return EXIT_USAGE;
 }
@@ -106,6 +101,9 @@ static void build_tables(struct tool_args *a)
                 abort();
             }
         }
+        if (n + 1 >= TOOL_MAX_OPTIONS) {
+            break;
+        }
         a->all[n++] = a->opts[i];
     }
     s += (size_t)snprintf(a->shorts + s, sizeof(a->shorts) - s, "%s",
@@ -114,13 +112,13 @@ static void build_tables(struct tool_args *a)
         if (common_opts[j].bit && !(a->common & common_opts[j].bit)) {
             continue;
         }
-        if (common_opts[j].opt.name) {
+        if (common_opts[j].opt.name && n + 1 < TOOL_MAX_OPTIONS) {
             a->all[n++] = common_opts[j].opt;
         }
         s += (size_t)snprintf(a->shorts + s, sizeof(a->shorts) - s, "%s",
                               common_opts[j].shorts);
     }
-    if (n >= TOOL_MAX_OPTIONS || s >= sizeof(a->shorts) - 1) {
+    if (n + 1 >= TOOL_MAX_OPTIONS || s >= sizeof(a->shorts) - 1) {
         fprintf(stderr, "qbm: %s: internal error: too many options\n", a->cmd);
         abort();
     }
@@ -207,11 +205,9 @@ static int misuse(struct tool_args *a, const char *fmt, ...)
 {
     va_list ap;
 
-    fprintf(stderr, "qbm: %s: ", a->cmd);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    tool_verror(a->cmd, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
     hint(a->cmd);
     a->status = EXIT_USAGE;
     return TOOL_GETOPT_EXIT;

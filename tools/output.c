@@ -267,18 +267,23 @@ void format_size(char *buf, size_t len, uint64_t bytes)
     }
 }
 
-void tool_error(const char *file, const char *fmt, ...)
+void tool_verror(const char *file, const char *fmt, va_list ap)
 {
-    va_list ap;
-
     fputs("qbm: ", stderr);
     if (file) {
         fprintf(stderr, "%s: ", file);
     }
-    va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
-    va_end(ap);
     fputc('\n', stderr);
+}
+
+void tool_error(const char *file, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    tool_verror(file, fmt, ap);
+    va_end(ap);
 }
 
 void tool_lib_error(const char *file)

@@ -46,6 +46,7 @@ void format_size(char *buf, size_t len, uint64_t bytes);
 /* qbm: FILE: message (from the library's last error when msg is NULL). */
 void tool_error(const char *file, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+void tool_verror(const char *file, const char *fmt, va_list ap);
 void tool_lib_error(const char *file);
 
 enum output_format { OUTPUT_HUMAN, OUTPUT_JSON };
