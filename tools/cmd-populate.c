@@ -10,7 +10,7 @@ static const char usage[] =
     "itself holds: data or zero flags in its own L1/L2 tables, not what it\n"
     "inherits from its backing file. Bits round outwards to the bitmap's\n"
     "granularity.\n\n"
-    "      --from=FILE      take the allocation of FILE's own layer\n";
+    "      --from=FILE       take the allocation of FILE's own layer\n";
 
 int cmd_populate(int argc, char **argv)
 {

@@ -13,8 +13,9 @@ static const char usage[] =
     "       qbm restore --link [--force] FULL INCREMENTAL...\n"
     "Write to OUTPUT the disk as of the last INCREMENTAL given: every\n"
     "cluster from the newest image that holds it (data, compressed data or\n"
-    "zero flags). FULL may be qcow2 or raw; incrementals are qcow2 files\n"
-    "holding only changed clusters (backing pointers are not followed).\n"
+    "zero flags). FULL may be qcow2 or raw (with -f qcow2: only qcow2);\n"
+    "incrementals are qcow2 files holding only changed clusters (backing\n"
+    "pointers are not followed).\n"
     "Everything is checked before anything is written; OUTPUT appears only\n"
     "once complete and flushed.\n\n"
     "  -O FORMAT          raw (default, sparse) or qcow2\n"
@@ -25,8 +26,7 @@ static const char usage[] =
     "      --link         instead, make each INCREMENTAL's backing file the\n"
     "                     image before it (metadata only), so QEMU opens\n"
     "                     the last one as the restored disk\n"
-    "      --force        with --link: replace existing backing files\n"
-    "  (-f qcow2: FULL must be qcow2 too; without -f it may be raw)\n";
+    "      --force        with --link: replace existing backing files\n";
 
 /* The name to record in `img_path` for `target`: relative when both are
  * in the same directory, else absolute. */
