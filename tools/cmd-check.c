@@ -264,12 +264,12 @@ int cmd_check(int argc, char **argv)
     fmt = a.output;
     open_flags = a.open_flags;
     if (repair && open_flags) {
-        return usage_error("check", "--repair cannot be used with -U");
+        return usage_error("check", "-r (--repair) cannot be used with -U");
     }
     if (repair & QBM_REPAIR_STALE) {
         repair |= in_use;
     }
-    file = argv[optind];
+    file = a.args[0];
 
     if (repair) {
         if (chain) {
