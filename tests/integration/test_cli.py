@@ -390,11 +390,11 @@ def case_quiet(qbm, tmp):
 # ---------------------------------------------------------------------------
 # Misuse
 
-def case_misuse(qbm, tmp):
-    """Every command: one line 'qbm: CMD: ...' and the hint, exit 2,
-    nothing on stdout."""
+def case_misuse(qbm, tmp, quick):
+    """Every command (quick: three): one line 'qbm: CMD: ...' and the hint,
+    exit 2, nothing on stdout."""
     img = image(tmp, "a.qcow2", ["b0"])
-    for cmd in COMMANDS:
+    for cmd in ["info", "add", "checkpoints"] if quick else COMMANDS:
         for args, msg in (
                 (["--no-such", img], "unrecognized option '--no-such'"),
                 ([img, "-Z"], "invalid option -- 'Z'"),
@@ -429,9 +429,9 @@ def case_misuse(qbm, tmp):
 # ---------------------------------------------------------------------------
 # help
 
-def case_help(qbm, tmp):
-    """qbm help CMD == qbm CMD --help == qbm CMD OPERAND --help: CMD's
-    usage, with the common options it takes."""
+def case_help(qbm, tmp, quick):
+    """qbm help CMD == qbm CMD --help == qbm CMD OPERAND --help (quick:
+    only the first): CMD's usage, with the common options it takes."""
     img = image(tmp, "a.qcow2")
     general = qbm("help").stdout
     for cmd in COMMANDS:
@@ -444,6 +444,8 @@ def case_help(qbm, tmp):
         if cmd in TAKES_IMAGE:
             expect("-f, --format=qcow2" in h.stdout,
                    "qbm help %s lacks -f" % cmd)
+        if quick:
+            continue
         expect(qbm(cmd, "--help").stdout == h.stdout,
                "qbm %s --help differs from qbm help %s" % (cmd, cmd))
         expect(qbm(cmd, img, "--help").stdout == h.stdout,
@@ -512,21 +514,27 @@ def case_check_repair(qbm, tmp):
 
 def main():
     suite = Suite("cli", __doc__)
-    suite.start()
+    suite.parser.add_argument(
+        "--quick", action="store_true", help="leave out the -f qcow2 and "
+        "--format=qcow2 reruns of every command, and repetitions of the "
+        "misuse and help checks (for valgrind)")
+    args = suite.start()
     # case_double_dash runs in its temporary directory.
     suite.qbm.path = os.path.abspath(suite.qbm.path)
     for cmd, fn in AFTER:
         suite.case("options after operands: " + cmd,
                    lambda tmp, fn=fn: fn(suite.qbm, tmp, []))
     for cmd, fn in AFTER:
-        if cmd in TAKES_IMAGE:
+        if cmd in TAKES_IMAGE and not args.quick:
             suite.case("-f qcow2: " + cmd,
                        lambda tmp, fn=fn: fn(suite.qbm, tmp, ["-f", "qcow2"]))
             suite.case("--format=qcow2: " + cmd, lambda tmp, fn=fn: fn(
                 suite.qbm, tmp, ["--format=qcow2"]))
-    for fn in (case_double_dash, case_format, case_quiet, case_misuse,
-               case_help, case_check_repair):
+    for fn in (case_double_dash, case_format, case_quiet, case_check_repair):
         suite.case(fn.__name__, lambda tmp, fn=fn: fn(suite.qbm, tmp))
+    for fn in (case_misuse, case_help):
+        suite.case(fn.__name__,
+                   lambda tmp, fn=fn: fn(suite.qbm, tmp, args.quick))
     return suite.finish()
 
 
