@@ -18,7 +18,7 @@
 #include <malloc.h>
 #endif
 
-#include "internal.h"
+#include "testlib.h"
 
 #define CS 4096ull
 /* The writer's layout with 4 KiB clusters: header, refcount table, one
@@ -77,22 +77,13 @@ static const struct qbm_io_ops count_ops = {
  * of at least 4 clusters); the file ends at or inside its L1 cluster. */
 static uint8_t *fresh_image(size_t *ret_len)
 {
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    uint8_t *copy;
-    const uint8_t *b;
+    uint8_t *b = tl_image_bytes(64 << 20, NULL, 0, ret_len), *copy;
 
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, 64 << 20, 12, NULL, NULL, NULL, 0,
-                                       &w), 0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    b = qbm_io_mem_data(io, ret_len);
     assert_true(*ret_len > L1_OFF && *ret_len <= L1_OFF + CS);
     /* Room for the edits below, inside the same clusters. */
     copy = calloc(1, L1_OFF + CS);
     memcpy(copy, b, *ret_len);
-    qbm_io_close(io);
+    free(b);
     assert_int_equal(be64_load(copy + 40), L1_OFF);
     assert_int_equal(be64_load(copy + 48), RT_OFF);
     assert_int_equal(be64_load(copy + RT_OFF), RB_OFF);
@@ -415,19 +406,9 @@ static void test_allocation_failures(void **state)
 static uint8_t *bitmap_image(size_t *ret_len)
 {
     size_t len;
-    uint8_t *buf = fresh_image(&len), *copy;
-    struct qbm_image *img;
-    const uint8_t *b;
+    uint8_t *buf = fresh_image(&len);
+    uint8_t *copy = tl_mem_with_bitmap(buf, len, "a", 65536, 1 << 20, ret_len);
 
-    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
-    assert_non_null(img);
-    assert_int_equal(qbm_bitmap_add(img, "a", 65536, 0), 0);
-    assert_int_equal(qbm_bitmap_set_dirty(img, "a", 0, 1 << 20), 0);
-    assert_int_equal(qbm_commit(img), 0);
-    b = qbm_io_mem_data(img->io, ret_len);
-    copy = malloc(*ret_len);
-    memcpy(copy, b, *ret_len);
-    qbm_close(img);
     free(buf);
     return copy;
 }

@@ -65,6 +65,15 @@ uint8_t *tl_mem_with_bitmap(const uint8_t *buf, size_t len, const char *bitmap,
     return copy;
 }
 
+void tl_assert_mem_holds(struct qbm_image *img, const void *want, size_t len)
+{
+    size_t now_len;
+    const uint8_t *now = qbm_io_mem_data(img->io, &now_len);
+
+    assert_int_equal(now_len, len);
+    assert_memory_equal(now, want, len);
+}
+
 static char dir[] = "/tmp/qbm-unit-XXXXXX";
 
 int tl_dir_setup(void **state)
@@ -251,6 +260,15 @@ void tl_describe(struct qbm_image *img, const char *bitmap, char *out,
              (unsigned long long)qbm_bitmap_granularity(img, (size_t)idx), ext);
 }
 
+void tl_assert_described(struct qbm_image *img, const char *bitmap,
+                         const char *want)
+{
+    char got[300];
+
+    tl_describe(img, bitmap, got, sizeof(got));
+    assert_string_equal(got, want);
+}
+
 int tl_record_action(void *opaque, int action, const char *bitmap,
                      const char *file)
 {
@@ -261,4 +279,21 @@ int tl_record_action(void *opaque, int action, const char *bitmap,
     snprintf(ev->line[ev->n++], sizeof(ev->line[0]), "%d %s %s", action,
              bitmap ? bitmap : "-", slash ? slash + 1 : file);
     return ev->stop;
+}
+
+void tl_assert_events(const struct tl_events *ev, ...)
+{
+    const char *want[QBM_ARRAY_SIZE(ev->line)];
+    size_t n = 0, i;
+    va_list ap;
+
+    va_start(ap, ev);
+    while (n < QBM_ARRAY_SIZE(want) && (want[n] = va_arg(ap, const char *))) {
+        n++;
+    }
+    va_end(ap);
+    assert_int_equal(ev->n, n);
+    for (i = 0; i < n; i++) {
+        assert_string_equal(ev->line[i], want[i]);
+    }
 }

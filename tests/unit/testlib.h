@@ -39,6 +39,9 @@ uint8_t *tl_mem_with_bitmap(const uint8_t *buf, size_t len, const char *bitmap,
                             uint64_t granularity, uint64_t dirty,
                             size_t *ret_len);
 
+/* The memory image `img` holds exactly the `len` bytes `want`. */
+void tl_assert_mem_holds(struct qbm_image *img, const void *want, size_t len);
+
 /* ---- images as files in a temporary directory ------------------------- */
 
 /* A cmocka group setup and teardown: make the directory; remove it and
@@ -94,6 +97,10 @@ void tl_extents(struct qbm_image *img, const char *bitmap, char *out,
 void tl_describe(struct qbm_image *img, const char *bitmap, char *out,
                  size_t len);
 
+/* tl_describe() of bitmap `bitmap` of `img` is `want`. */
+void tl_assert_described(struct qbm_image *img, const char *bitmap,
+                         const char *want);
+
 /* ---- recording callbacks ----------------------------------------------- */
 
 /* What a qbm_carry_fn or qbm_carry_snapshot_fn reported, one line per
@@ -107,5 +114,9 @@ struct tl_events {
 
 int tl_record_action(void *opaque, int action, const char *bitmap,
                      const char *file);
+
+/* `ev` holds exactly the lines given, in order (the list ends with
+ * NULL). */
+void tl_assert_events(const struct tl_events *ev, ...);
 
 #endif
