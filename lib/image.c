@@ -455,12 +455,5 @@ QBM_API int qbm_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
         return -1;
     }
     r = qbm_impl_image_allocation(img, alloc_wrap_cb, &w);
-    if (r < 0) {
-        return -1;
-    }
-    if (w.user_ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return w.user_ret;
-    }
-    return 0;
+    return qbm_public_ret_cb(r, w.user_ret);
 }

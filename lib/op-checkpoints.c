@@ -991,12 +991,5 @@ QBM_API int qbm_checkpoints_check(struct qbm_checkpoints *set, unsigned flags,
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
     r = checkpoints_check(set, flags, &u);
-    if (r < 0) {
-        return -1;
-    }
-    if (u.ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return u.ret;
-    }
-    return 0;
+    return qbm_public_ret_cb(r, u.ret);
 }
