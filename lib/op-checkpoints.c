@@ -677,6 +677,11 @@ static bool libvirt_name(const char *s)
     return i > 0;
 }
 
+QBM_API int qbm_checkpoint_name_valid(const char *name)
+{
+    return name && libvirt_name(name);
+}
+
 /* Whether `bitmap` passes every rule on the chain of `tg`. */
 static int valid_on(const struct ckpt_target *tg, const char *bitmap,
                     bool *ret_valid)

@@ -373,6 +373,28 @@ static void test_shared_backing(void **state)
     tl_dir_clean(NULL);
 }
 
+/* libvirt's checkpoint names, [A-Za-z0-9_-][A-Za-z0-9_.-]*, and nothing
+ * else. */
+static void test_name_valid(void **state)
+{
+    static const struct {
+        const char *name;
+        int valid;
+    } cases[] = {
+        { "ck1", 1 },      { "a.b", 1 }, { "_x", 1 },          { "-x", 1 },
+        { "A-Z_0.9", 1 },  { "x.", 1 },  { ".x", 0 },          { "", 0 },
+        { "bad name", 0 }, { "a/b", 0 }, { "caf\xc3\xa9", 0 }, { "a:b", 0 },
+    };
+    size_t i;
+
+    for (i = 0; i < QBM_ARRAY_SIZE(cases); i++) {
+        if (qbm_checkpoint_name_valid(cases[i].name) != cases[i].valid) {
+            fail_msg("'%s': want %d", cases[i].name, cases[i].valid);
+        }
+    }
+    assert_int_equal(qbm_checkpoint_name_valid(NULL), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -382,6 +404,7 @@ int main(void)
         cmocka_unit_test(test_refusals_and_stop),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_shared_backing),
+        cmocka_unit_test(test_name_valid),
     };
 
     return cmocka_run_group_tests(tests, tl_dir_setup, tl_dir_teardown);
