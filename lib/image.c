@@ -186,24 +186,38 @@ int qbm_image_reload(struct qbm_image *img)
     return r;
 }
 
+/* A new handle that owns `io` (closed on failure) and holds a copy of
+ * `filename`; nothing is loaded yet. */
+static int image_new(struct qbm_io *io, const char *filename,
+                     struct qbm_image **ret_img)
+{
+    struct qbm_image *img = qbm_calloc(1, sizeof(*img));
+
+    if (!img) {
+        qbm_io_close(io);
+        return -ENOMEM;
+    }
+    img->io = io;
+    img->filename = qbm_strndup(filename, strlen(filename));
+    if (!img->filename) {
+        image_free(img);
+        return -ENOMEM;
+    }
+    *ret_img = img;
+    return 0;
+}
+
 int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
                       struct qbm_image **ret_img)
 {
     struct qbm_image *img;
     int r;
 
-    img = qbm_calloc(1, sizeof(*img));
-    if (!img) {
-        qbm_io_close(io);
-        return -ENOMEM;
+    r = image_new(io, filename, &img);
+    if (r < 0) {
+        return r;
     }
-    img->io = io;
     img->rdwr = rdwr;
-    img->filename = qbm_strndup(filename, strlen(filename));
-    if (!img->filename) {
-        image_free(img);
-        return -ENOMEM;
-    }
     r = image_load(img);
     if (r < 0) {
         image_free(img);
@@ -216,20 +230,14 @@ int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
 int qbm_image_open_raw(struct qbm_io *io, const char *filename,
                        struct qbm_image **ret_img)
 {
-    struct qbm_image *img = qbm_calloc(1, sizeof(*img));
+    struct qbm_image *img;
     int r;
 
-    if (!img) {
-        qbm_io_close(io);
-        return -ENOMEM;
+    r = image_new(io, filename, &img);
+    if (r < 0) {
+        return r;
     }
-    img->io = io;
     img->raw = true;
-    img->filename = qbm_strndup(filename, strlen(filename));
-    if (!img->filename) {
-        image_free(img);
-        return -ENOMEM;
-    }
     r = qbm_io_size(io, &img->file_size);
     if (r < 0) {
         image_free(img);
