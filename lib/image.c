@@ -186,22 +186,42 @@ int qbm_image_reload(struct qbm_image *img)
     return r;
 }
 
-/* A new handle that owns `io` (closed on failure) and holds a copy of
- * `filename`; nothing is loaded yet. */
-static int image_new(struct qbm_io *io, const char *filename,
-                     struct qbm_image **ret_img)
+/* A raw file has no metadata: only its size, which is the disk's. */
+static int raw_load(struct qbm_image *img)
+{
+    int r = qbm_io_size(img->io, &img->file_size);
+
+    if (r < 0) {
+        return r;
+    }
+    img->hdr.size = img->file_size;
+    return 0;
+}
+
+/* A handle on `io`, which it owns (closed on failure too), loaded as a
+ * qcow2 image or as a raw file. */
+static int image_open(struct qbm_io *io, const char *filename, bool rdwr,
+                      bool raw, struct qbm_image **ret_img)
 {
     struct qbm_image *img = qbm_calloc(1, sizeof(*img));
+    int r;
 
     if (!img) {
         qbm_io_close(io);
         return -ENOMEM;
     }
     img->io = io;
+    img->rdwr = rdwr;
+    img->raw = raw;
     img->filename = qbm_strndup(filename, strlen(filename));
     if (!img->filename) {
         image_free(img);
         return -ENOMEM;
+    }
+    r = raw ? raw_load(img) : image_load(img);
+    if (r < 0) {
+        image_free(img);
+        return r;
     }
     *ret_img = img;
     return 0;
@@ -210,42 +230,13 @@ static int image_new(struct qbm_io *io, const char *filename,
 int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
                       struct qbm_image **ret_img)
 {
-    struct qbm_image *img;
-    int r;
-
-    r = image_new(io, filename, &img);
-    if (r < 0) {
-        return r;
-    }
-    img->rdwr = rdwr;
-    r = image_load(img);
-    if (r < 0) {
-        image_free(img);
-        return r;
-    }
-    *ret_img = img;
-    return 0;
+    return image_open(io, filename, rdwr, false, ret_img);
 }
 
 int qbm_image_open_raw(struct qbm_io *io, const char *filename,
                        struct qbm_image **ret_img)
 {
-    struct qbm_image *img;
-    int r;
-
-    r = image_new(io, filename, &img);
-    if (r < 0) {
-        return r;
-    }
-    img->raw = true;
-    r = qbm_io_size(io, &img->file_size);
-    if (r < 0) {
-        image_free(img);
-        return r;
-    }
-    img->hdr.size = img->file_size;
-    *ret_img = img;
-    return 0;
+    return image_open(io, filename, false, true, ret_img);
 }
 
 int qbm_image_open_format(struct qbm_io *io, const char *filename,
