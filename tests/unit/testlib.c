@@ -39,7 +39,8 @@ uint8_t *tl_image_bytes(uint64_t size, const char *backing,
     return copy;
 }
 
-uint8_t *tl_mem_copy(struct qbm_image *img, size_t *ret_len)
+/* A copy of the bytes of `img`, an image opened in memory. */
+static uint8_t *mem_copy(struct qbm_image *img, size_t *ret_len)
 {
     const uint8_t *b = qbm_io_mem_data(img->io, ret_len);
     uint8_t *copy = malloc(*ret_len);
@@ -60,7 +61,7 @@ uint8_t *tl_mem_with_bitmap(const uint8_t *buf, size_t len, const char *bitmap,
     assert_int_equal(qbm_bitmap_add(img, bitmap, granularity, 0), 0);
     assert_int_equal(qbm_bitmap_set_dirty(img, bitmap, 0, dirty), 0);
     assert_int_equal(qbm_commit(img), 0);
-    copy = tl_mem_copy(img, ret_len);
+    copy = mem_copy(img, ret_len);
     qbm_close(img);
     return copy;
 }

@@ -26,10 +26,6 @@
 uint8_t *tl_image_bytes(uint64_t size, const char *backing,
                         uint64_t data_clusters, size_t *ret_len);
 
-/* A copy of the bytes of `img`, an image opened in memory (the caller
- * frees it), and their number in *ret_len. */
-uint8_t *tl_mem_copy(struct qbm_image *img, size_t *ret_len);
-
 /*
  * The image BUF (LEN bytes) with bitmap `bitmap` added (enabled, of
  * `granularity`; 0 is the default), bytes [0, dirty) of it set, and
