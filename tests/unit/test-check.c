@@ -121,6 +121,21 @@ static int collect(void *opaque, int kind, uint64_t off, const char *msg)
     return 0;
 }
 
+/* qbm_check of the image BUF (LEN bytes) into `p`: the bytes it read. */
+static uint64_t check_counted(const uint8_t *buf, size_t len,
+                              struct problems *p)
+{
+    struct count_io *io;
+    struct qbm_image *img = open_counted(buf, len, &io);
+    uint64_t nread;
+
+    io->read = 0;
+    assert_int_equal(qbm_check(img, collect, p), 0);
+    nread = io->read;
+    qbm_close(img);
+    return nread;
+}
+
 /*
  * An L1 table of 4 Mi entries (32 MiB, the most qbm accepts) in a 16 KiB
  * file: the part past the end of the file references nothing and is not
@@ -131,18 +146,14 @@ static void test_l1_past_eof(void **state)
     size_t len;
     uint8_t *buf = fresh_image(&len);
     struct problems p = { .n = 0 };
-    struct count_io *io;
-    struct qbm_image *img;
+    uint64_t nread;
 
     be32_store(buf + 36, QCOW2_MAX_L1_BYTES / 8);
-    img = open_counted(buf, len, &io);
-    io->read = 0;
-    assert_int_equal(qbm_check(img, collect, &p), 0);
+    nread = check_counted(buf, len, &p);
     assert_int_equal(p.n, 1);
     assert_string_equal(p.text[0], "1 L1 table at 0x3000: beyond the "
                         "clusters the refcounts describe");
-    assert_true(io->read < 64 * 1024);
-    qbm_close(img);
+    assert_true(nread < 64 * 1024);
     free(buf);
 }
 
@@ -153,21 +164,17 @@ static void test_l2_past_eof(void **state)
     size_t len, i;
     uint8_t *buf = fresh_image(&len);
     struct problems p = { .n = 0 };
-    struct count_io *io;
-    struct qbm_image *img;
+    uint64_t nread;
 
     for (i = 0; i < 32; i++) {
         be64_store(buf + L1_OFF + i * 8, (1000 + i) * CS);
     }
-    img = open_counted(buf, len, &io);
-    io->read = 0;
-    assert_int_equal(qbm_check(img, collect, &p), 0);
+    nread = check_counted(buf, len, &p);
     assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 32);
     assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
     assert_string_equal(p.text[0], "1 L2 table at 0x3e8000: beyond the "
                         "clusters the refcounts describe");
-    assert_true(io->read < 32 * CS);
-    qbm_close(img);
+    assert_true(nread < 32 * CS);
     free(buf);
 }
 
@@ -180,22 +187,18 @@ static void test_refblocks_past_eof(void **state)
     size_t len, i;
     uint8_t *buf = fresh_image(&len);
     struct problems p = { .n = 0 };
-    struct count_io *io;
-    struct qbm_image *img;
+    uint64_t nread;
 
     for (i = 1; i < CS / 8; i++) {
         be64_store(buf + RT_OFF + i * 8, (1000 + i) * CS);
     }
-    img = open_counted(buf, len, &io);
-    io->read = 0;
-    assert_int_equal(qbm_check(img, collect, &p), 0);
+    nread = check_counted(buf, len, &p);
     /* Each block is a reference past the refcounts, and nothing else. */
     assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], CS / 8 - 1);
     assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
     assert_string_equal(p.text[0], "1 refcount block at 0x3e9000: beyond "
                         "the clusters the refcounts describe");
-    assert_true(io->read < 64 * 1024);
-    qbm_close(img);
+    assert_true(nread < 64 * 1024);
     free(buf);
 }
 
