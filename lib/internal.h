@@ -779,9 +779,10 @@ int qbm_image_reload(struct qbm_image *img);
  * "Header": incompatible feature bit 2; "Header extensions": external data
  * file name), read only and locked as the image is (shared read locks, or
  * none for an image opened with -U), once; 0 at once for other images.
- * The name is opened as QEMU opens it: as given, a relative name from the
- * working directory. Guest data that qcow2_map_walk() reports as DATA is
- * then read from qbm_image_data_io(), at the L2 entries' host offsets.
+ * The name is opened as QEMU opens it: as a local file name, never parsed
+ * for a protocol, a relative one from the working directory. Guest data that
+ * qcow2_map_walk() reports as DATA is then read from qbm_image_data_io(), at
+ * the L2 entries' host offsets.
  */
 int qbm_image_data_open(struct qbm_image *img);
 /* Where an image's guest data clusters live: its data file, or itself. */

@@ -253,6 +253,7 @@ EXT_END = 0
 EXT_BACKING_FORMAT = 0xe2792aca
 EXT_FEATURE_TABLE = 0x6803f857
 EXT_BITMAPS = 0x23852875
+EXT_DATA_FILE = 0x44415441
 
 # Bitmaps extension data: name -> (offset in the extension data, format).
 BITMAPS_EXT = {

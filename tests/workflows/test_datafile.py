@@ -26,10 +26,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
-from qbmtest import (MiB, OFFSET_MASK, Fail, Qcow2, Suite,  # noqa: E402
-                     dirty_map, qemu_allocated, qemu_img, qemu_img_check,
-                     qemu_img_compare as same, qemu_img_create, qemu_io,
-                     qemu_map, merge_extents, run)
+from qbmtest import (EXT_DATA_FILE, MiB, OFFSET_MASK, Fail,  # noqa: E402
+                     Qcow2, Suite, dirty_map, merge_extents, qemu_allocated,
+                     qemu_img, qemu_img_check, qemu_img_compare as same,
+                     qemu_img_create, qemu_io, qemu_map, run)
 
 
 def data_bytes(img):
@@ -354,12 +354,69 @@ def compressed(qbm, tmp):
         raise Fail("compressed cluster: %r" % p.stderr)
 
 
+def set_data_file_name(img, name):
+    """Patch the data file name extension of img in place; the new name
+    has the length of the old one, so nothing else moves."""
+    ext = Qcow2(img).extension(EXT_DATA_FILE)
+    if ext is None or ext.length != len(name):
+        raise Fail("%s: no data file name of %d bytes" % (img, len(name)))
+    with open(img, "r+b") as f:
+        f.seek(ext.data)
+        f.write(name.encode())
+
+
+def names(qbm, tmp):
+    """A data file name is a local file name, never parsed for a protocol
+    (file:, nbd:, json:), as QEMU opens it; a directory, or the data file
+    bit without a name, is refused before any output exists."""
+    size = 4 * MiB
+    ov = os.path.join(tmp, "ov.qcow2")
+    # A 16-byte relative name, created and written from tmp.
+    qemu_img("create", "-q", "-f", "qcow2", "-o",
+             "data_file=abcdefghijkl.raw", "ov.qcow2", str(size), cwd=tmp)
+    qemu_io("ov.qcow2", "write -P 3 0 1M", "write -z 1M 64k", cwd=tmp)
+    qbm_path = os.path.abspath(qbm.path)
+    out = os.path.join(tmp, "out.raw")
+    current = os.path.join(tmp, "abcdefghijkl.raw")
+    for name in ("file:abcdefg.raw", "nbd:localhost:99",
+                 'json:{"a":"bcd"}'):
+        set_data_file_name(ov, name)
+        p = run([qbm_path, "restore", "-o", out, ov], cwd=tmp, ok=(1,))
+        if (name not in p.stderr or "No such file" not in p.stderr or
+                ov not in p.stderr or p.stdout or os.path.exists(out)):
+            raise Fail("data file %r missing: %r" % (name, p.stderr))
+        path = os.path.join(tmp, name)
+        os.rename(current, path)
+        current = path
+        run([qbm_path, "restore", "-o", out, ov], cwd=tmp)
+        if qemu_img("compare", "-f", "raw", "-F", "qcow2", out, ov,
+                    cwd=tmp, ok=None).returncode != 0:
+            raise Fail("data file %r is not read as QEMU reads it" % name)
+        os.unlink(out)
+    os.mkdir(os.path.join(tmp, "dir-abcdefghijkl"))
+    set_data_file_name(ov, "dir-abcdefghijkl")
+    p = run([qbm_path, "restore", "-o", out, ov], cwd=tmp, ok=(1,))
+    if ("dir-abcdefghijkl" not in p.stderr or "is a directory" not in
+            p.stderr or os.path.exists(out)):
+        raise Fail("a directory as data file: %r" % p.stderr)
+    # The external data file bit without a name: QEMU needs data-file=.
+    plain = os.path.join(tmp, "plain.qcow2")
+    qemu_img_create(plain, size)
+    with open(plain, "r+b") as f:
+        f.seek(72)
+        f.write((4).to_bytes(8, "big"))
+    p = qbm("restore", "-o", out, plain, ok=(1,))
+    if "no data file name" not in p.stderr or os.path.exists(out):
+        raise Fail("data file bit without a name: %r" % p.stderr)
+
+
 FIXED = [
     ("KubeVirt-style overlay", kubevirt),
     ("relative data file name", relative_name),
     ("missing data file", missing),
     ("data file held by a writer", locked),
     ("compressed cluster with a data file", compressed),
+    ("data file names as QEMU reads them", names),
 ]
 
 
