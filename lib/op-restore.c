@@ -899,7 +899,7 @@ static int extract(const char *image, const char *bitmap, const char *output,
     unsigned bits = 16;
     uint64_t size;
     int r = 0, consistent = 1;
-    bool named = false; /* the message names its file (OUTPUT, a layer) */
+    bool out_failed = false; /* the message names OUTPUT, not IMAGE */
 
     if ((flags & QBM_EXTRACT_FULL) && backing) {
         return qbm_err_prefix(qbm_err(EINVAL, "a full backup has no backing "
@@ -965,11 +965,11 @@ static int extract(const char *image, const char *bitmap, const char *output,
     }
     if (r == 0) {
         r = qbm_resolve(layers, n, size, &map, &nmap);
-        named = r < 0;
+        out_failed = r < 0; /* or rather: its message names the layer */
     }
     if (r == 0) {
         r = out_create(&o);
-        named = r < 0;
+        out_failed = r < 0;
     }
     if (r == 0) {
         r = write_qcow2(layers, map, nmap, size, bits,
@@ -978,9 +978,9 @@ static int extract(const char *image, const char *bitmap, const char *output,
     }
     if (r == 0) {
         r = out_publish(&o);
-        named = r < 0;
+        out_failed = r < 0;
     }
-    if (r < 0 && !named) {
+    if (r < 0 && !out_failed) {
         qbm_err_prefix(r, "%s", image);
     }
     out_free(&o);
