@@ -484,9 +484,11 @@ int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn, void *opaque);
 
 /*
  * Host mapping of one layer: maximal guest runs with one kind of content.
- * DATA runs are host-contiguous (host = file offset of the first byte);
- * a COMPRESSED run is one cluster (host = its L2 entry); ZERO runs read as
- * zeros. Ranges falling through to the backing file are not reported.
+ * DATA runs are host-contiguous (host = file offset of the first byte, in
+ * the external data file when the image has one: qbm_image_data_open()
+ * must have opened it); a COMPRESSED run is one cluster (host = its L2
+ * entry); ZERO runs read as zeros. Ranges falling through to the backing
+ * file are not reported.
  */
 enum qcow2_map_type {
     QCOW2_MAP_DATA = 1,
@@ -695,6 +697,11 @@ struct qbm_image {
     bool raw;
     bool rdwr;
     struct qbm_io *io;
+    enum qbm_lock_mode lock; /* io's locks; the data file gets them too */
+    /* The external data file (incompatible feature bit 2), read only,
+     * once qbm_image_data_open() has opened it; NULL before and for
+     * images without one. */
+    struct qbm_io *data_io;
     uint64_t file_size;
     struct qcow2_header hdr;
 
@@ -772,6 +779,22 @@ int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
                               void *opaque);
 /* Reload every structure of an open image from its io (after a commit). */
 int qbm_image_reload(struct qbm_image *img);
+/*
+ * Open the external data file of an image that has one (qcow2 spec,
+ * "Header": incompatible feature bit 2; "Header extensions": external data
+ * file name), read only and locked as the image is (shared read locks, or
+ * none for an image opened with -U), once; 0 at once for other images.
+ * The name is opened as QEMU opens it: as a local file name, never parsed
+ * for a protocol, a relative one from the working directory. Guest data that
+ * qcow2_map_walk() reports as DATA is then read from qbm_image_data_io(), at
+ * the L2 entries' host offsets.
+ */
+int qbm_image_data_open(struct qbm_image *img);
+/* Where an image's guest data clusters live: its data file, or itself. */
+static inline struct qbm_io *qbm_image_data_io(struct qbm_image *img)
+{
+    return img->data_io ? img->data_io : img->io;
+}
 
 /* ---- image-bitmap.c: bitmap queries
  * -------------------------------------------- */

@@ -104,7 +104,7 @@ static int fold_cluster(struct fold *f, uint64_t c, uint64_t old, uint64_t *ret)
         if (p->type == QCOW2_MAP_ZERO) {
             memset(f->buf + (s - gs), 0, e - s);
         } else if (p->type == QCOW2_MAP_DATA) {
-            r = qbm_io_pread(src->io, f->buf + (s - gs), e - s,
+            r = qbm_io_pread(qbm_image_data_io(src), f->buf + (s - gs), e - s,
                              p->host + (s - p->guest));
         } else {
             r = qcow2_read_compressed(src, p->host, s - p->start,

@@ -56,7 +56,7 @@ static void prefetch(struct qbm_image **layers,
     }
     while (o->ra_next < n && o->ra_bytes < READAHEAD) {
         const struct qcow2_map_extent *e = &map[o->ra_next++];
-        int fd = qbm_io_fd(layers[e->layer]->io);
+        int fd = qbm_io_fd(qbm_image_data_io(layers[e->layer]));
 
         if (fd >= 0 && e->type == QCOW2_MAP_DATA) {
             posix_fadvise(fd, (off_t)e->host, (off_t)e->len,
@@ -112,7 +112,8 @@ static int iv_add(struct intervals *iv, uint64_t s, uint64_t e)
 static int copy_range(struct qbm_image *src, uint64_t from, struct out *o,
                       uint64_t to, uint64_t len)
 {
-    int sfd = qbm_io_fd(src->io);
+    struct qbm_io *sio = qbm_image_data_io(src);
+    int sfd = qbm_io_fd(sio);
     uint8_t *buf = NULL;
     int r = 0;
 
@@ -143,7 +144,7 @@ static int copy_range(struct qbm_image *src, uint64_t from, struct out *o,
                 return -ENOMEM;
             }
         }
-        r = qbm_io_pread(src->io, buf, n, from);
+        r = qbm_io_pread(sio, buf, n, from);
         r = r ? r : qbm_io_pwrite(o->io, buf, n, to);
         from += n;
         to += n;
@@ -964,6 +965,7 @@ static int extract(const char *image, const char *bitmap, const char *output,
     }
     if (r == 0) {
         r = qbm_resolve(layers, n, size, &map, &nmap);
+        out_failed = r < 0; /* or rather: its message names the layer */
     }
     if (r == 0) {
         r = out_create(&o);

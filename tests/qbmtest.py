@@ -13,7 +13,8 @@
   rerun a failed case alone;
 - the QEMU oracles: dirty_map() (qemu-nbd -r -B NAME + nbdinfo
   --map=qemu:dirty-bitmap:NAME), qemu_img_check(), qemu_img_info(),
-  qemu_bitmaps(), qemu_img_compare();
+  qemu_bitmaps(), qemu_img_compare(), qemu_map() and qemu_allocated()
+  (qemu-img map);
 - Qcow2: the layout of an image read straight from its bytes (header
   fields by name, extensions, refcount table, L1, bitmaps extension,
   directory and tables), for tests that patch or inspect the file.
@@ -102,16 +103,18 @@ class Qbm:
         return [(e["offset"], e["length"]) for e in d["extents"]]
 
 
-def qemu_img(*args, ok=(0,), timeout=None):
-    return run(["qemu-img"] + list(args), ok=ok, timeout=timeout)
+def qemu_img(*args, ok=(0,), timeout=None, cwd=None):
+    """qemu-img ARGS; cwd: the directory to run it in (QEMU opens a
+    relative external data file name from there)."""
+    return run(["qemu-img"] + list(args), ok=ok, timeout=timeout, cwd=cwd)
 
 
-def qemu_io(img, *cmds, fmt="qcow2", ok=(0,)):
+def qemu_io(img, *cmds, fmt="qcow2", ok=(0,), cwd=None):
     """qemu-io -f FMT -c CMD ... IMG."""
     args = ["qemu-io", "-f", fmt]
     for c in cmds:
         args += ["-c", c]
-    return run(args + [img], ok=ok)
+    return run(args + [img], ok=ok, cwd=cwd)
 
 
 def qemu_img_create(path, size, opts=None, backing=None, backing_fmt="qcow2",
@@ -164,6 +167,28 @@ def dirty_map(img, name, fmt="qcow2"):
         else:
             out.append((e["offset"], e["length"]))
     return out
+
+
+def qemu_map(img, cwd=None):
+    """qemu-img map --output=json IMG, parsed: QEMU's view of where each
+    guest range comes from (depth 0: the image's own layer)."""
+    return json.loads(qemu_img("map", "--output=json", img, cwd=cwd).stdout)
+
+
+def qemu_allocated(img, granularity=1, size=None):
+    """The guest ranges IMG's own layer provides (data or zero flags:
+    "present" at depth 0 in qemu-img map), rounded outwards to
+    granularity and clipped to size: what populate must mark."""
+    out = []
+    for e in qemu_map(img):
+        if e["depth"] != 0 or not e["present"]:
+            continue
+        start = e["start"] // granularity * granularity
+        end = -(-(e["start"] + e["length"]) // granularity) * granularity
+        if size is not None:
+            end = min(end, size)
+        out.append((start, end - start))
+    return merge_extents(out)
 
 
 def qemu_img_info(img, *opts):
@@ -228,6 +253,7 @@ EXT_END = 0
 EXT_BACKING_FORMAT = 0xe2792aca
 EXT_FEATURE_TABLE = 0x6803f857
 EXT_BITMAPS = 0x23852875
+EXT_DATA_FILE = 0x44415441
 
 # Bitmaps extension data: name -> (offset in the extension data, format).
 BITMAPS_EXT = {

@@ -384,7 +384,11 @@ typedef void (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
  * when it appears while the output is written. Raw output is sparse;
  * qcow2 output is a fresh image with 64 KiB clusters. `checkpoint`
  * (qcow2 only, may be NULL): name of an empty enabled bitmap to create so
- * that incremental backups can resume.
+ * that incremental backups can resume. An image with an external data
+ * file is read through it (opened read only, with shared locks, a relative
+ * name from the working directory as QEMU does; a missing one fails before
+ * OUTPUT is made); the same holds for qbm_extract() and the incrementals
+ * of qbm_consolidate().
  * Returns 0 or -1.
  */
 QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
