@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * qbm_carry_commit() on small chains written to a temporary directory:
- * what it reports and stages for a gap with and without FILL_GAPS, a
+ * what it reports and stages for a gap with and without FILL_GAPS, for a
+ * disabled copy with and without INCLUDE_DISABLED, for copies in use, a
  * callback that stops it, its refusals (which stage nothing), and every
  * allocation made to fail in turn.
  */
@@ -180,13 +181,101 @@ static void test_gap_not_carried(void **state)
                      0);
     assert_int_equal(ev.n, 2);
     assert_string_equal(ev.line[0], "3 ck base"); /* QBM_CARRY_GAP */
-    assert_string_equal(ev.line[1], "1 new top"); /* QBM_CARRY_COPIED */
+    /* new is disabled in top: libvirt and vdsm carry only recording
+     * bitmaps. */
+    assert_string_equal(ev.line[1], "6 new top"); /* QBM_CARRY_DISABLED */
     assert_int_equal(qbm_bitmap_find(base, "ck"), -1);
+    assert_int_equal(qbm_bitmap_find(base, "new"), -1);
     assert_int_equal(qbm_commit(base), 0);
     qbm_close(base);
     base_extents("ck", got, sizeof(got));
     assert_string_equal(got, "absent");
     base_extents("new", got, sizeof(got));
+    assert_string_equal(got, "absent");
+}
+
+/* INCLUDE_DISABLED: the disabled bitmap is carried, disabled in BASE. */
+static void test_include_disabled(void **state)
+{
+    struct qbm_image *base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
+    struct events ev = { .n = 0 };
+    char got[256];
+    int idx;
+
+    assert_non_null(base);
+    assert_int_equal(qbm_carry_commit(base, path_of("top"),
+                                      QBM_CARRY_INCLUDE_DISABLED, record, &ev),
+                     0);
+    assert_int_equal(ev.n, 2);
+    assert_string_equal(ev.line[0], "3 ck base");
+    assert_string_equal(ev.line[1], "1 new top"); /* QBM_CARRY_COPIED */
+    idx = qbm_bitmap_find(base, "new");
+    assert_true(idx >= 0);
+    assert_int_equal(qbm_bitmap_flags(base, (size_t)idx), 0);
+    assert_int_equal(qbm_commit(base), 0);
+    qbm_close(base);
+    base_extents("new", got, sizeof(got));
+    assert_string_equal(got, "");
+}
+
+/* Make bitmap `bitmap` of `file` in use, as QEMU leaves it after a
+ * crash (the flag written straight into its directory entry). */
+static void set_in_use(const char *file, const char *bitmap)
+{
+    struct qbm_image *img = qbm_open(path_of(file), QBM_OPEN_RDWR);
+    int idx;
+
+    assert_non_null(img);
+    idx = qbm_bitmap_find(img, bitmap);
+    assert_true(idx >= 0);
+    img->bitmaps[idx].flags |= BME_FLAG_IN_USE;
+    img->staged = true;
+    assert_int_equal(qbm_commit(img), 0);
+    qbm_close(img);
+}
+
+/*
+ * A copy in use above BASE or in BASE keeps only its own bitmap from being
+ * carried (it was once the whole call): reported, and the others carried.
+ * With MARK_WRITTEN, an in-use bitmap of BASE alone is left unmarked and
+ * reported, once.
+ */
+static void test_in_use_skipped(void **state)
+{
+    struct qbm_image *base;
+    struct events ev = { .n = 0 };
+    char got[256];
+
+    add_bitmap("top", "ok", true, 3 << 20);
+    add_bitmap("top", "busy", true, 4 << 20);
+    add_bitmap("base", "busy", true, UINT64_MAX);
+    add_bitmap("base", "mine", true, UINT64_MAX);
+    add_bitmap("base", "old", true, UINT64_MAX);
+    add_bitmap("top", "old", true, UINT64_MAX);
+    set_in_use("top", "busy");
+    set_in_use("base", "old");
+    set_in_use("base", "mine");
+    base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
+    assert_non_null(base);
+    assert_int_equal(qbm_carry_commit(base, path_of("top"),
+                                      QBM_CARRY_MARK_WRITTEN, record, &ev),
+                     0);
+    assert_int_equal(ev.n, 8);
+    assert_string_equal(ev.line[0], "3 ck base");
+    assert_string_equal(ev.line[1], "6 new top");
+    assert_string_equal(ev.line[2], "1 ok top");
+    assert_string_equal(ev.line[3], "7 busy top"); /* QBM_CARRY_IN_USE */
+    assert_string_equal(ev.line[4], "7 old base");
+    /* MARK_WRITTEN, in BASE's directory order: BASE's busy is consistent;
+     * mine is in use and was not reported yet, old was. */
+    assert_string_equal(ev.line[5], "5 busy base");
+    assert_string_equal(ev.line[6], "7 mine base");
+    assert_string_equal(ev.line[7], "5 ok base");
+    assert_int_equal(qbm_commit(base), 0);
+    qbm_close(base);
+    base_extents("ok", got, sizeof(got));
+    assert_string_equal(got, "3145728+65536,");
+    base_extents("busy", got, sizeof(got));
     assert_string_equal(got, "");
 }
 
@@ -203,7 +292,7 @@ static void test_fill_gaps(void **state)
     assert_int_equal(ev.n, 3);
     assert_string_equal(ev.line[0], "1 ck top");
     assert_string_equal(ev.line[1], "4 ck base"); /* QBM_CARRY_FILLED */
-    assert_string_equal(ev.line[2], "1 new top");
+    assert_string_equal(ev.line[2], "6 new top");
     idx = qbm_bitmap_find(base, "ck");
     assert_true(idx >= 0);
     assert_int_equal(qbm_bitmap_flags(base, (size_t)idx), QBM_BITMAP_AUTO);
@@ -242,7 +331,7 @@ static void test_stop_and_refusals(void **state)
 
     base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
     assert_non_null(base);
-    assert_int_equal(qbm_carry_commit(base, path_of("top"), 0x80, NULL,
+    assert_int_equal(qbm_carry_commit(base, path_of("top"), 0x800, NULL,
                                       NULL), -1);
     assert_int_equal(qbm_get_errno(), EINVAL);
     assert_int_equal(qbm_carry_commit(NULL, path_of("top"), 0, NULL, NULL),
@@ -314,7 +403,8 @@ static void test_allocation_failures(void **state)
         assert_non_null(base);
         qbm_alloc_fail_after(n);
         r = qbm_carry_commit(base, path_of("top"),
-                             QBM_CARRY_FILL_GAPS | QBM_CARRY_MARK_WRITTEN,
+                             QBM_CARRY_FILL_GAPS | QBM_CARRY_MARK_WRITTEN |
+                                 QBM_CARRY_INCLUDE_DISABLED,
                              NULL, NULL);
         qbm_alloc_fail_after(0);
         if (r < 0) {
@@ -333,6 +423,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_gap_not_carried, setup),
+        cmocka_unit_test_setup(test_include_disabled, setup),
+        cmocka_unit_test_setup(test_in_use_skipped, setup),
         cmocka_unit_test_setup(test_fill_gaps, setup),
         cmocka_unit_test_setup(test_stop_and_refusals, setup),
         cmocka_unit_test(test_every_copy_carried),

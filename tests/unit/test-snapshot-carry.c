@@ -195,6 +195,7 @@ static void describe(const char *file, const char *name, char *out,
 #define TOP_DONE "4"
 #define DISABLED "5"
 #define BASE_DONE "6"
+#define IN_USE "7"
 
 static void test_continue(void **state)
 {
@@ -289,7 +290,7 @@ static void test_refusals(void **state)
     char want[600];
 
     assert_int_equal(qbm_carry_snapshot(path_of("base"), path_of("top"),
-                                        0x80, NULL, NULL), -1);
+                                        0x800, NULL, NULL), -1);
     assert_int_equal(qbm_get_errno(), EINVAL);
     assert_int_equal(qbm_carry_snapshot(NULL, path_of("top"), 0, NULL,
                                         NULL), -1);
@@ -317,23 +318,52 @@ static void test_refusals(void **state)
     assert_unchanged("base", base, blen);
     assert_unchanged("top", top, tlen);
     free(base);
+    free(top);
+}
 
-    /* An in-use bitmap of BASE refuses the whole call. */
+/*
+ * A bitmap in use in BASE, or in TOP's own copy, is skipped and reported
+ * (libvirt's propagation skips inconsistent bitmaps); the others are
+ * carried, and BASE's copies stay enabled. This call once refused the
+ * whole job.
+ */
+static void test_in_use_skipped(void **state)
+{
+    struct events ev = { .n = 0 };
+    char got[300];
+
     set_in_use("base", "ck2");
-    base = contents("base", &blen);
+    assert_int_equal(qbm_carry_snapshot(path_of("base"), path_of("top"), 0,
+                                        record, &ev), 0);
+    assert_int_equal(ev.n, 4);
+    assert_string_equal(ev.line[0], ADDED " ck1 top");
+    assert_string_equal(ev.line[1], SKIPPED " old base");
+    assert_string_equal(ev.line[2], IN_USE " ck2 base");
+    assert_string_equal(ev.line[3], TOP_DONE " - top");
+    describe("top", "ck1", got, sizeof(got));
+    assert_string_equal(got, "2 65536 65536+65536,");
+    describe("top", "ck2", got, sizeof(got));
+    assert_string_equal(got, "absent");
+    describe("base", "ck1", got, sizeof(got));
+    assert_string_equal(got, "2 65536 ");
+
+    /* TOP's own copy in use: not marked, and not disabled in BASE. */
+    setup(state);
+    add_bitmap("top", "ck1", 65536, true);
+    set_in_use("top", "ck1");
     ev.n = 0;
-    ev.stop = 0;
     assert_int_equal(qbm_carry_snapshot(path_of("base"), path_of("top"),
                                         QBM_CARRY_SNAPSHOT_DISABLE_BASE,
-                                        record, &ev), -1);
-    assert_int_equal(qbm_get_errno(), EBUSY);
-    snprintf(want, sizeof(want), "%s: bitmap 'ck2' is in use; repair it "
-             "first with 'qbm check --repair'", path_of("base"));
-    assert_string_equal(qbm_get_error(), want);
-    assert_unchanged("base", base, blen);
-    assert_unchanged("top", top, tlen);
-    free(base);
-    free(top);
+                                        record, &ev), 0);
+    assert_int_equal(ev.n, 6);
+    assert_string_equal(ev.line[0], IN_USE " ck1 top");
+    assert_string_equal(ev.line[1], SKIPPED " old base");
+    assert_string_equal(ev.line[2], ADDED " ck2 top");
+    assert_string_equal(ev.line[3], TOP_DONE " - top");
+    assert_string_equal(ev.line[4], DISABLED " ck2 base");
+    assert_string_equal(ev.line[5], BASE_DONE " - base");
+    describe("base", "ck1", got, sizeof(got));
+    assert_string_equal(got, "2 65536 ");
 }
 
 static int count_corruption(void *opaque, int kind, uint64_t offset,
@@ -405,6 +435,7 @@ int main(void)
         cmocka_unit_test_setup(test_disable_base, setup),
         cmocka_unit_test_setup(test_dry_run, setup),
         cmocka_unit_test_setup(test_refusals, setup),
+        cmocka_unit_test_setup(test_in_use_skipped, setup),
         cmocka_unit_test(test_allocation_failures),
     };
 
