@@ -121,11 +121,12 @@ static int continue_in_top(struct snap *s)
         /* In use, here or in TOP's copy: its bits are not known, so it
          * is skipped (as libvirt does) and the rest carried. */
         own = qcow2_bitmap_lookup(s->top, bm->name);
-        in_use = !qbm_impl_bitmap_consistent(s->base, i) ? s->base_name
-                 : own && !qbm_impl_bitmap_consistent(
-                              s->top, (size_t)(own - s->top->bitmaps))
-                     ? s->top_name
-                     : NULL;
+        in_use = NULL;
+        if (!qbm_impl_bitmap_consistent(s->base, i)) {
+            in_use = s->base_name;
+        } else if (own && (own->flags & BME_FLAG_IN_USE)) {
+            in_use = s->top_name;
+        }
         if (in_use) {
             r = report(s, QBM_CARRY_SNAPSHOT_IN_USE, bm->name, in_use);
             if (r) {
