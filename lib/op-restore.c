@@ -1002,3 +1002,84 @@ QBM_API int qbm_extract(const char *image, const char *bitmap,
     return qbm_public_ret(
         extract(image, bitmap, output, flags, backing, progress, opaque));
 }
+
+/*
+ * The next checkpoint, staged in IMAGE opened for writing: `next` added,
+ * enabled, with the granularity of IMAGE's `bitmap`, which stays enabled
+ * (libvirt's model: every checkpoint records) unless DISABLE_OLD. Committed
+ * only when `commit`; otherwise closing drops it, and this only finds
+ * what would refuse it (a name taken or invalid, an image that cannot be
+ * edited).
+ */
+static int rotate(const char *image, const char *bitmap, const char *next,
+                  unsigned flags, bool commit)
+{
+    struct qbm_image *img = NULL;
+    const struct qcow2_bitmap *bm;
+    int r;
+
+    r = qbm_impl_open(image, QBM_OPEN_RDWR, &img);
+    if (r < 0) {
+        return r;
+    }
+    bm = qcow2_bitmap_lookup(img, bitmap);
+    if (!bm) {
+        r = qbm_err(ENOENT, "no bitmap named '%s' in this layer to rotate",
+                    bitmap);
+    } else {
+        r = qbm_impl_bitmap_add(img, next, 1ull << bm->granularity_bits, 0);
+    }
+    if (r == 0 && (flags & QBM_EXTRACT_DISABLE_OLD)) {
+        r = qbm_impl_bitmap_disable(img, bitmap);
+    }
+    if (r == 0 && commit) {
+        r = qbm_impl_commit(img);
+    }
+    qbm_impl_close(img);
+    return r;
+}
+
+static int extract_rotate(const char *image, const char *bitmap,
+                          const char *next, const char *output, unsigned flags,
+                          const char *backing, qbm_progress_fn progress,
+                          void *opaque)
+{
+    char msg[1024];
+    int r;
+
+    /* Whatever would refuse the rotation refuses the backup, before it is
+     * written. */
+    r = rotate(image, bitmap, next, flags, false);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s: cannot start checkpoint '%s'", image,
+                              next);
+    }
+    r = extract(image, bitmap, output, flags & QBM_EXTRACT_MASK, backing,
+                progress, opaque);
+    if (r < 0) {
+        return r;
+    }
+    /* OUTPUT is durable: only now may the next checkpoint start. */
+    r = rotate(image, bitmap, next, flags, true);
+    if (r < 0) {
+        snprintf(msg, sizeof(msg), "%s", qbm_err_message());
+        return qbm_err(-r,
+                       "%s: the backup was written, but starting checkpoint "
+                       "'%s' failed: %s",
+                       image, next, msg);
+    }
+    return 0;
+}
+
+QBM_API int qbm_extract_rotate(const char *image, const char *bitmap,
+                               const char *next, const char *output,
+                               unsigned flags, const char *backing,
+                               qbm_progress_fn progress, void *opaque)
+{
+    if (!image || !bitmap || !next || !output ||
+        (flags & ~QBM_EXTRACT_ROTATE_MASK)) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    return qbm_public_ret(extract_rotate(image, bitmap, next, output, flags,
+                                         backing, progress, opaque));
+}

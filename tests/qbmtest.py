@@ -404,6 +404,16 @@ def patch(buf, offset, fmt, value):
     struct.pack_into(fmt, buf, offset, value)
 
 
+def set_bitmap_in_use(path, name):
+    """Set the in_use flag of bitmap NAME in the image's directory, as a
+    QEMU that dies with the image open leaves it (without touching the
+    other bitmaps, as a crash would)."""
+    entry = Qcow2(path).bitmap(name)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + DIR_ENTRY["flags"][0])
+        f.write(struct.pack(">I", entry.flags | 1))
+
+
 # ---------------------------------------------------------------------------
 # Suites
 

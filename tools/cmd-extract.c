@@ -8,7 +8,7 @@
 static const char usage[] =
     "Usage: qbm extract [--chain] [--full] [--backing PREVIOUS] "
     "[--rotate NEW]\n"
-    "                   [-p] -o OUTPUT IMAGE [BITMAP]\n"
+    "                   [--disable-old] [-p] -o OUTPUT IMAGE [BITMAP]\n"
     "Write to OUTPUT a qcow2 image holding the clusters of IMAGE (read\n"
     "through its backing chain) that BITMAP marks dirty, zero flags where\n"
     "the disk reads as zeros: an incremental backup of a shut-down VM.\n"
@@ -19,7 +19,12 @@ static const char usage[] =
     "  -b, --backing=FILE   record FILE (the previous backup) as OUTPUT's\n"
     "                       backing file, so QEMU opens the chain directly\n"
     "      --rotate=NEW     once OUTPUT is safely written, add an empty\n"
-    "                       enabled bitmap NEW to IMAGE and disable BITMAP\n"
+    "                       enabled bitmap NEW to IMAGE; BITMAP stays\n"
+    "                       enabled, as libvirt keeps every checkpoint\n"
+    "                       (refused before anything is written if IMAGE\n"
+    "                       has NEW already)\n"
+    "      --disable-old    with --rotate: also disable BITMAP (the older\n"
+    "                       model; not valid for libvirt)\n"
     "  -p                   show progress\n"
     "  -h, --help           show this help\n";
 
@@ -30,15 +35,15 @@ int cmd_extract(int argc, char **argv)
         { "full", no_argument, NULL, 'f' },
         { "backing", required_argument, NULL, 'b' },
         { "rotate", required_argument, NULL, 'r' },
+        { "disable-old", no_argument, NULL, 'D' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     const char *output = NULL, *backing = NULL, *rotate = NULL;
     const char *image, *bitmap = NULL;
-    unsigned flags = 0, last = (unsigned)-1;
+    unsigned flags = 0, rotate_flags = 0, last = (unsigned)-1;
     bool progress = false;
-    struct qbm_image *img;
-    int c;
+    int c, r;
 
     while ((c = getopt_long(argc, argv, "+o:cb:ph", opts, NULL)) != -1) {
         switch (c) {
@@ -56,6 +61,9 @@ int cmd_extract(int argc, char **argv)
             break;
         case 'r':
             rotate = optarg;
+            break;
+        case 'D':
+            rotate_flags |= QBM_EXTRACT_DISABLE_OLD;
             break;
         case 'p':
             progress = true;
@@ -79,8 +87,18 @@ int cmd_extract(int argc, char **argv)
     if (rotate && !bitmap) {
         return usage_error("extract", "--rotate needs BITMAP");
     }
-    if (qbm_extract(image, bitmap, output, flags, backing,
-                    progress ? show_progress : NULL, &last) < 0) {
+    if (rotate_flags && !rotate) {
+        return usage_error("extract", "--disable-old needs --rotate");
+    }
+    if (rotate) {
+        r = qbm_extract_rotate(image, bitmap, rotate, output,
+                               flags | rotate_flags, backing,
+                               progress ? show_progress : NULL, &last);
+    } else {
+        r = qbm_extract(image, bitmap, output, flags, backing,
+                        progress ? show_progress : NULL, &last);
+    }
+    if (r < 0) {
         if (progress) {
             fputc('\n', stderr);
         }
@@ -91,26 +109,5 @@ int cmd_extract(int argc, char **argv)
     if (progress) {
         end_progress(&last);
     }
-    if (!rotate) {
-        return 0;
-    }
-    /* The backup is durable: only now start the next checkpoint. */
-    img = edit_open(image);
-    if (!img) {
-        return 1;
-    }
-    if (qbm_bitmap_add(
-            img, rotate,
-            qbm_bitmap_granularity(img, (size_t)qbm_bitmap_find(img, bitmap)),
-            0) < 0 ||
-        qbm_bitmap_disable(img, bitmap) < 0 || qbm_commit(img) < 0) {
-        tool_error(image,
-                   "the backup was written, but rotating the bitmaps "
-                   "failed: %s",
-                   qbm_get_error());
-        qbm_close(img);
-        return 1;
-    }
-    qbm_close(img);
     return 0;
 }

@@ -414,6 +414,30 @@ QBM_API int qbm_extract(const char *image, const char *bitmap,
                         const char *output, unsigned flags, const char *backing,
                         qbm_progress_fn progress, void *opaque);
 
+/* Flags of qbm_extract_rotate(), besides those of qbm_extract(). */
+#define QBM_EXTRACT_DISABLE_OLD 0x4u /* see below; not libvirt's */
+#define QBM_EXTRACT_ROTATE_MASK 0x7u
+
+/*
+ * qbm_extract() of `bitmap`, then the next checkpoint: once OUTPUT is
+ * durable, an empty enabled bitmap `next` with the granularity of IMAGE's
+ * `bitmap` is added to IMAGE (its top layer) in one transaction. `bitmap`
+ * stays enabled, as libvirt keeps every checkpoint's bitmap recording;
+ * with QBM_EXTRACT_DISABLE_OLD it is disabled in the same transaction (the
+ * older model, in which only the newest checkpoint records; libvirt uses
+ * no chain with a disabled copy). What would refuse that transaction (IMAGE
+ * lacking `bitmap`, `next` taken or not a valid name, an image qbm cannot
+ * edit or that another process holds) refuses the call before OUTPUT is
+ * written. If it fails after OUTPUT was written anyway, the message says
+ * so; OUTPUT stays. With QBM_EXTRACT_FULL, `bitmap` only gives the
+ * granularity (and is the one disabled).
+ * Returns 0 or -1.
+ */
+QBM_API int qbm_extract_rotate(const char *image, const char *bitmap,
+                               const char *next, const char *output,
+                               unsigned flags, const char *backing,
+                               qbm_progress_fn progress, void *opaque);
+
 /*
  * Fold incremental backups (qcow2, oldest first) into the full backup
  * FULL in place ("rolling full"). Each changed cluster is written to a new
@@ -438,9 +462,10 @@ QBM_API int qbm_image_set_backing(struct qbm_image *img, const char *backing,
 /* ---- carrying bitmaps over a commit ------------------------------------ */
 
 /* Flags of qbm_carry_commit(). */
-#define QBM_CARRY_MARK_WRITTEN 0x1u /* see below */
-#define QBM_CARRY_FILL_GAPS 0x2u    /* see below */
-#define QBM_CARRY_MASK 0x3u
+#define QBM_CARRY_MARK_WRITTEN 0x1u     /* see below */
+#define QBM_CARRY_FILL_GAPS 0x2u        /* see below */
+#define QBM_CARRY_INCLUDE_DISABLED 0x4u /* see below; not libvirt's */
+#define QBM_CARRY_MASK 0x7u
 
 /* What qbm_carry_commit() staged, or skipped, reported per bitmap and
  * layer; `layer` is the file named below. */
@@ -450,6 +475,11 @@ enum qbm_carry_action {
     QBM_CARRY_GAP = 3,    /* not carried at all: `layer` lacks it */
     QBM_CARRY_FILLED = 4, /* `layer` lacks it; its clusters were marked */
     QBM_CARRY_MARKED = 5, /* MARK_WRITTEN: `layer` is BASE */
+    /* not carried at all: `layer`'s copy is disabled */
+    QBM_CARRY_DISABLED = 6,
+    /* not carried at all: `layer`'s copy is in use (inconsistent); with
+     * MARK_WRITTEN also an in-use bitmap of BASE left unmarked */
+    QBM_CARRY_IN_USE = 7,
 };
 
 /*
@@ -468,13 +498,26 @@ typedef int (*qbm_carry_fn)(void *opaque, int action, const char *bitmap,
  * of TOP's backing chain above it, the layers `qemu-img commit` writes
  * into it, which itself keeps only the bitmaps the base already has.
  * `base` must be in TOP's chain (the same file, by device and inode) and
- * every layer above it must have its virtual size and no in-use bitmap;
- * otherwise nothing is staged.
+ * every layer above it must have its virtual size; otherwise nothing is
+ * staged.
  *
- * Each bitmap of those layers is ORed into BASE's bitmap of that name,
- * which is created with the granularity of the topmost layer that has the
- * bitmap when BASE lacks it; BASE's copy is enabled when that topmost copy
- * is, disabled otherwise.
+ * As libvirt after a block commit (qemuBlockBitmapsHandleCommitFinish), a
+ * bitmap is carried when it passes the rules of qbm_chain_check() over the
+ * layers from TOP down to BASE: TOP has a copy, the layers that have one
+ * follow each other with none missing (no gap, below), and every copy
+ * records (is enabled) and is consistent. Its copies above BASE are then
+ * ORed into BASE's bitmap of that name, which is created, enabled, with
+ * the granularity of the topmost copy when BASE lacks it. Any other bitmap
+ * is not carried at all, reported once per layer that stops it
+ * (QBM_CARRY_GAP, QBM_CARRY_DISABLED, QBM_CARRY_IN_USE), so that BASE gets
+ * no copy that looks whole while it is not. Unlike libvirt, which judges
+ * the whole chain, the layers below BASE play no part: a gap, disabled or
+ * in-use copy there stays for a check of the chain to report, and BASE's
+ * copy misses no write of the committed layers once that is repaired.
+ *
+ * QBM_CARRY_INCLUDE_DISABLED (not valid for libvirt, which uses no chain
+ * with a disabled copy): disabled copies no longer stop a bitmap, and
+ * BASE's copy is enabled when the topmost copy is, disabled otherwise.
  *
  * A gap is a layer, among the ones above BASE and BASE itself, that lacks
  * a bitmap although a layer above it has the bitmap and one below it too
@@ -510,7 +553,7 @@ QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
 /* ---- carrying bitmaps over an external snapshot -------------------------- */
 
 /* Flags of qbm_carry_snapshot(). */
-#define QBM_CARRY_SNAPSHOT_DISABLE_BASE 0x1u /* see below */
+#define QBM_CARRY_SNAPSHOT_DISABLE_BASE 0x1u /* see below; not libvirt's */
 #define QBM_CARRY_SNAPSHOT_DRY_RUN 0x2u      /* stage and report only */
 #define QBM_CARRY_SNAPSHOT_MASK 0x3u
 
@@ -525,6 +568,8 @@ enum qbm_carry_snapshot_action {
     QBM_CARRY_SNAPSHOT_DISABLED = 5, /* DISABLE_BASE: disabled in BASE */
     /* BASE's edits are committed (or would be); bitmap NULL */
     QBM_CARRY_SNAPSHOT_BASE_DONE = 6,
+    /* in use (inconsistent) in `image`, BASE or TOP: not carried */
+    QBM_CARRY_SNAPSHOT_IN_USE = 7,
 };
 
 /*
@@ -539,21 +584,26 @@ typedef int (*qbm_carry_snapshot_fn)(void *opaque, int action,
 
 /*
  * Continue BASE's checkpoints in TOP, an external snapshot of BASE (TOP's
- * backing file is BASE's file) taken without bitmap handling: every
- * enabled bitmap of BASE, in directory order, is created in TOP with its
- * name and granularity, enabled (a bitmap TOP has already is kept as it
- * is), and TOP's own allocation (qbm_bitmap_populate) is ORed into it, a
- * superset of the writes since the snapshot. The checkpoint then spans
- * the chain (qbm_chain_bitmap_extents) and QEMU keeps recording in TOP.
- * Disabled bitmaps of BASE are not carried; an in-use one refuses the
- * call.
+ * backing file is BASE's file) taken without bitmap handling, as libvirt
+ * does when it takes one (qemuSnapshotDiskBitmapsPropagate): every
+ * enabled, consistent bitmap of BASE, in directory order, is created in
+ * TOP with its name and granularity, enabled (a bitmap TOP has already is
+ * kept as it is), and TOP's own allocation (qbm_bitmap_populate) is ORed
+ * into it, a superset of the writes since the snapshot. BASE's copies
+ * stay as they are, recording. The checkpoint then spans the chain
+ * (qbm_chain_bitmap_extents) and QEMU keeps recording in TOP. Disabled
+ * bitmaps of BASE are not carried (QBM_CARRY_SNAPSHOT_SKIPPED), nor those
+ * in use in BASE or in TOP (QBM_CARRY_SNAPSHOT_IN_USE: their bits are not
+ * known); the others are.
  *
  * TOP is opened for writing, BASE read-locked, and TOP's edits committed
- * in one transaction. With QBM_CARRY_SNAPSHOT_DISABLE_BASE, then, and
- * only once TOP's edits are durable (a crash in between leaves both
- * copies recording, never neither), BASE is reopened for writing and the
- * bitmaps carried are disabled in it, in a second transaction: the
- * checkpoints moved up. QBM_CARRY_SNAPSHOT_DRY_RUN stages and reports the
+ * in one transaction. With QBM_CARRY_SNAPSHOT_DISABLE_BASE (not valid for
+ * libvirt, which uses no chain with a disabled copy), then, and only once
+ * TOP's edits are durable (a crash in between leaves both copies
+ * recording, never neither), BASE is reopened for writing and the bitmaps
+ * carried are disabled in it, in a second transaction: the checkpoints
+ * moved up, for a tool that reads their union over the chain itself.
+ * QBM_CARRY_SNAPSHOT_DRY_RUN stages and reports the
  * same, images opened the same way, but commits nothing.
  *
  * Both images are opened and closed inside the call, from the file names
