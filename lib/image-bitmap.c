@@ -98,6 +98,11 @@ static int walk_bitmap_range(struct qbm_image *img, struct qcow2_bitmap *bm,
     st->chunk_bytes = img->cluster_size;
     st->bits_per_chunk = img->cluster_size * 8;
     st->nbits = div_round_up(img->hdr.size, st->granularity);
+    /* A staged bitmap (an edit not yet committed) is read from its staged
+     * data: its table on disk is the old one, or none for a new bitmap. */
+    if (bm->data) {
+        return qbm_bmap_walk_range(bm->data, first, end, st);
+    }
     r = qcow2_bitmap_read_chunk_range(img, bm, first, end, chunk_to_extents,
                                       st);
     if (r) {

@@ -632,6 +632,10 @@ struct qbm_extent_state {
 int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
                            const uint8_t *data);
 int qbm_extent_state_finish(struct qbm_extent_state *st);
+/* Feed chunks [first, end) of `bm` (end clipped) to `st`, whose geometry
+ * must be the bitmap's; then finish it. */
+int qbm_bmap_walk_range(const struct qbm_bmap *bm, uint64_t first, uint64_t end,
+                        struct qbm_extent_state *st);
 
 /* ---- bitmap-dir.c: bitmaps extension, directory, tables ------------------ */
 

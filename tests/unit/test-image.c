@@ -26,8 +26,8 @@ static uint8_t *fresh_image(size_t *ret_len)
     const uint8_t *b;
 
     assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, 64 << 20, 12, NULL, NULL, NULL, 0,
-                                       &w), 0);
+    assert_int_equal(
+        qcow2_writer_plan(io, 64 << 20, 12, NULL, NULL, NULL, 0, &w), 0);
     assert_int_equal(qcow2_writer_finish(w), 0);
     qcow2_writer_free(w);
     b = qbm_io_mem_data(io, ret_len);
@@ -109,6 +109,41 @@ static void test_edit_and_reopen(void **state)
     assert_int_equal(qbm_check(img, no_problems, NULL), 0);
     qbm_close(img);
     qbm_close(NULL);
+    free(img0);
+}
+
+/* Before the commit, extents and dirty bytes show the staged contents
+ * (a new bitmap has no table on disk, an edited one the old table). */
+static void test_staged_queries(void **state)
+{
+    size_t len;
+    uint8_t *img0 = fresh_image(&len);
+    struct qbm_image *img;
+    struct collect c = { .n = 0 };
+    uint64_t dirty;
+
+    img = qbm_open_memory(img0, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_add(img, "b", 4096, 0), 0);
+    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 8192, 4096), 0);
+    assert_int_equal(qbm_bitmap_extents(img, 0, collect, &c), 0);
+    assert_int_equal(c.n, 1);
+    assert_int_equal(c.v[0][0], 8192);
+    assert_int_equal(c.v[0][1], 4096);
+    assert_int_equal(qbm_bitmap_dirty_bytes(img, 0, &dirty), 0);
+    assert_int_equal(dirty, 4096);
+    assert_int_equal(qbm_commit(img), 0);
+    /* Edited after a commit: the staged state, not the table on disk. */
+    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 1 << 20, 1), 0);
+    c.n = 0;
+    assert_int_equal(qbm_bitmap_extents_range(img, 0, 0, 64 << 20, collect, &c),
+                     0);
+    assert_int_equal(c.n, 2);
+    assert_int_equal(c.v[1][0], 1 << 20);
+    assert_int_equal(qbm_bitmap_clear(img, "b"), 0);
+    assert_int_equal(qbm_bitmap_dirty_bytes(img, 0, &dirty), 0);
+    assert_int_equal(dirty, 0);
+    qbm_close(img);
     free(img0);
 }
 
@@ -210,39 +245,60 @@ static void test_corrupt_refcounts(void **state)
     } cases[13];
     size_t n = 0;
 
-#define CASE(p, v, ...)                                                       \
-    do {                                                                      \
-        cases[n].pos = (p);                                                   \
-        cases[n].value = (v);                                                 \
-        snprintf(cases[n].msg, sizeof(cases[n].msg), __VA_ARGS__);            \
-        n++;                                                                  \
+#define CASE(p, v, ...)                                            \
+    do {                                                           \
+        cases[n].pos = (p);                                        \
+        cases[n].value = (v);                                      \
+        snprintf(cases[n].msg, sizeof(cases[n].msg), __VA_ARGS__); \
+        n++;                                                       \
     } while (0)
     CASE(e5, 0x1ff, "refcount table entry 5 at 0x%llx: reserved bits", e5);
-    CASE(e5, 1ull << 40, "refcount table entry 5 at 0x%llx: offset "
-         "0x10000000000 is past the end of the file (0x%zx)", e5, len);
-    CASE(e5, end, "refcount table entry 5 at 0x%llx: offset 0x%llx is past "
-         "the end", e5, end);
-    CASE(e5, 512, "refcount table entry 5 at 0x%llx: offset 0x200 is not "
-         "cluster aligned", e5);
-    CASE(e5, L.l1, "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the L1 table", e5, (unsigned long long)L.l1);
-    CASE(e5, L.rt, "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the refcount table", e5, (unsigned long long)L.rt);
-    CASE(e5, L.rb, "and 5 at 0x%llx: both point to the refcount block at "
-         "0x%llx", e5, (unsigned long long)L.rb);
-    CASE(e5, L.dir, "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the bitmap directory", e5,
-         (unsigned long long)L.dir);
-    CASE(e5, L.table, "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the bitmap table", e5, (unsigned long long)L.table);
-    CASE(e5, L.data, "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the bitmap data", e5, (unsigned long long)L.data);
-    CASE(L.rt, 0xff000000, "refcount table entry 0 at 0x%llx: offset "
-         "0xff000000 is past the end", (unsigned long long)L.rt);
+    CASE(e5, 1ull << 40,
+         "refcount table entry 5 at 0x%llx: offset "
+         "0x10000000000 is past the end of the file (0x%zx)",
+         e5, len);
+    CASE(e5, end,
+         "refcount table entry 5 at 0x%llx: offset 0x%llx is past "
+         "the end",
+         e5, end);
+    CASE(e5, 512,
+         "refcount table entry 5 at 0x%llx: offset 0x200 is not "
+         "cluster aligned",
+         e5);
+    CASE(e5, L.l1,
+         "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the L1 table",
+         e5, (unsigned long long)L.l1);
+    CASE(e5, L.rt,
+         "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the refcount table",
+         e5, (unsigned long long)L.rt);
+    CASE(e5, L.rb,
+         "and 5 at 0x%llx: both point to the refcount block at "
+         "0x%llx",
+         e5, (unsigned long long)L.rb);
+    CASE(e5, L.dir,
+         "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the bitmap directory",
+         e5, (unsigned long long)L.dir);
+    CASE(e5, L.table,
+         "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the bitmap table",
+         e5, (unsigned long long)L.table);
+    CASE(e5, L.data,
+         "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the bitmap data",
+         e5, (unsigned long long)L.data);
+    CASE(L.rt, 0xff000000,
+         "refcount table entry 0 at 0x%llx: offset "
+         "0xff000000 is past the end",
+         (unsigned long long)L.rt);
     CASE(48, L.l1, "refcount table at 0x%llx: overlaps the L1 table",
          (unsigned long long)L.l1);
-    CASE(48, end, "refcount table at 0x%llx: its 1 clusters run past the "
-         "end", end);
+    CASE(48, end,
+         "refcount table at 0x%llx: its 1 clusters run past the "
+         "end",
+         end);
 #undef CASE
 
     for (i = 0; i < n; i++) {
@@ -260,8 +316,8 @@ static void test_corrupt_refcounts(void **state)
         assert_int_equal(qbm_get_errno(), EUCLEAN);
         if (!strstr(qbm_get_error(), cases[i].msg) ||
             !strstr(qbm_get_error(), "qemu-img check -r all")) {
-            fail_msg("case %zu: got \"%s\", want \"%s\"", i,
-                     qbm_get_error(), cases[i].msg);
+            fail_msg("case %zu: got \"%s\", want \"%s\"", i, qbm_get_error(),
+                     cases[i].msg);
         }
         b = qbm_io_mem_data(img->io, &blen);
         assert_int_equal(blen, len);
@@ -278,8 +334,7 @@ static void test_corrupt_refcounts(void **state)
     free(good);
 }
 
-static int count_problems(void *opaque, int kind, uint64_t off,
-                          const char *msg)
+static int count_problems(void *opaque, int kind, uint64_t off, const char *msg)
 {
     struct collect *c = opaque;
 
@@ -298,8 +353,14 @@ static int count_problems(void *opaque, int kind, uint64_t off,
  */
 static void test_hidden_l2_not_allocated(void **state)
 {
-    enum { CS = 4096, RB = 2 * CS, L1 = 3 * CS, SN = 4 * CS, SN_L1 = 5 * CS,
-           LEN = 7 * CS };
+    enum {
+        CS = 4096,
+        RB = 2 * CS,
+        L1 = 3 * CS,
+        SN = 4 * CS,
+        SN_L1 = 5 * CS,
+        LEN = 7 * CS
+    };
     size_t len, blen;
     uint8_t *img0 = fresh_image(&len), *buf = malloc(LEN);
     const uint8_t *b;
@@ -346,9 +407,11 @@ static void test_hidden_l2_not_allocated(void **state)
         assert_int_equal(qbm_bitmap_add(img, "n", 65536, 0), 0);
         assert_int_equal(qbm_commit(img), -1);
         assert_int_equal(qbm_get_errno(), EUCLEAN);
-        snprintf(msg, sizeof(msg), "refcount of cluster 0x%llx is 0 but it "
+        snprintf(msg, sizeof(msg),
+                 "refcount of cluster 0x%llx is 0 but it "
                  "holds the L2 table: the image is corrupt (try qemu-img "
-                 "check -r all)", (unsigned long long)l2);
+                 "check -r all)",
+                 (unsigned long long)l2);
         assert_string_equal(qbm_get_error(), msg);
         b = qbm_io_mem_data(img->io, &blen);
         assert_int_equal(blen, LEN);
@@ -371,8 +434,7 @@ static void test_mem_far_write(void **state)
     assert_int_equal(qbm_io_pwrite(io, sector, 512, 512 + (1ull << 30) + 512),
                      -EFBIG);
     assert_int_equal(qbm_io_pwrite(io, sector, 512, 1ull << 40), -EFBIG);
-    assert_int_equal(qbm_io_pwrite(io, sector, 512, UINT64_MAX - 100),
-                     -EFBIG);
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, UINT64_MAX - 100), -EFBIG);
     assert_int_equal(qbm_io_size(io, &size), 0);
     assert_int_equal(size, 512);
     /* Growing by less is an ordinary write. */
@@ -386,6 +448,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edit_and_reopen),
+        cmocka_unit_test(test_staged_queries),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_corrupt_refcounts),
         cmocka_unit_test(test_hidden_l2_not_allocated),
