@@ -305,11 +305,17 @@ static int conv_opt_path(PyObject *o, void *p)
 static const char **path_array(PyObject *seq, size_t *ret_n,
                                PyObject **ret_keep)
 {
-    PyObject *fast = PySequence_Fast(seq, "expected a sequence of paths");
-    PyObject *keep;
+    PyObject *fast, *keep;
     const char **a;
     Py_ssize_t i, n;
 
+    /* A lone path is a sequence too (of characters): refuse it. */
+    if (PyUnicode_Check(seq) || PyBytes_Check(seq)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "expected a sequence of paths, not a single path");
+        return NULL;
+    }
+    fast = PySequence_Fast(seq, "expected a sequence of paths");
     if (!fast) {
         return NULL;
     }

@@ -12,6 +12,8 @@ failure.
     run.py --missing REASON
 """
 import os
+import random
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -46,10 +48,16 @@ def main():
         [module_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                         if p])
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    seed = env.get("QBM_TEST_SEED") or str(random.randrange(1 << 31))
+    env["QBM_TEST_SEED"] = seed
+    print("seed %s (QBM_TEST_SEED=%s replays it)" % (seed, seed), flush=True)
     here = os.path.dirname(os.path.abspath(__file__))
-    os.execve(sys.executable,
-              [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-               "-q", "-rs", here] + args[2:], env)
+    with qbmtest.tempdir("python") as tmp:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-p",
+                            "no:cacheprovider", "-q", "-rs",
+                            "--basetemp", os.path.join(tmp, "t"), here] +
+                           args[2:], env=env)
+    sys.exit(p.returncode)
 
 
 main()

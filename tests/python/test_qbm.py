@@ -28,6 +28,7 @@ SEED = int(os.environ.get("QBM_TEST_SEED", random.randrange(1 << 31)))
 
 
 def setup_module():
+    # run.py prints it too; this shows with a failure's captured output.
     print("seed %d (QBM_TEST_SEED=%d replays it)" % (SEED, SEED))
 
 
@@ -237,6 +238,10 @@ def test_errors_carry_errno(d):
         qbm.open(path, write=True).add(42)
     with pytest.raises(ValueError):
         qbm.restore([path], str(d / "o"), format="vmdk")
+    with pytest.raises(TypeError):
+        qbm.restore(path, str(d / "o"))
+    with pytest.raises(TypeError):
+        qbm.consolidate(path, str(d / "o"))
 
 
 # ---- callbacks ----------------------------------------------------------------
@@ -390,31 +395,42 @@ def test_misuse_after_close_raises(d):
 
 def test_handle_busy_in_another_thread(d):
     """A handle in a call (its GIL released) refuses a second call from
-    another thread instead of racing the library."""
-    path = create(d, "t.qcow2", 1024 * MiB)
+    another thread with RuntimeError instead of racing the library; every
+    call that runs gives the right answer."""
+    path = create(d, "t.qcow2", 256 * MiB)
     with qbm.open(path, write=True) as img:
         img.add("b", granularity=512)
-        img.mark("b", 0, 1024 * MiB)
+        for off in range(0, 256 * MiB, 8 * KiB):
+            img.mark("b", off, 512)
         img.commit()
-    results = []
+    want = 256 * MiB // (8 * KiB) * 512
+    counts = {"ok": 0, "busy": 0}
+    errors = []
     with qbm.open(path) as img:
+        bm = img.bitmaps[0]
+
         def worker():
-            try:
-                for _ in range(20):
-                    img.bitmap("b").dirty_bytes
-                results.append("ok")
-            except RuntimeError:
-                results.append("busy")
+            for _ in range(10):
+                try:
+                    if bm.dirty_bytes != want:
+                        errors.append("wrong count")
+                    counts["ok"] += 1
+                except RuntimeError:
+                    counts["busy"] += 1
+                except Exception as e:  # noqa: B902
+                    errors.append(repr(e))
         t = threading.Thread(target=worker)
         t.start()
-        for _ in range(20):
+        while t.is_alive():
             try:
-                img.bitmaps
+                if [b.name for b in img.bitmaps] != ["b"]:
+                    errors.append("wrong list")
             except RuntimeError:
-                pass
+                counts["busy"] += 1
         t.join()
-        assert results in (["ok"], ["busy"])
-        assert img.bitmap("b").dirty_bytes == 1024 * MiB
+        assert errors == []
+        assert counts["ok"] + counts["busy"] >= 10
+        assert bm.dirty_bytes == want
 
 
 # ---- chains -----------------------------------------------------------------
