@@ -242,6 +242,40 @@ static int alloc_cb(void *opaque, uint64_t offset, uint64_t length,
     return r;
 }
 
+static int copy_cb(void *opaque, int action, const char *bitmap,
+                   uint64_t granularity)
+{
+    struct cb *c = opaque;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *name = decode_name(bitmap);
+    int r = cb_append(c, name ? Py_BuildValue("(iNK)", action, name,
+                                              (unsigned long long)granularity)
+                              : NULL);
+
+    PyGILState_Release(g);
+    return r;
+}
+
+/* The carry callbacks: (action, bitmap or None, file name). */
+static int carry_cb(void *opaque, int action, const char *bitmap,
+                    const char *file)
+{
+    struct cb *c = opaque;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *name = decode_name(bitmap), *f = decode_path(file);
+    int r;
+
+    if (!name || !f) {
+        Py_XDECREF(name);
+        Py_XDECREF(f);
+        r = cb_append(c, NULL);
+    } else {
+        r = cb_append(c, Py_BuildValue("(iNN)", action, name, f));
+    }
+    PyGILState_Release(g);
+    return r;
+}
+
 /* ---- argument converters ----------------------------------------------
  */
 
@@ -1252,6 +1286,147 @@ static PyObject *Image_allocation(ImageObject *self, PyObject *unused)
     return c.list;
 }
 
+PyDoc_STRVAR(
+    Image_copy_doc,
+    "copy(source_image, names=None, *, merge=False, replace=False)\n--\n\n"
+    "Stage copies of bitmaps of `source_image` (another open qbm.Image): "
+    "those\nnamed, in that order, or every consistent one (in-use ones "
+    "skipped). A name\nthis image has already is refused (EEXIST), unless "
+    "merge=True (OR into it)\nor replace=True. Returns the list of "
+    "(action, name, granularity), action\none of COPY_COPIED, COPY_MERGED, "
+    "COPY_REPLACED, COPY_SKIPPED.");
+
+static PyObject *Image_copy(ImageObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = { "source_image", "names", "merge", "replace",
+                              NULL };
+    PyObject *src_obj, *names = Py_None, *keep = NULL;
+    const char **a = NULL;
+    struct qbm_image *img, *src;
+    struct cb c = { 0 };
+    int merge = 0, replace = 0, r;
+    PyThreadState *ts;
+    bool taken;
+    size_t n = 0;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|O$pp:copy", kwlist,
+                                     &ImageType, &src_obj, &names, &merge,
+                                     &replace)) {
+        return NULL;
+    }
+    if (names != Py_None) {
+        PyObject *fast;
+        Py_ssize_t i;
+
+        if (PyUnicode_Check(names) || PyBytes_Check(names)) {
+            PyErr_SetString(PyExc_TypeError, "names must be a sequence");
+            return NULL;
+        }
+        fast = PySequence_Fast(names, "names must be a sequence");
+        keep = fast ? PyList_New(0) : NULL;
+        a = keep ? PyMem_Calloc((size_t)PySequence_Fast_GET_SIZE(fast) + 1,
+                                sizeof(*a))
+                 : NULL;
+        for (i = 0; a && i < PySequence_Fast_GET_SIZE(fast); i++) {
+            PyObject *b = NULL;
+
+            if (!conv_name(PySequence_Fast_GET_ITEM(fast, i), &b) ||
+                PyList_Append(keep, b) < 0) {
+                Py_XDECREF(b);
+                PyMem_Free(a);
+                a = NULL;
+                break;
+            }
+            a[i] = PyBytes_AS_STRING(b);
+            Py_DECREF(b);
+            n++;
+        }
+        Py_XDECREF(fast);
+        if (!a) {
+            if (!PyErr_Occurred()) {
+                PyErr_NoMemory();
+            }
+            Py_XDECREF(keep);
+            return NULL;
+        }
+    }
+    c.list = PyList_New(0);
+    img = c.list ? image_enter(self) : NULL;
+    src = img ? other_enter(self, img, src_obj, &taken) : NULL;
+    if (src) {
+        ts = PyEval_SaveThread();
+        r = qbm_bitmap_copy(img, src, a, n,
+                            (merge ? QBM_COPY_MERGE : 0) |
+                                (replace ? QBM_COPY_REPLACE : 0),
+                            copy_cb, &c);
+        PyEval_RestoreThread(ts);
+        if (cb_failed(&c)) {
+            Py_CLEAR(c.list);
+        } else if (r != 0) {
+            raise_img(img);
+            Py_CLEAR(c.list);
+        }
+        if (taken) {
+            image_leave((ImageObject *)src_obj);
+        }
+    } else {
+        Py_CLEAR(c.list);
+    }
+    if (img) {
+        image_leave(self);
+    }
+    PyMem_Free(a);
+    Py_XDECREF(keep);
+    return c.list;
+}
+
+PyDoc_STRVAR(
+    Image_carry_commit_doc,
+    "carry_commit(top, *, mark_written=False, fill_gaps=False)\n--\n\n"
+    "Stage in this image (the base of `top`'s chain, opened for writing) "
+    "the\nbitmaps of the layers above it that qemu-img commit writes into "
+    "it. Returns\nthe list of (action, bitmap, layer), action one of "
+    "CARRY_COPIED,\nCARRY_MERGED, CARRY_GAP, CARRY_FILLED, CARRY_MARKED. "
+    "commit() writes them.");
+
+static PyObject *Image_carry_commit(ImageObject *self, PyObject *args,
+                                    PyObject *kw)
+{
+    static char *kwlist[] = { "top", "mark_written", "fill_gaps", NULL };
+    PyObject *top = NULL;
+    int mark = 0, fill = 0, r;
+    struct qbm_image *img;
+    struct cb c = { 0 };
+    PyThreadState *ts;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|$pp:carry_commit", kwlist,
+                                     PyUnicode_FSConverter, &top, &mark,
+                                     &fill)) {
+        return NULL;
+    }
+    c.list = PyList_New(0);
+    img = c.list ? image_enter(self) : NULL;
+    if (img) {
+        ts = PyEval_SaveThread();
+        r = qbm_carry_commit(img, PyBytes_AS_STRING(top),
+                             (mark ? QBM_CARRY_MARK_WRITTEN : 0) |
+                                 (fill ? QBM_CARRY_FILL_GAPS : 0),
+                             carry_cb, &c);
+        PyEval_RestoreThread(ts);
+        if (cb_failed(&c)) {
+            Py_CLEAR(c.list);
+        } else if (r != 0) {
+            raise_img(img);
+            Py_CLEAR(c.list);
+        }
+        image_leave(self);
+    } else {
+        Py_CLEAR(c.list);
+    }
+    Py_DECREF(top);
+    return c.list;
+}
+
 PyDoc_STRVAR(Image_set_backing_doc,
              "set_backing(backing, format)\n--\n\n"
              "Make `backing` (format e.g. 'qcow2' or 'raw') the image's "
@@ -1312,6 +1487,10 @@ static PyMethodDef Image_methods[] = {
       Image_allocation_doc },
     { "set_backing", (PyCFunction)Image_set_backing, METH_VARARGS,
       Image_set_backing_doc },
+    { "copy", (PyCFunction)(void (*)(void))Image_copy,
+      METH_VARARGS | METH_KEYWORDS, Image_copy_doc },
+    { "carry_commit", (PyCFunction)(void (*)(void))Image_carry_commit,
+      METH_VARARGS | METH_KEYWORDS, Image_carry_commit_doc },
     { NULL },
 };
 
@@ -1893,6 +2072,49 @@ static PyObject *mod_consolidate(PyObject *mod, PyObject *args, PyObject *kw)
     return res;
 }
 
+PyDoc_STRVAR(
+    qbm_carry_snapshot_doc,
+    "carry_snapshot(base, top, *, disable_base=False, dry_run=False)\n--\n\n"
+    "Continue the checkpoints of `base` in `top`, an external snapshot of "
+    "it taken\nwithout bitmap handling: each enabled bitmap of base is "
+    "created in top and\nmarked with top's own clusters, in one "
+    "transaction; disable_base=True then\ndisables them in base (the "
+    "checkpoints moved up). Returns the list of\n(action, bitmap or None, "
+    "image), action one of CARRY_SNAPSHOT_*.");
+
+static PyObject *mod_carry_snapshot(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = { "base", "top", "disable_base", "dry_run", NULL };
+    PyObject *base = NULL, *top = NULL;
+    int disable = 0, dry = 0, r;
+    struct cb c = { 0 };
+    PyThreadState *ts;
+
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kw, "O&O&|$pp:carry_snapshot", kwlist, PyUnicode_FSConverter,
+            &base, PyUnicode_FSConverter, &top, &disable, &dry)) {
+        return NULL;
+    }
+    c.list = PyList_New(0);
+    if (c.list) {
+        ts = PyEval_SaveThread();
+        r = qbm_carry_snapshot(PyBytes_AS_STRING(base), PyBytes_AS_STRING(top),
+                               (disable ? QBM_CARRY_SNAPSHOT_DISABLE_BASE : 0) |
+                                   (dry ? QBM_CARRY_SNAPSHOT_DRY_RUN : 0),
+                               carry_cb, &c);
+        PyEval_RestoreThread(ts);
+        if (cb_failed(&c)) {
+            Py_CLEAR(c.list);
+        } else if (r != 0) {
+            Py_CLEAR(c.list);
+            raise_qbm(NULL);
+        }
+    }
+    Py_DECREF(base);
+    Py_DECREF(top);
+    return c.list;
+}
+
 static PyObject *mod_version(PyObject *mod, PyObject *unused)
 {
     return PyUnicode_FromString(qbm_version());
@@ -1909,6 +2131,8 @@ static PyMethodDef module_methods[] = {
       METH_VARARGS | METH_KEYWORDS, qbm_extract_doc },
     { "consolidate", (PyCFunction)(void (*)(void))mod_consolidate,
       METH_VARARGS | METH_KEYWORDS, qbm_consolidate_doc },
+    { "carry_snapshot", (PyCFunction)(void (*)(void))mod_carry_snapshot,
+      METH_VARARGS | METH_KEYWORDS, qbm_carry_snapshot_doc },
     { "version", (PyCFunction)mod_version, METH_NOARGS,
       "version()\n--\n\nThe libqbm version, 'MAJOR.MINOR.MICRO'." },
     { NULL },
@@ -2022,6 +2246,21 @@ PyMODINIT_FUNC PyInit_qbm(void)
         { "CHAIN_IN_USE", QBM_CHAIN_IN_USE },
         { "ALLOC_DATA", QBM_ALLOC_DATA },
         { "ALLOC_ZERO", QBM_ALLOC_ZERO },
+        { "COPY_COPIED", QBM_COPY_COPIED },
+        { "COPY_MERGED", QBM_COPY_MERGED },
+        { "COPY_REPLACED", QBM_COPY_REPLACED },
+        { "COPY_SKIPPED", QBM_COPY_SKIPPED },
+        { "CARRY_COPIED", QBM_CARRY_COPIED },
+        { "CARRY_MERGED", QBM_CARRY_MERGED },
+        { "CARRY_GAP", QBM_CARRY_GAP },
+        { "CARRY_FILLED", QBM_CARRY_FILLED },
+        { "CARRY_MARKED", QBM_CARRY_MARKED },
+        { "CARRY_SNAPSHOT_ADDED", QBM_CARRY_SNAPSHOT_ADDED },
+        { "CARRY_SNAPSHOT_MARKED", QBM_CARRY_SNAPSHOT_MARKED },
+        { "CARRY_SNAPSHOT_SKIPPED", QBM_CARRY_SNAPSHOT_SKIPPED },
+        { "CARRY_SNAPSHOT_TOP_DONE", QBM_CARRY_SNAPSHOT_TOP_DONE },
+        { "CARRY_SNAPSHOT_DISABLED", QBM_CARRY_SNAPSHOT_DISABLED },
+        { "CARRY_SNAPSHOT_BASE_DONE", QBM_CARRY_SNAPSHOT_BASE_DONE },
     };
     PyObject *m;
     size_t i;

@@ -21,6 +21,21 @@ CHAIN_DISABLED: int
 CHAIN_IN_USE: int
 ALLOC_DATA: int
 ALLOC_ZERO: int
+COPY_COPIED: int
+COPY_MERGED: int
+COPY_REPLACED: int
+COPY_SKIPPED: int
+CARRY_COPIED: int
+CARRY_MERGED: int
+CARRY_GAP: int
+CARRY_FILLED: int
+CARRY_MARKED: int
+CARRY_SNAPSHOT_ADDED: int
+CARRY_SNAPSHOT_MARKED: int
+CARRY_SNAPSHOT_SKIPPED: int
+CARRY_SNAPSHOT_TOP_DONE: int
+CARRY_SNAPSHOT_DISABLED: int
+CARRY_SNAPSHOT_BASE_DONE: int
 
 class Error(OSError):
     """A libqbm call failed: errno and strerror are the library's,
@@ -115,6 +130,12 @@ class Image:
                leaks: bool = False) -> None: ...
     def allocation(self) -> list[tuple[int, int, int]]: ...
     def set_backing(self, backing: _Path, format: str) -> None: ...
+    def copy(self, source_image: Image,
+             names: Optional[Sequence[_Name]] = None, *, merge: bool = False,
+             replace: bool = False) -> list[tuple[int, str, int]]: ...
+    def carry_commit(self, top: _Path, *, mark_written: bool = False,
+                     fill_gaps: bool = False
+                     ) -> list[tuple[int, str, str]]: ...
 
 class Chain:
     @property
@@ -145,4 +166,7 @@ def extract(image: _Path, output: _Path, bitmap: Optional[_Name] = None, *,
             progress: _Progress = None) -> None: ...
 def consolidate(full: _Path, incrementals: Sequence[_Path],
                 progress: _Progress = None) -> None: ...
+def carry_snapshot(base: _Path, top: _Path, *, disable_base: bool = False,
+                   dry_run: bool = False
+                   ) -> list[tuple[int, Optional[str], str]]: ...
 def version() -> str: ...

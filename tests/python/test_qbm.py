@@ -500,3 +500,73 @@ def test_check_and_repair(d):
         assert img.bitmap("ck").dirty_bytes == img.virtual_size
     with pytest.raises(ValueError):
         qbm.open(path).repair(in_use="maybe")
+
+
+# ---- copy and carrying bitmaps ----------------------------------------------
+
+def test_copy_between_images(d):
+    size = 32 * MiB
+    src = create(d, "src.qcow2", size)
+    dst = create(d, "dst.qcow2", size)
+    qemu_img("bitmap", "--add", "-g", "4096", src, "a")
+    qemu_img("bitmap", "--add", src, "b")
+    qemu_io(src, "write 8k 4k", "write 3M 1M")
+    qemu_img("bitmap", "--disable", src, "b")
+    with qbm.open(src) as s, qbm.open(dst, write=True) as img:
+        assert img.copy(s) == [(qbm.COPY_COPIED, "a", 4096),
+                               (qbm.COPY_COPIED, "b", 65536)]
+        img.commit()
+    ours = judge(dst)
+    assert qemu_view(dst) == qemu_view(src)
+    assert ours["a"] == dirty_map(src, "a")
+    qemu_io(src, "write 20M 4k")
+    with qbm.open(src) as s, qbm.open(dst, write=True) as img:
+        with pytest.raises(qbm.Error) as e:
+            img.copy(s, ["a"])
+        assert e.value.errno == errno.EEXIST
+    with qbm.open(src) as s, qbm.open(dst, write=True) as img:
+        assert img.copy(s, ["a"], merge=True) == [
+            (qbm.COPY_MERGED, "a", 4096)]
+        img.commit()
+    assert judge(dst)["a"] == dirty_map(src, "a")
+
+
+def test_carry_commit(d):
+    size = 32 * MiB
+    base = create(d, "base.qcow2", size)
+    top = create(d, "top.qcow2", size, backing="base.qcow2")
+    qemu_img("bitmap", "--add", top, "ck")
+    qemu_io(top, "write 1M 64k", "write 5M 4k")
+    with qbm.open(base, write=True) as img:
+        actions = img.carry_commit(top)
+        assert [(a, b) for a, b, _ in actions] == [(qbm.CARRY_COPIED, "ck")]
+        assert os.path.basename(actions[0][2]) == "top.qcow2"
+        img.commit()
+    assert judge(base)["ck"] == dirty_map(top, "ck")
+    assert qemu_view(base)["ck"] == (65536, True, False)
+
+
+def test_carry_snapshot(d):
+    size = 32 * MiB
+    base = create(d, "base.qcow2", size)
+    qemu_img("bitmap", "--add", base, "ck")
+    qemu_io(base, "write 0 64k")
+    top = create(d, "top.qcow2", size, backing="base.qcow2")
+    qemu_io(top, "write 2M 64k")
+    actions = qbm.carry_snapshot(base, top, disable_base=True)
+    assert [(a, b) for a, b, _ in actions] == [
+        (qbm.CARRY_SNAPSHOT_ADDED, "ck"), (qbm.CARRY_SNAPSHOT_TOP_DONE, None),
+        (qbm.CARRY_SNAPSHOT_DISABLED, "ck"),
+        (qbm.CARRY_SNAPSHOT_BASE_DONE, None)]
+    assert judge(top)["ck"] == [(2 * MiB, 64 * KiB)]
+    judge(base)
+    assert qemu_view(base)["ck"] == (65536, False, False)
+    assert qemu_view(top)["ck"] == (65536, True, False)
+    with qbm.open_chain(top) as chain:
+        assert chain.check() == [(qbm.CHAIN_DISABLED, "ck", 1, 1)]
+    # Not TOP's backing file: refused, naming both.
+    other = create(d, "other.qcow2", size)
+    with pytest.raises(qbm.Error) as e:
+        qbm.carry_snapshot(other, top)
+    assert e.value.errno == errno.EINVAL
+    assert "backing file" in e.value.message
