@@ -758,6 +758,7 @@ typedef struct {
     PyObject *name; /* bytes */
     uint64_t pos;   /* where the next batch starts */
     bool done;      /* the last batch reached the end */
+    bool fetching;  /* a batch is being read, the GIL released */
     size_t n, next; /* extents in buf, next one to return */
     uint64_t buf[EXTENT_BATCH][2];
 } ExtentIterObject;
@@ -795,10 +796,12 @@ static int extent_fetch(ExtentIterObject *self)
         return -1;
     }
     self->n = self->next = 0;
+    self->fetching = true;
     ts = PyEval_SaveThread();
     r = qbm_bitmap_extents_range(img, (size_t)idx, self->pos,
                                  UINT64_MAX - self->pos, batch_cb, self);
     PyEval_RestoreThread(ts);
+    self->fetching = false;
     if (r < 0) {
         raise_img(img);
         image_leave(self->image);
@@ -816,6 +819,10 @@ static int extent_fetch(ExtentIterObject *self)
 
 static PyObject *ExtentIter_next(ExtentIterObject *self)
 {
+    if (self->fetching) {
+        PyErr_SetString(PyExc_RuntimeError, "iterator already running");
+        return NULL;
+    }
     if (self->next == self->n) {
         if (self->done) {
             return NULL;
@@ -876,6 +883,7 @@ static PyObject *Image_extents(ImageObject *self, PyObject *args)
     it->name = name;
     it->pos = 0;
     it->done = false;
+    it->fetching = false;
     it->n = it->next = 0;
     return (PyObject *)it;
 }
