@@ -36,41 +36,14 @@ static PyTypeObject ProblemType, FindingType;
 /* ---- errors --------------------------------------------------------------
  */
 
-/* Raise qbm.Error from the calling thread's last library error. `filename`
- * (may be NULL) is the file the call was about. Returns NULL. */
-static PyObject *raise_qbm(PyObject *filename)
-{
-    int err = qbm_get_errno();
-    const char *msg = qbm_get_error();
-    PyObject *exc, *m;
-
-    if (err == 0) {
-        err = EIO;
-    }
-    m = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
-    if (!m) {
-        return NULL;
-    }
-    if (filename) {
-        exc = PyObject_CallFunction(QbmError, "iOO", err, m, filename);
-    } else {
-        exc = PyObject_CallFunction(QbmError, "iO", err, m);
-    }
-    if (exc) {
-        if (PyObject_SetAttrString(exc, "message", m) == 0) {
-            PyErr_SetObject(QbmError, exc);
-        }
-        Py_DECREF(exc);
-    }
-    Py_DECREF(m);
-    return NULL;
-}
-
-/* Raise qbm.Error(err, msg, filename) for an error found here. */
+/* Raise qbm.Error(err, msg, filename): an OSError whose strerror and
+ * .message are `msg` (bytes that are not UTF-8, from a bitmap name, are
+ * replaced), filename the file concerned (may be NULL). Returns NULL. */
 static PyObject *raise_errno(int err, const char *msg, PyObject *filename)
 {
-    PyObject *exc, *m = PyUnicode_FromString(msg);
+    PyObject *exc, *m;
 
+    m = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
     if (!m) {
         return NULL;
     }
@@ -84,6 +57,14 @@ static PyObject *raise_errno(int err, const char *msg, PyObject *filename)
     }
     Py_DECREF(m);
     return NULL;
+}
+
+/* Raise qbm.Error from the calling thread's last library error. */
+static PyObject *raise_qbm(PyObject *filename)
+{
+    int err = qbm_get_errno();
+
+    return raise_errno(err ? err : EIO, qbm_get_error(), filename);
 }
 
 /* ---- callbacks -----------------------------------------------------------
@@ -330,6 +311,19 @@ static int conv_opt_path(PyObject *o, void *p)
         return 1;
     }
     return PyUnicode_FSConverter(o, p);
+}
+
+/* O& converter: a non-negative integer that fits 64 bits ('K' would wrap
+ * a negative one silently). */
+static int conv_u64(PyObject *o, void *p)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        return 0;
+    }
+    *(unsigned long long *)p = v;
+    return 1;
 }
 
 #define BYTES(o) ((o) ? PyBytes_AS_STRING(o) : NULL)
@@ -1006,7 +1000,8 @@ static PyObject *Image_mark(ImageObject *self, PyObject *args)
     struct qbm_image *img;
     int r = -1;
 
-    if (!PyArg_ParseTuple(args, "O&KK:mark", conv_name, &name, &off, &len)) {
+    if (!PyArg_ParseTuple(args, "O&O&O&:mark", conv_name, &name, conv_u64, &off,
+                          conv_u64, &len)) {
         return NULL;
     }
     IMAGE_CALL(self, img, r,

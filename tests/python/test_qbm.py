@@ -218,6 +218,8 @@ def test_errors_carry_errno(d):
         with pytest.raises(qbm.Error) as e:
             img.add("g", granularity=1000)
         assert e.value.errno == errno.EINVAL
+        with pytest.raises(OverflowError):
+            img.mark("a", -512, 512)
         with pytest.raises(qbm.Error) as e:
             list(img.extents("nope"))
         assert e.value.errno == errno.ENOENT
