@@ -572,3 +572,19 @@ def test_carry_snapshot(d):
         qbm.carry_snapshot(other, top)
     assert e.value.errno == errno.EINVAL
     assert "backing file" in e.value.message
+
+
+def test_names_not_utf8_round_trip(d):
+    """A name that is not UTF-8 comes as surrogates and goes back to the
+    library unchanged, as str or bytes."""
+    path = create(d, "n.qcow2")
+    with qbm.open(path, write=True) as img:
+        img.add(b"\xffck")
+        img.mark(b"\xffck", 0, 1)
+        img.commit()
+        name = img.bitmaps[0].name
+        assert name == "\udcffck"
+        assert list(img.extents(name)) == [(0, 65536)]
+        img.rename(name, "ck")
+        img.commit()
+    assert judge(path)["ck"] == [(0, 65536)]
