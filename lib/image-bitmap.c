@@ -136,15 +136,9 @@ QBM_API int qbm_bitmap_dirty_bytes(struct qbm_image *img, size_t idx,
     return 0;
 }
 
-struct extent_wrap {
-    qbm_extent_fn fn;
-    void *opaque;
-    int user_ret;
-};
-
-static int extent_wrap_cb(void *opaque, uint64_t off, uint64_t len)
+int qbm_extent_wrap_cb(void *opaque, uint64_t off, uint64_t len)
 {
-    struct extent_wrap *w = opaque;
+    struct qbm_extent_wrap *w = opaque;
 
     w->user_ret = w->fn(w->opaque, off, len);
     return w->user_ret ? 1 : 0;
@@ -164,22 +158,15 @@ int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx, qbm_extent_fn fn,
 QBM_API int qbm_bitmap_extents(struct qbm_image *img, size_t idx,
                                qbm_extent_fn fn, void *opaque)
 {
-    struct extent_wrap w = { fn, opaque, 0 };
+    struct qbm_extent_wrap w = { fn, opaque, 0 };
     int r;
 
     if (!fn) {
         qbm_err(EINVAL, "bitmap index %zu out of range", idx);
         return -1;
     }
-    r = qbm_impl_bitmap_extents(img, idx, extent_wrap_cb, &w);
-    if (r < 0) {
-        return -1;
-    }
-    if (w.user_ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return w.user_ret;
-    }
-    return 0;
+    r = qbm_impl_bitmap_extents(img, idx, qbm_extent_wrap_cb, &w);
+    return qbm_public_ret_cb(r, w.user_ret);
 }
 
 struct range_wrap {
@@ -228,12 +215,5 @@ QBM_API int qbm_bitmap_extents_range(struct qbm_image *img, size_t idx,
     first = offset / span;
     end = div_round_up(w.end, span);
     r = walk_bitmap_range(img, bm, first, end, &st);
-    if (r < 0) {
-        return -1;
-    }
-    if (w.user_ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return w.user_ret;
-    }
-    return 0;
+    return qbm_public_ret_cb(r, w.user_ret);
 }

@@ -186,35 +186,22 @@ int qbm_image_reload(struct qbm_image *img)
     return r;
 }
 
-int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
-                      struct qbm_image **ret_img)
+/* A raw file has no metadata: only its size, which is the disk's. */
+static int raw_load(struct qbm_image *img)
 {
-    struct qbm_image *img;
-    int r;
+    int r = qbm_io_size(img->io, &img->file_size);
 
-    img = qbm_calloc(1, sizeof(*img));
-    if (!img) {
-        qbm_io_close(io);
-        return -ENOMEM;
-    }
-    img->io = io;
-    img->rdwr = rdwr;
-    img->filename = qbm_strndup(filename, strlen(filename));
-    if (!img->filename) {
-        image_free(img);
-        return -ENOMEM;
-    }
-    r = image_load(img);
     if (r < 0) {
-        image_free(img);
         return r;
     }
-    *ret_img = img;
+    img->hdr.size = img->file_size;
     return 0;
 }
 
-int qbm_image_open_raw(struct qbm_io *io, const char *filename,
-                       struct qbm_image **ret_img)
+/* A handle on `io`, which it owns (closed on failure too), loaded as a
+ * qcow2 image or as a raw file. */
+static int image_open(struct qbm_io *io, const char *filename, bool rdwr,
+                      bool raw, struct qbm_image **ret_img)
 {
     struct qbm_image *img = qbm_calloc(1, sizeof(*img));
     int r;
@@ -224,20 +211,32 @@ int qbm_image_open_raw(struct qbm_io *io, const char *filename,
         return -ENOMEM;
     }
     img->io = io;
-    img->raw = true;
+    img->rdwr = rdwr;
+    img->raw = raw;
     img->filename = qbm_strndup(filename, strlen(filename));
     if (!img->filename) {
         image_free(img);
         return -ENOMEM;
     }
-    r = qbm_io_size(io, &img->file_size);
+    r = raw ? raw_load(img) : image_load(img);
     if (r < 0) {
         image_free(img);
         return r;
     }
-    img->hdr.size = img->file_size;
     *ret_img = img;
     return 0;
+}
+
+int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
+                      struct qbm_image **ret_img)
+{
+    return image_open(io, filename, rdwr, false, ret_img);
+}
+
+int qbm_image_open_raw(struct qbm_io *io, const char *filename,
+                       struct qbm_image **ret_img)
+{
+    return image_open(io, filename, false, true, ret_img);
 }
 
 int qbm_image_open_format(struct qbm_io *io, const char *filename,
@@ -455,12 +454,5 @@ QBM_API int qbm_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
         return -1;
     }
     r = qbm_impl_image_allocation(img, alloc_wrap_cb, &w);
-    if (r < 0) {
-        return -1;
-    }
-    if (w.user_ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return w.user_ret;
-    }
-    return 0;
+    return qbm_public_ret_cb(r, w.user_ret);
 }

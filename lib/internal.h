@@ -168,10 +168,17 @@ static inline int qbm_public_ret(int r)
 {
     return r < 0 ? -1 : r;
 }
+/* The public result of a call that took a caller's callback, wrapped so
+ * that its non-zero value stops the walk (design.md, "Errors"): -1 when
+ * the internal result `r` is an error, else the callback's value
+ * `user_ret` that stopped it (errno ECANCELED), else 0. */
+int qbm_public_ret_cb(int r, int user_ret);
 /*
  * A caller's progress callback, wrapped as every callback is (docs/design.md,
- * "Errors"): its non-zero value stops the operation, which fails inside the
- * library with -ECANCELED, and is kept here for the public call to return.
+ * "Errors"): its non-zero value stops the operation and is kept here for
+ * the public call to return. Unlike a walk's stop, it fails inside the
+ * library with -ECANCELED, so that the operation's error paths (removing
+ * a temporary output, abandoning a transaction) run.
  */
 struct qbm_progress {
     qbm_progress_fn fn; /* may be NULL */
@@ -807,6 +814,14 @@ int qbm_impl_bitmap_find(const struct qbm_image *img, const char *name);
 bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx);
 int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx, qbm_extent_fn fn,
                             void *opaque);
+/* A caller's qbm_extent_fn wrapped for an internal walk: its value is kept
+ * in `user_ret`, and any non-zero one stops the walk (returns 1). */
+struct qbm_extent_wrap {
+    qbm_extent_fn fn;
+    void *opaque;
+    int user_ret;
+};
+int qbm_extent_wrap_cb(void *opaque, uint64_t off, uint64_t len);
 
 /* ---- image-meta.c: where the metadata lies ------------------------------- */
 

@@ -48,6 +48,18 @@ int qbm_err_prefix(int ret, const char *fmt, ...)
     return ret;
 }
 
+int qbm_public_ret_cb(int r, int user_ret)
+{
+    if (r < 0) {
+        return -1;
+    }
+    if (user_ret) {
+        qbm_err(ECANCELED, "stopped by the callback");
+        return user_ret;
+    }
+    return 0;
+}
+
 const char *qbm_err_message(void)
 {
     return last_msg;

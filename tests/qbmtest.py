@@ -423,8 +423,7 @@ class Suite:
         suite = Suite("oracle", __doc__, seeded=True)
         suite.parser.add_argument("--scenarios", type=int, default=60)
         args = suite.start()
-        for i in suite.indices(args.scenarios):
-            suite.case("scenario %d" % i, lambda tmp: ..., index=i)
+        suite.scenarios(args.scenarios, lambda tmp, rng: ...)
         sys.exit(suite.finish())
 
     A case is a function of a fresh temporary directory that raises Fail;
@@ -484,6 +483,13 @@ class Suite:
         """range(count), or the --only ones of it."""
         only = getattr(self.args, "only", None)
         return [i for i in range(count) if not only or i in only]
+
+    def scenarios(self, count, fn):
+        """Case 'scenario I (seed S)' for each of indices(count): fn(tmp,
+        rng) with the scenario's own generator, rng(I)."""
+        for i in self.indices(count):
+            self.case("scenario %d (seed %d)" % (i, self.seed),
+                      lambda tmp: fn(tmp, self.rng(i)), index=i)
 
     def rerun_hint(self, index):
         argv = [a for a in sys.argv if a]

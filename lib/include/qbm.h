@@ -703,6 +703,13 @@ QBM_API int qbm_chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
  */
 struct qbm_checkpoints;
 
+/*
+ * Whether `name` is a checkpoint name libvirt accepts,
+ * [A-Za-z0-9_-][A-Za-z0-9_.-]* (docs/checkpoint-rules.md, section 7):
+ * 1 or 0; NULL is not one. Records no error.
+ */
+QBM_API int qbm_checkpoint_name_valid(const char *name);
+
 /* A new, empty set (free with qbm_checkpoints_free), or NULL. */
 QBM_API struct qbm_checkpoints *qbm_checkpoints_new(void);
 /* Free the set; the chains given to it stay the caller's. NULL is fine. */

@@ -15,27 +15,10 @@
 
 #include <cmocka.h>
 
-#include "internal.h"
+#include "testlib.h"
 
-/* A fresh, empty 64 MiB image with 4 KiB clusters, as bytes. */
-static uint8_t *fresh_image(size_t *ret_len)
-{
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    uint8_t *copy;
-    const uint8_t *b;
-
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(
-        qcow2_writer_plan(io, 64 << 20, 12, NULL, NULL, NULL, 0, &w), 0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    b = qbm_io_mem_data(io, ret_len);
-    copy = malloc(*ret_len);
-    memcpy(copy, b, *ret_len);
-    qbm_io_close(io);
-    return copy;
-}
+/* The fresh images' virtual size (4 KiB clusters). */
+#define SIZE (64u << 20)
 
 static int no_problems(void *opaque, int kind, uint64_t off, const char *m)
 {
@@ -62,7 +45,7 @@ static int collect(void *opaque, uint64_t off, uint64_t len)
 static void test_edit_and_reopen(void **state)
 {
     size_t len, len2;
-    uint8_t *img0 = fresh_image(&len);
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len);
     struct qbm_image *img, *again;
     struct collect c = { .n = 0 };
     const uint8_t *b;
@@ -117,7 +100,7 @@ static void test_edit_and_reopen(void **state)
 static void test_staged_queries(void **state)
 {
     size_t len;
-    uint8_t *img0 = fresh_image(&len);
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len);
     struct qbm_image *img;
     struct collect c = { .n = 0 };
     uint64_t dirty;
@@ -136,7 +119,7 @@ static void test_staged_queries(void **state)
     /* Edited after a commit: the staged state, not the table on disk. */
     assert_int_equal(qbm_bitmap_set_dirty(img, "b", 1 << 20, 1), 0);
     c.n = 0;
-    assert_int_equal(qbm_bitmap_extents_range(img, 0, 0, 64 << 20, collect, &c),
+    assert_int_equal(qbm_bitmap_extents_range(img, 0, 0, SIZE, collect, &c),
                      0);
     assert_int_equal(c.n, 2);
     assert_int_equal(c.v[1][0], 1 << 20);
@@ -151,7 +134,7 @@ static void test_staged_queries(void **state)
 static void test_allocation_failures(void **state)
 {
     size_t len;
-    uint8_t *img0 = fresh_image(&len);
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len);
     unsigned long n;
     int succeeded = 0;
 
@@ -196,21 +179,11 @@ struct layout {
 static uint8_t *bitmap_image(size_t *ret_len, struct layout *lay)
 {
     size_t len, len2;
-    uint8_t *img0 = fresh_image(&len), *copy;
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len), *copy;
     struct qbm_image *img;
-    const uint8_t *b;
 
-    img = qbm_open_memory(img0, len, "mem", QBM_OPEN_RDWR);
-    assert_non_null(img);
-    assert_int_equal(qbm_bitmap_add(img, "b", 0, 0), 0);
-    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 0, 65536), 0);
-    assert_int_equal(qbm_commit(img), 0);
-    b = qbm_io_mem_data(img->io, &len2);
-    copy = malloc(len2);
-    memcpy(copy, b, len2);
-    qbm_close(img);
+    copy = tl_mem_with_bitmap(img0, len, "b", 0, 65536, &len2);
     free(img0);
-
     img = qbm_open_memory(copy, len2, "mem", 0);
     assert_non_null(img);
     assert_int_equal(qcow2_bitmap_table_load(img, &img->bitmaps[0]), 0);
@@ -245,67 +218,44 @@ static void test_corrupt_refcounts(void **state)
     } cases[13];
     size_t n = 0;
 
-#define CASE(p, v, ...)                                            \
-    do {                                                           \
-        cases[n].pos = (p);                                        \
-        cases[n].value = (v);                                      \
-        snprintf(cases[n].msg, sizeof(cases[n].msg), __VA_ARGS__); \
-        n++;                                                       \
+#define CASE(p, v, ...)                                                       \
+    do {                                                                      \
+        cases[n].pos = (p);                                                   \
+        cases[n].value = (v);                                                 \
+        snprintf(cases[n].msg, sizeof(cases[n].msg), __VA_ARGS__);            \
+        n++;                                                                  \
     } while (0)
     CASE(e5, 0x1ff, "refcount table entry 5 at 0x%llx: reserved bits", e5);
-    CASE(e5, 1ull << 40,
-         "refcount table entry 5 at 0x%llx: offset "
-         "0x10000000000 is past the end of the file (0x%zx)",
-         e5, len);
-    CASE(e5, end,
-         "refcount table entry 5 at 0x%llx: offset 0x%llx is past "
-         "the end",
-         e5, end);
-    CASE(e5, 512,
-         "refcount table entry 5 at 0x%llx: offset 0x200 is not "
-         "cluster aligned",
-         e5);
-    CASE(e5, L.l1,
-         "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the L1 table",
-         e5, (unsigned long long)L.l1);
-    CASE(e5, L.rt,
-         "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the refcount table",
-         e5, (unsigned long long)L.rt);
-    CASE(e5, L.rb,
-         "and 5 at 0x%llx: both point to the refcount block at "
-         "0x%llx",
-         e5, (unsigned long long)L.rb);
-    CASE(e5, L.dir,
-         "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the bitmap directory",
-         e5, (unsigned long long)L.dir);
-    CASE(e5, L.table,
-         "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the bitmap table",
-         e5, (unsigned long long)L.table);
-    CASE(e5, L.data,
-         "refcount table entry 5 at 0x%llx: refcount block at "
-         "0x%llx overlaps the bitmap data",
-         e5, (unsigned long long)L.data);
-    CASE(L.rt, 0xff000000,
-         "refcount table entry 0 at 0x%llx: offset "
-         "0xff000000 is past the end",
-         (unsigned long long)L.rt);
+    CASE(e5, 1ull << 40, "refcount table entry 5 at 0x%llx: offset "
+         "0x10000000000 is past the end of the file (0x%zx)", e5, len);
+    CASE(e5, end, "refcount table entry 5 at 0x%llx: offset 0x%llx is past "
+         "the end", e5, end);
+    CASE(e5, 512, "refcount table entry 5 at 0x%llx: offset 0x200 is not "
+         "cluster aligned", e5);
+    CASE(e5, L.l1, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the L1 table", e5, (unsigned long long)L.l1);
+    CASE(e5, L.rt, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the refcount table", e5, (unsigned long long)L.rt);
+    CASE(e5, L.rb, "and 5 at 0x%llx: both point to the refcount block at "
+         "0x%llx", e5, (unsigned long long)L.rb);
+    CASE(e5, L.dir, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the bitmap directory", e5,
+         (unsigned long long)L.dir);
+    CASE(e5, L.table, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the bitmap table", e5, (unsigned long long)L.table);
+    CASE(e5, L.data, "refcount table entry 5 at 0x%llx: refcount block at "
+         "0x%llx overlaps the bitmap data", e5, (unsigned long long)L.data);
+    CASE(L.rt, 0xff000000, "refcount table entry 0 at 0x%llx: offset "
+         "0xff000000 is past the end", (unsigned long long)L.rt);
     CASE(48, L.l1, "refcount table at 0x%llx: overlaps the L1 table",
          (unsigned long long)L.l1);
-    CASE(48, end,
-         "refcount table at 0x%llx: its 1 clusters run past the "
-         "end",
-         end);
+    CASE(48, end, "refcount table at 0x%llx: its 1 clusters run past the "
+         "end", end);
 #undef CASE
 
     for (i = 0; i < n; i++) {
         uint8_t *bad = malloc(len);
         struct qbm_image *img;
-        const uint8_t *b;
-        size_t blen;
 
         memcpy(bad, good, len);
         be64_store(bad + cases[i].pos, cases[i].value);
@@ -316,25 +266,22 @@ static void test_corrupt_refcounts(void **state)
         assert_int_equal(qbm_get_errno(), EUCLEAN);
         if (!strstr(qbm_get_error(), cases[i].msg) ||
             !strstr(qbm_get_error(), "qemu-img check -r all")) {
-            fail_msg("case %zu: got \"%s\", want \"%s\"", i, qbm_get_error(),
-                     cases[i].msg);
+            fail_msg("case %zu: got \"%s\", want \"%s\"", i,
+                     qbm_get_error(), cases[i].msg);
         }
-        b = qbm_io_mem_data(img->io, &blen);
-        assert_int_equal(blen, len);
-        assert_memory_equal(b, bad, len);
+        tl_assert_mem_holds(img, bad, len);
         /* The same with an edit of the existing bitmap. */
         assert_int_equal(qbm_bitmap_clear(img, "b"), 0);
         assert_int_equal(qbm_commit(img), -1);
-        b = qbm_io_mem_data(img->io, &blen);
-        assert_int_equal(blen, len);
-        assert_memory_equal(b, bad, len);
+        tl_assert_mem_holds(img, bad, len);
         qbm_close(img);
         free(bad);
     }
     free(good);
 }
 
-static int count_problems(void *opaque, int kind, uint64_t off, const char *msg)
+static int count_problems(void *opaque, int kind, uint64_t off,
+                          const char *msg)
 {
     struct collect *c = opaque;
 
@@ -353,17 +300,10 @@ static int count_problems(void *opaque, int kind, uint64_t off, const char *msg)
  */
 static void test_hidden_l2_not_allocated(void **state)
 {
-    enum {
-        CS = 4096,
-        RB = 2 * CS,
-        L1 = 3 * CS,
-        SN = 4 * CS,
-        SN_L1 = 5 * CS,
-        LEN = 7 * CS
-    };
-    size_t len, blen;
-    uint8_t *img0 = fresh_image(&len), *buf = malloc(LEN);
-    const uint8_t *b;
+    enum { CS = 4096, RB = 2 * CS, L1 = 3 * CS, SN = 4 * CS, SN_L1 = 5 * CS,
+           LEN = 7 * CS };
+    size_t len;
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len), *buf = malloc(LEN);
     struct qbm_image *img;
     struct collect p;
     char msg[160];
@@ -407,15 +347,11 @@ static void test_hidden_l2_not_allocated(void **state)
         assert_int_equal(qbm_bitmap_add(img, "n", 65536, 0), 0);
         assert_int_equal(qbm_commit(img), -1);
         assert_int_equal(qbm_get_errno(), EUCLEAN);
-        snprintf(msg, sizeof(msg),
-                 "refcount of cluster 0x%llx is 0 but it "
+        snprintf(msg, sizeof(msg), "refcount of cluster 0x%llx is 0 but it "
                  "holds the L2 table: the image is corrupt (try qemu-img "
-                 "check -r all)",
-                 (unsigned long long)l2);
+                 "check -r all)", (unsigned long long)l2);
         assert_string_equal(qbm_get_error(), msg);
-        b = qbm_io_mem_data(img->io, &blen);
-        assert_int_equal(blen, LEN);
-        assert_memory_equal(b, buf, LEN);
+        tl_assert_mem_holds(img, buf, LEN);
         qbm_close(img);
     }
     free(buf);
@@ -434,7 +370,8 @@ static void test_mem_far_write(void **state)
     assert_int_equal(qbm_io_pwrite(io, sector, 512, 512 + (1ull << 30) + 512),
                      -EFBIG);
     assert_int_equal(qbm_io_pwrite(io, sector, 512, 1ull << 40), -EFBIG);
-    assert_int_equal(qbm_io_pwrite(io, sector, 512, UINT64_MAX - 100), -EFBIG);
+    assert_int_equal(qbm_io_pwrite(io, sector, 512, UINT64_MAX - 100),
+                     -EFBIG);
     assert_int_equal(qbm_io_size(io, &size), 0);
     assert_int_equal(size, 512);
     /* Growing by less is an ordinary write. */
