@@ -18,17 +18,15 @@
 
 #include <cmocka.h>
 
-#include "internal.h"
+#include "testlib.h"
 
 #define SIZE (48u << 20)
 
-static char dir[] = "/tmp/qbm-progress-XXXXXX";
-
+/* File NAME of the test directory, in a buffer of its own (tl_path's
+ * last four results rotate; the calls here keep arrays of paths). */
 static const char *const files[] = { "full",   "inc",   "out",
                                      "before", "after", "bm" };
 
-/* The path of file `name` of the directory: one buffer per name, so that
- * paths stay valid for the whole test. */
 static char *path_of(const char *name)
 {
     static char buf[QBM_ARRAY_SIZE(files)][256];
@@ -37,7 +35,7 @@ static char *path_of(const char *name)
     for (i = 0; strcmp(files[i], name) != 0; i++) {
         assert_true(i + 1 < QBM_ARRAY_SIZE(files));
     }
-    snprintf(buf[i], sizeof(buf[i]), "%s/%s", dir, name);
+    snprintf(buf[i], sizeof(buf[i]), "%s", tl_path(name));
     return buf[i];
 }
 
@@ -73,23 +71,6 @@ static void write_image(const char *name, uint64_t at, uint64_t n, uint8_t byte)
     qbm_io_close(io);
 }
 
-static char *read_file(const char *path, size_t *ret_len)
-{
-    FILE *f = fopen(path, "rb");
-    char *buf;
-    long len;
-
-    assert_non_null(f);
-    assert_int_equal(fseek(f, 0, SEEK_END), 0);
-    len = ftell(f);
-    assert_int_equal(fseek(f, 0, SEEK_SET), 0);
-    buf = malloc(len ? (size_t)len : 1);
-    assert_int_equal(fread(buf, 1, (size_t)len, f), (size_t)len);
-    fclose(f);
-    *ret_len = (size_t)len;
-    return buf;
-}
-
 static bool exists(const char *path)
 {
     struct stat st;
@@ -110,30 +91,9 @@ static int progress_cb(void *opaque, uint64_t done, uint64_t total)
     return ++s->calls == s->stop_at ? 42 : 0;
 }
 
-static int group_setup(void **state)
-{
-    assert_non_null(mkdtemp(dir));
-    return 0;
-}
-
-static int group_teardown(void **state)
-{
-    size_t i;
-
-    for (i = 0; i < QBM_ARRAY_SIZE(files); i++) {
-        unlink(path_of(files[i]));
-    }
-    rmdir(dir);
-    return 0;
-}
-
 static int setup(void **state)
 {
-    size_t i;
-
-    for (i = 0; i < QBM_ARRAY_SIZE(files); i++) {
-        unlink(path_of(files[i]));
-    }
+    tl_dir_clean(state);
     write_image("full", 0, 64, 0x11);
     write_image("inc", 62, 4, 0x22);
     return 0;
@@ -194,8 +154,8 @@ static void test_consolidate_stopped(void **state)
     assert_int_equal(qbm_restore(full, 1, path_of("after"), QBM_OUTPUT_RAW,
                                  NULL, NULL, NULL),
                      0);
-    before = read_file(path_of("before"), &nb);
-    after = read_file(path_of("after"), &na);
+    before = tl_contents("before", &nb);
+    after = tl_contents("after", &na);
     assert_int_equal(nb, na);
     assert_memory_equal(before, after, nb);
     free(after);
@@ -205,7 +165,7 @@ static void test_consolidate_stopped(void **state)
     assert_int_equal(qbm_restore(full, 1, path_of("after"), QBM_OUTPUT_RAW,
                                  NULL, NULL, NULL),
                      0);
-    after = read_file(path_of("after"), &na);
+    after = tl_contents("after", &na);
     assert_int_equal(nb, na);
     assert_memory_not_equal(before, after, nb);
     free(before);
@@ -316,5 +276,5 @@ int main(void)
         cmocka_unit_test_setup(test_extents_range, setup),
     };
 
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, tl_dir_setup, tl_dir_teardown);
 }
