@@ -173,6 +173,27 @@ static inline int qbm_public_ret(int r)
  * the internal result `r` is an error, else the callback's value
  * `user_ret` that stopped it (errno ECANCELED), else 0. */
 int qbm_public_ret_cb(int r, int user_ret);
+/*
+ * A caller's progress callback, wrapped as every callback is (docs/design.md,
+ * "Errors"): its non-zero value stops the operation and is kept here for
+ * the public call to return. Unlike a walk's stop, it fails inside the
+ * library with -ECANCELED, so that the operation's error paths (removing
+ * a temporary output, abandoning a transaction) run.
+ */
+struct qbm_progress {
+    qbm_progress_fn fn; /* may be NULL */
+    void *opaque;
+    int user_ret;
+};
+/* Report `done` of `total`: 0, or -ECANCELED when the callback stopped.
+ * `p` may be NULL. */
+int qbm_progress_report(struct qbm_progress *p, uint64_t done, uint64_t total);
+/* The public result for the internal result `r`: the callback's value when
+ * it stopped the operation, else as qbm_public_ret(). */
+static inline int qbm_progress_ret(const struct qbm_progress *p, int r)
+{
+    return r < 0 && p->user_ret ? p->user_ret : qbm_public_ret(r);
+}
 /* Allocation helpers that record ENOMEM. */
 void *qbm_malloc(size_t n);
 void *qbm_calloc(size_t n, size_t size);
@@ -620,6 +641,10 @@ struct qbm_extent_state {
 int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
                            const uint8_t *data);
 int qbm_extent_state_finish(struct qbm_extent_state *st);
+/* Feed chunks [first, end) of `bm` (end clipped) to `st`, whose geometry
+ * must be the bitmap's; then finish it. */
+int qbm_bmap_walk_range(const struct qbm_bmap *bm, uint64_t first, uint64_t end,
+                        struct qbm_extent_state *st);
 
 /* ---- bitmap-dir.c: bitmaps extension, directory, tables ------------------ */
 
@@ -680,6 +705,10 @@ typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
                             const uint8_t *data);
 int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
                              qbm_chunk_fn fn, void *opaque);
+/* The same for chunks [first, end) only (end clipped to the table). */
+int qcow2_bitmap_read_chunk_range(struct qbm_image *img,
+                                  struct qcow2_bitmap *bm, uint64_t first,
+                                  uint64_t end, qbm_chunk_fn fn, void *opaque);
 /* A whole bitmap as a new qbm_bmap whose data chunks reference the
  * image's clusters (nothing is read until a chunk's bits are needed). */
 int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
@@ -1064,6 +1093,6 @@ int qbm_impl_commit(struct qbm_image *img);
 
 /* Fold `layers` (newest first) into the opened full `img`. */
 int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
-                           size_t n, qbm_progress_fn progress, void *opaque);
+                           size_t n, struct qbm_progress *progress);
 
 #endif /* QBM_INTERNAL_H */

@@ -36,8 +36,7 @@ struct out {
     char *tmp;
     int fd;
     struct qbm_io *io;
-    qbm_progress_fn progress;
-    void *opaque;
+    struct qbm_progress *progress;
     uint64_t done, total;
     /* Overlap: next piece to prefetch and bytes prefetched ahead. */
     size_t ra_next;
@@ -181,10 +180,7 @@ static int copy_piece(struct qbm_image **layers,
     }
     o->done += len;
     writeback(o, to + len);
-    if (o->progress) {
-        o->progress(o->opaque, o->done, o->total);
-    }
-    return 0;
+    return qbm_progress_report(o->progress, o->done, o->total);
 }
 
 static bool is_data(const struct qcow2_map_extent *e)
@@ -779,12 +775,12 @@ static bool same_inode(const char *a, const char *b)
 }
 
 static int restore(const char *const *images, size_t n, const char *output,
-                   int format, const char *checkpoint, qbm_progress_fn progress,
-                   void *opaque)
+                   int format, const char *checkpoint,
+                   struct qbm_progress *progress)
 {
     struct qbm_image **layers = qbm_calloc(n ? n : 1, sizeof(*layers));
     struct qcow2_map_extent *map = NULL;
-    struct out o = { .fd = -1, .progress = progress, .opaque = opaque };
+    struct out o = { .fd = -1, .progress = progress };
     size_t nmap = 0, i, j;
     uint64_t size = 0;
     int r = 0;
@@ -863,12 +859,14 @@ QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
                         int format, const char *checkpoint,
                         qbm_progress_fn progress, void *opaque)
 {
+    struct qbm_progress p = { progress, opaque, 0 };
+
     if (!images || !output ||
         (format != QBM_OUTPUT_RAW && format != QBM_OUTPUT_QCOW2)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_public_ret(
-        restore(images, n, output, format, checkpoint, progress, opaque));
+    return qbm_progress_ret(&p,
+                            restore(images, n, output, format, checkpoint, &p));
 }
 
 /* ---- extract
@@ -888,12 +886,12 @@ static int want_cb(void *opaque, uint64_t off, uint64_t len)
 
 static int extract(const char *image, const char *bitmap, const char *output,
                    unsigned flags, const char *backing,
-                   qbm_progress_fn progress, void *opaque)
+                   struct qbm_progress *progress)
 {
     struct qbm_chain *ch = NULL;
     struct qbm_image **layers = NULL;
     struct qcow2_map_extent *map = NULL;
-    struct out o = { .fd = -1, .progress = progress, .opaque = opaque };
+    struct out o = { .fd = -1, .progress = progress };
     struct intervals want = { 0 };
     size_t nmap = 0, n, i;
     unsigned bits = 16;
@@ -995,12 +993,14 @@ QBM_API int qbm_extract(const char *image, const char *bitmap,
                         const char *output, unsigned flags, const char *backing,
                         qbm_progress_fn progress, void *opaque)
 {
+    struct qbm_progress p = { progress, opaque, 0 };
+
     if (!image || !output || (flags & ~QBM_EXTRACT_MASK) ||
         (!bitmap && !(flags & QBM_EXTRACT_FULL))) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_public_ret(
-        extract(image, bitmap, output, flags, backing, progress, opaque));
+    return qbm_progress_ret(&p,
+                            extract(image, bitmap, output, flags, backing, &p));
 }
 
 /*

@@ -4,7 +4,7 @@
 
 #include "qbm-tool.h"
 
-void show_progress(void *opaque, uint64_t done, uint64_t total)
+int show_progress(void *opaque, uint64_t done, uint64_t total)
 {
     unsigned *last = opaque;
     unsigned pct = total ? (unsigned)(done * 10000 / total) : 10000;
@@ -18,6 +18,7 @@ void show_progress(void *opaque, uint64_t done, uint64_t total)
         fprintf(stderr, "    (%u.%02u/100%%)\r", pct / 100, pct % 100);
         fflush(stderr);
     }
+    return 0;
 }
 
 void end_progress(void *opaque)

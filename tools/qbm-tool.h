@@ -92,7 +92,7 @@ int cmd_consolidate(int argc, char **argv);
 int cmd_checkpoints(int argc, char **argv);
 
 /* progress.c: a qbm_progress_fn; opaque points to an unsigned set to -1. */
-void show_progress(void *opaque, uint64_t done, uint64_t total);
+int show_progress(void *opaque, uint64_t done, uint64_t total);
 void end_progress(void *opaque);
 
 #endif

@@ -202,6 +202,19 @@ typedef int (*qbm_extent_fn)(void *opaque, uint64_t offset, uint64_t length);
 QBM_API int qbm_bitmap_extents(struct qbm_image *img, size_t idx,
                                qbm_extent_fn fn, void *opaque);
 
+/*
+ * Walk the dirty extents of bitmap `idx` that meet the guest range
+ * [offset, offset + length), clipped to it and to the virtual size. Only
+ * the bitmap table entries covering the range are read, so a caller can
+ * walk a bitmap piecewise in bounded memory (stop the walk after a batch
+ * of extents, then go on from the end of the last one: an extent reported
+ * whole ends at a clean bit or the range's end).
+ * Returns 0 when done, -1 on error, or the callback's non-zero value.
+ */
+QBM_API int qbm_bitmap_extents_range(struct qbm_image *img, size_t idx,
+                                     uint64_t offset, uint64_t length,
+                                     qbm_extent_fn fn, void *opaque);
+
 /* ---- editing ---------------------------------------------------------- */
 
 /*
@@ -363,8 +376,13 @@ QBM_API int qbm_repair(struct qbm_image *img, unsigned flags);
 
 /* ---- backups ------------------------------------------------------------ */
 
-/* Progress of long operations: `done` of `total` bytes copied. */
-typedef void (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+/*
+ * Progress of long operations: `done` of `total` bytes copied. Return 0 to
+ * go on, anything else to stop: the operation then fails as it does on an
+ * error (nothing is left behind or switched; see each call) and returns
+ * that value, with errno ECANCELED.
+ */
+typedef int (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
 
 #define QBM_OUTPUT_RAW 0
 #define QBM_OUTPUT_QCOW2 1
@@ -389,7 +407,7 @@ typedef void (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
  * name from the working directory as QEMU does; a missing one fails before
  * OUTPUT is made); the same holds for qbm_extract() and the incrementals
  * of qbm_consolidate().
- * Returns 0 or -1.
+ * Returns 0, -1, or the progress callback's non-zero value.
  */
 QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
                         int format, const char *checkpoint,
@@ -408,7 +426,8 @@ QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
  * QEMU can open the backup chain directly. With QBM_EXTRACT_FULL, every
  * allocated cluster is copied and `bitmap` may be NULL. Refuses in-use
  * bitmaps. OUTPUT appears only once complete, and is treated as by
- * qbm_restore(). Returns 0 or -1.
+ * qbm_restore(). Returns 0, -1,
+ * or the progress callback's non-zero value.
  */
 QBM_API int qbm_extract(const char *image, const char *bitmap,
                         const char *output, unsigned flags, const char *backing,
@@ -445,7 +464,10 @@ QBM_API int qbm_extract_rotate(const char *image, const char *bitmap,
  * leaves FULL either as it was or with every incremental folded in. FULL's
  * enabled bitmaps are marked with what changes. FULL must be a plain
  * version 3 qcow2 (no internal snapshots, backing file, extended L2,
- * external data or encryption). Returns 0 or -1.
+ * external data or encryption). A progress callback that stops the fold
+ * leaves FULL's data as it was (its enabled bitmaps may keep the marks made
+ * first, and the file may be longer). Returns 0, -1, or the progress
+ * callback's non-zero value.
  */
 QBM_API int qbm_consolidate(const char *full, const char *const *incs, size_t n,
                             qbm_progress_fn progress, void *opaque);
