@@ -1041,8 +1041,7 @@ static int rotate(const char *image, const char *bitmap, const char *next,
 
 static int extract_rotate(const char *image, const char *bitmap,
                           const char *next, const char *output, unsigned flags,
-                          const char *backing, qbm_progress_fn progress,
-                          void *opaque)
+                          const char *backing, struct qbm_progress *progress)
 {
     char msg[1024];
     int r;
@@ -1055,7 +1054,7 @@ static int extract_rotate(const char *image, const char *bitmap,
                               next);
     }
     r = extract(image, bitmap, output, flags & QBM_EXTRACT_MASK, backing,
-                progress, opaque);
+                progress);
     if (r < 0) {
         return r;
     }
@@ -1076,10 +1075,12 @@ QBM_API int qbm_extract_rotate(const char *image, const char *bitmap,
                                unsigned flags, const char *backing,
                                qbm_progress_fn progress, void *opaque)
 {
+    struct qbm_progress p = { progress, opaque, 0 };
+
     if (!image || !bitmap || !next || !output ||
         (flags & ~QBM_EXTRACT_ROTATE_MASK)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_public_ret(extract_rotate(image, bitmap, next, output, flags,
-                                         backing, progress, opaque));
+    return qbm_progress_ret(
+        &p, extract_rotate(image, bitmap, next, output, flags, backing, &p));
 }

@@ -450,7 +450,7 @@ QBM_API int qbm_extract(const char *image, const char *bitmap,
  * written. If it fails after OUTPUT was written anyway, the message says
  * so; OUTPUT stays. With QBM_EXTRACT_FULL, `bitmap` only gives the
  * granularity (and is the one disabled).
- * Returns 0 or -1.
+ * Returns 0, -1, or the progress callback's non-zero value.
  */
 QBM_API int qbm_extract_rotate(const char *image, const char *bitmap,
                                const char *next, const char *output,
