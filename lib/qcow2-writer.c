@@ -8,8 +8,11 @@
  *
  * Data clusters are stored in guest order, so consecutive guest clusters
  * are consecutive in the file (and copies can be done in large runs). The
- * file is a new temporary one: crash safety comes from the rename that
- * publishes it, so the order of writes inside does not matter.
+ * file is a new temporary one (crash safety comes from the rename that
+ * publishes it, so the order of writes inside does not matter) or a block
+ * device written in place: every metadata cluster below the end is written
+ * whole, so what the device held before is never read as a table (the
+ * caller zero-fills the parts of data clusters it has no data for).
  */
 #include <stdlib.h>
 
@@ -124,6 +127,11 @@ int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
     }
     *ret = w;
     return 0;
+}
+
+uint64_t qcow2_writer_end(const struct qcow2_writer *w)
+{
+    return w->total * w->cs;
 }
 
 uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run)
