@@ -413,13 +413,15 @@ class LoopDevice:
     """A loop device over `size` bytes (a multiple of 512) of a file in the
     test's directory `tmp`, filled with random garbage from rng (a
     random.Random; default one seeded by the size) unless `fill` (bytes,
-    repeated) is given. Tests reach it only through `node`, a block device
+    repeated) is given; `sector_size`: its logical block size (losetup
+    -b; default 512). Tests reach it only through `node`, a block device
     node made with mknod in tmp (same major and minor), never through
     /dev/loopN (`dev`); `backing` is the file behind it. Use it in a with
     statement, or call detach() in a finally, so that it is detached also
     on failure. Raises OSError when no loop device can be made."""
 
-    def __init__(self, tmp, size, name="loop", rng=None, fill=None):
+    def __init__(self, tmp, size, name="loop", rng=None, fill=None,
+                 sector_size=None):
         self.size = size
         self.backing = os.path.join(tmp, name + "-backing.img")
         self.node = os.path.join(tmp, name + "-node")
@@ -432,7 +434,9 @@ class LoopDevice:
                 f.write((fill * (n // len(fill) + 1))[:n] if fill else
                         rng.randbytes(n))
                 left -= n
-        p = subprocess.run(["losetup", "-f", "--show", self.backing],
+        opts = ["-b", str(sector_size)] if sector_size else []
+        p = subprocess.run(["losetup", "-f", "--show"] + opts +
+                           [self.backing],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
         if p.returncode != 0 or not p.stdout.strip():

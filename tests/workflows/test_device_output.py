@@ -14,7 +14,8 @@ failure. Without a loop device (no losetup, not root) the suite is skipped
   restore left; every byte of the virtual disk is data or zeros (QEMU
   compares the device with the disk, and it equals a restore into a file
   byte for byte); a larger device keeps its bytes past the virtual size.
-  Unaligned ranges (512-byte clusters, a raw full backup of an odd size).
+  Unaligned ranges (512-byte clusters, a raw full backup of an odd size),
+  also onto a device with 4 KiB sectors.
 - restore -O qcow2 and extract write a qcow2 image onto the device:
   qemu-img check is clean and compare finds the disk; the device's bytes up
   to the image end are those of the same output written to a file; a
@@ -37,7 +38,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
-from qbmtest import (KiB, MiB, Fail, LoopDevice, Suite,  # noqa: E402
+from qbmtest import (MiB, Fail, LoopDevice, Suite,  # noqa: E402
                      qemu_img, qemu_img_check, qemu_img_create, qemu_io,
                      require_loop, run)
 
@@ -147,7 +148,8 @@ def restore_raw(suite, tmp, rng):
 
 def unaligned(suite, tmp, rng):
     """Ranges not aligned to 4 KiB: a full backup with 512-byte clusters
-    and an incremental of it, a raw full backup of an odd size."""
+    and an incremental of it, a raw full backup of an odd size; a device
+    with 4 KiB sectors."""
     qbm = suite.qbm.path
     small = os.path.join(tmp, "small-clusters.qcow2")
     small_full = os.path.join(tmp, "small-full.qcow2")
@@ -178,6 +180,11 @@ def unaligned(suite, tmp, rng):
             raise Fail("written past the raw backup's size")
         run([qbm, "restore", "-o", dev.node, small_full])
         compare(dev.node, SIZE, small_full)
+        run([qbm, "restore", "-o", dev.node, small_full, inc])
+        compare(dev.node, SIZE, small)
+    # A device with 4 KiB logical blocks: the 512-byte edges go through the
+    # page cache, whole pages to BLKZEROOUT.
+    with LoopDevice(tmp, SIZE, "dev4k", rng, sector_size=4096) as dev:
         run([qbm, "restore", "-o", dev.node, small_full, inc])
         compare(dev.node, SIZE, small)
     # qcow2 outputs whose data clusters the sources fill only in part: the
