@@ -529,6 +529,9 @@ int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
                       const char *backing, const char *backing_fmt,
                       const struct qcow2_out_run *runs, size_t nruns,
                       struct qcow2_writer **ret);
+/* Flush everything else before writing the header (an image written in
+ * place, whose header must never point at tables not yet on disk). */
+void qcow2_writer_set_ordered(struct qcow2_writer *w);
 /* Bytes the image takes: everything the plan writes lies below. */
 uint64_t qcow2_writer_end(const struct qcow2_writer *w);
 /* Host offset of data run `run`'s first cluster (the rest follow). */

@@ -891,6 +891,19 @@ static int write_qcow2(struct qbm_image **layers,
     if (r == 0) {
         r = out_room(o, qcow2_writer_end(w));
     }
+    if (r == 0 && o->device) {
+        /* In place: first make the device no qcow2 image (a previous one
+         * would otherwise open over half-written tables after a failure),
+         * and write the new header only once the rest is on disk. */
+        r = zero_range(o, 0, cs, false);
+        if (r == 0) {
+            r = qbm_io_flush(o->io);
+            if (r < 0) {
+                qbm_err_prefix(r, "%s", o->output);
+            }
+        }
+        qcow2_writer_set_ordered(w);
+    }
     /* Copy each data run's pieces (one pass over the sorted map); the
      * first pass only counts, for progress. On a device, the parts of the
      * run's clusters that no piece covers (zeros inside a cluster, past

@@ -12,7 +12,8 @@
  * publishes it, so the order of writes inside does not matter) or a block
  * device written in place: every metadata cluster below the end is written
  * whole, so what the device held before is never read as a table (the
- * caller zero-fills the parts of data clusters it has no data for).
+ * caller zero-fills the parts of data clusters it has no data for), and
+ * the header goes last, after a flush (qcow2_writer_set_ordered()).
  */
 #include <stdlib.h>
 
@@ -31,6 +32,7 @@ struct qcow2_writer {
     uint64_t rt_off, rt_clusters, rb_off, rb_clusters;
     uint64_t l1_off, l2_off, data_off, total;
     char *backing, *backing_fmt;
+    bool ordered; /* flush before the header */
 };
 
 void qcow2_writer_free(struct qcow2_writer *w)
@@ -127,6 +129,11 @@ int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
     }
     *ret = w;
     return 0;
+}
+
+void qcow2_writer_set_ordered(struct qcow2_writer *w)
+{
+    w->ordered = true;
 }
 
 uint64_t qcow2_writer_end(const struct qcow2_writer *w)
@@ -248,6 +255,9 @@ int qcow2_writer_finish(struct qcow2_writer *w)
             r = qbm_io_pwrite(w->io, rt, w->rt_clusters * w->cs, w->rt_off);
             free(rt);
         }
+    }
+    if (r == 0 && w->ordered) {
+        r = qbm_io_flush(w->io);
     }
     if (r == 0) {
         r = write_header(w);

@@ -26,6 +26,9 @@ failure. Without a loop device (no losetup, not root) the suite is skipped
   (another node of it), restore --checkpoint onto a device.
 - -p shows progress up to 100 %; a symbolic link to the node is followed
   and stays.
+- A failure while a qcow2 image is written onto a device that held one
+  (a corrupt compressed cluster in the input) leaves no qcow2 header: the
+  old one is cleared first, the new one written last.
 """
 import json
 import os
@@ -38,9 +41,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
-from qbmtest import (MiB, Fail, LoopDevice, Suite,  # noqa: E402
-                     qemu_img, qemu_img_check, qemu_img_create, qemu_io,
-                     require_loop, run)
+from qbmtest import (MiB, OFFSET_MASK, Fail, LoopDevice, Qcow2,  # noqa: E402
+                     Suite, qemu_img, qemu_img_check, qemu_img_create,
+                     qemu_io, require_loop, run)
 
 SIZE = 16 * MiB
 
@@ -298,6 +301,51 @@ def refusals(suite, tmp, rng):
             raise Fail("restore onto a fifo: %r" % p.stderr)
 
 
+def corrupt_compressed(img):
+    """Overwrite the middle of the compressed data of img's middle
+    compressed cluster with garbage; returns its guest offset."""
+    q = Qcow2(img)
+    l2_entries = q.cluster_size // 8
+    found = []
+    for i, l1e in enumerate(q.l1_table()):
+        if not l1e & OFFSET_MASK:
+            continue
+        l2 = q._table(l1e & OFFSET_MASK, l2_entries)
+        for j, e in enumerate(l2):
+            if e & (1 << 62):
+                found.append(((i * l2_entries + j) * q.cluster_size, e))
+    if len(found) < 3:
+        raise Fail("%s: only %d compressed clusters" % (img, len(found)))
+    guest, e = found[len(found) // 2]
+    host = e & ((1 << (62 - (q.cluster_bits - 8))) - 1)
+    with open(img, "r+b") as f:
+        f.seek(host + 8)
+        f.write(b"\xff" * 64)
+    return guest
+
+
+def failure(suite, tmp, rng):
+    """A failure in the middle of writing a qcow2 image onto a device that
+    held one: the device is no qcow2 image afterwards (never the old
+    header over half-written tables)."""
+    qbm = suite.qbm.path
+    b = Backups(qbm, tmp, rng)
+    bad = os.path.join(tmp, "bad.qcow2")
+    shutil.copyfile(b.full, bad)
+    corrupt_compressed(bad)
+    with LoopDevice(tmp, SIZE * 2, "dev", rng) as dev:
+        for cmd in (["extract", "--full"], ["restore", "-O", "qcow2"]):
+            run([qbm] + cmd + ["-o", dev.node, b.full])
+            qemu_img_check(dev.node, "-f", "qcow2")
+            p = run([qbm] + cmd + ["-o", dev.node, bad], ok=(1,))
+            if bad not in p.stderr:
+                raise Fail("%s from a corrupt image: %r" % (cmd[0], p.stderr))
+            p = qemu_img("info", "-f", "qcow2", dev.node, ok=None)
+            if p.returncode == 0 or "qcow2" not in p.stderr:
+                raise Fail("%s failed midway: the device still opens as "
+                           "qcow2: %s" % (cmd[0], p.stdout + p.stderr))
+
+
 def wait_open(proc, node):
     """Until proc has node open."""
     deadline = time.monotonic() + 30
@@ -364,7 +412,7 @@ def main():
     args = suite.start()
     require_loop()
     cases = [restore_raw, unaligned, qcow2_outputs, refusals, progress,
-             symlink]
+             symlink, failure]
     for i in suite.indices(len(cases)):
         fn = cases[i]
         suite.case(fn.__name__,
