@@ -332,6 +332,9 @@ int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
                      struct qbm_io **ret_io);
 /* Wrap an open descriptor (closed with the io). */
 int qbm_io_file_adopt(int fd, struct qbm_io **ret_io);
+/* Take QEMU's locks of `lock` on a file io (as qbm_io_file_open does), for
+ * a descriptor opened otherwise (a device opened O_EXCL). */
+int qbm_io_file_lock(struct qbm_io *io, enum qbm_lock_mode lock);
 /* A growable in-memory file; `buf` is copied. */
 int qbm_io_mem_open(const void *buf, size_t len, struct qbm_io **ret_io);
 /* Borrow the bytes of a memory io (for tests). */
@@ -554,6 +557,11 @@ int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
                       const char *backing, const char *backing_fmt,
                       const struct qcow2_out_run *runs, size_t nruns,
                       struct qcow2_writer **ret);
+/* Flush everything else before writing the header (an image written in
+ * place, whose header must never point at tables not yet on disk). */
+void qcow2_writer_set_ordered(struct qcow2_writer *w);
+/* Bytes the image takes: everything the plan writes lies below. */
+uint64_t qcow2_writer_end(const struct qcow2_writer *w);
 /* Host offset of data run `run`'s first cluster (the rest follow). */
 uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run);
 /* Write every metadata structure and the header, then flush. */

@@ -17,7 +17,10 @@
   (qemu-img map);
 - Qcow2: the layout of an image read straight from its bytes (header
   fields by name, extensions, refcount table, L1, bitmaps extension,
-  directory and tables), for tests that patch or inspect the file.
+  directory and tables), for tests that patch or inspect the file;
+- LoopDevice: a loop device over a file of garbage in a test's directory,
+  reached only through a private node (mknod) there, always detached;
+  require_loop() applies the skip rules to it.
 
 Suites import it from the tests/ directory (bench/ puts it on sys.path).
 """
@@ -29,6 +32,7 @@ import random
 import shlex
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -432,6 +436,91 @@ def require(tools, files=()):
     missing = [t for t in tools if not shutil.which(t)]
     if missing:
         print("missing tools: %s" % " ".join(missing))
+        if in_ci():
+            print("(a failure under CI)")
+            sys.exit(1)
+        sys.exit(SKIP)
+
+
+# ---------------------------------------------------------------------------
+# Block devices
+
+class LoopDevice:
+    """A loop device over `size` bytes (a multiple of 512) of a file in the
+    test's directory `tmp`, filled with random garbage from rng (a
+    random.Random; default one seeded by the size) unless `fill` (bytes,
+    repeated) is given; `sector_size`: its logical block size (losetup
+    -b; default 512). Tests reach it only through `node`, a block device
+    node made with mknod in tmp (same major and minor), never through
+    /dev/loopN (`dev`); `backing` is the file behind it. Use it in a with
+    statement, or call detach() in a finally, so that it is detached also
+    on failure. Raises OSError when no loop device can be made."""
+
+    def __init__(self, tmp, size, name="loop", rng=None, fill=None,
+                 sector_size=None):
+        self.size = size
+        self.backing = os.path.join(tmp, name + "-backing.img")
+        self.node = os.path.join(tmp, name + "-node")
+        self.dev = None
+        rng = rng or random.Random(size)
+        with open(self.backing, "wb") as f:
+            left = size
+            while left:
+                n = min(left, MiB)
+                f.write((fill * (n // len(fill) + 1))[:n] if fill else
+                        rng.randbytes(n))
+                left -= n
+        opts = ["-b", str(sector_size)] if sector_size else []
+        p = subprocess.run(["losetup", "-f", "--show"] + opts +
+                           [self.backing],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+        if p.returncode != 0 or not p.stdout.strip():
+            raise OSError("losetup: %s" % (p.stderr.strip() or
+                                          "exit %d" % p.returncode))
+        self.dev = p.stdout.strip()
+        try:
+            os.mknod(self.node, 0o600 | stat.S_IFBLK,
+                     os.stat(self.dev).st_rdev)
+        except OSError:
+            self.detach()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def contents(self, offset=0, length=None):
+        """The device's bytes (through the private node)."""
+        length = self.size - offset if length is None else length
+        with open(self.node, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def detach(self):
+        if self.dev:
+            subprocess.run(["losetup", "-d", self.dev])
+            self.dev = None
+
+
+def require_loop():
+    """Exit 77 (skip) when no loop device can be made here (no losetup,
+    not root, no loop driver), or 1 under CI."""
+    why = None
+    if not shutil.which("losetup"):
+        why = "losetup not found"
+    else:
+        d = tempfile.mkdtemp(prefix="qbm-loop-probe-")
+        try:
+            LoopDevice(d, 64 * KiB, fill=b"\0").detach()
+        except OSError as e:
+            why = "cannot make a loop device: %s" % e
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    if why:
+        print(why)
         if in_ci():
             print("(a failure under CI)")
             sys.exit(1)

@@ -393,15 +393,20 @@ typedef int (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
  * range comes from the newest image that holds it (data, compressed data
  * or zero flags; each image's own layer only, backing pointers are not
  * followed). Everything is verified before anything is written (readable
- * images, same virtual size, no image twice, OUTPUT a regular file or
- * nothing). OUTPUT is written under a temporary name, flushed and renamed
- * into place: on failure no OUTPUT is left behind. A new OUTPUT gets mode
- * 0666 minus the umask, an existing one keeps its permission bits; a
- * symbolic link is followed (a dangling one creates its target) and kept;
- * a device, fifo, socket or directory is refused and never replaced, even
- * when it appears while the output is written. Raw output is sparse;
- * qcow2 output is a fresh image with 64 KiB clusters. `checkpoint`
- * (qcow2 only, may be NULL): name of an empty enabled bitmap to create so
+ * images, same virtual size, no image twice, OUTPUT a regular file, a
+ * block device or nothing). OUTPUT is written under a temporary name,
+ * flushed and renamed into place: on failure no OUTPUT is left behind. A
+ * new OUTPUT gets mode 0666 minus the umask, an existing one keeps its
+ * permission bits; a symbolic link is followed (a dangling one creates its
+ * target) and kept; a character device, fifo, socket or directory is
+ * refused and never replaced, even when it appears while the output is
+ * written. A block device (opened O_EXCL, with QEMU's write locks) is
+ * written in place, every byte of the output with data or zeros, and
+ * flushed; one smaller than the output is refused unchanged, and a failure
+ * while writing leaves it partly written. Raw output is sparse in a file
+ * and fills the first virtual-size bytes of a device; qcow2 output is a
+ * fresh image with 64 KiB clusters. `checkpoint` (qcow2 only, not onto a
+ * block device, may be NULL): name of an empty enabled bitmap to create so
  * that incremental backups can resume. An image with an external data
  * file is read through it (opened read only, with shared locks, a relative
  * name from the working directory as QEMU does; a missing one fails before
@@ -425,9 +430,11 @@ QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
  * (may be NULL) is recorded as OUTPUT's backing file (format qcow2), so
  * QEMU can open the backup chain directly. With QBM_EXTRACT_FULL, every
  * allocated cluster is copied and `bitmap` may be NULL. Refuses in-use
- * bitmaps. OUTPUT appears only once complete, and is treated as by
- * qbm_restore(). Returns 0, -1,
- * or the progress callback's non-zero value.
+ * bitmaps, and OUTPUT naming IMAGE or one of its backing files. OUTPUT
+ * appears only once complete, and is treated as by qbm_restore(); on a
+ * block device the image is written from offset 0 and the device must
+ * hold its whole layout. Returns 0, -1, or the progress callback's
+ * non-zero value.
  */
 QBM_API int qbm_extract(const char *image, const char *bitmap,
                         const char *output, unsigned flags, const char *backing,
