@@ -7,18 +7,24 @@
 static const char usage[] =
     "Usage: qbm extract [--chain] [--full] [--backing PREVIOUS] "
     "[--rotate NEW]\n"
-    "                   [-p] -o OUTPUT IMAGE [BITMAP]\n"
+    "                   [--disable-old] [-p] -o OUTPUT IMAGE [BITMAP]\n"
     "Write to OUTPUT a qcow2 image holding the clusters of IMAGE (read\n"
     "through its backing chain) that BITMAP marks dirty, zero flags where\n"
     "the disk reads as zeros: an incremental backup of a shut-down VM.\n"
     "'qbm restore FULL ... OUTPUT' rebuilds the disk from it.\n\n"
-    "  -o OUTPUT            the backup file to write (as for restore)\n"
+    "  -o OUTPUT            the backup file, or block device, to write (as\n"
+    "                       for restore)\n"
     "  -c, --chain          the dirty set is BITMAP's union over the chain\n"
     "      --full           copy everything allocated (a full backup)\n"
     "  -b, --backing=FILE   record FILE (the previous backup) as OUTPUT's\n"
     "                       backing file, so QEMU opens the chain directly\n"
     "      --rotate=NEW     once OUTPUT is safely written, add an empty\n"
-    "                       enabled bitmap NEW to IMAGE and disable BITMAP\n";
+    "                       enabled bitmap NEW to IMAGE; BITMAP stays\n"
+    "                       enabled, as libvirt keeps every checkpoint\n"
+    "                       (refused before anything is written if IMAGE\n"
+    "                       has NEW already)\n"
+    "      --disable-old    with --rotate: also disable BITMAP (the older\n"
+    "                       model; not valid for libvirt)\n";
 
 int cmd_extract(int argc, char **argv)
 {
@@ -27,6 +33,7 @@ int cmd_extract(int argc, char **argv)
         { "full", no_argument, NULL, 'F' },
         { "backing", required_argument, NULL, 'b' },
         { "rotate", required_argument, NULL, 'r' },
+        { "disable-old", no_argument, NULL, 'D' },
         { NULL, 0, NULL, 0 },
     };
     struct tool_args a = {
@@ -41,10 +48,9 @@ int cmd_extract(int argc, char **argv)
     };
     const char *output = NULL, *backing = NULL, *rotate = NULL;
     const char *image, *bitmap = NULL;
-    unsigned flags = 0;
+    unsigned flags = 0, rotate_flags = 0;
     struct progress p;
-    struct qbm_image *img;
-    int c;
+    int c, r;
 
     while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
@@ -63,6 +69,9 @@ int cmd_extract(int argc, char **argv)
         case 'r':
             rotate = optarg;
             break;
+        case 'D':
+            rotate_flags |= QBM_EXTRACT_DISABLE_OLD;
+            break;
         }
     }
     if (c < 0) {
@@ -79,32 +88,21 @@ int cmd_extract(int argc, char **argv)
     if (rotate && !bitmap) {
         return usage_error("extract", "--rotate needs BITMAP");
     }
+    if (rotate_flags && !rotate) {
+        return usage_error("extract", "--disable-old needs --rotate");
+    }
     p = progress_init(&a);
+    if (rotate) {
+        r = qbm_extract_rotate(image, bitmap, rotate, output,
+                               flags | rotate_flags, backing, progress_fn(&p),
+                               &p);
+    } else {
+        r = qbm_extract(image, bitmap, output, flags, backing, progress_fn(&p),
+                        &p);
+    }
     /* The library names the file each message is about. */
-    if (progress_finish(&p, qbm_extract(image, bitmap, output, flags, backing,
-                                        progress_fn(&p), &p)) != 0) {
+    if (progress_finish(&p, r) != 0) {
         return 1;
     }
-    if (!rotate) {
-        return 0;
-    }
-    /* The backup is durable: only now start the next checkpoint. */
-    img = edit_open(image);
-    if (!img) {
-        return 1;
-    }
-    if (qbm_bitmap_add(
-            img, rotate,
-            qbm_bitmap_granularity(img, (size_t)qbm_bitmap_find(img, bitmap)),
-            0) < 0 ||
-        qbm_bitmap_disable(img, bitmap) < 0 || qbm_commit(img) < 0) {
-        tool_error(image,
-                   "the backup was written, but rotating the bitmaps "
-                   "failed: %s",
-                   qbm_get_error());
-        qbm_close(img);
-        return 1;
-    }
-    qbm_close(img);
     return 0;
 }

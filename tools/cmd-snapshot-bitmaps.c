@@ -11,12 +11,15 @@
 
 static const char usage[] =
     "Usage: qbm snapshot-bitmaps [--disable-base] [--dry-run] BASE TOP\n"
-    "Give TOP (whose backing file is BASE) every enabled bitmap of BASE,\n"
-    "same name and granularity, enabled, and mark in it every cluster TOP\n"
-    "already holds, so each checkpoint covers the writes since the\n"
-    "snapshot and QEMU keeps tracking in TOP. Disabled bitmaps are not\n"
-    "carried. A bitmap TOP already has is only marked.\n\n"
-    "      --disable-base  then disable the carried bitmaps in BASE\n";
+    "As libvirt when it takes an external snapshot: give TOP (whose\n"
+    "backing file is BASE) every enabled bitmap of BASE, same name and\n"
+    "granularity, enabled, and mark in it every cluster TOP already holds,\n"
+    "so each checkpoint covers the writes since the snapshot and QEMU keeps\n"
+    "tracking in TOP. BASE's bitmaps stay enabled. Disabled bitmaps are not\n"
+    "carried, nor in-use ones (with a warning). A bitmap TOP already has is\n"
+    "only marked.\n\n"
+    "      --disable-base  then disable the carried bitmaps in BASE (not\n"
+    "                      valid for libvirt)\n";
 
 struct report {
     struct outbuf plan;
@@ -31,6 +34,15 @@ static int report(void *opaque, int action, const char *bitmap,
     switch (action) {
     case QBM_CARRY_SNAPSHOT_SKIPPED:
         ob_printf(&rep->plan, "not carrying disabled bitmap '%s'\n", bitmap);
+        break;
+    case QBM_CARRY_SNAPSHOT_IN_USE:
+        fprintf(stderr,
+                "qbm: %s: warning: bitmap '%s' not carried: it is in use "
+                "(inconsistent); repair it first with 'qbm check "
+                "--repair'\n",
+                image, bitmap);
+        ob_printf(&rep->plan, "not carrying bitmap '%s': in use in %s\n",
+                  bitmap, image);
         break;
     case QBM_CARRY_SNAPSHOT_ADDED:
     case QBM_CARRY_SNAPSHOT_MARKED:

@@ -4,7 +4,7 @@
 
 #include "qbm-tool.h"
 
-static void show_progress(void *opaque, uint64_t done, uint64_t total)
+static int show_progress(void *opaque, uint64_t done, uint64_t total)
 {
     struct progress *p = opaque;
     unsigned pct = total ? (unsigned)(done * 10000 / total) : 10000;
@@ -18,6 +18,7 @@ static void show_progress(void *opaque, uint64_t done, uint64_t total)
         fprintf(stderr, "    (%u.%02u/100%%)\r", pct / 100, pct % 100);
         fflush(stderr);
     }
+    return 0;
 }
 
 struct progress progress_init(const struct tool_args *a)

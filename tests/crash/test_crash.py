@@ -135,6 +135,30 @@ def scenarios(tmp):
     ]
 
 
+def run_harness(suite, harness, tmp, backing, desc, img, seeds, op):
+    """Run the harness on img with its crash images going to a new
+    directory, where backing (a file of tmp) is linked so that relative
+    backing names resolve: the directory and the harness's output (its
+    number of write and flush points), or None after reporting a
+    failure."""
+    out = tempfile.mkdtemp(dir=tmp)
+    os.symlink(os.path.join(tmp, backing), os.path.join(out, backing))
+    p = run([harness, img, out, str(seeds)] + op, ok=None)
+    if p.returncode != 0:
+        suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
+        return None
+    return out, p.stdout.strip()
+
+
+def crash_images(out):
+    """The crash images the harness left in out, in name order, each with
+    qemu-img check's verdict: (name, path, the completed check)."""
+    for f in sorted(os.listdir(out)):
+        if f.startswith("crash-"):
+            path = os.path.join(out, f)
+            yield f, path, qemu_img_check(path, ok=None)
+
+
 def main():
     suite = Suite("crash", __doc__)
     suite.parser.add_argument("--harness", required=True)
@@ -147,22 +171,16 @@ def main():
         make(tmp, "back32.qcow2", 32 << 20, None, [], ["write -P 9 0 32M"])
         for desc, img, seeds, *op in content_scenarios(tmp):
             seeds = min(seeds, args.seeds or seeds)
-            out = tempfile.mkdtemp(dir=tmp)
-            os.symlink(os.path.join(tmp, "back32.qcow2"),
-                       os.path.join(out, "back32.qcow2"))
-            p = run([args.harness, img, out, str(seeds)] + op, ok=None)
-            if p.returncode != 0:
-                suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
+            ran = run_harness(suite, args.harness, tmp, "back32.qcow2", desc,
+                              img, seeds, op)
+            if not ran:
                 continue
+            out, npoints = ran
             after_img = os.path.join(out, "after.qcow2")
             if qemu_img_check(after_img, ok=None).returncode != 0:
                 suite.fail("%s: after the edit, qemu-img check fails" % desc)
-            for f in sorted(os.listdir(out)):
-                if not f.startswith("crash-"):
-                    continue
-                path = os.path.join(out, f)
+            for f, path, c in crash_images(out):
                 checked += 1
-                c = qemu_img_check(path, ok=None)
                 same = [qemu_img_compare(path, ref)
                         for ref in (img, after_img)]
                 if c.returncode not in (0, 3) or not any(same):
@@ -170,19 +188,16 @@ def main():
                                % (desc, f, c.returncode, same))
                 os.unlink(path)
             print("ok: %s (%s write/flush points x %d seeds)" %
-                  (desc, p.stdout.strip(), seeds))
+                  (desc, npoints, seeds))
         for desc, img, seeds, *op in scenarios(tmp):
             seeds = min(seeds, args.seeds or seeds)
-            out = tempfile.mkdtemp(dir=tmp)
-            # Backing names are relative: keep them resolvable from out.
-            os.symlink(os.path.join(tmp, "back.qcow2"),
-                       os.path.join(out, "back.qcow2"))
             before = state(qbm, img)
             digest = hashlib.sha256(open(img, "rb").read()).hexdigest()
-            p = run([args.harness, img, out, str(seeds)] + op, ok=None)
-            if p.returncode != 0:
-                suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
+            ran = run_harness(suite, args.harness, tmp, "back.qcow2", desc,
+                              img, seeds, op)
+            if not ran:
                 continue
+            out, npoints = ran
             if hashlib.sha256(open(img, "rb").read()).hexdigest() != digest:
                 suite.fail("%s: the input image changed" % desc)
             after_img = os.path.join(out, "after.qcow2")
@@ -200,13 +215,8 @@ def main():
                 suite.fail("%s: the edit changed nothing" % desc)
             if "growth" in desc and reftable(after_img) == reftable(img):
                 suite.fail("%s: the refcount table did not grow" % desc)
-            npoints = int(p.stdout.strip())
-            for f in sorted(os.listdir(out)):
-                if not f.startswith("crash-"):
-                    continue
-                path = os.path.join(out, f)
+            for f, path, c in crash_images(out):
                 checked += 1
-                c = qemu_img_check(path, ok=None)
                 if c.returncode not in (0, 3):
                     suite.fail("%s, %s: qemu-img check rc=%d:\n%s" %
                                (desc, f, c.returncode, c.stdout + c.stderr))
@@ -222,7 +232,7 @@ def main():
                                "   %s" % (desc, f, before, after, got))
                 os.unlink(path)
             print("ok: %s (%d write/flush points x %d seeds)" %
-                  (desc, npoints, seeds))
+                  (desc, int(npoints), seeds))
     print("crash images checked: %d" % checked)
     # Every crash image is one case; the other failures count against them.
     suite.passed = checked - suite.failed

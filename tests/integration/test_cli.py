@@ -179,16 +179,25 @@ def after_populate(qbm, tmp, tail):
 
 def after_commit_bitmaps(qbm, tmp, tail):
     base = image(tmp, "base.qcow2", ["ck"])
-    top = image(tmp, "top.qcow2", ["ck", "new"], backing=base,
+    top = image(tmp, "top.qcow2", ["ck", "new", "off"], backing=base,
                 writes=["write 4M 64k"])
+    qemu_img("bitmap", "--disable", top, "off")
     before = read(base)
     p = qbm("commit-bitmaps", top, base, "--dry-run", *tail)
-    expect(read(base) == before and "would" in p.stdout,
-           "commit-bitmaps TOP BASE --dry-run wrote")
-    qbm("commit-bitmaps", top, base, "--mark-written", *tail)
+    expect(read(base) == before and "would" in p.stdout and
+           "would not carry bitmap 'off'" in p.stdout,
+           "commit-bitmaps TOP BASE --dry-run wrote, or carried the "
+           "disabled bitmap: %s" % p.stdout)
+    qbm("commit-bitmaps", top, base, "--mark-written", "--carry-disabled",
+        *tail)
     expect(dirty_map(base, "new") == [(4 * MiB, 65536)],
            "commit-bitmaps TOP BASE --mark-written: %s" %
            dirty_map(base, "new"))
+    # The disabled copy is carried as it is: disabled, its writes kept.
+    expect(qemu_bitmaps(base).get("off") == (65536, []) and
+           dirty_map(base, "off") == [(4 * MiB, 65536)],
+           "commit-bitmaps TOP BASE --carry-disabled: %s" %
+           qemu_bitmaps(base))
 
 
 def after_snapshot_bitmaps(qbm, tmp, tail):
@@ -229,6 +238,13 @@ def after_extract(qbm, tmp, tail):
     expect(qemu_img_info(out).get("backing-filename") and
            qemu_img_compare(out, img),
            "extract IMAGE BITMAP -o OUT --backing PREVIOUS")
+    out2 = os.path.join(tmp, "out2.qcow2")
+    qbm("extract", img, "b0", "-o", out2, "--rotate", "b1", "--disable-old",
+        *tail)
+    expect(qemu_img_compare(out2, img) and
+           qemu_bitmaps(img) == {"b0": (65536, []), "b1": (65536, ["auto"])},
+           "extract IMAGE BITMAP -o OUT --rotate NEW --disable-old: %s" %
+           qemu_bitmaps(img))
 
 
 def after_consolidate(qbm, tmp, tail):
