@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* struct qbm_image: opening, validating and describing one image. */
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -82,7 +83,7 @@ static void image_unload(struct qbm_image *img)
     img->nb_bitmaps = 0;
     free(img->l1);
     free(img->reftable);
-    free(img->snapshots);
+    qcow2_snapshots_free(img->snapshots, img->nb_snapshots);
     free(img->l2_cache);
     free(img->refblock_cache);
     free(img->zcache);
@@ -441,6 +442,48 @@ QBM_API uint64_t qbm_image_file_size(const struct qbm_image *img)
 QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img)
 {
     return img->nb_snapshots;
+}
+
+QBM_API int qbm_image_snapshot(const struct qbm_image *img, size_t idx,
+                               struct qbm_snapshot_info *ret)
+{
+    const struct qcow2_snapshot *sn;
+
+    if (!img || !ret || idx >= img->nb_snapshots) {
+        qbm_err(EINVAL, "no snapshot %zu", idx);
+        return -1;
+    }
+    sn = &img->snapshots[idx];
+    ret->id = sn->id;
+    ret->name = sn->name;
+    ret->vm_state_size = sn->vm_state_size;
+    ret->vm_clock_nsec = sn->vm_clock_nsec;
+    ret->icount = sn->icount;
+    ret->date_sec = sn->date_sec;
+    ret->date_nsec = sn->date_nsec;
+    return 0;
+}
+
+QBM_API int qbm_image_allocated_size(const struct qbm_image *img, uint64_t *ret)
+{
+    struct stat st;
+    int fd;
+
+    if (!img || !ret) {
+        qbm_err(EINVAL, "no image");
+        return -1;
+    }
+    fd = qbm_io_fd(img->io);
+    if (fd < 0) {
+        qbm_err(ENOTSUP, "%s: not opened from a file", img->filename);
+        return -1;
+    }
+    if (fstat(fd, &st) < 0) {
+        qbm_err(errno, "%s: cannot stat: %s", img->filename, strerror(errno));
+        return -1;
+    }
+    *ret = (uint64_t)st.st_blocks * 512;
+    return 0;
 }
 
 QBM_API uint64_t qbm_image_features(const struct qbm_image *img, unsigned which)

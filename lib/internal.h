@@ -539,9 +539,16 @@ struct qcow2_snapshot {
     uint64_t l1_table_offset;
     uint32_t l1_size;
     uint64_t entry_offset;
+    /* What qemu-img info shows (spec, "Snapshots"): the id and name up to
+     * a NUL, as QEMU reads them; vm_state_size from the 64-bit extra
+     * field when present; icount UINT64_MAX when not recorded. */
+    char *id, *name;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec, vm_state_size, icount;
 };
 
 int qcow2_snapshots_load(struct qbm_image *img);
+void qcow2_snapshots_free(struct qcow2_snapshot *sn, uint32_t n);
 
 /* ---- qcow2-writer.c: fresh qcow2 images
  * ---------------------------------------- */

@@ -69,6 +69,9 @@ def run(cmd, ok=(0,), timeout=None, quiet=False, **kw):
     cmd = [str(c) for c in cmd]
     out = subprocess.DEVNULL if quiet else subprocess.PIPE
     try:
+        # Bytes that are not UTF-8 (names) come back as os.fsdecode()
+        # gives them, instead of failing the decoding.
+        kw.setdefault("errors", "surrogateescape")
         p = subprocess.run(cmd, stdout=out, stderr=None if quiet else
                            subprocess.PIPE, text=True, timeout=timeout, **kw)
     except subprocess.TimeoutExpired:
@@ -305,7 +308,9 @@ class BitmapEntry:
         for field, (o, fmt) in DIR_ENTRY.items():
             setattr(self, field, struct.unpack_from(fmt, buf, pos + o)[0])
         start = pos + DIR_ENTRY_FIXED + self.extra_data_size
-        self.name = bytes(buf[start:start + self.name_size]).decode()
+        # A name that is not UTF-8 comes back as os.fsdecode() gives it.
+        self.name = bytes(buf[start:start + self.name_size]).decode(
+            "utf-8", "surrogateescape")
         self.offset = offset
         self.size = align8(DIR_ENTRY_FIXED + self.extra_data_size +
                            self.name_size)

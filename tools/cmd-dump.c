@@ -148,7 +148,11 @@ int cmd_dump(int argc, char **argv)
                   consistent ? "true" : "false", d.bytes);
         ob_puts(&tail, "]}\n");
     } else {
-        ob_printf(&head, "# %s: bitmap %s, ", file, name);
+        ob_puts(&head, "# ");
+        ob_human_string(&head, file);
+        ob_puts(&head, ": bitmap ");
+        ob_human_string(&head, name);
+        ob_puts(&head, ", ");
         if (chain) {
             ob_puts(&head, "union over the chain, ");
         } else {

@@ -64,12 +64,105 @@ static int count_dirty(struct qbm_image *img, int64_t **ret)
     return 0;
 }
 
+/* "snapshots": qemu-img's array (always present here, maybe empty). */
+static void snapshots_json(struct outbuf *ob, const struct qbm_image *img)
+{
+    struct qbm_snapshot_info sn;
+    unsigned i;
+
+    ob_puts(ob, ", \"snapshots\": [");
+    for (i = 0; i < qbm_image_snapshot_count(img); i++) {
+        if (qbm_image_snapshot(img, i, &sn) < 0) {
+            continue;
+        }
+        ob_puts(ob, i ? ", {\"id\": " : "{\"id\": ");
+        ob_json_string(ob, sn.id);
+        ob_puts(ob, ", \"name\": ");
+        ob_json_string(ob, sn.name);
+        ob_printf(ob,
+                  ", \"vm-state-size\": %" PRIu64 ", \"date-sec\": %" PRIu32
+                  ", \"date-nsec\": %" PRIu32 ", \"vm-clock-sec\": %" PRIu64
+                  ", \"vm-clock-nsec\": %" PRIu64,
+                  sn.vm_state_size, sn.date_sec, sn.date_nsec,
+                  sn.vm_clock_nsec / 1000000000u,
+                  sn.vm_clock_nsec % 1000000000u);
+        if (sn.icount != QBM_SNAPSHOT_NO_ICOUNT) {
+            ob_printf(ob, ", \"icount\": %" PRIu64, sn.icount);
+        }
+        ob_puts(ob, "}");
+    }
+    ob_puts(ob, "]");
+}
+
+/*
+ * "format-specific": the object qemu-img info writes for a qcow2 image,
+ * with the same keys, types and values, so that a consumer of qemu-img's
+ * JSON reads qbm's unchanged: version 2 images have only compat,
+ * compression-type and refcount-bits; bitmaps are listed only when QEMU
+ * sees some (not with a stale extension), data-file-raw only with a data
+ * file.
+ */
+static void format_specific_json(struct outbuf *ob, struct qbm_image *img)
+{
+    uint64_t incompat = qbm_image_features(img, QBM_FEATURE_INCOMPATIBLE);
+    bool v3 = qbm_image_version(img) >= 3;
+    size_t i, n = qbm_bitmap_count(img);
+
+    ob_printf(ob,
+              ", \"format-specific\": {\"type\": \"qcow2\", \"data\": "
+              "{\"compat\": \"%s\", \"compression-type\": \"%s\"",
+              v3 ? "1.1" : "0.10", qbm_image_compression_type(img));
+    if (v3) {
+        ob_puts(ob, ", ");
+        json_bool(ob, "lazy-refcounts",
+                  qbm_image_features(img, QBM_FEATURE_COMPATIBLE) &
+                      QBM_COMPAT_LAZY_REFCOUNTS,
+                  false);
+    }
+    if (v3 && qbm_image_bitmaps_state(img) == QBM_BITMAPS_OK && n) {
+        ob_puts(ob, ", \"bitmaps\": [");
+        for (i = 0; i < n; i++) {
+            unsigned flags = qbm_bitmap_flags(img, i);
+
+            ob_printf(ob, "%s{\"flags\": [%s%s%s], \"name\": ", i ? ", " : "",
+                      flags & QBM_BITMAP_IN_USE ? "\"in-use\"" : "",
+                      (flags & QBM_BITMAP_IN_USE) && (flags & QBM_BITMAP_AUTO)
+                          ? ", "
+                          : "",
+                      flags & QBM_BITMAP_AUTO ? "\"auto\"" : "");
+            ob_json_string(ob, qbm_bitmap_name(img, i));
+            ob_printf(ob, ", \"granularity\": %" PRIu64 "}",
+                      qbm_bitmap_granularity(img, i));
+        }
+        ob_puts(ob, "]");
+    }
+    ob_printf(ob, ", \"refcount-bits\": %u", qbm_image_refcount_bits(img));
+    if (v3 && (incompat & QBM_INCOMPAT_DATA_FILE)) {
+        if (qbm_image_data_file(img)) {
+            ob_puts(ob, ", \"data-file\": ");
+            ob_json_string(ob, qbm_image_data_file(img));
+        }
+        ob_puts(ob, ", ");
+        json_bool(ob, "data-file-raw",
+                  qbm_image_features(img, QBM_FEATURE_AUTOCLEAR) &
+                      QBM_AUTOCLEAR_DATA_FILE_RAW,
+                  false);
+    }
+    if (v3) {
+        ob_puts(ob, ", ");
+        json_bool(ob, "corrupt", incompat & QBM_INCOMPAT_CORRUPT, true);
+        json_bool(ob, "extended-l2", incompat & QBM_INCOMPAT_EXTL2, false);
+    }
+    ob_puts(ob, "}}");
+}
+
 static void info_json(struct outbuf *ob, struct qbm_image *img,
                       const char *name, const int64_t *dirty)
 {
     bool raw = strcmp(qbm_image_format(img), "raw") == 0;
     const char *backing = qbm_image_backing_file(img);
     uint64_t incompat = qbm_image_features(img, QBM_FEATURE_INCOMPATIBLE);
+    uint64_t actual;
     unsigned w, bit;
     bool first;
     size_t i;
@@ -81,8 +174,11 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
               ", \"file-size\": %" PRIu64,
               qbm_image_format(img), qbm_image_virtual_size(img),
               qbm_image_file_size(img));
+    if (qbm_image_allocated_size(img, &actual) == 0) {
+        ob_printf(ob, ", \"actual-size\": %" PRIu64, actual);
+    }
     if (raw) {
-        ob_puts(ob, "}");
+        ob_puts(ob, ", \"dirty-flag\": false}");
         return;
     }
     ob_printf(ob,
@@ -117,7 +213,8 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
         ob_puts(ob, ", \"data-file\": ");
         ob_json_string(ob, qbm_image_data_file(img));
     }
-    ob_printf(ob, ", \"snapshots\": %u", qbm_image_snapshot_count(img));
+    snapshots_json(ob, img);
+    format_specific_json(ob, img);
     for (w = 0; w < 3; w++) {
         ob_printf(ob, ", \"%s-features\": %" PRIu64, feature_words[w],
                   qbm_image_features(img, w));
@@ -183,11 +280,13 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     size_t i;
 
     format_size(size, sizeof(size), qbm_image_virtual_size(img));
+    ob_puts(ob, "image: ");
+    ob_human_string(ob, name);
     ob_printf(ob,
-              "image: %s\nfile format: %s\n"
+              "\nfile format: %s\n"
               "virtual size: %s (%" PRIu64 " bytes)\n"
               "file size: %" PRIu64 " bytes\n",
-              name, qbm_image_format(img), size, qbm_image_virtual_size(img),
+              qbm_image_format(img), size, qbm_image_virtual_size(img),
               qbm_image_file_size(img));
     if (strcmp(qbm_image_format(img), "raw") == 0) {
         return;
@@ -196,19 +295,25 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     if (backing) {
         char *full = qbm_image_backing_path(img);
 
-        ob_printf(ob, "backing file: %s", backing);
+        ob_puts(ob, "backing file: ");
+        ob_human_string(ob, backing);
         if (full && strcmp(full, backing) != 0) {
-            ob_printf(ob, " (actual path: %s)", full);
+            ob_puts(ob, " (actual path: ");
+            ob_human_string(ob, full);
+            ob_puts(ob, ")");
         }
         ob_puts(ob, "\n");
         free(full);
     }
     if (qbm_image_backing_format(img)) {
-        ob_printf(ob, "backing file format: %s\n",
-                  qbm_image_backing_format(img));
+        ob_puts(ob, "backing file format: ");
+        ob_human_string(ob, qbm_image_backing_format(img));
+        ob_puts(ob, "\n");
     }
     if (qbm_image_data_file(img)) {
-        ob_printf(ob, "data file: %s\n", qbm_image_data_file(img));
+        ob_puts(ob, "data file: ");
+        ob_human_string(ob, qbm_image_data_file(img));
+        ob_puts(ob, "\n");
     }
     ob_printf(
         ob,
@@ -263,10 +368,12 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     for (i = 0; i < qbm_bitmap_count(img); i++) {
         unsigned flags = qbm_bitmap_flags(img, i);
 
+        ob_puts(ob, "    ");
+        ob_human_string(ob, qbm_bitmap_name(img, i));
         ob_printf(ob,
-                  "    %s:\n        granularity: %" PRIu64 "\n"
+                  ":\n        granularity: %" PRIu64 "\n"
                   "        flags:%s%s%s\n        consistent: %s\n",
-                  qbm_bitmap_name(img, i), qbm_bitmap_granularity(img, i),
+                  qbm_bitmap_granularity(img, i),
                   flags & QBM_BITMAP_IN_USE ? " in-use" : "",
                   flags & QBM_BITMAP_AUTO ? " auto" : "",
                   flags ? "" : " (none: disabled)",

@@ -127,13 +127,57 @@ void ob_extent(struct outbuf *ob, const char *pre, uint64_t a, const char *mid,
     ob->len = (size_t)(d - ob->p);
 }
 
+/*
+ * One character of a name, decoded as QEMU's JSON writer decodes it (so
+ * qbm's JSON holds the same strings as qemu-img's): UTF-8 that also takes
+ * the two-byte form of NUL (0xc0 0x80), and -1 for anything else it does
+ * not take: a stray or impossible byte, a sequence cut short (which ends
+ * before the byte that breaks it), an overlong form, a surrogate, a
+ * noncharacter or a value past U+10FFFF. *ret_len: the bytes it took.
+ */
+static long name_char(const unsigned char *s, size_t *ret_len)
+{
+    static const long min_cp[] = { 0x80, 0x800, 0x10000, 0x200000, 0x4000000 };
+    unsigned c = s[0], n = 0, i;
+    long cp;
+
+    *ret_len = 1;
+    if (c < 0x80) {
+        return (long)c;
+    }
+    if (c >= 0xfe || !(c & 0x40)) {
+        return -1;
+    }
+    while (c & (0x80u >> n)) {
+        n++;
+    }
+    cp = (long)(c & ((1u << (7 - n)) - 1));
+    for (i = 1; i < n; i++) {
+        if ((s[i] & 0xc0) != 0x80) {
+            *ret_len = i;
+            return -1;
+        }
+        cp = (cp << 6) | (s[i] & 0x3f);
+    }
+    *ret_len = n;
+    if (cp > 0x10ffff || (cp >= 0xfdd0 && cp <= 0xfdef) ||
+        (cp & 0xfffe) == 0xfffe || (cp >= 0xd800 && cp <= 0xdfff) ||
+        (cp < min_cp[n - 2] && !(n == 2 && cp == 0))) {
+        return -1;
+    }
+    return cp;
+}
+
 void ob_json_string(struct outbuf *ob, const char *s)
 {
     const unsigned char *p = (const unsigned char *)s;
+    size_t len;
+    long cp;
 
     ob_write(ob, "\"", 1);
-    for (; *p; p++) {
-        switch (*p) {
+    for (; *p; p += len) {
+        cp = name_char(p, &len);
+        switch (cp) {
         case '"':
             ob_write(ob, "\\\"", 2);
             break;
@@ -149,41 +193,53 @@ void ob_json_string(struct outbuf *ob, const char *s)
         case '\r':
             ob_write(ob, "\\r", 2);
             break;
+        case -1:
+            /* Bytes that are not a character: U+FFFD, as qemu-img. */
+            ob_write(ob, "\\ufffd", 6);
+            break;
         default:
-            if (*p < 0x20 || *p == 0x7f) {
-                ob_printf(ob, "\\u%04x", *p);
-            } else if (*p >= 0x80) {
-                /* Names are bytes; keep JSON valid by escaping bytes that
-                 * are not part of well-formed UTF-8 as U+FFFD-free
-                 * \u00XX code points of their value. */
-                size_t n = 0, k;
-                unsigned c = *p;
-
-                if ((c & 0xe0) == 0xc0) {
-                    n = 1;
-                } else if ((c & 0xf0) == 0xe0) {
-                    n = 2;
-                } else if ((c & 0xf8) == 0xf0) {
-                    n = 3;
-                }
-                for (k = 1; k <= n; k++) {
-                    if ((p[k] & 0xc0) != 0x80) {
-                        n = 0;
-                        break;
-                    }
-                }
-                if (n) {
-                    ob_write(ob, (const char *)p, n + 1);
-                    p += n;
-                } else {
-                    ob_printf(ob, "\\u%04x", c);
-                }
+            if (cp < 0x20 || cp == 0x7f) {
+                ob_printf(ob, "\\u%04lx", cp);
             } else {
-                ob_write(ob, (const char *)p, 1);
+                ob_write(ob, (const char *)p, len);
             }
         }
     }
     ob_write(ob, "\"", 1);
+}
+
+void ob_human_string(struct outbuf *ob, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t len, i;
+    long cp;
+
+    for (; *p; p += len) {
+        cp = name_char(p, &len);
+        if (cp < 0x20 || (cp >= 0x7f && cp <= 0x9f)) {
+            /* Control characters and bytes that are not text would reach
+             * the terminal: show their bytes as \xNN. */
+            for (i = 0; i < len; i++) {
+                ob_printf(ob, "\\x%02x", p[i]);
+            }
+        } else {
+            ob_write(ob, (const char *)p, len);
+        }
+    }
+}
+
+char *human_string(const char *s)
+{
+    struct outbuf ob = { 0 };
+    char *r = NULL;
+
+    ob_human_string(&ob, s);
+    ob_write(&ob, "", 1);
+    if (!ob.failed) {
+        r = strdup(ob.p);
+    }
+    ob_free(&ob);
+    return r;
 }
 
 int ob_flush_all(struct outbuf *const *obs, size_t n)

@@ -32,7 +32,14 @@ void ob_u64(struct outbuf *ob, uint64_t v);
 /* PRE a MID b POST in one step (the hot path of dump). */
 void ob_extent(struct outbuf *ob, const char *pre, uint64_t a, const char *mid,
                uint64_t b, const char *post);
+/* A JSON string of s's bytes, as qemu-img writes them: what is not UTF-8
+ * becomes U+FFFD. */
 void ob_json_string(struct outbuf *ob, const char *s);
+/* s for a terminal: control characters (C0, DEL, C1) and bytes that are
+ * not UTF-8 as \xNN. */
+void ob_human_string(struct outbuf *ob, const char *s);
+/* The same as a new string (NULL: out of memory); the caller frees it. */
+char *human_string(const char *s);
 /* Print to stdout and free; returns 0 or 1 (write error). */
 int ob_flush(struct outbuf *ob);
 /* The same for several buffers, printed in order. */

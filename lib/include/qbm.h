@@ -117,6 +117,33 @@ QBM_API uint64_t qbm_image_file_size(const struct qbm_image *img);
 /* Number of internal snapshots. */
 QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img);
 
+/* An internal snapshot's table entry, as `qemu-img info` shows it. */
+struct qbm_snapshot_info {
+    const char *id;         /* borrowed: valid until the image is closed */
+    const char *name;       /* or reloaded (qbm_commit); cut at a NUL */
+    uint64_t vm_state_size; /* bytes of saved VM state (0: disk only) */
+    uint64_t vm_clock_nsec; /* guest clock when taken */
+    uint64_t icount;        /* QBM_SNAPSHOT_NO_ICOUNT when not recorded */
+    uint32_t date_sec;      /* host time when taken */
+    uint32_t date_nsec;
+};
+#define QBM_SNAPSHOT_NO_ICOUNT UINT64_MAX
+/*
+ * Fill *ret with snapshot idx (0 .. qbm_image_snapshot_count() - 1, in
+ * table order). Returns 0, or -1 (EINVAL: no such snapshot; *ret is
+ * untouched).
+ */
+QBM_API int qbm_image_snapshot(const struct qbm_image *img, size_t idx,
+                               struct qbm_snapshot_info *ret);
+/*
+ * Bytes the image file occupies on the host file system (st_blocks * 512;
+ * an external data file not included): what `qemu-img info` (7.2) calls
+ * actual-size. Returns 0, or -1 (ENOTSUP for an image opened from memory;
+ * the errno of fstat()).
+ */
+QBM_API int qbm_image_allocated_size(const struct qbm_image *img,
+                                     uint64_t *ret);
+
 /* Feature words from the header (0 for v2 and raw). */
 #define QBM_FEATURE_INCOMPATIBLE 0
 #define QBM_FEATURE_COMPATIBLE 1
