@@ -964,14 +964,19 @@ static uint64_t data_bytes(const struct qcow2_map_extent *map, size_t n)
  */
 
 /* Open a backup image: qcow2 (its own layer only), or raw for the full. */
-static int open_backup(const char *file, bool allow_raw, struct qbm_image **ret)
+static int open_backup(const char *file, bool allow_raw, bool force_share,
+                       struct qbm_image **ret)
 {
     struct qbm_image *img;
     struct qbm_io *io;
     int r;
 
-    r = qbm_io_file_open(file, false, QBM_LOCK_READ, &io);
+    r = qbm_io_file_open(file, false,
+                         force_share ? QBM_LOCK_NONE : QBM_LOCK_READ, &io);
     r = r ? r : qbm_image_open_format(io, file, QBM_FORMAT_PROBE, false, &img);
+    if (r == 0 && force_share) {
+        img->lock = QBM_LOCK_NONE; /* its data file too */
+    }
     if (r == 0 && img->raw && !allow_raw) {
         qbm_impl_close(img);
         r = qbm_err(EINVAL, "not a qcow2 image (incremental backups must "
@@ -1002,7 +1007,7 @@ static bool same_inode(const char *a, const char *b)
 }
 
 static int restore(const char *const *images, size_t n, const char *output,
-                   int format, const char *checkpoint,
+                   int format, bool force_share, const char *checkpoint,
                    struct qbm_progress *progress)
 {
     struct qbm_image **layers = qbm_calloc(n ? n : 1, sizeof(*layers));
@@ -1041,7 +1046,8 @@ static int restore(const char *const *images, size_t n, const char *output,
                         images[i]);
         }
         /* The newest image goes first in the resolver's order. */
-        r = r ? r : open_backup(images[i], i == 0, &layers[n - 1 - i]);
+        r = r ? r
+              : open_backup(images[i], i == 0, force_share, &layers[n - 1 - i]);
         if (r == 0) {
             uint64_t s = layers[n - 1 - i]->hdr.size;
 
@@ -1097,13 +1103,15 @@ QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
                         qbm_progress_fn progress, void *opaque)
 {
     struct qbm_progress p = { progress, opaque, 0 };
+    bool force_share = format & QBM_RESTORE_FORCE_SHARE;
 
+    format &= ~QBM_RESTORE_FORCE_SHARE;
     if (!images || !output ||
         (format != QBM_OUTPUT_RAW && format != QBM_OUTPUT_QCOW2)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_progress_ret(&p,
-                            restore(images, n, output, format, checkpoint, &p));
+    return qbm_progress_ret(
+        &p, restore(images, n, output, format, force_share, checkpoint, &p));
 }
 
 /* ---- extract
@@ -1152,7 +1160,8 @@ static int extract(const char *image, const char *bitmap, const char *output,
                                               "the image"),
                               "%s", image);
     }
-    r = qbm_impl_chain_open(image, 0, &ch);
+    r = qbm_impl_chain_open(
+        image, flags & QBM_EXTRACT_FORCE_SHARE ? QBM_OPEN_FORCE_SHARE : 0, &ch);
     if (r < 0) {
         out_free(&o);
         return qbm_err_prefix(r, "%s", image);

@@ -11,6 +11,7 @@
   own options), the seed (printed; QBM_TEST_SEED or --seed replays it),
   pass/fail counting, each case in its own temporary directory, and how to
   rerun a failed case alone;
+- qemu_io_holding(): a QEMU writer holding an image open (its locks);
 - the QEMU oracles: dirty_map() (qemu-nbd -r -B NAME + nbdinfo
   --map=qemu:dirty-bitmap:NAME), qemu_img_check(), qemu_img_info(),
   qemu_bitmaps(), qemu_img_compare(), qemu_map() and qemu_allocated()
@@ -37,6 +38,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 KiB = 1 << 10
@@ -211,6 +213,25 @@ def qemu_bitmaps(img, force_share=False):
     info = qemu_img_info(img, *(["-U"] if force_share else []))
     bms = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
     return {b["name"]: (b["granularity"], sorted(b["flags"])) for b in bms}
+
+
+@contextlib.contextmanager
+def qemu_io_holding(img, fmt="qcow2", timeout=60):
+    """A qemu-io that holds IMG open for writing (QEMU's writer locks, its
+    bitmaps marked in use) until the block ends."""
+    p = subprocess.Popen(["qemu-io", "-f", fmt, img], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        # Locked once a reader that takes locks is refused.
+        while run(["qemu-img", "info", img], ok=None).returncode == 0:
+            if time.monotonic() > deadline:
+                raise Fail("qemu-io never opened %s" % img)
+            time.sleep(0.05)
+        yield p
+    finally:
+        p.communicate(b"quit\n", timeout=timeout)
 
 
 def qemu_img_check(img, *opts, ok=(0,)):

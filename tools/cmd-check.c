@@ -138,8 +138,103 @@ static int add_rule(void *opaque, int rule, const char *bitmap, size_t layer,
     return r;
 }
 
+/* The repairs made in one file, shown in its report. */
+struct repairs {
+    struct outbuf human, json;
+    size_t n;
+};
+
+static const char *const repair_names[] = {
+    "",
+    "stale-extension",
+    "autoclear-bit",
+    "in-use-dirty",
+    "in-use-removed",
+    "leaks",
+};
+
+/* What qbm_repair_report() did, and what it means for the next backup. */
+static int repair_said(void *opaque, int action, const char *bitmap,
+                       uint64_t count, uint64_t bytes)
+{
+    struct repairs *rp = opaque;
+    char *shown = bitmap ? human_string(bitmap) : NULL;
+    char msg[256];
+
+    if (action < QBM_REPAIRED_STALE || action > QBM_REPAIRED_LEAKS ||
+        (bitmap && !shown)) {
+        free(shown);
+        return 0;
+    }
+    switch (action) {
+    case QBM_REPAIRED_STALE:
+        snprintf(msg, sizeof(msg),
+                 "stale bitmaps extension dropped: QEMU ignored its "
+                 "bitmaps; their clusters are freed as leaks");
+        break;
+    case QBM_REPAIRED_AUTOCLEAR:
+        snprintf(msg, sizeof(msg),
+                 "autoclear bit 'bitmaps' cleared: it was set without a "
+                 "bitmaps extension");
+        break;
+    case QBM_REPAIRED_IN_USE_DIRTY:
+        snprintf(msg, sizeof(msg),
+                 "was in use, now all dirty: the next "
+                 "incremental from it will be a full copy");
+        break;
+    case QBM_REPAIRED_IN_USE_REMOVED:
+        snprintf(msg, sizeof(msg),
+                 "was in use, now removed: its checkpoint is gone, so the "
+                 "next backup must be a full one");
+        break;
+    case QBM_REPAIRED_LEAKS:
+        snprintf(msg, sizeof(msg),
+                 "%" PRIu64 " leaked cluster(s) freed (%" PRIu64 " bytes)",
+                 count, bytes);
+        break;
+    }
+    ob_puts(&rp->human, "Repaired: ");
+    if (bitmap) {
+        ob_printf(&rp->human, "bitmap '%s': ", shown);
+    }
+    ob_printf(&rp->human, "%s\n", msg);
+    ob_printf(&rp->json, "%s{\"action\": \"%s\"", rp->n ? ", " : "",
+              repair_names[action]);
+    if (bitmap) {
+        ob_puts(&rp->json, ", \"bitmap\": ");
+        ob_json_string(&rp->json, bitmap);
+    }
+    if (action == QBM_REPAIRED_LEAKS) {
+        ob_printf(&rp->json, ", \"clusters\": %" PRIu64 ", \"bytes\": %" PRIu64,
+                  count, bytes);
+    }
+    ob_puts(&rp->json, ", \"message\": ");
+    if (bitmap) {
+        /* The whole line, as a person reads it. */
+        struct outbuf line = { 0 };
+
+        ob_printf(&line, "bitmap '%s': %s", bitmap, msg);
+        ob_write(&line, "", 1);
+        ob_json_string(&rp->json, line.failed ? msg : line.p);
+        ob_free(&line);
+    } else {
+        ob_json_string(&rp->json, msg);
+    }
+    ob_puts(&rp->json, "}");
+    rp->n++;
+    free(shown);
+    return 0;
+}
+
+static void repairs_free(struct repairs *rp)
+{
+    ob_free(&rp->human);
+    ob_free(&rp->json);
+}
+
 static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
-                     enum output_format fmt, struct qbm_chain *ch)
+                     enum output_format fmt, struct qbm_chain *ch,
+                     const struct repairs *rp)
 {
     struct outbuf body = { 0 };
     struct report rep = { &body, fmt, { 0 }, 0 };
@@ -162,9 +257,22 @@ static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
                   qbm_image_format(img), rep.n[QBM_PROBLEM_CORRUPTION],
                   rep.n[QBM_PROBLEM_LEAK], rep.n[QBM_PROBLEM_BITMAP]);
         ob_write(ob, body.p ? body.p : "", body.len);
-        ob_puts(ob, "]}");
+        ob_puts(ob, "]");
+        if (rp) {
+            ob_puts(ob, ", \"repairs\": [");
+            ob_write(ob, rp->json.p ? rp->json.p : "", rp->json.len);
+            ob_puts(ob, "]");
+            ob->failed |= rp->json.failed;
+        }
+        ob_puts(ob, "}");
     } else {
-        ob_printf(ob, "image: %s\n", name);
+        ob_puts(ob, "image: ");
+        ob_human_string(ob, name);
+        ob_puts(ob, "\n");
+        if (rp) {
+            ob_write(ob, rp->human.p ? rp->human.p : "", rp->human.len);
+            ob->failed |= rp->human.failed;
+        }
         ob_write(ob, body.p ? body.p : "", body.len);
         if (rep.shown > MAX_SHOWN) {
             ob_printf(ob, "(%" PRIu64 " more problems not listed)\n",
@@ -187,7 +295,7 @@ static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
     return rep.n[QBM_PROBLEM_LEAK] ? 3 : 0;
 }
 
-static int repair_file(const char *file, unsigned flags)
+static int repair_file(const char *file, unsigned flags, struct repairs *rp)
 {
     struct qbm_image *img = edit_open(file);
     int r;
@@ -195,7 +303,7 @@ static int repair_file(const char *file, unsigned flags)
     if (!img) {
         return -1;
     }
-    r = qbm_repair(img, flags);
+    r = qbm_repair_report(img, flags, repair_said, rp);
     if (r < 0) {
         tool_error(file, "repair failed: %s", qbm_get_error());
     }
@@ -227,6 +335,8 @@ int cmd_check(int argc, char **argv)
     unsigned repair = 0; /* QBM_REPAIR_* to do */
     bool chain = false;
     struct qbm_chain *ch = NULL;
+    struct repairs *rps = NULL; /* one per layer repaired */
+    size_t nrps = 0;
     const char *file;
     int c, ret = 0, r;
     size_t i;
@@ -277,25 +387,45 @@ int cmd_check(int argc, char **argv)
             if (!ch) {
                 return 1;
             }
-            for (i = 0; i < qbm_chain_length(ch); i++) {
+            nrps = qbm_chain_length(ch);
+            rps = calloc(nrps, sizeof(*rps));
+            if (!rps) {
+                tool_error(file, "out of memory");
+                qbm_chain_close(ch);
+                return 1;
+            }
+            for (i = 0; i < nrps; i++) {
                 if (strcmp(qbm_image_format(qbm_chain_layer(ch, i)), "qcow2") ==
                         0 &&
-                    repair_file(qbm_chain_filename(ch, i), repair) < 0) {
-                    qbm_chain_close(ch);
-                    return 1;
+                    repair_file(qbm_chain_filename(ch, i), repair, &rps[i]) <
+                        0) {
+                    ret = 1;
+                    break;
                 }
             }
             qbm_chain_close(ch);
             ch = NULL;
-        } else if (repair_file(file, repair) < 0) {
-            return 1;
+        } else {
+            nrps = 1;
+            rps = calloc(1, sizeof(*rps));
+            if (!rps) {
+                tool_error(file, "out of memory");
+                return 1;
+            }
+            if (repair_file(file, repair, rps) < 0) {
+                ret = 1;
+            }
+        }
+        if (ret) {
+            goto out;
         }
     }
 
     if (chain) {
         ch = tool_chain_open(file, open_flags);
         if (!ch) {
-            return 1;
+            ret = 1;
+            goto out;
         }
         if (fmt == OUTPUT_JSON) {
             ob_puts(&ob, "[");
@@ -305,7 +435,8 @@ int cmd_check(int argc, char **argv)
                 ob_puts(&ob, fmt == OUTPUT_JSON ? ", " : "\n");
             }
             r = check_one(qbm_chain_layer(ch, i), qbm_chain_filename(ch, i),
-                          &ob, fmt, i == 0 ? ch : NULL);
+                          &ob, fmt, i == 0 ? ch : NULL,
+                          i < nrps ? &rps[i] : NULL);
             if (r < 0) {
                 ret = 1;
                 break;
@@ -323,9 +454,10 @@ int cmd_check(int argc, char **argv)
         struct qbm_image *img = tool_open(file, open_flags);
 
         if (!img) {
-            return 1;
+            ret = 1;
+            goto out;
         }
-        ret = check_one(img, file, &ob, fmt, NULL);
+        ret = check_one(img, file, &ob, fmt, NULL, rps);
         if (ret >= 0 && fmt == OUTPUT_JSON) {
             ob_puts(&ob, "\n");
         }
@@ -334,12 +466,14 @@ int cmd_check(int argc, char **argv)
             ret = 1;
         }
     }
-    if (ret == 1) {
-        ob_free(&ob);
-        return 1;
+    if (ret != 1 && ob_flush(&ob)) {
+        ret = 1;
     }
-    if (ob_flush(&ob)) {
-        return 1;
+out:
+    ob_free(&ob);
+    for (i = 0; i < nrps; i++) {
+        repairs_free(&rps[i]);
     }
+    free(rps);
     return ret;
 }

@@ -147,6 +147,8 @@ int cmd_commit_bitmaps(int argc, char **argv)
         tool_lib_error(NULL);
         ob_free(&plan);
         qbm_close(base);
+        /* TOP BASE given as BASE TOP: BASE's chain holds TOP. */
+        hint_swapped(a.cmd, a.args[1], a.args[0], a.args[0], a.args[1]);
         return 1;
     }
     return edit_finish(base, rep.base, a.dry_run, &plan);

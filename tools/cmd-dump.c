@@ -36,6 +36,29 @@ static int add_extent(void *opaque, uint64_t off, uint64_t len)
     return d->ext->failed ? -1 : 0;
 }
 
+/* "no bitmap named": when a backing layer has one, say how to read it. */
+static void no_bitmap(const char *file, const char *name, unsigned flags)
+{
+    struct qbm_chain *ch = qbm_chain_open(file, flags);
+    size_t i;
+
+    for (i = 1; ch && i < qbm_chain_length(ch); i++) {
+        struct qbm_image *l = qbm_chain_layer(ch, i);
+
+        if (qbm_bitmap_count(l) && qbm_bitmap_find(l, name) >= 0) {
+            tool_error(file,
+                       "no bitmap named '%s' in this layer, but its backing "
+                       "layer %zu (%s) has one: use 'qbm dump --chain' for "
+                       "its union over the chain",
+                       name, i, qbm_chain_filename(ch, i));
+            qbm_chain_close(ch);
+            return;
+        }
+    }
+    qbm_chain_close(ch);
+    tool_error(file, "no bitmap named '%s'", name);
+}
+
 int cmd_dump(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -100,7 +123,7 @@ int cmd_dump(int argc, char **argv)
                            "extension is stale: see qbm info)",
                            name);
             } else {
-                tool_error(file, "no bitmap named '%s'", name);
+                no_bitmap(file, name, a.open_flags);
             }
             goto out;
         }

@@ -7,7 +7,7 @@
 static const char usage[] =
     "Usage: qbm extract [--chain] [--full] [--backing PREVIOUS] "
     "[--rotate NEW]\n"
-    "                   [--disable-old] [-p] -o OUTPUT IMAGE [BITMAP]\n"
+    "                   [--disable-old] [-p] [-U] -o OUTPUT IMAGE [BITMAP]\n"
     "Write to OUTPUT a qcow2 image holding the clusters of IMAGE (read\n"
     "through its backing chain) that BITMAP marks dirty, zero flags where\n"
     "the disk reads as zeros: an incremental backup of a shut-down VM.\n"
@@ -41,7 +41,7 @@ int cmd_extract(int argc, char **argv)
         .usage = usage,
         .shortopts = "o:cb:",
         .opts = opts,
-        .common = TOOL_OPT_FORMAT | TOOL_OPT_PROGRESS,
+        .common = TOOL_OPT_FORMAT | TOOL_OPT_PROGRESS | TOOL_OPT_SHARE,
         .min_args = 1,
         .max_args = 2,
         .args_hint = "-o OUTPUT, IMAGE and BITMAP",
@@ -90,6 +90,13 @@ int cmd_extract(int argc, char **argv)
     }
     if (rotate_flags && !rotate) {
         return usage_error("extract", "--disable-old needs --rotate");
+    }
+    if (a.open_flags & QBM_OPEN_FORCE_SHARE) {
+        if (rotate) {
+            /* The rotation edits IMAGE, which needs its locks. */
+            return usage_error("extract", "--rotate cannot be used with -U");
+        }
+        flags |= QBM_EXTRACT_FORCE_SHARE;
     }
     p = progress_init(&a);
     if (rotate) {

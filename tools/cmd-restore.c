@@ -8,7 +8,8 @@
 #include "qbm-tool.h"
 
 static const char usage[] =
-    "Usage: qbm restore [-O raw|qcow2] -o OUTPUT [-p] [--checkpoint NAME]\n"
+    "Usage: qbm restore [-O raw|qcow2] -o OUTPUT [-p] [-U] [--checkpoint "
+    "NAME]\n"
     "                   FULL [INCREMENTAL...]\n"
     "       qbm restore --link [--force] FULL INCREMENTAL...\n"
     "Write to OUTPUT the disk as of the last INCREMENTAL given: every\n"
@@ -108,9 +109,9 @@ static int link_chain(char **files, int n, bool force)
 }
 
 /* -f qcow2: FULL, which may otherwise be raw, must be qcow2 as well. */
-static bool full_is_qcow2(const char *full)
+static bool full_is_qcow2(const char *full, unsigned open_flags)
 {
-    struct qbm_image *img = tool_open(full, QBM_OPEN_ANY_FORMAT);
+    struct qbm_image *img = tool_open(full, QBM_OPEN_ANY_FORMAT | open_flags);
     bool ok = img && strcmp(qbm_image_format(img), "qcow2") == 0;
 
     if (img && !ok) {
@@ -133,7 +134,7 @@ int cmd_restore(int argc, char **argv)
         .usage = usage,
         .shortopts = "O:o:",
         .opts = opts,
-        .common = TOOL_OPT_FORMAT | TOOL_OPT_PROGRESS,
+        .common = TOOL_OPT_FORMAT | TOOL_OPT_PROGRESS | TOOL_OPT_SHARE,
         .min_args = 1,
         .max_args = -1,
         .args_hint = "-o OUTPUT and FULL",
@@ -172,7 +173,7 @@ int cmd_restore(int argc, char **argv)
     if (c < 0) {
         return a.status;
     }
-    if (a.format_given && !full_is_qcow2(a.args[0])) {
+    if (a.format_given && !full_is_qcow2(a.args[0], a.open_flags)) {
         return 1;
     }
     if (link) {
@@ -180,12 +181,19 @@ int cmd_restore(int argc, char **argv)
             return usage_error("restore", "--link takes FULL and "
                                           "INCREMENTAL..., and no -o");
         }
+        if (a.open_flags & QBM_OPEN_FORCE_SHARE) {
+            /* --link edits the incrementals, which needs their locks. */
+            return usage_error("restore", "--link cannot be used with -U");
+        }
         return link_chain(a.args, a.nargs, force);
+    }
+    if (a.open_flags & QBM_OPEN_FORCE_SHARE) {
+        format |= QBM_RESTORE_FORCE_SHARE;
     }
     if (!output) {
         return usage_error("restore", "expected -o OUTPUT and FULL");
     }
-    if (checkpoint && format != QBM_OUTPUT_QCOW2) {
+    if (checkpoint && (format & ~QBM_RESTORE_FORCE_SHARE) != QBM_OUTPUT_QCOW2) {
         return usage_error("restore", "--checkpoint needs -O qcow2");
     }
     p = progress_init(&a);

@@ -105,6 +105,8 @@ int cmd_snapshot_bitmaps(int argc, char **argv)
     ob_free(&rep.plan);
     if (r < 0) {
         tool_lib_error(NULL);
+        /* BASE TOP given as TOP BASE: BASE's chain holds TOP. */
+        hint_swapped(a.cmd, a.args[0], a.args[1], a.args[0], a.args[1]);
         return 1;
     }
     return r ? 1 : 0; /* r > 0: the output could not be written */

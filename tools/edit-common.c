@@ -89,6 +89,31 @@ bool same_file(const char *a, const char *b)
            sa.st_ino == sb.st_ino;
 }
 
+void hint_swapped(const char *cmd, const char *upper, const char *lower,
+                  const char *first, const char *second)
+{
+    struct qbm_chain *ch = qbm_chain_open(upper, QBM_OPEN_FORCE_SHARE);
+    char *a = NULL, *b = NULL;
+    size_t i;
+
+    for (i = 1; ch && i < qbm_chain_length(ch); i++) {
+        if (same_file(qbm_chain_filename(ch, i), lower)) {
+            a = human_string(lower);
+            b = human_string(upper);
+            if (a && b) {
+                fprintf(stderr,
+                        "qbm: %s: BASE is above TOP (%s is in the backing "
+                        "chain of %s); did you mean 'qbm %s %s %s'?\n",
+                        cmd, a, b, cmd, second, first);
+            }
+            break;
+        }
+    }
+    free(a);
+    free(b);
+    qbm_chain_close(ch);
+}
+
 int edit_names(struct tool_args *a, int argc, char **argv,
                int (*fn)(struct qbm_image *img, const char *name),
                const char *verb, const char *prep)

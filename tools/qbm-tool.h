@@ -158,6 +158,13 @@ int edit_fail(struct qbm_image *img, const char *file, struct outbuf *plan);
 int edit_names(struct tool_args *a, int argc, char **argv,
                int (*fn)(struct qbm_image *img, const char *name),
                const char *verb, const char *prep);
+/*
+ * After CMD FIRST SECOND failed: when LOWER lies in UPPER's backing chain
+ * (UPPER and LOWER are FIRST and SECOND in some order), the operands are
+ * the wrong way round: say so, with the command to run instead.
+ */
+void hint_swapped(const char *cmd, const char *upper, const char *lower,
+                  const char *first, const char *second);
 /* "64k", "1M", "512": bytes. */
 bool parse_size(const char *s, uint64_t *ret);
 bool same_file(const char *a, const char *b);

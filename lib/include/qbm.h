@@ -401,6 +401,34 @@ QBM_API int qbm_check_backing(struct qbm_image *img, qbm_problem_fn fn,
  */
 QBM_API int qbm_repair(struct qbm_image *img, unsigned flags);
 
+/* What qbm_repair_report() says it did, once each step is durable. */
+enum qbm_repair_action {
+    /* A stale bitmaps extension was dropped (QEMU ignored its bitmaps;
+     * their clusters became leaks, freed by QBM_REPAIR_LEAKS). */
+    QBM_REPAIRED_STALE = 1,
+    /* The autoclear bitmaps bit was set without an extension: cleared. */
+    QBM_REPAIRED_AUTOCLEAR = 2,
+    /* `bitmap` was in use: now consistent and all dirty, so the next
+     * incremental backup from it copies the whole disk. */
+    QBM_REPAIRED_IN_USE_DIRTY = 3,
+    /* `bitmap` was in use: removed (its checkpoint is gone). */
+    QBM_REPAIRED_IN_USE_REMOVED = 4,
+    /* `count` leaked clusters were freed (`bytes` of the file). */
+    QBM_REPAIRED_LEAKS = 5,
+};
+/* One repair made: `bitmap` (borrowed for the call) for the in-use
+ * actions, else NULL; `count` and `bytes` for QBM_REPAIRED_LEAKS, else 0.
+ * Return 0 to go on; anything else stops before the next step. */
+typedef int (*qbm_repair_fn)(void *opaque, int action, const char *bitmap,
+                             uint64_t count, uint64_t bytes);
+/*
+ * qbm_repair(), calling fn (may be NULL) for every repair it made, after
+ * the step that made it is durable. Returns 0, -1, or fn's non-zero value
+ * (errno ECANCELED; the steps already made stay).
+ */
+QBM_API int qbm_repair_report(struct qbm_image *img, unsigned flags,
+                              qbm_repair_fn fn, void *opaque);
+
 /* ---- backups ------------------------------------------------------------ */
 
 /*
@@ -413,6 +441,9 @@ typedef int (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
 
 #define QBM_OUTPUT_RAW 0
 #define QBM_OUTPUT_QCOW2 1
+/* ORed into qbm_restore()'s `format`: open the inputs (and their data
+ * files) without QEMU's locks, as qemu-img -U (read only). */
+#define QBM_RESTORE_FORCE_SHARE 0x100
 
 /*
  * Rebuild a disk from images[0] (the full backup: qcow2, or raw) and
@@ -438,7 +469,8 @@ typedef int (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
  * file is read through it (opened read only, with shared locks, a relative
  * name from the working directory as QEMU does; a missing one fails before
  * OUTPUT is made); the same holds for qbm_extract() and the incrementals
- * of qbm_consolidate().
+ * of qbm_consolidate(). `format` is QBM_OUTPUT_RAW or QBM_OUTPUT_QCOW2,
+ * maybe ORed with QBM_RESTORE_FORCE_SHARE.
  * Returns 0, -1, or the progress callback's non-zero value.
  */
 QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
@@ -447,7 +479,10 @@ QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
 
 #define QBM_EXTRACT_CHAIN 0x1u /* dirty set: the union over the chain */
 #define QBM_EXTRACT_FULL 0x2u  /* copy everything allocated */
-#define QBM_EXTRACT_MASK 0x3u
+/* Read IMAGE's chain without QEMU's locks, as qemu-img -U; not taken by
+ * qbm_extract_rotate(), which edits IMAGE. */
+#define QBM_EXTRACT_FORCE_SHARE 0x8u
+#define QBM_EXTRACT_MASK 0xbu
 
 /*
  * Offline incremental backup: write to OUTPUT a fresh qcow2 image holding
@@ -469,7 +504,7 @@ QBM_API int qbm_extract(const char *image, const char *bitmap,
 
 /* Flags of qbm_extract_rotate(), besides those of qbm_extract(). */
 #define QBM_EXTRACT_DISABLE_OLD 0x4u /* see below; not libvirt's */
-#define QBM_EXTRACT_ROTATE_MASK 0x7u
+#define QBM_EXTRACT_ROTATE_MASK 0x7u /* no QBM_EXTRACT_FORCE_SHARE */
 
 /*
  * qbm_extract() of `bitmap`, then the next checkpoint: once OUTPUT is
