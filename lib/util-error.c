@@ -12,7 +12,9 @@
 
 static __thread char last_msg[1024];
 static __thread int last_errno;
+#ifndef QBM_NO_TEST_HOOKS
 static unsigned long alloc_fail_countdown;
+#endif
 
 int qbm_err_set(int errnum, const char *fmt, ...)
 {
@@ -92,6 +94,13 @@ QBM_API const char *qbm_version(void)
     return QBM_VERSION;
 }
 
+#ifdef QBM_NO_TEST_HOOKS
+/* The installed libraries: no allocation ever fails on purpose. */
+static bool alloc_should_fail(void)
+{
+    return false;
+}
+#else
 void qbm_alloc_fail_after(unsigned long n)
 {
     alloc_fail_countdown = n;
@@ -108,6 +117,7 @@ static bool alloc_should_fail(void)
     }
     return false;
 }
+#endif
 
 bool qbm_alloc_hook_fails(size_t n)
 {

@@ -118,6 +118,35 @@ static int help(int argc, char **argv)
     return cmd->fn(2, args);
 }
 
+/*
+ * qbm __complete-bitmaps IMAGE: the names of IMAGE's bitmaps, one a line,
+ * for the shell completion (read without locks; names holding a newline
+ * left out). Not listed: not a command for people. Exit 1, silently, when
+ * IMAGE cannot be read.
+ */
+static int complete_bitmaps(int argc, char **argv)
+{
+    struct qbm_image *img;
+    size_t i;
+
+    if (argc != 3) {
+        return EXIT_USAGE;
+    }
+    img = qbm_open(argv[2], QBM_OPEN_FORCE_SHARE);
+    if (!img) {
+        return 1;
+    }
+    for (i = 0; i < qbm_bitmap_count(img); i++) {
+        const char *name = qbm_bitmap_name(img, i);
+
+        if (!strchr(name, '\n')) {
+            printf("%s\n", name);
+        }
+    }
+    qbm_close(img);
+    return fflush(stdout) == 0 ? 0 : 1;
+}
+
 int main(int argc, char **argv)
 {
     const struct command *cmd;
@@ -129,6 +158,9 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
         strcmp(argv[1], "help") == 0) {
         return help(argc, argv);
+    }
+    if (strcmp(argv[1], "__complete-bitmaps") == 0) {
+        return complete_bitmaps(argc, argv);
     }
     if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
         printf("qbm %s\n", qbm_version());

@@ -10,6 +10,9 @@
  *  - Strings returned by the library are borrowed: they live as long as the
  *    handle they came from, unless stated otherwise.
  *  - Offsets and lengths are bytes, as uint64_t.
+ *  - Threads: a handle is used by one thread at a time; different handles
+ *    may be used by different threads at once; the last error is per
+ *    thread (docs/api.md, which also states the soname policy).
  */
 #ifndef QBM_H
 #define QBM_H
@@ -26,6 +29,20 @@ extern "C" {
 #else
 #define QBM_API
 #endif
+
+/*
+ * The version of this header, the same as meson's project version (the
+ * suite `lint` checks it); qbm_version() gives the library's at run time.
+ */
+#define QBM_VERSION_MAJOR 0
+#define QBM_VERSION_MINOR 1
+#define QBM_VERSION_MICRO 0
+/* True when this header is at least MAJOR.MINOR.MICRO. */
+#define QBM_CHECK_VERSION(major, minor, micro)                        \
+    (QBM_VERSION_MAJOR > (major) ||                                   \
+     (QBM_VERSION_MAJOR == (major) && QBM_VERSION_MINOR > (minor)) || \
+     (QBM_VERSION_MAJOR == (major) && QBM_VERSION_MINOR == (minor) && \
+      QBM_VERSION_MICRO >= (micro)))
 
 struct qbm_image;
 struct qbm_chain;
