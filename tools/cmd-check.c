@@ -56,11 +56,14 @@ static int add_entry(struct report *rep, int kind, uint64_t offset,
         ob_puts(rep->ob, rule_json ? rule_json : "");
         ob_puts(rep->ob, "}");
     } else {
-        ob_printf(rep->ob, "%s: %s\n",
+        /* A message may hold a bitmap's name: no control character
+         * reaches the terminal. */
+        ob_printf(rep->ob, "%s: ",
                   kind == QBM_PROBLEM_CORRUPTION ? "ERROR"
                   : kind == QBM_PROBLEM_LEAK     ? "Leaked"
-                                                 : "Bitmap",
-                  msg);
+                                                 : "Bitmap");
+        ob_human_string(rep->ob, msg);
+        ob_puts(rep->ob, "\n");
     }
     return 0;
 }

@@ -204,7 +204,8 @@ def run_bytes(cmd):
 
 def escapes(suite, tmp):
     """A name with BEL and a byte that is not UTF-8 shows as \\x07 and
-    \\xff in `info` and `dump`; JSON has U+0007 and U+FFFD, as qemu-img."""
+    \\xff in `info`, `dump` and `check`; JSON has U+0007 and U+FFFD, as
+    qemu-img."""
     qbm = suite.qbm
     img = qemu_img_create(os.path.join(tmp, "a.qcow2"), MiB)
     name = os.fsdecode(b"b\x07\xffz")
@@ -216,6 +217,12 @@ def escapes(suite, tmp):
         errors="replace")
     if "bitmap b\\x07\\xffz," not in text:
         raise Fail("dump: the name is not shown as b\\x07\\xffz: %r" % text)
+    set_bitmap_in_use(img, name)
+    p = subprocess.run([qbm.path, "check", img], stdout=subprocess.PIPE)
+    text = p.stdout.decode(errors="replace")
+    if "'b\\x07\\xffz'" not in text or b"\x07" in p.stdout:
+        raise Fail("check: the name is not shown as b\\x07\\xffz: %r"
+                   % text)
     info = json.loads(qbm("info", "--output=json", img).stdout)
     want = "b\x07\ufffdz"
     if info["bitmaps"][0]["name"] != want or \
