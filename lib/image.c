@@ -464,6 +464,15 @@ QBM_API int qbm_image_snapshot(const struct qbm_image *img, size_t idx,
     return 0;
 }
 
+QBM_API int qbm_image_encryption(struct qbm_image *img,
+                                 struct qbm_encryption_info *ret)
+{
+    if (!img || !ret) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    return qbm_public_ret(qcow2_crypto_info(img, ret));
+}
+
 QBM_API int qbm_image_allocated_size(const struct qbm_image *img, uint64_t *ret)
 {
     struct stat st;

@@ -550,6 +550,13 @@ struct qcow2_snapshot {
 int qcow2_snapshots_load(struct qbm_image *img);
 void qcow2_snapshots_free(struct qcow2_snapshot *sn, uint32_t n);
 
+/* ---- qcow2-crypto.c: the encryption header
+ * ------------------------------------------ */
+
+/* The image's encryption as qemu-img info shows it (crypt_method 1: "aes";
+ * 2: the LUKS header the encryption header extension points at). */
+int qcow2_crypto_info(struct qbm_image *img, struct qbm_encryption_info *ret);
+
 /* ---- qcow2-writer.c: fresh qcow2 images
  * ---------------------------------------- */
 

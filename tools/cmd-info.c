@@ -94,6 +94,64 @@ static void snapshots_json(struct outbuf *ob, const struct qbm_image *img)
     ob_puts(ob, "]");
 }
 
+/* Whether the image is encrypted (its header may be damaged). */
+static bool is_encrypted(struct qbm_image *img)
+{
+    struct qbm_encryption_info e;
+
+    return qbm_image_encryption(img, &e) == 0 || qbm_get_errno() != ENOENT;
+}
+
+/* "encrypt": qemu-img's description of an encrypted image. */
+static void encrypt_json(struct outbuf *ob, struct qbm_image *img)
+{
+    struct qbm_encryption_info e;
+    unsigned i;
+
+    if (qbm_image_encryption(img, &e) < 0) {
+        if (qbm_get_errno() == ENOENT) {
+            return;
+        }
+        /* A damaged LUKS header: say what is known. */
+        ob_puts(ob, ", \"encrypt\": {\"format\": \"luks\"}");
+        return;
+    }
+    ob_printf(ob, ", \"encrypt\": {\"format\": \"%s\"", e.format);
+    if (strcmp(e.format, "luks") == 0) {
+        ob_puts(ob, ", \"cipher-alg\": ");
+        ob_json_string(ob, e.cipher_alg);
+        ob_puts(ob, ", \"cipher-mode\": ");
+        ob_json_string(ob, e.cipher_mode);
+        ob_puts(ob, ", \"ivgen-alg\": ");
+        ob_json_string(ob, e.ivgen_alg);
+        if (e.ivgen_hash_alg[0]) {
+            ob_puts(ob, ", \"ivgen-hash-alg\": ");
+            ob_json_string(ob, e.ivgen_hash_alg);
+        }
+        ob_puts(ob, ", \"hash-alg\": ");
+        ob_json_string(ob, e.hash_alg);
+        ob_puts(ob, ", \"uuid\": ");
+        ob_json_string(ob, e.uuid);
+        ob_printf(ob,
+                  ", \"payload-offset\": %" PRIu64
+                  ", \"master-key-iters\": %" PRIu32 ", \"slots\": [",
+                  e.payload_offset, e.master_key_iters);
+        for (i = 0; i < 8; i++) {
+            const struct qbm_luks_slot *sl = &e.slots[i];
+
+            ob_printf(ob, "%s{\"active\": %s", i ? ", " : "",
+                      sl->active ? "true" : "false");
+            if (sl->active) {
+                ob_printf(ob, ", \"iters\": %" PRIu32 ", \"stripes\": %" PRIu32,
+                          sl->iters, sl->stripes);
+            }
+            ob_printf(ob, ", \"key-offset\": %" PRIu64 "}", sl->key_offset);
+        }
+        ob_puts(ob, "]");
+    }
+    ob_puts(ob, "}");
+}
+
 /*
  * "format-specific": the object qemu-img info writes for a qcow2 image,
  * with the same keys, types and values, so that a consumer of qemu-img's
@@ -137,6 +195,7 @@ static void format_specific_json(struct outbuf *ob, struct qbm_image *img)
         ob_puts(ob, "]");
     }
     ob_printf(ob, ", \"refcount-bits\": %u", qbm_image_refcount_bits(img));
+    encrypt_json(ob, img);
     if (v3 && (incompat & QBM_INCOMPAT_DATA_FILE)) {
         if (qbm_image_data_file(img)) {
             ob_puts(ob, ", \"data-file\": ");
@@ -194,6 +253,9 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
               true);
     json_bool(ob, "corrupt", incompat & QBM_INCOMPAT_CORRUPT, true);
     json_bool(ob, "dirty-flag", incompat & QBM_INCOMPAT_DIRTY, false);
+    if (is_encrypted(img)) {
+        ob_puts(ob, ", \"encrypted\": true");
+    }
     if (backing) {
         char *full = qbm_image_backing_path(img);
 

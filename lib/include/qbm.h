@@ -161,6 +161,35 @@ QBM_API int qbm_image_snapshot(const struct qbm_image *img, size_t idx,
 QBM_API int qbm_image_allocated_size(const struct qbm_image *img,
                                      uint64_t *ret);
 
+/* A LUKS key slot, as `qemu-img info` shows it. */
+struct qbm_luks_slot {
+    int active;          /* 1 when the slot holds a key */
+    uint32_t iters;      /* PBKDF2 iterations (active slots) */
+    uint32_t stripes;    /* anti-forensic stripes (active slots) */
+    uint64_t key_offset; /* bytes from the start of the LUKS header */
+};
+/* An encrypted image's encryption, as `qemu-img info` shows it. */
+struct qbm_encryption_info {
+    char format[8]; /* "aes" (qcow2's legacy encryption) or "luks" */
+    /* LUKS only ("" and 0 for "aes"), with QEMU's names: */
+    char cipher_alg[48];     /* "aes-256", "serpent-128", "sm4", ... */
+    char cipher_mode[33];    /* "xts", "cbc", "ecb", "ctr" */
+    char ivgen_alg[33];      /* "plain64", "plain", "essiv" */
+    char ivgen_hash_alg[33]; /* with "essiv", else "" */
+    char hash_alg[33];       /* "sha256", ... */
+    char uuid[41];
+    uint64_t payload_offset; /* bytes */
+    uint32_t master_key_iters;
+    struct qbm_luks_slot slots[8];
+};
+/*
+ * Fill *ret with the image's encryption (qcow2 crypt_method 1, or 2 with
+ * its LUKS header, read from the file). Returns 0, or -1: ENOENT when the
+ * image is not encrypted, EINVAL when the LUKS header is damaged.
+ */
+QBM_API int qbm_image_encryption(struct qbm_image *img,
+                                 struct qbm_encryption_info *ret);
+
 /* Feature words from the header (0 for v2 and raw). */
 #define QBM_FEATURE_INCOMPATIBLE 0
 #define QBM_FEATURE_COMPATIBLE 1

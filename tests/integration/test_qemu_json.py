@@ -5,7 +5,8 @@ item 2), on random images: compat 0.10 or 1.1, cluster size, refcount
 width, extended L2, zstd, lazy refcounts, an external data file (raw or
 not), a backing file, internal snapshots, bitmaps (enabled or not, in use,
 a stale extension) whose names hold bytes that are not UTF-8, control
-characters, quotes and characters past the BMP.
+characters, quotes and characters past the BMP; encrypted images (LUKS
+with several ciphers, modes, IV generators and hashes; legacy AES).
 
 - `format-specific` is exactly qemu-img's object (same keys, types and
   values);
@@ -233,11 +234,45 @@ def escapes(suite, tmp):
         raise Fail("qemu-img writes %r" % qinfo)
 
 
+# LUKS variants (QEMU's option values), and legacy AES.
+ENCRYPTIONS = [
+    "encrypt.format=luks",
+    "encrypt.format=luks,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,"
+    "encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256",
+    "encrypt.format=luks,encrypt.cipher-alg=serpent-256,"
+    "encrypt.hash-alg=sha1,encrypt.ivgen-alg=plain",
+    "encrypt.format=luks,encrypt.cipher-alg=twofish-128,"
+    "encrypt.cipher-mode=xts",
+    "encrypt.format=aes",
+]
+
+
+def encrypted(suite, tmp):
+    """Encrypted images: format-specific's "encrypt" object (the LUKS
+    header's public fields) and "encrypted", as qemu-img writes them."""
+    for i, opts in enumerate(ENCRYPTIONS):
+        img = os.path.join(tmp, "e%d.qcow2" % i)
+        if "luks" in opts:
+            opts += ",encrypt.iter-time=10"
+        qemu_img("create", "-q", "-f", "qcow2", "--object",
+                 "secret,id=sec0,data=secret", "-o",
+                 opts + ",encrypt.key-secret=sec0", img, "4M")
+        want = json.loads(qemu_img("info", "--output=json", img).stdout)
+        got = json.loads(suite.qbm("info", "--output=json", img).stdout)
+        compare(got, want, opts)
+        if not strict_equal(got["format-specific"],
+                            want["format-specific"]):
+            raise Fail("%s: format-specific: qbm %s, qemu-img %s"
+                       % (opts, json.dumps(got["format-specific"]),
+                          json.dumps(want["format-specific"])))
+
+
 def main():
     suite = Suite("qemu_json", __doc__, seeded=True)
     suite.parser.add_argument("--scenarios", type=int, default=40)
     args = suite.start()
     suite.case("escapes", lambda tmp: escapes(suite, tmp))
+    suite.case("encrypted", lambda tmp: encrypted(suite, tmp))
     suite.scenarios(args.scenarios, lambda tmp, rng: scenario(suite, tmp,
                                                               rng))
     sys.exit(suite.finish())
