@@ -219,19 +219,30 @@ def qemu_bitmaps(img, force_share=False):
 def qemu_io_holding(img, fmt="qcow2", timeout=60):
     """A qemu-io that holds IMG open for writing (QEMU's writer locks, its
     bitmaps marked in use) until the block ends."""
+    err = tempfile.TemporaryFile()
     p = subprocess.Popen(["qemu-io", "-f", fmt, img], stdin=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                         stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + timeout
         # Locked once a reader that takes locks is refused.
-        while run(["qemu-img", "info", img], ok=None).returncode == 0:
-            if time.monotonic() > deadline:
-                raise Fail("qemu-io never opened %s" % img)
+        while True:
+            q = run(["qemu-img", "info", img], ok=None)
+            if q.returncode != 0 and "lock" in q.stderr:
+                break
+            if p.poll() is not None or time.monotonic() > deadline:
+                err.seek(0)
+                raise Fail("qemu-io did not hold %s (%s): %s; qemu-img "
+                           "info: exit %d %s" % (
+                               img, "exit %d" % p.returncode
+                               if p.returncode is not None else "running",
+                               err.read().decode(errors="replace").strip(),
+                               q.returncode, q.stderr.strip()))
             time.sleep(0.05)
         yield p
     finally:
-        p.communicate(b"quit\n", timeout=timeout)
+        if p.poll() is None:
+            p.communicate(b"quit\n", timeout=timeout)
+        err.close()
 
 
 def qemu_img_check(img, *opts, ok=(0,)):
