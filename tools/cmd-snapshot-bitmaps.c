@@ -63,7 +63,7 @@ static int report(void *opaque, int action, const char *bitmap,
             break;
         }
         ob_puts(&rep->plan, "(dry run: nothing was written)\n");
-        return ob_flush(&rep->plan);
+        return ob_flush_human(&rep->plan);
     }
     return 0;
 }

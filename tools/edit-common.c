@@ -14,7 +14,7 @@ int edit_finish(struct qbm_image *img, const char *file, bool dry_run,
 
     if (dry_run) {
         ob_puts(plan, "(dry run: nothing was written)\n");
-        ret = ob_flush(plan);
+        ret = ob_flush_human(plan);
     } else if (qbm_commit(img) < 0) {
         tool_error(file, "%s; the image was not changed", qbm_get_error());
         ob_free(plan);

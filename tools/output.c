@@ -208,7 +208,8 @@ void ob_json_string(struct outbuf *ob, const char *s)
     ob_write(ob, "\"", 1);
 }
 
-void ob_human_string(struct outbuf *ob, const char *s)
+/* s for a terminal; `lines`: newlines and tabs stay as they are. */
+static void human_text(struct outbuf *ob, const char *s, bool lines)
 {
     const unsigned char *p = (const unsigned char *)s;
     size_t len, i;
@@ -216,7 +217,9 @@ void ob_human_string(struct outbuf *ob, const char *s)
 
     for (; *p; p += len) {
         cp = name_char(p, &len);
-        if (cp < 0x20 || (cp >= 0x7f && cp <= 0x9f)) {
+        if (lines && (cp == '\n' || cp == '\t')) {
+            ob_write(ob, (const char *)p, 1);
+        } else if (cp < 0x20 || (cp >= 0x7f && cp <= 0x9f)) {
             /* Control characters and bytes that are not text would reach
              * the terminal: show their bytes as \xNN. */
             for (i = 0; i < len; i++) {
@@ -226,6 +229,24 @@ void ob_human_string(struct outbuf *ob, const char *s)
             ob_write(ob, (const char *)p, len);
         }
     }
+}
+
+void ob_human_string(struct outbuf *ob, const char *s)
+{
+    human_text(ob, s, false);
+}
+
+int ob_flush_human(struct outbuf *ob)
+{
+    struct outbuf out = { 0 };
+
+    ob_write(ob, "", 1); /* a string, for the decoder */
+    if (!ob->failed) {
+        human_text(&out, ob->p, true);
+    }
+    out.failed |= ob->failed;
+    ob_free(ob);
+    return ob_flush(&out);
 }
 
 char *human_string(const char *s)
@@ -325,12 +346,21 @@ void format_size(char *buf, size_t len, uint64_t bytes)
 
 void tool_verror(const char *file, const char *fmt, va_list ap)
 {
+    char msg[4096];
+    char *shown;
+
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    /* Names in it (files, bitmaps) may hold control characters. */
+    shown = human_string(msg);
     fputs("qbm: ", stderr);
     if (file) {
-        fprintf(stderr, "%s: ", file);
+        char *f = human_string(file);
+
+        fprintf(stderr, "%s: ", f ? f : file);
+        free(f);
     }
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    fprintf(stderr, "%s\n", shown ? shown : msg);
+    free(shown);
 }
 
 void tool_error(const char *file, const char *fmt, ...)

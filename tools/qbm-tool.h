@@ -38,6 +38,9 @@ void ob_json_string(struct outbuf *ob, const char *s);
 /* s for a terminal: control characters (C0, DEL, C1) and bytes that are
  * not UTF-8 as \xNN. */
 void ob_human_string(struct outbuf *ob, const char *s);
+/* Print a human report: as ob_flush(), its control characters (but
+ * newlines and tabs) and bytes that are not UTF-8 shown as \\xNN. */
+int ob_flush_human(struct outbuf *ob);
 /* The same as a new string (NULL: out of memory); the caller frees it. */
 char *human_string(const char *s);
 /* Print to stdout and free; returns 0 or 1 (write error). */

@@ -205,8 +205,8 @@ def run_bytes(cmd):
 
 def escapes(suite, tmp):
     """A name with BEL and a byte that is not UTF-8 shows as \\x07 and
-    \\xff in `info`, `dump` and `check`; JSON has U+0007 and U+FFFD, as
-    qemu-img."""
+    \\xff in `info`, `dump` and `check`, in dry-run plans and in error
+    messages; JSON has U+0007 and U+FFFD, as qemu-img."""
     qbm = suite.qbm
     img = qemu_img_create(os.path.join(tmp, "a.qcow2"), MiB)
     name = os.fsdecode(b"b\x07\xffz")
@@ -224,6 +224,17 @@ def escapes(suite, tmp):
     if "'b\\x07\\xffz'" not in text or b"\x07" in p.stdout:
         raise Fail("check: the name is not shown as b\\x07\\xffz: %r"
                    % text)
+    # A dry-run plan and an error message on stderr.
+    p = subprocess.run([qbm.path, "rename", "-n", img, name, "c\x07"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if p.returncode != 0 or b"\x07" in p.stdout or \
+            b"'c\\x07'" not in p.stdout:
+        raise Fail("rename -n: the plan is %r" % p.stdout)
+    p = subprocess.run([qbm.path, "dump", img, "x\x1b[31m"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if p.returncode != 1 or b"\x1b" in p.stderr or \
+            b"'x\\x1b[31m'" not in p.stderr:
+        raise Fail("dump: the error is %r" % p.stderr)
     info = json.loads(qbm("info", "--output=json", img).stdout)
     want = "b\x07\ufffdz"
     if info["bitmaps"][0]["name"] != want or \
