@@ -52,33 +52,33 @@ static int report(void *opaque, int action, const char *bitmap,
                   rep->base);
         break;
     case QBM_CARRY_GAP:
-        fprintf(stderr,
-                "qbm: %s: warning: bitmap '%s' not carried: %s "
-                "lacks it, so writes made to that layer are in no "
-                "checkpoint (--fill-gaps marks its clusters instead)\n",
-                rep->base, bitmap, layer);
+        tool_error(rep->base,
+                   "warning: bitmap '%s' not carried: %s "
+                   "lacks it, so writes made to that layer are in no "
+                   "checkpoint (--fill-gaps marks its clusters instead)",
+                   bitmap, layer);
         ob_printf(rep->plan,
                   "would not carry bitmap '%s': %s lacks it "
                   "(a gap)\n",
                   bitmap, layer);
         break;
     case QBM_CARRY_DISABLED:
-        fprintf(stderr,
-                "qbm: %s: warning: bitmap '%s' not carried: its copy in "
-                "%s is disabled, so libvirt does not use it "
-                "(--carry-disabled carries it anyway)\n",
-                rep->base, bitmap, layer);
+        tool_error(rep->base,
+                   "warning: bitmap '%s' not carried: its copy in "
+                   "%s is disabled, so libvirt does not use it "
+                   "(--carry-disabled carries it anyway)",
+                   bitmap, layer);
         ob_printf(rep->plan,
                   "would not carry bitmap '%s': %s's copy is "
                   "disabled\n",
                   bitmap, layer);
         break;
     case QBM_CARRY_IN_USE:
-        fprintf(stderr,
-                "qbm: %s: warning: bitmap '%s' not carried: its copy in "
-                "%s is in use (inconsistent); repair it first with "
-                "'qbm check --repair'\n",
-                rep->base, bitmap, layer);
+        tool_error(rep->base,
+                   "warning: bitmap '%s' not carried: its copy in "
+                   "%s is in use (inconsistent); repair it first with "
+                   "'qbm check --repair'",
+                   bitmap, layer);
         ob_printf(rep->plan,
                   "would not carry bitmap '%s': %s's copy is in use\n", bitmap,
                   layer);

@@ -34,8 +34,7 @@ static int report(void *opaque, int action, const char *bitmap,
     struct report *rep = opaque;
 
     if (action == QBM_COPY_SKIPPED) {
-        fprintf(stderr, "qbm: %s: warning: skipping in-use bitmap '%s'\n",
-                rep->src, bitmap);
+        tool_error(rep->src, "warning: skipping in-use bitmap '%s'", bitmap);
     } else if (action >= QBM_COPY_COPIED && action <= QBM_COPY_REPLACED) {
         ob_printf(rep->plan, "would %s bitmap '%s' (granularity %" PRIu64 ")\n",
                   verbs[action], bitmap, granularity);

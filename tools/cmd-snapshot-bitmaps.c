@@ -36,11 +36,11 @@ static int report(void *opaque, int action, const char *bitmap,
         ob_printf(&rep->plan, "not carrying disabled bitmap '%s'\n", bitmap);
         break;
     case QBM_CARRY_SNAPSHOT_IN_USE:
-        fprintf(stderr,
-                "qbm: %s: warning: bitmap '%s' not carried: it is in use "
-                "(inconsistent); repair it first with 'qbm check "
-                "--repair'\n",
-                image, bitmap);
+        tool_error(image,
+                   "warning: bitmap '%s' not carried: it is in use "
+                   "(inconsistent); repair it first with 'qbm check "
+                   "--repair'",
+                   bitmap);
         ob_printf(&rep->plan, "not carrying bitmap '%s': in use in %s\n",
                   bitmap, image);
         break;

@@ -93,24 +93,17 @@ void hint_swapped(const char *cmd, const char *upper, const char *lower,
                   const char *first, const char *second)
 {
     struct qbm_chain *ch = qbm_chain_open(upper, QBM_OPEN_FORCE_SHARE);
-    char *a = NULL, *b = NULL;
     size_t i;
 
     for (i = 1; ch && i < qbm_chain_length(ch); i++) {
         if (same_file(qbm_chain_filename(ch, i), lower)) {
-            a = human_string(lower);
-            b = human_string(upper);
-            if (a && b) {
-                fprintf(stderr,
-                        "qbm: %s: BASE is above TOP (%s is in the backing "
-                        "chain of %s); did you mean 'qbm %s %s %s'?\n",
-                        cmd, a, b, cmd, second, first);
-            }
+            tool_error(cmd,
+                       "BASE is above TOP (%s is in the backing chain of "
+                       "%s); did you mean 'qbm %s %s %s'?",
+                       lower, upper, cmd, second, first);
             break;
         }
     }
-    free(a);
-    free(b);
     qbm_chain_close(ch);
 }
 

@@ -235,6 +235,13 @@ def escapes(suite, tmp):
     if p.returncode != 1 or b"\x1b" in p.stderr or \
             b"'x\\x1b[31m'" not in p.stderr:
         raise Fail("dump: the error is %r" % p.stderr)
+    # A warning: copy skips the in-use bitmap.
+    other = qemu_img_create(os.path.join(tmp, "b.qcow2"), MiB)
+    p = subprocess.run([qbm.path, "copy", img, other],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if p.returncode != 0 or b"\x07" in p.stderr or \
+            b"'b\\x07\\xffz'" not in p.stderr:
+        raise Fail("copy: the warning is %r" % p.stderr)
     info = json.loads(qbm("info", "--output=json", img).stdout)
     want = "b\x07\ufffdz"
     if info["bitmaps"][0]["name"] != want or \
