@@ -114,14 +114,17 @@ def scenario(suite, tmp, rng):
             opts.append("data_file=" + data_file)
             if rng.random() < 0.5:
                 opts.append("data_file_raw=on")
+    backing_fmt = "qcow2"
     if rng.random() < 0.4 and "data_file_raw=on" not in opts:
-        qemu_img_create(os.path.join(tmp, "base.qcow2"), size)
-        backing = "base.qcow2"
+        # A raw layer has only a few keys, as in qemu-img's chain.
+        backing_fmt = rng.choice(["qcow2", "qcow2", "raw"])
+        backing = "base." + backing_fmt
+        qemu_img_create(os.path.join(tmp, backing), size, fmt=backing_fmt)
     img = os.path.join(tmp, "top.qcow2")
     # QEMU opens a relative data file name from the working directory.
     cmd = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
     if backing:
-        cmd += ["-b", backing, "-F", "qcow2"]
+        cmd += ["-b", backing, "-F", backing_fmt]
     run_in = dict(cwd=tmp)
     qemu_img(*(cmd + [img, str(size)]), **run_in)
     if rng.random() < 0.5:
