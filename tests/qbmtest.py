@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import random
+import select
 import shlex
 import shutil
 import signal
@@ -218,26 +219,27 @@ def qemu_bitmaps(img, force_share=False):
 @contextlib.contextmanager
 def qemu_io_holding(img, fmt="qcow2", timeout=60):
     """A qemu-io that holds IMG open for writing (QEMU's writer locks, its
-    bitmaps marked in use) until the block ends."""
+    bitmaps marked in use) until the block ends. It has opened the image
+    once it answers a read (polling with another QEMU tool instead would
+    race with its opening: a reader's locks make it fail)."""
     err = tempfile.TemporaryFile()
     p = subprocess.Popen(["qemu-io", "-f", fmt, img], stdin=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, stderr=err)
+                         stdout=subprocess.PIPE, stderr=err)
     try:
+        p.stdin.write(b"read 0 512\n")
+        p.stdin.flush()
         deadline = time.monotonic() + timeout
-        # Locked once a reader that takes locks is refused.
-        while True:
-            q = run(["qemu-img", "info", img], ok=None)
-            if q.returncode != 0 and "lock" in q.stderr:
-                break
-            if p.poll() is not None or time.monotonic() > deadline:
+        out = b""
+        while b"read 512/512 bytes" not in out:
+            left = deadline - time.monotonic()
+            ready = select.select([p.stdout], [], [], max(left, 0))[0]
+            chunk = os.read(p.stdout.fileno(), 4096) if ready else b""
+            if not chunk:
                 err.seek(0)
-                raise Fail("qemu-io did not hold %s (%s): %s; qemu-img "
-                           "info: exit %d %s" % (
-                               img, "exit %d" % p.returncode
-                               if p.returncode is not None else "running",
-                               err.read().decode(errors="replace").strip(),
-                               q.returncode, q.stderr.strip()))
-            time.sleep(0.05)
+                raise Fail("qemu-io did not open %s (%s): %s" % (
+                    img, "exit %d" % p.wait() if ready else "timeout",
+                    err.read().decode(errors="replace").strip()))
+            out += chunk
         yield p
     finally:
         if p.poll() is None:
