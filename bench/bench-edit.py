@@ -17,15 +17,14 @@ disjoint from base: every data cluster of t changes), clear, remove.
 Prints medians, qemu-img/qbm ratios and peak RSS (from /usr/bin/time -v).
 Targets: qbm at least 10x faster; a sparse bitmap edited in under 10 ms.
 """
-import argparse
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
-from images import TiB, make_dense, make_many, make_sparse, rss, run
+from images import (TiB, make_dense, make_many, make_sparse, parser, rss, run,
+                    work_dir)
 from qbmtest import qemu_img_check
 
 
@@ -86,20 +85,11 @@ def bench_case(qbm, name, a, b, other, reps, alt):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--qbm", default=os.path.join(here, "..", "build",
-                                                  "tools", "qbm"))
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--dir", default=os.environ.get("QBM_BENCH_DIR",
-                                                    "/var/tmp"))
-    ap.add_argument("--bitmaps", type=int, default=1000)
-    args = ap.parse_args()
+    args = parser(__doc__, 7, bitmaps=True).parse_args()
     qbm = os.path.abspath(args.qbm)
-    d = tempfile.mkdtemp(prefix="qbm-bench-edit-", dir=args.dir)
+    d = work_dir(args, "edit")
     ok = True
     try:
-        print("building images in %s ..." % d, flush=True)
         cases = []
         for name, maker, size in (("sparse 16 TiB", make_sparse, 16 * TiB),
                                   ("dense 16 TiB", make_dense, 16 * TiB),

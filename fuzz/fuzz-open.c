@@ -9,18 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "fuzz-common.h"
 #include "qbm.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(cond)                                                           \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            fprintf(stderr, "invariant failed: %s (%s:%d)\n", #cond,          \
-                    __FILE__, __LINE__);                                      \
-            abort();                                                          \
-        }                                                                     \
-    } while (0)
 
 struct walk {
     uint64_t size, next, sum, count;

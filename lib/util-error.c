@@ -48,6 +48,18 @@ int qbm_err_prefix(int ret, const char *fmt, ...)
     return ret;
 }
 
+int qbm_public_ret_cb(int r, int user_ret)
+{
+    if (r < 0) {
+        return -1;
+    }
+    if (user_ret) {
+        qbm_err(ECANCELED, "stopped by the callback");
+        return user_ret;
+    }
+    return 0;
+}
+
 const char *qbm_err_message(void)
 {
     return last_msg;
@@ -66,6 +78,18 @@ QBM_API const char *qbm_get_error(void)
 QBM_API int qbm_get_errno(void)
 {
     return last_errno;
+}
+
+int qbm_progress_report(struct qbm_progress *p, uint64_t done, uint64_t total)
+{
+    if (!p || !p->fn) {
+        return 0;
+    }
+    p->user_ret = p->fn(p->opaque, done, total);
+    if (p->user_ret) {
+        return qbm_err(ECANCELED, "stopped by the progress callback");
+    }
+    return 0;
 }
 
 QBM_API const char *qbm_version(void)

@@ -135,7 +135,7 @@ static struct qbm_io *run(const uint8_t *buf, size_t len, uint64_t point,
                 exit(2);
             }
         }
-        *ret_rc = qbm_consolidate_images(img, incs, (size_t)n, NULL, NULL);
+        *ret_rc = qbm_consolidate_images(img, incs, (size_t)n, NULL);
         for (i = 0; i < n; i++) {
             qbm_close(incs[i]);
         }

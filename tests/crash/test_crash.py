@@ -144,22 +144,45 @@ def scenarios(tmp):
     ]
 
 
+def run_harness(suite, harness, tmp, backing, desc, img, seeds, op,
+                opts=()):
+    """Run the harness (with its options opts) on img with its crash images
+    going to a new directory, where backing (a file of tmp) is linked so
+    that relative backing names resolve: the directory and the harness's
+    output (its number of write and flush points), or None after reporting
+    a failure."""
+    out = tempfile.mkdtemp(dir=tmp)
+    os.symlink(os.path.join(tmp, backing), os.path.join(out, backing))
+    p = run([harness] + list(opts) + [img, out, str(seeds)] + op, ok=None)
+    if p.returncode != 0:
+        suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
+        return None
+    return out, p.stdout.strip()
+
+
+def crash_images(out):
+    """The crash images the harness left in out, in name order, each with
+    qemu-img check's verdict: (name, path, the completed check)."""
+    for f in sorted(os.listdir(out)):
+        if f.startswith("crash-"):
+            path = os.path.join(out, f)
+            yield f, path, qemu_img_check(path, ok=None)
+
+
 def check_failures(suite, qbm, harness, tmp, desc, img, op, err):
     """Fail each write/flush point of the edit once with err; judge the
     images left behind. Returns how many were judged."""
-    out = tempfile.mkdtemp(dir=tmp)
-    os.symlink(os.path.join(tmp, "back.qcow2"),
-               os.path.join(out, "back.qcow2"))
     label = "%s, %s" % (desc, errno.errorcode[err])
-    p = run([harness, "--fail=%d" % err, img, out, "1"] + op, ok=None)
-    if p.returncode != 0:
-        suite.fail("%s: harness: %s" % (label, p.stderr.strip()))
+    ran = run_harness(suite, harness, tmp, "back.qcow2", label, img, 1, op,
+                      opts=["--fail=%d" % err])
+    if not ran:
         return 0
+    out, npoints = ran
     before = state(qbm, img)
     after = state(qbm, os.path.join(out, "after.qcow2"))
     size = os.path.getsize(img)
     n = 0
-    for point in range(1, int(p.stdout.strip()) + 1):
+    for point in range(1, int(npoints) + 1):
         path = os.path.join(out, "failed-%d.qcow2" % point)
         with open(os.path.join(out, "failed-%d.txt" % point)) as f:
             msg = f.read().strip()
@@ -206,22 +229,16 @@ def main():
         make(tmp, "back32.qcow2", 32 << 20, None, [], ["write -P 9 0 32M"])
         for desc, img, seeds, *op in content_scenarios(tmp):
             seeds = min(seeds, args.seeds or seeds)
-            out = tempfile.mkdtemp(dir=tmp)
-            os.symlink(os.path.join(tmp, "back32.qcow2"),
-                       os.path.join(out, "back32.qcow2"))
-            p = run([args.harness, img, out, str(seeds)] + op, ok=None)
-            if p.returncode != 0:
-                suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
+            ran = run_harness(suite, args.harness, tmp, "back32.qcow2", desc,
+                              img, seeds, op)
+            if not ran:
                 continue
+            out, npoints = ran
             after_img = os.path.join(out, "after.qcow2")
             if qemu_img_check(after_img, ok=None).returncode != 0:
                 suite.fail("%s: after the edit, qemu-img check fails" % desc)
-            for f in sorted(os.listdir(out)):
-                if not f.startswith("crash-"):
-                    continue
-                path = os.path.join(out, f)
+            for f, path, c in crash_images(out):
                 checked += 1
-                c = qemu_img_check(path, ok=None)
                 same = [qemu_img_compare(path, ref)
                         for ref in (img, after_img)]
                 if c.returncode not in (0, 3) or not any(same):
@@ -229,20 +246,17 @@ def main():
                                % (desc, f, c.returncode, same))
                 os.unlink(path)
             print("ok: %s (%s write/flush points x %d seeds)" %
-                  (desc, p.stdout.strip(), seeds))
+                  (desc, npoints, seeds))
         edits = scenarios(tmp)
         for desc, img, seeds, *op in edits:
             seeds = min(seeds, args.seeds or seeds)
-            out = tempfile.mkdtemp(dir=tmp)
-            # Backing names are relative: keep them resolvable from out.
-            os.symlink(os.path.join(tmp, "back.qcow2"),
-                       os.path.join(out, "back.qcow2"))
             before = state(qbm, img)
             digest = hashlib.sha256(open(img, "rb").read()).hexdigest()
-            p = run([args.harness, img, out, str(seeds)] + op, ok=None)
-            if p.returncode != 0:
-                suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
+            ran = run_harness(suite, args.harness, tmp, "back.qcow2", desc,
+                              img, seeds, op)
+            if not ran:
                 continue
+            out, npoints = ran
             if hashlib.sha256(open(img, "rb").read()).hexdigest() != digest:
                 suite.fail("%s: the input image changed" % desc)
             after_img = os.path.join(out, "after.qcow2")
@@ -260,13 +274,8 @@ def main():
                 suite.fail("%s: the edit changed nothing" % desc)
             if "growth" in desc and reftable(after_img) == reftable(img):
                 suite.fail("%s: the refcount table did not grow" % desc)
-            npoints = int(p.stdout.strip())
-            for f in sorted(os.listdir(out)):
-                if not f.startswith("crash-"):
-                    continue
-                path = os.path.join(out, f)
+            for f, path, c in crash_images(out):
                 checked += 1
-                c = qemu_img_check(path, ok=None)
                 if c.returncode not in (0, 3):
                     suite.fail("%s, %s: qemu-img check rc=%d:\n%s" %
                                (desc, f, c.returncode, c.stdout + c.stderr))
@@ -282,7 +291,7 @@ def main():
                                "   %s" % (desc, f, before, after, got))
                 os.unlink(path)
             print("ok: %s (%d write/flush points x %d seeds)" %
-                  (desc, npoints, seeds))
+                  (desc, int(npoints), seeds))
         for k, (desc, img, seeds, *op) in enumerate(edits):
             for err in (errno.ENOSPC, errno.EIO) if k < 3 else (
                     errno.ENOSPC,):

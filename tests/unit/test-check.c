@@ -18,7 +18,7 @@
 #include <malloc.h>
 #endif
 
-#include "internal.h"
+#include "testlib.h"
 
 #define CS 4096ull
 /* The writer's layout with 4 KiB clusters: header, refcount table, one
@@ -77,22 +77,13 @@ static const struct qbm_io_ops count_ops = {
  * of at least 4 clusters); the file ends at or inside its L1 cluster. */
 static uint8_t *fresh_image(size_t *ret_len)
 {
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    uint8_t *copy;
-    const uint8_t *b;
+    uint8_t *b = tl_image_bytes(64 << 20, NULL, 0, ret_len), *copy;
 
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, 64 << 20, 12, NULL, NULL, NULL, 0,
-                                       &w), 0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    b = qbm_io_mem_data(io, ret_len);
     assert_true(*ret_len > L1_OFF && *ret_len <= L1_OFF + CS);
     /* Room for the edits below, inside the same clusters. */
     copy = calloc(1, L1_OFF + CS);
     memcpy(copy, b, *ret_len);
-    qbm_io_close(io);
+    free(b);
     assert_int_equal(be64_load(copy + 40), L1_OFF);
     assert_int_equal(be64_load(copy + 48), RT_OFF);
     assert_int_equal(be64_load(copy + RT_OFF), RB_OFF);
@@ -130,6 +121,21 @@ static int collect(void *opaque, int kind, uint64_t off, const char *msg)
     return 0;
 }
 
+/* qbm_check of the image BUF (LEN bytes) into `p`: the bytes it read. */
+static uint64_t check_counted(const uint8_t *buf, size_t len,
+                              struct problems *p)
+{
+    struct count_io *io;
+    struct qbm_image *img = open_counted(buf, len, &io);
+    uint64_t nread;
+
+    io->read = 0;
+    assert_int_equal(qbm_check(img, collect, p), 0);
+    nread = io->read;
+    qbm_close(img);
+    return nread;
+}
+
 /*
  * An L1 table of 4 Mi entries (32 MiB, the most qbm accepts) in a 16 KiB
  * file: the part past the end of the file references nothing and is not
@@ -140,18 +146,14 @@ static void test_l1_past_eof(void **state)
     size_t len;
     uint8_t *buf = fresh_image(&len);
     struct problems p = { .n = 0 };
-    struct count_io *io;
-    struct qbm_image *img;
+    uint64_t nread;
 
     be32_store(buf + 36, QCOW2_MAX_L1_BYTES / 8);
-    img = open_counted(buf, len, &io);
-    io->read = 0;
-    assert_int_equal(qbm_check(img, collect, &p), 0);
+    nread = check_counted(buf, len, &p);
     assert_int_equal(p.n, 1);
     assert_string_equal(p.text[0], "1 L1 table at 0x3000: beyond the "
                         "clusters the refcounts describe");
-    assert_true(io->read < 64 * 1024);
-    qbm_close(img);
+    assert_true(nread < 64 * 1024);
     free(buf);
 }
 
@@ -162,21 +164,17 @@ static void test_l2_past_eof(void **state)
     size_t len, i;
     uint8_t *buf = fresh_image(&len);
     struct problems p = { .n = 0 };
-    struct count_io *io;
-    struct qbm_image *img;
+    uint64_t nread;
 
     for (i = 0; i < 32; i++) {
         be64_store(buf + L1_OFF + i * 8, (1000 + i) * CS);
     }
-    img = open_counted(buf, len, &io);
-    io->read = 0;
-    assert_int_equal(qbm_check(img, collect, &p), 0);
+    nread = check_counted(buf, len, &p);
     assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 32);
     assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
     assert_string_equal(p.text[0], "1 L2 table at 0x3e8000: beyond the "
                         "clusters the refcounts describe");
-    assert_true(io->read < 32 * CS);
-    qbm_close(img);
+    assert_true(nread < 32 * CS);
     free(buf);
 }
 
@@ -189,22 +187,18 @@ static void test_refblocks_past_eof(void **state)
     size_t len, i;
     uint8_t *buf = fresh_image(&len);
     struct problems p = { .n = 0 };
-    struct count_io *io;
-    struct qbm_image *img;
+    uint64_t nread;
 
     for (i = 1; i < CS / 8; i++) {
         be64_store(buf + RT_OFF + i * 8, (1000 + i) * CS);
     }
-    img = open_counted(buf, len, &io);
-    io->read = 0;
-    assert_int_equal(qbm_check(img, collect, &p), 0);
+    nread = check_counted(buf, len, &p);
     /* Each block is a reference past the refcounts, and nothing else. */
     assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], CS / 8 - 1);
     assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
     assert_string_equal(p.text[0], "1 refcount block at 0x3e9000: beyond "
                         "the clusters the refcounts describe");
-    assert_true(io->read < 64 * 1024);
-    qbm_close(img);
+    assert_true(nread < 64 * 1024);
     free(buf);
 }
 
@@ -415,19 +409,9 @@ static void test_allocation_failures(void **state)
 static uint8_t *bitmap_image(size_t *ret_len)
 {
     size_t len;
-    uint8_t *buf = fresh_image(&len), *copy;
-    struct qbm_image *img;
-    const uint8_t *b;
+    uint8_t *buf = fresh_image(&len);
+    uint8_t *copy = tl_mem_with_bitmap(buf, len, "a", 65536, 1 << 20, ret_len);
 
-    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
-    assert_non_null(img);
-    assert_int_equal(qbm_bitmap_add(img, "a", 65536, 0), 0);
-    assert_int_equal(qbm_bitmap_set_dirty(img, "a", 0, 1 << 20), 0);
-    assert_int_equal(qbm_commit(img), 0);
-    b = qbm_io_mem_data(img->io, ret_len);
-    copy = malloc(*ret_len);
-    memcpy(copy, b, *ret_len);
-    qbm_close(img);
     free(buf);
     return copy;
 }
