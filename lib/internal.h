@@ -936,6 +936,9 @@ struct qcow2_meta {
     uint64_t owner;   /* file offset of the structure pointing here */
     uint64_t index;   /* its entry that does (table index, snapshot or
                        * bitmap number), or UINT64_MAX */
+    uint32_t refs;    /* the references this report stands for: 1, or for
+                       * the data clusters of an L2 table that several L1
+                       * entries share (walked once), their number */
 };
 
 /* Return 0 to go on, a positive value to stop, or -errno. */
@@ -952,10 +955,14 @@ typedef int (*qcow2_meta_problem_fn)(void *opaque, const struct qcow2_meta *m,
  * Report every structure of img, in this order: header, refcount table
  * and blocks, active L1 table (each L2 table after its entry, then its
  * data), snapshot table, each snapshot's L1 table likewise, encryption
- * header, bitmap directory, each bitmap's table and data clusters. Bitmaps
- * added in this session (no table on disk yet) are left out; every bitmap
- * table is loaded. Tables are read only up to the end of the file. Returns
- * 0, -errno, or the first positive value of fn or problem_fn (optional).
+ * header, bitmap directory, each bitmap's table and data clusters. An L2
+ * table is reported once per L1 entry pointing to it, but its data (and
+ * its bad entries) only after the first such entry, once, each data
+ * cluster with `refs` the number of those entries in all L1 tables.
+ * Bitmaps added in this session (no table on disk yet) are left out; every
+ * bitmap table is loaded. Tables are read only up to the end of the file.
+ * Returns 0, -errno, or the first positive value of fn or problem_fn
+ * (optional).
  */
 int qcow2_meta_walk(struct qbm_image *img, unsigned flags, qcow2_meta_fn fn,
                     qcow2_meta_problem_fn problem_fn, void *opaque);

@@ -79,8 +79,9 @@ static void problem(struct check *c, int kind, uint64_t off, const char *fmt,
     c->stop = c->fn(c->opaque, kind, off, msg);
 }
 
+/* Count `refs` references to the clusters of [off, off + len). */
 static void add_ref(struct check *c, uint64_t off, uint64_t len,
-                    const char *what)
+                    const char *what, uint32_t refs)
 {
     uint64_t first = off / c->cs, end, i;
 
@@ -105,9 +106,9 @@ static void add_ref(struct check *c, uint64_t off, uint64_t len,
             c->err = -ENOMEM;
             break;
         }
-        if ((*page)[i % REF_PAGE] < UINT32_MAX) {
-            (*page)[i % REF_PAGE]++;
-        }
+        (*page)[i % REF_PAGE] += refs < UINT32_MAX - (*page)[i % REF_PAGE]
+                                     ? refs
+                                     : UINT32_MAX - (*page)[i % REF_PAGE];
     }
 }
 
@@ -142,7 +143,7 @@ static int count_found(void *opaque, const struct qcow2_meta *m)
     }
     /* Unaligned ones were reported as bad entries of their tables. */
     if (!m->misaligned) {
-        add_ref(c, m->offset, m->length, m->what);
+        add_ref(c, m->offset, m->length, m->what, m->refs);
     }
     return c->err ? c->err : c->stop ? 1 : 0;
 }
