@@ -21,6 +21,7 @@ a backup) must leave every file as it was. Seeded; QBM_TEST_SEED
 reproduces a run.
 """
 import hashlib
+import json
 import mmap
 import os
 import shutil
@@ -93,8 +94,11 @@ def subtract(extents, minus):
 def verify_extents(qbm, *args):
     """qbm verify --output=json ARGS: (exit, extents)."""
     p = qbm("verify", "--output=json", *args, ok=(0, 2))
-    import json
-    d = json.loads(p.stdout)
+    try:
+        d = json.loads(p.stdout)
+    except ValueError:
+        raise Fail("qbm verify %s: exit %d, no JSON on stdout: %s" % (
+            " ".join(args), p.returncode, p.stderr.strip())) from None
     ext = [(e["offset"], e["length"]) for e in d["extents"]]
     if d["differing-bytes"] != sum(x[1] for x in ext):
         raise Fail("verify: differing-bytes %d is not the sum of its "
