@@ -17,6 +17,7 @@
  */
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -218,6 +219,68 @@ static int walk(struct diff *d, bool count)
     return r ? r : flush_run(d);
 }
 
+QBM_DARRAY(map_vec, struct qcow2_map_extent);
+
+/*
+ * A raw layer is one data extent (qcow2_map_walk); keep only the parts
+ * its file holds (SEEK_DATA), since a hole reads as zeros: a sparse raw
+ * full backup is then read where it has data, as a qcow2 one.
+ */
+static int sparse_raw(struct qbm_image **layers, struct qcow2_map_extent **map,
+                      size_t *n)
+{
+    struct map_vec out = { 0 };
+    size_t i;
+    int r = 0;
+
+    for (i = 0; i < *n && r == 0; i++) {
+        struct qcow2_map_extent e = (*map)[i];
+        int fd = qbm_io_fd(layers[e.layer]->io);
+        uint64_t end = e.host + e.len, pos = e.host;
+
+        if (!layers[e.layer]->raw || e.type != QCOW2_MAP_DATA || fd < 0) {
+            r = qbm_darray_push(&out, e, 0);
+            continue;
+        }
+        while (pos < end && r == 0) {
+            off_t d = lseek(fd, (off_t)pos, SEEK_DATA), h;
+            struct qcow2_map_extent p = e;
+
+            if (d < 0 && errno == ENXIO) {
+                break; /* a hole up to the end of the file */
+            }
+            if (d < 0) {
+                /* No SEEK_DATA here: all of it is data. */
+                p.guest = e.guest + (pos - e.host);
+                p.host = pos;
+                p.len = end - pos;
+                r = qbm_darray_push(&out, p, 0);
+                break;
+            }
+            if ((uint64_t)d >= end) {
+                break;
+            }
+            h = lseek(fd, d, SEEK_HOLE);
+            if (h < 0 || (uint64_t)h > end) {
+                h = (off_t)end;
+            }
+            p.guest = e.guest + ((uint64_t)d - e.host);
+            p.host = (uint64_t)d;
+            p.len = (uint64_t)h - (uint64_t)d;
+            r = qbm_darray_push(&out, p, 0);
+            pos = (uint64_t)h;
+        }
+    }
+    if (r < 0) {
+        qbm_darray_free(&out);
+        return r;
+    }
+    free(*map);
+    *map = out.v;
+    *n = out.n;
+    return 0;
+}
+
 /*
  * Compare the disk `disk[0..nd)` (a backing chain, top first) with the
  * backups `bk[0..nb)` (newest first) in granules of `gran` bytes: fn gets
@@ -240,6 +303,8 @@ static int diff_run(struct qbm_image **disk, size_t nd, struct qbm_image **bk,
     d.s[1].layers = bk;
     r = qbm_resolve(disk, nd, d.size, &d.s[0].map, &d.s[0].n);
     r = r ? r : qbm_resolve(bk, nb, d.size, &d.s[1].map, &d.s[1].n);
+    r = r ? r : sparse_raw(disk, &d.s[0].map, &d.s[0].n);
+    r = r ? r : sparse_raw(bk, &d.s[1].map, &d.s[1].n);
     if (r == 0) {
         /* calloc maps untouched zero pages: reading them stays in cache. */
         zeros = qbm_calloc(1, BLOCK);

@@ -181,7 +181,10 @@ def scenario(qbm, tmp, rng, desc):
                    (p.stdout, want_bytes))
     if hashlib.sha256(open(disk, "rb").read()).hexdigest() != before:
         raise Fail("rebuild --dry-run changed the image")
-    qbm("rebuild", *gargs, disk, ck, full, *incs)
+    p = qbm("rebuild", "-p", *gargs, disk, ck, full, *incs)
+    if "100.00/100%" not in p.stderr or p.stdout:
+        raise Fail("rebuild -p: stdout %r, no final progress in %r" %
+                   (p.stdout, p.stderr[-200:]))
     qemu_img_check(disk)
     bm = qemu_bitmaps(disk)
     if bm.get(ck) != (expect_gran, ["auto"]):
