@@ -520,7 +520,7 @@ static int verify_cb(void *opaque, uint64_t off, uint64_t len)
 }
 
 static int verify(const char *image, const char *const *backups, size_t n,
-                  const char *bitmap, struct qbm_extent_wrap *w,
+                  const char *bitmap, unsigned flags, struct qbm_extent_wrap *w,
                   qbm_progress_fn progress, void *opaque)
 {
     struct verify_ctx c = { .filter = bitmap != NULL, .w = w };
@@ -533,7 +533,11 @@ static int verify(const char *image, const char *const *backups, size_t n,
     if (r < 0) {
         return r;
     }
-    r = qbm_impl_chain_open(image, QBM_OPEN_ANY_FORMAT, &ch);
+    r = qbm_impl_chain_open(
+        image,
+        QBM_OPEN_ANY_FORMAT |
+            ((flags & QBM_VERIFY_FORCE_SHARE) ? QBM_OPEN_FORCE_SHARE : 0),
+        &ch);
     if (r < 0) {
         return qbm_err_prefix(r, "%s", image);
     }
@@ -567,15 +571,16 @@ static int verify(const char *image, const char *const *backups, size_t n,
 }
 
 QBM_API int qbm_verify(const char *image, const char *const *backups, size_t n,
-                       const char *bitmap, qbm_extent_fn fn, void *opaque,
-                       qbm_progress_fn progress, void *progress_opaque)
+                       const char *bitmap, unsigned flags, qbm_extent_fn fn,
+                       void *opaque, qbm_progress_fn progress,
+                       void *progress_opaque)
 {
     struct qbm_extent_wrap w = { fn, opaque, 0 };
     int r;
 
-    if (!image || !backups || !fn) {
+    if (!image || !backups || !fn || (flags & ~QBM_VERIFY_MASK)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    r = verify(image, backups, n, bitmap, &w, progress, progress_opaque);
+    r = verify(image, backups, n, bitmap, flags, &w, progress, progress_opaque);
     return qbm_public_ret_cb(r, w.user_ret);
 }

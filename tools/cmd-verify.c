@@ -7,9 +7,9 @@
 #include "qbm-tool.h"
 
 static const char usage[] =
-    "Usage: qbm verify [--bitmap NAME] [--output=human|json] [-p] IMAGE "
-    "FULL\n"
-    "                  [INCREMENTAL...]\n"
+    "Usage: qbm verify [--bitmap NAME] [--output=human|json] [-p] [-U] "
+    "IMAGE\n"
+    "                  FULL [INCREMENTAL...]\n"
     "List the extents (in 512-byte sectors) where IMAGE, read through its\n"
     "backing chain, differs from what FULL plus the INCREMENTALs restore\n"
     "to (as 'qbm restore').\n\n"
@@ -18,6 +18,9 @@ static const char usage[] =
     "                       or a wrong bitmap)\n"
     "      --output=FORMAT  human (default) or json\n"
     "  -p                   show progress\n"
+    "  -U, --force-share    do not take QEMU's locks on IMAGE and its backing\n"
+    "                       files (a disk a VM writes meanwhile may compare\n"
+    "                       as anything)\n"
     "  -h, --help           show this help\n"
     "Exit status: 0 no difference, 2 differences, 1 could not verify.\n";
 
@@ -47,6 +50,7 @@ int cmd_verify(int argc, char **argv)
     static const struct option opts[] = {
         { "bitmap", required_argument, NULL, 'B' },
         { "output", required_argument, NULL, 'o' },
+        { "force-share", no_argument, NULL, 'U' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -58,10 +62,11 @@ int cmd_verify(int argc, char **argv)
     const char *const *backups;
     unsigned last = (unsigned)-1;
     bool progress = false;
+    unsigned flags = 0;
     size_t n, i;
     int c, r;
 
-    while ((c = getopt_long(argc, argv, "+B:ph", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+B:pUh", opts, NULL)) != -1) {
         switch (c) {
         case 'B':
             bitmap = optarg;
@@ -73,6 +78,9 @@ int cmd_verify(int argc, char **argv)
             break;
         case 'p':
             progress = true;
+            break;
+        case 'U':
+            flags |= QBM_VERIFY_FORCE_SHARE;
             break;
         case 'h':
             fputs(usage, stdout);
@@ -88,7 +96,7 @@ int cmd_verify(int argc, char **argv)
     backups = (const char *const *)argv + optind + 1;
     n = (size_t)(argc - optind - 1);
     v.fmt = fmt;
-    r = qbm_verify(image, backups, n, bitmap, add_extent, &v,
+    r = qbm_verify(image, backups, n, bitmap, flags, add_extent, &v,
                    progress ? show_progress : NULL, &last);
     if (r != 0) {
         if (progress) {

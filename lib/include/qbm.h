@@ -458,14 +458,19 @@ QBM_API int qbm_rebuild(const char *image, const char *name,
  * IMAGE's top layer; refused when in use), only the parts of those
  * extents that it marks clean: writes it missed, a corrupt backup, or a
  * wrong bitmap. Everything is opened read-only with read locks (refused
- * while a VM writes IMAGE). fn gets `opaque`; progress (may be NULL)
- * counts the bytes read and gets `progress_opaque`. Returns 0 (fn saw
- * every difference, maybe none), -1 when the comparison could not be
+ * while a VM writes IMAGE), except IMAGE and its backing files with
+ * QBM_VERIFY_FORCE_SHARE (no locks, as qemu-img -U: a disk a VM writes
+ * meanwhile may compare as anything). fn gets `opaque`; progress (may be
+ * NULL) counts the bytes read and gets `progress_opaque`. Returns 0 (fn
+ * saw every difference, maybe none), -1 when the comparison could not be
  * made, or fn's non-zero value (errno ECANCELED).
  */
+#define QBM_VERIFY_FORCE_SHARE 0x1u
+#define QBM_VERIFY_MASK 0x1u
 QBM_API int qbm_verify(const char *image, const char *const *backups, size_t n,
-                       const char *bitmap, qbm_extent_fn fn, void *opaque,
-                       qbm_progress_fn progress, void *progress_opaque);
+                       const char *bitmap, unsigned flags, qbm_extent_fn fn,
+                       void *opaque, qbm_progress_fn progress,
+                       void *progress_opaque);
 
 /*
  * Make `backing` (with format `format`, e.g. "qcow2" or "raw") the backing

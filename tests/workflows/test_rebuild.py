@@ -272,6 +272,12 @@ def refusals(qbm, tmp):
                                (cmd[0], tool, p.stderr))
             if sha(disk) != before:
                 raise Fail("rebuild changed a disk %s holds" % tool)
+            # -U reads it anyway, as qemu-img -U does (the first 64 KiB
+            # changed since the full backup).
+            p = qbm("verify", "-U", disk, full, ok=(2,))
+            if "0 65536" not in p.stdout.splitlines():
+                raise Fail("verify -U with %s holding the disk: %r" %
+                           (tool, p.stdout))
     # Misuse.
     qbm("rebuild", disk, "ck", ok=(2,))
     qbm("verify", disk, ok=(2,))
