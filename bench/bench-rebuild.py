@@ -5,7 +5,8 @@
 For each disk size (1 GiB and 8 GiB by default), builds a sparse qcow2
 disk about 25 % allocated by scattered writes of 64 KiB to 4 MiB (so its
 data clusters lie in write order, not guest order, as a VM leaves them),
-a full backup (qbm extract --full), two incrementals (qbm extract
+a full backup (qbm extract --full, or with --raw-full a sparse raw one by
+qemu-img convert), two incrementals (qbm extract
 --rotate, ~2 % of the disk each), then ~5 % more writes and the checkpoint
 left in use, as a crash leaves it. Then times in one run, alternating:
 
@@ -58,13 +59,17 @@ def write_scattered(img, size, total, rng):
         run(["qemu-io", "-f", "qcow2"] + cmds + [img])
 
 
-def build(qbm, d, rng, size):
+def build(qbm, d, rng, size, raw_full):
     disk = os.path.join(d, "disk.qcow2")
     qemu_img_create(disk, size)
     write_scattered(disk, size, size // 4, rng)
     run([qbm, "add", disk, "ck0"])
-    full = os.path.join(d, "full.qcow2")
-    run([qbm, "extract", "--full", "-o", full, disk])
+    if raw_full:
+        full = os.path.join(d, "full.raw")
+        run(["qemu-img", "convert", "-O", "raw", disk, full])
+    else:
+        full = os.path.join(d, "full.qcow2")
+        run([qbm, "extract", "--full", "-o", full, disk])
     incs = []
     for i in (1, 2):
         write_scattered(disk, size, size // 50, rng)
@@ -88,7 +93,7 @@ def bench(qbm, args, size):
     rng = random.Random(size)
     d = work_dir(args, "rebuild")
     try:
-        disk, full, incs = build(qbm, d, rng, size)
+        disk, full, incs = build(qbm, d, rng, size, args.raw_full)
         inputs = [disk, full] + incs
         total = sum(os.path.getsize(f) for f in inputs)
         print("%d GiB disk: inputs %s MiB (%.0f MiB in all)" % (
@@ -131,6 +136,8 @@ def main():
     ap = parser(__doc__, 3)
     ap.add_argument("--sizes", default="1,8",
                     help="disk sizes in GiB, comma separated (default 1,8)")
+    ap.add_argument("--raw-full", action="store_true",
+                    help="a sparse raw full backup instead of a qcow2 one")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     qbm = os.path.abspath(args.qbm)
