@@ -26,6 +26,7 @@ import mmap
 import os
 import shutil
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
@@ -259,10 +260,18 @@ def refusals(qbm, tmp):
     # The disk in use by a running VM: qemu-io, or qemu-nbd without -r.
     for tool in ("qemu-io", "qemu-nbd"):
         with holding(disk, tool):
-            # Wait for QEMU to mark the bitmap in use: it writes the file.
+            # Wait for QEMU to mark the bitmap in use: it writes the file
+            # (and qemu-img info -U may read it half written meanwhile).
             for _ in range(600):
-                if "in-use" in qemu_bitmaps(disk, force_share=True)["ck"][1]:
-                    break
+                try:
+                    flags = qemu_bitmaps(disk, force_share=True)["ck"][1]
+                    if "in-use" in flags:
+                        break
+                except (Fail, KeyError, ValueError):
+                    pass
+                time.sleep(0.05)
+            else:
+                raise Fail("%s never marked bitmap ck in use" % tool)
             before = sha(disk)
             for cmd in (["rebuild", disk, "ck", full],
                         ["verify", disk, full]):
