@@ -307,6 +307,13 @@ fail:
 int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
                              qbm_chunk_fn fn, void *opaque)
 {
+    return qcow2_bitmap_read_chunk_range(img, bm, 0, UINT64_MAX, fn, opaque);
+}
+
+int qcow2_bitmap_read_chunk_range(struct qbm_image *img,
+                                  struct qcow2_bitmap *bm, uint64_t first,
+                                  uint64_t end, qbm_chunk_fn fn, void *opaque)
+{
     uint64_t nchunks = qcow2_bitmap_table_size(
         img->hdr.size, bm->granularity_bits, img->cluster_size);
     uint8_t *buf = NULL;
@@ -322,7 +329,10 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
     if (nchunks > bm->table_size) {
         nchunks = bm->table_size;
     }
-    for (i = 0; i < nchunks; i++) {
+    if (nchunks > end) {
+        nchunks = end;
+    }
+    for (i = first; i < nchunks; i++) {
         uint64_t e = bm->table[i];
         uint64_t off = e & BME_TABLE_OFFSET_MASK;
 

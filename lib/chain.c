@@ -137,12 +137,15 @@ static int open_layer(const char *name, const char *format, bool force_share,
     if (r < 0) {
         return r;
     }
-    return qbm_image_open_format(io, name,
-                                 !format ? QBM_FORMAT_PROBE
-                                 : strcmp(format, "qcow2") == 0
-                                     ? QBM_FORMAT_QCOW2
-                                     : QBM_FORMAT_RAW,
-                                 false, ret);
+    r = qbm_image_open_format(io, name,
+                              !format                        ? QBM_FORMAT_PROBE
+                              : strcmp(format, "qcow2") == 0 ? QBM_FORMAT_QCOW2
+                                                             : QBM_FORMAT_RAW,
+                              false, ret);
+    if (r == 0 && force_share) {
+        (*ret)->lock = QBM_LOCK_NONE; /* and so its data file */
+    }
+    return r;
 }
 
 int qbm_impl_chain_open(const char *filename, unsigned flags,

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* struct qbm_image: opening, validating and describing one image. */
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -15,6 +16,7 @@ static void image_free(struct qbm_image *img)
     if (img->io) {
         qbm_io_close(img->io);
     }
+    qbm_io_close(img->data_io);
     free(img->filename);
     free(img);
 }
@@ -213,6 +215,8 @@ static int image_open(struct qbm_io *io, const char *filename, bool rdwr,
     img->io = io;
     img->rdwr = rdwr;
     img->raw = raw;
+    /* see qbm_impl_open */
+    img->lock = rdwr && !raw ? QBM_LOCK_WRITE : QBM_LOCK_READ;
     img->filename = qbm_strndup(filename, strlen(filename));
     if (!img->filename) {
         image_free(img);
@@ -281,11 +285,60 @@ int qbm_impl_open(const char *filename, unsigned flags,
         return r;
     }
     /* Raw files are only ever read. */
-    return qbm_image_open_format(io, filename,
-                                 (flags & QBM_OPEN_ANY_FORMAT) && !rdwr
-                                     ? QBM_FORMAT_PROBE
-                                     : QBM_FORMAT_QCOW2,
-                                 rdwr, ret_img);
+    r = qbm_image_open_format(io, filename,
+                              (flags & QBM_OPEN_ANY_FORMAT) && !rdwr
+                                  ? QBM_FORMAT_PROBE
+                                  : QBM_FORMAT_QCOW2,
+                              rdwr, ret_img);
+    if (r == 0) {
+        (*ret_img)->lock = lock;
+    }
+    return r;
+}
+
+/*
+ * block/qcow2.c hands the stored name to bdrv_open_child() as it is, so a
+ * relative name is opened from the process's working directory, unlike a
+ * backing file name, which QEMU joins with the image's directory (checked
+ * with qemu-io 7.2: run from another directory, it fails to open the
+ * image, or reads another file of that name). Nor is the name parsed:
+ * qemu-io 7.2 (Debian 12's) opens "file:x", "nbd:h:1" and "json:{...}"
+ * as local files of those names. Reading the same file QEMU reads
+ * matters more than convenience: a backup of the wrong disk would
+ * succeed silently. The message for a missing file says where it was
+ * looked for.
+ */
+int qbm_image_data_open(struct qbm_image *img)
+{
+    const char *name = img->hdr.data_file;
+    char cwd[4096];
+    int r;
+
+    if (img->raw || img->data_io ||
+        !(img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE)) {
+        return 0;
+    }
+    if (!name || !name[0]) {
+        return qbm_err(EINVAL, "the image has an external data file but no "
+                               "data file name (QEMU needs a data-file "
+                               "option for it)");
+    }
+    /* Read only: qbm reads guest data, it never writes a data file. */
+    r = qbm_io_file_open(
+        name, false, img->lock == QBM_LOCK_NONE ? QBM_LOCK_NONE : QBM_LOCK_READ,
+        &img->data_io);
+    if (r < 0) {
+        img->data_io = NULL;
+        if (name[0] != '/' && getcwd(cwd, sizeof(cwd))) {
+            return qbm_err_prefix(r,
+                                  "external data file %s (a relative "
+                                  "name, opened from the working "
+                                  "directory %s, as QEMU opens it)",
+                                  name, cwd);
+        }
+        return qbm_err_prefix(r, "external data file %s", name);
+    }
+    return 0;
 }
 
 QBM_API struct qbm_image *qbm_open(const char *filename, unsigned flags)

@@ -174,6 +174,27 @@ static inline int qbm_public_ret(int r)
  * the internal result `r` is an error, else the callback's value
  * `user_ret` that stopped it (errno ECANCELED), else 0. */
 int qbm_public_ret_cb(int r, int user_ret);
+/*
+ * A caller's progress callback, wrapped as every callback is (docs/design.md,
+ * "Errors"): its non-zero value stops the operation and is kept here for
+ * the public call to return. Unlike a walk's stop, it fails inside the
+ * library with -ECANCELED, so that the operation's error paths (removing
+ * a temporary output, abandoning a transaction) run.
+ */
+struct qbm_progress {
+    qbm_progress_fn fn; /* may be NULL */
+    void *opaque;
+    int user_ret;
+};
+/* Report `done` of `total`: 0, or -ECANCELED when the callback stopped.
+ * `p` may be NULL. */
+int qbm_progress_report(struct qbm_progress *p, uint64_t done, uint64_t total);
+/* The public result for the internal result `r`: the callback's value when
+ * it stopped the operation, else as qbm_public_ret(). */
+static inline int qbm_progress_ret(const struct qbm_progress *p, int r)
+{
+    return r < 0 && p->user_ret ? p->user_ret : qbm_public_ret(r);
+}
 /* Allocation helpers that record ENOMEM. */
 void *qbm_malloc(size_t n);
 void *qbm_calloc(size_t n, size_t size);
@@ -312,6 +333,9 @@ int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
                      struct qbm_io **ret_io);
 /* Wrap an open descriptor (closed with the io). */
 int qbm_io_file_adopt(int fd, struct qbm_io **ret_io);
+/* Take QEMU's locks of `lock` on a file io (as qbm_io_file_open does), for
+ * a descriptor opened otherwise (a device opened O_EXCL). */
+int qbm_io_file_lock(struct qbm_io *io, enum qbm_lock_mode lock);
 /* A growable in-memory file; `buf` is copied. */
 int qbm_io_mem_open(const void *buf, size_t len, struct qbm_io **ret_io);
 /* Borrow the bytes of a memory io (for tests). */
@@ -485,9 +509,11 @@ int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn, void *opaque);
 
 /*
  * Host mapping of one layer: maximal guest runs with one kind of content.
- * DATA runs are host-contiguous (host = file offset of the first byte);
- * a COMPRESSED run is one cluster (host = its L2 entry); ZERO runs read as
- * zeros. Ranges falling through to the backing file are not reported.
+ * DATA runs are host-contiguous (host = file offset of the first byte, in
+ * the external data file when the image has one: qbm_image_data_open()
+ * must have opened it); a COMPRESSED run is one cluster (host = its L2
+ * entry); ZERO runs read as zeros. Ranges falling through to the backing
+ * file are not reported.
  */
 enum qcow2_map_type {
     QCOW2_MAP_DATA = 1,
@@ -532,6 +558,11 @@ int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
                       const char *backing, const char *backing_fmt,
                       const struct qcow2_out_run *runs, size_t nruns,
                       struct qcow2_writer **ret);
+/* Flush everything else before writing the header (an image written in
+ * place, whose header must never point at tables not yet on disk). */
+void qcow2_writer_set_ordered(struct qcow2_writer *w);
+/* Bytes the image takes: everything the plan writes lies below. */
+uint64_t qcow2_writer_end(const struct qcow2_writer *w);
 /* Host offset of data run `run`'s first cluster (the rest follow). */
 uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run);
 /* Write every metadata structure and the header, then flush. */
@@ -619,6 +650,10 @@ struct qbm_extent_state {
 int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
                            const uint8_t *data);
 int qbm_extent_state_finish(struct qbm_extent_state *st);
+/* Feed chunks [first, end) of `bm` (end clipped) to `st`, whose geometry
+ * must be the bitmap's; then finish it. */
+int qbm_bmap_walk_range(const struct qbm_bmap *bm, uint64_t first, uint64_t end,
+                        struct qbm_extent_state *st);
 
 /* ---- bitmap-dir.c: bitmaps extension, directory, tables ------------------ */
 
@@ -679,6 +714,10 @@ typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
                             const uint8_t *data);
 int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
                              qbm_chunk_fn fn, void *opaque);
+/* The same for chunks [first, end) only (end clipped to the table). */
+int qcow2_bitmap_read_chunk_range(struct qbm_image *img,
+                                  struct qcow2_bitmap *bm, uint64_t first,
+                                  uint64_t end, qbm_chunk_fn fn, void *opaque);
 /* A whole bitmap as a new qbm_bmap whose data chunks reference the
  * image's clusters (nothing is read until a chunk's bits are needed). */
 int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
@@ -696,6 +735,11 @@ struct qbm_image {
     bool raw;
     bool rdwr;
     struct qbm_io *io;
+    enum qbm_lock_mode lock; /* io's locks; the data file gets them too */
+    /* The external data file (incompatible feature bit 2), read only,
+     * once qbm_image_data_open() has opened it; NULL before and for
+     * images without one. */
+    struct qbm_io *data_io;
     uint64_t file_size;
     struct qcow2_header hdr;
 
@@ -773,6 +817,22 @@ int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
                               void *opaque);
 /* Reload every structure of an open image from its io (after a commit). */
 int qbm_image_reload(struct qbm_image *img);
+/*
+ * Open the external data file of an image that has one (qcow2 spec,
+ * "Header": incompatible feature bit 2; "Header extensions": external data
+ * file name), read only and locked as the image is (shared read locks, or
+ * none for an image opened with -U), once; 0 at once for other images.
+ * The name is opened as QEMU opens it: as a local file name, never parsed
+ * for a protocol, a relative one from the working directory. Guest data that
+ * qcow2_map_walk() reports as DATA is then read from qbm_image_data_io(), at
+ * the L2 entries' host offsets.
+ */
+int qbm_image_data_open(struct qbm_image *img);
+/* Where an image's guest data clusters live: its data file, or itself. */
+static inline struct qbm_io *qbm_image_data_io(struct qbm_image *img)
+{
+    return img->data_io ? img->data_io : img->io;
+}
 
 /* ---- image-bitmap.c: bitmap queries
  * -------------------------------------------- */
@@ -1042,7 +1102,7 @@ int qbm_impl_commit(struct qbm_image *img);
 
 /* Fold `layers` (newest first) into the opened full `img`. */
 int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
-                           size_t n, qbm_progress_fn progress, void *opaque);
+                           size_t n, struct qbm_progress *progress);
 
 /* ---- op-restore.c: the backups as restore reads them ----------------------
  */
@@ -1057,8 +1117,9 @@ int qbm_backups_open(const char *const *images, size_t n,
                      struct qbm_image ***ret_layers, uint64_t *ret_size);
 /* Close the n layers and free the array; NULL is fine. */
 void qbm_backups_close(struct qbm_image **layers, size_t n);
-/* Read [g, g + len) of map extent e (of layers[e->layer]) into buf:
- * data, decompressed data, or zeros. */
+/* Read [g, g + len) of map extent e (of layers[e->layer]) into buf, as
+ * copy_piece() copies it: data (from the layer's external data file when
+ * it has one: qbm_image_data_io()), decompressed data, or zeros. */
 int qbm_map_read(struct qbm_image **layers, const struct qcow2_map_extent *e,
                  uint64_t g, size_t len, void *buf);
 /* Ask the kernel to read [g, g + len) of e ahead (data extents only). */
@@ -1079,7 +1140,6 @@ void qbm_map_prefetch(struct qbm_image **layers,
  */
 int qbm_rebuild_stage(struct qbm_image **disk, size_t nd, struct qbm_image **bk,
                       size_t nb, const char *name, uint64_t granularity,
-                      qbm_progress_fn progress, void *opaque,
-                      uint64_t *ret_dirty);
+                      struct qbm_progress *progress, uint64_t *ret_dirty);
 
 #endif /* QBM_INTERNAL_H */

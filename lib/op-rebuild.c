@@ -50,8 +50,7 @@ struct diff {
     diff_fn fn;
     void *opaque;
     const uint8_t *zeros;
-    qbm_progress_fn progress;
-    void *popaque;
+    struct qbm_progress *progress;
     uint64_t done, total;
 };
 
@@ -210,8 +209,8 @@ static int walk(struct diff *d, bool count)
                 }
             }
             r = r ? r : compare(d, pos, p[0], p[1], len);
-            if (r == 0 && d->progress) {
-                d->progress(d->popaque, d->done, d->total);
+            if (r == 0) {
+                r = qbm_progress_report(d->progress, d->done, d->total);
             }
             pos += len;
         }
@@ -288,13 +287,12 @@ static int sparse_raw(struct qbm_image **layers, struct qcow2_map_extent **map,
  */
 static int diff_run(struct qbm_image **disk, size_t nd, struct qbm_image **bk,
                     size_t nb, uint64_t gran, diff_fn fn, void *opaque,
-                    qbm_progress_fn progress, void *popaque)
+                    struct qbm_progress *progress)
 {
-    struct diff d = { .gran = gran,
-                      .fn = fn,
-                      .opaque = opaque,
-                      .progress = progress,
-                      .popaque = popaque };
+    struct diff d = {
+        .gran = gran, .fn = fn, .opaque = opaque, .progress = progress
+    };
+    bool counting = progress && progress->fn;
     uint8_t *zeros = NULL;
     int r, i;
 
@@ -313,12 +311,12 @@ static int diff_run(struct qbm_image **disk, size_t nd, struct qbm_image **bk,
         r = zeros && d.s[0].buf && d.s[1].buf ? 0 : -ENOMEM;
     }
     d.zeros = zeros;
-    if (r == 0 && progress) {
+    if (r == 0 && counting) {
         r = walk(&d, true);
     }
     r = r ? r : walk(&d, false);
-    if (r == 0 && progress) {
-        progress(popaque, d.total, d.total);
+    if (r == 0 && counting) {
+        r = qbm_progress_report(progress, d.total, d.total);
     }
     for (i = 0; i < 2; i++) {
         free(d.s[i].map);
@@ -361,8 +359,7 @@ static int rebuild_cb(void *opaque, uint64_t off, uint64_t len)
 
 int qbm_rebuild_stage(struct qbm_image **disk, size_t nd, struct qbm_image **bk,
                       size_t nb, const char *name, uint64_t granularity,
-                      qbm_progress_fn progress, void *opaque,
-                      uint64_t *ret_dirty)
+                      struct qbm_progress *progress, uint64_t *ret_dirty)
 {
     struct qbm_image *img = disk[0];
     const struct qcow2_bitmap *bm = qcow2_bitmap_lookup(img, name);
@@ -387,7 +384,7 @@ int qbm_rebuild_stage(struct qbm_image **disk, size_t nd, struct qbm_image **bk,
     }
     bm = qcow2_bitmap_lookup(img, name);
     r = diff_run(disk, nd, bk, nb, 1ull << bm->granularity_bits, rebuild_cb, &c,
-                 progress, opaque);
+                 progress);
     if (r < 0) {
         return r;
     }
@@ -419,7 +416,7 @@ static int not_a_backup(const char *image, const char *const *backups, size_t n)
 
 static int rebuild(const char *image, const char *name, uint64_t granularity,
                    const char *const *backups, size_t n, unsigned flags,
-                   qbm_progress_fn progress, void *opaque, uint64_t *ret_dirty)
+                   struct qbm_progress *progress, uint64_t *ret_dirty)
 {
     struct qbm_chain *ch = NULL;
     struct qbm_image **bk = NULL;
@@ -438,7 +435,7 @@ static int rebuild(const char *image, const char *name, uint64_t granularity,
     r = qbm_backups_open(backups, n, &bk, &size);
     r = r ? r
           : qbm_rebuild_stage(ch->layers, ch->n, bk, n, name, granularity,
-                              progress, opaque, &dirty);
+                              progress, &dirty);
     if (r == 0 && !(flags & QBM_REBUILD_DRY_RUN)) {
         r = qbm_impl_commit(ch->layers[0]);
         if (r < 0) {
@@ -458,11 +455,13 @@ QBM_API int qbm_rebuild(const char *image, const char *name,
                         size_t n, unsigned flags, qbm_progress_fn progress,
                         void *opaque, uint64_t *ret_dirty_bytes)
 {
+    struct qbm_progress p = { progress, opaque, 0 };
+
     if (!image || !name || !backups || (flags & ~QBM_REBUILD_MASK)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_public_ret(rebuild(image, name, granularity, backups, n, flags,
-                                  progress, opaque, ret_dirty_bytes));
+    return qbm_progress_ret(&p, rebuild(image, name, granularity, backups, n,
+                                        flags, &p, ret_dirty_bytes));
 }
 
 /* ---- verify ------------------------------------------------------------- */
@@ -521,7 +520,7 @@ static int verify_cb(void *opaque, uint64_t off, uint64_t len)
 
 static int verify(const char *image, const char *const *backups, size_t n,
                   const char *bitmap, unsigned flags, struct qbm_extent_wrap *w,
-                  qbm_progress_fn progress, void *opaque)
+                  struct qbm_progress *progress)
 {
     struct verify_ctx c = { .filter = bitmap != NULL, .w = w };
     struct qbm_chain *ch = NULL;
@@ -563,7 +562,7 @@ static int verify(const char *image, const char *const *backups, size_t n,
     r = r ? r : same_size(ch->layers[0], bk, n);
     r = r ? r
           : diff_run(ch->layers, ch->n, bk, n, VERIFY_GRANULARITY, verify_cb,
-                     &c, progress, opaque);
+                     &c, progress);
     qbm_darray_free(&c.dirty);
     qbm_backups_close(bk, n);
     qbm_impl_chain_close(ch);
@@ -576,11 +575,14 @@ QBM_API int qbm_verify(const char *image, const char *const *backups, size_t n,
                        void *progress_opaque)
 {
     struct qbm_extent_wrap w = { fn, opaque, 0 };
+    struct qbm_progress p = { progress, progress_opaque, 0 };
     int r;
 
     if (!image || !backups || !fn || (flags & ~QBM_VERIFY_MASK)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    r = verify(image, backups, n, bitmap, flags, &w, progress, progress_opaque);
-    return qbm_public_ret_cb(r, w.user_ret);
+    r = verify(image, backups, n, bitmap, flags, &w, &p);
+    /* Stopped by either callback: that one's value. */
+    return p.user_ret ? qbm_progress_ret(&p, r)
+                      : qbm_public_ret_cb(r, w.user_ret);
 }

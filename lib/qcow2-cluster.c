@@ -212,6 +212,11 @@ static int check_extl2_entry(struct qbm_image *img, uint64_t l2_off,
     uint64_t off = e & L2E_OFFSET_MASK;
 
     if (e & L2E_COMPRESSED) {
+        if (img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE) {
+            return l2_error(img, l2_off, idx,
+                            "compressed cluster with an "
+                            "external data file");
+        }
         return sc_bitmap ? l2_error(img, l2_off, idx,
                                     "compressed cluster "
                                     "with a subcluster bitmap")
@@ -412,6 +417,7 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
 {
     uint64_t size = img->hdr.size;
     uint64_t sc = img->extl2 ? img->cluster_size / 32 : img->cluster_size;
+    bool data_file = img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE;
     struct map_run m = { .fn = fn, .opaque = opaque };
     uint64_t nl1, i, j;
     int r;
@@ -421,9 +427,9 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
 
         return size ? fn(opaque, &all) : 0;
     }
-    if (img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE) {
-        return qbm_err(EOPNOTSUPP, "images with an external data file are "
-                                   "not supported here");
+    if (data_file && !img->data_io) {
+        return qbm_err(EINVAL, "internal: the external data file is not "
+                               "open");
     }
     if (img->hdr.crypt_method) {
         return qbm_err(EOPNOTSUPP, "encrypted images are not supported "
@@ -462,7 +468,13 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
             }
             limit = size - guest < img->cluster_size ? size - guest
                                                      : img->cluster_size;
-            if (e & L2E_COMPRESSED) {
+            if ((e & L2E_COMPRESSED) && data_file) {
+                /* QEMU cannot write them there, and refuses to read them
+                 * (qcow2 spec, "Header": external data file bit). */
+                r = l2_error(img, l2_off, j,
+                             "compressed cluster with an external data "
+                             "file");
+            } else if (e & L2E_COMPRESSED) {
                 r = map_add(&m, guest, limit, QCOW2_MAP_COMPRESSED, e);
                 r = r ? r : map_flush(&m); /* one cluster per extent */
             } else if (!img->extl2) {

@@ -75,6 +75,18 @@ QBM_API int qbm_get_errno(void)
     return last_errno;
 }
 
+int qbm_progress_report(struct qbm_progress *p, uint64_t done, uint64_t total)
+{
+    if (!p || !p->fn) {
+        return 0;
+    }
+    p->user_ret = p->fn(p->opaque, done, total);
+    if (p->user_ret) {
+        return qbm_err(ECANCELED, "stopped by the progress callback");
+    }
+    return 0;
+}
+
 QBM_API const char *qbm_version(void)
 {
     return QBM_VERSION;

@@ -17,10 +17,14 @@
   running VM);
 - the QEMU oracles: dirty_map() (qemu-nbd -r -B NAME + nbdinfo
   --map=qemu:dirty-bitmap:NAME), qemu_img_check(), qemu_img_info(),
-  qemu_bitmaps(), qemu_img_compare();
+  qemu_bitmaps(), qemu_img_compare(), qemu_map() and qemu_allocated()
+  (qemu-img map);
 - Qcow2: the layout of an image read straight from its bytes (header
   fields by name, extensions, refcount table, L1, bitmaps extension,
-  directory and tables), for tests that patch or inspect the file.
+  directory and tables), for tests that patch or inspect the file;
+- LoopDevice: a loop device over a file of garbage in a test's directory,
+  reached only through a private node (mknod) there, always detached;
+  require_loop() applies the skip rules to it.
 
 Suites import it from the tests/ directory (bench/ puts it on sys.path).
 """
@@ -33,6 +37,7 @@ import random
 import shlex
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -108,16 +113,18 @@ class Qbm:
         return [(e["offset"], e["length"]) for e in d["extents"]]
 
 
-def qemu_img(*args, ok=(0,), timeout=None):
-    return run(["qemu-img"] + list(args), ok=ok, timeout=timeout)
+def qemu_img(*args, ok=(0,), timeout=None, cwd=None):
+    """qemu-img ARGS; cwd: the directory to run it in (QEMU opens a
+    relative external data file name from there)."""
+    return run(["qemu-img"] + list(args), ok=ok, timeout=timeout, cwd=cwd)
 
 
-def qemu_io(img, *cmds, fmt="qcow2", ok=(0,)):
+def qemu_io(img, *cmds, fmt="qcow2", ok=(0,), cwd=None):
     """qemu-io -f FMT -c CMD ... IMG."""
     args = ["qemu-io", "-f", fmt]
     for c in cmds:
         args += ["-c", c]
-    return run(args + [img], ok=ok)
+    return run(args + [img], ok=ok, cwd=cwd)
 
 
 def qemu_img_create(path, size, opts=None, backing=None, backing_fmt="qcow2",
@@ -285,6 +292,28 @@ def dirty_map(img, name, fmt="qcow2"):
     return out
 
 
+def qemu_map(img, cwd=None):
+    """qemu-img map --output=json IMG, parsed: QEMU's view of where each
+    guest range comes from (depth 0: the image's own layer)."""
+    return json.loads(qemu_img("map", "--output=json", img, cwd=cwd).stdout)
+
+
+def qemu_allocated(img, granularity=1, size=None):
+    """The guest ranges IMG's own layer provides (data or zero flags:
+    "present" at depth 0 in qemu-img map), rounded outwards to
+    granularity and clipped to size: what populate must mark."""
+    out = []
+    for e in qemu_map(img):
+        if e["depth"] != 0 or not e["present"]:
+            continue
+        start = e["start"] // granularity * granularity
+        end = -(-(e["start"] + e["length"]) // granularity) * granularity
+        if size is not None:
+            end = min(end, size)
+        out.append((start, end - start))
+    return merge_extents(out)
+
+
 def qemu_img_info(img, *opts):
     """qemu-img info --output=json [OPTS] IMG, parsed (a list with
     --backing-chain)."""
@@ -347,6 +376,7 @@ EXT_END = 0
 EXT_BACKING_FORMAT = 0xe2792aca
 EXT_FEATURE_TABLE = 0x6803f857
 EXT_BITMAPS = 0x23852875
+EXT_DATA_FILE = 0x44415441
 
 # Bitmaps extension data: name -> (offset in the extension data, format).
 BITMAPS_EXT = {
@@ -506,6 +536,16 @@ def patch(buf, offset, fmt, value):
     struct.pack_into(fmt, buf, offset, value)
 
 
+def set_bitmap_in_use(path, name):
+    """Set the in_use flag of bitmap NAME in the image's directory, as a
+    QEMU that dies with the image open leaves it (without touching the
+    other bitmaps, as a crash would)."""
+    entry = Qcow2(path).bitmap(name)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + DIR_ENTRY["flags"][0])
+        f.write(struct.pack(">I", entry.flags | 1))
+
+
 # ---------------------------------------------------------------------------
 # Suites
 
@@ -524,6 +564,91 @@ def require(tools, files=()):
     missing = [t for t in tools if not shutil.which(t)]
     if missing:
         print("missing tools: %s" % " ".join(missing))
+        if in_ci():
+            print("(a failure under CI)")
+            sys.exit(1)
+        sys.exit(SKIP)
+
+
+# ---------------------------------------------------------------------------
+# Block devices
+
+class LoopDevice:
+    """A loop device over `size` bytes (a multiple of 512) of a file in the
+    test's directory `tmp`, filled with random garbage from rng (a
+    random.Random; default one seeded by the size) unless `fill` (bytes,
+    repeated) is given; `sector_size`: its logical block size (losetup
+    -b; default 512). Tests reach it only through `node`, a block device
+    node made with mknod in tmp (same major and minor), never through
+    /dev/loopN (`dev`); `backing` is the file behind it. Use it in a with
+    statement, or call detach() in a finally, so that it is detached also
+    on failure. Raises OSError when no loop device can be made."""
+
+    def __init__(self, tmp, size, name="loop", rng=None, fill=None,
+                 sector_size=None):
+        self.size = size
+        self.backing = os.path.join(tmp, name + "-backing.img")
+        self.node = os.path.join(tmp, name + "-node")
+        self.dev = None
+        rng = rng or random.Random(size)
+        with open(self.backing, "wb") as f:
+            left = size
+            while left:
+                n = min(left, MiB)
+                f.write((fill * (n // len(fill) + 1))[:n] if fill else
+                        rng.randbytes(n))
+                left -= n
+        opts = ["-b", str(sector_size)] if sector_size else []
+        p = subprocess.run(["losetup", "-f", "--show"] + opts +
+                           [self.backing],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+        if p.returncode != 0 or not p.stdout.strip():
+            raise OSError("losetup: %s" % (p.stderr.strip() or
+                                          "exit %d" % p.returncode))
+        self.dev = p.stdout.strip()
+        try:
+            os.mknod(self.node, 0o600 | stat.S_IFBLK,
+                     os.stat(self.dev).st_rdev)
+        except OSError:
+            self.detach()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def contents(self, offset=0, length=None):
+        """The device's bytes (through the private node)."""
+        length = self.size - offset if length is None else length
+        with open(self.node, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def detach(self):
+        if self.dev:
+            subprocess.run(["losetup", "-d", self.dev])
+            self.dev = None
+
+
+def require_loop():
+    """Exit 77 (skip) when no loop device can be made here (no losetup,
+    not root, no loop driver), or 1 under CI."""
+    why = None
+    if not shutil.which("losetup"):
+        why = "losetup not found"
+    else:
+        d = tempfile.mkdtemp(prefix="qbm-loop-probe-")
+        try:
+            LoopDevice(d, 64 * KiB, fill=b"\0").detach()
+        except OSError as e:
+            why = "cannot make a loop device: %s" % e
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    if why:
+        print(why)
         if in_ci():
             print("(a failure under CI)")
             sys.exit(1)

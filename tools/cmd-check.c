@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm check: bitmaps, refcounts and backing-chain rules; --repair. */
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,7 +7,7 @@
 #include "qbm-tool.h"
 
 static const char usage[] =
-    "Usage: qbm check [--output=human|json] [--repair] "
+    "Usage: qbm check [--output=human|json] [-r leaks|all] "
     "[--in-use=dirty|remove]\n"
     "                 [--chain] [-U] IMAGE\n"
     "Check IMAGE's bitmaps (in-use ones, a stale extension, their tables)\n"
@@ -16,15 +15,15 @@ static const char usage[] =
     "and the rules a checkpoint spanning layers relies on.\n"
     "Exit status: 0 clean, 2 corruption or bitmap problems, 3 leaked\n"
     "clusters only, 1 the check could not run.\n\n"
-    "  -r, --repair         in-use bitmaps become all dirty and consistent\n"
-    "                       (or are removed with --in-use=remove), a stale\n"
-    "                       bitmaps extension is dropped, leaked clusters\n"
-    "                       are freed; each step crash-safe\n"
-    "      --in-use=MODE    dirty (default) or remove\n"
-    "  -c, --chain          check every layer of the backing chain\n"
-    "      --output=FORMAT  human (default) or json\n"
-    "  -U, --force-share    do not take QEMU's image locks (no --repair)\n"
-    "  -h, --help           show this help\n";
+    "  -r, --repair=MODE     repair, then check: 'leaks' frees leaked\n"
+    "                        clusters only; 'all' (--repair alone) also\n"
+    "                        drops a stale bitmaps extension and makes\n"
+    "                        in-use bitmaps all dirty and consistent (or\n"
+    "                        removes them with --in-use=remove); each step\n"
+    "                        crash-safe\n"
+    "      --in-use=MODE     with -r all: dirty (default) or remove\n"
+    "  -c, --chain           check (and repair) every layer of the backing\n"
+    "                        chain\n";
 
 static const char *const kind_names[] = { "", "corruption", "leak", "bitmap" };
 
@@ -190,11 +189,10 @@ static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
 
 static int repair_file(const char *file, unsigned flags)
 {
-    struct qbm_image *img = qbm_open(file, QBM_OPEN_RDWR);
+    struct qbm_image *img = edit_open(file);
     int r;
 
     if (!img) {
-        tool_lib_error(file);
         return -1;
     }
     r = qbm_repair(img, flags);
@@ -208,27 +206,42 @@ static int repair_file(const char *file, unsigned flags)
 int cmd_check(int argc, char **argv)
 {
     static const struct option opts[] = {
-        { "repair", no_argument, NULL, 'r' },
+        { "repair", optional_argument, NULL, 'r' },
         { "in-use", required_argument, NULL, 'i' },
         { "chain", no_argument, NULL, 'c' },
-        { "output", required_argument, NULL, 'o' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    enum output_format fmt = OUTPUT_HUMAN;
+    struct tool_args a = {
+        .cmd = "check",
+        .usage = usage,
+        .shortopts = "r:c",
+        .opts = opts,
+        .common = TOOL_OPT_READ,
+        .min_args = 1,
+        .max_args = 1,
+        .args_hint = "one IMAGE argument",
+    };
+    enum output_format fmt;
     struct outbuf ob = { 0 };
-    unsigned in_use = QBM_REPAIR_IN_USE_DIRTY, open_flags = 0;
-    bool repair = false, chain = false;
+    unsigned in_use = QBM_REPAIR_IN_USE_DIRTY, open_flags;
+    unsigned repair = 0; /* QBM_REPAIR_* to do */
+    bool chain = false;
     struct qbm_chain *ch = NULL;
     const char *file;
     int c, ret = 0, r;
     size_t i;
 
-    while ((c = getopt_long(argc, argv, "+rcUh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'r':
-            repair = true;
+            /* As qemu-img check -r: leaks, or all (--repair alone). */
+            if (!optarg || strcmp(optarg, "all") == 0) {
+                repair = QBM_REPAIR_STALE | QBM_REPAIR_LEAKS;
+            } else if (strcmp(optarg, "leaks") == 0) {
+                repair = QBM_REPAIR_LEAKS;
+            } else {
+                return usage_error("check", "-r must be leaks or all");
+            }
             break;
         case 'i':
             if (strcmp(optarg, "dirty") == 0) {
@@ -243,58 +256,45 @@ int cmd_check(int argc, char **argv)
         case 'c':
             chain = true;
             break;
-        case 'o':
-            if (!parse_output(optarg, &fmt)) {
-                return usage_error("check", "--output must be human or "
-                                            "json");
-            }
-            break;
-        case 'U':
-            open_flags |= QBM_OPEN_FORCE_SHARE;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("check", "invalid option");
         }
     }
-    if (argc - optind != 1) {
-        return usage_error("check", "expected one IMAGE argument");
+    if (c < 0) {
+        return a.status;
     }
+    fmt = a.output;
+    open_flags = a.open_flags;
     if (repair && open_flags) {
-        return usage_error("check", "--repair cannot be used with -U");
+        return usage_error("check", "-r (--repair) cannot be used with -U");
     }
-    file = argv[optind];
+    if (repair & QBM_REPAIR_STALE) {
+        repair |= in_use;
+    }
+    file = a.args[0];
 
     if (repair) {
-        unsigned flags = in_use | QBM_REPAIR_STALE | QBM_REPAIR_LEAKS;
-
         if (chain) {
-            ch = qbm_chain_open(file, QBM_OPEN_FORCE_SHARE);
+            ch = tool_chain_open(file, QBM_OPEN_FORCE_SHARE);
             if (!ch) {
-                tool_lib_error(file);
                 return 1;
             }
             for (i = 0; i < qbm_chain_length(ch); i++) {
                 if (strcmp(qbm_image_format(qbm_chain_layer(ch, i)), "qcow2") ==
                         0 &&
-                    repair_file(qbm_chain_filename(ch, i), flags) < 0) {
+                    repair_file(qbm_chain_filename(ch, i), repair) < 0) {
                     qbm_chain_close(ch);
                     return 1;
                 }
             }
             qbm_chain_close(ch);
             ch = NULL;
-        } else if (repair_file(file, flags) < 0) {
+        } else if (repair_file(file, repair) < 0) {
             return 1;
         }
     }
 
     if (chain) {
-        ch = qbm_chain_open(file, open_flags);
+        ch = tool_chain_open(file, open_flags);
         if (!ch) {
-            tool_lib_error(file);
             return 1;
         }
         if (fmt == OUTPUT_JSON) {
@@ -320,10 +320,9 @@ int cmd_check(int argc, char **argv)
         }
         qbm_chain_close(ch);
     } else {
-        struct qbm_image *img = qbm_open(file, open_flags);
+        struct qbm_image *img = tool_open(file, open_flags);
 
         if (!img) {
-            tool_lib_error(file);
             return 1;
         }
         ret = check_one(img, file, &ob, fmt, NULL);

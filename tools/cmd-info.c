@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm info: header, features and bitmaps of an image or a whole chain. */
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,11 +11,8 @@ static const char info_usage[] =
     "Usage: qbm info [--chain] [--output=human|json] [-U] IMAGE\n"
     "Show IMAGE's format, geometry, features and bitmaps (name, granularity,\n"
     "flags, consistency and how many bytes each marks dirty).\n\n"
-    "  -c, --chain          show every layer of the backing chain, top "
-    "first\n"
-    "      --output=FORMAT  human (default) or json\n"
-    "  -U, --force-share    do not take QEMU's image locks\n"
-    "  -h, --help           show this help\n";
+    "  -c, --chain           show every layer of the backing chain, top "
+    "first\n";
 
 static const char *const feature_words[] = { "incompatible", "compatible",
                                              "autoclear" };
@@ -310,48 +306,43 @@ int cmd_info(int argc, char **argv)
     static const struct option opts[] = {
         { "chain", no_argument, NULL, 'c' },
         { "backing-chain", no_argument, NULL, 'c' },
-        { "output", required_argument, NULL, 'o' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    enum output_format fmt = OUTPUT_HUMAN;
+    struct tool_args a = {
+        .cmd = "info",
+        .usage = info_usage,
+        .shortopts = "c",
+        .opts = opts,
+        .common = TOOL_OPT_READ,
+        .min_args = 1,
+        .max_args = 1,
+        .args_hint = "one IMAGE argument",
+    };
+    enum output_format fmt;
     struct outbuf ob = { 0 };
     bool chain = false;
-    unsigned flags = 0;
+    unsigned flags;
     const char *file;
     int c, ret = 0;
 
-    while ((c = getopt_long(argc, argv, "+chU", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'c':
             chain = true;
             break;
-        case 'o':
-            if (!parse_output(optarg, &fmt)) {
-                return usage_error("info", "--output must be human or json");
-            }
-            break;
-        case 'U':
-            flags |= QBM_OPEN_FORCE_SHARE;
-            break;
-        case 'h':
-            fputs(info_usage, stdout);
-            return 0;
-        default:
-            return usage_error("info", "invalid option");
         }
     }
-    if (argc - optind != 1) {
-        return usage_error("info", "expected one IMAGE argument");
+    if (c < 0) {
+        return a.status;
     }
-    file = argv[optind];
+    fmt = a.output;
+    flags = a.open_flags;
+    file = a.args[0];
     if (chain) {
-        struct qbm_chain *ch = qbm_chain_open(file, flags);
+        struct qbm_chain *ch = tool_chain_open(file, flags);
         size_t i;
 
         if (!ch) {
-            tool_lib_error(file);
             return 1;
         }
         if (fmt == OUTPUT_JSON) {
@@ -371,10 +362,9 @@ int cmd_info(int argc, char **argv)
         }
         qbm_chain_close(ch);
     } else {
-        struct qbm_image *img = qbm_open(file, flags);
+        struct qbm_image *img = tool_open(file, flags);
 
         if (!img) {
-            tool_lib_error(file);
             return 1;
         }
         if (describe(&ob, fmt, img, file) < 0) {

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm verify: where a disk differs from what its backups restore to. */
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 
@@ -12,17 +11,13 @@ static const char usage[] =
     "                  FULL [INCREMENTAL...]\n"
     "List the extents (in 512-byte sectors) where IMAGE, read through its\n"
     "backing chain, differs from what FULL plus the INCREMENTALs restore\n"
-    "to (as 'qbm restore').\n\n"
-    "  -B, --bitmap=NAME    only the differences that bitmap NAME of IMAGE\n"
-    "                       marks clean (writes it missed, a corrupt backup\n"
-    "                       or a wrong bitmap)\n"
-    "      --output=FORMAT  human (default) or json\n"
-    "  -p                   show progress\n"
-    "  -U, --force-share    do not take QEMU's locks on IMAGE and its backing\n"
-    "                       files (a disk a VM writes meanwhile may compare\n"
-    "                       as anything)\n"
-    "  -h, --help           show this help\n"
-    "Exit status: 0 no difference, 2 differences, 1 could not verify.\n";
+    "to (as 'qbm restore'). IMAGE may be raw (with -f qcow2: only qcow2).\n"
+    "-U takes no locks on IMAGE and its backing files: a disk a VM writes\n"
+    "meanwhile may compare as anything.\n"
+    "Exit status: 0 no difference, 2 differences, 1 could not verify.\n\n"
+    "  -B, --bitmap=NAME     only the differences that bitmap NAME of IMAGE\n"
+    "                        marks clean (writes it missed, a corrupt\n"
+    "                        backup or a wrong bitmap)\n";
 
 struct verify_ctx {
     struct outbuf *ext;
@@ -45,75 +40,81 @@ static int add_extent(void *opaque, uint64_t off, uint64_t len)
     return v->ext->failed ? -1 : 0;
 }
 
+static bool image_is_qcow2(const char *image, unsigned flags)
+{
+    struct qbm_image *img = tool_open(image, QBM_OPEN_ANY_FORMAT | flags);
+    bool ok = img && strcmp(qbm_image_format(img), "qcow2") == 0;
+
+    if (img && !ok) {
+        tool_error(image, "not a qcow2 image (-f qcow2 was given)");
+    }
+    qbm_close(img);
+    return ok;
+}
+
 int cmd_verify(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "bitmap", required_argument, NULL, 'B' },
-        { "output", required_argument, NULL, 'o' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    enum output_format fmt = OUTPUT_HUMAN;
+    struct tool_args a = {
+        .cmd = "verify",
+        .usage = usage,
+        .shortopts = "B:",
+        .opts = opts,
+        .common = TOOL_OPT_READ | TOOL_OPT_PROGRESS,
+        .min_args = 2,
+        .max_args = -1,
+        .args_hint = "IMAGE and FULL",
+    };
     struct outbuf head = { 0 }, ext = { 0 }, tail = { 0 };
     struct outbuf *all[] = { &head, &ext, &tail };
     struct verify_ctx v = { &ext, OUTPUT_HUMAN, 0, 0 };
     const char *bitmap = NULL, *image;
     const char *const *backups;
-    unsigned last = (unsigned)-1;
-    bool progress = false;
+    struct progress p;
     unsigned flags = 0;
     size_t n, i;
     int c, r;
 
-    while ((c = getopt_long(argc, argv, "+B:pUh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'B':
             bitmap = optarg;
             break;
-        case 'o':
-            if (!parse_output(optarg, &fmt)) {
-                return usage_error("verify", "--output must be human or json");
-            }
-            break;
-        case 'p':
-            progress = true;
-            break;
-        case 'U':
-            flags |= QBM_VERIFY_FORCE_SHARE;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("verify", "invalid option");
         }
     }
-    if (argc - optind < 2) {
-        return usage_error("verify", "expected IMAGE and FULL");
+    if (c < 0) {
+        return a.status;
     }
-    image = argv[optind];
-    backups = (const char *const *)argv + optind + 1;
-    n = (size_t)(argc - optind - 1);
-    v.fmt = fmt;
+    image = a.args[0];
+    backups = (const char *const *)a.args + 1;
+    n = (size_t)(a.nargs - 1);
+    if (a.open_flags & QBM_OPEN_FORCE_SHARE) {
+        flags |= QBM_VERIFY_FORCE_SHARE;
+    }
+    if (a.format_given && !image_is_qcow2(image, a.open_flags)) {
+        return 1;
+    }
+    v.fmt = a.output;
+    p = progress_init(&a);
     r = qbm_verify(image, backups, n, bitmap, flags, add_extent, &v,
-                   progress ? show_progress : NULL, &last);
-    if (r != 0) {
-        if (progress) {
+                   progress_fn(&p), &p);
+    if (r != 0 && ext.failed) {
+        if (p.on) {
             fputc('\n', stderr);
         }
-        if (ext.failed) {
-            tool_error(image, "out of memory building the output");
-        } else {
-            tool_lib_error(NULL);
-        }
+        tool_error(image, "out of memory building the output");
         ob_free(&ext);
         return 1;
     }
-    if (progress) {
-        end_progress(&last);
+    /* The library names the file each message is about. */
+    if (progress_finish(&p, r) != 0) {
+        ob_free(&ext);
+        return 1;
     }
-    if (fmt == OUTPUT_JSON) {
+    if (v.fmt == OUTPUT_JSON) {
         ob_puts(&head, "{\"filename\": ");
         ob_json_string(&head, image);
         ob_puts(&head, ", \"backups\": [");

@@ -1,22 +1,11 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* Helpers shared by the editing subcommands. */
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
 #include "qbm-tool.h"
-
-struct qbm_image *edit_open(const char *file)
-{
-    struct qbm_image *img = qbm_open(file, QBM_OPEN_RDWR);
-
-    if (!img) {
-        tool_lib_error(file);
-    }
-    return img;
-}
 
 int edit_finish(struct qbm_image *img, const char *file, bool dry_run,
                 struct outbuf *plan)
@@ -100,32 +89,30 @@ bool same_file(const char *a, const char *b)
            sa.st_ino == sb.st_ino;
 }
 
-int parse_simple_edit(int argc, char **argv, const char *cmd, const char *usage,
-                      int min_args, int max_args, bool *ret_dry_run)
+int edit_names(struct tool_args *a, int argc, char **argv,
+               int (*fn)(struct qbm_image *img, const char *name),
+               const char *verb, const char *prep)
 {
-    static const struct option opts[] = {
-        { "dry-run", no_argument, NULL, 'n' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
-    int c, n;
+    struct outbuf plan = { 0 };
+    struct qbm_image *img;
+    const char *file;
+    int r, i;
 
-    *ret_dry_run = false;
-    while ((c = getopt_long(argc, argv, "+nh", opts, NULL)) != -1) {
-        switch (c) {
-        case 'n':
-            *ret_dry_run = true;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error(cmd, "invalid option");
+    r = tool_parse(a, argc, argv);
+    if (r >= 0) {
+        return r;
+    }
+    file = a->args[0];
+    img = edit_open(file);
+    if (!img) {
+        return 1;
+    }
+    for (i = 1; i < a->nargs; i++) {
+        if (fn(img, a->args[i]) < 0) {
+            return edit_fail(img, file, &plan);
         }
+        ob_printf(&plan, "would %s bitmap '%s' %s %s\n", verb, a->args[i], prep,
+                  file);
     }
-    n = argc - optind;
-    if (n < min_args || (max_args >= 0 && n > max_args)) {
-        return usage_error(cmd, "wrong number of arguments");
-    }
-    return -1;
+    return edit_finish(img, file, a->dry_run, &plan);
 }

@@ -197,7 +197,7 @@ int ob_flush_all(struct outbuf *const *obs, size_t n)
             ret = 1;
         }
     }
-    for (i = 0; i < n && ret == 0; i++) {
+    for (i = 0; i < n && ret == 0 && !tool_quiet; i++) {
         if (obs[i]->len &&
             fwrite(obs[i]->p, 1, obs[i]->len, stdout) != obs[i]->len) {
             ret = 1;
@@ -222,8 +222,9 @@ int ob_flush(struct outbuf *ob)
     if (ob->failed) {
         fprintf(stderr, "qbm: out of memory building the output\n");
         ret = 1;
-    } else if (ob->len && (fwrite(ob->p, 1, ob->len, stdout) != ob->len ||
-                           fflush(stdout) != 0)) {
+    } else if (ob->len && !tool_quiet &&
+               (fwrite(ob->p, 1, ob->len, stdout) != ob->len ||
+                fflush(stdout) != 0)) {
         fprintf(stderr, "qbm: cannot write the output: %s\n", strerror(errno));
         ret = 1;
     }
@@ -266,18 +267,23 @@ void format_size(char *buf, size_t len, uint64_t bytes)
     }
 }
 
-void tool_error(const char *file, const char *fmt, ...)
+void tool_verror(const char *file, const char *fmt, va_list ap)
 {
-    va_list ap;
-
     fputs("qbm: ", stderr);
     if (file) {
         fprintf(stderr, "%s: ", file);
     }
-    va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
-    va_end(ap);
     fputc('\n', stderr);
+}
+
+void tool_error(const char *file, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    tool_verror(file, fmt, ap);
+    va_end(ap);
 }
 
 void tool_lib_error(const char *file)
@@ -295,20 +301,4 @@ bool parse_output(const char *arg, enum output_format *ret)
         return false;
     }
     return true;
-}
-
-int usage_error(const char *cmd, const char *fmt, ...)
-{
-    va_list ap;
-
-    fputs("qbm: ", stderr);
-    if (cmd) {
-        fprintf(stderr, "%s: ", cmd);
-    }
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "\nTry 'qbm %s%s--help' for more information.\n",
-            cmd ? cmd : "", cmd ? " " : "");
-    return EXIT_USAGE;
 }

@@ -125,7 +125,7 @@ static struct qbm_io *run(const uint8_t *buf, size_t len, uint64_t point,
                 exit(2);
             }
         }
-        *ret_rc = qbm_consolidate_images(img, incs, (size_t)n, NULL, NULL);
+        *ret_rc = qbm_consolidate_images(img, incs, (size_t)n, NULL);
         for (i = 0; i < n; i++) {
             qbm_close(incs[i]);
         }
@@ -140,8 +140,7 @@ static struct qbm_io *run(const uint8_t *buf, size_t len, uint64_t point,
             exit(2);
         }
         if (qbm_rebuild_stage(&img, 1, bk, n, op[1],
-                              strtoull(op[2], NULL, 0), NULL, NULL,
-                              &dirty) < 0) {
+                              strtoull(op[2], NULL, 0), NULL, &dirty) < 0) {
             fprintf(stderr, "crash-harness: rebuild: %s\n", qbm_get_error());
             exit(2);
         }

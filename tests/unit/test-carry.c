@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * qbm_carry_commit() on small chains written to a temporary directory:
- * what it reports and stages for a gap with and without FILL_GAPS, a
+ * what it reports and stages for a gap with and without FILL_GAPS, for a
+ * disabled copy with and without INCLUDE_DISABLED, for copies in use, a
  * callback that stops it, its refusals (which stage nothing), and every
  * allocation made to fail in turn.
  */
@@ -51,6 +52,9 @@ static void assert_extents(const char *file, const char *name, const char *want)
 #define MERGED "2"
 #define GAP "3"
 #define FILLED "4"
+#define MARKED "5"
+#define DISABLED "6"
+#define IN_USE "7"
 
 static void test_gap_not_carried(void **state)
 {
@@ -60,12 +64,74 @@ static void test_gap_not_carried(void **state)
     assert_non_null(base);
     assert_int_equal(
         qbm_carry_commit(base, tl_path("top"), 0, tl_record_action, &ev), 0);
-    tl_assert_events(&ev, GAP " ck base", COPIED " new top", NULL);
+    /* new is disabled in top: libvirt and vdsm carry only recording
+     * bitmaps. */
+    tl_assert_events(&ev, GAP " ck base", DISABLED " new top", NULL);
     assert_int_equal(qbm_bitmap_find(base, "ck"), -1);
+    assert_int_equal(qbm_bitmap_find(base, "new"), -1);
     assert_int_equal(qbm_commit(base), 0);
     qbm_close(base);
     assert_extents("base", "ck", "absent");
+    assert_extents("base", "new", "absent");
+}
+
+/* INCLUDE_DISABLED: the disabled bitmap is carried, disabled in BASE. */
+static void test_include_disabled(void **state)
+{
+    struct qbm_image *base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
+    struct tl_events ev = { .n = 0 };
+    int idx;
+
+    assert_non_null(base);
+    assert_int_equal(qbm_carry_commit(base, tl_path("top"),
+                                      QBM_CARRY_INCLUDE_DISABLED,
+                                      tl_record_action, &ev),
+                     0);
+    tl_assert_events(&ev, GAP " ck base", COPIED " new top", NULL);
+    idx = qbm_bitmap_find(base, "new");
+    assert_true(idx >= 0);
+    assert_int_equal(qbm_bitmap_flags(base, (size_t)idx), 0);
+    assert_int_equal(qbm_commit(base), 0);
+    qbm_close(base);
     assert_extents("base", "new", "");
+}
+
+/*
+ * A copy in use above BASE or in BASE keeps only its own bitmap from being
+ * carried (it was once the whole call): reported, and the others carried.
+ * With MARK_WRITTEN, an in-use bitmap of BASE alone is left unmarked and
+ * reported, once.
+ */
+static void test_in_use_skipped(void **state)
+{
+    struct qbm_image *base;
+    struct tl_events ev = { .n = 0 };
+
+    tl_add_bitmap("top", "ok", 65536, true, 3 << 20);
+    tl_add_bitmap("top", "busy", 65536, true, 4 << 20);
+    tl_add_bitmap("base", "busy", 65536, true, TL_CLEAN);
+    tl_add_bitmap("base", "mine", 65536, true, TL_CLEAN);
+    tl_add_bitmap("base", "old", 65536, true, TL_CLEAN);
+    tl_add_bitmap("top", "old", 65536, true, TL_CLEAN);
+    tl_set_in_use("top", "busy");
+    tl_set_in_use("base", "old");
+    tl_set_in_use("base", "mine");
+    base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
+    assert_non_null(base);
+    assert_int_equal(qbm_carry_commit(base, tl_path("top"),
+                                      QBM_CARRY_MARK_WRITTEN, tl_record_action,
+                                      &ev),
+                     0);
+    /* MARK_WRITTEN, in BASE's directory order: BASE's busy is consistent;
+     * mine is in use and was not reported yet, old was. */
+    tl_assert_events(&ev, GAP " ck base", DISABLED " new top", COPIED " ok top",
+                     IN_USE " busy top", IN_USE " old base",
+                     MARKED " busy base", IN_USE " mine base",
+                     MARKED " ok base", NULL);
+    assert_int_equal(qbm_commit(base), 0);
+    qbm_close(base);
+    assert_extents("base", "ok", "3145728+65536,");
+    assert_extents("base", "busy", "");
 }
 
 static void test_fill_gaps(void **state)
@@ -79,7 +145,7 @@ static void test_fill_gaps(void **state)
                                       tl_record_action, &ev),
                      0);
     tl_assert_events(&ev, COPIED " ck top", FILLED " ck base",
-                     COPIED " new top", NULL);
+                     DISABLED " new top", NULL);
     idx = qbm_bitmap_find(base, "ck");
     assert_true(idx >= 0);
     assert_int_equal(qbm_bitmap_flags(base, (size_t)idx), QBM_BITMAP_AUTO);
@@ -118,7 +184,7 @@ static void test_stop_and_refusals(void **state)
 
     base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
     assert_non_null(base);
-    assert_int_equal(qbm_carry_commit(base, tl_path("top"), 0x80, NULL, NULL),
+    assert_int_equal(qbm_carry_commit(base, tl_path("top"), 0x800, NULL, NULL),
                      -1);
     assert_int_equal(qbm_get_errno(), EINVAL);
     assert_int_equal(qbm_carry_commit(NULL, tl_path("top"), 0, NULL, NULL), -1);
@@ -185,8 +251,9 @@ static void test_allocation_failures(void **state)
         assert_non_null(base);
         qbm_alloc_fail_after(n);
         r = qbm_carry_commit(base, tl_path("top"),
-                             QBM_CARRY_FILL_GAPS | QBM_CARRY_MARK_WRITTEN, NULL,
-                             NULL);
+                             QBM_CARRY_FILL_GAPS | QBM_CARRY_MARK_WRITTEN |
+                                 QBM_CARRY_INCLUDE_DISABLED,
+                             NULL, NULL);
         qbm_alloc_fail_after(0);
         if (r < 0) {
             assert_int_equal(qbm_get_errno(), ENOMEM);
@@ -204,6 +271,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_gap_not_carried, setup),
+        cmocka_unit_test_setup(test_include_disabled, setup),
+        cmocka_unit_test_setup(test_in_use_skipped, setup),
         cmocka_unit_test_setup(test_fill_gaps, setup),
         cmocka_unit_test_setup(test_stop_and_refusals, setup),
         cmocka_unit_test(test_every_copy_carried),

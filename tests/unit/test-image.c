@@ -95,6 +95,41 @@ static void test_edit_and_reopen(void **state)
     free(img0);
 }
 
+/* Before the commit, extents and dirty bytes show the staged contents
+ * (a new bitmap has no table on disk, an edited one the old table). */
+static void test_staged_queries(void **state)
+{
+    size_t len;
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len);
+    struct qbm_image *img;
+    struct collect c = { .n = 0 };
+    uint64_t dirty;
+
+    img = qbm_open_memory(img0, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_add(img, "b", 4096, 0), 0);
+    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 8192, 4096), 0);
+    assert_int_equal(qbm_bitmap_extents(img, 0, collect, &c), 0);
+    assert_int_equal(c.n, 1);
+    assert_int_equal(c.v[0][0], 8192);
+    assert_int_equal(c.v[0][1], 4096);
+    assert_int_equal(qbm_bitmap_dirty_bytes(img, 0, &dirty), 0);
+    assert_int_equal(dirty, 4096);
+    assert_int_equal(qbm_commit(img), 0);
+    /* Edited after a commit: the staged state, not the table on disk. */
+    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 1 << 20, 1), 0);
+    c.n = 0;
+    assert_int_equal(qbm_bitmap_extents_range(img, 0, 0, SIZE, collect, &c),
+                     0);
+    assert_int_equal(c.n, 2);
+    assert_int_equal(c.v[1][0], 1 << 20);
+    assert_int_equal(qbm_bitmap_clear(img, "b"), 0);
+    assert_int_equal(qbm_bitmap_dirty_bytes(img, 0, &dirty), 0);
+    assert_int_equal(dirty, 0);
+    qbm_close(img);
+    free(img0);
+}
+
 /* Allocation failure at every point of open + edits + commit. */
 static void test_allocation_failures(void **state)
 {
@@ -350,6 +385,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edit_and_reopen),
+        cmocka_unit_test(test_staged_queries),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_corrupt_refcounts),
         cmocka_unit_test(test_hidden_l2_not_allocated),

@@ -94,7 +94,7 @@ static void rebuild(struct qbm_image *img, struct qbm_image **bk, size_t nb,
     uint64_t dirty = 0;
 
     assert_int_equal(
-        qbm_rebuild_stage(&img, 1, bk, nb, "ck", gran, NULL, NULL, &dirty), 0);
+        qbm_rebuild_stage(&img, 1, bk, nb, "ck", gran, NULL, &dirty), 0);
     assert_int_equal(dirty, want_dirty);
 }
 
@@ -174,12 +174,10 @@ static void test_refusals(void **state)
     qcow2_writer_free(w);
     assert_int_equal(qbm_image_open_io(io, "big", false, &other), 0);
     assert_int_equal(
-        qbm_rebuild_stage(&img, 1, &other, 1, "ck", 0, NULL, NULL, &dirty),
-        -EINVAL);
+        qbm_rebuild_stage(&img, 1, &other, 1, "ck", 0, NULL, &dirty), -EINVAL);
     assert_non_null(strstr(qbm_get_error(), "virtual size"));
     assert_int_equal(
-        qbm_rebuild_stage(&img, 1, &bk, 1, "ck", 3000, NULL, NULL, &dirty),
-        -EINVAL);
+        qbm_rebuild_stage(&img, 1, &bk, 1, "ck", 3000, NULL, &dirty), -EINVAL);
     assert_non_null(strstr(qbm_get_error(), "power of two"));
     assert_int_equal(dirty, 7);
     tl_assert_described(img, "ck", "absent");
@@ -201,7 +199,7 @@ static void test_alloc_failures(void **state)
         int r;
 
         qbm_alloc_fail_after(n);
-        r = qbm_rebuild_stage(&img, 1, &bk, 1, "ck", 4096, NULL, NULL, &dirty);
+        r = qbm_rebuild_stage(&img, 1, &bk, 1, "ck", 4096, NULL, &dirty);
         r = r ? r : qbm_impl_commit(img);
         qbm_alloc_fail_after(0);
         if (r < 0) {

@@ -62,6 +62,7 @@ static void assert_described(const char *file, const char *name,
 #define TOP_DONE "4"
 #define DISABLED "5"
 #define BASE_DONE "6"
+#define IN_USE "7"
 
 static void test_continue(void **state)
 {
@@ -126,7 +127,7 @@ static void test_refusals(void **state)
     char want[600];
 
     assert_int_equal(
-        qbm_carry_snapshot(tl_path("base"), tl_path("top"), 0x80, NULL, NULL),
+        qbm_carry_snapshot(tl_path("base"), tl_path("top"), 0x800, NULL, NULL),
         -1);
     assert_int_equal(qbm_get_errno(), EINVAL);
     assert_int_equal(qbm_carry_snapshot(NULL, tl_path("top"), 0, NULL, NULL),
@@ -158,26 +159,42 @@ static void test_refusals(void **state)
     tl_assert_unchanged("base", base, blen);
     tl_assert_unchanged("top", top, tlen);
     free(base);
+    free(top);
+}
 
-    /* An in-use bitmap of BASE refuses the whole call. */
+/*
+ * A bitmap in use in BASE, or in TOP's own copy, is skipped and reported
+ * (libvirt's propagation skips inconsistent bitmaps); the others are
+ * carried, and BASE's copies stay enabled. This call once refused the
+ * whole job.
+ */
+static void test_in_use_skipped(void **state)
+{
+    struct tl_events ev = { .n = 0 };
+
     tl_set_in_use("base", "ck2");
-    base = tl_contents("base", &blen);
+    assert_int_equal(qbm_carry_snapshot(tl_path("base"), tl_path("top"), 0,
+                                        tl_record_action, &ev),
+                     0);
+    tl_assert_events(&ev, ADDED " ck1 top", SKIPPED " old base",
+                     IN_USE " ck2 base", TOP_DONE " - top", NULL);
+    assert_described("top", "ck1", "2 65536 65536+65536,");
+    assert_described("top", "ck2", "absent");
+    assert_described("base", "ck1", "2 65536 ");
+
+    /* TOP's own copy in use: not marked, and not disabled in BASE. */
+    setup(state);
+    tl_add_bitmap("top", "ck1", 65536, true, TL_CLEAN);
+    tl_set_in_use("top", "ck1");
     ev.n = 0;
-    ev.stop = 0;
     assert_int_equal(qbm_carry_snapshot(tl_path("base"), tl_path("top"),
                                         QBM_CARRY_SNAPSHOT_DISABLE_BASE,
                                         tl_record_action, &ev),
-                     -1);
-    assert_int_equal(qbm_get_errno(), EBUSY);
-    snprintf(want, sizeof(want),
-             "%s: bitmap 'ck2' is in use; repair it "
-             "first with 'qbm check --repair'",
-             tl_path("base"));
-    assert_string_equal(qbm_get_error(), want);
-    tl_assert_unchanged("base", base, blen);
-    tl_assert_unchanged("top", top, tlen);
-    free(base);
-    free(top);
+                     0);
+    tl_assert_events(&ev, IN_USE " ck1 top", SKIPPED " old base",
+                     ADDED " ck2 top", TOP_DONE " - top", DISABLED " ck2 base",
+                     BASE_DONE " - base", NULL);
+    assert_described("base", "ck1", "2 65536 ");
 }
 
 static int count_corruption(void *opaque, int kind, uint64_t offset,
@@ -249,6 +266,7 @@ int main(void)
         cmocka_unit_test_setup(test_disable_base, setup),
         cmocka_unit_test_setup(test_dry_run, setup),
         cmocka_unit_test_setup(test_refusals, setup),
+        cmocka_unit_test_setup(test_in_use_skipped, setup),
         cmocka_unit_test(test_allocation_failures),
     };
 
