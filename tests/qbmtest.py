@@ -211,6 +211,19 @@ class RandomWriter:
             qemu_io(self.path, *cmds)
 
 
+def overlay_on_disk(tmp, disk, ov, size, opts=""):
+    """A metadata-only overlay (data_file_raw=on) whose data file is the
+    existing raw disk: qemu-img create would empty the disk it names, so
+    the overlay is made on a scratch file and pointed at the disk with
+    qemu-img amend (its metadata, preallocated by data_file_raw, maps every
+    cluster to the same offset of the disk)."""
+    scratch = os.path.join(tmp, "scratch.raw")
+    qemu_img_create(ov, size, opts="data_file=%s,data_file_raw=on%s" %
+                    (scratch, opts))
+    qemu_img("amend", "-o", "data_file=" + disk, ov)
+    os.unlink(scratch)
+
+
 def write_locked(path):
     """Whether a process holds QEMU's lock for the write permission on
     path (byte 101, docs/design.md "Locking"), tested without taking any

@@ -17,8 +17,11 @@ the disk (`qemu-img compare`). `qbm verify` must report exactly the
 differing 512-byte sectors (exit 2, or 0 when none), and with --bitmap only
 those the bitmap leaves clean. Refusals (sizes, missing or corrupt inputs,
 the disk held by qemu-io or qemu-nbd, bad granularities, the disk given as
-a backup) must leave every file as it was. Seeded; QBM_TEST_SEED
-reproduces a run.
+a backup) must leave every file as it was. Two fixed cases take an image
+with an external data file (a metadata-only overlay on a raw disk, and a
+plain data file with a full backup that has one too): both sides' guest
+data must be read from the data files. Seeded; QBM_TEST_SEED reproduces a
+run.
 """
 import hashlib
 import json
@@ -31,9 +34,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from qbmtest import (MiB, Fail, RandomWriter, Suite,  # noqa: E402
-                     dirty_map, holding, merge_extents, qemu_bitmaps,
-                     qemu_img, qemu_img_check, qemu_img_compare,
-                     qemu_img_create, qemu_io, set_in_use)
+                     dirty_map, holding, merge_extents, overlay_on_disk,
+                     qemu_bitmaps, qemu_img, qemu_img_check, qemu_img_compare,
+                     qemu_img_create, qemu_img_info, qemu_io, set_in_use)
 
 
 def raw_of(src, dst, fmt="qcow2"):
@@ -209,6 +212,69 @@ def scenario(qbm, tmp, rng, desc):
                    "disk")
 
 
+def data_file(qbm, tmp, mode):
+    """An IMAGE with an external data file: a metadata-only overlay
+    (data_file_raw=on) on a raw disk that holds data, as KubeVirt's
+    changed-block tracking, or a plain data file whose full backup is a
+    qcow2 image with a data file of its own. Guest writes through the
+    image (rewrites of the bytes there too), an incremental, more writes,
+    the checkpoint left in use; verify and rebuild must read the guest data
+    from the data files: the result judged against QEMU's reading of both
+    sides, as in the scenarios."""
+    size = 64 * MiB
+    ov = os.path.join(tmp, "disk.qcow2")
+    if mode == "raw":
+        disk = os.path.join(tmp, "disk.img")
+        qemu_img_create(disk, size, fmt="raw")
+        qemu_io(disk, "write -P 0x5a 0 16M", "write -P 0x6b 40M 3M",
+                fmt="raw")
+        overlay_on_disk(tmp, disk, ov, size)
+    else:
+        qemu_img_create(ov, size, opts="data_file=" +
+                        os.path.join(tmp, "disk.data"))
+        qemu_io(ov, "write -P 0x5a 0 16M", "write -P 0x6b 40M 3M")
+    qemu_img("bitmap", "--add", ov, "ck0")
+    if mode == "raw":
+        full = raw_of(ov, os.path.join(tmp, "full.raw"))
+    else:
+        full = os.path.join(tmp, "full.qcow2")
+        qemu_img("convert", "-f", "qcow2", "-O", "qcow2", "-o",
+                 "data_file=" + os.path.join(tmp, "full.data"), ov, full)
+        if "data-file" not in json.dumps(qemu_img_info(full)):
+            raise Fail("the full backup has no data file")
+    qemu_io(ov, "write -P 0x11 1M 64k", "write -P 0x22 20M 1M",
+            "write -z 42M 128k", "discard 8M 64k")
+    inc = os.path.join(tmp, "inc1.qcow2")
+    qbm("extract", "--rotate", "ck1", "-o", inc, ov, "ck0")
+    # 0x5a at 0 rewrites the bytes there: not a difference.
+    qemu_io(ov, "write -P 0x5a 0 64k", "write -P 0x33 63M 4k",
+            "write -P 0x44 30M 100k", "write -z 40M 64k")
+    set_in_use(ov, "ck1")
+
+    # The truth: both sides as QEMU reads them.
+    truth = differing(raw_of(ov, os.path.join(tmp, "disk-now.raw")),
+                      backup_raw(tmp, full, [inc]), size, 65536)
+    sectors = differing(os.path.join(tmp, "disk-now.raw"),
+                        os.path.join(tmp, "backup.raw"), size, 512)
+    if not truth or truth[0][0] == 0:
+        raise Fail("the writes make no difference, or the rewrite does")
+    rc, got = verify_extents(qbm, ov, full, inc)
+    if got != sectors or rc != 2:
+        raise Fail("verify: exit %d, extents %s, expected %s" %
+                   (rc, got[:8], sectors[:8]))
+    qbm("rebuild", ov, "ck1", full, inc)
+    qemu_img_check(ov)
+    if qemu_bitmaps(ov).get("ck1") != (65536, ["auto"]):
+        raise Fail("after rebuild: %s" % qemu_bitmaps(ov))
+    got = dirty_map(ov, "ck1")
+    if got != truth:
+        raise Fail("QEMU's dirty map of ck1: %s, expected %s" % (got, truth))
+    rc, got = verify_extents(qbm, "--bitmap", "ck1", ov, full, inc)
+    if rc != 0 or got:
+        raise Fail("verify --bitmap ck1 after rebuild: exit %d, %s" %
+                   (rc, got[:8]))
+
+
 def sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -297,11 +363,17 @@ def main():
     suite = Suite("rebuild", __doc__, seeded=True)
     suite.parser.add_argument("--scenarios", type=int, default=10)
     args = suite.start()
-    for i in suite.indices(args.scenarios + 1):
+    for i in suite.indices(args.scenarios + 3):
         desc = []
         if i == args.scenarios:
             desc.append("refusals")
             fn = lambda tmp: refusals(suite.qbm, tmp)  # noqa: E731
+        elif i > args.scenarios:
+            mode = ["raw", "plain"][i - args.scenarios - 1]
+            desc.append("an image with a data file (data_file_raw %s)" %
+                        ("on" if mode == "raw" else "off"))
+            fn = lambda tmp, mode=mode: data_file(  # noqa: E731
+                suite.qbm, tmp, mode)
         else:
             fn = lambda tmp: scenario(suite.qbm, tmp,  # noqa: E731
                                       suite.rng(i), desc)
