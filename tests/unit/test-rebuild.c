@@ -186,6 +186,58 @@ static void test_refusals(void **state)
     qbm_close(bk);
 }
 
+struct stop_at {
+    unsigned calls, stop_at;
+    uint64_t last_done, last_total;
+};
+
+static int count_progress(void *opaque, uint64_t done, uint64_t total)
+{
+    struct stop_at *s = opaque;
+
+    assert_true(done <= total);
+    assert_true(done >= s->last_done);
+    s->last_done = done;
+    s->last_total = total;
+    return ++s->calls == s->stop_at ? 7 : 0;
+}
+
+/* Progress counts the bytes read on both sides, up to its total; a
+ * non-zero value stops the comparison with -ECANCELED and is kept for
+ * the caller. */
+static void test_progress(void **state)
+{
+    struct stop_at s = { 0 };
+    struct qbm_progress p = { count_progress, &s, 0 };
+    struct qbm_image *img = disk(), *bk = full();
+    uint64_t dirty = 0;
+
+    (void)state;
+    assert_int_equal(qbm_rebuild_stage(&img, 1, &bk, 1, "ck", 4096, &p, &dirty),
+                     0);
+    assert_int_equal(dirty, 3 * CS);
+    assert_int_equal(p.user_ret, 0);
+    assert_true(s.calls > 1);
+    /* Both sides' data extents, one side's where only it has data. */
+    assert_int_equal(s.last_total, (4 + 1 + 1 + 1) * CS + (4 + 1 + 1) * CS);
+    assert_int_equal(s.last_done, s.last_total);
+    qbm_close(img);
+    qbm_close(bk);
+
+    img = disk();
+    bk = full();
+    s = (struct stop_at){ .stop_at = 2 };
+    dirty = 9;
+    assert_int_equal(qbm_rebuild_stage(&img, 1, &bk, 1, "ck", 4096, &p, &dirty),
+                     -ECANCELED);
+    assert_int_equal(p.user_ret, 7);
+    assert_int_equal(s.calls, 2);
+    assert_int_equal(dirty, 9);
+    assert_int_equal(qbm_progress_ret(&p, -ECANCELED), 7);
+    qbm_close(img);
+    qbm_close(bk);
+}
+
 /* Every allocation may fail: an error, or the right bitmap. */
 static void test_alloc_failures(void **state)
 {
@@ -224,6 +276,7 @@ int main(void)
         cmocka_unit_test(test_incremental),
         cmocka_unit_test(test_replace),
         cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_progress),
         cmocka_unit_test(test_alloc_failures),
     };
 
