@@ -19,7 +19,8 @@
  *   txn     txn-alloc.c: a transaction's refcounts and allocator;
  *           txn.c: crash-safe transactions (the commit order)
  *   edit    edit.c: staged bitmap edits and their commit
- *   op      op-consolidate.c (the other operations have only a public API)
+ *   op      op-consolidate.c, op-restore.c (the backups as restore reads
+ *           them), op-rebuild.c (the others have only a public API)
  * A file uses its own layer and the ones before it, never one after; one
  * exception, for data only: struct qbm_image is defined with image.c
  * (it holds a header and the bitmaps extension by value), but the qcow2
@@ -1190,5 +1191,43 @@ int qbm_impl_commit_plan(struct qbm_image *img, unsigned flags,
 /* Fold `layers` (newest first) into the opened full `img`. */
 int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
                            size_t n, struct qbm_progress *progress);
+
+/* ---- op-restore.c: the backups as restore reads them ----------------------
+ */
+
+/*
+ * Open backup images[0..n) (the full, qcow2 or raw, then qcow2
+ * incrementals, oldest first) under restore's rules: each readable, given
+ * once, of one virtual size (*ret_size). *ret_layers is newest first, as
+ * qbm_resolve() takes them; free it with qbm_backups_close().
+ */
+int qbm_backups_open(const char *const *images, size_t n,
+                     struct qbm_image ***ret_layers, uint64_t *ret_size);
+/* Close the n layers and free the array; NULL is fine. */
+void qbm_backups_close(struct qbm_image **layers, size_t n);
+/* Read [g, g + len) of map extent e (of layers[e->layer]) into buf, as
+ * copy_piece() copies it: data (from the layer's external data file when
+ * it has one: qbm_image_data_io()), decompressed data, or zeros. */
+int qbm_map_read(struct qbm_image **layers, const struct qcow2_map_extent *e,
+                 uint64_t g, size_t len, void *buf);
+/* Ask the kernel to read [g, g + len) of e ahead (data extents only). */
+void qbm_map_prefetch(struct qbm_image **layers,
+                      const struct qcow2_map_extent *e, uint64_t g,
+                      uint64_t len);
+
+/* ---- op-rebuild.c: a disk against its backups ----------------------------
+ */
+
+/*
+ * Stage in disk[0] (opened for writing; disk[0..nd) its backing chain)
+ * bitmap `name`, enabled, replacing one of that name, with exactly the
+ * granules set where the disk's content differs from what the backups
+ * bk[0..nb) (newest first, as qbm_backups_open gives them) restore to.
+ * granularity 0: the replaced bitmap's, else qbm_bitmap_add's default.
+ * *ret_dirty: the bytes set. Nothing is written: the caller commits.
+ */
+int qbm_rebuild_stage(struct qbm_image **disk, size_t nd, struct qbm_image **bk,
+                      size_t nb, const char *name, uint64_t granularity,
+                      struct qbm_progress *progress, uint64_t *ret_dirty);
 
 #endif /* QBM_INTERNAL_H */

@@ -175,6 +175,8 @@ int cmd_check(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
 int cmd_extract(int argc, char **argv);
 int cmd_consolidate(int argc, char **argv);
+int cmd_rebuild(int argc, char **argv);
+int cmd_verify(int argc, char **argv);
 /* In qbm-checkpoints, the program of its own (qbm.c). */
 int cmd_checkpoints(int argc, char **argv);
 

@@ -529,6 +529,59 @@ QBM_API int qbm_extract_rotate(const char *image, const char *bitmap,
 QBM_API int qbm_consolidate(const char *full, const char *const *incs, size_t n,
                             qbm_progress_fn progress, void *opaque);
 
+/* Flags of qbm_rebuild(). */
+#define QBM_REBUILD_DRY_RUN 0x1u /* compare and count, write nothing */
+#define QBM_REBUILD_MASK 0x1u
+
+/*
+ * Recover a checkpoint from the last backup: make bitmap `name` of IMAGE
+ * an enabled, consistent bitmap in which exactly the granules are set
+ * whose content (IMAGE read through its backing chain) differs from what
+ * backups[0..n) restore to, under qbm_restore()'s rules (backups[0] the
+ * full, qcow2 or raw, then qcow2 incrementals, oldest first). IMAGE, its
+ * backing files and the backups may have external data files (read as
+ * qbm_restore() reads them). A bitmap `name` already there is replaced, in use
+ * or not; `granularity` 0 takes its granularity, or qbm_bitmap_add()'s default
+ * when there is none. Ranges that read as zeros on both sides (unallocated,
+ * zero flags) are equal without being read; data is read once on each side.
+ * IMAGE is opened for writing (QEMU's writer locks: refused while a VM uses
+ * it), its backing files and the backups read-locked; the change is one
+ * crash-safe transaction. Refused, with nothing written: a virtual size
+ * differing from the backups', IMAGE given as a backup, an input missing
+ * or corrupt, a granularity qbm_bitmap_add() refuses. With
+ * QBM_REBUILD_DRY_RUN nothing is written. `progress` (may be NULL) counts
+ * the bytes read; its non-zero value stops the comparison and nothing is
+ * written. *ret_dirty_bytes (may be NULL): the bytes set, clipped to the
+ * virtual size. Returns 0, -1, or the progress callback's non-zero value.
+ */
+QBM_API int qbm_rebuild(const char *image, const char *name,
+                        uint64_t granularity, const char *const *backups,
+                        size_t n, unsigned flags, qbm_progress_fn progress,
+                        void *opaque, uint64_t *ret_dirty_bytes);
+
+/*
+ * Compare IMAGE (read through its backing chain; qcow2 or raw) with what
+ * backups[0..n) restore to (as qbm_rebuild()) and call fn for each extent
+ * of 512-byte sectors whose content differs, in increasing order, adjacent
+ * ones merged, clipped to the virtual size. With `bitmap` (a bitmap of
+ * IMAGE's top layer; refused when in use), only the parts of those
+ * extents that it marks clean: writes it missed, a corrupt backup, or a
+ * wrong bitmap. Everything is opened read-only with read locks (refused
+ * while a VM writes IMAGE), except IMAGE and its backing files with
+ * QBM_VERIFY_FORCE_SHARE (no locks, as qemu-img -U: a disk a VM writes
+ * meanwhile may compare as anything). fn gets `opaque`; progress (may be
+ * NULL) counts the bytes read and gets `progress_opaque`. Returns 0 (fn
+ * saw every difference, maybe none), -1 when the comparison could not be
+ * made, or the non-zero value of fn or of progress that stopped it (errno
+ * ECANCELED).
+ */
+#define QBM_VERIFY_FORCE_SHARE 0x1u
+#define QBM_VERIFY_MASK 0x1u
+QBM_API int qbm_verify(const char *image, const char *const *backups, size_t n,
+                       const char *bitmap, unsigned flags, qbm_extent_fn fn,
+                       void *opaque, qbm_progress_fn progress,
+                       void *progress_opaque);
+
 /*
  * Make `backing` (with format `format`, e.g. "qcow2" or "raw") the backing
  * file of the image, crash-safely (the name is written to a free part of

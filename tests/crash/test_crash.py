@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from qbmtest import (Fail, Qcow2, Suite, dirty_map,  # noqa: E402
                      qemu_bitmaps, qemu_img, qemu_img_check, qemu_img_compare,
-                     qemu_img_create, qemu_io, run)
+                     qemu_img_create, qemu_io, run, set_in_use)
 
 
 def state(qbm, img):
@@ -117,7 +117,21 @@ def scenarios(tmp):
     extl2 = make(tmp, "extl2.qcow2", 100 << 20,
                  "extended_l2=on,refcount_bits=1",
                  [("x", 4096, False)], ["write 5000 3000", "write 50M 1M"])
+    # A checkpoint left in use by a crash, rebuilt from the backups: a
+    # full taken before the last writes, and an incremental of some.
+    rb = make(tmp, "rb.qcow2", 32 << 20, "cluster_size=4096",
+              [("ck", 65536, False), ("keep", 4096, True)],
+              ["write -P 1 0 4M", "write -c -P 2 8M 64k"])
+    rb_full = os.path.join(tmp, "rb-full.qcow2")
+    qemu_img("convert", "-O", "qcow2", rb, rb_full)
+    rb_inc = make(tmp, "rb-inc.qcow2", 32 << 20, None, [],
+                  ["write -P 3 1M 64k"])
+    qemu_io(rb, "write -P 3 1M 64k", "write -P 1 2M 64k",
+            "write -z 8M 64k", "write -P 4 20M 100k")
+    set_in_use(rb, "ck")
     return [
+        ("rebuild an in-use bitmap from backups", rb, 3, "rebuild", "ck",
+         "0", rb_full, rb_inc),
         ("add to an image with bitmaps", base, 3, "add", "new", "65536",
          "0"),
         ("add the first bitmap (creates the extension)", empty, 3, "add",
