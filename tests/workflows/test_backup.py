@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from qbmtest import (MiB, Fail, RandomWriter, Suite, qemu_img,  # noqa: E402
                      qemu_img_check, qemu_img_compare as same,
-                     qemu_img_create, qemu_img_info, qemu_io)
+                     qemu_img_create, qemu_img_info)
 
 
 def data_bytes(img):
