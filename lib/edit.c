@@ -5,6 +5,7 @@
  * struct qbm_bmap in bm->data, and the clusters its old copy used are
  * queued to be freed once the new state is live.
  */
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "internal.h"
@@ -616,43 +617,86 @@ QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name)
 
 /* ---- commit ------------------------------------------------------------ */
 
-/* Write bm->data as new data clusters and a new table. */
-static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
-                        struct qcow2_bitmap *bm, uint8_t *cbuf)
+/*
+ * A commit runs in two phases (docs/design.md, "Space"): first every
+ * cluster is allocated (data, tables, the directory, and in the allocator
+ * the refcount blocks and a grown table they need), so that the space the
+ * edit needs is known and checked before anything is written; then the new
+ * clusters are written and the transaction commits.
+ */
+
+/* How a commit runs. */
+enum commit_mode {
+    COMMIT_WRITE,      /* the real thing */
+    COMMIT_PLAN,       /* allocate and check, write nothing */
+    COMMIT_PLAN_WORST, /* the same, every chunk of a staged bitmap dirty */
+};
+
+/* The new table of a staged bitmap, planned before anything is written. */
+struct new_table {
+    struct qcow2_bitmap *bm;
+    uint8_t *tbl; /* big-endian entries, whole clusters */
+    uint64_t offset;
+    uint64_t clusters;
+};
+
+/* Where each data cluster of bm->data and its new table go. */
+static int plan_bitmap(struct qbm_image *img, struct qbm_txn *txn,
+                       struct new_table *nt, bool worst)
 {
-    struct qbm_bmap *d = bm->data;
-    uint64_t cs = img->cluster_size;
-    uint64_t tbl_clusters = div_round_up(d->nchunks * 8, cs);
-    uint64_t i, off, tbl_off;
-    uint8_t *tbl;
+    struct qbm_bmap *d = nt->bm->data;
+    uint64_t cs = img->cluster_size, i, off;
     int r = 0;
 
-    tbl = qbm_calloc(tbl_clusters, cs);
-    if (!tbl) {
+    nt->clusters = div_round_up(d->nchunks * 8, cs);
+    nt->tbl = qbm_calloc(nt->clusters, cs);
+    if (!nt->tbl) {
         return -ENOMEM;
     }
     for (i = 0; i < d->nchunks && r == 0; i++) {
         const uint8_t *c = d->chunks[i];
+        bool shared = false;
+
+        if (!c && !worst) {
+            continue;
+        }
+        if (c == QBM_CHUNK_REF && d->refs[i].io == img->io) {
+            /* Unmodified data of this image: share the cluster. */
+            r = qbm_txn_share(txn, d->refs[i].offset, &shared);
+            off = d->refs[i].offset;
+        }
+        if (r == 0 && !shared) {
+            r = qbm_txn_alloc(txn, 1, &off);
+        }
+        if (r == 0) {
+            be64_store(nt->tbl + i * 8, off);
+        }
+    }
+    return r ? r : qbm_txn_alloc(txn, nt->clusters, &nt->offset);
+}
+
+/* Write the data clusters and the table plan_bitmap placed. */
+static int write_bitmap(struct qbm_image *img, struct qbm_txn *txn,
+                        struct new_table *nt, uint8_t *cbuf)
+{
+    struct qcow2_bitmap *bm = nt->bm;
+    struct qbm_bmap *d = bm->data;
+    uint64_t cs = img->cluster_size, i;
+    int r = 0;
+
+    for (i = 0; i < d->nchunks && r == 0; i++) {
+        const uint8_t *c = d->chunks[i];
+        uint64_t off = be64_load(nt->tbl + i * 8);
 
         if (!c) {
             continue;
         }
         if (c == QBM_CHUNK_REF) {
-            /* Unmodified data from disk: share the cluster when it is this
-             * image's own, else copy it without reading it here. */
             const struct qbm_chunk_ref *ref = &d->refs[i];
-            bool shared = false;
 
-            if (ref->io == img->io) {
-                r = qbm_txn_share(txn, ref->offset, &shared);
-            }
-            off = ref->offset;
-            if (r == 0 && !shared) {
-                r = qbm_txn_alloc(txn, 1, &off);
-                r = r ? r : qbm_txn_copy(txn, ref->io, ref->offset, cs, off);
-            }
-            if (r == 0) {
-                be64_store(tbl + i * 8, off);
+            if (ref->io != img->io || ref->offset != off) {
+                /* Copied without reading it here. */
+                r = qbm_txn_copy(txn, ref->io, ref->offset, cs, off);
             }
             continue;
         }
@@ -669,35 +713,41 @@ static int store_bitmap(struct qbm_image *img, struct qbm_txn *txn,
             }
             c = cbuf;
         }
-        r = qbm_txn_alloc(txn, 1, &off);
-        r = r ? r : qbm_txn_write(txn, c, cs, off);
-        if (r == 0) {
-            be64_store(tbl + i * 8, off);
-        }
-    }
-    if (r == 0) {
-        r = qbm_txn_alloc(txn, tbl_clusters, &tbl_off);
+        r = qbm_txn_write(txn, c, cs, off);
     }
     if (r == 0) {
         /* Readers look at table_size entries only; like QEMU, leave the
          * rest of the last cluster unwritten (fewer bytes to flush). */
-        r = qbm_txn_write(txn, tbl, div_round_up(d->nchunks * 8, 512) * 512,
-                          tbl_off);
+        r = qbm_txn_write(txn, nt->tbl, div_round_up(d->nchunks * 8, 512) * 512,
+                          nt->offset);
     }
-    free(tbl);
     if (r) {
         return r;
     }
-    bm->table_offset = tbl_off;
+    bm->table_offset = nt->offset;
     bm->table_size = (uint32_t)d->nchunks;
     bm->flags &= ~BME_FLAG_IN_USE;
     return 0;
 }
 
-int qbm_impl_commit(struct qbm_image *img)
+static void free_tables(struct new_table *nts, size_t n)
 {
-    struct qbm_txn *txn;
-    uint64_t dir_size = 0, dir_off = 0, pos, i;
+    size_t i;
+
+    for (i = 0; nts && i < n; i++) {
+        free(nts[i].tbl);
+    }
+    free(nts);
+}
+
+static int commit_run(struct qbm_image *img, enum commit_mode mode,
+                      struct qbm_space *ret_space)
+{
+    struct qbm_txn *txn = NULL;
+    struct new_table *nts = NULL;
+    struct qbm_space sp;
+    uint64_t dir_size = 0, dir_off = 0, pos, i, nclusters = 0;
+    size_t nt = 0;
     uint8_t *buf = NULL;
     int r;
 
@@ -706,76 +756,138 @@ int qbm_impl_commit(struct qbm_image *img)
         return r;
     }
     if (!img->staged) {
-        return 0;
+        /* Nothing to write; a dry run still reports where the image ends. */
+        memset(ret_space, 0, sizeof(*ret_space));
+        r = mode == COMMIT_WRITE
+                ? 0
+                : qbm_impl_image_end_offset(img, &ret_space->end_before);
+        ret_space->end_after = ret_space->end_before;
+        return r;
     }
     r = qbm_txn_begin(img, &txn);
     if (r < 0) {
         return r;
     }
-    buf = qbm_malloc(img->cluster_size);
-    if (!buf) {
-        r = -ENOMEM;
-        goto fail;
-    }
+    nts = qbm_calloc(img->nb_bitmaps + 1, sizeof(*nts));
+    r = nts ? 0 : -ENOMEM;
+    /* 1. Where everything goes. */
     for (i = 0; i < img->nb_bitmaps && r == 0; i++) {
         if (img->bitmaps[i].data) {
-            r = store_bitmap(img, txn, &img->bitmaps[i], buf);
+            nts[nt].bm = &img->bitmaps[i];
+            r = plan_bitmap(img, txn, &nts[nt++], mode == COMMIT_PLAN_WORST);
         }
-    }
-    free(buf);
-    buf = NULL;
-    if (r < 0) {
-        goto fail;
     }
     for (i = 0; i < img->nb_bitmaps; i++) {
         dir_size += qcow2_bitmap_entry_size(&img->bitmaps[i]);
     }
-    if (img->nb_bitmaps) {
-        uint64_t nclusters = div_round_up(dir_size, img->cluster_size);
-
-        buf = qbm_calloc(nclusters, img->cluster_size);
-        if (!buf) {
-            r = -ENOMEM;
-            goto fail;
-        }
-        for (i = 0, pos = 0; i < img->nb_bitmaps; i++) {
-            qcow2_bitmap_entry_encode(&img->bitmaps[i], buf + pos);
-            pos += qcow2_bitmap_entry_size(&img->bitmaps[i]);
-        }
+    if (r == 0 && img->nb_bitmaps) {
+        nclusters = div_round_up(dir_size, img->cluster_size);
         r = qbm_txn_alloc(txn, nclusters, &dir_off);
-        r = r ? r
-              : qbm_txn_write(txn, buf, div_round_up(dir_size, 512) * 512,
-                              dir_off);
-        free(buf);
-        if (r < 0) {
-            goto fail;
-        }
     }
-    if (img->bitmaps_state == QBM_BITMAPS_OK) {
+    if (r == 0 && img->bitmaps_state == QBM_BITMAPS_OK) {
         r = qbm_txn_free_later(txn, img->bm_ext.dir_offset,
                                img->bm_ext.dir_size);
     }
     for (i = 0; i < img->pending_free.n && r == 0; i++) {
         r = qbm_txn_free_later(txn, img->pending_free.v[i], img->cluster_size);
     }
-    if (r < 0) {
-        goto fail;
+    /* 2. Does it fit (and the header switch work)? The worst case is
+     * only a figure: the edit itself may well fit. */
+    if (r == 0 && mode == COMMIT_PLAN_WORST) {
+        qbm_txn_space(txn, &sp);
+    } else if (r == 0) {
+        r = qbm_txn_prepare(txn, img->nb_bitmaps, mode != COMMIT_WRITE, &sp);
     }
+    if (r < 0 || mode != COMMIT_WRITE) {
+        if (r == 0) {
+            *ret_space = sp;
+        }
+        goto out;
+    }
+    /* 3. Write the new clusters. */
+    buf = qbm_malloc(img->cluster_size);
+    r = buf ? 0 : -ENOMEM;
+    for (i = 0; i < nt && r == 0; i++) {
+        r = write_bitmap(img, txn, &nts[i], buf);
+    }
+    free(buf);
+    buf = NULL;
+    if (r == 0 && img->nb_bitmaps) {
+        buf = qbm_calloc(nclusters, img->cluster_size);
+        r = buf ? 0 : -ENOMEM;
+        for (i = 0, pos = 0; i < img->nb_bitmaps && r == 0; i++) {
+            qcow2_bitmap_entry_encode(&img->bitmaps[i], buf + pos);
+            pos += qcow2_bitmap_entry_size(&img->bitmaps[i]);
+        }
+        r = r ? r
+              : qbm_txn_write(txn, buf, div_round_up(dir_size, 512) * 512,
+                              dir_off);
+        free(buf);
+    }
+    if (r < 0) {
+        /* The abort gives the old state back; the staged one is gone. */
+        img->broken = true;
+        goto out;
+    }
+    /* 4. The commit proper (it consumes txn). */
+    *ret_space = sp;
     r = qbm_txn_commit(txn, img->nb_bitmaps, dir_off, dir_size);
+    txn = NULL;
     if (r < 0) {
         img->broken = true;
-        return r;
+    } else {
+        r = qbm_image_reload(img);
     }
-    return qbm_image_reload(img);
-
-fail:
+out:
     qbm_txn_abort(txn);
-    /* Nothing live was touched, but the staged state is gone. */
-    img->broken = true;
+    free_tables(nts, nt);
     return r;
+}
+
+int qbm_impl_commit(struct qbm_image *img)
+{
+    struct qbm_space sp;
+
+    return commit_run(img, COMMIT_WRITE, &sp);
 }
 
 QBM_API int qbm_commit(struct qbm_image *img)
 {
-    return qbm_public_ret(qbm_impl_commit(img));
+    int r;
+
+    img->changed = false;
+    r = qbm_impl_commit(img);
+    if (r < 0 && !img->changed) {
+        char msg[1024];
+
+        snprintf(msg, sizeof(msg), "%s", qbm_err_message());
+        qbm_err_set(-r, "%s; the image was not changed", msg);
+    }
+    return qbm_public_ret(r);
+}
+
+int qbm_impl_commit_plan(struct qbm_image *img, unsigned flags,
+                         uint64_t *ret_bytes, uint64_t *ret_end)
+{
+    struct qbm_space sp;
+    int r;
+
+    if (flags & ~QBM_PLAN_MASK) {
+        return qbm_err(EINVAL, "unknown flags 0x%x", flags);
+    }
+    r = commit_run(
+        img, (flags & QBM_PLAN_WORST_CASE) ? COMMIT_PLAN_WORST : COMMIT_PLAN,
+        &sp);
+    if (r < 0) {
+        return r;
+    }
+    *ret_bytes = sp.bytes;
+    *ret_end = sp.end_after;
+    return 0;
+}
+
+QBM_API int qbm_commit_plan(struct qbm_image *img, unsigned flags,
+                            uint64_t *ret_bytes, uint64_t *ret_end)
+{
+    return qbm_public_ret(qbm_impl_commit_plan(img, flags, ret_bytes, ret_end));
 }

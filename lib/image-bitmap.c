@@ -217,3 +217,67 @@ QBM_API int qbm_bitmap_extents_range(struct qbm_image *img, size_t idx,
     r = walk_bitmap_range(img, bm, first, end, &st);
     return qbm_public_ret_cb(r, w.user_ret);
 }
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+static int push_clusters(struct qbm_offsets *o, uint64_t off, uint64_t len,
+                         uint64_t cs)
+{
+    uint64_t c;
+    int r;
+
+    for (c = 0; off && c < div_round_up(len, cs); c++) {
+        r = qbm_darray_push(o, off + c * cs, 0);
+        if (r < 0) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+int qbm_impl_image_bitmaps_bytes(struct qbm_image *img, uint64_t *ret_bytes)
+{
+    uint64_t cs = img->cluster_size, n = 0, i, k;
+    struct qbm_offsets o = { 0 };
+    int r = 0;
+
+    /* The clusters of the bitmaps on disk: directory, tables, data, each
+     * counted once (bitmaps may share data clusters). */
+    if (img->bitmaps_state == QBM_BITMAPS_OK) {
+        r = push_clusters(&o, img->bm_ext.dir_offset, img->bm_ext.dir_size, cs);
+    }
+    for (i = 0; i < img->nb_bitmaps && r == 0; i++) {
+        struct qcow2_bitmap *bm = &img->bitmaps[i];
+
+        if (!bm->table_offset) {
+            continue; /* staged, nothing on disk yet */
+        }
+        r = push_clusters(&o, bm->table_offset, (uint64_t)bm->table_size * 8,
+                          cs);
+        if (r < 0 || qcow2_bitmap_table_load(img, bm) < 0) {
+            continue; /* an in-use bitmap's table may be unreadable */
+        }
+        for (k = 0; k < bm->table_size && r == 0; k++) {
+            r = push_clusters(&o, bm->table[k] & BME_TABLE_OFFSET_MASK, cs, cs);
+        }
+    }
+    if (r == 0) {
+        qsort(o.v, o.n, sizeof(*o.v), cmp_u64);
+        for (k = 0; k < o.n; k++) {
+            n += k == 0 || o.v[k] != o.v[k - 1];
+        }
+        *ret_bytes = n * cs;
+    }
+    qbm_darray_free(&o);
+    return r;
+}
+
+QBM_API int qbm_image_bitmaps_bytes(struct qbm_image *img, uint64_t *ret_bytes)
+{
+    return qbm_public_ret(qbm_impl_image_bitmaps_bytes(img, ret_bytes));
+}

@@ -439,6 +439,25 @@ QBM_API uint64_t qbm_image_file_size(const struct qbm_image *img)
     return img->file_size;
 }
 
+QBM_API uint64_t qbm_image_capacity(const struct qbm_image *img)
+{
+    return img->io ? img->io->capacity : 0;
+}
+
+int qbm_impl_image_end_offset(struct qbm_image *img, uint64_t *ret_end)
+{
+    if (img->raw) {
+        *ret_end = img->file_size;
+        return 0;
+    }
+    return qcow2_refcount_end(img, ret_end);
+}
+
+QBM_API int qbm_image_end_offset(struct qbm_image *img, uint64_t *ret_end)
+{
+    return qbm_public_ret(qbm_impl_image_end_offset(img, ret_end));
+}
+
 QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img)
 {
     return img->nb_snapshots;

@@ -19,7 +19,8 @@
  *   txn     txn-alloc.c: a transaction's refcounts and allocator;
  *           txn.c: crash-safe transactions (the commit order)
  *   edit    edit.c: staged bitmap edits and their commit
- *   op      op-consolidate.c (the other operations have only a public API)
+ *   op      op-consolidate.c, op-restore.c (the backups as restore reads
+ *           them), op-rebuild.c (the others have only a public API)
  * A file uses its own layer and the ones before it, never one after; one
  * exception, for data only: struct qbm_image is defined with image.c
  * (it holds a header and the bitmaps extension by value), but the qcow2
@@ -163,6 +164,8 @@ int qbm_err_set(int errnum, const char *fmt, ...) QBM_PRINTF(2, 3);
 int qbm_err_prefix(int ret, const char *fmt, ...) QBM_PRINTF(2, 3);
 /* The current message (qbm_get_error); valid until the next error. */
 const char *qbm_err_message(void);
+/* The current errno (qbm_get_errno). */
+int qbm_err_errno(void);
 /* Convert an internal -errno into the public -1 convention. */
 static inline int qbm_public_ret(int r)
 {
@@ -281,11 +284,20 @@ struct qbm_io_ops {
     int (*pwrite)(struct qbm_io *io, const void *buf, size_t len, uint64_t off);
     int (*flush)(struct qbm_io *io);
     int (*size)(struct qbm_io *io, uint64_t *ret_size);
+    /* Optional: set the file's size (a device keeps its own). */
+    int (*truncate)(struct qbm_io *io, uint64_t size);
+    /* Optional: make the writes to [off, off + len) unable to fail for
+     * want of space (a file's holes and growth). */
+    int (*reserve)(struct qbm_io *io, uint64_t off, uint64_t len);
     void (*close)(struct qbm_io *io);
 };
 
 struct qbm_io {
     const struct qbm_io_ops *ops;
+    /* The most the file can hold, or 0 when it grows as written: a block
+     * device's size (size() then returns it too). Writes past it fail
+     * with ENOSPC before reaching the backend. */
+    uint64_t capacity;
 };
 
 static inline int qbm_io_pread(struct qbm_io *io, void *buf, size_t len,
@@ -293,9 +305,13 @@ static inline int qbm_io_pread(struct qbm_io *io, void *buf, size_t len,
 {
     return io->ops->pread(io, buf, len, off);
 }
+int qbm_io_past_capacity(struct qbm_io *io, size_t len, uint64_t off);
 static inline int qbm_io_pwrite(struct qbm_io *io, const void *buf, size_t len,
                                 uint64_t off)
 {
+    if (io->capacity && (off > io->capacity || len > io->capacity - off)) {
+        return qbm_io_past_capacity(io, len, off);
+    }
     return io->ops->pwrite(io, buf, len, off);
 }
 static inline int qbm_io_flush(struct qbm_io *io)
@@ -306,6 +322,19 @@ static inline int qbm_io_size(struct qbm_io *io, uint64_t *ret_size)
 {
     return io->ops->size(io, ret_size);
 }
+/* Set the size of a file (nothing for a device or a backend without). */
+static inline int qbm_io_truncate(struct qbm_io *io, uint64_t size)
+{
+    return io->ops->truncate ? io->ops->truncate(io, size) : 0;
+}
+/* Reserve the space of [off, off + len) (see qbm_io_ops.reserve). */
+static inline int qbm_io_reserve(struct qbm_io *io, uint64_t off, uint64_t len)
+{
+    return io->ops->reserve ? io->ops->reserve(io, off, len) : 0;
+}
+/* A memory or fault io that behaves as a device of `capacity` bytes: its
+ * size is the capacity and nothing is written past it (tests). */
+void qbm_io_set_capacity(struct qbm_io *io, uint64_t capacity);
 void qbm_io_close(struct qbm_io *io);
 /* Copy len bytes between ios: in the kernel (copy_file_range) when both are
  * files, else through a buffer. */
@@ -330,7 +359,8 @@ enum qbm_lock_mode {
 };
 int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
                      struct qbm_io **ret_io);
-/* Wrap an open descriptor (closed with the io). */
+/* Wrap an open descriptor (closed with the io). The one place that tells
+ * a block device: its io's capacity is the device's size. */
 int qbm_io_file_adopt(int fd, struct qbm_io **ret_io);
 /* Take QEMU's locks of `lock` on a file io (as qbm_io_file_open does), for
  * a descriptor opened otherwise (a device opened O_EXCL). */
@@ -347,6 +377,11 @@ int qbm_io_fault_open(const void *buf, size_t len, uint64_t crash_at,
                       uint32_t seed, struct qbm_io **ret_io);
 /* Writes and flushes done so far. */
 uint64_t qbm_io_fault_ops(struct qbm_io *io);
+/* Instead of crashing, fail only the at-th write or flush, with -err (a
+ * transient error such as ENOSPC: what follows succeeds). */
+void qbm_io_fault_fail_once(struct qbm_io *io, uint64_t at, int err);
+/* The memory io holding what reads see (borrowed). */
+struct qbm_io *qbm_io_fault_live(struct qbm_io *io);
 /* What a crash now would leave: the flushed bytes plus a seeded random
  * subset of the unflushed writes, some torn at sector boundaries. */
 int qbm_io_fault_crash_image(struct qbm_io *io, uint8_t **ret, size_t *ret_len);
@@ -464,6 +499,17 @@ uint64_t qcow2_refblock_entry(const uint8_t *block, unsigned bits,
                               uint64_t idx);
 void qcow2_refblock_set(uint8_t *block, unsigned bits, uint64_t idx,
                         uint64_t value);
+/* The index of the last non-zero entry among the first n of a block, plus
+ * one, or 0. */
+uint64_t qcow2_refblock_last(const uint8_t *block, unsigned bits, uint64_t n);
+/*
+ * The image end: the end of the last cluster whose refcount is not 0 (what
+ * qemu-img check reports as "Image end offset" on a consistent image).
+ * On a block device it is where the image stops, not the device's size;
+ * on a file it may lie before or, by a partial last cluster, past the
+ * file's end.
+ */
+int qcow2_refcount_end(struct qbm_image *img, uint64_t *ret_end);
 
 /* ---- qcow2-compress.c
  * ---------------------------------------------------------- */
@@ -782,7 +828,8 @@ struct qbm_image {
 
     /* Write path: staged edits not yet committed (edit.c). */
     bool staged;
-    bool broken; /* a failed commit left the handle unusable */
+    bool broken;  /* a failed commit left the handle unusable */
+    bool changed; /* a failed commit got past its switch (txn.c sets it) */
     struct qbm_offsets pending_free; /* host clusters to free after commit */
 
     /* One-block caches (cleared by writers). */
@@ -828,6 +875,8 @@ int qbm_impl_open(const char *filename, unsigned flags,
 void qbm_impl_close(struct qbm_image *img);
 int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
                               void *opaque);
+/* qbm_image_end_offset (see qbm.h). */
+int qbm_impl_image_end_offset(struct qbm_image *img, uint64_t *ret_end);
 /* Reload every structure of an open image from its io (after a commit). */
 int qbm_image_reload(struct qbm_image *img);
 /*
@@ -857,6 +906,8 @@ struct qcow2_bitmap *qcow2_bitmap_lookup(const struct qbm_image *img,
 /* qbm_bitmap_find: the index, or -ENOENT with a message. */
 int qbm_impl_bitmap_find(const struct qbm_image *img, const char *name);
 bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx);
+/* qbm_image_bitmaps_bytes (see qbm.h). */
+int qbm_impl_image_bitmaps_bytes(struct qbm_image *img, uint64_t *ret_bytes);
 int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx, qbm_extent_fn fn,
                             void *opaque);
 /* A caller's qbm_extent_fn wrapped for an internal walk: its value is kept
@@ -900,6 +951,9 @@ struct qcow2_meta {
     uint64_t owner;   /* file offset of the structure pointing here */
     uint64_t index;   /* its entry that does (table index, snapshot or
                        * bitmap number), or UINT64_MAX */
+    uint32_t refs;    /* the references this report stands for: 1, or for
+                       * the data clusters of an L2 table that several L1
+                       * entries share (walked once), their number */
 };
 
 /* Return 0 to go on, a positive value to stop, or -errno. */
@@ -916,10 +970,14 @@ typedef int (*qcow2_meta_problem_fn)(void *opaque, const struct qcow2_meta *m,
  * Report every structure of img, in this order: header, refcount table
  * and blocks, active L1 table (each L2 table after its entry, then its
  * data), snapshot table, each snapshot's L1 table likewise, encryption
- * header, bitmap directory, each bitmap's table and data clusters. Bitmaps
- * added in this session (no table on disk yet) are left out; every bitmap
- * table is loaded. Tables are read only up to the end of the file. Returns
- * 0, -errno, or the first positive value of fn or problem_fn (optional).
+ * header, bitmap directory, each bitmap's table and data clusters. An L2
+ * table is reported once per L1 entry pointing to it, but its data (and
+ * its bad entries) only after the first such entry, once, each data
+ * cluster with `refs` the number of those entries in all L1 tables.
+ * Bitmaps added in this session (no table on disk yet) are left out; every
+ * bitmap table is loaded. Tables are read only up to the end of the file.
+ * Returns 0, -errno, or the first positive value of fn or problem_fn
+ * (optional).
  */
 int qcow2_meta_walk(struct qbm_image *img, unsigned flags, qcow2_meta_fn fn,
                     qcow2_meta_problem_fn problem_fn, void *opaque);
@@ -1027,6 +1085,23 @@ int qbm_alloc_hook(struct qbm_alloc *a);
 /* Apply the queued releases to the working copy. */
 int qbm_alloc_apply_releases(struct qbm_alloc *a);
 
+/* The space a transaction needs (bytes). */
+struct qbm_space {
+    uint64_t bytes;      /* new clusters it writes: data, tables, directory,
+                          * refcount blocks, a grown refcount table */
+    uint64_t end_before; /* the image end before it */
+    uint64_t end_after;  /* the image end with them (before the replaced
+                          * clusters are freed) */
+};
+/* What the allocations so far need. */
+void qbm_alloc_space(struct qbm_alloc *a, struct qbm_space *ret);
+/* Reserve the space of every new cluster in the file (qbm_io_reserve). */
+int qbm_alloc_reserve(struct qbm_alloc *a);
+/* Undo the refcount writes of a commit that failed before its switch:
+ * unhook new refcount blocks (or the grown table), then write the old
+ * bytes of the live blocks back; flush. */
+int qbm_alloc_rollback(struct qbm_alloc *a);
+
 /* ---- txn.c: crash-safe transactions -------------------------------------- */
 
 /*
@@ -1085,6 +1160,18 @@ int qbm_txn_commit_write(struct qbm_txn *txn, const void *buf, size_t len,
                          uint64_t off);
 /* Current refcount of a host cluster as the transaction sees it. */
 int qbm_txn_refcount(struct qbm_txn *txn, uint64_t offset, uint64_t *ret);
+/*
+ * Once every cluster is allocated, before anything is written: check that
+ * the header can be switched to nb_bitmaps (QBM_TXN_KEEP_HEADER: no
+ * switch), report what the transaction needs (*ret, may be NULL), refuse
+ * with ENOSPC when the image cannot hold it (a block device too small:
+ * "not enough space on ..."), and unless `dry`, reserve the space in the
+ * file (fallocate; on failure the abort cuts the file back).
+ */
+int qbm_txn_prepare(struct qbm_txn *txn, uint32_t nb_bitmaps, bool dry,
+                    struct qbm_space *ret);
+/* What the allocations so far need, nothing checked. */
+void qbm_txn_space(struct qbm_txn *txn, struct qbm_space *ret);
 
 /* ==== layer edit ========================================================== */
 
@@ -1107,6 +1194,8 @@ int qbm_impl_bitmap_populate(struct qbm_image *img, const char *name,
                              struct qbm_image *layer);
 int qbm_impl_bitmap_salvage(struct qbm_image *img, const char *name);
 int qbm_impl_commit(struct qbm_image *img);
+int qbm_impl_commit_plan(struct qbm_image *img, unsigned flags,
+                         uint64_t *ret_bytes, uint64_t *ret_end);
 
 /* ==== layer op ============================================================ */
 
@@ -1116,5 +1205,44 @@ int qbm_impl_commit(struct qbm_image *img);
 /* Fold `layers` (newest first) into the opened full `img`. */
 int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
                            size_t n, struct qbm_progress *progress);
+
+/* ---- op-restore.c: the backups as restore reads them ----------------------
+ */
+
+/*
+ * Open backup images[0..n) (the full, qcow2 or raw, then qcow2
+ * incrementals, oldest first) under restore's rules: each readable, given
+ * once, of one virtual size (*ret_size), read-locked or, with force_share,
+ * without locks (-U). *ret_layers is newest first, as qbm_resolve() takes
+ * them; free it with qbm_backups_close().
+ */
+int qbm_backups_open(const char *const *images, size_t n, bool force_share,
+                     struct qbm_image ***ret_layers, uint64_t *ret_size);
+/* Close the n layers and free the array; NULL is fine. */
+void qbm_backups_close(struct qbm_image **layers, size_t n);
+/* Read [g, g + len) of map extent e (of layers[e->layer]) into buf, as
+ * copy_piece() copies it: data (from the layer's external data file when
+ * it has one: qbm_image_data_io()), decompressed data, or zeros. */
+int qbm_map_read(struct qbm_image **layers, const struct qcow2_map_extent *e,
+                 uint64_t g, size_t len, void *buf);
+/* Ask the kernel to read [g, g + len) of e ahead (data extents only). */
+void qbm_map_prefetch(struct qbm_image **layers,
+                      const struct qcow2_map_extent *e, uint64_t g,
+                      uint64_t len);
+
+/* ---- op-rebuild.c: a disk against its backups ----------------------------
+ */
+
+/*
+ * Stage in disk[0] (opened for writing; disk[0..nd) its backing chain)
+ * bitmap `name`, enabled, replacing one of that name, with exactly the
+ * granules set where the disk's content differs from what the backups
+ * bk[0..nb) (newest first, as qbm_backups_open gives them) restore to.
+ * granularity 0: the replaced bitmap's, else qbm_bitmap_add's default.
+ * *ret_dirty: the bytes set. Nothing is written: the caller commits.
+ */
+int qbm_rebuild_stage(struct qbm_image **disk, size_t nd, struct qbm_image **bk,
+                      size_t nb, const char *name, uint64_t granularity,
+                      struct qbm_progress *progress, uint64_t *ret_dirty);
 
 #endif /* QBM_INTERNAL_H */

@@ -4,11 +4,22 @@
  * locks, and a growable memory buffer (tests, fuzzing).
  */
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
+
+int qbm_io_past_capacity(struct qbm_io *io, size_t len, uint64_t off)
+{
+    return qbm_err(ENOSPC,
+                   "write of %zu bytes at 0x%llx: past the end of the "
+                   "device (%llu bytes)",
+                   len, (unsigned long long)off,
+                   (unsigned long long)io->capacity);
+}
 
 void qbm_io_close(struct qbm_io *io)
 {
@@ -89,6 +100,7 @@ int qbm_io_copy(struct qbm_io *src, uint64_t src_off, struct qbm_io *dst,
 struct file_io {
     struct qbm_io io;
     int fd;
+    bool device; /* a block device: io.capacity is its size */
 };
 
 static const struct qbm_io_ops file_ops;
@@ -163,10 +175,53 @@ static int file_size(struct qbm_io *io, uint64_t *ret_size)
     struct file_io *f = (struct file_io *)io;
     struct stat st;
 
+    if (f->device) {
+        /* A device is as large as it is: st_size would be 0. */
+        *ret_size = io->capacity;
+        return 0;
+    }
     if (fstat(f->fd, &st) < 0) {
         return qbm_err(errno, "stat failed: %s", strerror(errno));
     }
     *ret_size = (uint64_t)st.st_size;
+    return 0;
+}
+
+static int file_truncate(struct qbm_io *io, uint64_t size)
+{
+    struct file_io *f = (struct file_io *)io;
+
+    if (f->device) {
+        return 0; /* a device keeps its size */
+    }
+    if (ftruncate(f->fd, (off_t)size) < 0) {
+        return qbm_err(errno, "cannot truncate to %llu bytes: %s",
+                       (unsigned long long)size, strerror(errno));
+    }
+    return 0;
+}
+
+static int file_reserve(struct qbm_io *io, uint64_t off, uint64_t len)
+{
+    struct file_io *f = (struct file_io *)io;
+    int r;
+
+    if (f->device || len == 0) {
+        return 0; /* the capacity was checked by the caller */
+    }
+    /* Blocks for the holes and the growth, so that the writes that follow
+     * cannot meet ENOSPC (file systems without fallocate: they may). */
+    do {
+        r = fallocate(f->fd, 0, (off_t)off, (off_t)len) < 0 ? errno : 0;
+    } while (r == EINTR);
+    if (r == EOPNOTSUPP || r == ENOSYS) {
+        return 0;
+    }
+    if (r) {
+        return qbm_err(r, "cannot reserve %llu bytes at 0x%llx: %s",
+                       (unsigned long long)len, (unsigned long long)off,
+                       strerror(r));
+    }
     return 0;
 }
 
@@ -185,6 +240,8 @@ static const struct qbm_io_ops file_ops = {
     .pwrite = file_pwrite,
     .flush = file_flush,
     .size = file_size,
+    .truncate = file_truncate,
+    .reserve = file_reserve,
     .close = file_close,
 };
 
@@ -315,17 +372,39 @@ static int apply_locks(int fd, enum qbm_lock_mode mode)
     return 0;
 }
 
-int qbm_io_file_adopt(int fd, struct qbm_io **ret_io)
+/* A file io on fd (owned by it once this succeeds); a block device's
+ * size comes from the device, as the size of what it can hold. */
+static int file_io_new(int fd, const struct stat *st, struct qbm_io **ret_io)
 {
-    struct file_io *f = qbm_calloc(1, sizeof(*f));
+    struct file_io *f;
+    uint64_t dev_size = 0;
 
+    if (S_ISBLK(st->st_mode) && ioctl(fd, BLKGETSIZE64, &dev_size) < 0) {
+        return qbm_err(errno, "cannot get the size of the device: %s",
+                       strerror(errno));
+    }
+    f = qbm_calloc(1, sizeof(*f));
     if (!f) {
         return -ENOMEM;
     }
     f->io.ops = &file_ops;
     f->fd = fd;
+    if (S_ISBLK(st->st_mode)) {
+        f->device = true;
+        f->io.capacity = dev_size;
+    }
     *ret_io = &f->io;
     return 0;
+}
+
+int qbm_io_file_adopt(int fd, struct qbm_io **ret_io)
+{
+    struct stat st;
+
+    if (fstat(fd, &st) < 0) {
+        return qbm_err(errno, "cannot stat: %s", strerror(errno));
+    }
+    return file_io_new(fd, &st, ret_io);
 }
 
 int qbm_io_file_lock(struct qbm_io *io, enum qbm_lock_mode lock)
@@ -359,7 +438,6 @@ int qbm_io_dup(struct qbm_io *io, struct qbm_io **ret_io)
 int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
                      struct qbm_io **ret_io)
 {
-    struct file_io *f;
     struct stat st;
     int fd, r;
 
@@ -376,20 +454,14 @@ int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
         close(fd);
         return qbm_err(EISDIR, "is a directory");
     }
+    /* Device nodes take QEMU's lock bytes as files do (OFD locks work on
+     * any inode; QEMU locks the node it opened). */
     r = apply_locks(fd, lock);
+    r = r ? r : file_io_new(fd, &st, ret_io);
     if (r < 0) {
         close(fd);
-        return r;
     }
-    f = qbm_calloc(1, sizeof(*f));
-    if (!f) {
-        close(fd);
-        return -ENOMEM;
-    }
-    f->io.ops = &file_ops;
-    f->fd = fd;
-    *ret_io = &f->io;
-    return 0;
+    return r;
 }
 
 /* ---- memory backend --------------------------------------------------- */
@@ -465,8 +537,23 @@ static int mem_flush(struct qbm_io *io)
 
 static int mem_size(struct qbm_io *io, uint64_t *ret_size)
 {
-    *ret_size = ((struct mem_io *)io)->data.n;
+    *ret_size = io->capacity ? io->capacity : ((struct mem_io *)io)->data.n;
     return 0;
+}
+
+static int mem_truncate(struct qbm_io *io, uint64_t size)
+{
+    struct mem_io *m = (struct mem_io *)io;
+    uint8_t zero = 0;
+
+    if (io->capacity) {
+        return 0;
+    }
+    if (size < m->data.n) {
+        m->data.n = (size_t)size;
+        return 0;
+    }
+    return size > m->data.n ? mem_pwrite(io, &zero, 0, size) : 0;
 }
 
 static void mem_close(struct qbm_io *io)
@@ -482,6 +569,7 @@ static const struct qbm_io_ops mem_ops = {
     .pwrite = mem_pwrite,
     .flush = mem_flush,
     .size = mem_size,
+    .truncate = mem_truncate,
     .close = mem_close,
 };
 
@@ -539,6 +627,7 @@ struct fault_io {
     struct pending_writes pending; /* since the last flush */
     uint64_t ops, crash_at;
     bool crashed;
+    int fail_err; /* fail_once: only crash_at fails, with this error */
     uint32_t seed;
 };
 
@@ -548,6 +637,12 @@ static int fault_check(struct fault_io *f)
         return qbm_err(EIO, "simulated crash");
     }
     f->ops++;
+    if (f->fail_err) {
+        return f->ops == f->crash_at
+                   ? qbm_err(f->fail_err, "simulated error: %s",
+                             strerror(f->fail_err))
+                   : 0;
+    }
     if (f->crash_at && f->ops >= f->crash_at) {
         f->crashed = true;
         return qbm_err(EIO, "simulated crash");
@@ -627,6 +722,18 @@ static int fault_size(struct qbm_io *io, uint64_t *ret_size)
     return qbm_io_size(((struct fault_io *)io)->live, ret_size);
 }
 
+static int fault_truncate(struct qbm_io *io, uint64_t size)
+{
+    struct fault_io *f = (struct fault_io *)io;
+    int r;
+
+    if (f->crashed) {
+        return qbm_err(EIO, "simulated crash");
+    }
+    r = qbm_io_truncate(f->live, size);
+    return r ? r : qbm_io_truncate(f->durable, size);
+}
+
 static void fault_close(struct qbm_io *io)
 {
     struct fault_io *f = (struct fault_io *)io;
@@ -643,6 +750,7 @@ static const struct qbm_io_ops fault_ops = {
     .pwrite = fault_pwrite,
     .flush = fault_flush,
     .size = fault_size,
+    .truncate = fault_truncate,
     .close = fault_close,
 };
 
@@ -673,6 +781,30 @@ int qbm_io_fault_open(const void *buf, size_t len, uint64_t crash_at,
 uint64_t qbm_io_fault_ops(struct qbm_io *io)
 {
     return ((struct fault_io *)io)->ops;
+}
+
+struct qbm_io *qbm_io_fault_live(struct qbm_io *io)
+{
+    return ((struct fault_io *)io)->live;
+}
+
+void qbm_io_fault_fail_once(struct qbm_io *io, uint64_t at, int err)
+{
+    struct fault_io *f = (struct fault_io *)io;
+
+    f->crash_at = at;
+    f->fail_err = err;
+}
+
+void qbm_io_set_capacity(struct qbm_io *io, uint64_t capacity)
+{
+    io->capacity = capacity;
+    if (io->ops == &fault_ops) {
+        struct fault_io *f = (struct fault_io *)io;
+
+        f->live->capacity = capacity;
+        f->durable->capacity = capacity;
+    }
 }
 
 static uint32_t xorshift(uint32_t *s)

@@ -79,8 +79,9 @@ static void problem(struct check *c, int kind, uint64_t off, const char *fmt,
     c->stop = c->fn(c->opaque, kind, off, msg);
 }
 
+/* Count `refs` references to the clusters of [off, off + len). */
 static void add_ref(struct check *c, uint64_t off, uint64_t len,
-                    const char *what)
+                    const char *what, uint32_t refs)
 {
     uint64_t first = off / c->cs, end, i;
 
@@ -105,9 +106,9 @@ static void add_ref(struct check *c, uint64_t off, uint64_t len,
             c->err = -ENOMEM;
             break;
         }
-        if ((*page)[i % REF_PAGE] < UINT32_MAX) {
-            (*page)[i % REF_PAGE]++;
-        }
+        (*page)[i % REF_PAGE] += refs < UINT32_MAX - (*page)[i % REF_PAGE]
+                                     ? refs
+                                     : UINT32_MAX - (*page)[i % REF_PAGE];
     }
 }
 
@@ -142,7 +143,7 @@ static int count_found(void *opaque, const struct qcow2_meta *m)
     }
     /* Unaligned ones were reported as bad entries of their tables. */
     if (!m->misaligned) {
-        add_ref(c, m->offset, m->length, m->what);
+        add_ref(c, m->offset, m->length, m->what, m->refs);
     }
     return c->err ? c->err : c->stop ? 1 : 0;
 }
@@ -225,32 +226,6 @@ static int refblock(struct check *c, uint64_t rt, const uint8_t **ret,
     return 0;
 }
 
-/* The index of the last non-zero entry of a block, plus one, or 0. */
-static uint64_t refblock_end(struct check *c, const uint8_t *block,
-                             uint64_t in_file)
-{
-    unsigned bits = c->img->refcount_bits;
-    uint64_t w = div_round_up(in_file * bits, 64), i;
-
-    for (; w > 0; w--) {
-        uint64_t v;
-
-        memcpy(&v, block + (w - 1) * 8, 8);
-        if (v) {
-            break;
-        }
-    }
-    if (w == 0) {
-        return 0;
-    }
-    for (i = w * 64 / bits; i > (w - 1) * 64 / bits; i--) {
-        if (qcow2_refblock_entry(block, bits, i - 1)) {
-            return i;
-        }
-    }
-    return 0;
-}
-
 /* The highest cluster with a non-zero refcount, plus one. */
 static int refcounted_end(struct check *c, uint64_t *ret)
 {
@@ -270,7 +245,8 @@ static int refcounted_end(struct check *c, uint64_t *ret)
         if (r < 0) {
             return r;
         }
-        last = block ? refblock_end(c, block, in_file) : 0;
+        last =
+            block ? qcow2_refblock_last(block, img->refcount_bits, in_file) : 0;
         if (last) {
             *ret = rt * c->per_block + last;
             return 0;

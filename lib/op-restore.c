@@ -487,18 +487,14 @@ static int out_open_device(struct out *o)
         return qbm_err(EAGAIN, "%s: changed while the inputs were read",
                        o->output);
     }
-    if (ioctl(fd, BLKGETSIZE64, &o->dev_size) < 0) {
-        r = qbm_err(errno, "%s: cannot read the device size: %s", o->output,
-                    strerror(errno));
-        close(fd);
-        return r;
-    }
-    o->fd = fd;
+    /* The file io finds the device and its size (BLKGETSIZE64). */
     r = qbm_io_file_adopt(fd, &o->io);
     if (r < 0) {
         close(fd);
-        return r;
+        return qbm_err_prefix(r, "%s", o->output);
     }
+    o->fd = fd;
+    o->dev_size = o->io->capacity;
     r = qbm_io_file_lock(o->io, QBM_LOCK_WRITE);
     if (r < 0) {
         qbm_io_close(o->io);
@@ -1006,44 +1002,36 @@ static bool same_inode(const char *a, const char *b)
     return stat(a, &sa) == 0 && stat(b, &sb) == 0 && same_stat(&sa, &sb);
 }
 
-static int restore(const char *const *images, size_t n, const char *output,
-                   int format, bool force_share, const char *checkpoint,
-                   struct qbm_progress *progress)
+/* ---- reading backups, shared with op-rebuild.c ----------------------------
+ */
+
+/*
+ * What restore reads, for the comparisons of op-rebuild.c: the backup
+ * images opened under restore's rules, and the bytes of a piece of a map
+ * extent from the same sources copy_piece() copies them from (keep the
+ * two together).
+ */
+
+int qbm_backups_open(const char *const *images, size_t n, bool force_share,
+                     struct qbm_image ***ret_layers, uint64_t *ret_size)
 {
-    struct qbm_image **layers = qbm_calloc(n ? n : 1, sizeof(*layers));
-    struct qcow2_map_extent *map = NULL;
-    struct out o = { .fd = -1, .progress = progress };
-    size_t nmap = 0, i, j;
+    struct qbm_image **layers;
     uint64_t size = 0;
+    size_t i, j;
     int r = 0;
 
+    if (n == 0) {
+        return qbm_err(EINVAL, "no backup images given");
+    }
+    layers = qbm_calloc(n, sizeof(*layers));
     if (!layers) {
         return -ENOMEM;
-    }
-    if (n == 0) {
-        r = qbm_err(EINVAL, "no backup images given");
-    }
-    if (checkpoint && format != QBM_OUTPUT_QCOW2) {
-        r = qbm_err(EINVAL, "a checkpoint needs qcow2 output");
-    }
-    /* Verify everything before writing anything. */
-    r = r ? r : out_check(&o, output);
-    if (r == 0 && o.device && checkpoint) {
-        /* Adding the bitmap opens the written image as an image. */
-        r = qbm_err(EOPNOTSUPP,
-                    "%s: --checkpoint onto a block device is not supported "
-                    "yet; it was left as it is",
-                    output);
     }
     for (i = 0; i < n && r == 0; i++) {
         for (j = 0; j < i && r == 0; j++) {
             if (same_inode(images[i], images[j])) {
                 r = qbm_err(EINVAL, "%s is given twice", images[i]);
             }
-        }
-        if (r == 0 && same_inode(images[i], output)) {
-            r = qbm_err(EINVAL, "%s: the output would overwrite an input",
-                        images[i]);
         }
         /* The newest image goes first in the resolver's order. */
         r = r ? r
@@ -1062,6 +1050,88 @@ static int restore(const char *const *images, size_t n, const char *output,
             }
         }
     }
+    if (r < 0) {
+        qbm_backups_close(layers, n);
+        return r;
+    }
+    *ret_layers = layers;
+    *ret_size = size;
+    return 0;
+}
+
+void qbm_backups_close(struct qbm_image **layers, size_t n)
+{
+    size_t i;
+
+    for (i = 0; layers && i < n; i++) {
+        qbm_impl_close(layers[i]);
+    }
+    free(layers);
+}
+
+int qbm_map_read(struct qbm_image **layers, const struct qcow2_map_extent *e,
+                 uint64_t g, size_t len, void *buf)
+{
+    struct qbm_image *src = layers[e->layer];
+    int r;
+
+    if (e->type == QCOW2_MAP_DATA) {
+        r = qbm_io_pread(qbm_image_data_io(src), buf, len,
+                         e->host + (g - e->guest));
+    } else if (e->type == QCOW2_MAP_COMPRESSED) {
+        r = qcow2_read_compressed(src, e->host, g - e->start, buf, len);
+    } else {
+        memset(buf, 0, len);
+        return 0;
+    }
+    return r < 0 ? qbm_err_prefix(r, "%s", src->filename) : 0;
+}
+
+void qbm_map_prefetch(struct qbm_image **layers,
+                      const struct qcow2_map_extent *e, uint64_t g,
+                      uint64_t len)
+{
+    int fd = qbm_io_fd(qbm_image_data_io(layers[e->layer]));
+
+    if (fd >= 0 && e->type == QCOW2_MAP_DATA) {
+        posix_fadvise(fd, (off_t)(e->host + (g - e->guest)), (off_t)len,
+                      POSIX_FADV_WILLNEED);
+    }
+}
+
+static int restore(const char *const *images, size_t n, const char *output,
+                   int format, bool force_share, const char *checkpoint,
+                   struct qbm_progress *progress)
+{
+    struct qbm_image **layers = NULL;
+    struct qcow2_map_extent *map = NULL;
+    struct out o = { .fd = -1, .progress = progress };
+    size_t nmap = 0, i;
+    uint64_t size = 0;
+    int r = 0;
+
+    if (n == 0) {
+        r = qbm_err(EINVAL, "no backup images given");
+    }
+    if (checkpoint && format != QBM_OUTPUT_QCOW2) {
+        r = qbm_err(EINVAL, "a checkpoint needs qcow2 output");
+    }
+    /* Verify everything before writing anything. */
+    r = r ? r : out_check(&o, output);
+    if (r == 0 && o.device && checkpoint) {
+        /* Adding the bitmap opens the written image as an image. */
+        r = qbm_err(EOPNOTSUPP,
+                    "%s: --checkpoint onto a block device is not supported "
+                    "yet; it was left as it is",
+                    output);
+    }
+    for (i = 0; i < n && r == 0; i++) {
+        if (same_inode(images[i], output)) {
+            r = qbm_err(EINVAL, "%s: the output would overwrite an input",
+                        images[i]);
+        }
+    }
+    r = r ? r : qbm_backups_open(images, n, force_share, &layers, &size);
     if (r == 0) {
         r = qbm_resolve(layers, n, size, &map, &nmap);
     }
@@ -1090,10 +1160,7 @@ static int restore(const char *const *images, size_t n, const char *output,
         r = out_publish(&o);
     }
     out_free(&o);
-    for (i = 0; i < n; i++) {
-        qbm_impl_close(layers[i]);
-    }
-    free(layers);
+    qbm_backups_close(layers, n);
     free(map);
     return r;
 }

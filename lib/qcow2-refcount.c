@@ -148,3 +148,118 @@ int qcow2_refcount_get(struct qbm_image *img, uint64_t cluster,
         img->refblock_cache, img->refcount_bits, cluster % per_block);
     return 0;
 }
+
+uint64_t qcow2_refblock_last(const uint8_t *block, unsigned bits, uint64_t n)
+{
+    uint64_t w = div_round_up(n * bits, 64), i;
+
+    /* Whole 64-bit words first: a mostly empty block costs little. */
+    for (; w > 0; w--) {
+        uint64_t v;
+
+        memcpy(&v, block + (w - 1) * 8, 8);
+        if (v) {
+            break;
+        }
+    }
+    if (w == 0) {
+        return 0;
+    }
+    for (i = w * 64 / bits; i > (w - 1) * 64 / bits; i--) {
+        if (i <= n && qcow2_refblock_entry(block, bits, i - 1)) {
+            return i;
+        }
+    }
+    return 0;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+int qcow2_refcount_end(struct qbm_image *img, uint64_t *ret_end)
+{
+    uint64_t cs = img->cluster_size, per_block = cs * 8 / img->refcount_bits;
+    uint64_t rt, size, last = 0, end, *offs = NULL, n = 0, i;
+    uint8_t *block = NULL, *zero = NULL;
+    int r;
+
+    r = qbm_io_size(img->io, &size);
+    if (r < 0) {
+        return r;
+    }
+    /* The blocks worth reading: aligned, inside the file (past its end a
+     * block reads as zeros: all its refcounts are 0, as check counts
+     * them), each distinct offset once, however many entries name it. */
+    offs = qbm_malloc((img->reftable_entries + 1) * sizeof(*offs));
+    block = qbm_malloc(cs);
+    if (!offs || !block) {
+        r = -ENOMEM;
+        goto out;
+    }
+    for (rt = 0; rt < img->reftable_entries; rt++) {
+        uint64_t off = img->reftable[rt] & REFT_OFFSET_MASK;
+
+        if (off && is_aligned(off, cs) && off < size) {
+            offs[n++] = off;
+        }
+    }
+    qsort(offs, n, sizeof(*offs), cmp_u64);
+    for (i = 0, rt = 0; i < n; i++) {
+        if (i == 0 || offs[i] != offs[rt - 1]) {
+            offs[rt++] = offs[i];
+        }
+    }
+    n = rt;
+    zero = qbm_calloc(n + 1, 1); /* 1: read, every refcount 0 */
+    r = zero ? 0 : -ENOMEM;
+    /* From the last block down: usually one block is read. */
+    for (rt = img->reftable_entries; r == 0 && rt > 0 && last == 0; rt--) {
+        uint64_t off = img->reftable[rt - 1] & REFT_OFFSET_MASK, k, lo, hi;
+
+        if (!off || !is_aligned(off, cs) || off >= size) {
+            continue;
+        }
+        for (lo = 0, hi = n; lo < hi;) {
+            k = lo + (hi - lo) / 2;
+            if (offs[k] < off) {
+                lo = k + 1;
+            } else {
+                hi = k;
+            }
+        }
+        if (zero[lo]) {
+            continue;
+        }
+        r = qbm_image_read_meta(img, block, cs, off, "refcount block");
+        if (r < 0) {
+            break;
+        }
+        k = size - off >= cs
+                ? per_block
+                : div_round_up((size - off) * 8, img->refcount_bits);
+        last = qcow2_refblock_last(block, img->refcount_bits, k);
+        if (last) {
+            last += (rt - 1) * per_block;
+        } else {
+            zero[lo] = 1;
+        }
+    }
+    if (r == 0 && (!mul_ok(last, cs, &end) || end > QCOW2_MAX_HOST_OFFSET)) {
+        r = qbm_err(EINVAL,
+                    "refcount table at 0x%llx: refcounts claim clusters "
+                    "past the largest possible image",
+                    (unsigned long long)img->hdr.refcount_table_offset);
+    }
+    if (r == 0) {
+        *ret_end = end;
+    }
+out:
+    free(offs);
+    free(block);
+    free(zero);
+    return r;
+}

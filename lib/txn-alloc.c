@@ -20,9 +20,13 @@
 struct rc_block {
     uint64_t offset; /* host offset of the block */
     uint8_t *buf;
+    uint8_t *orig; /* a live block as read, for a rollback; NULL if created */
     bool dirty;
-    bool is_new; /* created here: its reftable entry must be written */
-    uint64_t dirty_lo, dirty_hi; /* bytes changed since the last write */
+    bool created; /* by this transaction, in a cluster it allocated */
+    bool is_new;  /* created here: its reftable entry must be written */
+    bool hooked;  /* created here and its reftable entry written */
+    uint64_t dirty_lo, dirty_hi;     /* bytes changed since the last write */
+    uint64_t written_lo, written_hi; /* bytes of a live block overwritten */
 };
 
 /* Record that bytes [lo, hi) of b changed. */
@@ -70,7 +74,9 @@ struct qbm_alloc {
     struct alloc_runs allocs; /* writes are only allowed there */
     struct releases releases; /* applied after the commit */
 
-    uint64_t hint; /* next cluster index to try */
+    uint64_t hint;    /* next cluster index to try */
+    uint64_t old_end; /* the image end before the transaction */
+    bool rt_switched; /* the header may point to the grown table */
 };
 
 /* ---- refcount blocks ---------------------------------------------------- */
@@ -85,6 +91,7 @@ static void free_blocks(struct qbm_alloc *a)
     for (i = 0; i < a->rt_entries; i++) {
         if (a->blocks[i]) {
             free(a->blocks[i]->buf);
+            free(a->blocks[i]->orig);
             free(a->blocks[i]);
         }
     }
@@ -120,16 +127,17 @@ static int get_block(struct qbm_alloc *a, uint64_t rt, struct rc_block **ret)
         return -ENOMEM;
     }
     b->buf = qbm_malloc(a->cs);
-    if (!b->buf) {
-        free(b);
-        return -ENOMEM;
-    }
-    r = qbm_image_read_meta(a->img, b->buf, a->cs, off, "refcount block");
+    b->orig = qbm_malloc(a->cs);
+    r = b->buf && b->orig ? 0 : -ENOMEM;
+    r = r ? r
+          : qbm_image_read_meta(a->img, b->buf, a->cs, off, "refcount block");
     if (r < 0) {
         free(b->buf);
+        free(b->orig);
         free(b);
         return r;
     }
+    memcpy(b->orig, b->buf, a->cs);
     b->offset = off;
     a->blocks[rt] = b;
     *ret = b;
@@ -174,6 +182,7 @@ static int new_block_at(struct qbm_alloc *a, uint64_t rt, uint64_t cluster)
     b->offset = cluster * a->cs;
     mark_dirty(b, 0, a->cs); /* a new cluster: written whole */
     b->is_new = true;
+    b->created = true;
     a->blocks[rt] = b;
     a->rt[rt] = b->offset;
     if (cluster / a->per_block == rt) {
@@ -353,6 +362,7 @@ int qbm_alloc_new(struct qbm_image *img, struct qbm_alloc **ret)
      * against the other structures. */
     r = qcow2_meta_index_build(img, &a->meta);
     r = r ? r : qcow2_meta_index_check_refcounts(a->meta);
+    r = r ? r : qcow2_refcount_end(img, &a->old_end);
     if (r < 0) {
         qbm_alloc_free(a);
         return r;
@@ -486,27 +496,49 @@ int qbm_alloc_release_later(struct qbm_alloc *a, uint64_t off, uint64_t len,
 
 /* ---- writing the refcounts out ------------------------------------------ */
 
+static int write_block(struct qbm_alloc *a, struct rc_block *b)
+{
+    /* Only the sectors that changed: less to write and flush. */
+    uint64_t lo = b->dirty_lo / SECTOR * SECTOR;
+    uint64_t hi = div_round_up(b->dirty_hi, SECTOR) * SECTOR;
+    int r;
+
+    if (hi > a->cs) {
+        hi = a->cs;
+    }
+    if (!b->created) {
+        /* Recorded before the write: a failed write may have landed. */
+        if (b->written_hi == 0 || lo < b->written_lo) {
+            b->written_lo = lo;
+        }
+        if (hi > b->written_hi) {
+            b->written_hi = hi;
+        }
+    }
+    r = qbm_io_pwrite(a->img->io, b->buf + lo, hi - lo, b->offset + lo);
+    if (r == 0) {
+        b->dirty = false;
+    }
+    return r;
+}
+
 int qbm_alloc_write(struct qbm_alloc *a)
 {
     uint64_t i;
-    int r;
+    int pass, r;
 
-    for (i = 0; i < a->rt_entries; i++) {
-        struct rc_block *b = a->blocks[i];
+    /* Blocks in new clusters first: if the disk is full, live blocks are
+     * not touched yet. */
+    for (pass = 0; pass < 2; pass++) {
+        for (i = 0; i < a->rt_entries; i++) {
+            struct rc_block *b = a->blocks[i];
 
-        if (b && b->dirty) {
-            /* Only the sectors that changed: less to write and flush. */
-            uint64_t lo = b->dirty_lo / SECTOR * SECTOR;
-            uint64_t hi = div_round_up(b->dirty_hi, SECTOR) * SECTOR;
-
-            if (hi > a->cs) {
-                hi = a->cs;
+            if (b && b->dirty && b->created == (pass == 0)) {
+                r = write_block(a, b);
+                if (r < 0) {
+                    return r;
+                }
             }
-            r = qbm_io_pwrite(a->img->io, b->buf + lo, hi - lo, b->offset + lo);
-            if (r < 0) {
-                return r;
-            }
-            b->dirty = false;
         }
     }
     return 0;
@@ -536,6 +568,7 @@ int qbm_alloc_hook(struct qbm_alloc *a)
             return r;
         }
         /* Offset and size of the table in one write inside sector 0. */
+        a->rt_switched = true;
         be64_store(sw, a->rt_offset); /* sw starts at the offset */
         be32_store(sw + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS -
                        QCOW2_HDR_REFCOUNT_TABLE_OFFSET,
@@ -551,6 +584,7 @@ int qbm_alloc_hook(struct qbm_alloc *a)
 
         if (b && b->is_new) {
             any = true;
+            b->hooked = true;
             be64_store(e, b->offset);
             r = qbm_io_pwrite(io, e, 8,
                               a->img->hdr.refcount_table_offset + i * 8);
@@ -598,4 +632,126 @@ int qbm_alloc_apply_releases(struct qbm_alloc *a)
 int qbm_alloc_refcount(struct qbm_alloc *a, uint64_t offset, uint64_t *ret)
 {
     return get_refcount(a, offset / a->cs, ret);
+}
+
+/* ---- space and rollback ------------------------------------------------- */
+
+/* Call fn on every run of clusters the transaction writes: allocated
+ * clusters, refcount blocks it created, a grown refcount table. */
+static int for_each_new_run(struct qbm_alloc *a,
+                            int (*fn)(struct qbm_alloc *a, uint64_t off,
+                                      uint64_t len, void *opaque),
+                            void *opaque)
+{
+    uint64_t i;
+    size_t k;
+    int r;
+
+    for (k = 0; k < a->allocs.n; k++) {
+        r = fn(a, a->allocs.v[k].offset, a->allocs.v[k].length, opaque);
+        if (r < 0) {
+            return r;
+        }
+    }
+    for (i = 0; i < a->rt_entries; i++) {
+        if (a->blocks[i] && a->blocks[i]->created) {
+            r = fn(a, a->blocks[i]->offset, a->cs, opaque);
+            if (r < 0) {
+                return r;
+            }
+        }
+    }
+    return a->rt_grown ? fn(a, a->rt_offset, a->rt_clusters * a->cs, opaque)
+                       : 0;
+}
+
+static int add_run(struct qbm_alloc *a, uint64_t off, uint64_t len,
+                   void *opaque)
+{
+    struct qbm_space *sp = opaque;
+
+    sp->bytes += len;
+    if (off + len > sp->end_after) {
+        sp->end_after = off + len;
+    }
+    return 0;
+}
+
+void qbm_alloc_space(struct qbm_alloc *a, struct qbm_space *ret)
+{
+    memset(ret, 0, sizeof(*ret));
+    ret->end_before = ret->end_after = a->old_end;
+    for_each_new_run(a, add_run, ret);
+}
+
+/* Adjacent runs (clusters allocated one by one) are reserved together. */
+struct reserve_state {
+    uint64_t off, len;
+};
+
+static int reserve_run(struct qbm_alloc *a, uint64_t off, uint64_t len,
+                       void *opaque)
+{
+    struct reserve_state *st = opaque;
+    int r = 0;
+
+    if (st->len && st->off + st->len == off) {
+        st->len += len;
+        return 0;
+    }
+    if (st->len) {
+        r = qbm_io_reserve(a->img->io, st->off, st->len);
+    }
+    st->off = off;
+    st->len = len;
+    return r;
+}
+
+int qbm_alloc_reserve(struct qbm_alloc *a)
+{
+    struct reserve_state st = { 0 };
+    int r = for_each_new_run(a, reserve_run, &st);
+
+    return r || !st.len ? r : qbm_io_reserve(a->img->io, st.off, st.len);
+}
+
+int qbm_alloc_rollback(struct qbm_alloc *a)
+{
+    const struct qcow2_header *h = &a->img->hdr;
+    struct qbm_io *io = a->img->io;
+    uint8_t zero[8] = { 0 };
+    uint64_t i;
+    int r = 0;
+
+    /* Unhook first (nothing live may point at a new block when its
+     * clusters become free again), then give the live blocks their old
+     * bytes back. */
+    if (a->rt_switched) {
+        uint8_t sw[QCOW2_HDR_NB_SNAPSHOTS - QCOW2_HDR_REFCOUNT_TABLE_OFFSET];
+
+        be64_store(sw, h->refcount_table_offset);
+        be32_store(sw + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS -
+                       QCOW2_HDR_REFCOUNT_TABLE_OFFSET,
+                   h->refcount_table_clusters);
+        r = qcow2_header_write(io, sw, sizeof(sw),
+                               QCOW2_HDR_REFCOUNT_TABLE_OFFSET);
+    }
+    for (i = 0; i < a->rt_entries && r == 0; i++) {
+        struct rc_block *b = a->blocks[i];
+
+        if (b && b->hooked && !a->rt_grown) {
+            r = qbm_io_pwrite(io, zero, 8, h->refcount_table_offset + i * 8);
+        }
+    }
+    r = r ? r : qbm_io_flush(io);
+    for (i = 0; i < a->rt_entries && r == 0; i++) {
+        struct rc_block *b = a->blocks[i];
+
+        if (b && b->orig && b->written_hi > b->written_lo) {
+            r = qbm_io_pwrite(io, b->orig + b->written_lo,
+                              b->written_hi - b->written_lo,
+                              b->offset + b->written_lo);
+        }
+    }
+    return r ? r : qbm_io_flush(io);
 }

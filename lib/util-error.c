@@ -67,6 +67,11 @@ const char *qbm_err_message(void)
     return last_msg;
 }
 
+int qbm_err_errno(void)
+{
+    return last_errno;
+}
+
 QBM_API const char *qbm_get_error(void)
 {
     return qbm_err_message();

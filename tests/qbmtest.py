@@ -11,7 +11,11 @@
   own options), the seed (printed; QBM_TEST_SEED or --seed replays it),
   pass/fail counting, each case in its own temporary directory, and how to
   rerun a failed case alone;
-- qemu_io_holding(): a QEMU writer holding an image open (its locks);
+- guest activity: RandomWriter (random data, compressed, zero writes,
+  discards and identical rewrites through qemu-io, within QEMU 7.2's
+  limits), holding() (an image held open by qemu-io or qemu-nbd, as by a
+  running VM), qemu_io_holding() (a QEMU writer holding an image open,
+  ready once it answers a read);
 - the QEMU oracles: dirty_map() (qemu-nbd -r -B NAME + nbdinfo
   --map=qemu:dirty-bitmap:NAME), qemu_img_check(), qemu_img_info(),
   qemu_bitmaps(), qemu_img_compare(), qemu_map() and qemu_allocated()
@@ -19,14 +23,18 @@
 - Qcow2: the layout of an image read straight from its bytes (header
   fields by name, extensions, refcount table, L1, bitmaps extension,
   directory and tables), for tests that patch or inspect the file;
-- LoopDevice: a loop device over a file of garbage in a test's directory,
-  reached only through a private node (mknod) there, always detached;
-  require_loop() applies the skip rules to it.
+- block devices: LoopDevice (a loop device over a file of garbage in a
+  test's directory, reached only through a private node made there with
+  mknod, always detached; it can be resized), require_loop() (the skip
+  rules), file_hash() (a file's or a device's bytes, hashed) and
+  qemu_image_end() (what `qemu-img check` reports as "Image end offset").
 
 Suites import it from the tests/ directory (bench/ puts it on sys.path).
 """
 import argparse
 import contextlib
+import hashlib
+import fcntl
 import json
 import os
 import random
@@ -139,6 +147,132 @@ def qemu_img_create(path, size, opts=None, backing=None, backing_fmt="qcow2",
         cmd += ["-b", backing, "-F", backing_fmt]
     qemu_img(*(cmd + [path, str(size)]))
     return path
+
+
+class RandomWriter:
+    """Random guest writes to a qcow2 image through qemu-io, of the kinds a
+    VM makes: data, compressed data, zero writes, discards, and rewrites
+    of the bytes already there. cluster: the image's cluster size;
+    compress: whether compressed writes are possible (not with extended
+    L2). QEMU compresses only into clusters never written, so those are
+    remembered; and QEMU 7.2 packs compressed data into the host cluster a
+    discard freed (and reused for metadata) in the same process, so a
+    compressed write after a discard starts a new qemu-io."""
+
+    def __init__(self, path, size, cluster, rng, compress=True):
+        self.path, self.size, self.cluster = path, size, cluster
+        self.rng, self.compress = rng, compress
+        self.touched = set()
+
+    def _touch(self, off, length):
+        c = self.cluster
+        self.touched.update(range(off // c, -(-(off + length) // c)))
+
+    def _range(self):
+        rng = self.rng
+        length = rng.choice([512, 4096, 65536, 300000, 2 * MiB])
+        off = rng.randrange(0, max(1, self.size - length)) // 512 * 512
+        return off, min(-(-length // 512) * 512, self.size - off)
+
+    def step(self, n, rewrite_dir=None):
+        """n random writes. With rewrite_dir (a directory for a scratch
+        file), some are rewrites of the bytes the disk holds."""
+        rng, cmds, discarded = self.rng, [], False
+        for _ in range(n):
+            off, length = self._range()
+            kind = rng.random()
+            if rewrite_dir and kind < 0.2:
+                if cmds:
+                    qemu_io(self.path, *cmds)
+                    cmds = []
+                raw = os.path.join(rewrite_dir, "rewrite.raw")
+                # qemu-img dd counts the skipped blocks in count.
+                qemu_img("dd", "-f", "qcow2", "-O", "raw", "bs=512",
+                         "skip=%d" % (off // 512),
+                         "count=%d" % ((off + length) // 512),
+                         "if=" + self.path, "of=" + raw)
+                cmds.append("write -s %s %d %d" % (raw, off, length))
+                qemu_io(self.path, *cmds)
+                cmds = []
+                os.unlink(raw)
+            elif kind < 0.5:
+                cmds.append("write -P %d %d %d" %
+                            (rng.randrange(1, 255), off, length))
+            elif kind < 0.65:
+                o = off // self.cluster * self.cluster
+                if (o + self.cluster <= self.size and self.compress and
+                        o // self.cluster not in self.touched):
+                    if discarded:
+                        qemu_io(self.path, *cmds)
+                        cmds, discarded = [], False
+                    cmds.append("write -c -P %d %d %d" %
+                                (rng.randrange(1, 255), o, self.cluster))
+                    self._touch(o, self.cluster)
+                continue
+            elif kind < 0.85:
+                cmds.append("write -z %d %d" % (off, length))
+            else:
+                cmds.append("discard %d %d" % (off, length))
+                discarded = True
+            self._touch(off, length)
+        if cmds:
+            qemu_io(self.path, *cmds)
+
+
+def overlay_on_disk(tmp, disk, ov, size, opts=""):
+    """A metadata-only overlay (data_file_raw=on) whose data file is the
+    existing raw disk: qemu-img create would empty the disk it names, so
+    the overlay is made on a scratch file and pointed at the disk with
+    qemu-img amend (its metadata, preallocated by data_file_raw, maps every
+    cluster to the same offset of the disk)."""
+    scratch = os.path.join(tmp, "scratch.raw")
+    qemu_img_create(ov, size, opts="data_file=%s,data_file_raw=on%s" %
+                    (scratch, opts))
+    qemu_img("amend", "-o", "data_file=" + disk, ov)
+    os.unlink(scratch)
+
+
+def write_locked(path):
+    """Whether a process holds QEMU's lock for the write permission on
+    path (byte 101, docs/design.md "Locking"), tested without taking any
+    lock: opening the image to find out could make the holder's own open
+    fail."""
+    with open(path, "rb") as f:
+        # struct flock: l_type, l_whence, l_start, l_len, l_pid.
+        req = struct.pack("hh4xqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 101, 1,
+                          0)
+        got = fcntl.fcntl(f.fileno(), fcntl.F_GETLK, req)
+    return struct.unpack("hh4xqqi4x", got)[0] != fcntl.F_UNLCK
+
+
+@contextlib.contextmanager
+def holding(img, tool):
+    """The image held open for writing by a running QEMU tool ("qemu-io",
+    or "qemu-nbd" without -r), as a running VM holds its disk: waits until
+    QEMU has taken its locks, and stops the tool afterwards."""
+    if tool == "qemu-io":
+        cmd = ["qemu-io", "-f", "qcow2", img]
+    else:
+        cmd = ["qemu-nbd", "-t", "-k", img + ".sock", "-f", "qcow2", img]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if write_locked(img):
+                break
+            time.sleep(0.05)
+            if p.poll() is not None:
+                raise Fail("%s %s: exit %d: %s" % (tool, img, p.returncode,
+                                                   p.stderr.read()))
+        else:
+            raise Fail("%s never locked %s" % (tool, img))
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(img + ".sock")
 
 
 # ---------------------------------------------------------------------------
@@ -256,6 +390,16 @@ def qemu_img_check(img, *opts, ok=(0,)):
         raise Fail("qemu-img check %s: exit %d\n%s" % (
             img, p.returncode, (p.stdout + p.stderr).strip()))
     return p
+
+
+def qemu_image_end(img):
+    """The "Image end offset" qemu-img check reports for IMG (the end of
+    the last cluster in use), or None when it does not report one."""
+    p = qemu_img_check(img, ok=None)
+    for line in p.stdout.splitlines():
+        if line.startswith("Image end offset:"):
+            return int(line.split(":")[1])
+    return None
 
 
 def qemu_img_compare(a, b, *opts):
@@ -442,6 +586,15 @@ class Qcow2:
                            entry.bitmap_table_size)
 
 
+def set_in_use(path, name):
+    """Set the in_use flag of bitmap NAME in the file, as a QEMU that died
+    with the image open leaves it."""
+    entry = Qcow2(path).bitmap(name)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + DIR_ENTRY["flags"][0])
+        f.write(struct.pack(DIR_ENTRY["flags"][1], entry.flags | 1))
+
+
 def patch(buf, offset, fmt, value):
     """Write value at offset of a bytearray with a struct format."""
     struct.pack_into(fmt, buf, offset, value)
@@ -503,7 +656,9 @@ class LoopDevice:
         self.dev = None
         rng = rng or random.Random(size)
         with open(self.backing, "wb") as f:
-            left = size
+            # Zeros: a sparse file reads the same.
+            left = 0 if fill and not fill.strip(b"\0") else size
+            f.truncate(size)
             while left:
                 n = min(left, MiB)
                 f.write((fill * (n // len(fill) + 1))[:n] if fill else
@@ -538,6 +693,18 @@ class LoopDevice:
             f.seek(offset)
             return f.read(length)
 
+    def resize(self, size):
+        """Make the device `size` bytes (a multiple of 512): the backing
+        file is cut or extended with zeros and the loop device told
+        (losetup -c)."""
+        os.truncate(self.backing, size)
+        subprocess.run(["losetup", "-c", self.dev], check=True)
+        with open(self.node, "rb") as f:
+            if f.seek(0, 2) != size:
+                raise OSError("%s: still %d bytes, not %d" % (
+                    self.node, f.tell(), size))
+        self.size = size
+
     def detach(self):
         if self.dev:
             subprocess.run(["losetup", "-d", self.dev])
@@ -564,6 +731,15 @@ def require_loop():
             print("(a failure under CI)")
             sys.exit(1)
         sys.exit(SKIP)
+
+
+def file_hash(path):
+    """SHA-256 of a file's or a device's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

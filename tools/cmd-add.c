@@ -68,5 +68,9 @@ int cmd_add(int argc, char **argv)
               "would add bitmap '%s' to %s: granularity %" PRIu64 ", %s\n",
               name, file, qbm_bitmap_granularity(img, (size_t)idx),
               (flags & QBM_ADD_DISABLED) ? "disabled" : "enabled");
+    /* What to make room for before QEMU fills it (an LV to extend). */
+    if (a.dry_run && edit_plan_space(img, QBM_PLAN_WORST_CASE, &plan) < 0) {
+        return edit_fail(img, file, &plan);
+    }
     return edit_finish(img, file, a.dry_run, &plan);
 }

@@ -242,6 +242,11 @@ static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
     struct outbuf body = { 0 };
     struct report rep = { &body, fmt, { 0 }, 0 };
     struct chain_report cr = { &rep, ch };
+    bool raw = strcmp(qbm_image_format(img), "raw") == 0;
+    uint64_t end = 0;
+    /* As qemu-img check: where the image ends (on a device, not where the
+     * device ends). Damaged refcounts: not reported. */
+    bool have_end = !raw && qbm_image_end_offset(img, &end) == 0;
 
     if (qbm_check(img, add_problem, &rep) < 0 ||
         (ch ? qbm_chain_check(ch, add_rule, &cr)
@@ -267,6 +272,9 @@ static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
             ob_puts(ob, "]");
             ob->failed |= rp->json.failed;
         }
+        if (have_end) {
+            ob_printf(ob, ", \"image-end-offset\": %" PRIu64, end);
+        }
         ob_puts(ob, "}");
     } else {
         ob_puts(ob, "image: ");
@@ -289,6 +297,9 @@ static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
                       "cluster(s), %" PRIu64 " bitmap problem(s).\n",
                       rep.n[QBM_PROBLEM_CORRUPTION], rep.n[QBM_PROBLEM_LEAK],
                       rep.n[QBM_PROBLEM_BITMAP]);
+        }
+        if (have_end) {
+            ob_printf(ob, "Image end offset: %" PRIu64 "\n", end);
         }
     }
     ob_free(&body);

@@ -215,8 +215,33 @@ static void format_specific_json(struct outbuf *ob, struct qbm_image *img)
     ob_puts(ob, "}}");
 }
 
+/* Space figures; -1 where they cannot be read (a damaged image: check
+ * says why). */
+struct space {
+    int64_t end;     /* image end offset */
+    int64_t bitmaps; /* bytes the bitmaps occupy */
+};
+
+static void get_space(struct qbm_image *img, struct space *sp)
+{
+    uint64_t v;
+
+    sp->end = qbm_image_end_offset(img, &v) < 0 ? -1 : (int64_t)v;
+    sp->bitmaps = qbm_image_bitmaps_bytes(img, &v) < 0 ? -1 : (int64_t)v;
+}
+
+static void json_int_or_null(struct outbuf *ob, const char *key, int64_t v)
+{
+    if (v < 0) {
+        ob_printf(ob, ", \"%s\": null", key);
+    } else {
+        ob_printf(ob, ", \"%s\": %" PRId64, key, v);
+    }
+}
+
 static void info_json(struct outbuf *ob, struct qbm_image *img,
-                      const char *name, const int64_t *dirty)
+                      const char *name, const int64_t *dirty,
+                      const struct space *sp)
 {
     bool raw = strcmp(qbm_image_format(img), "raw") == 0;
     const char *backing = qbm_image_backing_file(img);
@@ -236,10 +261,14 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
     if (qbm_image_allocated_size(img, &actual) == 0) {
         ob_printf(ob, ", \"actual-size\": %" PRIu64, actual);
     }
+    ob_printf(ob, ", \"block-device\": %s",
+              qbm_image_capacity(img) ? "true" : "false");
     if (raw) {
         ob_puts(ob, ", \"dirty-flag\": false}");
         return;
     }
+    json_int_or_null(ob, "image-end-offset", sp->end);
+    json_int_or_null(ob, "bitmaps-size", sp->bitmaps);
     ob_printf(ob,
               ", \"cluster-size\": %" PRIu64 ", \"compat\": \"%s\", "
               "\"refcount-bits\": %u, \"compression-type\": \"%s\", ",
@@ -333,7 +362,8 @@ static const char *yesno(bool v)
 }
 
 static void info_human(struct outbuf *ob, struct qbm_image *img,
-                       const char *name, const int64_t *dirty)
+                       const char *name, const int64_t *dirty,
+                       const struct space *sp)
 {
     const char *backing = qbm_image_backing_file(img);
     uint64_t incompat = qbm_image_features(img, QBM_FEATURE_INCOMPATIBLE);
@@ -347,11 +377,17 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     ob_printf(ob,
               "\nfile format: %s\n"
               "virtual size: %s (%" PRIu64 " bytes)\n"
-              "file size: %" PRIu64 " bytes\n",
+              "file size: %" PRIu64 " bytes%s\n",
               qbm_image_format(img), size, qbm_image_virtual_size(img),
-              qbm_image_file_size(img));
+              qbm_image_file_size(img),
+              qbm_image_capacity(img) ? " (block device)" : "");
     if (strcmp(qbm_image_format(img), "raw") == 0) {
         return;
+    }
+    if (sp->end < 0) {
+        ob_puts(ob, "image end offset: unknown (refcounts unreadable)\n");
+    } else {
+        ob_printf(ob, "image end offset: %" PRId64 "\n", sp->end);
     }
     ob_printf(ob, "cluster size: %" PRIu64 "\n", qbm_image_cluster_size(img));
     if (backing) {
@@ -427,6 +463,11 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
         break;
     }
     ob_puts(ob, "bitmaps: ok\n");
+    if (sp->bitmaps >= 0) {
+        format_size(size, sizeof(size), (uint64_t)sp->bitmaps);
+        ob_printf(ob, "bitmaps size: %" PRId64 " bytes (%s)\n", sp->bitmaps,
+                  size);
+    }
     for (i = 0; i < qbm_bitmap_count(img); i++) {
         unsigned flags = qbm_bitmap_flags(img, i);
 
@@ -457,14 +498,16 @@ static int describe(struct outbuf *ob, enum output_format fmt,
                     struct qbm_image *img, const char *name)
 {
     int64_t *dirty = NULL;
+    struct space sp;
 
     if (count_dirty(img, &dirty) < 0) {
         return -1;
     }
+    get_space(img, &sp);
     if (fmt == OUTPUT_JSON) {
-        info_json(ob, img, name, dirty);
+        info_json(ob, img, name, dirty, &sp);
     } else {
-        info_human(ob, img, name, dirty);
+        info_human(ob, img, name, dirty, &sp);
     }
     free(dirty);
     return 0;

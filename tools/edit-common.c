@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* Helpers shared by the editing subcommands. */
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,16 +8,45 @@
 
 #include "qbm-tool.h"
 
+int edit_plan_space(struct qbm_image *img, unsigned flags, struct outbuf *plan)
+{
+    uint64_t bytes, end, before;
+
+    if (qbm_commit_plan(img, flags, &bytes, &end) < 0 ||
+        qbm_image_end_offset(img, &before) < 0) {
+        return -1;
+    }
+    ob_printf(plan,
+              "%s %" PRIu64 " bytes of new clusters (%" PRIu64
+              " past the image end %" PRIu64 "); image end %s: %" PRIu64,
+              (flags & QBM_PLAN_WORST_CASE) ? "at most, once every bit is "
+                                              "dirty, it needs"
+                                            : "needs",
+              bytes, end - before, before,
+              (flags & QBM_PLAN_WORST_CASE) ? "then" : "after the edit", end);
+    if (qbm_image_capacity(img)) {
+        ob_printf(plan, "; the device has %" PRIu64 " bytes%s",
+                  qbm_image_capacity(img),
+                  end > qbm_image_capacity(img) ? " (too few)" : "");
+    }
+    ob_puts(plan, "\n");
+    return 0;
+}
+
 int edit_finish(struct qbm_image *img, const char *file, bool dry_run,
                 struct outbuf *plan)
 {
     int ret = 0;
 
     if (dry_run) {
+        /* The commit's own checks and placement, nothing written. */
+        if (edit_plan_space(img, 0, plan) < 0) {
+            return edit_fail(img, file, plan);
+        }
         ob_puts(plan, "(dry run: nothing was written)\n");
         ret = ob_flush_human(plan);
     } else if (qbm_commit(img) < 0) {
-        tool_error(file, "%s; the image was not changed", qbm_get_error());
+        tool_lib_error(file);
         ob_free(plan);
         ret = 1;
     } else {

@@ -153,6 +153,9 @@ int edit_finish(struct qbm_image *img, const char *file, bool dry_run,
                 struct outbuf *plan);
 /* Print the library error, drop the plan, close; returns 1. */
 int edit_fail(struct qbm_image *img, const char *file, struct outbuf *plan);
+/* Append the space the staged edits need (qbm_commit_plan with flags) to
+ * plan; -1 with the library's error when the commit would be refused. */
+int edit_plan_space(struct qbm_image *img, unsigned flags, struct outbuf *plan);
 /*
  * A command IMAGE NAME... with no options of its own but the common
  * editing ones: fn(img, NAME) for each NAME, planned as "would VERB bitmap
@@ -189,6 +192,8 @@ int cmd_check(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
 int cmd_extract(int argc, char **argv);
 int cmd_consolidate(int argc, char **argv);
+int cmd_rebuild(int argc, char **argv);
+int cmd_verify(int argc, char **argv);
 /* In qbm-checkpoints, the program of its own (qbm.c). */
 int cmd_checkpoints(int argc, char **argv);
 

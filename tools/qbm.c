@@ -65,6 +65,8 @@ static const struct command commands[] = {
     { "extract", cmd_extract, "write an offline incremental backup" },
     { "consolidate", cmd_consolidate,
       "fold incrementals into the full backup" },
+    { "rebuild", cmd_rebuild, "rebuild a bitmap by comparing with backups" },
+    { "verify", cmd_verify, "compare a disk with its backups" },
     { "checkpoints", cmd_checkpoints_exec,
       "check a libvirt domain's checkpoints" },
 };

@@ -129,8 +129,29 @@ QBM_API char *qbm_image_backing_path(const struct qbm_image *img);
 QBM_API const char *qbm_image_backing_format(const struct qbm_image *img);
 /* The external data file name, or NULL when absent. */
 QBM_API const char *qbm_image_data_file(const struct qbm_image *img);
-/* Host size of the image file in bytes. */
+/* Host size of the image file in bytes; for a block device, the device's
+ * size (BLKGETSIZE64). */
 QBM_API uint64_t qbm_image_file_size(const struct qbm_image *img);
+/*
+ * The most the image can hold: the size of the block device it lives on,
+ * or 0 when it is a file, which grows as it is written.
+ */
+QBM_API uint64_t qbm_image_capacity(const struct qbm_image *img);
+/*
+ * The image end offset: the end of the last host cluster whose refcount is
+ * not 0, as `qemu-img check` reports it ("Image end offset") for a
+ * consistent image. On a block device this is where the image stops (new
+ * clusters go to free clusters below it first, then past it up to the
+ * device's size). Sets *ret_end and returns 0, or -1. Raw layers: the
+ * file size.
+ */
+QBM_API int qbm_image_end_offset(struct qbm_image *img, uint64_t *ret_end);
+/*
+ * The bytes the bitmaps occupy on disk: their directory, tables and data
+ * clusters, each cluster counted once (bitmaps may share data clusters).
+ * Sets *ret_bytes and returns 0, or -1.
+ */
+QBM_API int qbm_image_bitmaps_bytes(struct qbm_image *img, uint64_t *ret_bytes);
 /* Number of internal snapshots. */
 QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img);
 
@@ -390,9 +411,38 @@ QBM_API int qbm_bitmap_salvage(struct qbm_image *img, const char *name);
  * Write every staged edit in one transaction: new clusters, flush, switch
  * the header's bitmaps extension, flush, free replaced clusters, flush. A
  * crash leaves the old or the new state (plus, at worst, leaked clusters).
- * On failure the handle refuses further edits; reopen the image.
+ *
+ * Every cluster the commit needs (data, tables, directory, refcount blocks,
+ * a grown refcount table) is placed before anything is written, free
+ * clusters first, then past the image end. On a block device that cannot
+ * hold the image end this gives, the commit is refused with ENOSPC ("not
+ * enough space on DEVICE: the edit needs N bytes past the image end M; the
+ * device has S") and nothing is written; on a file the space is reserved
+ * first (fallocate), so a full file system refuses the same way. An error
+ * met before the switch (ENOSPC, EIO) gives the old refcounts back and
+ * cuts the file back to its old size; the message then ends with "the
+ * image was not changed". An error at or after the switch says which
+ * state the image holds. On failure the handle refuses further edits;
+ * reopen the image. Returns 0 or -1.
  */
 QBM_API int qbm_commit(struct qbm_image *img);
+
+/* Plan as if every data cluster of each staged bitmap were dirty: the
+ * most the staged bitmaps can take once QEMU has written to the whole
+ * disk (for an added bitmap: what it can grow to). */
+#define QBM_PLAN_WORST_CASE 0x1u
+#define QBM_PLAN_MASK 0x1u
+
+/*
+ * A dry run of qbm_commit(): the same checks and the same placement of
+ * every new cluster, nothing written, the staged edits kept. Sets
+ * *ret_bytes to the bytes of new clusters the commit would write and
+ * *ret_end to the image end offset once they are written (before the
+ * clusters it replaces are freed), and returns 0; or fails as the commit
+ * would before writing (ENOSPC on a device too small included), -1.
+ */
+QBM_API int qbm_commit_plan(struct qbm_image *img, unsigned flags,
+                            uint64_t *ret_bytes, uint64_t *ret_end);
 
 /* ---- consistency check and repair -------------------------------------- */
 
@@ -586,6 +636,59 @@ QBM_API int qbm_extract_rotate(const char *image, const char *bitmap,
  */
 QBM_API int qbm_consolidate(const char *full, const char *const *incs, size_t n,
                             qbm_progress_fn progress, void *opaque);
+
+/* Flags of qbm_rebuild(). */
+#define QBM_REBUILD_DRY_RUN 0x1u /* compare and count, write nothing */
+#define QBM_REBUILD_MASK 0x1u
+
+/*
+ * Recover a checkpoint from the last backup: make bitmap `name` of IMAGE
+ * an enabled, consistent bitmap in which exactly the granules are set
+ * whose content (IMAGE read through its backing chain) differs from what
+ * backups[0..n) restore to, under qbm_restore()'s rules (backups[0] the
+ * full, qcow2 or raw, then qcow2 incrementals, oldest first). IMAGE, its
+ * backing files and the backups may have external data files (read as
+ * qbm_restore() reads them). A bitmap `name` already there is replaced, in use
+ * or not; `granularity` 0 takes its granularity, or qbm_bitmap_add()'s default
+ * when there is none. Ranges that read as zeros on both sides (unallocated,
+ * zero flags) are equal without being read; data is read once on each side.
+ * IMAGE is opened for writing (QEMU's writer locks: refused while a VM uses
+ * it), its backing files and the backups read-locked; the change is one
+ * crash-safe transaction. Refused, with nothing written: a virtual size
+ * differing from the backups', IMAGE given as a backup, an input missing
+ * or corrupt, a granularity qbm_bitmap_add() refuses. With
+ * QBM_REBUILD_DRY_RUN nothing is written. `progress` (may be NULL) counts
+ * the bytes read; its non-zero value stops the comparison and nothing is
+ * written. *ret_dirty_bytes (may be NULL): the bytes set, clipped to the
+ * virtual size. Returns 0, -1, or the progress callback's non-zero value.
+ */
+QBM_API int qbm_rebuild(const char *image, const char *name,
+                        uint64_t granularity, const char *const *backups,
+                        size_t n, unsigned flags, qbm_progress_fn progress,
+                        void *opaque, uint64_t *ret_dirty_bytes);
+
+/*
+ * Compare IMAGE (read through its backing chain; qcow2 or raw) with what
+ * backups[0..n) restore to (as qbm_rebuild()) and call fn for each extent
+ * of 512-byte sectors whose content differs, in increasing order, adjacent
+ * ones merged, clipped to the virtual size. With `bitmap` (a bitmap of
+ * IMAGE's top layer; refused when in use), only the parts of those
+ * extents that it marks clean: writes it missed, a corrupt backup, or a
+ * wrong bitmap. Everything is opened read-only with read locks (refused
+ * while a VM writes IMAGE), or with QBM_VERIFY_FORCE_SHARE without locks,
+ * as qemu-img -U (IMAGE, its backing files and the backups: a disk a VM
+ * writes meanwhile may compare as anything). fn gets `opaque`; progress (may be
+ * NULL) counts the bytes read and gets `progress_opaque`. Returns 0 (fn
+ * saw every difference, maybe none), -1 when the comparison could not be
+ * made, or the non-zero value of fn or of progress that stopped it (errno
+ * ECANCELED).
+ */
+#define QBM_VERIFY_FORCE_SHARE 0x1u
+#define QBM_VERIFY_MASK 0x1u
+QBM_API int qbm_verify(const char *image, const char *const *backups, size_t n,
+                       const char *bitmap, unsigned flags, qbm_extent_fn fn,
+                       void *opaque, qbm_progress_fn progress,
+                       void *progress_opaque);
 
 /*
  * Make `backing` (with format `format`, e.g. "qcow2" or "raw") the backing

@@ -6,11 +6,18 @@
  * hold afterwards to OUTDIR/crash-POINT-SEED.qcow2 (and the uncrashed
  * result to OUTDIR/after.qcow2). test_crash.py judges them with QEMU.
  *
- * Usage: crash-harness INPUT OUTDIR SEEDS OP ARGS...
+ * With --fail=ERRNO, instead of crashing, each point in turn fails once
+ * with that error and the rest succeeds (a full disk, a transient EIO):
+ * the image then left behind (what reads see) goes to
+ * OUTDIR/failed-POINT.qcow2 and the commit's message to
+ * OUTDIR/failed-POINT.txt.
+ *
+ * Usage: crash-harness [--fail=ERRNO] INPUT OUTDIR SEEDS OP ARGS...
  *   OP: add NAME GRANULARITY DISABLED | remove NAME... | clear NAME |
  *       enable NAME | disable NAME | rename OLD NEW | merge TARGET SOURCE |
  *       dirty NAME OFFSET LENGTH | salvage NAME |
- *       consolidate INCREMENTAL... (oldest first) | backing NAME FORMAT
+ *       consolidate INCREMENTAL... (oldest first) | backing NAME FORMAT |
+ *       rebuild NAME GRANULARITY FULL [INCREMENTAL...] (oldest first)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,17 +99,22 @@ static int apply(struct qbm_image *img, char **op, int nop)
     exit(2);
 }
 
-/* Run the edit with a crash at `point` (0: none). Returns the io. */
+/* Run the edit with a crash at `point` (0: none), or with only that point
+ * failing with fail_err. Returns the io. */
 static struct qbm_io *run(const uint8_t *buf, size_t len, uint64_t point,
-                          uint32_t seed, char **op, int nop, int *ret_rc)
+                          uint32_t seed, char **op, int nop, int fail_err,
+                          int *ret_rc)
 {
     struct qbm_image *img;
     struct qbm_io *io;
     int r;
 
-    if (qbm_io_fault_open(buf, len, point, seed, &io) < 0) {
+    if (qbm_io_fault_open(buf, len, fail_err ? 0 : point, seed, &io) < 0) {
         fprintf(stderr, "crash-harness: %s\n", qbm_get_error());
         exit(2);
+    }
+    if (fail_err) {
+        qbm_io_fault_fail_once(io, point, fail_err);
     }
     r = qbm_image_open_io(io, "crash-test", true, &img);
     if (r < 0) {
@@ -128,6 +140,23 @@ static struct qbm_io *run(const uint8_t *buf, size_t len, uint64_t point,
         for (i = 0; i < n; i++) {
             qbm_close(incs[i]);
         }
+    } else if (!strcmp(op[0], "rebuild") && nop >= 4) {
+        struct qbm_image **bk;
+        uint64_t size, dirty;
+        size_t n = (size_t)(nop - 3);
+
+        if (qbm_backups_open((const char *const *)op + 3, n, false, &bk,
+                             &size) < 0) {
+            fprintf(stderr, "crash-harness: %s\n", qbm_get_error());
+            exit(2);
+        }
+        if (qbm_rebuild_stage(&img, 1, bk, n, op[1],
+                              strtoull(op[2], NULL, 0), NULL, &dirty) < 0) {
+            fprintf(stderr, "crash-harness: rebuild: %s\n", qbm_get_error());
+            exit(2);
+        }
+        *ret_rc = qbm_commit(img);
+        qbm_backups_close(bk, n);
     } else if (!strcmp(op[0], "backing") && nop == 3) {
         *ret_rc = qbm_image_set_backing(img, op[1], op[2]);
     } else {
@@ -143,6 +172,43 @@ static struct qbm_io *run(const uint8_t *buf, size_t len, uint64_t point,
     return io;
 }
 
+/* --fail mode: every point fails once in turn. */
+static int run_failures(const uint8_t *buf, size_t len, uint64_t npoints,
+                        const char *outdir, char **op, int nop, int err)
+{
+    const uint8_t *live;
+    size_t livelen;
+    uint64_t point;
+    struct qbm_io *io;
+    char path[4096];
+    FILE *f;
+    int rc;
+
+    for (point = 1; point <= npoints; point++) {
+        io = run(buf, len, point, 1, op, nop, err, &rc);
+        if (rc == 0) {
+            fprintf(stderr,
+                    "crash-harness: commit succeeded despite an error "
+                    "at point %llu\n",
+                    (unsigned long long)point);
+            return 1;
+        }
+        snprintf(path, sizeof(path), "%s/failed-%llu.txt", outdir,
+                 (unsigned long long)point);
+        f = fopen(path, "w");
+        if (!f || fprintf(f, "%s\n", qbm_get_error()) < 0 || fclose(f)) {
+            perror(path);
+            exit(2);
+        }
+        live = qbm_io_mem_data(qbm_io_fault_live(io), &livelen);
+        snprintf(path, sizeof(path), "%s/failed-%llu.qcow2", outdir,
+                 (unsigned long long)point);
+        write_file(path, live, livelen);
+        qbm_io_close(io);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     uint8_t *buf, *out;
@@ -151,8 +217,13 @@ int main(int argc, char **argv)
     uint32_t seed, nseeds;
     struct qbm_io *io;
     char path[4096];
-    int rc;
+    int rc, fail_err = 0;
 
+    if (argc > 1 && !strncmp(argv[1], "--fail=", 7)) {
+        fail_err = atoi(argv[1] + 7);
+        argv++;
+        argc--;
+    }
     if (argc < 5) {
         fprintf(stderr, "usage: crash-harness INPUT OUTDIR SEEDS OP "
                         "ARGS...\n");
@@ -161,7 +232,7 @@ int main(int argc, char **argv)
     buf = read_file(argv[1], &len);
     nseeds = (uint32_t)atoi(argv[3]);
 
-    io = run(buf, len, 0, 1, argv + 4, argc - 4, &rc);
+    io = run(buf, len, 0, 1, argv + 4, argc - 4, 0, &rc);
     if (rc < 0) {
         fprintf(stderr, "crash-harness: commit: %s\n", qbm_get_error());
         return 1;
@@ -176,11 +247,18 @@ int main(int argc, char **argv)
     write_file(path, out, outlen);
     free(out);
     qbm_io_close(io);
+    if (fail_err) {
+        rc = run_failures(buf, len, npoints, argv[2], argv + 4, argc - 4,
+                          fail_err);
+        printf("%llu\n", (unsigned long long)npoints);
+        free(buf);
+        return rc;
+    }
 
     for (point = 1; point <= npoints; point++) {
         for (seed = 1; seed <= nseeds; seed++) {
             io = run(buf, len, point, seed * 2654435761u, argv + 4,
-                     argc - 4, &rc);
+                     argc - 4, 0, &rc);
             if (rc == 0) {
                 fprintf(stderr, "crash-harness: commit succeeded despite a "
                         "crash at point %llu\n", (unsigned long long)point);

@@ -11,10 +11,19 @@ from before the edit or those after it, and the contents of every bitmap
 (read with qbm dump, which the other suites check against qemu-nbd) must be
 exactly the before or the after state. The uncrashed result is also
 checked against QEMU's own view with qemu-nbd + nbdinfo.
+Errors that are not crashes (a full disk, a transient EIO): every write
+and flush point of each bitmap edit fails once in turn (crash-harness
+--fail, ENOSPC for every edit, EIO for a few), and the image the failed
+commit leaves is judged by what the message says: "the image was not
+changed" means the old bitmaps, the old size and a clean qemu-img check
+(no leaks: the refcounts written are given back); "the edit is in place"
+the new bitmaps; "the switch ... failed" either state; leaks are allowed
+in the last two.
 --seeds N caps the seeds of every scenario (valgrind runs 1: the seed only
 picks which unflushed writes the crash image keeps; the library runs the
 same code for every seed).
 """
+import errno
 import hashlib
 import os
 import sys
@@ -24,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from qbmtest import (Fail, Qcow2, Suite, dirty_map,  # noqa: E402
                      qemu_bitmaps, qemu_img, qemu_img_check, qemu_img_compare,
-                     qemu_img_create, qemu_io, run)
+                     qemu_img_create, qemu_io, run, set_in_use)
 
 
 def state(qbm, img):
@@ -108,7 +117,21 @@ def scenarios(tmp):
     extl2 = make(tmp, "extl2.qcow2", 100 << 20,
                  "extended_l2=on,refcount_bits=1",
                  [("x", 4096, False)], ["write 5000 3000", "write 50M 1M"])
+    # A checkpoint left in use by a crash, rebuilt from the backups: a
+    # full taken before the last writes, and an incremental of some.
+    rb = make(tmp, "rb.qcow2", 32 << 20, "cluster_size=4096",
+              [("ck", 65536, False), ("keep", 4096, True)],
+              ["write -P 1 0 4M", "write -c -P 2 8M 64k"])
+    rb_full = os.path.join(tmp, "rb-full.qcow2")
+    qemu_img("convert", "-O", "qcow2", rb, rb_full)
+    rb_inc = make(tmp, "rb-inc.qcow2", 32 << 20, None, [],
+                  ["write -P 3 1M 64k"])
+    qemu_io(rb, "write -P 3 1M 64k", "write -P 1 2M 64k",
+            "write -z 8M 64k", "write -P 4 20M 100k")
+    set_in_use(rb, "ck")
     return [
+        ("rebuild an in-use bitmap from backups", rb, 3, "rebuild", "ck",
+         "0", rb_full, rb_inc),
         ("add to an image with bitmaps", base, 3, "add", "new", "65536",
          "0"),
         ("add the first bitmap (creates the extension)", empty, 3, "add",
@@ -135,15 +158,16 @@ def scenarios(tmp):
     ]
 
 
-def run_harness(suite, harness, tmp, backing, desc, img, seeds, op):
-    """Run the harness on img with its crash images going to a new
-    directory, where backing (a file of tmp) is linked so that relative
-    backing names resolve: the directory and the harness's output (its
-    number of write and flush points), or None after reporting a
-    failure."""
+def run_harness(suite, harness, tmp, backing, desc, img, seeds, op,
+                opts=()):
+    """Run the harness (with its options opts) on img with its crash images
+    going to a new directory, where backing (a file of tmp) is linked so
+    that relative backing names resolve: the directory and the harness's
+    output (its number of write and flush points), or None after reporting
+    a failure."""
     out = tempfile.mkdtemp(dir=tmp)
     os.symlink(os.path.join(tmp, backing), os.path.join(out, backing))
-    p = run([harness, img, out, str(seeds)] + op, ok=None)
+    p = run([harness] + list(opts) + [img, out, str(seeds)] + op, ok=None)
     if p.returncode != 0:
         suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
         return None
@@ -157,6 +181,54 @@ def crash_images(out):
         if f.startswith("crash-"):
             path = os.path.join(out, f)
             yield f, path, qemu_img_check(path, ok=None)
+
+
+def check_failures(suite, qbm, harness, tmp, desc, img, op, err):
+    """Fail each write/flush point of the edit once with err; judge the
+    images left behind. Returns how many were judged."""
+    label = "%s, %s" % (desc, errno.errorcode[err])
+    ran = run_harness(suite, harness, tmp, "back.qcow2", label, img, 1, op,
+                      opts=["--fail=%d" % err])
+    if not ran:
+        return 0
+    out, npoints = ran
+    before = state(qbm, img)
+    after = state(qbm, os.path.join(out, "after.qcow2"))
+    size = os.path.getsize(img)
+    n = 0
+    for point in range(1, int(npoints) + 1):
+        path = os.path.join(out, "failed-%d.qcow2" % point)
+        with open(os.path.join(out, "failed-%d.txt" % point)) as f:
+            msg = f.read().strip()
+        n += 1
+        c = qemu_img_check(path, ok=None)
+        try:
+            got = state(qbm, path)
+        except Fail as e:
+            suite.fail("%s, point %d: %s" % (label, point, e))
+            continue
+        where = "%s, point %d (%s)" % (label, point, msg)
+        if msg.endswith("the image was not changed"):
+            if got != before or c.returncode != 0 or \
+                    os.path.getsize(path) != size:
+                suite.fail("%s: not the old state: check rc=%d, size %d "
+                           "(was %d), bitmaps %s" % (
+                               where, c.returncode, os.path.getsize(path),
+                               size, got))
+        elif msg.startswith("the edit is in place"):
+            if got != after or c.returncode not in (0, 3):
+                suite.fail("%s: not the new state: check rc=%d" %
+                           (where, c.returncode))
+        elif msg.startswith("the switch to the new state failed"):
+            if got not in (before, after) or c.returncode not in (0, 3):
+                suite.fail("%s: neither state: check rc=%d" %
+                           (where, c.returncode))
+        else:
+            suite.fail("%s: the message does not say what state the image "
+                       "is in" % where)
+        os.unlink(path)
+    print("ok: %s (%d points fail once)" % (label, n))
+    return n
 
 
 def main():
@@ -189,7 +261,8 @@ def main():
                 os.unlink(path)
             print("ok: %s (%s write/flush points x %d seeds)" %
                   (desc, npoints, seeds))
-        for desc, img, seeds, *op in scenarios(tmp):
+        edits = scenarios(tmp)
+        for desc, img, seeds, *op in edits:
             seeds = min(seeds, args.seeds or seeds)
             before = state(qbm, img)
             digest = hashlib.sha256(open(img, "rb").read()).hexdigest()
@@ -233,6 +306,11 @@ def main():
                 os.unlink(path)
             print("ok: %s (%d write/flush points x %d seeds)" %
                   (desc, int(npoints), seeds))
+        for k, (desc, img, seeds, *op) in enumerate(edits):
+            for err in (errno.ENOSPC, errno.EIO) if k < 3 else (
+                    errno.ENOSPC,):
+                checked += check_failures(suite, qbm, args.harness, tmp,
+                                          desc, img, op, err)
     print("crash images checked: %d" % checked)
     # Every crash image is one case; the other failures count against them.
     suite.passed = checked - suite.failed

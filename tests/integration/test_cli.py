@@ -37,7 +37,7 @@ SIZE = 16 * MiB
 COMMANDS = ["info", "dump", "add", "remove", "clear", "enable", "disable",
             "rename", "merge", "copy", "populate", "commit-bitmaps",
             "snapshot-bitmaps", "check", "restore", "extract", "consolidate",
-            "checkpoints"]
+            "rebuild", "verify", "checkpoints"]
 
 DOMAIN_XML = """<domain type='kvm'>
   <name>vm</name>
@@ -258,6 +258,41 @@ def after_consolidate(qbm, tmp, tail):
            "consolidate FULL INC -p showed no progress: %r" % p.stderr)
 
 
+def after_rebuild(qbm, tmp, tail):
+    img = image(tmp, "a.qcow2", ["ck"], ["write -P 1 0 1M"])
+    full = os.path.join(tmp, "full.raw")
+    qemu_img("convert", "-O", "raw", img, full)
+    qemu_io(img, "write -P 2 4M 4k", "write -P 1 0 64k")
+    before = read(img)
+    p = qbm("rebuild", img, "ck", full, "-g", "4096", "--dry-run", *tail)
+    expect(read(img) == before and ": 4096 dirty bytes" in p.stdout,
+           "rebuild IMAGE NAME FULL -g 4096 --dry-run: %s" % p.stdout)
+    p = qbm("rebuild", img, "ck", full, "-g", "4096", "-p", *tail)
+    expect(qemu_bitmaps(img)["ck"] == (4096, ["auto"]) and
+           dirty_map(img, "ck") == [(4 * MiB, 4096)],
+           "rebuild IMAGE NAME FULL -g 4096: %s %s" %
+           (qemu_bitmaps(img), dirty_map(img, "ck")))
+    expect("100.00/100%" in p.stderr,
+           "rebuild IMAGE NAME FULL -p showed no progress: %r" % p.stderr)
+
+
+def after_verify(qbm, tmp, tail):
+    img = image(tmp, "a.qcow2", writes=["write -P 1 0 1M"])
+    full = os.path.join(tmp, "full.raw")
+    qemu_img("convert", "-O", "raw", img, full)
+    qemu_img("bitmap", "--add", img, "part")
+    qemu_io(img, "write -P 2 4M 4k")
+    qemu_img("bitmap", "--disable", img, "part")
+    qemu_io(img, "write -P 3 8M 512")
+    p = qbm("verify", img, full, "--output=json", "-U", *tail, ok=(2,))
+    got = [(e["offset"], e["length"]) for e in json.loads(p.stdout)["extents"]]
+    expect(got == [(4 * MiB, 4096), (8 * MiB, 512)],
+           "verify IMAGE FULL --output=json -U: %s" % p.stdout)
+    p = qbm("verify", img, full, "--bitmap", "part", *tail, ok=(2,))
+    expect(p.stdout.splitlines()[1:] == ["%d 512" % (8 * MiB)],
+           "verify IMAGE FULL --bitmap part: %s" % p.stdout)
+
+
 def after_checkpoints(qbm, tmp, tail):
     img = image(tmp, "a.qcow2", ["orphan"])
     cpdir = os.path.join(tmp, "cp")
@@ -290,6 +325,8 @@ AFTER = [
     ("restore", after_restore),
     ("extract", after_extract),
     ("consolidate", after_consolidate),
+    ("rebuild", after_rebuild),
+    ("verify", after_verify),
     ("checkpoints", after_checkpoints),
 ]
 # checkpoints takes a directory, not an image.
@@ -346,6 +383,7 @@ def case_format(qbm, tmp):
         "restore": ["-o", os.path.join(tmp, "o"), img],
         "extract": ["-o", os.path.join(tmp, "o"), img, "b0"],
         "consolidate": [img, img],
+        "rebuild": [img, "b0", img], "verify": [img, img],
     }
     for cmd in TAKES_IMAGE:
         for opt, fmt in ((["-f", "raw"], "raw"),
@@ -366,6 +404,11 @@ def case_format(qbm, tmp):
            "restore -f qcow2 RAW: %r" % p.stderr)
     qbm("restore", "-o", out, raw)
     expect(qemu_img_compare(out, raw), "restore RAW without -f")
+    # verify compares a raw IMAGE, unless -f qcow2 says it is qcow2.
+    p = qbm("verify", "-f", "qcow2", raw, out, ok=(1,))
+    expect(p.stderr.startswith("qbm: %s: not a qcow2 image" % raw) and
+           p.stdout == "", "verify -f qcow2 RAW: %r" % p.stderr)
+    qbm("verify", raw, out)
 
 
 # ---------------------------------------------------------------------------
@@ -401,6 +444,11 @@ def case_quiet(qbm, tmp):
            p.stderr)
     p = qbm("restore", "-p", "-o", out, full)
     expect("100.00/100%" in p.stderr, "restore -p shows no progress")
+    # verify -q: the exit status says what stdout would have.
+    qemu_io(full, "write 4M 4k")
+    p = qbm("verify", "-q", "-p", full, out, ok=(2,))
+    expect(p.stdout == "" and p.stderr == "", "verify -q -p: %r %r" %
+           (p.stdout, p.stderr))
 
 
 # ---------------------------------------------------------------------------

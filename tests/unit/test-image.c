@@ -349,7 +349,8 @@ static void test_hidden_l2_not_allocated(void **state)
         assert_int_equal(qbm_get_errno(), EUCLEAN);
         snprintf(msg, sizeof(msg), "refcount of cluster 0x%llx is 0 but it "
                  "holds the L2 table: the image is corrupt (try qemu-img "
-                 "check -r all)", (unsigned long long)l2);
+                 "check -r all); the image was not changed",
+                 (unsigned long long)l2);
         assert_string_equal(qbm_get_error(), msg);
         tl_assert_mem_holds(img, buf, LEN);
         qbm_close(img);
@@ -381,6 +382,69 @@ static void test_mem_far_write(void **state)
     qbm_io_close(io);
 }
 
+/*
+ * An image on a "device" (a memory io with a capacity): an edit that needs
+ * more than the device holds past the image end is refused by the dry run
+ * and by the commit, with nothing written; one that fits ends where its
+ * dry run said.
+ */
+static void test_device_space(void **state)
+{
+    const uint64_t cs = 4096;
+    size_t len;
+    uint8_t *buf = tl_image_bytes(SIZE, NULL, 0, &len);
+    struct qbm_image *img;
+    uint64_t end, bytes, after, worst_bytes, worst_end;
+    char msg[256];
+
+    img = qbm_open_memory(buf, len, "dev", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_image_end_offset(img, &end), 0);
+    assert_true(end > 0 && end % cs == 0);
+    qbm_io_set_capacity(img->io, end + 2 * cs);
+    assert_int_equal(qbm_image_capacity(img), end + 2 * cs);
+
+    /* 64 MiB at 512 B: 16 KiB of bitmap data, 4 clusters when all dirty,
+     * a table and a directory: 6 clusters. */
+    assert_int_equal(qbm_bitmap_add(img, "a", 512, 0), 0);
+    assert_int_equal(qbm_commit_plan(img, QBM_PLAN_WORST_CASE, &worst_bytes,
+                                     &worst_end), 0);
+    assert_int_equal(worst_bytes, 6 * cs);
+    assert_int_equal(worst_end, end + 6 * cs);
+    assert_int_equal(qbm_commit_plan(img, 0, &bytes, &after), 0);
+    assert_int_equal(bytes, 2 * cs);
+    assert_int_equal(after, end + 2 * cs);
+    assert_int_equal(qbm_bitmap_set_dirty(img, "a", 0, 64 << 20), 0);
+    assert_int_equal(qbm_commit_plan(img, 0, &bytes, &after), -1);
+    assert_int_equal(qbm_get_errno(), ENOSPC);
+    snprintf(msg, sizeof(msg),
+             "not enough space on dev: the edit needs %llu bytes past the "
+             "image end %llu; the device has %llu",
+             (unsigned long long)(6 * cs), (unsigned long long)end,
+             (unsigned long long)(end + 2 * cs));
+    assert_string_equal(qbm_get_error(), msg);
+    assert_int_equal(qbm_commit(img), -1);
+    assert_int_equal(qbm_get_errno(), ENOSPC);
+    tl_assert_mem_holds(img, buf, len);
+    qbm_close(img);
+
+    /* Room for it: the commit ends where the dry run said. */
+    img = qbm_open_memory(buf, len, "dev", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    qbm_io_set_capacity(img->io, end + 6 * cs);
+    assert_int_equal(qbm_bitmap_add(img, "a", 512, 0), 0);
+    assert_int_equal(qbm_bitmap_set_dirty(img, "a", 0, 64 << 20), 0);
+    assert_int_equal(qbm_commit_plan(img, 0, &bytes, &after), 0);
+    assert_int_equal(bytes, 6 * cs);
+    assert_int_equal(after, end + 6 * cs);
+    assert_int_equal(qbm_commit(img), 0);
+    assert_int_equal(qbm_image_end_offset(img, &end), 0);
+    assert_int_equal(end, after);
+    assert_int_equal(qbm_check(img, no_problems, NULL), 0);
+    qbm_close(img);
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -390,6 +454,7 @@ int main(void)
         cmocka_unit_test(test_corrupt_refcounts),
         cmocka_unit_test(test_hidden_l2_not_allocated),
         cmocka_unit_test(test_mem_far_write),
+        cmocka_unit_test(test_device_space),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * The public calls a language binding leans on: a progress callback that
- * stops restore, extract and consolidate (its value comes back, errno
- * ECANCELED, and nothing is left behind or switched), and
+ * stops restore, extract, consolidate, rebuild and verify (its value comes
+ * back, errno ECANCELED, and nothing is left behind or switched), and
  * qbm_bitmap_extents_range() (clipping, and a piecewise walk that resumes
  * after a stopped batch giving the same extents as one whole walk).
  */
@@ -24,8 +24,8 @@
 
 /* File NAME of the test directory, in a buffer of its own (tl_path's
  * last four results rotate; the calls here keep arrays of paths). */
-static const char *const files[] = { "full",   "inc",   "out",
-                                     "before", "after", "bm" };
+static const char *const files[] = { "full",  "inc", "out", "before",
+                                     "after", "bm",  "disk" };
 
 static char *path_of(const char *name)
 {
@@ -267,6 +267,62 @@ static void test_extents_range(void **state)
     qbm_close(img);
 }
 
+static void test_rebuild_stopped(void **state)
+{
+    const char *backups[] = { path_of("full") };
+    struct stopper s = { 0, 1 };
+    uint64_t dirty = 1;
+    char *before;
+    size_t len;
+
+    write_image("disk", 0, 64, 0x33);
+    before = tl_contents("disk", &len);
+    assert_int_equal(qbm_rebuild(path_of("disk"), "ck", 4096, backups, 1, 0,
+                                 progress_cb, &s, &dirty),
+                     42);
+    assert_int_equal(qbm_get_errno(), ECANCELED);
+    assert_int_equal(s.calls, 1);
+    assert_int_equal(dirty, 1);
+    tl_assert_unchanged("disk", before, len);
+    free(before);
+    /* Going on to the end commits it. */
+    s = (struct stopper){ 0, 0 };
+    assert_int_equal(qbm_rebuild(path_of("disk"), "ck", 4096, backups, 1, 0,
+                                 progress_cb, &s, &dirty),
+                     0);
+    assert_true(s.calls > 1);
+    assert_int_equal(dirty, 64 * 4096);
+}
+
+static void test_verify_stopped(void **state)
+{
+    const char *backups[] = { path_of("full") };
+    struct extents ext = { .n = 0 };
+    struct stopper s = { 0, 1 };
+
+    write_image("disk", 0, 64, 0x33);
+    assert_int_equal(qbm_verify(path_of("disk"), backups, 1, NULL, 0, collect,
+                                &ext, progress_cb, &s),
+                     42);
+    assert_int_equal(qbm_get_errno(), ECANCELED);
+    assert_int_equal(s.calls, 1);
+    s = (struct stopper){ 0, 0 };
+    ext = (struct extents){ .n = 0 };
+    assert_int_equal(qbm_verify(path_of("disk"), backups, 1, NULL, 0, collect,
+                                &ext, progress_cb, &s),
+                     0);
+    assert_true(s.calls > 1);
+    assert_int_equal(ext.n, 1);
+    assert_int_equal(ext.v[0][0], 0);
+    assert_int_equal(ext.v[0][1], 64 * 4096);
+    /* The extent callback stops it as before: its value. */
+    ext = (struct extents){ .n = 0, .stop_after = 1 };
+    assert_int_equal(qbm_verify(path_of("disk"), backups, 1, NULL, 0, collect,
+                                &ext, progress_cb, &s),
+                     1);
+    assert_int_equal(qbm_get_errno(), ECANCELED);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -274,6 +330,8 @@ int main(void)
         cmocka_unit_test_setup(test_extract_stopped, setup),
         cmocka_unit_test_setup(test_consolidate_stopped, setup),
         cmocka_unit_test_setup(test_extents_range, setup),
+        cmocka_unit_test_setup(test_rebuild_stopped, setup),
+        cmocka_unit_test_setup(test_verify_stopped, setup),
     };
 
     return cmocka_run_group_tests(tests, tl_dir_setup, tl_dir_teardown);

@@ -27,9 +27,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from qbmtest import (EXT_DATA_FILE, MiB, OFFSET_MASK, Fail,  # noqa: E402
-                     Qcow2, Suite, dirty_map, merge_extents, qemu_allocated,
-                     qemu_img, qemu_img_check, qemu_img_compare as same,
-                     qemu_img_create, qemu_io, qemu_map, run)
+                     Qcow2, Suite, dirty_map, merge_extents, overlay_on_disk,
+                     qemu_allocated, qemu_img, qemu_img_check,
+                     qemu_img_compare as same, qemu_img_create, qemu_io,
+                     qemu_map, run)
 
 
 def data_bytes(img):
@@ -57,19 +58,6 @@ def guest_writes(rng, size, n):
         else:
             cmds.append("discard %d %d" % (off, length))
     return cmds
-
-
-def overlay_on_disk(tmp, disk, ov, size, opts=""):
-    """A metadata-only overlay (data_file_raw=on) whose data file is the
-    existing raw disk: qemu-img create would empty the disk it names, so
-    the overlay is made on a scratch file and pointed at the disk with
-    qemu-img amend (its metadata, preallocated by data_file_raw, maps every
-    cluster to the same offset of the disk)."""
-    scratch = os.path.join(tmp, "scratch.raw")
-    qemu_img_create(ov, size, opts="data_file=%s,data_file_raw=on%s" %
-                    (scratch, opts))
-    qemu_img("amend", "-o", "data_file=" + disk, ov)
-    os.unlink(scratch)
 
 
 def outputs_left(tmp, names):
