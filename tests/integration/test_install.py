@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
 from qbmtest import Fail, MiB, Suite, qemu_img, qemu_img_create, run  # noqa
 
 PAGES = ["qbm.3", "qbm_get_error.3", "qbm_open.3", "qbm_bitmap_count.3",
-         "qbm_bitmap_add.3", "qbm_check.3", "qbm_restore.3",
+         "qbm_bitmap_add.3", "qbm_check.3", "qbm_restore.3", "qbm_rebuild.3",
          "qbm_chain_open.3", "qbm_checkpoints_new.3"]
 
 
@@ -171,6 +171,13 @@ c qbm remove disk.qcow2 ""
 c qbm info --out
 c qbm check -r ""
 c qbm extract -o out.qcow2 disk.qcow2 d
+c qbm reb
+c qbm ver
+c qbm rebuild -g 64k disk.qcow2 ck
+c qbm rebuild disk.qcow2 ck1 ""
+c qbm verify --bi
+c qbm verify disk.qcow2 full.raw --bitmap d
+c qbm verify -p -B ck disk.qcow2 full.raw --output=json d
 """
     env = dict(t.env, PATH=os.path.dirname(t.qbm) + ":" +
                os.environ["PATH"])
@@ -178,7 +185,9 @@ c qbm extract -o out.qcow2 disk.qcow2 d
             env=env)
     lines = p.stdout.splitlines()
     want = ["complete -o filenames -F _qbm qbm", "info", "ck1 ck2",
-            "ck1 ck2 daily", "--output=", "leaks all", "daily"]
+            "ck1 ck2 daily", "--output=", "leaks all", "daily", "rebuild",
+            "verify", "ck1 ck2", "disk.qcow2", "--bitmap=", "daily",
+            "disk.qcow2"]
     expect(lines == want, "completion: %r, expected %r" % (lines, want))
 
 
