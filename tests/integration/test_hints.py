@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from qbmtest import (OFFSET_MASK, Fail, MiB, Qcow2, Suite,  # noqa: E402
                      qemu_bitmaps, qemu_img, qemu_img_check,
-                     qemu_img_compare, qemu_img_create, qemu_io,
-                     qemu_io_holding, set_bitmap_in_use)
+                     qemu_img_compare, qemu_img_create, qemu_image_end,
+                     qemu_io, qemu_io_holding, set_bitmap_in_use)
 
 SIZE = 16 * MiB
 FULL_COPY = "was in use, now all dirty: the next incremental from it " \
@@ -82,7 +82,10 @@ def case_repair_lists(qbm, tmp):
                "no repair line for %s:\n%s" % (n, p.stdout))
     expect(any(x.startswith("Repaired: 1 leaked cluster(s) freed")
                for x in lines), "no leak repair line:\n" + p.stdout)
-    expect(lines[-1] == "No problems were found.", p.stdout)
+    # The report of the repaired image, ending as qemu-img check's.
+    expect(lines[-2:] == ["No problems were found.",
+                          "Image end offset: %d" % qemu_image_end(a)],
+           p.stdout)
     qemu_img_check(a)
     expect(all(qemu_bitmaps(a)[n][1] == ["auto"] for n in names),
            "bitmaps still in use")
@@ -92,6 +95,8 @@ def case_repair_lists(qbm, tmp):
     expect(acts == [("in-use-dirty", n) for n in names] + [("leaks", None)],
            "JSON repairs: %s" % r["repairs"])
     expect(r["repairs"][-1]["clusters"] == 1, "leak count %s" % r)
+    expect(r.get("image-end-offset") == qemu_image_end(b),
+           "JSON image-end-offset: %s" % r)
     expect(read(a) == read(b), "human and JSON repairs differ")
     # Nothing to repair: nothing listed.
     p = qbm("check", "-r", "all", a)
