@@ -31,7 +31,7 @@ import sys
 import tempfile
 
 from images import TiB, make_dense, timed
-from qbmtest import MiB, loop_available, loop_device, qemu_img_check
+from qbmtest import LoopDevice, MiB, qemu_img_check, require_loop
 
 
 def steps(img):
@@ -83,16 +83,15 @@ def main():
     ap.add_argument("--dir", default=os.environ.get("QBM_BENCH_DIR",
                                                     "/var/tmp"))
     args = ap.parse_args()
-    if not loop_available():
-        print("loop devices unavailable (needs root and losetup)")
-        return 77
+    require_loop()
     qbm = os.path.abspath(args.qbm)
     d = tempfile.mkdtemp(prefix="qbm-bench-device-", dir=args.dir)
     try:
         src = os.path.join(d, "src.qcow2")
         make_dense(src, 16 * TiB, alt=True)
         size = os.path.getsize(src)
-        with loop_device(d, size + 256 * MiB) as dev:
+        with LoopDevice(d, size + 256 * MiB, "dev", fill=b"\0") as loop:
+            dev = loop.node
             f = os.path.join(d, "file.qcow2")
             for dst in (dev, f):
                 with open(src, "rb") as i, open(dst, "r+b" if dst == dev

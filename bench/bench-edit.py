@@ -26,16 +26,14 @@ it writes (its data clusters) with one dd (1 MiB blocks, from the image's
 page cache to a new file) plus fdatasync, timed in the same loop; target:
 merge alt within 2x of it.
 """
-import argparse
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 from images import (TiB, data_clusters, make_dense, make_many, make_sparse,
-                    rss, run)
+                    parser, rss, run, work_dir)
 from qbmtest import qemu_img_check
 
 
@@ -144,24 +142,16 @@ def bench_case(qbm, name, a, b, other, reps, alt, base=None):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--qbm", default=os.path.join(here, "..", "build",
-                                                  "tools", "qbm"))
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--dir", default=os.environ.get("QBM_BENCH_DIR",
-                                                    "/var/tmp"))
-    ap.add_argument("--bitmaps", type=int, default=1000)
+    ap = parser(__doc__, 7, bitmaps=True)
     ap.add_argument("--base", metavar="QBM",
                     help="another qbm to compare with, in the same loop")
     args = ap.parse_args()
     qbm = os.path.abspath(args.qbm)
     base = os.path.abspath(args.base) if args.base else None
     print("load average before: %.2f %.2f %.2f" % os.getloadavg())
-    d = tempfile.mkdtemp(prefix="qbm-bench-edit-", dir=args.dir)
+    d = work_dir(args, "edit")
     ok = True
     try:
-        print("building images in %s ..." % d, flush=True)
         cases = []
         for name, maker, size in (("sparse 16 TiB", make_sparse, 16 * TiB),
                                   ("dense 16 TiB", make_dense, 16 * TiB),

@@ -17,16 +17,14 @@ as the dump prints (a second dd, from /dev/zero), both to the sink qbm
 writes to (/dev/null), minus one process start (/bin/true): what any tool
 that reads the bitmap and prints its extents must pay.
 """
-import argparse
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 from images import (TiB, data_clusters, make_dense, make_many, make_sparse,
-                    rss, timed)
+                    parser, rss, timed, work_dir)
 from qbmtest import dirty_map_cmd
 
 
@@ -36,20 +34,11 @@ def run_out(cmd):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--qbm", default=os.path.join(here, "..", "build",
-                                                  "tools", "qbm"))
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--dir", default=os.environ.get("QBM_BENCH_DIR",
-                                                    "/var/tmp"))
-    ap.add_argument("--bitmaps", type=int, default=1000)
-    args = ap.parse_args()
+    args = parser(__doc__, 7, bitmaps=True).parse_args()
     qbm = os.path.abspath(args.qbm)
-    d = tempfile.mkdtemp(prefix="qbm-bench-read-", dir=args.dir)
+    d = work_dir(args, "read")
     ok = True
     try:
-        print("building images in %s ..." % d, flush=True)
         sparse = os.path.join(d, "sparse.qcow2")
         dense = os.path.join(d, "dense.qcow2")
         many = os.path.join(d, "many.qcow2")

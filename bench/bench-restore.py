@@ -22,17 +22,15 @@ fast disk commit can beat any restore; consolidate is its counterpart.
 Setup copies (for commit and consolidate, which change their input) are
 not timed.
 """
-import argparse
 import json
 import os
 import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
-from images import rss as peak_rss, run
+from images import parser, rss as peak_rss, run, work_dir
 from qbmtest import GiB, MiB, qemu_img, qemu_img_create
 
 
@@ -95,13 +93,7 @@ def timed(fn):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--qbm", default=os.path.join(here, "..", "build",
-                                                  "tools", "qbm"))
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--dir", default=os.environ.get("QBM_BENCH_DIR",
-                                                    "/var/tmp"))
+    ap = parser(__doc__, 3)
     ap.add_argument("--quick", action="store_true",
                     help="1 GiB disk, 200 MB data, 5 x 20 MB incrementals")
     ap.add_argument("--keep", action="store_true")
@@ -112,9 +104,8 @@ def main():
         size, full_data, inc_data = GiB, 200 * MiB, 20 * MiB
     else:
         size, full_data, inc_data = 8 * GiB, 1536 * MiB, 200 * MiB
-    d = tempfile.mkdtemp(prefix="qbm-bench-restore-", dir=args.dir)
+    d = work_dir(args, "restore")
     try:
-        print("building images in %s ..." % d, flush=True)
         disk, full, incs = build(qbm, d, rng, size, full_data, inc_data, 5)
         sizes = [os.path.getsize(f) for f in [full] + incs]
         print("full %.0f MiB, incrementals %s MiB" % (

@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Image builders shared by the benchmarks (sparse files; 16 TiB is cheap),
 on the test suites' qbmtest module."""
+import argparse
 import os
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -14,6 +16,31 @@ from qbmtest import (Qcow2, qemu_img, qemu_img_check,  # noqa: E402
                      qemu_img_create, qemu_io)
 
 TiB = qbmtest.TiB
+
+
+def parser(doc, reps, bitmaps=False):
+    """An argument parser (described by the first line of doc) with the
+    options every benchmark takes: --qbm (default: the build tree's),
+    --reps, --dir for the images (QBM_BENCH_DIR, else /var/tmp), and with
+    bitmaps, --bitmaps for the image with many."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--qbm", default=os.path.join(here, "..", "build",
+                                                  "tools", "qbm"))
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--dir", default=os.environ.get("QBM_BENCH_DIR",
+                                                    "/var/tmp"))
+    if bitmaps:
+        ap.add_argument("--bitmaps", type=int, default=1000)
+    return ap
+
+
+def work_dir(args, name):
+    """A new directory under args.dir for the images of benchmark name
+    (the caller removes it)."""
+    d = tempfile.mkdtemp(prefix="qbm-bench-%s-" % name, dir=args.dir)
+    print("building images in %s ..." % d, flush=True)
+    return d
 
 
 def run(cmd):

@@ -9,18 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "fuzz-common.h"
 #include "qbm.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(cond)                                                           \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            fprintf(stderr, "invariant failed: %s (%s:%d)\n", #cond,          \
-                    __FILE__, __LINE__);                                      \
-            abort();                                                          \
-        }                                                                     \
-    } while (0)
 
 struct walk {
     uint64_t size, next, sum, count;
@@ -80,7 +70,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     (void)qbm_image_backing_file(img);
     (void)qbm_image_backing_format(img);
     (void)qbm_image_data_file(img);
-    (void)qbm_image_snapshot_count(img);
+    for (unsigned s = 0; s < qbm_image_snapshot_count(img); s++) {
+        struct qbm_snapshot_info sn;
+
+        CHECK(qbm_image_snapshot(img, s, &sn) == 0);
+        CHECK(sn.id && sn.name);
+    }
+    {
+        struct qbm_encryption_info enc;
+
+        if (qbm_image_encryption(img, &enc) == 0) {
+            CHECK(enc.format[0] != '\0');
+        }
+    }
     free(qbm_image_backing_path(img));
     for (w = 0; w < 3; w++) {
         (void)qbm_image_features(img, w);

@@ -637,15 +637,19 @@ static void extent_state_init(struct qbm_extent_state *st,
     st->nbits = bm->nbits;
 }
 
-/* Feed every chunk to st; referenced chunks are read into a scratch
- * buffer, not kept. */
-static int walk_chunks(const struct qbm_bmap *bm, struct qbm_extent_state *st)
+/* Feed chunks [first, end) to st; referenced chunks are read into a
+ * scratch buffer, not kept. */
+static int walk_chunks(const struct qbm_bmap *bm, uint64_t first, uint64_t end,
+                       struct qbm_extent_state *st)
 {
     uint8_t *tmp = NULL;
     uint64_t i;
     int r = 0;
 
-    for (i = 0; i < bm->nchunks && r == 0; i++) {
+    if (end > bm->nchunks) {
+        end = bm->nchunks;
+    }
+    for (i = first; i < end && r == 0; i++) {
         const uint8_t *c = bm->chunks[i];
 
         if (c == QBM_CHUNK_REF) {
@@ -669,7 +673,13 @@ int qbm_bmap_extents(const struct qbm_bmap *bm, qbm_extent_fn fn, void *opaque)
     struct qbm_extent_state st;
 
     extent_state_init(&st, bm, fn, opaque);
-    return walk_chunks(bm, &st);
+    return walk_chunks(bm, 0, UINT64_MAX, &st);
+}
+
+int qbm_bmap_walk_range(const struct qbm_bmap *bm, uint64_t first, uint64_t end,
+                        struct qbm_extent_state *st)
+{
+    return walk_chunks(bm, first, end, st);
 }
 
 int qbm_bmap_dirty_bytes(const struct qbm_bmap *bm, uint64_t *ret_bytes)
@@ -678,7 +688,7 @@ int qbm_bmap_dirty_bytes(const struct qbm_bmap *bm, uint64_t *ret_bytes)
     int r;
 
     extent_state_init(&st, bm, NULL, NULL);
-    r = walk_chunks(bm, &st);
+    r = walk_chunks(bm, 0, UINT64_MAX, &st);
     if (r == 0) {
         *ret_bytes = st.dirty_bytes;
     }

@@ -334,9 +334,16 @@ static uint64_t window_clusters(const struct qbm_image *img)
 int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
                              qbm_chunk_fn fn, void *opaque)
 {
+    return qcow2_bitmap_read_chunk_range(img, bm, 0, UINT64_MAX, fn, opaque);
+}
+
+int qcow2_bitmap_read_chunk_range(struct qbm_image *img,
+                                  struct qcow2_bitmap *bm, uint64_t first,
+                                  uint64_t end, qbm_chunk_fn fn, void *opaque)
+{
     uint64_t nchunks = qcow2_bitmap_table_size(
         img->hdr.size, bm->granularity_bits, img->cluster_size);
-    uint64_t win = window_clusters(img), i = 0, first, k;
+    uint64_t win = window_clusters(img), i = first, start, k;
     uint64_t *offs = NULL;
     uint8_t *buf = NULL, **bufs = NULL;
     size_t n, buf_bytes = 0;
@@ -351,10 +358,13 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
     if (nchunks > bm->table_size) {
         nchunks = bm->table_size;
     }
+    if (nchunks > end) {
+        nchunks = end;
+    }
     while (i < nchunks && r == 0) {
-        /* Chunks [first, i) hold n data clusters: read them together,
+        /* Chunks [start, i) hold n data clusters: read them together,
          * then hand every chunk to fn in order. */
-        for (first = i, n = 0; i < nchunks && n < win; i++) {
+        for (start = i, n = 0; i < nchunks && n < win; i++) {
             uint64_t off = bm->table[i] & BME_TABLE_OFFSET_MASK;
 
             if (off && !buf) {
@@ -379,7 +389,7 @@ int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
         if (r < 0) {
             r = qbm_err_prefix(r, "bitmap '%s'", bm->name);
         }
-        for (k = first, n = 0; k < i && r == 0; k++) {
+        for (k = start, n = 0; k < i && r == 0; k++) {
             uint64_t e = bm->table[k];
 
             if (e & BME_TABLE_OFFSET_MASK) {

@@ -111,27 +111,17 @@ static int user_problem(void *opaque, int kind, uint64_t offset,
     return u->ret ? 1 : 0;
 }
 
-static int user_ret(int r, const struct user_fn *u)
-{
-    if (r < 0) {
-        return -1;
-    }
-    if (u->ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return u->ret;
-    }
-    return 0;
-}
-
 QBM_API int qbm_chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
                             void *opaque)
 {
     struct user_fn u = { .rule_fn = fn, .opaque = opaque };
+    int r;
 
     if (!chain || !fn) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return user_ret(chain_check(chain, user_rule, &u), &u);
+    r = chain_check(chain, user_rule, &u);
+    return qbm_public_ret_cb(r, u.ret);
 }
 
 static int check_backing(struct qbm_image *img, qbm_problem_fn fn, void *opaque)
@@ -167,9 +157,11 @@ QBM_API int qbm_check_backing(struct qbm_image *img, qbm_problem_fn fn,
                               void *opaque)
 {
     struct user_fn u = { .problem_fn = fn, .opaque = opaque };
+    int r;
 
     if (!img || !fn) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return user_ret(check_backing(img, user_problem, &u), &u);
+    r = check_backing(img, user_problem, &u);
+    return qbm_public_ret_cb(r, u.ret);
 }

@@ -74,7 +74,10 @@ int qbm_resolve(struct qbm_image **layers, size_t n, uint64_t size,
     for (l = 0; l < n && r == 0; l++) {
         per[l].limit = size;
         per[l].layer = (uint32_t)l;
-        r = qcow2_map_walk(layers[l], collect, &per[l]);
+        /* Before anything is written: a missing data file is an error
+         * of the input, found while the output does not exist yet. */
+        r = qbm_image_data_open(layers[l]);
+        r = r ? r : qcow2_map_walk(layers[l], collect, &per[l]);
         if (r > 0) {
             r = -EIO;
         }

@@ -137,12 +137,15 @@ static int open_layer(const char *name, const char *format, bool force_share,
     if (r < 0) {
         return r;
     }
-    return qbm_image_open_format(io, name,
-                                 !format ? QBM_FORMAT_PROBE
-                                 : strcmp(format, "qcow2") == 0
-                                     ? QBM_FORMAT_QCOW2
-                                     : QBM_FORMAT_RAW,
-                                 false, ret);
+    r = qbm_image_open_format(io, name,
+                              !format                        ? QBM_FORMAT_PROBE
+                              : strcmp(format, "qcow2") == 0 ? QBM_FORMAT_QCOW2
+                                                             : QBM_FORMAT_RAW,
+                              false, ret);
+    if (r == 0 && force_share) {
+        (*ret)->lock = QBM_LOCK_NONE; /* and so its data file */
+    }
+    return r;
 }
 
 int qbm_impl_chain_open(const char *filename, unsigned flags,
@@ -357,40 +360,18 @@ int qbm_impl_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
     return 0;
 }
 
-/* Wraps a user callback so that "stop" is told apart from errors. */
-struct extent_wrap {
-    qbm_extent_fn fn;
-    void *opaque;
-    int user_ret;
-};
-
-static int extent_wrap_cb(void *opaque, uint64_t off, uint64_t len)
-{
-    struct extent_wrap *w = opaque;
-
-    w->user_ret = w->fn(w->opaque, off, len);
-    return w->user_ret ? 1 : 0;
-}
-
 QBM_API int qbm_chain_bitmap_extents(struct qbm_chain *chain, const char *name,
                                      qbm_extent_fn fn, void *opaque,
                                      int *ret_consistent)
 {
-    struct extent_wrap w = { fn, opaque, 0 };
+    struct qbm_extent_wrap w = { fn, opaque, 0 };
     int r;
 
     if (!name || !fn) {
         qbm_err(EINVAL, "invalid arguments");
         return -1;
     }
-    r = qbm_impl_chain_bitmap_extents(chain, name, extent_wrap_cb, &w,
+    r = qbm_impl_chain_bitmap_extents(chain, name, qbm_extent_wrap_cb, &w,
                                       ret_consistent);
-    if (r < 0) {
-        return -1;
-    }
-    if (w.user_ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return w.user_ret;
-    }
-    return 0;
+    return qbm_public_ret_cb(r, w.user_ret);
 }

@@ -75,6 +75,23 @@ static int usable(const struct qcow2_bitmap *bm)
     return 0;
 }
 
+/* Bitmap `name` of a writable image, to change its bits or its state: a
+ * bitmap in use is refused. */
+static int find_editable(struct qbm_image *img, const char *name,
+                         struct qcow2_bitmap **ret)
+{
+    struct qcow2_bitmap *bm = NULL;
+    int r;
+
+    r = writable(img);
+    r = r ? r : find(img, name, &bm);
+    r = r ? r : usable(bm);
+    if (r == 0) {
+        *ret = bm;
+    }
+    return r;
+}
+
 static int check_name(struct qbm_image *img, const char *name)
 {
     size_t len = strlen(name);
@@ -283,9 +300,7 @@ int qbm_impl_bitmap_clear(struct qbm_image *img, const char *name)
     struct qcow2_bitmap *bm = NULL;
     int r;
 
-    r = writable(img);
-    r = r ? r : find(img, name, &bm);
-    r = r ? r : usable(bm);
+    r = find_editable(img, name, &bm);
     if (r < 0) {
         return r;
     }
@@ -314,9 +329,7 @@ static int set_enabled(struct qbm_image *img, const char *name, bool on)
     struct qcow2_bitmap *bm = NULL;
     int r;
 
-    r = writable(img);
-    r = r ? r : find(img, name, &bm);
-    r = r ? r : usable(bm);
+    r = find_editable(img, name, &bm);
     if (r < 0) {
         return r;
     }
@@ -513,9 +526,7 @@ int qbm_impl_bitmap_merge(struct qbm_image *img, const char *target,
     struct qcow2_bitmap *dst = NULL, *sbm = NULL;
     int r;
 
-    r = writable(img);
-    r = r ? r : find(img, target, &dst);
-    r = r ? r : usable(dst);
+    r = find_editable(img, target, &dst);
     if (r < 0) {
         return r;
     }
@@ -553,9 +564,7 @@ int qbm_impl_bitmap_set_dirty(struct qbm_image *img, const char *name,
     struct qcow2_bitmap *bm = NULL;
     int r;
 
-    r = writable(img);
-    r = r ? r : find(img, name, &bm);
-    r = r ? r : usable(bm);
+    r = find_editable(img, name, &bm);
     r = r ? r : stage_data(img, bm, true);
     return r ? r : qbm_bmap_set_range(bm->data, offset, length);
 }
@@ -585,9 +594,7 @@ int qbm_impl_bitmap_populate(struct qbm_image *img, const char *name,
     struct populate_ctx ctx;
     int r;
 
-    r = writable(img);
-    r = r ? r : find(img, name, &bm);
-    r = r ? r : usable(bm);
+    r = find_editable(img, name, &bm);
     r = r ? r : stage_data(img, bm, true);
     if (r < 0) {
         return r;

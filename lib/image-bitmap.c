@@ -82,9 +82,11 @@ static int chunk_to_extents(void *opaque, uint64_t idx, const uint8_t *data)
     return qbm_extent_state_chunk(opaque, idx, data);
 }
 
-/* Walk bitmap `bm` of `img` into the extent state `st`. */
-static int walk_bitmap(struct qbm_image *img, struct qcow2_bitmap *bm,
-                       struct qbm_extent_state *st)
+/* Walk chunks [first, end) of bitmap `bm` of `img` into the extent state
+ * `st`. */
+static int walk_bitmap_range(struct qbm_image *img, struct qcow2_bitmap *bm,
+                             uint64_t first, uint64_t end,
+                             struct qbm_extent_state *st)
 {
     int r;
 
@@ -96,11 +98,24 @@ static int walk_bitmap(struct qbm_image *img, struct qcow2_bitmap *bm,
     st->chunk_bytes = img->cluster_size;
     st->bits_per_chunk = img->cluster_size * 8;
     st->nbits = div_round_up(img->hdr.size, st->granularity);
-    r = qcow2_bitmap_read_chunks(img, bm, chunk_to_extents, st);
+    /* A staged bitmap (an edit not yet committed) is read from its staged
+     * data: its table on disk is the old one, or none for a new bitmap. */
+    if (bm->data) {
+        return qbm_bmap_walk_range(bm->data, first, end, st);
+    }
+    r = qcow2_bitmap_read_chunk_range(img, bm, first, end, chunk_to_extents,
+                                      st);
     if (r) {
         return r;
     }
     return qbm_extent_state_finish(st);
+}
+
+/* Walk bitmap `bm` of `img` into the extent state `st`. */
+static int walk_bitmap(struct qbm_image *img, struct qcow2_bitmap *bm,
+                       struct qbm_extent_state *st)
+{
+    return walk_bitmap_range(img, bm, 0, UINT64_MAX, st);
 }
 
 QBM_API int qbm_bitmap_dirty_bytes(struct qbm_image *img, size_t idx,
@@ -121,15 +136,9 @@ QBM_API int qbm_bitmap_dirty_bytes(struct qbm_image *img, size_t idx,
     return 0;
 }
 
-struct extent_wrap {
-    qbm_extent_fn fn;
-    void *opaque;
-    int user_ret;
-};
-
-static int extent_wrap_cb(void *opaque, uint64_t off, uint64_t len)
+int qbm_extent_wrap_cb(void *opaque, uint64_t off, uint64_t len)
 {
-    struct extent_wrap *w = opaque;
+    struct qbm_extent_wrap *w = opaque;
 
     w->user_ret = w->fn(w->opaque, off, len);
     return w->user_ret ? 1 : 0;
@@ -149,22 +158,64 @@ int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx, qbm_extent_fn fn,
 QBM_API int qbm_bitmap_extents(struct qbm_image *img, size_t idx,
                                qbm_extent_fn fn, void *opaque)
 {
-    struct extent_wrap w = { fn, opaque, 0 };
+    struct qbm_extent_wrap w = { fn, opaque, 0 };
     int r;
 
     if (!fn) {
         qbm_err(EINVAL, "bitmap index %zu out of range", idx);
         return -1;
     }
-    r = qbm_impl_bitmap_extents(img, idx, extent_wrap_cb, &w);
-    if (r < 0) {
+    r = qbm_impl_bitmap_extents(img, idx, qbm_extent_wrap_cb, &w);
+    return qbm_public_ret_cb(r, w.user_ret);
+}
+
+struct range_wrap {
+    qbm_extent_fn fn;
+    void *opaque;
+    uint64_t start, end;
+    int user_ret;
+};
+
+/* Clip each extent to the range; those outside it are not reported. */
+static int range_wrap_cb(void *opaque, uint64_t off, uint64_t len)
+{
+    struct range_wrap *w = opaque;
+    uint64_t e = off + len;
+
+    off = off > w->start ? off : w->start;
+    e = e < w->end ? e : w->end;
+    if (off >= e) {
+        return 0;
+    }
+    w->user_ret = w->fn(w->opaque, off, e - off);
+    return w->user_ret ? 1 : 0;
+}
+
+QBM_API int qbm_bitmap_extents_range(struct qbm_image *img, size_t idx,
+                                     uint64_t offset, uint64_t length,
+                                     qbm_extent_fn fn, void *opaque)
+{
+    struct range_wrap w = { fn, opaque, offset, 0, 0 };
+    struct qbm_extent_state st = { .fn = range_wrap_cb, .opaque = &w };
+    struct qcow2_bitmap *bm;
+    uint64_t span, first, end;
+    int r;
+
+    if (!img || !fn || idx >= img->nb_bitmaps) {
+        qbm_err(EINVAL, "invalid arguments");
         return -1;
     }
-    if (w.user_ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return w.user_ret;
+    bm = &img->bitmaps[idx];
+    if (offset >= img->hdr.size || length == 0) {
+        return 0;
     }
-    return 0;
+    w.end = length > img->hdr.size - offset ? img->hdr.size : offset + length;
+    /* Guest bytes per table entry: a cluster of bits. */
+    span = (img->cluster_size * 8) << bm->granularity_bits;
+    first = offset / span;
+    end = div_round_up(w.end, span);
+    r = walk_bitmap_range(img, bm, first, end, &st);
+    return qbm_public_ret_cb(r, w.user_ret);
 }
 
 static int cmp_u64(const void *a, const void *b)

@@ -16,7 +16,12 @@
  * are read 64 KiB at a time and only up to the end of the file, L2 tables
  * (read only when data clusters are asked for) and bitmap tables only the
  * part inside it; past the end everything reads as zeros and references
- * nothing.
+ * nothing. An L2 table is walked once however many L1 entries point to
+ * it: a first pass over the L1 tables counts the entries per L2 table, and
+ * its data clusters are reported once with that count (the references QEMU
+ * counts: an L2 table shared by a snapshot and the active L1 table gives
+ * its data refcount 2), so that thousands of L1 entries pointing to one
+ * table cost thousands of entries, not thousands of tables.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -45,6 +50,21 @@ static const char *const kind_names[] = {
     [QCOW2_META_BITMAP_DATA] = "bitmap data",
 };
 
+/* An L2 table inside the file: the L1 entries pointing to it (saturating),
+ * and whether its data has been reported. */
+struct l2_use {
+    uint64_t off; /* 0: a free slot */
+    uint32_t refs;
+    bool walked;
+};
+
+/* The L2 tables by offset: open addressing, linear probing, at most half
+ * full (cap a power of two). At most one per cluster of the file. */
+struct l2_uses {
+    struct l2_use *v;
+    size_t n, cap;
+};
+
 struct walk {
     struct qbm_image *img;
     unsigned flags;
@@ -52,12 +72,57 @@ struct walk {
     qcow2_meta_problem_fn problem_fn;
     void *opaque;
     uint64_t cs;
-    uint64_t file_end; /* everything past it reads as zeros */
+    uint64_t file_end;  /* everything past it reads as zeros */
+    struct l2_uses l2s; /* with QCOW2_META_WALK_DATA */
 };
 
-static int found(struct walk *w, struct qcow2_meta *m,
-                 enum qcow2_meta_kind kind, uint64_t off, uint64_t len,
-                 uint64_t owner, uint64_t index)
+static struct l2_use *l2_slot(const struct l2_uses *u, uint64_t off)
+{
+    size_t i = (size_t)((off * 0x9e3779b97f4a7c15ull) >> 32) & (u->cap - 1);
+
+    while (u->v[i].off && u->v[i].off != off) {
+        i = (i + 1) & (u->cap - 1);
+    }
+    return &u->v[i];
+}
+
+/* Count one more L1 entry pointing to the L2 table at off (not 0). */
+static int l2_use_add(struct l2_uses *u, uint64_t off)
+{
+    struct l2_use *slot;
+
+    if ((u->n + 1) * 2 > u->cap) {
+        struct l2_uses big = { .cap = u->cap ? u->cap * 2 : 256 };
+        size_t i;
+
+        big.v = qbm_calloc(big.cap, sizeof(*big.v));
+        if (!big.v) {
+            return -ENOMEM;
+        }
+        for (i = 0; i < u->cap; i++) {
+            if (u->v[i].off) {
+                *l2_slot(&big, u->v[i].off) = u->v[i];
+            }
+        }
+        big.n = u->n;
+        free(u->v);
+        *u = big;
+    }
+    slot = l2_slot(u, off);
+    if (!slot->off) {
+        slot->off = off;
+        u->n++;
+    }
+    if (slot->refs < UINT32_MAX) {
+        slot->refs++;
+    }
+    return 0;
+}
+
+/* Report a structure that `refs` references point to. */
+static int found_refs(struct walk *w, struct qcow2_meta *m,
+                      enum qcow2_meta_kind kind, uint64_t off, uint64_t len,
+                      uint64_t owner, uint64_t index, uint32_t refs)
 {
     *m = (struct qcow2_meta){
         .kind = kind,
@@ -66,6 +131,7 @@ static int found(struct walk *w, struct qcow2_meta *m,
         .length = len,
         .owner = owner,
         .index = index,
+        .refs = refs,
     };
     /* Reported even so, for the overlap index; the other structures are
      * checked where they are decoded (unaligned data is a bad entry). */
@@ -73,6 +139,13 @@ static int found(struct walk *w, struct qcow2_meta *m,
         m->misaligned = !is_aligned(off, w->cs);
     }
     return w->fn(w->opaque, m);
+}
+
+static int found(struct walk *w, struct qcow2_meta *m,
+                 enum qcow2_meta_kind kind, uint64_t off, uint64_t len,
+                 uint64_t owner, uint64_t index)
+{
+    return found_refs(w, m, kind, off, len, owner, index, 1);
 }
 
 static int problem(struct walk *w, const struct qcow2_meta *m, uint64_t at,
@@ -93,9 +166,10 @@ static int problem(struct walk *w, const struct qcow2_meta *m, uint64_t at,
     return w->problem_fn(w->opaque, m, at, msg);
 }
 
-/* The data clusters an L2 table points to. Entries past the end of the
- * file read as zero and reference nothing: they are not read. */
-static int walk_l2(struct walk *w, const struct qcow2_meta *l2)
+/* The data clusters an L2 table points to, each reported with `refs`.
+ * Entries past the end of the file read as zero and reference nothing:
+ * they are not read. */
+static int walk_l2(struct walk *w, const struct qcow2_meta *l2, uint32_t refs)
 {
     struct qbm_image *img = w->img;
     bool data_file = img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE;
@@ -123,8 +197,9 @@ static int walk_l2(struct walk *w, const struct qcow2_meta *l2)
 
             /* Counted by the 512-byte sectors the data spans. */
             qcow2_compressed_decode(e, img->cluster_bits, &cd);
-            r = found(w, &m, QCOW2_META_COMPRESSED, cd.offset & ~511ull,
-                      (cd.offset & 511) + cd.nb_bytes, l2->offset, j);
+            r = found_refs(w, &m, QCOW2_META_COMPRESSED, cd.offset & ~511ull,
+                           (cd.offset & 511) + cd.nb_bytes, l2->offset, j,
+                           refs);
         } else if (e & L2E_STD_RESERVED_MASK) {
             r = problem(w, l2, l2->offset + j * 8,
                         "%s at 0x%llx, entry %llu: reserved bits set", l2->what,
@@ -138,7 +213,8 @@ static int walk_l2(struct walk *w, const struct qcow2_meta *l2)
                         l2->what, (unsigned long long)l2->offset,
                         (unsigned long long)j, (unsigned long long)off);
         } else {
-            r = found(w, &m, QCOW2_META_DATA, off, w->cs, l2->offset, j);
+            r = found_refs(w, &m, QCOW2_META_DATA, off, w->cs, l2->offset, j,
+                           refs);
         }
         if (r) {
             return r;
@@ -147,18 +223,128 @@ static int walk_l2(struct walk *w, const struct qcow2_meta *l2)
     return 0;
 }
 
+/* The entries of an L1 table in the file (n of them) for `entry`, read
+ * 64 KiB at a time: 0, -errno or the first non-zero value of `entry`. */
+static int l1_scan(struct walk *w, const struct qcow2_meta *l1, uint64_t n,
+                   int (*entry)(struct walk *w, const struct qcow2_meta *l1,
+                                uint64_t i, uint64_t e))
+{
+    enum { PIECE = 8192 };
+    uint64_t i, k, len;
+    uint8_t *buf;
+    int r = 0;
+
+    buf = qbm_malloc((n < PIECE ? n : PIECE) * 8);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    for (i = 0; i < n && r == 0; i += len) {
+        len = n - i < PIECE ? n - i : PIECE;
+        r = qbm_image_read_meta(w->img, buf, len * 8, l1->offset + i * 8,
+                                l1->what);
+        for (k = 0; k < len && r == 0; k++) {
+            uint64_t e = be64_load(buf + k * 8);
+
+            if (e) { /* 0: unallocated, most entries of a sparse disk */
+                r = entry(w, l1, i + k, e);
+            }
+        }
+    }
+    free(buf);
+    return r;
+}
+
+/* The number of L1 entries in the file of an L1 table, or 0 when none or
+ * the table lies beyond the largest image (refused by walk_l1). */
+static uint64_t l1_in_file(struct walk *w, uint64_t l1_off, uint32_t l1_size)
+{
+    uint64_t bytes = (uint64_t)l1_size * 8, end;
+
+    if (!add_ok(l1_off, bytes, &end) || end > QCOW2_MAX_HOST_OFFSET ||
+        l1_off >= w->file_end) {
+        return 0;
+    }
+    if (w->file_end - l1_off < bytes) {
+        return div_round_up(w->file_end - l1_off, 8);
+    }
+    return l1_size;
+}
+
+/* The first pass: count an L1 entry pointing to an L2 table that will be
+ * walked (cluster aligned, inside the file). */
+static int l2_count_entry(struct walk *w, const struct qcow2_meta *l1,
+                          uint64_t i, uint64_t e)
+{
+    uint64_t off = e & L1E_OFFSET_MASK;
+
+    if (!off || !is_aligned(off, w->cs) || off >= w->file_end) {
+        return 0;
+    }
+    return l2_use_add(&w->l2s, off);
+}
+
+static int l2_count(struct walk *w, enum qcow2_meta_kind kind, uint64_t l1_off,
+                    uint32_t l1_size)
+{
+    struct qcow2_meta l1 = {
+        .what = kind_names[kind],
+        .offset = l1_off,
+    };
+    uint64_t n = l1_in_file(w, l1_off, l1_size);
+
+    return n ? l1_scan(w, &l1, n, l2_count_entry) : 0;
+}
+
+/* The L2 table of entry i of an L1 table, and its data when first met. */
+static int l1_entry(struct walk *w, const struct qcow2_meta *l1, uint64_t i,
+                    uint64_t e)
+{
+    uint64_t pos = l1->offset + i * 8, off = e & L1E_OFFSET_MASK;
+    struct qcow2_meta l2;
+    struct l2_use *use;
+    int r = 0;
+
+    if (e & L1E_RESERVED_MASK) {
+        r = problem(w, l1, pos, "%s at 0x%llx, entry %llu: reserved bits set",
+                    l1->what, (unsigned long long)l1->offset,
+                    (unsigned long long)i);
+    }
+    if (r || !off) {
+        return r;
+    }
+    if (!is_aligned(off, w->cs)) {
+        r = problem(w, l1, pos,
+                    "%s at 0x%llx, entry %llu: L2 offset 0x%llx not cluster "
+                    "aligned",
+                    l1->what, (unsigned long long)l1->offset,
+                    (unsigned long long)i, (unsigned long long)off);
+    }
+    r = r ? r : found(w, &l2, QCOW2_META_L2, off, w->cs, l1->offset, i);
+    if (r || l2.misaligned || !(w->flags & QCOW2_META_WALK_DATA)) {
+        return r;
+    }
+    use = w->l2s.cap ? l2_slot(&w->l2s, off) : NULL;
+    if (!use || !use->off) {
+        /* Not counted: past the end of the file, zeros to walk. */
+        return walk_l2(w, &l2, 1);
+    }
+    if (use->walked) {
+        return 0;
+    }
+    use->walked = true;
+    return walk_l2(w, &l2, use->refs);
+}
+
 /*
  * An L1 table (all of its entries) and what it points to. The table is
- * read 64 KiB at a time, and only up to the end of the file: entries past
- * it read as zero, so a table far larger than the file costs nothing.
+ * read only up to the end of the file: entries past it read as zero, so a
+ * table far larger than the file costs nothing.
  */
 static int walk_l1(struct walk *w, enum qcow2_meta_kind kind, uint64_t l1_off,
                    uint32_t l1_size, uint64_t owner, uint64_t index)
 {
-    enum { PIECE = 8192 };
-    uint64_t bytes = (uint64_t)l1_size * 8, n = l1_size, i, k, len, end;
-    struct qcow2_meta l1, l2;
-    uint8_t *buf;
+    uint64_t bytes = (uint64_t)l1_size * 8, end, n;
+    struct qcow2_meta l1;
     int r;
 
     if (l1_size == 0) {
@@ -174,54 +360,8 @@ static int walk_l1(struct walk *w, enum qcow2_meta_kind kind, uint64_t l1_off,
                        "image",
                        l1.what, (unsigned long long)l1_off);
     }
-    if (l1_off >= w->file_end) {
-        return 0;
-    }
-    if (w->file_end - l1_off < bytes) {
-        n = div_round_up(w->file_end - l1_off, 8);
-    }
-    buf = qbm_malloc((n < PIECE ? n : PIECE) * 8);
-    if (!buf) {
-        return -ENOMEM;
-    }
-    for (i = 0; i < n && r == 0; i += len) {
-        len = n - i < PIECE ? n - i : PIECE;
-        r = qbm_image_read_meta(w->img, buf, len * 8, l1_off + i * 8, l1.what);
-        for (k = 0; k < len && r == 0; k++) {
-            uint64_t e = be64_load(buf + k * 8);
-            uint64_t pos = l1_off + (i + k) * 8;
-
-            if (e == 0) {
-                continue; /* unallocated: most entries of a sparse disk */
-            }
-            if (e & L1E_RESERVED_MASK) {
-                r = problem(w, &l1, pos,
-                            "%s at 0x%llx, entry %llu: "
-                            "reserved bits set",
-                            l1.what, (unsigned long long)l1_off,
-                            (unsigned long long)(i + k));
-            }
-            if (r || !(e & L1E_OFFSET_MASK)) {
-                continue;
-            }
-            if (!is_aligned(e & L1E_OFFSET_MASK, w->cs)) {
-                r = problem(w, &l1, pos,
-                            "%s at 0x%llx, entry %llu: L2 "
-                            "offset 0x%llx not cluster aligned",
-                            l1.what, (unsigned long long)l1_off,
-                            (unsigned long long)(i + k),
-                            (unsigned long long)(e & L1E_OFFSET_MASK));
-            }
-            r = r ? r
-                  : found(w, &l2, QCOW2_META_L2, e & L1E_OFFSET_MASK, w->cs,
-                          l1_off, i + k);
-            if (r == 0 && !l2.misaligned && (w->flags & QCOW2_META_WALK_DATA)) {
-                r = walk_l2(w, &l2);
-            }
-        }
-    }
-    free(buf);
-    return r;
+    n = l1_in_file(w, l1_off, l1_size);
+    return n ? l1_scan(w, &l1, n, l1_entry) : 0;
 }
 
 /* The bitmaps: a stale directory is reported as such, and has no bitmaps
@@ -292,6 +432,14 @@ int qcow2_meta_walk(struct qbm_image *img, unsigned flags, qcow2_meta_fn fn,
     int r;
 
     r = qbm_io_size(img->io, &w.file_end);
+    if (r == 0 && (flags & QCOW2_META_WALK_DATA)) {
+        r = l2_count(&w, QCOW2_META_L1, h->l1_table_offset, h->l1_size);
+        for (k = 0; k < img->nb_snapshots && r == 0; k++) {
+            r = l2_count(&w, QCOW2_META_SNAPSHOT_L1,
+                         img->snapshots[k].l1_table_offset,
+                         img->snapshots[k].l1_size);
+        }
+    }
     r = r ? r : found(&w, &m, QCOW2_META_HEADER, 0, w.cs, 0, UINT64_MAX);
     r = r ? r
           : found(&w, &m, QCOW2_META_REFTABLE, h->refcount_table_offset,
@@ -325,7 +473,9 @@ int qcow2_meta_walk(struct qbm_image *img, unsigned flags, qcow2_meta_fn fn,
                       be64_load(e->data + 8), e->offset, UINT64_MAX);
         }
     }
-    return r ? r : walk_bitmaps(&w);
+    r = r ? r : walk_bitmaps(&w);
+    free(w.l2s.v);
+    return r;
 }
 
 /* ---- the overlap index --------------------------------------------------- */

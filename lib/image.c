@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* struct qbm_image: opening, validating and describing one image. */
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -15,6 +17,7 @@ static void image_free(struct qbm_image *img)
     if (img->io) {
         qbm_io_close(img->io);
     }
+    qbm_io_close(img->data_io);
     free(img->filename);
     free(img);
 }
@@ -80,7 +83,7 @@ static void image_unload(struct qbm_image *img)
     img->nb_bitmaps = 0;
     free(img->l1);
     free(img->reftable);
-    free(img->snapshots);
+    qcow2_snapshots_free(img->snapshots, img->nb_snapshots);
     free(img->l2_cache);
     free(img->refblock_cache);
     free(img->zcache);
@@ -186,35 +189,22 @@ int qbm_image_reload(struct qbm_image *img)
     return r;
 }
 
-int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
-                      struct qbm_image **ret_img)
+/* A raw file has no metadata: only its size, which is the disk's. */
+static int raw_load(struct qbm_image *img)
 {
-    struct qbm_image *img;
-    int r;
+    int r = qbm_io_size(img->io, &img->file_size);
 
-    img = qbm_calloc(1, sizeof(*img));
-    if (!img) {
-        qbm_io_close(io);
-        return -ENOMEM;
-    }
-    img->io = io;
-    img->rdwr = rdwr;
-    img->filename = qbm_strndup(filename, strlen(filename));
-    if (!img->filename) {
-        image_free(img);
-        return -ENOMEM;
-    }
-    r = image_load(img);
     if (r < 0) {
-        image_free(img);
         return r;
     }
-    *ret_img = img;
+    img->hdr.size = img->file_size;
     return 0;
 }
 
-int qbm_image_open_raw(struct qbm_io *io, const char *filename,
-                       struct qbm_image **ret_img)
+/* A handle on `io`, which it owns (closed on failure too), loaded as a
+ * qcow2 image or as a raw file. */
+static int image_open(struct qbm_io *io, const char *filename, bool rdwr,
+                      bool raw, struct qbm_image **ret_img)
 {
     struct qbm_image *img = qbm_calloc(1, sizeof(*img));
     int r;
@@ -224,20 +214,34 @@ int qbm_image_open_raw(struct qbm_io *io, const char *filename,
         return -ENOMEM;
     }
     img->io = io;
-    img->raw = true;
+    img->rdwr = rdwr;
+    img->raw = raw;
+    /* see qbm_impl_open */
+    img->lock = rdwr && !raw ? QBM_LOCK_WRITE : QBM_LOCK_READ;
     img->filename = qbm_strndup(filename, strlen(filename));
     if (!img->filename) {
         image_free(img);
         return -ENOMEM;
     }
-    r = qbm_io_size(io, &img->file_size);
+    r = raw ? raw_load(img) : image_load(img);
     if (r < 0) {
         image_free(img);
         return r;
     }
-    img->hdr.size = img->file_size;
     *ret_img = img;
     return 0;
+}
+
+int qbm_image_open_io(struct qbm_io *io, const char *filename, bool rdwr,
+                      struct qbm_image **ret_img)
+{
+    return image_open(io, filename, rdwr, false, ret_img);
+}
+
+int qbm_image_open_raw(struct qbm_io *io, const char *filename,
+                       struct qbm_image **ret_img)
+{
+    return image_open(io, filename, false, true, ret_img);
 }
 
 int qbm_image_open_format(struct qbm_io *io, const char *filename,
@@ -282,11 +286,60 @@ int qbm_impl_open(const char *filename, unsigned flags,
         return r;
     }
     /* Raw files are only ever read. */
-    return qbm_image_open_format(io, filename,
-                                 (flags & QBM_OPEN_ANY_FORMAT) && !rdwr
-                                     ? QBM_FORMAT_PROBE
-                                     : QBM_FORMAT_QCOW2,
-                                 rdwr, ret_img);
+    r = qbm_image_open_format(io, filename,
+                              (flags & QBM_OPEN_ANY_FORMAT) && !rdwr
+                                  ? QBM_FORMAT_PROBE
+                                  : QBM_FORMAT_QCOW2,
+                              rdwr, ret_img);
+    if (r == 0) {
+        (*ret_img)->lock = lock;
+    }
+    return r;
+}
+
+/*
+ * block/qcow2.c hands the stored name to bdrv_open_child() as it is, so a
+ * relative name is opened from the process's working directory, unlike a
+ * backing file name, which QEMU joins with the image's directory (checked
+ * with qemu-io 7.2: run from another directory, it fails to open the
+ * image, or reads another file of that name). Nor is the name parsed:
+ * qemu-io 7.2 (Debian 12's) opens "file:x", "nbd:h:1" and "json:{...}"
+ * as local files of those names. Reading the same file QEMU reads
+ * matters more than convenience: a backup of the wrong disk would
+ * succeed silently. The message for a missing file says where it was
+ * looked for.
+ */
+int qbm_image_data_open(struct qbm_image *img)
+{
+    const char *name = img->hdr.data_file;
+    char cwd[4096];
+    int r;
+
+    if (img->raw || img->data_io ||
+        !(img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE)) {
+        return 0;
+    }
+    if (!name || !name[0]) {
+        return qbm_err(EINVAL, "the image has an external data file but no "
+                               "data file name (QEMU needs a data-file "
+                               "option for it)");
+    }
+    /* Read only: qbm reads guest data, it never writes a data file. */
+    r = qbm_io_file_open(
+        name, false, img->lock == QBM_LOCK_NONE ? QBM_LOCK_NONE : QBM_LOCK_READ,
+        &img->data_io);
+    if (r < 0) {
+        img->data_io = NULL;
+        if (name[0] != '/' && getcwd(cwd, sizeof(cwd))) {
+            return qbm_err_prefix(r,
+                                  "external data file %s (a relative "
+                                  "name, opened from the working "
+                                  "directory %s, as QEMU opens it)",
+                                  name, cwd);
+        }
+        return qbm_err_prefix(r, "external data file %s", name);
+    }
+    return 0;
 }
 
 QBM_API struct qbm_image *qbm_open(const char *filename, unsigned flags)
@@ -410,6 +463,57 @@ QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img)
     return img->nb_snapshots;
 }
 
+QBM_API int qbm_image_snapshot(const struct qbm_image *img, size_t idx,
+                               struct qbm_snapshot_info *ret)
+{
+    const struct qcow2_snapshot *sn;
+
+    if (!img || !ret || idx >= img->nb_snapshots) {
+        qbm_err(EINVAL, "no snapshot %zu", idx);
+        return -1;
+    }
+    sn = &img->snapshots[idx];
+    ret->id = sn->id;
+    ret->name = sn->name;
+    ret->vm_state_size = sn->vm_state_size;
+    ret->vm_clock_nsec = sn->vm_clock_nsec;
+    ret->icount = sn->icount;
+    ret->date_sec = sn->date_sec;
+    ret->date_nsec = sn->date_nsec;
+    return 0;
+}
+
+QBM_API int qbm_image_encryption(struct qbm_image *img,
+                                 struct qbm_encryption_info *ret)
+{
+    if (!img || !ret) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    return qbm_public_ret(qcow2_crypto_info(img, ret));
+}
+
+QBM_API int qbm_image_allocated_size(const struct qbm_image *img, uint64_t *ret)
+{
+    struct stat st;
+    int fd;
+
+    if (!img || !ret) {
+        qbm_err(EINVAL, "no image");
+        return -1;
+    }
+    fd = qbm_io_fd(img->io);
+    if (fd < 0) {
+        qbm_err(ENOTSUP, "%s: not opened from a file", img->filename);
+        return -1;
+    }
+    if (fstat(fd, &st) < 0) {
+        qbm_err(errno, "%s: cannot stat: %s", img->filename, strerror(errno));
+        return -1;
+    }
+    *ret = (uint64_t)st.st_blocks * 512;
+    return 0;
+}
+
 QBM_API uint64_t qbm_image_features(const struct qbm_image *img, unsigned which)
 {
     switch (which) {
@@ -474,12 +578,5 @@ QBM_API int qbm_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
         return -1;
     }
     r = qbm_impl_image_allocation(img, alloc_wrap_cb, &w);
-    if (r < 0) {
-        return -1;
-    }
-    if (w.user_ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return w.user_ret;
-    }
-    return 0;
+    return qbm_public_ret_cb(r, w.user_ret);
 }

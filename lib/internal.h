@@ -19,7 +19,8 @@
  *   txn     txn-alloc.c: a transaction's refcounts and allocator;
  *           txn.c: crash-safe transactions (the commit order)
  *   edit    edit.c: staged bitmap edits and their commit
- *   op      op-consolidate.c (the other operations have only a public API)
+ *   op      op-consolidate.c, op-restore.c (the backups as restore reads
+ *           them), op-rebuild.c (the others have only a public API)
  * A file uses its own layer and the ones before it, never one after; one
  * exception, for data only: struct qbm_image is defined with image.c
  * (it holds a header and the bitmaps extension by value), but the qcow2
@@ -170,6 +171,32 @@ int qbm_err_errno(void);
 static inline int qbm_public_ret(int r)
 {
     return r < 0 ? -1 : r;
+}
+/* The public result of a call that took a caller's callback, wrapped so
+ * that its non-zero value stops the walk (design.md, "Errors"): -1 when
+ * the internal result `r` is an error, else the callback's value
+ * `user_ret` that stopped it (errno ECANCELED), else 0. */
+int qbm_public_ret_cb(int r, int user_ret);
+/*
+ * A caller's progress callback, wrapped as every callback is (docs/design.md,
+ * "Errors"): its non-zero value stops the operation and is kept here for
+ * the public call to return. Unlike a walk's stop, it fails inside the
+ * library with -ECANCELED, so that the operation's error paths (removing
+ * a temporary output, abandoning a transaction) run.
+ */
+struct qbm_progress {
+    qbm_progress_fn fn; /* may be NULL */
+    void *opaque;
+    int user_ret;
+};
+/* Report `done` of `total`: 0, or -ECANCELED when the callback stopped.
+ * `p` may be NULL. */
+int qbm_progress_report(struct qbm_progress *p, uint64_t done, uint64_t total);
+/* The public result for the internal result `r`: the callback's value when
+ * it stopped the operation, else as qbm_public_ret(). */
+static inline int qbm_progress_ret(const struct qbm_progress *p, int r)
+{
+    return r < 0 && p->user_ret ? p->user_ret : qbm_public_ret(r);
 }
 /* Allocation helpers that record ENOMEM. */
 void *qbm_malloc(size_t n);
@@ -351,8 +378,12 @@ enum qbm_lock_mode {
 };
 int qbm_io_file_open(const char *filename, bool rdwr, enum qbm_lock_mode lock,
                      struct qbm_io **ret_io);
-/* Wrap an open descriptor (closed with the io). */
+/* Wrap an open descriptor (closed with the io). The one place that tells
+ * a block device: its io's capacity is the device's size. */
 int qbm_io_file_adopt(int fd, struct qbm_io **ret_io);
+/* Take QEMU's locks of `lock` on a file io (as qbm_io_file_open does), for
+ * a descriptor opened otherwise (a device opened O_EXCL). */
+int qbm_io_file_lock(struct qbm_io *io, enum qbm_lock_mode lock);
 /* A growable in-memory file; `buf` is copied. */
 int qbm_io_mem_open(const void *buf, size_t len, struct qbm_io **ret_io);
 /* Borrow the bytes of a memory io (for tests). */
@@ -545,9 +576,11 @@ int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn, void *opaque);
 
 /*
  * Host mapping of one layer: maximal guest runs with one kind of content.
- * DATA runs are host-contiguous (host = file offset of the first byte);
- * a COMPRESSED run is one cluster (host = its L2 entry); ZERO runs read as
- * zeros. Ranges falling through to the backing file are not reported.
+ * DATA runs are host-contiguous (host = file offset of the first byte, in
+ * the external data file when the image has one: qbm_image_data_open()
+ * must have opened it); a COMPRESSED run is one cluster (host = its L2
+ * entry); ZERO runs read as zeros. Ranges falling through to the backing
+ * file are not reported.
  */
 enum qcow2_map_type {
     QCOW2_MAP_DATA = 1,
@@ -574,9 +607,23 @@ struct qcow2_snapshot {
     uint64_t l1_table_offset;
     uint32_t l1_size;
     uint64_t entry_offset;
+    /* What qemu-img info shows (spec, "Snapshots"): the id and name up to
+     * a NUL, as QEMU reads them; vm_state_size from the 64-bit extra
+     * field when present; icount UINT64_MAX when not recorded. */
+    char *id, *name;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec, vm_state_size, icount;
 };
 
 int qcow2_snapshots_load(struct qbm_image *img);
+void qcow2_snapshots_free(struct qcow2_snapshot *sn, uint32_t n);
+
+/* ---- qcow2-crypto.c: the encryption header
+ * ------------------------------------------ */
+
+/* The image's encryption as qemu-img info shows it (crypt_method 1: "aes";
+ * 2: the LUKS header the encryption header extension points at). */
+int qcow2_crypto_info(struct qbm_image *img, struct qbm_encryption_info *ret);
 
 /* ---- qcow2-writer.c: fresh qcow2 images
  * ---------------------------------------- */
@@ -592,6 +639,11 @@ int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
                       const char *backing, const char *backing_fmt,
                       const struct qcow2_out_run *runs, size_t nruns,
                       struct qcow2_writer **ret);
+/* Flush everything else before writing the header (an image written in
+ * place, whose header must never point at tables not yet on disk). */
+void qcow2_writer_set_ordered(struct qcow2_writer *w);
+/* Bytes the image takes: everything the plan writes lies below. */
+uint64_t qcow2_writer_end(const struct qcow2_writer *w);
 /* Host offset of data run `run`'s first cluster (the rest follow). */
 uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run);
 /* Write every metadata structure and the header, then flush. */
@@ -688,6 +740,10 @@ struct qbm_extent_state {
 int qbm_extent_state_chunk(struct qbm_extent_state *st, uint64_t chunk_index,
                            const uint8_t *data);
 int qbm_extent_state_finish(struct qbm_extent_state *st);
+/* Feed chunks [first, end) of `bm` (end clipped) to `st`, whose geometry
+ * must be the bitmap's; then finish it. */
+int qbm_bmap_walk_range(const struct qbm_bmap *bm, uint64_t first, uint64_t end,
+                        struct qbm_extent_state *st);
 
 /* ---- bitmap-dir.c: bitmaps extension, directory, tables ------------------ */
 
@@ -755,6 +811,10 @@ typedef int (*qbm_chunk_fn)(void *opaque, uint64_t chunk_index,
                             const uint8_t *data);
 int qcow2_bitmap_read_chunks(struct qbm_image *img, struct qcow2_bitmap *bm,
                              qbm_chunk_fn fn, void *opaque);
+/* The same for chunks [first, end) only (end clipped to the table). */
+int qcow2_bitmap_read_chunk_range(struct qbm_image *img,
+                                  struct qcow2_bitmap *bm, uint64_t first,
+                                  uint64_t end, qbm_chunk_fn fn, void *opaque);
 /* A whole bitmap as a new qbm_bmap whose data chunks reference the
  * image's clusters (nothing is read until a chunk's bits are needed). */
 int qcow2_bitmap_load(struct qbm_image *img, struct qcow2_bitmap *bm,
@@ -772,6 +832,11 @@ struct qbm_image {
     bool raw;
     bool rdwr;
     struct qbm_io *io;
+    enum qbm_lock_mode lock; /* io's locks; the data file gets them too */
+    /* The external data file (incompatible feature bit 2), read only,
+     * once qbm_image_data_open() has opened it; NULL before and for
+     * images without one. */
+    struct qbm_io *data_io;
     uint64_t file_size;
     struct qcow2_header hdr;
 
@@ -852,6 +917,22 @@ int qbm_impl_image_allocation(struct qbm_image *img, qbm_alloc_fn fn,
 int qbm_impl_image_end_offset(struct qbm_image *img, uint64_t *ret_end);
 /* Reload every structure of an open image from its io (after a commit). */
 int qbm_image_reload(struct qbm_image *img);
+/*
+ * Open the external data file of an image that has one (qcow2 spec,
+ * "Header": incompatible feature bit 2; "Header extensions": external data
+ * file name), read only and locked as the image is (shared read locks, or
+ * none for an image opened with -U), once; 0 at once for other images.
+ * The name is opened as QEMU opens it: as a local file name, never parsed
+ * for a protocol, a relative one from the working directory. Guest data that
+ * qcow2_map_walk() reports as DATA is then read from qbm_image_data_io(), at
+ * the L2 entries' host offsets.
+ */
+int qbm_image_data_open(struct qbm_image *img);
+/* Where an image's guest data clusters live: its data file, or itself. */
+static inline struct qbm_io *qbm_image_data_io(struct qbm_image *img)
+{
+    return img->data_io ? img->data_io : img->io;
+}
 
 /* ---- image-bitmap.c: bitmap queries
  * -------------------------------------------- */
@@ -867,6 +948,14 @@ bool qbm_impl_bitmap_consistent(const struct qbm_image *img, size_t idx);
 int qbm_impl_image_bitmaps_bytes(struct qbm_image *img, uint64_t *ret_bytes);
 int qbm_impl_bitmap_extents(struct qbm_image *img, size_t idx, qbm_extent_fn fn,
                             void *opaque);
+/* A caller's qbm_extent_fn wrapped for an internal walk: its value is kept
+ * in `user_ret`, and any non-zero one stops the walk (returns 1). */
+struct qbm_extent_wrap {
+    qbm_extent_fn fn;
+    void *opaque;
+    int user_ret;
+};
+int qbm_extent_wrap_cb(void *opaque, uint64_t off, uint64_t len);
 
 /* ---- image-meta.c: where the metadata lies ------------------------------- */
 
@@ -900,6 +989,9 @@ struct qcow2_meta {
     uint64_t owner;   /* file offset of the structure pointing here */
     uint64_t index;   /* its entry that does (table index, snapshot or
                        * bitmap number), or UINT64_MAX */
+    uint32_t refs;    /* the references this report stands for: 1, or for
+                       * the data clusters of an L2 table that several L1
+                       * entries share (walked once), their number */
 };
 
 /* Return 0 to go on, a positive value to stop, or -errno. */
@@ -916,10 +1008,14 @@ typedef int (*qcow2_meta_problem_fn)(void *opaque, const struct qcow2_meta *m,
  * Report every structure of img, in this order: header, refcount table
  * and blocks, active L1 table (each L2 table after its entry, then its
  * data), snapshot table, each snapshot's L1 table likewise, encryption
- * header, bitmap directory, each bitmap's table and data clusters. Bitmaps
- * added in this session (no table on disk yet) are left out; every bitmap
- * table is loaded. Tables are read only up to the end of the file. Returns
- * 0, -errno, or the first positive value of fn or problem_fn (optional).
+ * header, bitmap directory, each bitmap's table and data clusters. An L2
+ * table is reported once per L1 entry pointing to it, but its data (and
+ * its bad entries) only after the first such entry, once, each data
+ * cluster with `refs` the number of those entries in all L1 tables.
+ * Bitmaps added in this session (no table on disk yet) are left out; every
+ * bitmap table is loaded. Tables are read only up to the end of the file.
+ * Returns 0, -errno, or the first positive value of fn or problem_fn
+ * (optional).
  */
 int qcow2_meta_walk(struct qbm_image *img, unsigned flags, qcow2_meta_fn fn,
                     qcow2_meta_problem_fn problem_fn, void *opaque);
@@ -1160,6 +1256,45 @@ int qbm_impl_commit_plan(struct qbm_image *img, unsigned flags,
 
 /* Fold `layers` (newest first) into the opened full `img`. */
 int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
-                           size_t n, qbm_progress_fn progress, void *opaque);
+                           size_t n, struct qbm_progress *progress);
+
+/* ---- op-restore.c: the backups as restore reads them ----------------------
+ */
+
+/*
+ * Open backup images[0..n) (the full, qcow2 or raw, then qcow2
+ * incrementals, oldest first) under restore's rules: each readable, given
+ * once, of one virtual size (*ret_size), read-locked or, with force_share,
+ * without locks (-U). *ret_layers is newest first, as qbm_resolve() takes
+ * them; free it with qbm_backups_close().
+ */
+int qbm_backups_open(const char *const *images, size_t n, bool force_share,
+                     struct qbm_image ***ret_layers, uint64_t *ret_size);
+/* Close the n layers and free the array; NULL is fine. */
+void qbm_backups_close(struct qbm_image **layers, size_t n);
+/* Read [g, g + len) of map extent e (of layers[e->layer]) into buf, as
+ * copy_piece() copies it: data (from the layer's external data file when
+ * it has one: qbm_image_data_io()), decompressed data, or zeros. */
+int qbm_map_read(struct qbm_image **layers, const struct qcow2_map_extent *e,
+                 uint64_t g, size_t len, void *buf);
+/* Ask the kernel to read [g, g + len) of e ahead (data extents only). */
+void qbm_map_prefetch(struct qbm_image **layers,
+                      const struct qcow2_map_extent *e, uint64_t g,
+                      uint64_t len);
+
+/* ---- op-rebuild.c: a disk against its backups ----------------------------
+ */
+
+/*
+ * Stage in disk[0] (opened for writing; disk[0..nd) its backing chain)
+ * bitmap `name`, enabled, replacing one of that name, with exactly the
+ * granules set where the disk's content differs from what the backups
+ * bk[0..nb) (newest first, as qbm_backups_open gives them) restore to.
+ * granularity 0: the replaced bitmap's, else qbm_bitmap_add's default.
+ * *ret_dirty: the bytes set. Nothing is written: the caller commits.
+ */
+int qbm_rebuild_stage(struct qbm_image **disk, size_t nd, struct qbm_image **bk,
+                      size_t nb, const char *name, uint64_t granularity,
+                      struct qbm_progress *progress, uint64_t *ret_dirty);
 
 #endif /* QBM_INTERNAL_H */

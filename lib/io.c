@@ -551,6 +551,13 @@ int qbm_io_file_adopt(int fd, struct qbm_io **ret_io)
     return file_io_new(fd, &st, ret_io);
 }
 
+int qbm_io_file_lock(struct qbm_io *io, enum qbm_lock_mode lock)
+{
+    int fd = qbm_io_fd(io);
+
+    return fd < 0 ? -EOPNOTSUPP : apply_locks(fd, lock);
+}
+
 int qbm_io_dup(struct qbm_io *io, struct qbm_io **ret_io)
 {
     int fd = qbm_io_fd(io), r;

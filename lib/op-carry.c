@@ -3,9 +3,12 @@
  * Carrying bitmaps over a commit. `qemu-img commit` writes the data of the
  * layers above a base into it but keeps only the bitmaps the base already
  * has; this module decides which bitmaps of those layers go into the base,
- * with which granularity and state, and which must not because a layer of
- * the chain lacks them (a gap: writes to that layer are in no bitmap, and
- * carrying the others into the base would make the chain look whole).
+ * with which granularity and state, and which must not: as libvirt after a
+ * block commit (qemuBlockBitmapsHandleCommitFinish), a bitmap is carried
+ * only when every copy from the top down to the base records and is
+ * consistent and no layer among them lacks it (a gap: writes to that
+ * layer are in no bitmap, and carrying the others into the base would
+ * make the chain look whole).
  */
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -102,28 +105,58 @@ static bool skipped(struct carry *c, const char *name)
 }
 
 /*
+ * What keeps the bitmap whose rules are in c->rules from being carried,
+ * as a set of QBM_CHAIN_BIT()s of layer k (at most BASE): a gap (unless
+ * FILL_GAPS), a disabled copy (unless INCLUDE_DISABLED), a copy in use
+ * (always: its bits are not known). What lies below BASE is no reason:
+ * the commit does not touch it, a check of the chain still sees it, and a
+ * copy carried whole stays right once that is repaired.
+ */
+static unsigned stops(struct carry *c, bool enabled, size_t k)
+{
+    unsigned why = c->rules[k] & QBM_CHAIN_BIT(QBM_CHAIN_IN_USE);
+
+    if (is_gap(c, enabled, k) && !(c->flags & QBM_CARRY_FILL_GAPS)) {
+        why |= QBM_CHAIN_BIT(QBM_CHAIN_GAP);
+    }
+    if (!(c->flags & QBM_CARRY_INCLUDE_DISABLED)) {
+        why |= c->rules[k] & QBM_CHAIN_BIT(QBM_CHAIN_DISABLED);
+    }
+    return why;
+}
+
+/*
  * First sight of `name`, in layer t: create BASE's copy or set its state,
  * merge t's copy, and mark the clusters of every gap layer (FILL_GAPS).
- * Without FILL_GAPS a bitmap with a gap is only reported, layer by layer.
+ * A bitmap that stops() is only reported, layer by layer, and skipped.
  */
 static int carry_first(struct carry *c, const char *name, size_t t)
 {
+    static const int actions[][2] = {
+        { QBM_CHAIN_GAP, QBM_CARRY_GAP },
+        { QBM_CHAIN_DISABLED, QBM_CARRY_DISABLED },
+        { QBM_CHAIN_IN_USE, QBM_CARRY_IN_USE },
+    };
     const struct qcow2_bitmap *src = qcow2_bitmap_lookup(c->layers[t], name);
     bool enabled = src->flags & BME_FLAG_AUTO, created = false;
-    bool fill = c->flags & QBM_CARRY_FILL_GAPS, gap = false;
-    size_t k;
+    bool stopped = false;
+    size_t k, a;
     int r = 0;
 
     /* Decided before BASE's copy is created, which would hide BASE's own
      * gap. */
     qbm_chain_rules(c->layers, c->chain->n, name, c->rules);
     for (k = 0; k <= c->n && r == 0; k++) {
-        gap = gap || is_gap(c, enabled, k);
-        if (is_gap(c, enabled, k) && !fill) {
-            r = report(c, QBM_CARRY_GAP, name, k);
+        unsigned why = stops(c, enabled, k);
+
+        stopped = stopped || why;
+        for (a = 0; a < QBM_ARRAY_SIZE(actions) && r == 0; a++) {
+            if (why & QBM_CHAIN_BIT(actions[a][0])) {
+                r = report(c, actions[a][1], name, k);
+            }
         }
     }
-    if (r || (gap && !fill)) {
+    if (r || stopped) {
         return r ? r : skip(c, name);
     }
     /* The topmost copy decides whether BASE's records writes from now
@@ -156,11 +189,11 @@ static int carry_first(struct carry *c, const char *name, size_t t)
     return r;
 }
 
-/* Everything that can refuse the operation, before anything is staged. */
+/* Everything that can refuse the operation, before anything is staged
+ * (a bitmap in use only keeps that bitmap from being carried). */
 static int validate(struct carry *c)
 {
     size_t l;
-    uint32_t i;
 
     for (l = 0; l < c->n; l++) {
         struct qbm_image *img = c->layers[l];
@@ -171,14 +204,6 @@ static int validate(struct carry *c)
                            "base's %llu",
                            img->filename, (unsigned long long)img->hdr.size,
                            (unsigned long long)c->base->hdr.size);
-        }
-        for (i = 0; i < img->nb_bitmaps; i++) {
-            if (!qbm_impl_bitmap_consistent(img, i)) {
-                return qbm_err(EBUSY,
-                               "%s: bitmap '%s' is in use; repair "
-                               "it first with 'qbm check --repair'",
-                               img->filename, img->bitmaps[i].name);
-            }
         }
     }
     return 0;
@@ -226,7 +251,9 @@ static int carry_bitmaps(struct carry *c)
     return 0;
 }
 
-/* MARK_WRITTEN: what the commit copies, in BASE's enabled bitmaps. */
+/* MARK_WRITTEN: what the commit copies, in BASE's enabled bitmaps (an
+ * in-use one is all dirty once repaired: left alone, and reported unless
+ * it was already). */
 static int mark_written(struct carry *c)
 {
     uint32_t i;
@@ -237,6 +264,13 @@ static int mark_written(struct carry *c)
         const char *name = c->base->bitmaps[i].name;
 
         if (!(c->base->bitmaps[i].flags & BME_FLAG_AUTO)) {
+            continue;
+        }
+        if (!qbm_impl_bitmap_consistent(c->base, i)) {
+            r = skipped(c, name) ? 0 : report(c, QBM_CARRY_IN_USE, name, c->n);
+            if (r) {
+                return r;
+            }
             continue;
         }
         for (l = 0; l < c->n; l++) {

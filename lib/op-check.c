@@ -79,8 +79,9 @@ static void problem(struct check *c, int kind, uint64_t off, const char *fmt,
     c->stop = c->fn(c->opaque, kind, off, msg);
 }
 
+/* Count `refs` references to the clusters of [off, off + len). */
 static void add_ref(struct check *c, uint64_t off, uint64_t len,
-                    const char *what)
+                    const char *what, uint32_t refs)
 {
     uint64_t first = off / c->cs, end, i;
 
@@ -105,9 +106,9 @@ static void add_ref(struct check *c, uint64_t off, uint64_t len,
             c->err = -ENOMEM;
             break;
         }
-        if ((*page)[i % REF_PAGE] < UINT32_MAX) {
-            (*page)[i % REF_PAGE]++;
-        }
+        (*page)[i % REF_PAGE] += refs < UINT32_MAX - (*page)[i % REF_PAGE]
+                                     ? refs
+                                     : UINT32_MAX - (*page)[i % REF_PAGE];
     }
 }
 
@@ -142,7 +143,7 @@ static int count_found(void *opaque, const struct qcow2_meta *m)
     }
     /* Unaligned ones were reported as bad entries of their tables. */
     if (!m->misaligned) {
-        add_ref(c, m->offset, m->length, m->what);
+        add_ref(c, m->offset, m->length, m->what, m->refs);
     }
     return c->err ? c->err : c->stop ? 1 : 0;
 }
@@ -441,36 +442,76 @@ static int repair_writable(struct qbm_image *img)
     return 0;
 }
 
-static int repair_in_use(struct qbm_image *img, bool remove)
-{
-    uint32_t k = 0;
-    int r;
+/* The caller's callback and what it returned (design.md, "Errors"). */
+struct repair_cb {
+    qbm_repair_fn fn;
+    void *opaque;
+    int user_ret;
+};
 
-    while (k < img->nb_bitmaps) {
+/* Tell the caller; a non-zero answer stops the repair (-ECANCELED). */
+static int repair_said(struct repair_cb *cb, int action, const char *bitmap,
+                       uint64_t count, uint64_t bytes)
+{
+    if (!cb->fn) {
+        return 0;
+    }
+    cb->user_ret = cb->fn(cb->opaque, action, bitmap, count, bytes);
+    return cb->user_ret ? qbm_err(ECANCELED, "stopped by the caller") : 0;
+}
+
+QBM_DARRAY(repair_names, char *);
+
+static int repair_in_use(struct qbm_image *img, bool remove,
+                         struct repair_cb *cb)
+{
+    struct repair_names names = { 0 };
+    uint32_t k = 0;
+    size_t i;
+    int r = 0;
+
+    while (k < img->nb_bitmaps && r == 0) {
         struct qcow2_bitmap *bm = &img->bitmaps[k];
+        char *name;
 
         if (!(bm->flags & BME_FLAG_IN_USE)) {
             k++;
             continue;
         }
+        /* Named after the commit, when the directory is a new one. */
+        name = qbm_strndup(bm->name, strlen(bm->name));
+        r = name ? qbm_darray_push(&names, name, 0) : -ENOMEM;
+        if (r < 0) {
+            free(name);
+            break;
+        }
         if (remove) {
-            r = qbm_impl_bitmap_remove(img, bm->name);
+            r = qbm_impl_bitmap_remove(img, name);
         } else {
-            r = qbm_impl_bitmap_salvage(img, bm->name);
+            r = qbm_impl_bitmap_salvage(img, name);
             k++;
         }
-        if (r < 0) {
-            return r;
-        }
     }
-    return qbm_impl_commit(img);
+    r = r ? r : qbm_impl_commit(img);
+    for (i = 0; i < names.n && r == 0; i++) {
+        r = repair_said(cb,
+                        remove ? QBM_REPAIRED_IN_USE_REMOVED
+                               : QBM_REPAIRED_IN_USE_DIRTY,
+                        names.v[i], 0, 0);
+    }
+    for (i = 0; i < names.n; i++) {
+        free(names.v[i]);
+    }
+    qbm_darray_free(&names);
+    return r;
 }
 
 /* Drop a stale extension (or a lone autoclear bit); its clusters become
  * leaks, which the leak repair then frees. */
-static int repair_stale(struct qbm_image *img)
+static int repair_stale(struct qbm_image *img, struct repair_cb *cb)
 {
     struct qbm_txn *txn;
+    bool stale = img->bitmaps_state == QBM_BITMAPS_STALE;
     int r;
 
     if (img->bitmaps_state == QBM_BITMAPS_OK ||
@@ -480,10 +521,14 @@ static int repair_stale(struct qbm_image *img)
     }
     r = qbm_txn_begin(img, &txn);
     r = r ? r : qbm_txn_commit(txn, 0, 0, 0);
-    return r ? r : qbm_image_reload(img);
+    r = r ? r : qbm_image_reload(img);
+    return r ? r
+             : repair_said(cb,
+                           stale ? QBM_REPAIRED_STALE : QBM_REPAIRED_AUTOCLEAR,
+                           NULL, 0, 0);
 }
 
-static int repair_leaks(struct qbm_image *img)
+static int repair_leaks(struct qbm_image *img, struct repair_cb *cb)
 {
     struct check c = { .img = img };
     struct leaks leaks = { 0 };
@@ -515,29 +560,40 @@ static int repair_leaks(struct qbm_image *img)
         if (r == 0) {
             r = qbm_image_reload(img);
         }
+        if (r == 0) {
+            r = repair_said(cb, QBM_REPAIRED_LEAKS, NULL, leaks.n,
+                            leaks.n * img->cluster_size);
+        }
     }
     qbm_darray_free(&leaks);
     return r;
 }
 
-QBM_API int qbm_repair(struct qbm_image *img, unsigned flags)
+QBM_API int qbm_repair_report(struct qbm_image *img, unsigned flags,
+                              qbm_repair_fn fn, void *opaque)
 {
+    struct repair_cb cb = { fn, opaque, 0 };
     int r;
 
-    if (flags & ~QBM_REPAIR_MASK ||
+    if (!img || flags & ~QBM_REPAIR_MASK ||
         (flags & QBM_REPAIR_IN_USE_DIRTY && flags & QBM_REPAIR_IN_USE_REMOVE)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid repair flags"));
     }
     r = repair_writable(img);
     if (r == 0 && (flags & QBM_REPAIR_STALE)) {
-        r = repair_stale(img);
+        r = repair_stale(img, &cb);
     }
     if (r == 0 &&
         (flags & (QBM_REPAIR_IN_USE_DIRTY | QBM_REPAIR_IN_USE_REMOVE))) {
-        r = repair_in_use(img, flags & QBM_REPAIR_IN_USE_REMOVE);
+        r = repair_in_use(img, flags & QBM_REPAIR_IN_USE_REMOVE, &cb);
     }
     if (r == 0 && (flags & QBM_REPAIR_LEAKS)) {
-        r = repair_leaks(img);
+        r = repair_leaks(img, &cb);
     }
-    return qbm_public_ret(r);
+    return r < 0 && cb.user_ret ? cb.user_ret : qbm_public_ret(r);
+}
+
+QBM_API int qbm_repair(struct qbm_image *img, unsigned flags)
+{
+    return qbm_repair_report(img, flags, NULL, NULL);
 }

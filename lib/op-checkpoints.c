@@ -572,32 +572,17 @@ static int plan_repairs(struct eval *e, const struct verdict *v)
     return r;
 }
 
-/* Whether a checkpoint that is kept names `bitmap` for `target`. */
-static bool kept_name(struct qbm_checkpoints *set, const char *target,
-                      const char *bitmap)
-{
-    size_t i, j;
-
-    for (i = 0; i < set->n; i++) {
-        for (j = 0; j < set->cks[i].ndisks && !set->cks[i].deleted; j++) {
-            const struct ckpt_disk *d = &set->cks[i].disks[j];
-
-            if (d->bitmap && !strcmp(d->target, target) &&
-                !strcmp(d->bitmap, bitmap)) {
-                return true;
-            }
-        }
-    }
-    return false;
-}
-
-/* Whether any checkpoint names `bitmap` for `target`. */
+/* Whether a checkpoint (one that is kept, with kept_only) names `bitmap`
+ * for `target`. */
 static bool named(struct qbm_checkpoints *set, const char *target,
-                  const char *bitmap)
+                  const char *bitmap, bool kept_only)
 {
     size_t i, j;
 
     for (i = 0; i < set->n; i++) {
+        if (kept_only && set->cks[i].deleted) {
+            continue;
+        }
         for (j = 0; j < set->cks[i].ndisks; j++) {
             const struct ckpt_disk *d = &set->cks[i].disks[j];
 
@@ -621,8 +606,7 @@ static bool claimed(struct qbm_checkpoints *set, const char *image,
     for (i = 0; i < set->ntargets; i++) {
         const struct ckpt_target *tg = &set->targets[i];
 
-        if (!tg->chain || !(kept_only ? kept_name(set, tg->target, bitmap)
-                                      : named(set, tg->target, bitmap))) {
+        if (!tg->chain || !named(set, tg->target, bitmap, kept_only)) {
             continue;
         }
         for (k = 0; k < tg->chain->n; k++) {
@@ -675,6 +659,11 @@ static bool libvirt_name(const char *s)
         }
     }
     return i > 0;
+}
+
+QBM_API int qbm_checkpoint_name_valid(const char *name)
+{
+    return name && libvirt_name(name);
 }
 
 /* Whether `bitmap` passes every rule on the chain of `tg`. */
@@ -737,7 +726,7 @@ static int plan_orphan(struct eval *e, const char *bitmap, const char **parent,
     for (t = 0; t < set->ntargets && r == 0 && redefine; t++) {
         const struct ckpt_target *tg = &set->targets[t];
 
-        if (tg->chain && !named(set, tg->target, bitmap)) {
+        if (tg->chain && !named(set, tg->target, bitmap, false)) {
             r = valid_on(tg, bitmap, &valid[t]);
             any = any || valid[t];
         }
@@ -772,7 +761,7 @@ static int plan_orphan(struct eval *e, const char *bitmap, const char **parent,
     for (t = 0; t < set->ntargets && r == 0; t++) {
         const struct ckpt_target *tg = &set->targets[t];
 
-        if (tg->chain && !valid[t] && !named(set, tg->target, bitmap)) {
+        if (tg->chain && !valid[t] && !named(set, tg->target, bitmap, false)) {
             r = remove_copies(e, NULL, tg, bitmap);
         }
     }
@@ -827,7 +816,7 @@ static int plan_all(struct eval *e)
             const struct ckpt_target *tg = find_target(set, d->target);
 
             if (d->bitmap && tg && tg->chain &&
-                !kept_name(set, d->target, d->bitmap)) {
+                !named(set, d->target, d->bitmap, true)) {
                 r = remove_copies(e, ck->name, tg, d->bitmap);
             }
         }
@@ -991,12 +980,5 @@ QBM_API int qbm_checkpoints_check(struct qbm_checkpoints *set, unsigned flags,
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
     r = checkpoints_check(set, flags, &u);
-    if (r < 0) {
-        return -1;
-    }
-    if (u.ret) {
-        qbm_err(ECANCELED, "stopped by the callback");
-        return u.ret;
-    }
-    return 0;
+    return qbm_public_ret_cb(r, u.ret);
 }

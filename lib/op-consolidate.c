@@ -53,8 +53,7 @@ struct fold {
     const struct qcow2_map_extent *map;
     size_t nmap, m; /* m: first map piece that may still matter */
     uint8_t *buf;
-    qbm_progress_fn progress;
-    void *opaque;
+    struct qbm_progress *progress;
     uint64_t done, total;
 };
 
@@ -104,7 +103,7 @@ static int fold_cluster(struct fold *f, uint64_t c, uint64_t old, uint64_t *ret)
         if (p->type == QCOW2_MAP_ZERO) {
             memset(f->buf + (s - gs), 0, e - s);
         } else if (p->type == QCOW2_MAP_DATA) {
-            r = qbm_io_pread(src->io, f->buf + (s - gs), e - s,
+            r = qbm_io_pread(qbm_image_data_io(src), f->buf + (s - gs), e - s,
                              p->host + (s - p->guest));
         } else {
             r = qcow2_read_compressed(src, p->host, s - p->start,
@@ -120,9 +119,7 @@ static int fold_cluster(struct fold *f, uint64_t c, uint64_t old, uint64_t *ret)
     r = r ? r : free_entry(f->txn, img, old);
     if (r == 0) {
         *ret = off | L2E_COPIED;
-        if (f->progress) {
-            f->progress(f->opaque, f->done, f->total);
-        }
+        r = qbm_progress_report(f->progress, f->done, f->total);
     }
     return r;
 }
@@ -220,7 +217,7 @@ out:
 }
 
 int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
-                           size_t n, qbm_progress_fn progress, void *opaque)
+                           size_t n, struct qbm_progress *progress)
 {
     struct qcow2_map_extent *map = NULL;
     struct fold f = { 0 };
@@ -271,7 +268,6 @@ int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
     f.map = map;
     f.nmap = nmap;
     f.progress = progress;
-    f.opaque = opaque;
     for (j = 0; j < nmap; j++) {
         f.total += map[j].len;
     }
@@ -292,7 +288,7 @@ int qbm_consolidate_images(struct qbm_image *img, struct qbm_image **layers,
 }
 
 static int consolidate(const char *full, const char *const *incs, size_t n,
-                       qbm_progress_fn progress, void *opaque)
+                       struct qbm_progress *progress)
 {
     struct qbm_image *img = NULL, **layers;
     size_t i, j;
@@ -328,7 +324,7 @@ static int consolidate(const char *full, const char *const *incs, size_t n,
         }
     }
     if (r == 0) {
-        r = qbm_consolidate_images(img, layers, n, progress, opaque);
+        r = qbm_consolidate_images(img, layers, n, progress);
     }
 out:
     for (i = 0; i < n; i++) {
@@ -342,8 +338,10 @@ out:
 QBM_API int qbm_consolidate(const char *full, const char *const *incs, size_t n,
                             qbm_progress_fn progress, void *opaque)
 {
+    struct qbm_progress p = { progress, opaque, 0 };
+
     if (!full || (!incs && n)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_public_ret(consolidate(full, incs, n, progress, opaque));
+    return qbm_progress_ret(&p, consolidate(full, incs, n, &p));
 }

@@ -5,16 +5,20 @@
  *
  * Both resolve their input layers into one map (chain-resolve.c) and copy only
  * what the map holds: uncompressed data with copy_file_range (in-kernel,
- * possibly reflinked), compressed clusters through the decompressor. The
- * output is written under a temporary name in the same directory, flushed,
- * and renamed into place, so a failure or crash never leaves a partial
- * OUTPUT behind.
+ * possibly reflinked), compressed clusters through the decompressor. A
+ * file output is written under a temporary name in the same directory,
+ * flushed, and renamed into place, so a failure or crash never leaves a
+ * partial OUTPUT behind. A block device is written in place (there is no
+ * name to rename over): every byte of what the output covers is written,
+ * with data or with zeros, since the device holds old data.
  */
 #include <fcntl.h>
 #include <libgen.h>
 #include <limits.h>
+#include <linux/fs.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -27,17 +31,26 @@
  * every WRITEBACK bytes, so reading, copying and writing overlap. */
 #define READAHEAD (256ull << 20)
 #define WRITEBACK (64ull << 20)
+/* Zeroing a device: BLKZEROOUT on whole 4 KiB pages, at most ZERO_CHUNK
+ * at a time (progress, and a device without WRITE ZEROES has the kernel
+ * write the pages); zero buffers of ZERO_BUF bytes elsewhere. */
+#define ZERO_ALIGN 4096ull
+#define ZERO_CHUNK (1ull << 30)
+#define ZERO_BUF (1u << 20)
 
 struct out {
     const char *output; /* as given */
     char *target;       /* where the data goes: OUTPUT, links followed */
-    bool exists;        /* a regular file is at target, as st says */
+    bool exists;        /* a regular file or a device is at target (st) */
+    bool device;        /* a block device: written in place */
+    bool no_zeroout;    /* BLKZEROOUT refused: write zero buffers */
+    uint64_t dev_size;
+    uint8_t *zbuf;
     struct stat st;
     char *tmp;
     int fd;
     struct qbm_io *io;
-    qbm_progress_fn progress;
-    void *opaque;
+    struct qbm_progress *progress;
     uint64_t done, total;
     /* Overlap: next piece to prefetch and bytes prefetched ahead. */
     size_t ra_next;
@@ -56,7 +69,7 @@ static void prefetch(struct qbm_image **layers,
     }
     while (o->ra_next < n && o->ra_bytes < READAHEAD) {
         const struct qcow2_map_extent *e = &map[o->ra_next++];
-        int fd = qbm_io_fd(layers[e->layer]->io);
+        int fd = qbm_io_fd(qbm_image_data_io(layers[e->layer]));
 
         if (fd >= 0 && e->type == QCOW2_MAP_DATA) {
             posix_fadvise(fd, (off_t)e->host, (off_t)e->len,
@@ -112,7 +125,11 @@ static int iv_add(struct intervals *iv, uint64_t s, uint64_t e)
 static int copy_range(struct qbm_image *src, uint64_t from, struct out *o,
                       uint64_t to, uint64_t len)
 {
-    int sfd = qbm_io_fd(src->io);
+    /* The kernel copies between regular files only. Onto a device, reads
+     * past the end of the source must become zeros there, as the read
+     * fallback does. */
+    struct qbm_io *sio = qbm_image_data_io(src);
+    int sfd = o->device ? -1 : qbm_io_fd(sio);
     uint8_t *buf = NULL;
     int r = 0;
 
@@ -143,7 +160,7 @@ static int copy_range(struct qbm_image *src, uint64_t from, struct out *o,
                 return -ENOMEM;
             }
         }
-        r = qbm_io_pread(src->io, buf, n, from);
+        r = qbm_io_pread(sio, buf, n, from);
         r = r ? r : qbm_io_pwrite(o->io, buf, n, to);
         from += n;
         to += n;
@@ -180,8 +197,80 @@ static int copy_piece(struct qbm_image **layers,
     }
     o->done += len;
     writeback(o, to + len);
-    if (o->progress) {
-        o->progress(o->opaque, o->done, o->total);
+    return qbm_progress_report(o->progress, o->done, o->total);
+}
+
+/* Write zeros at [off, off + len) of a device through the page cache. */
+static int zero_write(struct out *o, uint64_t off, uint64_t len)
+{
+    int r = 0;
+
+    if (len && !o->zbuf) {
+        o->zbuf = qbm_calloc(1, ZERO_BUF);
+        if (!o->zbuf) {
+            return -ENOMEM;
+        }
+    }
+    while (len > 0 && r == 0) {
+        size_t n = len < ZERO_BUF ? (size_t)len : ZERO_BUF;
+
+        r = qbm_io_pwrite(o->io, o->zbuf, n, off);
+        off += n;
+        len -= n;
+    }
+    writeback(o, off);
+    return r;
+}
+
+/*
+ * Make [off, off + len) of the output device read as zeros; `count`: the
+ * range is part of the progress total. BLKZEROOUT has the device write
+ * zeros (or unmap, only where it guarantees zeros afterwards; where it can
+ * do neither, the kernel writes zero pages). A discard is never used: a
+ * device may keep the old data after one. The ioctl drops the kernel's
+ * cached pages of the range, so it gets whole 4 KiB pages only; the edges
+ * are written through the cache as the data beside them is.
+ */
+static int zero_range(struct out *o, uint64_t off, uint64_t len, bool count)
+{
+    uint64_t end = off + len;
+    uint64_t a = div_round_up(off, ZERO_ALIGN) * ZERO_ALIGN;
+    uint64_t b = align_down(end, ZERO_ALIGN);
+    int r = 0;
+
+    if (a >= b) {
+        a = b = end; /* no whole page: all of it through the cache */
+    }
+    r = zero_write(o, off, a - off);
+    while (r == 0 && a < b) {
+        uint64_t n = b - a < ZERO_CHUNK ? b - a : ZERO_CHUNK;
+        uint64_t range[2] = { a, n };
+
+        if (o->no_zeroout || ioctl(o->fd, BLKZEROOUT, range) < 0) {
+            if (!o->no_zeroout && errno != EINVAL && errno != EOPNOTSUPP &&
+                errno != ENOTTY) {
+                return qbm_err(errno, "%s: cannot write zeros at 0x%llx: %s",
+                               o->output, (unsigned long long)a,
+                               strerror(errno));
+            }
+            /* Refused: a device with blocks larger than 4 KiB. */
+            o->no_zeroout = true;
+            r = zero_write(o, a, n);
+        }
+        a += n;
+        if (r == 0 && count && a < b) {
+            o->done += n;
+            len -= n;
+            r = qbm_progress_report(o->progress, o->done, o->total);
+        }
+    }
+    r = r ? r : zero_write(o, b, end - b);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s", o->output);
+    }
+    if (count) {
+        o->done += len;
+        return qbm_progress_report(o->progress, o->done, o->total);
     }
     return 0;
 }
@@ -197,9 +286,10 @@ static bool is_data(const struct qcow2_map_extent *e)
  * OUTPUT is looked at before anything is written. Symbolic links are
  * followed, as open() does for qemu-img convert: the file a link points to
  * gets the data and the link stays; a dangling link creates its target.
- * What is found at the end must be a regular file or nothing. Devices,
- * fifos, sockets and directories are refused, and the final rename makes
- * sure it never replaces one that appeared in the meantime.
+ * What is found at the end must be a regular file, a block device or
+ * nothing. Character devices, fifos, sockets and directories are refused,
+ * and the final rename makes sure it never replaces one (or a block
+ * device) that appeared in the meantime.
  *
  * The output is written to a temporary file beside the target (the rename
  * must stay within one file system), created with mode 0666 so that the
@@ -271,9 +361,9 @@ static int follow_link(const char *output, const char *path, char **ret)
 static int refuse_kind(const struct out *o, mode_t mode)
 {
     int e = S_ISDIR(mode) ? EISDIR : EOPNOTSUPP;
-    const char *hint = S_ISDIR(mode)
-                           ? "name the file to write"
-                           : "writing onto devices is not supported yet";
+    const char *hint = S_ISDIR(mode) ? "name the file to write"
+                                     : "only a regular file or a block "
+                                       "device can be written";
 
     if (strcmp(o->target, o->output) == 0) {
         return qbm_err(e, "%s: not a regular file (%s); %s", o->output,
@@ -284,7 +374,7 @@ static int refuse_kind(const struct out *o, mode_t mode)
 }
 
 /* Find what OUTPUT names, following symbolic links; refuse anything but
- * a regular file or nothing. */
+ * a regular file, a block device or nothing. */
 static int out_check(struct out *o, const char *output)
 {
     char *path = qbm_strndup(output, strlen(output));
@@ -322,7 +412,8 @@ static int out_check(struct out *o, const char *output)
         path = next;
     }
     o->target = path;
-    if (o->exists && !S_ISREG(o->st.st_mode)) {
+    o->device = o->exists && S_ISBLK(o->st.st_mode);
+    if (o->exists && !S_ISREG(o->st.st_mode) && !o->device) {
         return refuse_kind(o, o->st.st_mode);
     }
     if (!o->exists && path[0] && path[strlen(path) - 1] == '/') {
@@ -367,6 +458,66 @@ static int open_temp(char *tmpl, mode_t mode)
     return -1;
 }
 
+/*
+ * Open the block device at the target for writing in place. O_EXCL makes
+ * the kernel refuse a device that is mounted, or part of a device-mapper
+ * or MD device, or held so by another program; QEMU's write locks refuse
+ * one that QEMU (a running VM) has open. The node must still be the device
+ * out_check() found.
+ */
+static int out_open_device(struct out *o)
+{
+    struct stat st;
+    int fd, r;
+
+    fd = open(o->target, O_RDWR | O_EXCL | O_CLOEXEC);
+    if (fd < 0 && errno == EBUSY) {
+        return qbm_err(EBUSY,
+                       "%s: the device is in use (mounted, or held "
+                       "by another program or device); it was left as it is",
+                       o->output);
+    }
+    if (fd < 0) {
+        return qbm_err(errno, "%s: cannot open: %s", o->output,
+                       strerror(errno));
+    }
+    if (fstat(fd, &st) < 0 || !S_ISBLK(st.st_mode) ||
+        st.st_rdev != o->st.st_rdev) {
+        close(fd);
+        return qbm_err(EAGAIN, "%s: changed while the inputs were read",
+                       o->output);
+    }
+    /* The file io finds the device and its size (BLKGETSIZE64). */
+    r = qbm_io_file_adopt(fd, &o->io);
+    if (r < 0) {
+        close(fd);
+        return qbm_err_prefix(r, "%s", o->output);
+    }
+    o->fd = fd;
+    o->dev_size = o->io->capacity;
+    r = qbm_io_file_lock(o->io, QBM_LOCK_WRITE);
+    if (r < 0) {
+        qbm_io_close(o->io);
+        o->io = NULL;
+        return qbm_err_prefix(r, "%s", o->output);
+    }
+    return 0;
+}
+
+/* A device must hold the whole output: checked before anything is written
+ * to it. A larger device keeps what it holds past the output. */
+static int out_room(const struct out *o, uint64_t need)
+{
+    if (o->device && o->dev_size < need) {
+        return qbm_err(ENOSPC,
+                       "%s: device too small: it holds %llu bytes, the output "
+                       "needs %llu; it was left as it is",
+                       o->output, (unsigned long long)o->dev_size,
+                       (unsigned long long)need);
+    }
+    return 0;
+}
+
 static int out_create(struct out *o)
 {
     char *d = qbm_strndup(o->target, strlen(o->target));
@@ -375,6 +526,11 @@ static int out_create(struct out *o)
     size_t len;
     int r;
 
+    if (o->device) {
+        free(d);
+        free(b);
+        return out_open_device(o);
+    }
     if (!d || !b) {
         free(d);
         free(b);
@@ -436,6 +592,8 @@ static void out_free(struct out *o)
     out_abort(o);
     free(o->target);
     o->target = NULL;
+    free(o->zbuf);
+    o->zbuf = NULL;
 }
 
 /* The file system cannot do what a renameat2 flag asks. */
@@ -548,12 +706,17 @@ static int out_publish(struct out *o)
     char *copy;
     int r, tries, dfd;
 
+    /* fdatasync: on a block device the same as fsync, which writes the
+     * device's cache back. */
     r = qbm_io_flush(o->io);
     if (r < 0) {
         qbm_err_prefix(r, "%s", o->output);
     }
     qbm_io_close(o->io);
     o->io = NULL;
+    if (o->device) {
+        return r; /* written in place: nothing to publish */
+    }
     /* The target may come and go under us: try again a few times. */
     for (tries = 0; r == 0; tries++) {
         if (tries == 4) {
@@ -589,14 +752,33 @@ static int out_publish(struct out *o)
 }
 
 /* Write `map` as a raw disk of `size` bytes: data where it has data, holes
- * elsewhere. */
+ * (a file) or zeros (a device, from its start; what lies past `size` is
+ * left alone) elsewhere. */
 static int write_raw(struct qbm_image **layers,
                      const struct qcow2_map_extent *map, size_t n,
                      uint64_t size, struct out *o)
 {
+    uint64_t pos = 0;
     size_t i;
     int r;
 
+    if (o->device) {
+        r = out_room(o, size);
+        for (i = 0; i < n && r == 0; i++) {
+            if (!is_data(&map[i])) {
+                continue; /* zeroed with the gaps */
+            }
+            if (map[i].guest > pos) {
+                r = zero_range(o, pos, map[i].guest - pos, true);
+            }
+            prefetch(layers, map, n, i, o);
+            r = r ? r
+                  : copy_piece(layers, &map[i], map[i].guest, map[i].len, o,
+                               map[i].guest);
+            pos = map[i].guest + map[i].len;
+        }
+        return r || pos >= size ? r : zero_range(o, pos, size - pos, true);
+    }
     if (ftruncate(o->fd, (off_t)size) < 0) {
         return qbm_err(errno, "%s: cannot size the output: %s", o->output,
                        strerror(errno));
@@ -695,13 +877,31 @@ static int write_qcow2(struct qbm_image **layers,
         r = qcow2_writer_plan(o->io, size, cluster_bits, backing,
                               backing ? "qcow2" : NULL, runs, nruns, &w);
     }
+    if (r == 0) {
+        r = out_room(o, qcow2_writer_end(w));
+    }
+    if (r == 0 && o->device) {
+        /* In place: first make the device no qcow2 image (a previous one
+         * would otherwise open over half-written tables after a failure),
+         * and write the new header only once the rest is on disk. */
+        r = zero_range(o, 0, cs, false);
+        if (r == 0) {
+            r = qbm_io_flush(o->io);
+            if (r < 0) {
+                qbm_err_prefix(r, "%s", o->output);
+            }
+        }
+        qcow2_writer_set_ordered(w);
+    }
     /* Copy each data run's pieces (one pass over the sorted map); the
-     * first pass only counts, for progress. */
+     * first pass only counts, for progress. On a device, the parts of the
+     * run's clusters that no piece covers (zeros inside a cluster, past
+     * the virtual size) are zeroed. */
     for (int pass = 0; pass < 2; pass++) {
         for (k = 0, m = 0; r == 0 && k < nruns; k++) {
             uint64_t gs = runs[k].first * cs;
             uint64_t ge = (runs[k].first + runs[k].count) * cs;
-            uint64_t host = qcow2_writer_run_host(w, k);
+            uint64_t host = qcow2_writer_run_host(w, k), pos = gs;
 
             if (!runs[k].data) {
                 continue;
@@ -715,12 +915,23 @@ static int write_qcow2(struct qbm_image **layers,
                                  ? map[j].guest + map[j].len
                                  : ge;
 
-                if (is_data(&map[j]) && pass == 0) {
-                    o->total += e - s;
-                } else if (is_data(&map[j])) {
-                    prefetch(layers, map, n, j, o);
-                    r = copy_piece(layers, &map[j], s, e - s, o, host + s - gs);
+                if (!is_data(&map[j])) {
+                    continue;
                 }
+                if (pass == 0) {
+                    o->total += e - s;
+                    continue;
+                }
+                if (o->device && s > pos) {
+                    r = zero_range(o, host + pos - gs, s - pos, false);
+                }
+                prefetch(layers, map, n, j, o);
+                r = r ? r
+                      : copy_piece(layers, &map[j], s, e - s, o, host + s - gs);
+                pos = e;
+            }
+            if (r == 0 && pass == 1 && o->device && pos < ge) {
+                r = zero_range(o, host + pos - gs, ge - pos, false);
             }
         }
     }
@@ -749,14 +960,19 @@ static uint64_t data_bytes(const struct qcow2_map_extent *map, size_t n)
  */
 
 /* Open a backup image: qcow2 (its own layer only), or raw for the full. */
-static int open_backup(const char *file, bool allow_raw, struct qbm_image **ret)
+static int open_backup(const char *file, bool allow_raw, bool force_share,
+                       struct qbm_image **ret)
 {
     struct qbm_image *img;
     struct qbm_io *io;
     int r;
 
-    r = qbm_io_file_open(file, false, QBM_LOCK_READ, &io);
+    r = qbm_io_file_open(file, false,
+                         force_share ? QBM_LOCK_NONE : QBM_LOCK_READ, &io);
     r = r ? r : qbm_image_open_format(io, file, QBM_FORMAT_PROBE, false, &img);
+    if (r == 0 && force_share) {
+        img->lock = QBM_LOCK_NONE; /* its data file too */
+    }
     if (r == 0 && img->raw && !allow_raw) {
         qbm_impl_close(img);
         r = qbm_err(EINVAL, "not a qcow2 image (incremental backups must "
@@ -769,48 +985,57 @@ static int open_backup(const char *file, bool allow_raw, struct qbm_image **ret)
     return 0;
 }
 
+/* Two nodes of one block device (/dev/vg/lv and /dev/dm-3, or a node
+ * made with mknod) are different inodes of the same device. */
+static bool same_stat(const struct stat *sa, const struct stat *sb)
+{
+    if (S_ISBLK(sa->st_mode) && S_ISBLK(sb->st_mode)) {
+        return sa->st_rdev == sb->st_rdev;
+    }
+    return sa->st_dev == sb->st_dev && sa->st_ino == sb->st_ino;
+}
+
 static bool same_inode(const char *a, const char *b)
 {
     struct stat sa, sb;
 
-    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
-           sa.st_ino == sb.st_ino;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && same_stat(&sa, &sb);
 }
 
-static int restore(const char *const *images, size_t n, const char *output,
-                   int format, const char *checkpoint, qbm_progress_fn progress,
-                   void *opaque)
+/* ---- reading backups, shared with op-rebuild.c ----------------------------
+ */
+
+/*
+ * What restore reads, for the comparisons of op-rebuild.c: the backup
+ * images opened under restore's rules, and the bytes of a piece of a map
+ * extent from the same sources copy_piece() copies them from (keep the
+ * two together).
+ */
+
+int qbm_backups_open(const char *const *images, size_t n, bool force_share,
+                     struct qbm_image ***ret_layers, uint64_t *ret_size)
 {
-    struct qbm_image **layers = qbm_calloc(n ? n : 1, sizeof(*layers));
-    struct qcow2_map_extent *map = NULL;
-    struct out o = { .fd = -1, .progress = progress, .opaque = opaque };
-    size_t nmap = 0, i, j;
+    struct qbm_image **layers;
     uint64_t size = 0;
+    size_t i, j;
     int r = 0;
 
+    if (n == 0) {
+        return qbm_err(EINVAL, "no backup images given");
+    }
+    layers = qbm_calloc(n, sizeof(*layers));
     if (!layers) {
         return -ENOMEM;
     }
-    if (n == 0) {
-        r = qbm_err(EINVAL, "no backup images given");
-    }
-    if (checkpoint && format != QBM_OUTPUT_QCOW2) {
-        r = qbm_err(EINVAL, "a checkpoint needs qcow2 output");
-    }
-    /* Verify everything before writing anything. */
-    r = r ? r : out_check(&o, output);
     for (i = 0; i < n && r == 0; i++) {
         for (j = 0; j < i && r == 0; j++) {
             if (same_inode(images[i], images[j])) {
                 r = qbm_err(EINVAL, "%s is given twice", images[i]);
             }
         }
-        if (r == 0 && same_inode(images[i], output)) {
-            r = qbm_err(EINVAL, "%s: the output would overwrite an input",
-                        images[i]);
-        }
         /* The newest image goes first in the resolver's order. */
-        r = r ? r : open_backup(images[i], i == 0, &layers[n - 1 - i]);
+        r = r ? r
+              : open_backup(images[i], i == 0, force_share, &layers[n - 1 - i]);
         if (r == 0) {
             uint64_t s = layers[n - 1 - i]->hdr.size;
 
@@ -825,11 +1050,96 @@ static int restore(const char *const *images, size_t n, const char *output,
             }
         }
     }
+    if (r < 0) {
+        qbm_backups_close(layers, n);
+        return r;
+    }
+    *ret_layers = layers;
+    *ret_size = size;
+    return 0;
+}
+
+void qbm_backups_close(struct qbm_image **layers, size_t n)
+{
+    size_t i;
+
+    for (i = 0; layers && i < n; i++) {
+        qbm_impl_close(layers[i]);
+    }
+    free(layers);
+}
+
+int qbm_map_read(struct qbm_image **layers, const struct qcow2_map_extent *e,
+                 uint64_t g, size_t len, void *buf)
+{
+    struct qbm_image *src = layers[e->layer];
+    int r;
+
+    if (e->type == QCOW2_MAP_DATA) {
+        r = qbm_io_pread(qbm_image_data_io(src), buf, len,
+                         e->host + (g - e->guest));
+    } else if (e->type == QCOW2_MAP_COMPRESSED) {
+        r = qcow2_read_compressed(src, e->host, g - e->start, buf, len);
+    } else {
+        memset(buf, 0, len);
+        return 0;
+    }
+    return r < 0 ? qbm_err_prefix(r, "%s", src->filename) : 0;
+}
+
+void qbm_map_prefetch(struct qbm_image **layers,
+                      const struct qcow2_map_extent *e, uint64_t g,
+                      uint64_t len)
+{
+    int fd = qbm_io_fd(qbm_image_data_io(layers[e->layer]));
+
+    if (fd >= 0 && e->type == QCOW2_MAP_DATA) {
+        posix_fadvise(fd, (off_t)(e->host + (g - e->guest)), (off_t)len,
+                      POSIX_FADV_WILLNEED);
+    }
+}
+
+static int restore(const char *const *images, size_t n, const char *output,
+                   int format, bool force_share, const char *checkpoint,
+                   struct qbm_progress *progress)
+{
+    struct qbm_image **layers = NULL;
+    struct qcow2_map_extent *map = NULL;
+    struct out o = { .fd = -1, .progress = progress };
+    size_t nmap = 0, i;
+    uint64_t size = 0;
+    int r = 0;
+
+    if (n == 0) {
+        r = qbm_err(EINVAL, "no backup images given");
+    }
+    if (checkpoint && format != QBM_OUTPUT_QCOW2) {
+        r = qbm_err(EINVAL, "a checkpoint needs qcow2 output");
+    }
+    /* Verify everything before writing anything. */
+    r = r ? r : out_check(&o, output);
+    if (r == 0 && o.device && checkpoint) {
+        /* Adding the bitmap opens the written image as an image. */
+        r = qbm_err(EOPNOTSUPP,
+                    "%s: --checkpoint onto a block device is not supported "
+                    "yet; it was left as it is",
+                    output);
+    }
+    for (i = 0; i < n && r == 0; i++) {
+        if (same_inode(images[i], output)) {
+            r = qbm_err(EINVAL, "%s: the output would overwrite an input",
+                        images[i]);
+        }
+    }
+    r = r ? r : qbm_backups_open(images, n, force_share, &layers, &size);
     if (r == 0) {
         r = qbm_resolve(layers, n, size, &map, &nmap);
     }
     if (r == 0) {
-        o.total = format == QBM_OUTPUT_QCOW2 ? 0 : data_bytes(map, nmap);
+        /* Raw onto a device: every byte is written, with data or zeros. */
+        o.total = format == QBM_OUTPUT_QCOW2 ? 0
+                  : o.device                 ? size
+                                             : data_bytes(map, nmap);
         r = out_create(&o);
     }
     if (r == 0) {
@@ -850,10 +1160,7 @@ static int restore(const char *const *images, size_t n, const char *output,
         r = out_publish(&o);
     }
     out_free(&o);
-    for (i = 0; i < n; i++) {
-        qbm_impl_close(layers[i]);
-    }
-    free(layers);
+    qbm_backups_close(layers, n);
     free(map);
     return r;
 }
@@ -862,12 +1169,16 @@ QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
                         int format, const char *checkpoint,
                         qbm_progress_fn progress, void *opaque)
 {
+    struct qbm_progress p = { progress, opaque, 0 };
+    bool force_share = format & QBM_RESTORE_FORCE_SHARE;
+
+    format &= ~QBM_RESTORE_FORCE_SHARE;
     if (!images || !output ||
         (format != QBM_OUTPUT_RAW && format != QBM_OUTPUT_QCOW2)) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_public_ret(
-        restore(images, n, output, format, checkpoint, progress, opaque));
+    return qbm_progress_ret(
+        &p, restore(images, n, output, format, force_share, checkpoint, &p));
 }
 
 /* ---- extract
@@ -887,12 +1198,12 @@ static int want_cb(void *opaque, uint64_t off, uint64_t len)
 
 static int extract(const char *image, const char *bitmap, const char *output,
                    unsigned flags, const char *backing,
-                   qbm_progress_fn progress, void *opaque)
+                   struct qbm_progress *progress)
 {
     struct qbm_chain *ch = NULL;
     struct qbm_image **layers = NULL;
     struct qcow2_map_extent *map = NULL;
-    struct out o = { .fd = -1, .progress = progress, .opaque = opaque };
+    struct out o = { .fd = -1, .progress = progress };
     struct intervals want = { 0 };
     size_t nmap = 0, n, i;
     unsigned bits = 16;
@@ -916,15 +1227,29 @@ static int extract(const char *image, const char *bitmap, const char *output,
                                               "the image"),
                               "%s", image);
     }
-    r = qbm_impl_chain_open(image, 0, &ch);
+    r = qbm_impl_chain_open(
+        image, flags & QBM_EXTRACT_FORCE_SHARE ? QBM_OPEN_FORCE_SHARE : 0, &ch);
     if (r < 0) {
         out_free(&o);
         return qbm_err_prefix(r, "%s", image);
     }
     n = ch->n;
     size = ch->layers[0]->hdr.size;
-    layers = qbm_calloc(n, sizeof(*layers));
-    if (!layers) {
+    /* Nor a backing file: a device is written while the chain is read,
+     * and a file renamed over would replace it under the image. */
+    for (i = 1; o.exists && i < n && r == 0; i++) {
+        int fd = qbm_io_fd(ch->layers[i]->io);
+        struct stat st;
+
+        if (fd >= 0 && fstat(fd, &st) == 0 && same_stat(&st, &o.st)) {
+            r = qbm_err(EINVAL,
+                        "the output would overwrite %s, a backing "
+                        "file of the image",
+                        ch->layers[i]->filename);
+        }
+    }
+    layers = r ? NULL : qbm_calloc(n, sizeof(*layers));
+    if (r == 0 && !layers) {
         r = -ENOMEM;
     }
     for (i = 0; r == 0 && i < n; i++) {
@@ -964,6 +1289,7 @@ static int extract(const char *image, const char *bitmap, const char *output,
     }
     if (r == 0) {
         r = qbm_resolve(layers, n, size, &map, &nmap);
+        out_failed = r < 0; /* or rather: its message names the layer */
     }
     if (r == 0) {
         r = out_create(&o);
@@ -993,10 +1319,94 @@ QBM_API int qbm_extract(const char *image, const char *bitmap,
                         const char *output, unsigned flags, const char *backing,
                         qbm_progress_fn progress, void *opaque)
 {
+    struct qbm_progress p = { progress, opaque, 0 };
+
     if (!image || !output || (flags & ~QBM_EXTRACT_MASK) ||
         (!bitmap && !(flags & QBM_EXTRACT_FULL))) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    return qbm_public_ret(
-        extract(image, bitmap, output, flags, backing, progress, opaque));
+    return qbm_progress_ret(&p,
+                            extract(image, bitmap, output, flags, backing, &p));
+}
+
+/*
+ * The next checkpoint, staged in IMAGE opened for writing: `next` added,
+ * enabled, with the granularity of IMAGE's `bitmap`, which stays enabled
+ * (libvirt's model: every checkpoint records) unless DISABLE_OLD. Committed
+ * only when `commit`; otherwise closing drops it, and this only finds
+ * what would refuse it (a name taken or invalid, an image that cannot be
+ * edited).
+ */
+static int rotate(const char *image, const char *bitmap, const char *next,
+                  unsigned flags, bool commit)
+{
+    struct qbm_image *img = NULL;
+    const struct qcow2_bitmap *bm;
+    int r;
+
+    r = qbm_impl_open(image, QBM_OPEN_RDWR, &img);
+    if (r < 0) {
+        return r;
+    }
+    bm = qcow2_bitmap_lookup(img, bitmap);
+    if (!bm) {
+        r = qbm_err(ENOENT, "no bitmap named '%s' in this layer to rotate",
+                    bitmap);
+    } else {
+        r = qbm_impl_bitmap_add(img, next, 1ull << bm->granularity_bits, 0);
+    }
+    if (r == 0 && (flags & QBM_EXTRACT_DISABLE_OLD)) {
+        r = qbm_impl_bitmap_disable(img, bitmap);
+    }
+    if (r == 0 && commit) {
+        r = qbm_impl_commit(img);
+    }
+    qbm_impl_close(img);
+    return r;
+}
+
+static int extract_rotate(const char *image, const char *bitmap,
+                          const char *next, const char *output, unsigned flags,
+                          const char *backing, struct qbm_progress *progress)
+{
+    char msg[1024];
+    int r;
+
+    /* Whatever would refuse the rotation refuses the backup, before it is
+     * written. */
+    r = rotate(image, bitmap, next, flags, false);
+    if (r < 0) {
+        return qbm_err_prefix(r, "%s: cannot start checkpoint '%s'", image,
+                              next);
+    }
+    r = extract(image, bitmap, output, flags & QBM_EXTRACT_MASK, backing,
+                progress);
+    if (r < 0) {
+        return r;
+    }
+    /* OUTPUT is durable: only now may the next checkpoint start. */
+    r = rotate(image, bitmap, next, flags, true);
+    if (r < 0) {
+        snprintf(msg, sizeof(msg), "%s", qbm_err_message());
+        return qbm_err(-r,
+                       "%s: the backup was written, but starting checkpoint "
+                       "'%s' failed: %s",
+                       image, next, msg);
+    }
+    return 0;
+}
+
+QBM_API int qbm_extract_rotate(const char *image, const char *bitmap,
+                               const char *next, const char *output,
+                               unsigned flags, const char *backing,
+                               qbm_progress_fn progress, void *opaque)
+{
+    struct qbm_progress p = { progress, opaque, 0 };
+
+    if (!image || !bitmap || !next || !output ||
+        (flags & ~QBM_EXTRACT_ROTATE_MASK)) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    return qbm_progress_ret(
+        &p, extract_rotate(image, bitmap, next, output, flags, backing, &p));
 }

@@ -3,11 +3,14 @@
  * Carrying bitmaps over an external snapshot taken without bitmap
  * handling (qemu-img create -b BASE TOP, or a snapshot by a tool that
  * does not know about bitmaps): BASE's checkpoints stop at the snapshot,
- * and writes to TOP are recorded nowhere. Each enabled bitmap of BASE is
- * continued in TOP, marked with every cluster TOP already holds (a
- * superset of the writes since the snapshot), so that the checkpoint
- * spans the chain and QEMU keeps recording in TOP; BASE's copies can then
- * be disabled, recording that the checkpoints moved up.
+ * and writes to TOP are recorded nowhere. As libvirt's external snapshots
+ * do (qemuSnapshotDiskBitmapsPropagate), each enabled, consistent bitmap of
+ * BASE is continued in TOP and BASE's copy is left recording; TOP's copy
+ * is marked with every cluster TOP already holds (a superset of the writes
+ * since the snapshot), so that the checkpoint spans the chain and QEMU
+ * keeps recording in TOP. On request BASE's copies are then disabled, the
+ * older model of a tool that reads the union itself (libvirt rejects a
+ * chain with a disabled copy).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,7 +94,8 @@ static int check_backing(struct snap *s)
     return same ? 0 : -EINVAL;
 }
 
-/* Stage in TOP every enabled bitmap of BASE, marked with TOP's clusters. */
+/* Stage in TOP every enabled, consistent bitmap of BASE, marked with TOP's
+ * clusters. */
 static int continue_in_top(struct snap *s)
 {
     uint32_t i;
@@ -103,6 +107,8 @@ static int continue_in_top(struct snap *s)
     }
     for (i = 0; i < s->base->nb_bitmaps; i++) {
         const struct qcow2_bitmap *bm = &s->base->bitmaps[i];
+        const struct qcow2_bitmap *own;
+        const char *in_use;
         bool added = false;
 
         if (!(bm->flags & BME_FLAG_AUTO)) {
@@ -112,14 +118,24 @@ static int continue_in_top(struct snap *s)
             }
             continue;
         }
+        /* In use, here or in TOP's copy: its bits are not known, so it
+         * is skipped (as libvirt does) and the rest carried. */
+        own = qcow2_bitmap_lookup(s->top, bm->name);
+        in_use = NULL;
         if (!qbm_impl_bitmap_consistent(s->base, i)) {
-            return qbm_err(EBUSY,
-                           "%s: bitmap '%s' is in use; repair it "
-                           "first with 'qbm check --repair'",
-                           s->base_name, bm->name);
+            in_use = s->base_name;
+        } else if (own && (own->flags & BME_FLAG_IN_USE)) {
+            in_use = s->top_name;
+        }
+        if (in_use) {
+            r = report(s, QBM_CARRY_SNAPSHOT_IN_USE, bm->name, in_use);
+            if (r) {
+                return r;
+            }
+            continue;
         }
         r = 0;
-        if (!qcow2_bitmap_lookup(s->top, bm->name)) {
+        if (!own) {
             r = qbm_impl_bitmap_add(s->top, bm->name,
                                     1ull << bm->granularity_bits, 0);
             added = true;

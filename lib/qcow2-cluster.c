@@ -212,6 +212,11 @@ static int check_extl2_entry(struct qbm_image *img, uint64_t l2_off,
     uint64_t off = e & L2E_OFFSET_MASK;
 
     if (e & L2E_COMPRESSED) {
+        if (img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE) {
+            return l2_error(img, l2_off, idx,
+                            "compressed cluster with an "
+                            "external data file");
+        }
         return sc_bitmap ? l2_error(img, l2_off, idx,
                                     "compressed cluster "
                                     "with a subcluster bitmap")
@@ -298,67 +303,263 @@ int qcow2_read_l2(struct qbm_image *img, uint64_t l2_off)
     return 0;
 }
 
+/* The entries of the L2 table in the cache for guest offsets base..size
+ * (at most one table's span) into `run`. */
+static int walk_l2_table(struct qbm_image *img, uint64_t l2_off, uint64_t base,
+                         uint64_t size, struct run *run)
+{
+    uint64_t j;
+    int r;
+
+    for (j = 0; j < img->l2_entries; j++) {
+        uint64_t guest = base + j * img->cluster_size;
+        uint64_t limit, e;
+        const uint8_t *p;
+
+        if (guest >= size) {
+            break;
+        }
+        limit =
+            size - guest < img->cluster_size ? size : guest + img->cluster_size;
+        p = img->l2_cache + j * img->l2_entry_size;
+        e = be64_load(p);
+        if (img->extl2) {
+            r = walk_extl2_entry(img, l2_off, j, e, be64_load(p + 8), guest,
+                                 limit, run);
+        } else {
+            unsigned status = 0;
+
+            r = classify_std(img, l2_off, j, e, &status);
+            if (r == 0) {
+                r = run_add(run, guest, limit - guest, status);
+            }
+        }
+        if (r) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+/* A run of an L2 table, relative to the start of the table's span. */
+struct l2_run {
+    uint64_t off, len;
+    unsigned status;
+};
+
+/* An L2 table that several L1 entries point to, in an array sorted by
+ * offset: how many of them are still to be walked and, while some are,
+ * its runs (summarised at the first, a whole span as it is not the last
+ * L1 entry, and replayed for the others). */
+struct l2_shared {
+    uint64_t off;
+    struct l2_run *runs;
+    uint32_t left, n, cap;
+    bool summarised;
+};
+
+static int u64_cmp(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+/* A run_fn recording into an l2_shared (the table's span at offset 0). */
+static int l2_record(void *opaque, uint64_t off, uint64_t len, unsigned status)
+{
+    struct l2_shared *t = opaque;
+
+    if (t->n == t->cap) {
+        uint32_t cap = t->cap ? t->cap * 2 : 16;
+        struct l2_run *v = qbm_realloc(t->runs, cap * sizeof(*v));
+
+        if (!v) {
+            return -ENOMEM;
+        }
+        t->runs = v;
+        t->cap = cap;
+    }
+    t->runs[t->n++] = (struct l2_run){ off, len, status };
+    return 0;
+}
+
+/* The runs of `t` shifted to base, up to size, into `run`. */
+static int l2_replay(const struct l2_shared *t, uint64_t base, uint64_t size,
+                     struct run *run)
+{
+    size_t k;
+    int r;
+
+    for (k = 0; k < t->n && base + t->runs[k].off < size; k++) {
+        uint64_t off = base + t->runs[k].off;
+        uint64_t len = t->runs[k].len;
+
+        r = run_add(run, off, size - off < len ? size - off : len,
+                    t->runs[k].status);
+        if (r) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+/*
+ * The L2 table in the cache, whose span at base lies inside the disk,
+ * summarised into t and replayed into `run`. On an error in the table
+ * the runs before it are replayed first, as a walk entry by entry would
+ * have reported them.
+ */
+static int l2_summarise(struct qbm_image *img, struct l2_shared *t,
+                        uint64_t base, struct run *run)
+{
+    struct run rec = { .fn = l2_record, .opaque = t };
+    int r, r2;
+
+    r = walk_l2_table(img, t->off, 0, l2_span(img), &rec);
+    if (r == 0) {
+        r = run_flush(&rec);
+        t->summarised = r == 0;
+    }
+    if (r == -ENOMEM) {
+        return r;
+    }
+    r2 = l2_replay(t, base, base + l2_span(img), run);
+    if (r2 == 0 && r) {
+        r2 = run_add(run, base + rec.off, rec.len, rec.status);
+    }
+    return r2 ? r2 : r;
+}
+
+/*
+ * The L2 tables that several L1 entries inside the disk point to, sorted
+ * by offset with their number of entries: in *ret (free with
+ * l2_shared_free), *ret_n of them (at most half the L1 entries).
+ */
+static int l2_shared_count(struct qbm_image *img, uint64_t nl1,
+                           struct l2_shared **ret, size_t *ret_n)
+{
+    struct l2_shared *v = NULL;
+    size_t n = 0, m = 0, i, j;
+    uint64_t *offs;
+
+    *ret = NULL;
+    *ret_n = 0;
+    if (nl1 < 2) {
+        return 0;
+    }
+    offs = qbm_malloc(nl1 * sizeof(*offs));
+    if (!offs) {
+        return -ENOMEM;
+    }
+    for (i = 0; i < nl1; i++) {
+        if (img->l1[i] & L1E_OFFSET_MASK) {
+            offs[n++] = img->l1[i] & L1E_OFFSET_MASK;
+        }
+    }
+    qsort(offs, n, sizeof(*offs), u64_cmp);
+    for (i = 0; i < n; i = j) {
+        for (j = i + 1; j < n && offs[j] == offs[i]; j++) {
+        }
+        if (j - i > 1) {
+            if (!v) {
+                v = qbm_calloc(n / 2, sizeof(*v));
+                if (!v) {
+                    free(offs);
+                    return -ENOMEM;
+                }
+            }
+            v[m].off = offs[i];
+            v[m++].left = j - i;
+        }
+    }
+    free(offs);
+    *ret = v;
+    *ret_n = m;
+    return 0;
+}
+
+static void l2_shared_free(struct l2_shared *v, size_t n)
+{
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        free(v[i].runs);
+    }
+    free(v);
+}
+
+/*
+ * Each L2 table is read and decoded once: a table that several L1 entries
+ * point to is summarised into its runs at the first of them and the runs
+ * are replayed, shifted, for the others (then freed after the last), so
+ * that thousands of L1 entries pointing to one table cost its runs
+ * thousands of times (what the callback is told), not its entries. The
+ * summaries in memory are bounded by the L2 tables read: a run per entry,
+ * or per subcluster with extended L2 entries.
+ */
 int qcow2_allocation_walk(struct qbm_image *img, qbm_alloc_fn fn, void *opaque)
 {
     uint64_t size = img->hdr.size;
     uint64_t nl1 = div_round_up(size, l2_span(img));
     struct run run = { .fn = fn, .opaque = opaque };
-    uint64_t i, j;
+    struct l2_shared *shared = NULL;
+    size_t nshared = 0;
+    uint64_t i;
     int r;
 
     r = qcow2_l1_ensure(img);
     if (r) {
         return r;
     }
-    for (i = 0; i < nl1; i++) {
-        uint64_t l1e = img->l1[i];
-        uint64_t l2_off = l1e & L1E_OFFSET_MASK;
+    r = l2_shared_count(img, nl1, &shared, &nshared);
+    if (r) {
+        return r;
+    }
+    for (i = 0; i < nl1 && r == 0; i++) {
+        uint64_t l2_off = img->l1[i] & L1E_OFFSET_MASK;
         uint64_t base = i * l2_span(img);
+        struct l2_shared *t = NULL;
 
         if (l2_off == 0) {
             continue;
         }
         if (!is_aligned(l2_off, img->cluster_size)) {
-            return qbm_err(EINVAL,
-                           "L1 table at 0x%llx, entry %llu: L2 "
-                           "offset 0x%llx not cluster aligned",
-                           (unsigned long long)img->hdr.l1_table_offset,
-                           (unsigned long long)i, (unsigned long long)l2_off);
+            r = qbm_err(EINVAL,
+                        "L1 table at 0x%llx, entry %llu: L2 "
+                        "offset 0x%llx not cluster aligned",
+                        (unsigned long long)img->hdr.l1_table_offset,
+                        (unsigned long long)i, (unsigned long long)l2_off);
+            break;
         }
-        r = qcow2_read_l2(img, l2_off);
-        if (r < 0) {
-            return r;
+        if (shared) {
+            /* The key compares as the first member, off. */
+            t = bsearch(&l2_off, shared, nshared, sizeof(*shared), u64_cmp);
+            if (t) {
+                t->left--;
+            }
         }
-        for (j = 0; j < img->l2_entries; j++) {
-            uint64_t guest = base + j * img->cluster_size;
-            uint64_t limit, e;
-            const uint8_t *p;
-
-            if (guest >= size) {
+        if (t && t->summarised) {
+            r = l2_replay(t, base, size, &run);
+        } else {
+            r = qcow2_read_l2(img, l2_off);
+            if (r < 0) {
                 break;
             }
-            limit = size - guest < img->cluster_size
-                        ? size
-                        : guest + img->cluster_size;
-            p = img->l2_cache + j * img->l2_entry_size;
-            e = be64_load(p);
-            if (img->extl2) {
-                r = walk_extl2_entry(img, l2_off, j, e, be64_load(p + 8), guest,
-                                     limit, &run);
+            if (t && t->left && size - base >= l2_span(img)) {
+                r = l2_summarise(img, t, base, &run);
             } else {
-                unsigned status = 0;
-
-                r = classify_std(img, l2_off, j, e, &status);
-                if (r == 0) {
-                    r = run_add(&run, guest, limit - guest, status);
-                }
-            }
-            if (r) {
-                return r;
+                r = walk_l2_table(img, l2_off, base, size, &run);
             }
         }
+        if (t && t->left == 0) {
+            free(t->runs);
+            t->runs = NULL;
+            t->n = t->cap = 0;
+        }
     }
-    return run_flush(&run);
+    l2_shared_free(shared, nshared);
+    return r ? r : run_flush(&run);
 }
 
 /* ---- host map ----------------------------------------------------------- */
@@ -412,6 +613,7 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
 {
     uint64_t size = img->hdr.size;
     uint64_t sc = img->extl2 ? img->cluster_size / 32 : img->cluster_size;
+    bool data_file = img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE;
     struct map_run m = { .fn = fn, .opaque = opaque };
     uint64_t nl1, i, j;
     int r;
@@ -421,9 +623,9 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
 
         return size ? fn(opaque, &all) : 0;
     }
-    if (img->hdr.incompatible_features & QBM_INCOMPAT_DATA_FILE) {
-        return qbm_err(EOPNOTSUPP, "images with an external data file are "
-                                   "not supported here");
+    if (data_file && !img->data_io) {
+        return qbm_err(EINVAL, "internal: the external data file is not "
+                               "open");
     }
     if (img->hdr.crypt_method) {
         return qbm_err(EOPNOTSUPP, "encrypted images are not supported "
@@ -462,7 +664,13 @@ int qcow2_map_walk(struct qbm_image *img, qcow2_map_fn fn, void *opaque)
             }
             limit = size - guest < img->cluster_size ? size - guest
                                                      : img->cluster_size;
-            if (e & L2E_COMPRESSED) {
+            if ((e & L2E_COMPRESSED) && data_file) {
+                /* QEMU cannot write them there, and refuses to read them
+                 * (qcow2 spec, "Header": external data file bit). */
+                r = l2_error(img, l2_off, j,
+                             "compressed cluster with an external data "
+                             "file");
+            } else if (e & L2E_COMPRESSED) {
                 r = map_add(&m, guest, limit, QCOW2_MAP_COMPRESSED, e);
                 r = r ? r : map_flush(&m); /* one cluster per extent */
             } else if (!img->extl2) {

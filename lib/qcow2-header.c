@@ -153,6 +153,18 @@ static int decode_string_ext(char **dst, const uint8_t *d, uint32_t elen)
     return *dst ? 0 : -ENOMEM;
 }
 
+/* An extension of a fixed size with another length is refused, as QEMU
+ * refuses it. */
+static int expect_ext_length(const char *what, uint64_t off, uint32_t elen,
+                             uint32_t want)
+{
+    if (elen != want) {
+        return qbm_err(EINVAL, "%s at 0x%llx: length %u, expected %u", what,
+                       (unsigned long long)off, elen, want);
+    }
+    return 0;
+}
+
 static int decode_extensions(const uint8_t *b, struct qcow2_header *h)
 {
     uint64_t off = h->header_length;
@@ -210,22 +222,10 @@ static int decode_extensions(const uint8_t *b, struct qcow2_header *h)
             r = decode_string_ext(&h->data_file, d, elen);
             break;
         case QCOW2_EXT_BITMAPS:
-            if (elen != 24) {
-                return qbm_err(EINVAL,
-                               "bitmaps extension at 0x%llx: "
-                               "length %u, expected 24",
-                               (unsigned long long)off, elen);
-            }
-            r = 0;
+            r = expect_ext_length("bitmaps extension", off, elen, 24);
             break;
         case QCOW2_EXT_CRYPTO:
-            if (elen != 16) {
-                return qbm_err(EINVAL,
-                               "encryption header pointer at 0x%llx: "
-                               "length %u, expected 16",
-                               (unsigned long long)off, elen);
-            }
-            r = 0;
+            r = expect_ext_length("encryption header pointer", off, elen, 16);
             break;
         default:
             r = 0; /* unknown: kept as bytes */

@@ -8,8 +8,12 @@
  *
  * Data clusters are stored in guest order, so consecutive guest clusters
  * are consecutive in the file (and copies can be done in large runs). The
- * file is a new temporary one: crash safety comes from the rename that
- * publishes it, so the order of writes inside does not matter.
+ * file is a new temporary one (crash safety comes from the rename that
+ * publishes it, so the order of writes inside does not matter) or a block
+ * device written in place: every metadata cluster below the end is written
+ * whole, so what the device held before is never read as a table (the
+ * caller zero-fills the parts of data clusters it has no data for), and
+ * the header goes last, after a flush (qcow2_writer_set_ordered()).
  */
 #include <stdlib.h>
 
@@ -28,6 +32,7 @@ struct qcow2_writer {
     uint64_t rt_off, rt_clusters, rb_off, rb_clusters;
     uint64_t l1_off, l2_off, data_off, total;
     char *backing, *backing_fmt;
+    bool ordered; /* flush before the header */
 };
 
 void qcow2_writer_free(struct qcow2_writer *w)
@@ -124,6 +129,16 @@ int qcow2_writer_plan(struct qbm_io *io, uint64_t size, unsigned cluster_bits,
     }
     *ret = w;
     return 0;
+}
+
+void qcow2_writer_set_ordered(struct qcow2_writer *w)
+{
+    w->ordered = true;
+}
+
+uint64_t qcow2_writer_end(const struct qcow2_writer *w)
+{
+    return w->total * w->cs;
 }
 
 uint64_t qcow2_writer_run_host(const struct qcow2_writer *w, size_t run)
@@ -240,6 +255,9 @@ int qcow2_writer_finish(struct qcow2_writer *w)
             r = qbm_io_pwrite(w->io, rt, w->rt_clusters * w->cs, w->rt_off);
             free(rt);
         }
+    }
+    if (r == 0 && w->ordered) {
+        r = qbm_io_flush(w->io);
     }
     if (r == 0) {
         r = write_header(w);

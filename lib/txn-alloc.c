@@ -144,11 +144,10 @@ static int get_block(struct qbm_alloc *a, uint64_t rt, struct rc_block **ret)
     return 0;
 }
 
-/* Create the missing block for index rt in the first cluster of the range
- * it covers, where it describes itself. */
-static int new_block_at(struct qbm_alloc *a, uint64_t rt, uint64_t cluster)
+/* A cluster whose refcount is 0 must hold no known metadata: one that
+ * does is never handed out (design.md, "Crash-safe transactions", 1). */
+static int check_free(const struct qbm_alloc *a, uint64_t cluster)
 {
-    struct rc_block *b;
     const char *what = qcow2_meta_index_find(a->meta, cluster);
 
     if (what) {
@@ -157,6 +156,19 @@ static int new_block_at(struct qbm_alloc *a, uint64_t rt, uint64_t cluster)
                        "holds the %s: the image is corrupt (try qemu-img "
                        "check -r all)",
                        (unsigned long long)(cluster * a->cs), what);
+    }
+    return 0;
+}
+
+/* Create the missing block for index rt in the first cluster of the range
+ * it covers, where it describes itself. */
+static int new_block_at(struct qbm_alloc *a, uint64_t rt, uint64_t cluster)
+{
+    struct rc_block *b;
+    int r = check_free(a, cluster);
+
+    if (r < 0) {
+        return r;
     }
     b = qbm_calloc(1, sizeof(*b));
     if (!b) {
@@ -370,7 +382,6 @@ int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset)
     }
     while (run < n) {
         uint64_t rt = c / a->per_block, rc;
-        const char *what;
 
         if (rt >= a->rt_entries) {
             r = grow_reftable(a, rt + (n - run) / a->per_block + 2);
@@ -396,13 +407,9 @@ int qbm_alloc_clusters(struct qbm_alloc *a, uint64_t n, uint64_t *ret_offset)
             return r;
         }
         if (rc == 0) {
-            what = qcow2_meta_index_find(a->meta, c);
-            if (what) {
-                return qbm_err(EUCLEAN,
-                               "refcount of cluster 0x%llx is 0 but "
-                               "it holds the %s: the image is corrupt (try "
-                               "qemu-img check -r all)",
-                               (unsigned long long)(c * a->cs), what);
+            r = check_free(a, c);
+            if (r < 0) {
+                return r;
             }
             if (run == 0) {
                 start = c;

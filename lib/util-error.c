@@ -12,7 +12,9 @@
 
 static __thread char last_msg[1024];
 static __thread int last_errno;
+#ifndef QBM_NO_TEST_HOOKS
 static unsigned long alloc_fail_countdown;
+#endif
 
 int qbm_err_set(int errnum, const char *fmt, ...)
 {
@@ -48,6 +50,18 @@ int qbm_err_prefix(int ret, const char *fmt, ...)
     return ret;
 }
 
+int qbm_public_ret_cb(int r, int user_ret)
+{
+    if (r < 0) {
+        return -1;
+    }
+    if (user_ret) {
+        qbm_err(ECANCELED, "stopped by the callback");
+        return user_ret;
+    }
+    return 0;
+}
+
 const char *qbm_err_message(void)
 {
     return last_msg;
@@ -68,11 +82,30 @@ QBM_API int qbm_get_errno(void)
     return last_errno;
 }
 
+int qbm_progress_report(struct qbm_progress *p, uint64_t done, uint64_t total)
+{
+    if (!p || !p->fn) {
+        return 0;
+    }
+    p->user_ret = p->fn(p->opaque, done, total);
+    if (p->user_ret) {
+        return qbm_err(ECANCELED, "stopped by the progress callback");
+    }
+    return 0;
+}
+
 QBM_API const char *qbm_version(void)
 {
     return QBM_VERSION;
 }
 
+#ifdef QBM_NO_TEST_HOOKS
+/* The installed libraries: no allocation ever fails on purpose. */
+static bool alloc_should_fail(void)
+{
+    return false;
+}
+#else
 void qbm_alloc_fail_after(unsigned long n)
 {
     alloc_fail_countdown = n;
@@ -89,6 +122,7 @@ static bool alloc_should_fail(void)
     }
     return false;
 }
+#endif
 
 bool qbm_alloc_hook_fails(size_t n)
 {

@@ -30,7 +30,7 @@ run "$QBM" info --chain top.qcow2
 run "$QBM" check --chain top.qcow2 || true
 
 say "Repair: continue ck1 in the new layer, marking what it already holds"
-run "$QBM" snapshot-bitmaps --disable-base base.qcow2 top.qcow2
+run "$QBM" snapshot-bitmaps base.qcow2 top.qcow2
 run "$QBM" check --chain top.qcow2
 run "$QBM" dump --chain top.qcow2 ck1
 

@@ -20,7 +20,8 @@ top=$(pwd)
 
 packages=(meson ninja-build pkg-config gcc clang libclang-rt-14-dev
           zlib1g-dev libzstd-dev libxml2-dev libcmocka-dev clang-format
-          qemu-utils libnbd-bin python3 time valgrind)
+          qemu-utils libnbd-bin python3 python3-dev python3-pytest time
+          valgrind)
 
 install_missing() {
     local missing=() p

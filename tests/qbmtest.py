@@ -11,15 +11,22 @@
   own options), the seed (printed; QBM_TEST_SEED or --seed replays it),
   pass/fail counting, each case in its own temporary directory, and how to
   rerun a failed case alone;
+- guest activity: RandomWriter (random data, compressed, zero writes,
+  discards and identical rewrites through qemu-io, within QEMU 7.2's
+  limits), holding() (an image held open by qemu-io or qemu-nbd, as by a
+  running VM), qemu_io_holding() (a QEMU writer holding an image open,
+  ready once it answers a read);
 - the QEMU oracles: dirty_map() (qemu-nbd -r -B NAME + nbdinfo
   --map=qemu:dirty-bitmap:NAME), qemu_img_check(), qemu_img_info(),
-  qemu_bitmaps(), qemu_img_compare();
+  qemu_bitmaps(), qemu_img_compare(), qemu_map() and qemu_allocated()
+  (qemu-img map);
 - Qcow2: the layout of an image read straight from its bytes (header
   fields by name, extensions, refcount table, L1, bitmaps extension,
   directory and tables), for tests that patch or inspect the file;
-- block devices: loop_device() (a loop device over a file of the test's
-  temporary directory, used only through a private device node made there,
-  detached whatever happens) and require_loop() (skip rule);
+- block devices: LoopDevice (a loop device over a file of garbage in a
+  test's directory, reached only through a private node made there with
+  mknod, always detached; it can be resized), require_loop() (the skip
+  rules), file_hash() (a file's or a device's bytes, hashed) and
   qemu_image_end() (what `qemu-img check` reports as "Image end offset").
 
 Suites import it from the tests/ directory (bench/ puts it on sys.path).
@@ -27,9 +34,11 @@ Suites import it from the tests/ directory (bench/ puts it on sys.path).
 import argparse
 import contextlib
 import hashlib
+import fcntl
 import json
 import os
 import random
+import select
 import shlex
 import shutil
 import signal
@@ -38,6 +47,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 KiB = 1 << 10
@@ -70,6 +80,9 @@ def run(cmd, ok=(0,), timeout=None, quiet=False, **kw):
     cmd = [str(c) for c in cmd]
     out = subprocess.DEVNULL if quiet else subprocess.PIPE
     try:
+        # Bytes that are not UTF-8 (names) come back as os.fsdecode()
+        # gives them, instead of failing the decoding.
+        kw.setdefault("errors", "surrogateescape")
         p = subprocess.run(cmd, stdout=out, stderr=None if quiet else
                            subprocess.PIPE, text=True, timeout=timeout, **kw)
     except subprocess.TimeoutExpired:
@@ -108,16 +121,18 @@ class Qbm:
         return [(e["offset"], e["length"]) for e in d["extents"]]
 
 
-def qemu_img(*args, ok=(0,), timeout=None):
-    return run(["qemu-img"] + list(args), ok=ok, timeout=timeout)
+def qemu_img(*args, ok=(0,), timeout=None, cwd=None):
+    """qemu-img ARGS; cwd: the directory to run it in (QEMU opens a
+    relative external data file name from there)."""
+    return run(["qemu-img"] + list(args), ok=ok, timeout=timeout, cwd=cwd)
 
 
-def qemu_io(img, *cmds, fmt="qcow2", ok=(0,)):
+def qemu_io(img, *cmds, fmt="qcow2", ok=(0,), cwd=None):
     """qemu-io -f FMT -c CMD ... IMG."""
     args = ["qemu-io", "-f", fmt]
     for c in cmds:
         args += ["-c", c]
-    return run(args + [img], ok=ok)
+    return run(args + [img], ok=ok, cwd=cwd)
 
 
 def qemu_img_create(path, size, opts=None, backing=None, backing_fmt="qcow2",
@@ -132,6 +147,132 @@ def qemu_img_create(path, size, opts=None, backing=None, backing_fmt="qcow2",
         cmd += ["-b", backing, "-F", backing_fmt]
     qemu_img(*(cmd + [path, str(size)]))
     return path
+
+
+class RandomWriter:
+    """Random guest writes to a qcow2 image through qemu-io, of the kinds a
+    VM makes: data, compressed data, zero writes, discards, and rewrites
+    of the bytes already there. cluster: the image's cluster size;
+    compress: whether compressed writes are possible (not with extended
+    L2). QEMU compresses only into clusters never written, so those are
+    remembered; and QEMU 7.2 packs compressed data into the host cluster a
+    discard freed (and reused for metadata) in the same process, so a
+    compressed write after a discard starts a new qemu-io."""
+
+    def __init__(self, path, size, cluster, rng, compress=True):
+        self.path, self.size, self.cluster = path, size, cluster
+        self.rng, self.compress = rng, compress
+        self.touched = set()
+
+    def _touch(self, off, length):
+        c = self.cluster
+        self.touched.update(range(off // c, -(-(off + length) // c)))
+
+    def _range(self):
+        rng = self.rng
+        length = rng.choice([512, 4096, 65536, 300000, 2 * MiB])
+        off = rng.randrange(0, max(1, self.size - length)) // 512 * 512
+        return off, min(-(-length // 512) * 512, self.size - off)
+
+    def step(self, n, rewrite_dir=None):
+        """n random writes. With rewrite_dir (a directory for a scratch
+        file), some are rewrites of the bytes the disk holds."""
+        rng, cmds, discarded = self.rng, [], False
+        for _ in range(n):
+            off, length = self._range()
+            kind = rng.random()
+            if rewrite_dir and kind < 0.2:
+                if cmds:
+                    qemu_io(self.path, *cmds)
+                    cmds = []
+                raw = os.path.join(rewrite_dir, "rewrite.raw")
+                # qemu-img dd counts the skipped blocks in count.
+                qemu_img("dd", "-f", "qcow2", "-O", "raw", "bs=512",
+                         "skip=%d" % (off // 512),
+                         "count=%d" % ((off + length) // 512),
+                         "if=" + self.path, "of=" + raw)
+                cmds.append("write -s %s %d %d" % (raw, off, length))
+                qemu_io(self.path, *cmds)
+                cmds = []
+                os.unlink(raw)
+            elif kind < 0.5:
+                cmds.append("write -P %d %d %d" %
+                            (rng.randrange(1, 255), off, length))
+            elif kind < 0.65:
+                o = off // self.cluster * self.cluster
+                if (o + self.cluster <= self.size and self.compress and
+                        o // self.cluster not in self.touched):
+                    if discarded:
+                        qemu_io(self.path, *cmds)
+                        cmds, discarded = [], False
+                    cmds.append("write -c -P %d %d %d" %
+                                (rng.randrange(1, 255), o, self.cluster))
+                    self._touch(o, self.cluster)
+                continue
+            elif kind < 0.85:
+                cmds.append("write -z %d %d" % (off, length))
+            else:
+                cmds.append("discard %d %d" % (off, length))
+                discarded = True
+            self._touch(off, length)
+        if cmds:
+            qemu_io(self.path, *cmds)
+
+
+def overlay_on_disk(tmp, disk, ov, size, opts=""):
+    """A metadata-only overlay (data_file_raw=on) whose data file is the
+    existing raw disk: qemu-img create would empty the disk it names, so
+    the overlay is made on a scratch file and pointed at the disk with
+    qemu-img amend (its metadata, preallocated by data_file_raw, maps every
+    cluster to the same offset of the disk)."""
+    scratch = os.path.join(tmp, "scratch.raw")
+    qemu_img_create(ov, size, opts="data_file=%s,data_file_raw=on%s" %
+                    (scratch, opts))
+    qemu_img("amend", "-o", "data_file=" + disk, ov)
+    os.unlink(scratch)
+
+
+def write_locked(path):
+    """Whether a process holds QEMU's lock for the write permission on
+    path (byte 101, docs/design.md "Locking"), tested without taking any
+    lock: opening the image to find out could make the holder's own open
+    fail."""
+    with open(path, "rb") as f:
+        # struct flock: l_type, l_whence, l_start, l_len, l_pid.
+        req = struct.pack("hh4xqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 101, 1,
+                          0)
+        got = fcntl.fcntl(f.fileno(), fcntl.F_GETLK, req)
+    return struct.unpack("hh4xqqi4x", got)[0] != fcntl.F_UNLCK
+
+
+@contextlib.contextmanager
+def holding(img, tool):
+    """The image held open for writing by a running QEMU tool ("qemu-io",
+    or "qemu-nbd" without -r), as a running VM holds its disk: waits until
+    QEMU has taken its locks, and stops the tool afterwards."""
+    if tool == "qemu-io":
+        cmd = ["qemu-io", "-f", "qcow2", img]
+    else:
+        cmd = ["qemu-nbd", "-t", "-k", img + ".sock", "-f", "qcow2", img]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if write_locked(img):
+                break
+            time.sleep(0.05)
+            if p.poll() is not None:
+                raise Fail("%s %s: exit %d: %s" % (tool, img, p.returncode,
+                                                   p.stderr.read()))
+        else:
+            raise Fail("%s never locked %s" % (tool, img))
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(img + ".sock")
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +313,28 @@ def dirty_map(img, name, fmt="qcow2"):
     return out
 
 
+def qemu_map(img, cwd=None):
+    """qemu-img map --output=json IMG, parsed: QEMU's view of where each
+    guest range comes from (depth 0: the image's own layer)."""
+    return json.loads(qemu_img("map", "--output=json", img, cwd=cwd).stdout)
+
+
+def qemu_allocated(img, granularity=1, size=None):
+    """The guest ranges IMG's own layer provides (data or zero flags:
+    "present" at depth 0 in qemu-img map), rounded outwards to
+    granularity and clipped to size: what populate must mark."""
+    out = []
+    for e in qemu_map(img):
+        if e["depth"] != 0 or not e["present"]:
+            continue
+        start = e["start"] // granularity * granularity
+        end = -(-(e["start"] + e["length"]) // granularity) * granularity
+        if size is not None:
+            end = min(end, size)
+        out.append((start, end - start))
+    return merge_extents(out)
+
+
 def qemu_img_info(img, *opts):
     """qemu-img info --output=json [OPTS] IMG, parsed (a list with
     --backing-chain)."""
@@ -185,6 +348,37 @@ def qemu_bitmaps(img, force_share=False):
     info = qemu_img_info(img, *(["-U"] if force_share else []))
     bms = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
     return {b["name"]: (b["granularity"], sorted(b["flags"])) for b in bms}
+
+
+@contextlib.contextmanager
+def qemu_io_holding(img, fmt="qcow2", timeout=60):
+    """A qemu-io that holds IMG open for writing (QEMU's writer locks, its
+    bitmaps marked in use) until the block ends. It has opened the image
+    once it answers a read (polling with another QEMU tool instead would
+    race with its opening: a reader's locks make it fail)."""
+    err = tempfile.TemporaryFile()
+    p = subprocess.Popen(["qemu-io", "-f", fmt, img], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=err)
+    try:
+        p.stdin.write(b"read 0 512\n")
+        p.stdin.flush()
+        deadline = time.monotonic() + timeout
+        out = b""
+        while b"read 512/512 bytes" not in out:
+            left = deadline - time.monotonic()
+            ready = select.select([p.stdout], [], [], max(left, 0))[0]
+            chunk = os.read(p.stdout.fileno(), 4096) if ready else b""
+            if not chunk:
+                err.seek(0)
+                raise Fail("qemu-io did not open %s (%s): %s" % (
+                    img, "exit %d" % p.wait() if ready else "timeout",
+                    err.read().decode(errors="replace").strip()))
+            out += chunk
+        yield p
+    finally:
+        if p.poll() is None:
+            p.communicate(b"quit\n", timeout=timeout)
+        err.close()
 
 
 def qemu_img_check(img, *opts, ok=(0,)):
@@ -244,6 +438,7 @@ EXT_END = 0
 EXT_BACKING_FORMAT = 0xe2792aca
 EXT_FEATURE_TABLE = 0x6803f857
 EXT_BITMAPS = 0x23852875
+EXT_DATA_FILE = 0x44415441
 
 # Bitmaps extension data: name -> (offset in the extension data, format).
 BITMAPS_EXT = {
@@ -291,7 +486,9 @@ class BitmapEntry:
         for field, (o, fmt) in DIR_ENTRY.items():
             setattr(self, field, struct.unpack_from(fmt, buf, pos + o)[0])
         start = pos + DIR_ENTRY_FIXED + self.extra_data_size
-        self.name = bytes(buf[start:start + self.name_size]).decode()
+        # A name that is not UTF-8 comes back as os.fsdecode() gives it.
+        self.name = bytes(buf[start:start + self.name_size]).decode(
+            "utf-8", "surrogateescape")
         self.offset = offset
         self.size = align8(DIR_ENTRY_FIXED + self.extra_data_size +
                            self.name_size)
@@ -389,9 +586,28 @@ class Qcow2:
                            entry.bitmap_table_size)
 
 
+def set_in_use(path, name):
+    """Set the in_use flag of bitmap NAME in the file, as a QEMU that died
+    with the image open leaves it."""
+    entry = Qcow2(path).bitmap(name)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + DIR_ENTRY["flags"][0])
+        f.write(struct.pack(DIR_ENTRY["flags"][1], entry.flags | 1))
+
+
 def patch(buf, offset, fmt, value):
     """Write value at offset of a bytearray with a struct format."""
     struct.pack_into(fmt, buf, offset, value)
+
+
+def set_bitmap_in_use(path, name):
+    """Set the in_use flag of bitmap NAME in the image's directory, as a
+    QEMU that dies with the image open leaves it (without touching the
+    other bitmaps, as a crash would)."""
+    entry = Qcow2(path).bitmap(name)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + DIR_ENTRY["flags"][0])
+        f.write(struct.pack(">I", entry.flags | 1))
 
 
 # ---------------------------------------------------------------------------
@@ -418,42 +634,103 @@ def require(tools, files=()):
         sys.exit(SKIP)
 
 
-def loop_available():
-    """Whether this process can attach loop devices and make device nodes:
-    root, losetup and mknod present, and /dev/loop-control there."""
-    return (os.geteuid() == 0 and shutil.which("losetup") is not None and
-            os.path.exists("/dev/loop-control"))
+# ---------------------------------------------------------------------------
+# Block devices
+
+class LoopDevice:
+    """A loop device over `size` bytes (a multiple of 512) of a file in the
+    test's directory `tmp`, filled with random garbage from rng (a
+    random.Random; default one seeded by the size) unless `fill` (bytes,
+    repeated) is given; `sector_size`: its logical block size (losetup
+    -b; default 512). Tests reach it only through `node`, a block device
+    node made with mknod in tmp (same major and minor), never through
+    /dev/loopN (`dev`); `backing` is the file behind it. Use it in a with
+    statement, or call detach() in a finally, so that it is detached also
+    on failure. Raises OSError when no loop device can be made."""
+
+    def __init__(self, tmp, size, name="loop", rng=None, fill=None,
+                 sector_size=None):
+        self.size = size
+        self.backing = os.path.join(tmp, name + "-backing.img")
+        self.node = os.path.join(tmp, name + "-node")
+        self.dev = None
+        rng = rng or random.Random(size)
+        with open(self.backing, "wb") as f:
+            # Zeros: a sparse file reads the same.
+            left = 0 if fill and not fill.strip(b"\0") else size
+            f.truncate(size)
+            while left:
+                n = min(left, MiB)
+                f.write((fill * (n // len(fill) + 1))[:n] if fill else
+                        rng.randbytes(n))
+                left -= n
+        opts = ["-b", str(sector_size)] if sector_size else []
+        p = subprocess.run(["losetup", "-f", "--show"] + opts +
+                           [self.backing],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+        if p.returncode != 0 or not p.stdout.strip():
+            raise OSError("losetup: %s" % (p.stderr.strip() or
+                                          "exit %d" % p.returncode))
+        self.dev = p.stdout.strip()
+        try:
+            os.mknod(self.node, 0o600 | stat.S_IFBLK,
+                     os.stat(self.dev).st_rdev)
+        except OSError:
+            self.detach()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def contents(self, offset=0, length=None):
+        """The device's bytes (through the private node)."""
+        length = self.size - offset if length is None else length
+        with open(self.node, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def resize(self, size):
+        """Make the device `size` bytes (a multiple of 512): the backing
+        file is cut or extended with zeros and the loop device told
+        (losetup -c)."""
+        os.truncate(self.backing, size)
+        subprocess.run(["losetup", "-c", self.dev], check=True)
+        with open(self.node, "rb") as f:
+            if f.seek(0, 2) != size:
+                raise OSError("%s: still %d bytes, not %d" % (
+                    self.node, f.tell(), size))
+        self.size = size
+
+    def detach(self):
+        if self.dev:
+            subprocess.run(["losetup", "-d", self.dev])
+            self.dev = None
 
 
 def require_loop():
-    """Exit 77 (skip) when loop devices cannot be used, or 1 under CI."""
-    if not loop_available():
-        print("loop devices unavailable (needs root, losetup, "
-              "/dev/loop-control)")
+    """Exit 77 (skip) when no loop device can be made here (no losetup,
+    not root, no loop driver), or 1 under CI."""
+    why = None
+    if not shutil.which("losetup"):
+        why = "losetup not found"
+    else:
+        d = tempfile.mkdtemp(prefix="qbm-loop-probe-")
+        try:
+            LoopDevice(d, 64 * KiB, fill=b"\0").detach()
+        except OSError as e:
+            why = "cannot make a loop device: %s" % e
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    if why:
+        print(why)
         if in_ci():
             print("(a failure under CI)")
             sys.exit(1)
         sys.exit(SKIP)
-
-
-@contextlib.contextmanager
-def loop_device(tmp, size, name="dev"):
-    """A block device of size bytes: a loop device over TMP/NAME.backing,
-    reached ONLY through the private node TMP/NAME (made with mknod, same
-    major and minor), which is what the context yields. The loop device is
-    detached afterwards, also when the body fails. Tests never use
-    /dev/loopN itself, so a mistake can only touch the backing file."""
-    backing = os.path.join(tmp, name + ".backing")
-    with open(backing, "wb") as f:
-        f.truncate(size)
-    dev = run(["losetup", "-f", "--show", backing]).stdout.strip()
-    try:
-        node = os.path.join(tmp, name)
-        rdev = os.stat(dev).st_rdev
-        os.mknod(node, 0o600 | stat.S_IFBLK, rdev)
-        yield node
-    finally:
-        run(["losetup", "-d", dev], ok=None)
 
 
 def file_hash(path):
@@ -486,8 +763,7 @@ class Suite:
         suite = Suite("oracle", __doc__, seeded=True)
         suite.parser.add_argument("--scenarios", type=int, default=60)
         args = suite.start()
-        for i in suite.indices(args.scenarios):
-            suite.case("scenario %d" % i, lambda tmp: ..., index=i)
+        suite.scenarios(args.scenarios, lambda tmp, rng: ...)
         sys.exit(suite.finish())
 
     A case is a function of a fresh temporary directory that raises Fail;
@@ -547,6 +823,13 @@ class Suite:
         """range(count), or the --only ones of it."""
         only = getattr(self.args, "only", None)
         return [i for i in range(count) if not only or i in only]
+
+    def scenarios(self, count, fn):
+        """Case 'scenario I (seed S)' for each of indices(count): fn(tmp,
+        rng) with the scenario's own generator, rng(I)."""
+        for i in self.indices(count):
+            self.case("scenario %d (seed %d)" % (i, self.seed),
+                      lambda tmp: fn(tmp, self.rng(i)), index=i)
 
     def rerun_hint(self, index):
         argv = [a for a in sys.argv if a]

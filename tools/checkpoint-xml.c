@@ -201,23 +201,6 @@ static char *attr_of(xmlNodePtr n, const char *name, bool *failed)
     return r;
 }
 
-/* libvirt's checkpoint names: [A-Za-z0-9_-][A-Za-z0-9_.-]*. */
-static bool valid_name(const char *s)
-{
-    size_t i;
-
-    for (i = 0; s[i]; i++) {
-        char c = s[i];
-
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-              (c >= '0' && c <= '9') || c == '_' || c == '-' ||
-              (c == '.' && i > 0))) {
-            return false;
-        }
-    }
-    return i > 0;
-}
-
 static int parse_disks(const char *file, xmlNodePtr disks,
                        struct cx_checkpoint *ck)
 {
@@ -338,7 +321,7 @@ static int parse_checkpoint(const char *file, struct cx_checkpoint *ck)
     if (!ck->name) {
         return -1;
     }
-    if (!valid_name(ck->name)) {
+    if (!qbm_checkpoint_name_valid(ck->name)) {
         line_error(file, xmlGetLineNo(n),
                    "'%s' is not a checkpoint name "
                    "libvirt accepts",

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm add: create an empty bitmap. */
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 
@@ -13,9 +12,7 @@ static const char usage[] =
     "  -g, --granularity=SIZE  bytes per bit, a power of two from 512 to 2G\n"
     "                          (suffixes k, M, G); default as qemu-img: the\n"
     "                          cluster size clamped to 4k..64k\n"
-    "      --disabled          create it disabled\n"
-    "  -n, --dry-run           say what would change, change nothing\n"
-    "  -h, --help              show this help\n";
+    "      --disabled          create it disabled\n";
 
 int cmd_add(int argc, char **argv)
 {
@@ -23,19 +20,26 @@ int cmd_add(int argc, char **argv)
         { "granularity", required_argument, NULL, 'g' },
         { "disabled", no_argument, NULL, 'd' },
         { "disable", no_argument, NULL, 'd' },
-        { "dry-run", no_argument, NULL, 'n' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "add",
+        .usage = usage,
+        .shortopts = "g:",
+        .opts = opts,
+        .common = TOOL_OPT_EDIT,
+        .min_args = 2,
+        .max_args = 2,
+        .args_hint = "IMAGE and NAME",
     };
     struct outbuf plan = { 0 };
     struct qbm_image *img;
     uint64_t gran = 0;
     unsigned flags = 0;
-    bool dry_run = false;
     const char *file, *name;
     int c, idx;
 
-    while ((c = getopt_long(argc, argv, "+g:nh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'g':
             if (!parse_size(optarg, &gran) || gran == 0) {
@@ -45,21 +49,13 @@ int cmd_add(int argc, char **argv)
         case 'd':
             flags |= QBM_ADD_DISABLED;
             break;
-        case 'n':
-            dry_run = true;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("add", "invalid option");
         }
     }
-    if (argc - optind != 2) {
-        return usage_error("add", "expected IMAGE and NAME");
+    if (c < 0) {
+        return a.status;
     }
-    file = argv[optind];
-    name = argv[optind + 1];
+    file = a.args[0];
+    name = a.args[1];
     img = edit_open(file);
     if (!img) {
         return 1;
@@ -73,8 +69,8 @@ int cmd_add(int argc, char **argv)
               name, file, qbm_bitmap_granularity(img, (size_t)idx),
               (flags & QBM_ADD_DISABLED) ? "disabled" : "enabled");
     /* What to make room for before QEMU fills it (an LV to extend). */
-    if (dry_run && edit_plan_space(img, QBM_PLAN_WORST_CASE, &plan) < 0) {
+    if (a.dry_run && edit_plan_space(img, QBM_PLAN_WORST_CASE, &plan) < 0) {
         return edit_fail(img, file, &plan);
     }
-    return edit_finish(img, file, dry_run, &plan);
+    return edit_finish(img, file, a.dry_run, &plan);
 }

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm check: bitmaps, refcounts and backing-chain rules; --repair. */
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,7 +7,7 @@
 #include "qbm-tool.h"
 
 static const char usage[] =
-    "Usage: qbm check [--output=human|json] [--repair] "
+    "Usage: qbm check [--output=human|json] [-r leaks|all] "
     "[--in-use=dirty|remove]\n"
     "                 [--chain] [-U] IMAGE\n"
     "Check IMAGE's bitmaps (in-use ones, a stale extension, their tables)\n"
@@ -16,15 +15,15 @@ static const char usage[] =
     "and the rules a checkpoint spanning layers relies on.\n"
     "Exit status: 0 clean, 2 corruption or bitmap problems, 3 leaked\n"
     "clusters only, 1 the check could not run.\n\n"
-    "  -r, --repair         in-use bitmaps become all dirty and consistent\n"
-    "                       (or are removed with --in-use=remove), a stale\n"
-    "                       bitmaps extension is dropped, leaked clusters\n"
-    "                       are freed; each step crash-safe\n"
-    "      --in-use=MODE    dirty (default) or remove\n"
-    "  -c, --chain          check every layer of the backing chain\n"
-    "      --output=FORMAT  human (default) or json\n"
-    "  -U, --force-share    do not take QEMU's image locks (no --repair)\n"
-    "  -h, --help           show this help\n";
+    "  -r, --repair=MODE     repair, then check: 'leaks' frees leaked\n"
+    "                        clusters only; 'all' (--repair alone) also\n"
+    "                        drops a stale bitmaps extension and makes\n"
+    "                        in-use bitmaps all dirty and consistent (or\n"
+    "                        removes them with --in-use=remove); each step\n"
+    "                        crash-safe\n"
+    "      --in-use=MODE     with -r all: dirty (default) or remove\n"
+    "  -c, --chain           check (and repair) every layer of the backing\n"
+    "                        chain\n";
 
 static const char *const kind_names[] = { "", "corruption", "leak", "bitmap" };
 
@@ -57,11 +56,14 @@ static int add_entry(struct report *rep, int kind, uint64_t offset,
         ob_puts(rep->ob, rule_json ? rule_json : "");
         ob_puts(rep->ob, "}");
     } else {
-        ob_printf(rep->ob, "%s: %s\n",
+        /* A message may hold a bitmap's name: no control character
+         * reaches the terminal. */
+        ob_printf(rep->ob, "%s: ",
                   kind == QBM_PROBLEM_CORRUPTION ? "ERROR"
                   : kind == QBM_PROBLEM_LEAK     ? "Leaked"
-                                                 : "Bitmap",
-                  msg);
+                                                 : "Bitmap");
+        ob_human_string(rep->ob, msg);
+        ob_puts(rep->ob, "\n");
     }
     return 0;
 }
@@ -139,8 +141,103 @@ static int add_rule(void *opaque, int rule, const char *bitmap, size_t layer,
     return r;
 }
 
+/* The repairs made in one file, shown in its report. */
+struct repairs {
+    struct outbuf human, json;
+    size_t n;
+};
+
+static const char *const repair_names[] = {
+    "",
+    "stale-extension",
+    "autoclear-bit",
+    "in-use-dirty",
+    "in-use-removed",
+    "leaks",
+};
+
+/* What qbm_repair_report() did, and what it means for the next backup. */
+static int repair_said(void *opaque, int action, const char *bitmap,
+                       uint64_t count, uint64_t bytes)
+{
+    struct repairs *rp = opaque;
+    char *shown = bitmap ? human_string(bitmap) : NULL;
+    char msg[256];
+
+    if (action < QBM_REPAIRED_STALE || action > QBM_REPAIRED_LEAKS ||
+        (bitmap && !shown)) {
+        free(shown);
+        return 0;
+    }
+    switch (action) {
+    case QBM_REPAIRED_STALE:
+        snprintf(msg, sizeof(msg),
+                 "stale bitmaps extension dropped: QEMU ignored its "
+                 "bitmaps; their clusters are freed as leaks");
+        break;
+    case QBM_REPAIRED_AUTOCLEAR:
+        snprintf(msg, sizeof(msg),
+                 "autoclear bit 'bitmaps' cleared: it was set without a "
+                 "bitmaps extension");
+        break;
+    case QBM_REPAIRED_IN_USE_DIRTY:
+        snprintf(msg, sizeof(msg),
+                 "was in use, now all dirty: the next "
+                 "incremental from it will be a full copy");
+        break;
+    case QBM_REPAIRED_IN_USE_REMOVED:
+        snprintf(msg, sizeof(msg),
+                 "was in use, now removed: its checkpoint is gone, so the "
+                 "next backup must be a full one");
+        break;
+    case QBM_REPAIRED_LEAKS:
+        snprintf(msg, sizeof(msg),
+                 "%" PRIu64 " leaked cluster(s) freed (%" PRIu64 " bytes)",
+                 count, bytes);
+        break;
+    }
+    ob_puts(&rp->human, "Repaired: ");
+    if (bitmap) {
+        ob_printf(&rp->human, "bitmap '%s': ", shown);
+    }
+    ob_printf(&rp->human, "%s\n", msg);
+    ob_printf(&rp->json, "%s{\"action\": \"%s\"", rp->n ? ", " : "",
+              repair_names[action]);
+    if (bitmap) {
+        ob_puts(&rp->json, ", \"bitmap\": ");
+        ob_json_string(&rp->json, bitmap);
+    }
+    if (action == QBM_REPAIRED_LEAKS) {
+        ob_printf(&rp->json, ", \"clusters\": %" PRIu64 ", \"bytes\": %" PRIu64,
+                  count, bytes);
+    }
+    ob_puts(&rp->json, ", \"message\": ");
+    if (bitmap) {
+        /* The whole line, as a person reads it. */
+        struct outbuf line = { 0 };
+
+        ob_printf(&line, "bitmap '%s': %s", bitmap, msg);
+        ob_write(&line, "", 1);
+        ob_json_string(&rp->json, line.failed ? msg : line.p);
+        ob_free(&line);
+    } else {
+        ob_json_string(&rp->json, msg);
+    }
+    ob_puts(&rp->json, "}");
+    rp->n++;
+    free(shown);
+    return 0;
+}
+
+static void repairs_free(struct repairs *rp)
+{
+    ob_free(&rp->human);
+    ob_free(&rp->json);
+}
+
 static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
-                     enum output_format fmt, struct qbm_chain *ch)
+                     enum output_format fmt, struct qbm_chain *ch,
+                     const struct repairs *rp)
 {
     struct outbuf body = { 0 };
     struct report rep = { &body, fmt, { 0 }, 0 };
@@ -169,12 +266,24 @@ static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
                   rep.n[QBM_PROBLEM_LEAK], rep.n[QBM_PROBLEM_BITMAP]);
         ob_write(ob, body.p ? body.p : "", body.len);
         ob_puts(ob, "]");
+        if (rp) {
+            ob_puts(ob, ", \"repairs\": [");
+            ob_write(ob, rp->json.p ? rp->json.p : "", rp->json.len);
+            ob_puts(ob, "]");
+            ob->failed |= rp->json.failed;
+        }
         if (have_end) {
             ob_printf(ob, ", \"image-end-offset\": %" PRIu64, end);
         }
         ob_puts(ob, "}");
     } else {
-        ob_printf(ob, "image: %s\n", name);
+        ob_puts(ob, "image: ");
+        ob_human_string(ob, name);
+        ob_puts(ob, "\n");
+        if (rp) {
+            ob_write(ob, rp->human.p ? rp->human.p : "", rp->human.len);
+            ob->failed |= rp->human.failed;
+        }
         ob_write(ob, body.p ? body.p : "", body.len);
         if (rep.shown > MAX_SHOWN) {
             ob_printf(ob, "(%" PRIu64 " more problems not listed)\n",
@@ -200,16 +309,15 @@ static int check_one(struct qbm_image *img, const char *name, struct outbuf *ob,
     return rep.n[QBM_PROBLEM_LEAK] ? 3 : 0;
 }
 
-static int repair_file(const char *file, unsigned flags)
+static int repair_file(const char *file, unsigned flags, struct repairs *rp)
 {
-    struct qbm_image *img = qbm_open(file, QBM_OPEN_RDWR);
+    struct qbm_image *img = edit_open(file);
     int r;
 
     if (!img) {
-        tool_lib_error(file);
         return -1;
     }
-    r = qbm_repair(img, flags);
+    r = qbm_repair_report(img, flags, repair_said, rp);
     if (r < 0) {
         tool_error(file, "repair failed: %s", qbm_get_error());
     }
@@ -220,27 +328,44 @@ static int repair_file(const char *file, unsigned flags)
 int cmd_check(int argc, char **argv)
 {
     static const struct option opts[] = {
-        { "repair", no_argument, NULL, 'r' },
+        { "repair", optional_argument, NULL, 'r' },
         { "in-use", required_argument, NULL, 'i' },
         { "chain", no_argument, NULL, 'c' },
-        { "output", required_argument, NULL, 'o' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    enum output_format fmt = OUTPUT_HUMAN;
+    struct tool_args a = {
+        .cmd = "check",
+        .usage = usage,
+        .shortopts = "r:c",
+        .opts = opts,
+        .common = TOOL_OPT_READ,
+        .min_args = 1,
+        .max_args = 1,
+        .args_hint = "one IMAGE argument",
+    };
+    enum output_format fmt;
     struct outbuf ob = { 0 };
-    unsigned in_use = QBM_REPAIR_IN_USE_DIRTY, open_flags = 0;
-    bool repair = false, chain = false;
+    unsigned in_use = QBM_REPAIR_IN_USE_DIRTY, open_flags;
+    unsigned repair = 0; /* QBM_REPAIR_* to do */
+    bool chain = false;
     struct qbm_chain *ch = NULL;
+    struct repairs *rps = NULL; /* one per layer repaired */
+    size_t nrps = 0;
     const char *file;
     int c, ret = 0, r;
     size_t i;
 
-    while ((c = getopt_long(argc, argv, "+rcUh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'r':
-            repair = true;
+            /* As qemu-img check -r: leaks, or all (--repair alone). */
+            if (!optarg || strcmp(optarg, "all") == 0) {
+                repair = QBM_REPAIR_STALE | QBM_REPAIR_LEAKS;
+            } else if (strcmp(optarg, "leaks") == 0) {
+                repair = QBM_REPAIR_LEAKS;
+            } else {
+                return usage_error("check", "-r must be leaks or all");
+            }
             break;
         case 'i':
             if (strcmp(optarg, "dirty") == 0) {
@@ -255,59 +380,66 @@ int cmd_check(int argc, char **argv)
         case 'c':
             chain = true;
             break;
-        case 'o':
-            if (!parse_output(optarg, &fmt)) {
-                return usage_error("check", "--output must be human or "
-                                            "json");
-            }
-            break;
-        case 'U':
-            open_flags |= QBM_OPEN_FORCE_SHARE;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("check", "invalid option");
         }
     }
-    if (argc - optind != 1) {
-        return usage_error("check", "expected one IMAGE argument");
+    if (c < 0) {
+        return a.status;
     }
+    fmt = a.output;
+    open_flags = a.open_flags;
     if (repair && open_flags) {
-        return usage_error("check", "--repair cannot be used with -U");
+        return usage_error("check", "-r (--repair) cannot be used with -U");
     }
-    file = argv[optind];
+    if (repair & QBM_REPAIR_STALE) {
+        repair |= in_use;
+    }
+    file = a.args[0];
 
     if (repair) {
-        unsigned flags = in_use | QBM_REPAIR_STALE | QBM_REPAIR_LEAKS;
-
         if (chain) {
-            ch = qbm_chain_open(file, QBM_OPEN_FORCE_SHARE);
+            ch = tool_chain_open(file, QBM_OPEN_FORCE_SHARE);
             if (!ch) {
-                tool_lib_error(file);
                 return 1;
             }
-            for (i = 0; i < qbm_chain_length(ch); i++) {
+            nrps = qbm_chain_length(ch);
+            rps = calloc(nrps, sizeof(*rps));
+            if (!rps) {
+                tool_error(file, "out of memory");
+                qbm_chain_close(ch);
+                return 1;
+            }
+            for (i = 0; i < nrps; i++) {
                 if (strcmp(qbm_image_format(qbm_chain_layer(ch, i)), "qcow2") ==
                         0 &&
-                    repair_file(qbm_chain_filename(ch, i), flags) < 0) {
-                    qbm_chain_close(ch);
-                    return 1;
+                    repair_file(qbm_chain_filename(ch, i), repair, &rps[i]) <
+                        0) {
+                    ret = 1;
+                    break;
                 }
             }
             qbm_chain_close(ch);
             ch = NULL;
-        } else if (repair_file(file, flags) < 0) {
-            return 1;
+        } else {
+            nrps = 1;
+            rps = calloc(1, sizeof(*rps));
+            if (!rps) {
+                tool_error(file, "out of memory");
+                return 1;
+            }
+            if (repair_file(file, repair, rps) < 0) {
+                ret = 1;
+            }
+        }
+        if (ret) {
+            goto out;
         }
     }
 
     if (chain) {
-        ch = qbm_chain_open(file, open_flags);
+        ch = tool_chain_open(file, open_flags);
         if (!ch) {
-            tool_lib_error(file);
-            return 1;
+            ret = 1;
+            goto out;
         }
         if (fmt == OUTPUT_JSON) {
             ob_puts(&ob, "[");
@@ -317,7 +449,8 @@ int cmd_check(int argc, char **argv)
                 ob_puts(&ob, fmt == OUTPUT_JSON ? ", " : "\n");
             }
             r = check_one(qbm_chain_layer(ch, i), qbm_chain_filename(ch, i),
-                          &ob, fmt, i == 0 ? ch : NULL);
+                          &ob, fmt, i == 0 ? ch : NULL,
+                          i < nrps ? &rps[i] : NULL);
             if (r < 0) {
                 ret = 1;
                 break;
@@ -332,13 +465,13 @@ int cmd_check(int argc, char **argv)
         }
         qbm_chain_close(ch);
     } else {
-        struct qbm_image *img = qbm_open(file, open_flags);
+        struct qbm_image *img = tool_open(file, open_flags);
 
         if (!img) {
-            tool_lib_error(file);
-            return 1;
+            ret = 1;
+            goto out;
         }
-        ret = check_one(img, file, &ob, fmt, NULL);
+        ret = check_one(img, file, &ob, fmt, NULL, rps);
         if (ret >= 0 && fmt == OUTPUT_JSON) {
             ob_puts(&ob, "\n");
         }
@@ -347,12 +480,14 @@ int cmd_check(int argc, char **argv)
             ret = 1;
         }
     }
-    if (ret == 1) {
-        ob_free(&ob);
-        return 1;
+    if (ret != 1 && ob_flush(&ob)) {
+        ret = 1;
     }
-    if (ob_flush(&ob)) {
-        return 1;
+out:
+    ob_free(&ob);
+    for (i = 0; i < nrps; i++) {
+        repairs_free(&rps[i]);
     }
+    free(rps);
     return ret;
 }

@@ -4,7 +4,6 @@
  * disks' images. The XML is read here (checkpoint-xml.c); the judgement,
  * the orphans and the remedies are the library's qbm_checkpoints_check().
  */
-#include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -26,10 +25,7 @@ static const char usage[] =
     "                           the <domain> of the newest checkpoint\n"
     "      --redefine-dir=DIR   write there a checkpoint definition for each\n"
     "                           orphan bitmap that can be one (for virsh\n"
-    "                           checkpoint-create --redefine)\n"
-    "      --output=FORMAT      human (default) or json\n"
-    "  -U, --force-share        do not take QEMU's image locks\n"
-    "  -h, --help               show this help\n";
+    "                           checkpoint-create --redefine)\n";
 
 static const char *const state_names[] = {
     [QBM_CHECKPOINT_OK] = "ok",
@@ -493,12 +489,18 @@ static void run_free(struct run *run)
 int cmd_checkpoints(int argc, char **argv)
 {
     static const struct option opts[] = {
-        { "output", required_argument, NULL, 'o' },
         { "domain-xml", required_argument, NULL, 'd' },
         { "redefine-dir", required_argument, NULL, 'r' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "checkpoints",
+        .usage = usage,
+        .opts = opts,
+        .common = TOOL_OPT_OUTPUT | TOOL_OPT_SHARE,
+        .min_args = 1,
+        .max_args = 1,
+        .args_hint = "one CHECKPOINT_DIR argument",
     };
     struct run run = { .fmt = OUTPUT_HUMAN };
     const char *domain_xml = NULL, *dir, *domain_file;
@@ -512,35 +514,22 @@ int cmd_checkpoints(int argc, char **argv)
     size_t ncks = 0, i;
     int c, ret = 1, r;
 
-    while ((c = getopt_long(argc, argv, "+Uh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
-        case 'o':
-            if (!parse_output(optarg, &run.fmt)) {
-                return usage_error("checkpoints", "--output must be human "
-                                                  "or json");
-            }
-            break;
         case 'd':
             domain_xml = optarg;
             break;
         case 'r':
             run.redefine_dir = optarg;
             break;
-        case 'U':
-            open_flags |= QBM_OPEN_FORCE_SHARE;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("checkpoints", "invalid option");
         }
     }
-    if (argc - optind != 1) {
-        return usage_error("checkpoints", "expected one CHECKPOINT_DIR "
-                                          "argument");
+    if (c < 0) {
+        return a.status;
     }
-    dir = argv[optind];
+    run.fmt = a.output;
+    open_flags |= a.open_flags;
+    dir = a.args[0];
     if (run.redefine_dir && same_file(run.redefine_dir, dir)) {
         return usage_error("checkpoints",
                            "--redefine-dir must not be the "

@@ -1,35 +1,23 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm clear: mark every bit of a bitmap clean. */
-#include <getopt.h>
 #include <stdio.h>
 
 #include "qbm-tool.h"
 
 static const char usage[] =
     "Usage: qbm clear [--dry-run] IMAGE NAME\n"
-    "Mark every bit of bitmap NAME clean (nothing changed since now).\n\n"
-    "  -n, --dry-run  say what would change, change nothing\n"
-    "  -h, --help     show this help\n";
+    "Mark every bit of bitmap NAME clean (nothing changed since now).\n\n";
 
 int cmd_clear(int argc, char **argv)
 {
-    struct outbuf plan = { 0 };
-    struct qbm_image *img;
-    bool dry_run;
-    int r;
+    struct tool_args a = {
+        .cmd = "clear",
+        .usage = usage,
+        .common = TOOL_OPT_EDIT,
+        .min_args = 2,
+        .max_args = 2,
+        .args_hint = "IMAGE and NAME",
+    };
 
-    r = parse_simple_edit(argc, argv, "clear", usage, 2, 2, &dry_run);
-    if (r >= 0) {
-        return r;
-    }
-    img = edit_open(argv[optind]);
-    if (!img) {
-        return 1;
-    }
-    if (qbm_bitmap_clear(img, argv[optind + 1]) < 0) {
-        return edit_fail(img, argv[optind], &plan);
-    }
-    ob_printf(&plan, "would clear bitmap '%s' of %s\n", argv[optind + 1],
-              argv[optind]);
-    return edit_finish(img, argv[optind], dry_run, &plan);
+    return edit_names(&a, argc, argv, qbm_bitmap_clear, "clear", "of");
 }

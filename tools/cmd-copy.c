@@ -3,7 +3,6 @@
  * qbm copy: copy bitmaps, with their granularity and flags, between images.
  * The policy is the library's (qbm_bitmap_copy); this prints what it did.
  */
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 
@@ -17,9 +16,7 @@ static const char usage[] =
     "that exists in TARGET_IMAGE is an error unless --merge (OR into it) or\n"
     "--replace (drop it first).\n\n"
     "      --merge    OR into a bitmap of the same name\n"
-    "      --replace  replace a bitmap of the same name\n"
-    "  -n, --dry-run  say what would change, change nothing\n"
-    "  -h, --help     show this help\n";
+    "      --replace  replace a bitmap of the same name\n";
 
 struct report {
     struct outbuf *plan;
@@ -37,8 +34,7 @@ static int report(void *opaque, int action, const char *bitmap,
     struct report *rep = opaque;
 
     if (action == QBM_COPY_SKIPPED) {
-        fprintf(stderr, "qbm: %s: warning: skipping in-use bitmap '%s'\n",
-                rep->src, bitmap);
+        tool_error(rep->src, "warning: skipping in-use bitmap '%s'", bitmap);
     } else if (action >= QBM_COPY_COPIED && action <= QBM_COPY_REPLACED) {
         ob_printf(rep->plan, "would %s bitmap '%s' (granularity %" PRIu64 ")\n",
                   verbs[action], bitmap, granularity);
@@ -51,19 +47,25 @@ int cmd_copy(int argc, char **argv)
     static const struct option opts[] = {
         { "merge", no_argument, NULL, 'm' },
         { "replace", no_argument, NULL, 'r' },
-        { "dry-run", no_argument, NULL, 'n' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "copy",
+        .usage = usage,
+        .opts = opts,
+        .common = TOOL_OPT_EDIT,
+        .min_args = 2,
+        .max_args = -1,
+        .args_hint = "SOURCE_IMAGE and TARGET_IMAGE",
     };
     struct outbuf plan = { 0 };
     struct report rep = { &plan, NULL };
     struct qbm_image *src, *dst;
     unsigned flags = 0;
     const char *dfile;
-    bool dry_run = false;
     int c, r;
 
-    while ((c = getopt_long(argc, argv, "+nh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'm':
             flags = QBM_COPY_MERGE;
@@ -71,28 +73,19 @@ int cmd_copy(int argc, char **argv)
         case 'r':
             flags = QBM_COPY_REPLACE;
             break;
-        case 'n':
-            dry_run = true;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("copy", "invalid option");
         }
     }
-    if (argc - optind < 2) {
-        return usage_error("copy", "expected SOURCE_IMAGE and TARGET_IMAGE");
+    if (c < 0) {
+        return a.status;
     }
-    rep.src = argv[optind];
-    dfile = argv[optind + 1];
+    rep.src = a.args[0];
+    dfile = a.args[1];
     if (same_file(rep.src, dfile)) {
         tool_error(dfile, "source and target are the same image");
         return 1;
     }
-    src = qbm_open(rep.src, 0);
+    src = tool_open(rep.src, 0);
     if (!src) {
-        tool_lib_error(rep.src);
         return 1;
     }
     dst = edit_open(dfile);
@@ -101,10 +94,9 @@ int cmd_copy(int argc, char **argv)
         return 1;
     }
     /* No NAME: every bitmap (NULL). */
-    r = qbm_bitmap_copy(
-        dst, src,
-        argc - optind > 2 ? (const char *const *)argv + optind + 2 : NULL,
-        (size_t)(argc - optind - 2), flags, report, &rep);
+    r = qbm_bitmap_copy(dst, src,
+                        a.nargs > 2 ? (const char *const *)a.args + 2 : NULL,
+                        (size_t)(a.nargs - 2), flags, report, &rep);
     if (r != 0) {
         if (qbm_get_errno() == EEXIST) {
             tool_error(NULL, "%s (use --merge or --replace)", qbm_get_error());
@@ -116,7 +108,7 @@ int cmd_copy(int argc, char **argv)
         qbm_close(src);
         return 1;
     }
-    r = edit_finish(dst, dfile, dry_run, &plan);
+    r = edit_finish(dst, dfile, a.dry_run, &plan);
     qbm_close(src);
     return r;
 }

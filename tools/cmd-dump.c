@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm dump: the dirty extents of one bitmap, or of a checkpoint's chain. */
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,12 +11,9 @@ static const char dump_usage[] =
     "Usage: qbm dump [--chain] [--output=human|json] [-U] IMAGE BITMAP\n"
     "List the guest byte ranges BITMAP marks dirty, adjacent ranges merged.\n"
     "\n"
-    "  -c, --chain          the union over every layer of the backing "
+    "  -c, --chain           the union over every layer of the backing "
     "chain\n"
-    "                       that has a bitmap of that name\n"
-    "      --output=FORMAT  human (default) or json\n"
-    "  -U, --force-share    do not take QEMU's image locks\n"
-    "  -h, --help           show this help\n";
+    "                        that has a bitmap of that name\n";
 
 struct dump_ctx {
     struct outbuf *ext; /* the extent lines or JSON objects */
@@ -40,68 +36,83 @@ static int add_extent(void *opaque, uint64_t off, uint64_t len)
     return d->ext->failed ? -1 : 0;
 }
 
+/* "no bitmap named": when a backing layer has one, say how to read it. */
+static void no_bitmap(const char *file, const char *name, unsigned flags)
+{
+    struct qbm_chain *ch = qbm_chain_open(file, flags);
+    size_t i;
+
+    for (i = 1; ch && i < qbm_chain_length(ch); i++) {
+        struct qbm_image *l = qbm_chain_layer(ch, i);
+
+        if (qbm_bitmap_count(l) && qbm_bitmap_find(l, name) >= 0) {
+            tool_error(file,
+                       "no bitmap named '%s' in this layer, but its backing "
+                       "layer %zu (%s) has one: use 'qbm dump --chain' for "
+                       "its union over the chain",
+                       name, i, qbm_chain_filename(ch, i));
+            qbm_chain_close(ch);
+            return;
+        }
+    }
+    qbm_chain_close(ch);
+    tool_error(file, "no bitmap named '%s'", name);
+}
+
 int cmd_dump(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "chain", no_argument, NULL, 'c' },
-        { "output", required_argument, NULL, 'o' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    enum output_format fmt = OUTPUT_HUMAN;
+    struct tool_args a = {
+        .cmd = "dump",
+        .usage = dump_usage,
+        .shortopts = "c",
+        .opts = opts,
+        .common = TOOL_OPT_READ,
+        .min_args = 2,
+        .max_args = 2,
+        .args_hint = "IMAGE and BITMAP arguments",
+    };
+    enum output_format fmt;
     struct outbuf head = { 0 }, ext = { 0 }, tail = { 0 };
     struct outbuf *all[] = { &head, &ext, &tail };
     struct dump_ctx d = { &ext, OUTPUT_HUMAN, 0, 0 };
     struct qbm_image *img = NULL;
     struct qbm_chain *ch = NULL;
     bool chain = false;
-    unsigned flags = 0;
     const char *file, *name;
     int consistent = 1;
     uint64_t gran = 0;
     int c, r, ret = 1;
 
-    while ((c = getopt_long(argc, argv, "+chU", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'c':
             chain = true;
             break;
-        case 'o':
-            if (!parse_output(optarg, &fmt)) {
-                return usage_error("dump", "--output must be human or json");
-            }
-            break;
-        case 'U':
-            flags |= QBM_OPEN_FORCE_SHARE;
-            break;
-        case 'h':
-            fputs(dump_usage, stdout);
-            return 0;
-        default:
-            return usage_error("dump", "invalid option");
         }
     }
-    if (argc - optind != 2) {
-        return usage_error("dump", "expected IMAGE and BITMAP arguments");
+    if (c < 0) {
+        return a.status;
     }
-    file = argv[optind];
-    name = argv[optind + 1];
+    fmt = a.output;
+    file = a.args[0];
+    name = a.args[1];
     d.fmt = fmt;
 
     if (chain) {
-        ch = qbm_chain_open(file, flags);
+        ch = tool_chain_open(file, a.open_flags);
         if (!ch) {
-            tool_lib_error(file);
             goto out;
         }
         r = qbm_chain_bitmap_extents(ch, name, add_extent, &d, &consistent);
     } else {
         int idx;
 
-        img = qbm_open(file, flags);
+        img = tool_open(file, a.open_flags);
         if (!img) {
-            tool_lib_error(file);
             goto out;
         }
         idx = qbm_bitmap_find(img, name);
@@ -112,7 +123,7 @@ int cmd_dump(int argc, char **argv)
                            "extension is stale: see qbm info)",
                            name);
             } else {
-                tool_error(file, "no bitmap named '%s'", name);
+                no_bitmap(file, name, a.open_flags);
             }
             goto out;
         }
@@ -160,7 +171,11 @@ int cmd_dump(int argc, char **argv)
                   consistent ? "true" : "false", d.bytes);
         ob_puts(&tail, "]}\n");
     } else {
-        ob_printf(&head, "# %s: bitmap %s, ", file, name);
+        ob_puts(&head, "# ");
+        ob_human_string(&head, file);
+        ob_puts(&head, ": bitmap ");
+        ob_human_string(&head, name);
+        ob_puts(&head, ", ");
         if (chain) {
             ob_puts(&head, "union over the chain, ");
         } else {

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm extract: an offline incremental (or full) backup of a disk. */
-#include <getopt.h>
 #include <stdio.h>
 
 #include "qbm-tool.h"
@@ -8,39 +7,52 @@
 static const char usage[] =
     "Usage: qbm extract [--chain] [--full] [--backing PREVIOUS] "
     "[--rotate NEW]\n"
-    "                   [-p] -o OUTPUT IMAGE [BITMAP]\n"
+    "                   [--disable-old] [-p] [-U] -o OUTPUT IMAGE [BITMAP]\n"
     "Write to OUTPUT a qcow2 image holding the clusters of IMAGE (read\n"
     "through its backing chain) that BITMAP marks dirty, zero flags where\n"
     "the disk reads as zeros: an incremental backup of a shut-down VM.\n"
     "'qbm restore FULL ... OUTPUT' rebuilds the disk from it.\n\n"
-    "  -o OUTPUT            the backup file to write (as for restore)\n"
+    "  -o OUTPUT            the backup file, or block device, to write (as\n"
+    "                       for restore)\n"
     "  -c, --chain          the dirty set is BITMAP's union over the chain\n"
     "      --full           copy everything allocated (a full backup)\n"
     "  -b, --backing=FILE   record FILE (the previous backup) as OUTPUT's\n"
     "                       backing file, so QEMU opens the chain directly\n"
     "      --rotate=NEW     once OUTPUT is safely written, add an empty\n"
-    "                       enabled bitmap NEW to IMAGE and disable BITMAP\n"
-    "  -p                   show progress\n"
-    "  -h, --help           show this help\n";
+    "                       enabled bitmap NEW to IMAGE; BITMAP stays\n"
+    "                       enabled, as libvirt keeps every checkpoint\n"
+    "                       (refused before anything is written if IMAGE\n"
+    "                       has NEW already)\n"
+    "      --disable-old    with --rotate: also disable BITMAP (the older\n"
+    "                       model; not valid for libvirt)\n";
 
 int cmd_extract(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "chain", no_argument, NULL, 'c' },
-        { "full", no_argument, NULL, 'f' },
+        { "full", no_argument, NULL, 'F' },
         { "backing", required_argument, NULL, 'b' },
         { "rotate", required_argument, NULL, 'r' },
-        { "help", no_argument, NULL, 'h' },
+        { "disable-old", no_argument, NULL, 'D' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "extract",
+        .usage = usage,
+        .shortopts = "o:cb:",
+        .opts = opts,
+        .common = TOOL_OPT_FORMAT | TOOL_OPT_PROGRESS | TOOL_OPT_SHARE,
+        .min_args = 1,
+        .max_args = 2,
+        .args_hint = "-o OUTPUT, IMAGE and BITMAP",
     };
     const char *output = NULL, *backing = NULL, *rotate = NULL;
     const char *image, *bitmap = NULL;
-    unsigned flags = 0, last = (unsigned)-1;
-    bool progress = false;
-    struct qbm_image *img;
-    int c;
+    unsigned flags = 0, rotate_flags = 0;
+    struct progress p;
+    int c, r;
 
-    while ((c = getopt_long(argc, argv, "+o:cb:ph", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'o':
             output = optarg;
@@ -48,7 +60,7 @@ int cmd_extract(int argc, char **argv)
         case 'c':
             flags |= QBM_EXTRACT_CHAIN;
             break;
-        case 'f':
+        case 'F':
             flags |= QBM_EXTRACT_FULL;
             break;
         case 'b':
@@ -57,60 +69,47 @@ int cmd_extract(int argc, char **argv)
         case 'r':
             rotate = optarg;
             break;
-        case 'p':
-            progress = true;
+        case 'D':
+            rotate_flags |= QBM_EXTRACT_DISABLE_OLD;
             break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("extract", "invalid option");
         }
     }
-    if (!output || argc - optind < 1 || argc - optind > 2 ||
-        (argc - optind == 1 && !(flags & QBM_EXTRACT_FULL))) {
+    if (c < 0) {
+        return a.status;
+    }
+    if (!output || (a.nargs == 1 && !(flags & QBM_EXTRACT_FULL))) {
         return usage_error("extract", "expected -o OUTPUT, IMAGE and "
                                       "BITMAP");
     }
-    image = argv[optind];
-    if (argc - optind == 2) {
-        bitmap = argv[optind + 1];
+    image = a.args[0];
+    if (a.nargs == 2) {
+        bitmap = a.args[1];
     }
     if (rotate && !bitmap) {
         return usage_error("extract", "--rotate needs BITMAP");
     }
-    if (qbm_extract(image, bitmap, output, flags, backing,
-                    progress ? show_progress : NULL, &last) < 0) {
-        if (progress) {
-            fputc('\n', stderr);
+    if (rotate_flags && !rotate) {
+        return usage_error("extract", "--disable-old needs --rotate");
+    }
+    if (a.open_flags & QBM_OPEN_FORCE_SHARE) {
+        if (rotate) {
+            /* The rotation edits IMAGE, which needs its locks. */
+            return usage_error("extract", "--rotate cannot be used with -U");
         }
-        /* The library names the file each message is about. */
-        tool_lib_error(NULL);
+        flags |= QBM_EXTRACT_FORCE_SHARE;
+    }
+    p = progress_init(&a);
+    if (rotate) {
+        r = qbm_extract_rotate(image, bitmap, rotate, output,
+                               flags | rotate_flags, backing, progress_fn(&p),
+                               &p);
+    } else {
+        r = qbm_extract(image, bitmap, output, flags, backing, progress_fn(&p),
+                        &p);
+    }
+    /* The library names the file each message is about. */
+    if (progress_finish(&p, r) != 0) {
         return 1;
     }
-    if (progress) {
-        end_progress(&last);
-    }
-    if (!rotate) {
-        return 0;
-    }
-    /* The backup is durable: only now start the next checkpoint. */
-    img = edit_open(image);
-    if (!img) {
-        return 1;
-    }
-    if (qbm_bitmap_add(
-            img, rotate,
-            qbm_bitmap_granularity(img, (size_t)qbm_bitmap_find(img, bitmap)),
-            0) < 0 ||
-        qbm_bitmap_disable(img, bitmap) < 0 || qbm_commit(img) < 0) {
-        tool_error(image,
-                   "the backup was written, but rotating the bitmaps "
-                   "failed: %s",
-                   qbm_get_error());
-        qbm_close(img);
-        return 1;
-    }
-    qbm_close(img);
     return 0;
 }

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm info: header, features and bitmaps of an image or a whole chain. */
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,11 +11,8 @@ static const char info_usage[] =
     "Usage: qbm info [--chain] [--output=human|json] [-U] IMAGE\n"
     "Show IMAGE's format, geometry, features and bitmaps (name, granularity,\n"
     "flags, consistency and how many bytes each marks dirty).\n\n"
-    "  -c, --chain          show every layer of the backing chain, top "
-    "first\n"
-    "      --output=FORMAT  human (default) or json\n"
-    "  -U, --force-share    do not take QEMU's image locks\n"
-    "  -h, --help           show this help\n";
+    "  -c, --chain           show every layer of the backing chain, top "
+    "first\n";
 
 static const char *const feature_words[] = { "incompatible", "compatible",
                                              "autoclear" };
@@ -68,6 +64,157 @@ static int count_dirty(struct qbm_image *img, int64_t **ret)
     return 0;
 }
 
+/* "snapshots": qemu-img's array (always present here, maybe empty). */
+static void snapshots_json(struct outbuf *ob, const struct qbm_image *img)
+{
+    struct qbm_snapshot_info sn;
+    unsigned i;
+
+    ob_puts(ob, ", \"snapshots\": [");
+    for (i = 0; i < qbm_image_snapshot_count(img); i++) {
+        if (qbm_image_snapshot(img, i, &sn) < 0) {
+            continue;
+        }
+        ob_puts(ob, i ? ", {\"id\": " : "{\"id\": ");
+        ob_json_string(ob, sn.id);
+        ob_puts(ob, ", \"name\": ");
+        ob_json_string(ob, sn.name);
+        ob_printf(ob,
+                  ", \"vm-state-size\": %" PRIu64 ", \"date-sec\": %" PRIu32
+                  ", \"date-nsec\": %" PRIu32 ", \"vm-clock-sec\": %" PRIu64
+                  ", \"vm-clock-nsec\": %" PRIu64,
+                  sn.vm_state_size, sn.date_sec, sn.date_nsec,
+                  sn.vm_clock_nsec / 1000000000u,
+                  sn.vm_clock_nsec % 1000000000u);
+        if (sn.icount != QBM_SNAPSHOT_NO_ICOUNT) {
+            ob_printf(ob, ", \"icount\": %" PRIu64, sn.icount);
+        }
+        ob_puts(ob, "}");
+    }
+    ob_puts(ob, "]");
+}
+
+/* Whether the image is encrypted (its header may be damaged). */
+static bool is_encrypted(struct qbm_image *img)
+{
+    struct qbm_encryption_info e;
+
+    return qbm_image_encryption(img, &e) == 0 || qbm_get_errno() != ENOENT;
+}
+
+/* "encrypt": qemu-img's description of an encrypted image. */
+static void encrypt_json(struct outbuf *ob, struct qbm_image *img)
+{
+    struct qbm_encryption_info e;
+    unsigned i;
+
+    if (qbm_image_encryption(img, &e) < 0) {
+        if (qbm_get_errno() == ENOENT) {
+            return;
+        }
+        /* A damaged LUKS header: say what is known. */
+        ob_puts(ob, ", \"encrypt\": {\"format\": \"luks\"}");
+        return;
+    }
+    ob_printf(ob, ", \"encrypt\": {\"format\": \"%s\"", e.format);
+    if (strcmp(e.format, "luks") == 0) {
+        ob_puts(ob, ", \"cipher-alg\": ");
+        ob_json_string(ob, e.cipher_alg);
+        ob_puts(ob, ", \"cipher-mode\": ");
+        ob_json_string(ob, e.cipher_mode);
+        ob_puts(ob, ", \"ivgen-alg\": ");
+        ob_json_string(ob, e.ivgen_alg);
+        if (e.ivgen_hash_alg[0]) {
+            ob_puts(ob, ", \"ivgen-hash-alg\": ");
+            ob_json_string(ob, e.ivgen_hash_alg);
+        }
+        ob_puts(ob, ", \"hash-alg\": ");
+        ob_json_string(ob, e.hash_alg);
+        ob_puts(ob, ", \"uuid\": ");
+        ob_json_string(ob, e.uuid);
+        ob_printf(ob,
+                  ", \"payload-offset\": %" PRIu64
+                  ", \"master-key-iters\": %" PRIu32 ", \"slots\": [",
+                  e.payload_offset, e.master_key_iters);
+        for (i = 0; i < 8; i++) {
+            const struct qbm_luks_slot *sl = &e.slots[i];
+
+            ob_printf(ob, "%s{\"active\": %s", i ? ", " : "",
+                      sl->active ? "true" : "false");
+            if (sl->active) {
+                ob_printf(ob, ", \"iters\": %" PRIu32 ", \"stripes\": %" PRIu32,
+                          sl->iters, sl->stripes);
+            }
+            ob_printf(ob, ", \"key-offset\": %" PRIu64 "}", sl->key_offset);
+        }
+        ob_puts(ob, "]");
+    }
+    ob_puts(ob, "}");
+}
+
+/*
+ * "format-specific": the object qemu-img info writes for a qcow2 image,
+ * with the same keys, types and values, so that a consumer of qemu-img's
+ * JSON reads qbm's unchanged: version 2 images have only compat,
+ * compression-type and refcount-bits; bitmaps are listed only when QEMU
+ * sees some (not with a stale extension), data-file-raw only with a data
+ * file.
+ */
+static void format_specific_json(struct outbuf *ob, struct qbm_image *img)
+{
+    uint64_t incompat = qbm_image_features(img, QBM_FEATURE_INCOMPATIBLE);
+    bool v3 = qbm_image_version(img) >= 3;
+    size_t i, n = qbm_bitmap_count(img);
+
+    ob_printf(ob,
+              ", \"format-specific\": {\"type\": \"qcow2\", \"data\": "
+              "{\"compat\": \"%s\", \"compression-type\": \"%s\"",
+              v3 ? "1.1" : "0.10", qbm_image_compression_type(img));
+    if (v3) {
+        ob_puts(ob, ", ");
+        json_bool(ob, "lazy-refcounts",
+                  qbm_image_features(img, QBM_FEATURE_COMPATIBLE) &
+                      QBM_COMPAT_LAZY_REFCOUNTS,
+                  false);
+    }
+    if (v3 && qbm_image_bitmaps_state(img) == QBM_BITMAPS_OK && n) {
+        ob_puts(ob, ", \"bitmaps\": [");
+        for (i = 0; i < n; i++) {
+            unsigned flags = qbm_bitmap_flags(img, i);
+
+            ob_printf(ob, "%s{\"flags\": [%s%s%s], \"name\": ", i ? ", " : "",
+                      flags & QBM_BITMAP_IN_USE ? "\"in-use\"" : "",
+                      (flags & QBM_BITMAP_IN_USE) && (flags & QBM_BITMAP_AUTO)
+                          ? ", "
+                          : "",
+                      flags & QBM_BITMAP_AUTO ? "\"auto\"" : "");
+            ob_json_string(ob, qbm_bitmap_name(img, i));
+            ob_printf(ob, ", \"granularity\": %" PRIu64 "}",
+                      qbm_bitmap_granularity(img, i));
+        }
+        ob_puts(ob, "]");
+    }
+    ob_printf(ob, ", \"refcount-bits\": %u", qbm_image_refcount_bits(img));
+    encrypt_json(ob, img);
+    if (v3 && (incompat & QBM_INCOMPAT_DATA_FILE)) {
+        if (qbm_image_data_file(img)) {
+            ob_puts(ob, ", \"data-file\": ");
+            ob_json_string(ob, qbm_image_data_file(img));
+        }
+        ob_puts(ob, ", ");
+        json_bool(ob, "data-file-raw",
+                  qbm_image_features(img, QBM_FEATURE_AUTOCLEAR) &
+                      QBM_AUTOCLEAR_DATA_FILE_RAW,
+                  false);
+    }
+    if (v3) {
+        ob_puts(ob, ", ");
+        json_bool(ob, "corrupt", incompat & QBM_INCOMPAT_CORRUPT, true);
+        json_bool(ob, "extended-l2", incompat & QBM_INCOMPAT_EXTL2, false);
+    }
+    ob_puts(ob, "}}");
+}
+
 /* Space figures; -1 where they cannot be read (a damaged image: check
  * says why). */
 struct space {
@@ -99,6 +246,7 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
     bool raw = strcmp(qbm_image_format(img), "raw") == 0;
     const char *backing = qbm_image_backing_file(img);
     uint64_t incompat = qbm_image_features(img, QBM_FEATURE_INCOMPATIBLE);
+    uint64_t actual;
     unsigned w, bit;
     bool first;
     size_t i;
@@ -110,10 +258,13 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
               ", \"file-size\": %" PRIu64,
               qbm_image_format(img), qbm_image_virtual_size(img),
               qbm_image_file_size(img));
+    if (qbm_image_allocated_size(img, &actual) == 0) {
+        ob_printf(ob, ", \"actual-size\": %" PRIu64, actual);
+    }
     ob_printf(ob, ", \"block-device\": %s",
               qbm_image_capacity(img) ? "true" : "false");
     if (raw) {
-        ob_puts(ob, "}");
+        ob_puts(ob, ", \"dirty-flag\": false}");
         return;
     }
     json_int_or_null(ob, "image-end-offset", sp->end);
@@ -131,6 +282,9 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
               true);
     json_bool(ob, "corrupt", incompat & QBM_INCOMPAT_CORRUPT, true);
     json_bool(ob, "dirty-flag", incompat & QBM_INCOMPAT_DIRTY, false);
+    if (is_encrypted(img)) {
+        ob_puts(ob, ", \"encrypted\": true");
+    }
     if (backing) {
         char *full = qbm_image_backing_path(img);
 
@@ -150,7 +304,8 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
         ob_puts(ob, ", \"data-file\": ");
         ob_json_string(ob, qbm_image_data_file(img));
     }
-    ob_printf(ob, ", \"snapshots\": %u", qbm_image_snapshot_count(img));
+    snapshots_json(ob, img);
+    format_specific_json(ob, img);
     for (w = 0; w < 3; w++) {
         ob_printf(ob, ", \"%s-features\": %" PRIu64, feature_words[w],
                   qbm_image_features(img, w));
@@ -217,11 +372,13 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     size_t i;
 
     format_size(size, sizeof(size), qbm_image_virtual_size(img));
+    ob_puts(ob, "image: ");
+    ob_human_string(ob, name);
     ob_printf(ob,
-              "image: %s\nfile format: %s\n"
+              "\nfile format: %s\n"
               "virtual size: %s (%" PRIu64 " bytes)\n"
               "file size: %" PRIu64 " bytes%s\n",
-              name, qbm_image_format(img), size, qbm_image_virtual_size(img),
+              qbm_image_format(img), size, qbm_image_virtual_size(img),
               qbm_image_file_size(img),
               qbm_image_capacity(img) ? " (block device)" : "");
     if (strcmp(qbm_image_format(img), "raw") == 0) {
@@ -236,19 +393,25 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     if (backing) {
         char *full = qbm_image_backing_path(img);
 
-        ob_printf(ob, "backing file: %s", backing);
+        ob_puts(ob, "backing file: ");
+        ob_human_string(ob, backing);
         if (full && strcmp(full, backing) != 0) {
-            ob_printf(ob, " (actual path: %s)", full);
+            ob_puts(ob, " (actual path: ");
+            ob_human_string(ob, full);
+            ob_puts(ob, ")");
         }
         ob_puts(ob, "\n");
         free(full);
     }
     if (qbm_image_backing_format(img)) {
-        ob_printf(ob, "backing file format: %s\n",
-                  qbm_image_backing_format(img));
+        ob_puts(ob, "backing file format: ");
+        ob_human_string(ob, qbm_image_backing_format(img));
+        ob_puts(ob, "\n");
     }
     if (qbm_image_data_file(img)) {
-        ob_printf(ob, "data file: %s\n", qbm_image_data_file(img));
+        ob_puts(ob, "data file: ");
+        ob_human_string(ob, qbm_image_data_file(img));
+        ob_puts(ob, "\n");
     }
     ob_printf(
         ob,
@@ -308,10 +471,12 @@ static void info_human(struct outbuf *ob, struct qbm_image *img,
     for (i = 0; i < qbm_bitmap_count(img); i++) {
         unsigned flags = qbm_bitmap_flags(img, i);
 
+        ob_puts(ob, "    ");
+        ob_human_string(ob, qbm_bitmap_name(img, i));
         ob_printf(ob,
-                  "    %s:\n        granularity: %" PRIu64 "\n"
+                  ":\n        granularity: %" PRIu64 "\n"
                   "        flags:%s%s%s\n        consistent: %s\n",
-                  qbm_bitmap_name(img, i), qbm_bitmap_granularity(img, i),
+                  qbm_bitmap_granularity(img, i),
                   flags & QBM_BITMAP_IN_USE ? " in-use" : "",
                   flags & QBM_BITMAP_AUTO ? " auto" : "",
                   flags ? "" : " (none: disabled)",
@@ -353,48 +518,43 @@ int cmd_info(int argc, char **argv)
     static const struct option opts[] = {
         { "chain", no_argument, NULL, 'c' },
         { "backing-chain", no_argument, NULL, 'c' },
-        { "output", required_argument, NULL, 'o' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    enum output_format fmt = OUTPUT_HUMAN;
+    struct tool_args a = {
+        .cmd = "info",
+        .usage = info_usage,
+        .shortopts = "c",
+        .opts = opts,
+        .common = TOOL_OPT_READ,
+        .min_args = 1,
+        .max_args = 1,
+        .args_hint = "one IMAGE argument",
+    };
+    enum output_format fmt;
     struct outbuf ob = { 0 };
     bool chain = false;
-    unsigned flags = 0;
+    unsigned flags;
     const char *file;
     int c, ret = 0;
 
-    while ((c = getopt_long(argc, argv, "+chU", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'c':
             chain = true;
             break;
-        case 'o':
-            if (!parse_output(optarg, &fmt)) {
-                return usage_error("info", "--output must be human or json");
-            }
-            break;
-        case 'U':
-            flags |= QBM_OPEN_FORCE_SHARE;
-            break;
-        case 'h':
-            fputs(info_usage, stdout);
-            return 0;
-        default:
-            return usage_error("info", "invalid option");
         }
     }
-    if (argc - optind != 1) {
-        return usage_error("info", "expected one IMAGE argument");
+    if (c < 0) {
+        return a.status;
     }
-    file = argv[optind];
+    fmt = a.output;
+    flags = a.open_flags;
+    file = a.args[0];
     if (chain) {
-        struct qbm_chain *ch = qbm_chain_open(file, flags);
+        struct qbm_chain *ch = tool_chain_open(file, flags);
         size_t i;
 
         if (!ch) {
-            tool_lib_error(file);
             return 1;
         }
         if (fmt == OUTPUT_JSON) {
@@ -414,10 +574,9 @@ int cmd_info(int argc, char **argv)
         }
         qbm_chain_close(ch);
     } else {
-        struct qbm_image *img = qbm_open(file, flags);
+        struct qbm_image *img = tool_open(file, flags);
 
         if (!img) {
-            tool_lib_error(file);
             return 1;
         }
         if (describe(&ob, fmt, img, file) < 0) {

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm merge: OR one or more bitmaps into a target bitmap. */
-#include <getopt.h>
 #include <stdio.h>
 
 #include "qbm-tool.h"
@@ -12,64 +11,59 @@ static const char usage[] =
     "differ: a TARGET bit is set when any byte it covers is dirty.\n\n"
     "  -b, --source-image=FILE  read the SOURCE bitmaps from FILE (same\n"
     "                           virtual size)\n"
-    "  -F FORMAT                format of FILE (only qcow2)\n"
-    "  -n, --dry-run            say what would change, change nothing\n"
-    "  -h, --help               show this help\n";
+    "  -F FORMAT                format of FILE (only qcow2)\n";
 
 int cmd_merge(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "source-image", required_argument, NULL, 'b' },
-        { "dry-run", no_argument, NULL, 'n' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "merge",
+        .usage = usage,
+        .shortopts = "b:F:",
+        .opts = opts,
+        .common = TOOL_OPT_EDIT,
+        .min_args = 3,
+        .max_args = -1,
+        .args_hint = "IMAGE, TARGET and SOURCE...",
     };
     struct outbuf plan = { 0 };
     struct qbm_image *img, *src = NULL;
     const char *src_file = NULL, *file, *target;
-    bool dry_run = false;
     int c, i, ret;
 
-    while ((c = getopt_long(argc, argv, "+b:F:nh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'b':
             src_file = optarg;
             break;
         case 'F':
-            if (strcmp(optarg, "qcow2") != 0) {
-                return usage_error("merge", "only qcow2 sources have "
-                                            "bitmaps");
+            if (!parse_format("merge", "-F", optarg)) {
+                return EXIT_USAGE;
             }
             break;
-        case 'n':
-            dry_run = true;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("merge", "invalid option");
         }
     }
-    if (argc - optind < 3) {
-        return usage_error("merge", "expected IMAGE, TARGET and SOURCE...");
+    if (c < 0) {
+        return a.status;
     }
-    file = argv[optind];
-    target = argv[optind + 1];
+    file = a.args[0];
+    target = a.args[1];
     img = edit_open(file);
     if (!img) {
         return 1;
     }
     if (src_file && !same_file(src_file, file)) {
-        src = qbm_open(src_file, 0);
+        src = tool_open(src_file, 0);
         if (!src) {
-            tool_lib_error(src_file);
             qbm_close(img);
             return 1;
         }
     }
-    for (i = optind + 2; i < argc; i++) {
-        if (qbm_bitmap_merge(img, target, src ? src : img, argv[i]) < 0) {
+    for (i = 2; i < a.nargs; i++) {
+        if (qbm_bitmap_merge(img, target, src ? src : img, a.args[i]) < 0) {
             tool_lib_error(src && qbm_get_errno() == ENOENT &&
                                    qbm_bitmap_find(img, target) >= 0
                                ? src_file
@@ -80,10 +74,10 @@ int cmd_merge(int argc, char **argv)
             return 1;
         }
         ob_printf(&plan, "would merge bitmap '%s'%s%s into '%s' of %s\n",
-                  argv[i], src ? " of " : "", src ? src_file : "", target,
+                  a.args[i], src ? " of " : "", src ? src_file : "", target,
                   file);
     }
-    ret = edit_finish(img, file, dry_run, &plan);
+    ret = edit_finish(img, file, a.dry_run, &plan);
     qbm_close(src);
     return ret;
 }

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* qbm restore: rebuild a disk from a full backup plus incrementals. */
-#include <getopt.h>
 #include <libgen.h>
 #include <limits.h>
 #include <stdio.h>
@@ -9,26 +8,29 @@
 #include "qbm-tool.h"
 
 static const char usage[] =
-    "Usage: qbm restore [-O raw|qcow2] -o OUTPUT [-p] [--checkpoint NAME]\n"
+    "Usage: qbm restore [-O raw|qcow2] -o OUTPUT [-p] [-U] [--checkpoint "
+    "NAME]\n"
     "                   FULL [INCREMENTAL...]\n"
     "       qbm restore --link [--force] FULL INCREMENTAL...\n"
     "Write to OUTPUT the disk as of the last INCREMENTAL given: every\n"
     "cluster from the newest image that holds it (data, compressed data or\n"
-    "zero flags). FULL may be qcow2 or raw; incrementals are qcow2 files\n"
-    "holding only changed clusters (backing pointers are not followed).\n"
-    "Everything is checked before anything is written; OUTPUT appears only\n"
-    "once complete and flushed.\n\n"
+    "zero flags). FULL may be qcow2 or raw (with -f qcow2: only qcow2);\n"
+    "incrementals are qcow2 files holding only changed clusters (backing\n"
+    "pointers are not followed).\n"
+    "Everything is checked before anything is written; a file OUTPUT\n"
+    "appears only once complete and flushed (a block device is written\n"
+    "in place).\n\n"
     "  -O FORMAT          raw (default, sparse) or qcow2\n"
     "  -o OUTPUT          the file to write (replaced if it exists; a\n"
-    "                     symbolic link is followed; devices are refused)\n"
+    "                     symbolic link is followed), or a block device\n"
+    "                     to write in place (at least as large as the\n"
+    "                     output; only the output's bytes are written)\n"
     "      --checkpoint=NAME  give the qcow2 output an empty enabled bitmap\n"
     "                     NAME so incremental backups can resume\n"
-    "  -p                 show progress\n"
     "      --link         instead, make each INCREMENTAL's backing file the\n"
     "                     image before it (metadata only), so QEMU opens\n"
     "                     the last one as the restored disk\n"
-    "      --force        with --link: replace existing backing files\n"
-    "  -h, --help         show this help\n";
+    "      --force        with --link: replace existing backing files\n";
 
 /* The name to record in `img_path` for `target`: relative when both are
  * in the same directory, else absolute. */
@@ -106,22 +108,44 @@ static int link_chain(char **files, int n, bool force)
     return 0;
 }
 
+/* -f qcow2: FULL, which may otherwise be raw, must be qcow2 as well. */
+static bool full_is_qcow2(const char *full, unsigned open_flags)
+{
+    struct qbm_image *img = tool_open(full, QBM_OPEN_ANY_FORMAT | open_flags);
+    bool ok = img && strcmp(qbm_image_format(img), "qcow2") == 0;
+
+    if (img && !ok) {
+        tool_error(full, "not a qcow2 image (-f qcow2 was given)");
+    }
+    qbm_close(img);
+    return ok;
+}
+
 int cmd_restore(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "checkpoint", required_argument, NULL, 'k' },
         { "link", no_argument, NULL, 'l' },
-        { "force", no_argument, NULL, 'f' },
-        { "help", no_argument, NULL, 'h' },
+        { "force", no_argument, NULL, 'F' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "restore",
+        .usage = usage,
+        .shortopts = "O:o:",
+        .opts = opts,
+        .common = TOOL_OPT_FORMAT | TOOL_OPT_PROGRESS | TOOL_OPT_SHARE,
+        .min_args = 1,
+        .max_args = -1,
+        .args_hint = "-o OUTPUT and FULL",
     };
     int format = QBM_OUTPUT_RAW;
     const char *output = NULL, *checkpoint = NULL;
-    unsigned last = (unsigned)-1;
-    bool progress = false, link = false, force = false;
+    bool link = false, force = false;
+    struct progress p;
     int c;
 
-    while ((c = getopt_long(argc, argv, "+O:o:ph", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'O':
             if (strcmp(optarg, "raw") == 0) {
@@ -138,46 +162,42 @@ int cmd_restore(int argc, char **argv)
         case 'k':
             checkpoint = optarg;
             break;
-        case 'p':
-            progress = true;
-            break;
         case 'l':
             link = true;
             break;
-        case 'f':
+        case 'F':
             force = true;
             break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("restore", "invalid option");
         }
     }
+    if (c < 0) {
+        return a.status;
+    }
+    if (a.format_given && !full_is_qcow2(a.args[0], a.open_flags)) {
+        return 1;
+    }
     if (link) {
-        if (output || argc - optind < 2) {
+        if (output || a.nargs < 2) {
             return usage_error("restore", "--link takes FULL and "
                                           "INCREMENTAL..., and no -o");
         }
-        return link_chain(argv + optind, argc - optind, force);
+        if (a.open_flags & QBM_OPEN_FORCE_SHARE) {
+            /* --link edits the incrementals, which needs their locks. */
+            return usage_error("restore", "--link cannot be used with -U");
+        }
+        return link_chain(a.args, a.nargs, force);
     }
-    if (!output || argc - optind < 1) {
+    if (a.open_flags & QBM_OPEN_FORCE_SHARE) {
+        format |= QBM_RESTORE_FORCE_SHARE;
+    }
+    if (!output) {
         return usage_error("restore", "expected -o OUTPUT and FULL");
     }
-    if (checkpoint && format != QBM_OUTPUT_QCOW2) {
+    if (checkpoint && (format & ~QBM_RESTORE_FORCE_SHARE) != QBM_OUTPUT_QCOW2) {
         return usage_error("restore", "--checkpoint needs -O qcow2");
     }
-    if (qbm_restore((const char *const *)argv + optind, (size_t)(argc - optind),
-                    output, format, checkpoint, progress ? show_progress : NULL,
-                    &last) < 0) {
-        if (progress) {
-            fputc('\n', stderr);
-        }
-        tool_lib_error(NULL);
-        return 1;
-    }
-    if (progress) {
-        end_progress(&last);
-    }
-    return 0;
+    p = progress_init(&a);
+    return progress_finish(&p, qbm_restore((const char *const *)a.args,
+                                           (size_t)a.nargs, output, format,
+                                           checkpoint, progress_fn(&p), &p));
 }

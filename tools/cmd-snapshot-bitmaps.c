@@ -5,21 +5,21 @@
  * workflow is the library's (qbm_carry_snapshot); this prints what it
  * did.
  */
-#include <getopt.h>
 #include <stdio.h>
 
 #include "qbm-tool.h"
 
 static const char usage[] =
     "Usage: qbm snapshot-bitmaps [--disable-base] [--dry-run] BASE TOP\n"
-    "Give TOP (whose backing file is BASE) every enabled bitmap of BASE,\n"
-    "same name and granularity, enabled, and mark in it every cluster TOP\n"
-    "already holds, so each checkpoint covers the writes since the\n"
-    "snapshot and QEMU keeps tracking in TOP. Disabled bitmaps are not\n"
-    "carried. A bitmap TOP already has is only marked.\n\n"
-    "      --disable-base  then disable the carried bitmaps in BASE\n"
-    "  -n, --dry-run       say what would change, change nothing\n"
-    "  -h, --help          show this help\n";
+    "As libvirt when it takes an external snapshot: give TOP (whose\n"
+    "backing file is BASE) every enabled bitmap of BASE, same name and\n"
+    "granularity, enabled, and mark in it every cluster TOP already holds,\n"
+    "so each checkpoint covers the writes since the snapshot and QEMU keeps\n"
+    "tracking in TOP. BASE's bitmaps stay enabled. Disabled bitmaps are not\n"
+    "carried, nor in-use ones (with a warning). A bitmap TOP already has is\n"
+    "only marked.\n\n"
+    "      --disable-base  then disable the carried bitmaps in BASE (not\n"
+    "                      valid for libvirt)\n";
 
 struct report {
     struct outbuf plan;
@@ -34,6 +34,15 @@ static int report(void *opaque, int action, const char *bitmap,
     switch (action) {
     case QBM_CARRY_SNAPSHOT_SKIPPED:
         ob_printf(&rep->plan, "not carrying disabled bitmap '%s'\n", bitmap);
+        break;
+    case QBM_CARRY_SNAPSHOT_IN_USE:
+        tool_error(image,
+                   "warning: bitmap '%s' not carried: it is in use "
+                   "(inconsistent); repair it first with 'qbm check "
+                   "--repair'",
+                   bitmap);
+        ob_printf(&rep->plan, "not carrying bitmap '%s': in use in %s\n",
+                  bitmap, image);
         break;
     case QBM_CARRY_SNAPSHOT_ADDED:
     case QBM_CARRY_SNAPSHOT_MARKED:
@@ -54,7 +63,7 @@ static int report(void *opaque, int action, const char *bitmap,
             break;
         }
         ob_puts(&rep->plan, "(dry run: nothing was written)\n");
-        return ob_flush(&rep->plan);
+        return ob_flush_human(&rep->plan);
     }
     return 0;
 }
@@ -63,37 +72,41 @@ int cmd_snapshot_bitmaps(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "disable-base", no_argument, NULL, 'd' },
-        { "dry-run", no_argument, NULL, 'n' },
-        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
+    };
+    struct tool_args a = {
+        .cmd = "snapshot-bitmaps",
+        .usage = usage,
+        .opts = opts,
+        .common = TOOL_OPT_EDIT,
+        .min_args = 2,
+        .max_args = 2,
+        .args_hint = "BASE and TOP",
     };
     struct report rep = { { 0 }, false };
     unsigned flags = 0;
     int c, r;
 
-    while ((c = getopt_long(argc, argv, "+nh", opts, NULL)) != -1) {
+    while ((c = tool_getopt(&a, argc, argv)) > 0) {
         switch (c) {
         case 'd':
             flags |= QBM_CARRY_SNAPSHOT_DISABLE_BASE;
             break;
-        case 'n':
-            flags |= QBM_CARRY_SNAPSHOT_DRY_RUN;
-            rep.dry_run = true;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error("snapshot-bitmaps", "invalid option");
         }
     }
-    if (argc - optind != 2) {
-        return usage_error("snapshot-bitmaps", "expected BASE and TOP");
+    if (c < 0) {
+        return a.status;
     }
-    r = qbm_carry_snapshot(argv[optind], argv[optind + 1], flags, report, &rep);
+    if (a.dry_run) {
+        flags |= QBM_CARRY_SNAPSHOT_DRY_RUN;
+        rep.dry_run = true;
+    }
+    r = qbm_carry_snapshot(a.args[0], a.args[1], flags, report, &rep);
     ob_free(&rep.plan);
     if (r < 0) {
         tool_lib_error(NULL);
+        /* BASE TOP given as TOP BASE: BASE's chain holds TOP. */
+        hint_swapped(a.cmd, a.args[0], a.args[1], a.args[0], a.args[1]);
         return 1;
     }
     return r ? 1 : 0; /* r > 0: the output could not be written */

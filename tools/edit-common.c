@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* Helpers shared by the editing subcommands. */
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,16 +7,6 @@
 #include <sys/stat.h>
 
 #include "qbm-tool.h"
-
-struct qbm_image *edit_open(const char *file)
-{
-    struct qbm_image *img = qbm_open(file, QBM_OPEN_RDWR);
-
-    if (!img) {
-        tool_lib_error(file);
-    }
-    return img;
-}
 
 int edit_plan_space(struct qbm_image *img, unsigned flags, struct outbuf *plan)
 {
@@ -55,7 +44,7 @@ int edit_finish(struct qbm_image *img, const char *file, bool dry_run,
             return edit_fail(img, file, plan);
         }
         ob_puts(plan, "(dry run: nothing was written)\n");
-        ret = ob_flush(plan);
+        ret = ob_flush_human(plan);
     } else if (qbm_commit(img) < 0) {
         tool_lib_error(file);
         ob_free(plan);
@@ -130,32 +119,48 @@ bool same_file(const char *a, const char *b)
            sa.st_ino == sb.st_ino;
 }
 
-int parse_simple_edit(int argc, char **argv, const char *cmd, const char *usage,
-                      int min_args, int max_args, bool *ret_dry_run)
+void hint_swapped(const char *cmd, const char *upper, const char *lower,
+                  const char *first, const char *second)
 {
-    static const struct option opts[] = {
-        { "dry-run", no_argument, NULL, 'n' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
-    int c, n;
+    struct qbm_chain *ch = qbm_chain_open(upper, QBM_OPEN_FORCE_SHARE);
+    size_t i;
 
-    *ret_dry_run = false;
-    while ((c = getopt_long(argc, argv, "+nh", opts, NULL)) != -1) {
-        switch (c) {
-        case 'n':
-            *ret_dry_run = true;
+    for (i = 1; ch && i < qbm_chain_length(ch); i++) {
+        if (same_file(qbm_chain_filename(ch, i), lower)) {
+            tool_error(cmd,
+                       "BASE is above TOP (%s is in the backing chain of "
+                       "%s); did you mean 'qbm %s %s %s'?",
+                       lower, upper, cmd, second, first);
             break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return usage_error(cmd, "invalid option");
         }
     }
-    n = argc - optind;
-    if (n < min_args || (max_args >= 0 && n > max_args)) {
-        return usage_error(cmd, "wrong number of arguments");
+    qbm_chain_close(ch);
+}
+
+int edit_names(struct tool_args *a, int argc, char **argv,
+               int (*fn)(struct qbm_image *img, const char *name),
+               const char *verb, const char *prep)
+{
+    struct outbuf plan = { 0 };
+    struct qbm_image *img;
+    const char *file;
+    int r, i;
+
+    r = tool_parse(a, argc, argv);
+    if (r >= 0) {
+        return r;
     }
-    return -1;
+    file = a->args[0];
+    img = edit_open(file);
+    if (!img) {
+        return 1;
+    }
+    for (i = 1; i < a->nargs; i++) {
+        if (fn(img, a->args[i]) < 0) {
+            return edit_fail(img, file, &plan);
+        }
+        ob_printf(&plan, "would %s bitmap '%s' %s %s\n", verb, a->args[i], prep,
+                  file);
+    }
+    return edit_finish(img, file, a->dry_run, &plan);
 }

@@ -171,13 +171,57 @@ void ob_extent(struct outbuf *ob, const char *pre, uint64_t a, const char *mid,
     ob->len = (size_t)(d - ob->p);
 }
 
+/*
+ * One character of a name, decoded as QEMU's JSON writer decodes it (so
+ * qbm's JSON holds the same strings as qemu-img's): UTF-8 that also takes
+ * the two-byte form of NUL (0xc0 0x80), and -1 for anything else it does
+ * not take: a stray or impossible byte, a sequence cut short (which ends
+ * before the byte that breaks it), an overlong form, a surrogate, a
+ * noncharacter or a value past U+10FFFF. *ret_len: the bytes it took.
+ */
+static long name_char(const unsigned char *s, size_t *ret_len)
+{
+    static const long min_cp[] = { 0x80, 0x800, 0x10000, 0x200000, 0x4000000 };
+    unsigned c = s[0], n = 0, i;
+    long cp;
+
+    *ret_len = 1;
+    if (c < 0x80) {
+        return (long)c;
+    }
+    if (c >= 0xfe || !(c & 0x40)) {
+        return -1;
+    }
+    while (c & (0x80u >> n)) {
+        n++;
+    }
+    cp = (long)(c & ((1u << (7 - n)) - 1));
+    for (i = 1; i < n; i++) {
+        if ((s[i] & 0xc0) != 0x80) {
+            *ret_len = i;
+            return -1;
+        }
+        cp = (cp << 6) | (s[i] & 0x3f);
+    }
+    *ret_len = n;
+    if (cp > 0x10ffff || (cp >= 0xfdd0 && cp <= 0xfdef) ||
+        (cp & 0xfffe) == 0xfffe || (cp >= 0xd800 && cp <= 0xdfff) ||
+        (cp < min_cp[n - 2] && !(n == 2 && cp == 0))) {
+        return -1;
+    }
+    return cp;
+}
+
 void ob_json_string(struct outbuf *ob, const char *s)
 {
     const unsigned char *p = (const unsigned char *)s;
+    size_t len;
+    long cp;
 
     ob_write(ob, "\"", 1);
-    for (; *p; p++) {
-        switch (*p) {
+    for (; *p; p += len) {
+        cp = name_char(p, &len);
+        switch (cp) {
         case '"':
             ob_write(ob, "\\\"", 2);
             break;
@@ -193,41 +237,74 @@ void ob_json_string(struct outbuf *ob, const char *s)
         case '\r':
             ob_write(ob, "\\r", 2);
             break;
+        case -1:
+            /* Bytes that are not a character: U+FFFD, as qemu-img. */
+            ob_write(ob, "\\ufffd", 6);
+            break;
         default:
-            if (*p < 0x20 || *p == 0x7f) {
-                ob_printf(ob, "\\u%04x", *p);
-            } else if (*p >= 0x80) {
-                /* Names are bytes; keep JSON valid by escaping bytes that
-                 * are not part of well-formed UTF-8 as U+FFFD-free
-                 * \u00XX code points of their value. */
-                size_t n = 0, k;
-                unsigned c = *p;
-
-                if ((c & 0xe0) == 0xc0) {
-                    n = 1;
-                } else if ((c & 0xf0) == 0xe0) {
-                    n = 2;
-                } else if ((c & 0xf8) == 0xf0) {
-                    n = 3;
-                }
-                for (k = 1; k <= n; k++) {
-                    if ((p[k] & 0xc0) != 0x80) {
-                        n = 0;
-                        break;
-                    }
-                }
-                if (n) {
-                    ob_write(ob, (const char *)p, n + 1);
-                    p += n;
-                } else {
-                    ob_printf(ob, "\\u%04x", c);
-                }
+            if (cp < 0x20 || cp == 0x7f) {
+                ob_printf(ob, "\\u%04lx", cp);
             } else {
-                ob_write(ob, (const char *)p, 1);
+                ob_write(ob, (const char *)p, len);
             }
         }
     }
     ob_write(ob, "\"", 1);
+}
+
+/* s for a terminal; `lines`: newlines and tabs stay as they are. */
+static void human_text(struct outbuf *ob, const char *s, bool lines)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t len, i;
+    long cp;
+
+    for (; *p; p += len) {
+        cp = name_char(p, &len);
+        if (lines && (cp == '\n' || cp == '\t')) {
+            ob_write(ob, (const char *)p, 1);
+        } else if (cp < 0x20 || (cp >= 0x7f && cp <= 0x9f)) {
+            /* Control characters and bytes that are not text would reach
+             * the terminal: show their bytes as \xNN. */
+            for (i = 0; i < len; i++) {
+                ob_printf(ob, "\\x%02x", p[i]);
+            }
+        } else {
+            ob_write(ob, (const char *)p, len);
+        }
+    }
+}
+
+void ob_human_string(struct outbuf *ob, const char *s)
+{
+    human_text(ob, s, false);
+}
+
+int ob_flush_human(struct outbuf *ob)
+{
+    struct outbuf out = { 0 };
+
+    ob_write(ob, "", 1); /* a string, for the decoder */
+    if (!ob->failed) {
+        human_text(&out, ob->p, true);
+    }
+    out.failed |= ob->failed;
+    ob_free(ob);
+    return ob_flush(&out);
+}
+
+char *human_string(const char *s)
+{
+    struct outbuf ob = { 0 };
+    char *r = NULL;
+
+    ob_human_string(&ob, s);
+    ob_write(&ob, "", 1);
+    if (!ob.failed) {
+        r = strdup(ob.p);
+    }
+    ob_free(&ob);
+    return r;
 }
 
 int ob_flush_all(struct outbuf *const *obs, size_t n)
@@ -241,7 +318,7 @@ int ob_flush_all(struct outbuf *const *obs, size_t n)
             ret = 1;
         }
     }
-    for (i = 0; i < n && ret == 0; i++) {
+    for (i = 0; i < n && ret == 0 && !tool_quiet; i++) {
         if (obs[i]->len &&
             fwrite(obs[i]->p, 1, obs[i]->len, stdout) != obs[i]->len) {
             ret = 1;
@@ -266,8 +343,9 @@ int ob_flush(struct outbuf *ob)
     if (ob->failed) {
         fprintf(stderr, "qbm: out of memory building the output\n");
         ret = 1;
-    } else if (ob->len && (fwrite(ob->p, 1, ob->len, stdout) != ob->len ||
-                           fflush(stdout) != 0)) {
+    } else if (ob->len && !tool_quiet &&
+               (fwrite(ob->p, 1, ob->len, stdout) != ob->len ||
+                fflush(stdout) != 0)) {
         fprintf(stderr, "qbm: cannot write the output: %s\n", strerror(errno));
         ret = 1;
     }
@@ -310,18 +388,32 @@ void format_size(char *buf, size_t len, uint64_t bytes)
     }
 }
 
+void tool_verror(const char *file, const char *fmt, va_list ap)
+{
+    char msg[4096];
+    char *shown;
+
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    /* Names in it (files, bitmaps) may hold control characters. */
+    shown = human_string(msg);
+    fputs("qbm: ", stderr);
+    if (file) {
+        char *f = human_string(file);
+
+        fprintf(stderr, "%s: ", f ? f : file);
+        free(f);
+    }
+    fprintf(stderr, "%s\n", shown ? shown : msg);
+    free(shown);
+}
+
 void tool_error(const char *file, const char *fmt, ...)
 {
     va_list ap;
 
-    fputs("qbm: ", stderr);
-    if (file) {
-        fprintf(stderr, "%s: ", file);
-    }
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    tool_verror(file, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
 }
 
 void tool_lib_error(const char *file)
@@ -339,20 +431,4 @@ bool parse_output(const char *arg, enum output_format *ret)
         return false;
     }
     return true;
-}
-
-int usage_error(const char *cmd, const char *fmt, ...)
-{
-    va_list ap;
-
-    fputs("qbm: ", stderr);
-    if (cmd) {
-        fprintf(stderr, "%s: ", cmd);
-    }
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "\nTry 'qbm %s%s--help' for more information.\n",
-            cmd ? cmd : "", cmd ? " " : "");
-    return EXIT_USAGE;
 }

@@ -4,26 +4,47 @@
 
 #include "qbm-tool.h"
 
-void show_progress(void *opaque, uint64_t done, uint64_t total)
+static int show_progress(void *opaque, uint64_t done, uint64_t total)
 {
-    unsigned *last = opaque;
+    struct progress *p = opaque;
     unsigned pct = total ? (unsigned)(done * 10000 / total) : 10000;
 
     if (pct > 10000) {
         pct = 10000;
     }
     /* Redraw only when the figure changes by 0.01%. */
-    if (pct != *last) {
-        *last = pct;
+    if (pct != p->last) {
+        p->last = pct;
         fprintf(stderr, "    (%u.%02u/100%%)\r", pct / 100, pct % 100);
         fflush(stderr);
     }
+    return 0;
 }
 
-void end_progress(void *opaque)
+struct progress progress_init(const struct tool_args *a)
 {
-    if (*(unsigned *)opaque != 10000) {
-        fprintf(stderr, "    (100.00/100%%)");
+    struct progress p = { a->progress, (unsigned)-1 };
+
+    return p;
+}
+
+qbm_progress_fn progress_fn(const struct progress *p)
+{
+    return p->on ? show_progress : NULL;
+}
+
+int progress_finish(struct progress *p, int r)
+{
+    if (p->on) {
+        /* A failure breaks the line, so the message starts on its own. */
+        if (r >= 0 && p->last != 10000) {
+            fprintf(stderr, "    (100.00/100%%)");
+        }
+        fputc('\n', stderr);
     }
-    fputc('\n', stderr);
+    if (r < 0) {
+        tool_lib_error(NULL);
+        return 1;
+    }
+    return 0;
 }

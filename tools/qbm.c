@@ -65,6 +65,8 @@ static const struct command commands[] = {
     { "extract", cmd_extract, "write an offline incremental backup" },
     { "consolidate", cmd_consolidate,
       "fold incrementals into the full backup" },
+    { "rebuild", cmd_rebuild, "rebuild a bitmap by comparing with backups" },
+    { "verify", cmd_verify, "compare a disk with its backups" },
     { "checkpoints", cmd_checkpoints_exec,
       "check a libvirt domain's checkpoints" },
 };
@@ -79,13 +81,77 @@ static void print_help(FILE *f)
     for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
         fprintf(f, "  %-17s %s\n", commands[i].name, commands[i].summary);
     }
-    fprintf(f, "\nRun 'qbm COMMAND --help' for a command's options; see "
-               "qbm(1).\n");
+    fprintf(f, "\nRun 'qbm help COMMAND' (or 'qbm COMMAND --help') for a "
+               "command's options;\nsee qbm(1).\n");
+}
+
+static const struct command *find_command(const char *name)
+{
+    size_t i;
+
+    for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        if (strcmp(name, commands[i].name) == 0) {
+            return &commands[i];
+        }
+    }
+    return NULL;
+}
+
+/* qbm help [COMMAND]: as qbm COMMAND --help. */
+static int help(int argc, char **argv)
+{
+    const struct command *cmd;
+    char *args[3];
+
+    if (argc < 3) {
+        print_help(stdout);
+        return 0;
+    }
+    if (argc > 3) {
+        return usage_error("help", "expected at most one COMMAND");
+    }
+    cmd = find_command(argv[2]);
+    if (!cmd) {
+        return usage_error(NULL, "unknown command '%s'", argv[2]);
+    }
+    args[0] = argv[2];
+    args[1] = (char *)"--help";
+    args[2] = NULL;
+    return cmd->fn(2, args);
+}
+
+/*
+ * qbm __complete-bitmaps IMAGE: the names of IMAGE's bitmaps, one a line,
+ * for the shell completion (read without locks; names holding a newline
+ * left out). Not listed: not a command for people. Exit 1, silently, when
+ * IMAGE cannot be read.
+ */
+static int complete_bitmaps(int argc, char **argv)
+{
+    struct qbm_image *img;
+    size_t i;
+
+    if (argc != 3) {
+        return EXIT_USAGE;
+    }
+    img = qbm_open(argv[2], QBM_OPEN_FORCE_SHARE);
+    if (!img) {
+        return 1;
+    }
+    for (i = 0; i < qbm_bitmap_count(img); i++) {
+        const char *name = qbm_bitmap_name(img, i);
+
+        if (!strchr(name, '\n')) {
+            printf("%s\n", name);
+        }
+    }
+    qbm_close(img);
+    return fflush(stdout) == 0 ? 0 : 1;
 }
 
 int main(int argc, char **argv)
 {
-    size_t i;
+    const struct command *cmd;
 
     if (argc < 2) {
         print_help(stderr);
@@ -93,17 +159,18 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
         strcmp(argv[1], "help") == 0) {
-        print_help(stdout);
-        return 0;
+        return help(argc, argv);
+    }
+    if (strcmp(argv[1], "__complete-bitmaps") == 0) {
+        return complete_bitmaps(argc, argv);
     }
     if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
         printf("qbm %s\n", qbm_version());
         return 0;
     }
-    for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
-        if (strcmp(argv[1], commands[i].name) == 0) {
-            return commands[i].fn(argc - 1, argv + 1);
-        }
+    cmd = find_command(argv[1]);
+    if (!cmd) {
+        return usage_error(NULL, "unknown command '%s'", argv[1]);
     }
-    return usage_error(NULL, "unknown command '%s'", argv[1]);
+    return cmd->fn(argc - 1, argv + 1);
 }

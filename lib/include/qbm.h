@@ -10,6 +10,9 @@
  *  - Strings returned by the library are borrowed: they live as long as the
  *    handle they came from, unless stated otherwise.
  *  - Offsets and lengths are bytes, as uint64_t.
+ *  - Threads: a handle is used by one thread at a time; different handles
+ *    may be used by different threads at once; the last error is per
+ *    thread (docs/api.md, which also states the soname policy).
  */
 #ifndef QBM_H
 #define QBM_H
@@ -26,6 +29,20 @@ extern "C" {
 #else
 #define QBM_API
 #endif
+
+/*
+ * The version of this header, the same as meson's project version (the
+ * suite `lint` checks it); qbm_version() gives the library's at run time.
+ */
+#define QBM_VERSION_MAJOR 0
+#define QBM_VERSION_MINOR 1
+#define QBM_VERSION_MICRO 0
+/* True when this header is at least MAJOR.MINOR.MICRO. */
+#define QBM_CHECK_VERSION(major, minor, micro)                        \
+    (QBM_VERSION_MAJOR > (major) ||                                   \
+     (QBM_VERSION_MAJOR == (major) && QBM_VERSION_MINOR > (minor)) || \
+     (QBM_VERSION_MAJOR == (major) && QBM_VERSION_MINOR == (minor) && \
+      QBM_VERSION_MICRO >= (micro)))
 
 struct qbm_image;
 struct qbm_chain;
@@ -138,6 +155,62 @@ QBM_API int qbm_image_bitmaps_bytes(struct qbm_image *img, uint64_t *ret_bytes);
 /* Number of internal snapshots. */
 QBM_API unsigned qbm_image_snapshot_count(const struct qbm_image *img);
 
+/* An internal snapshot's table entry, as `qemu-img info` shows it. */
+struct qbm_snapshot_info {
+    const char *id;         /* borrowed: valid until the image is closed */
+    const char *name;       /* or reloaded (qbm_commit); cut at a NUL */
+    uint64_t vm_state_size; /* bytes of saved VM state (0: disk only) */
+    uint64_t vm_clock_nsec; /* guest clock when taken */
+    uint64_t icount;        /* QBM_SNAPSHOT_NO_ICOUNT when not recorded */
+    uint32_t date_sec;      /* host time when taken */
+    uint32_t date_nsec;
+};
+#define QBM_SNAPSHOT_NO_ICOUNT UINT64_MAX
+/*
+ * Fill *ret with snapshot idx (0 .. qbm_image_snapshot_count() - 1, in
+ * table order). Returns 0, or -1 (EINVAL: no such snapshot; *ret is
+ * untouched).
+ */
+QBM_API int qbm_image_snapshot(const struct qbm_image *img, size_t idx,
+                               struct qbm_snapshot_info *ret);
+/*
+ * Bytes the image file occupies on the host file system (st_blocks * 512;
+ * an external data file not included): what `qemu-img info` (7.2) calls
+ * actual-size. Returns 0, or -1 (ENOTSUP for an image opened from memory;
+ * the errno of fstat()).
+ */
+QBM_API int qbm_image_allocated_size(const struct qbm_image *img,
+                                     uint64_t *ret);
+
+/* A LUKS key slot, as `qemu-img info` shows it. */
+struct qbm_luks_slot {
+    int active;          /* 1 when the slot holds a key */
+    uint32_t iters;      /* PBKDF2 iterations (active slots) */
+    uint32_t stripes;    /* anti-forensic stripes (active slots) */
+    uint64_t key_offset; /* bytes from the start of the LUKS header */
+};
+/* An encrypted image's encryption, as `qemu-img info` shows it. */
+struct qbm_encryption_info {
+    char format[8]; /* "aes" (qcow2's legacy encryption) or "luks" */
+    /* LUKS only ("" and 0 for "aes"), with QEMU's names: */
+    char cipher_alg[48];     /* "aes-256", "serpent-128", "sm4", ... */
+    char cipher_mode[33];    /* "xts", "cbc", "ecb", "ctr" */
+    char ivgen_alg[33];      /* "plain64", "plain", "essiv" */
+    char ivgen_hash_alg[33]; /* with "essiv", else "" */
+    char hash_alg[33];       /* "sha256", ... */
+    char uuid[41];
+    uint64_t payload_offset; /* bytes */
+    uint32_t master_key_iters;
+    struct qbm_luks_slot slots[8];
+};
+/*
+ * Fill *ret with the image's encryption (qcow2 crypt_method 1, or 2 with
+ * its LUKS header, read from the file). Returns 0, or -1: ENOENT when the
+ * image is not encrypted, EINVAL when the LUKS header is damaged.
+ */
+QBM_API int qbm_image_encryption(struct qbm_image *img,
+                                 struct qbm_encryption_info *ret);
+
 /* Feature words from the header (0 for v2 and raw). */
 #define QBM_FEATURE_INCOMPATIBLE 0
 #define QBM_FEATURE_COMPATIBLE 1
@@ -222,6 +295,19 @@ typedef int (*qbm_extent_fn)(void *opaque, uint64_t offset, uint64_t length);
  */
 QBM_API int qbm_bitmap_extents(struct qbm_image *img, size_t idx,
                                qbm_extent_fn fn, void *opaque);
+
+/*
+ * Walk the dirty extents of bitmap `idx` that meet the guest range
+ * [offset, offset + length), clipped to it and to the virtual size. Only
+ * the bitmap table entries covering the range are read, so a caller can
+ * walk a bitmap piecewise in bounded memory (stop the walk after a batch
+ * of extents, then go on from the end of the last one: an extent reported
+ * whole ends at a clean bit or the range's end).
+ * Returns 0 when done, -1 on error, or the callback's non-zero value.
+ */
+QBM_API int qbm_bitmap_extents_range(struct qbm_image *img, size_t idx,
+                                     uint64_t offset, uint64_t length,
+                                     qbm_extent_fn fn, void *opaque);
 
 /* ---- editing ---------------------------------------------------------- */
 
@@ -411,13 +497,49 @@ QBM_API int qbm_check_backing(struct qbm_image *img, qbm_problem_fn fn,
  */
 QBM_API int qbm_repair(struct qbm_image *img, unsigned flags);
 
+/* What qbm_repair_report() says it did, once each step is durable. */
+enum qbm_repair_action {
+    /* A stale bitmaps extension was dropped (QEMU ignored its bitmaps;
+     * their clusters became leaks, freed by QBM_REPAIR_LEAKS). */
+    QBM_REPAIRED_STALE = 1,
+    /* The autoclear bitmaps bit was set without an extension: cleared. */
+    QBM_REPAIRED_AUTOCLEAR = 2,
+    /* `bitmap` was in use: now consistent and all dirty, so the next
+     * incremental backup from it copies the whole disk. */
+    QBM_REPAIRED_IN_USE_DIRTY = 3,
+    /* `bitmap` was in use: removed (its checkpoint is gone). */
+    QBM_REPAIRED_IN_USE_REMOVED = 4,
+    /* `count` leaked clusters were freed (`bytes` of the file). */
+    QBM_REPAIRED_LEAKS = 5,
+};
+/* One repair made: `bitmap` (borrowed for the call) for the in-use
+ * actions, else NULL; `count` and `bytes` for QBM_REPAIRED_LEAKS, else 0.
+ * Return 0 to go on; anything else stops before the next step. */
+typedef int (*qbm_repair_fn)(void *opaque, int action, const char *bitmap,
+                             uint64_t count, uint64_t bytes);
+/*
+ * qbm_repair(), calling fn (may be NULL) for every repair it made, after
+ * the step that made it is durable. Returns 0, -1, or fn's non-zero value
+ * (errno ECANCELED; the steps already made stay).
+ */
+QBM_API int qbm_repair_report(struct qbm_image *img, unsigned flags,
+                              qbm_repair_fn fn, void *opaque);
+
 /* ---- backups ------------------------------------------------------------ */
 
-/* Progress of long operations: `done` of `total` bytes copied. */
-typedef void (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+/*
+ * Progress of long operations: `done` of `total` bytes copied. Return 0 to
+ * go on, anything else to stop: the operation then fails as it does on an
+ * error (nothing is left behind or switched; see each call) and returns
+ * that value, with errno ECANCELED.
+ */
+typedef int (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
 
 #define QBM_OUTPUT_RAW 0
 #define QBM_OUTPUT_QCOW2 1
+/* ORed into qbm_restore()'s `format`: open the inputs (and their data
+ * files) without QEMU's locks, as qemu-img -U (read only). */
+#define QBM_RESTORE_FORCE_SHARE 0x100
 
 /*
  * Rebuild a disk from images[0] (the full backup: qcow2, or raw) and
@@ -425,17 +547,27 @@ typedef void (*qbm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
  * range comes from the newest image that holds it (data, compressed data
  * or zero flags; each image's own layer only, backing pointers are not
  * followed). Everything is verified before anything is written (readable
- * images, same virtual size, no image twice, OUTPUT a regular file or
- * nothing). OUTPUT is written under a temporary name, flushed and renamed
- * into place: on failure no OUTPUT is left behind. A new OUTPUT gets mode
- * 0666 minus the umask, an existing one keeps its permission bits; a
- * symbolic link is followed (a dangling one creates its target) and kept;
- * a device, fifo, socket or directory is refused and never replaced, even
- * when it appears while the output is written. Raw output is sparse;
- * qcow2 output is a fresh image with 64 KiB clusters. `checkpoint`
- * (qcow2 only, may be NULL): name of an empty enabled bitmap to create so
- * that incremental backups can resume.
- * Returns 0 or -1.
+ * images, same virtual size, no image twice, OUTPUT a regular file, a
+ * block device or nothing). OUTPUT is written under a temporary name,
+ * flushed and renamed into place: on failure no OUTPUT is left behind. A
+ * new OUTPUT gets mode 0666 minus the umask, an existing one keeps its
+ * permission bits; a symbolic link is followed (a dangling one creates its
+ * target) and kept; a character device, fifo, socket or directory is
+ * refused and never replaced, even when it appears while the output is
+ * written. A block device (opened O_EXCL, with QEMU's write locks) is
+ * written in place, every byte of the output with data or zeros, and
+ * flushed; one smaller than the output is refused unchanged, and a failure
+ * while writing leaves it partly written. Raw output is sparse in a file
+ * and fills the first virtual-size bytes of a device; qcow2 output is a
+ * fresh image with 64 KiB clusters. `checkpoint` (qcow2 only, not onto a
+ * block device, may be NULL): name of an empty enabled bitmap to create so
+ * that incremental backups can resume. An image with an external data
+ * file is read through it (opened read only, with shared locks, a relative
+ * name from the working directory as QEMU does; a missing one fails before
+ * OUTPUT is made); the same holds for qbm_extract() and the incrementals
+ * of qbm_consolidate(). `format` is QBM_OUTPUT_RAW or QBM_OUTPUT_QCOW2,
+ * maybe ORed with QBM_RESTORE_FORCE_SHARE.
+ * Returns 0, -1, or the progress callback's non-zero value.
  */
 QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
                         int format, const char *checkpoint,
@@ -443,7 +575,10 @@ QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
 
 #define QBM_EXTRACT_CHAIN 0x1u /* dirty set: the union over the chain */
 #define QBM_EXTRACT_FULL 0x2u  /* copy everything allocated */
-#define QBM_EXTRACT_MASK 0x3u
+/* Read IMAGE's chain without QEMU's locks, as qemu-img -U; not taken by
+ * qbm_extract_rotate(), which edits IMAGE. */
+#define QBM_EXTRACT_FORCE_SHARE 0x8u
+#define QBM_EXTRACT_MASK 0xbu
 
 /*
  * Offline incremental backup: write to OUTPUT a fresh qcow2 image holding
@@ -453,12 +588,39 @@ QBM_API int qbm_restore(const char *const *images, size_t n, const char *output,
  * (may be NULL) is recorded as OUTPUT's backing file (format qcow2), so
  * QEMU can open the backup chain directly. With QBM_EXTRACT_FULL, every
  * allocated cluster is copied and `bitmap` may be NULL. Refuses in-use
- * bitmaps. OUTPUT appears only once complete, and is treated as by
- * qbm_restore(). Returns 0 or -1.
+ * bitmaps, and OUTPUT naming IMAGE or one of its backing files. OUTPUT
+ * appears only once complete, and is treated as by qbm_restore(); on a
+ * block device the image is written from offset 0 and the device must
+ * hold its whole layout. Returns 0, -1, or the progress callback's
+ * non-zero value.
  */
 QBM_API int qbm_extract(const char *image, const char *bitmap,
                         const char *output, unsigned flags, const char *backing,
                         qbm_progress_fn progress, void *opaque);
+
+/* Flags of qbm_extract_rotate(), besides those of qbm_extract(). */
+#define QBM_EXTRACT_DISABLE_OLD 0x4u /* see below; not libvirt's */
+#define QBM_EXTRACT_ROTATE_MASK 0x7u /* no QBM_EXTRACT_FORCE_SHARE */
+
+/*
+ * qbm_extract() of `bitmap`, then the next checkpoint: once OUTPUT is
+ * durable, an empty enabled bitmap `next` with the granularity of IMAGE's
+ * `bitmap` is added to IMAGE (its top layer) in one transaction. `bitmap`
+ * stays enabled, as libvirt keeps every checkpoint's bitmap recording;
+ * with QBM_EXTRACT_DISABLE_OLD it is disabled in the same transaction (the
+ * older model, in which only the newest checkpoint records; libvirt uses
+ * no chain with a disabled copy). What would refuse that transaction (IMAGE
+ * lacking `bitmap`, `next` taken or not a valid name, an image qbm cannot
+ * edit or that another process holds) refuses the call before OUTPUT is
+ * written. If it fails after OUTPUT was written anyway, the message says
+ * so; OUTPUT stays. With QBM_EXTRACT_FULL, `bitmap` only gives the
+ * granularity (and is the one disabled).
+ * Returns 0, -1, or the progress callback's non-zero value.
+ */
+QBM_API int qbm_extract_rotate(const char *image, const char *bitmap,
+                               const char *next, const char *output,
+                               unsigned flags, const char *backing,
+                               qbm_progress_fn progress, void *opaque);
 
 /*
  * Fold incremental backups (qcow2, oldest first) into the full backup
@@ -467,10 +629,66 @@ QBM_API int qbm_extract(const char *image, const char *bitmap,
  * leaves FULL either as it was or with every incremental folded in. FULL's
  * enabled bitmaps are marked with what changes. FULL must be a plain
  * version 3 qcow2 (no internal snapshots, backing file, extended L2,
- * external data or encryption). Returns 0 or -1.
+ * external data or encryption). A progress callback that stops the fold
+ * leaves FULL's data as it was (its enabled bitmaps may keep the marks made
+ * first, and the file may be longer). Returns 0, -1, or the progress
+ * callback's non-zero value.
  */
 QBM_API int qbm_consolidate(const char *full, const char *const *incs, size_t n,
                             qbm_progress_fn progress, void *opaque);
+
+/* Flags of qbm_rebuild(). */
+#define QBM_REBUILD_DRY_RUN 0x1u /* compare and count, write nothing */
+#define QBM_REBUILD_MASK 0x1u
+
+/*
+ * Recover a checkpoint from the last backup: make bitmap `name` of IMAGE
+ * an enabled, consistent bitmap in which exactly the granules are set
+ * whose content (IMAGE read through its backing chain) differs from what
+ * backups[0..n) restore to, under qbm_restore()'s rules (backups[0] the
+ * full, qcow2 or raw, then qcow2 incrementals, oldest first). IMAGE, its
+ * backing files and the backups may have external data files (read as
+ * qbm_restore() reads them). A bitmap `name` already there is replaced, in use
+ * or not; `granularity` 0 takes its granularity, or qbm_bitmap_add()'s default
+ * when there is none. Ranges that read as zeros on both sides (unallocated,
+ * zero flags) are equal without being read; data is read once on each side.
+ * IMAGE is opened for writing (QEMU's writer locks: refused while a VM uses
+ * it), its backing files and the backups read-locked; the change is one
+ * crash-safe transaction. Refused, with nothing written: a virtual size
+ * differing from the backups', IMAGE given as a backup, an input missing
+ * or corrupt, a granularity qbm_bitmap_add() refuses. With
+ * QBM_REBUILD_DRY_RUN nothing is written. `progress` (may be NULL) counts
+ * the bytes read; its non-zero value stops the comparison and nothing is
+ * written. *ret_dirty_bytes (may be NULL): the bytes set, clipped to the
+ * virtual size. Returns 0, -1, or the progress callback's non-zero value.
+ */
+QBM_API int qbm_rebuild(const char *image, const char *name,
+                        uint64_t granularity, const char *const *backups,
+                        size_t n, unsigned flags, qbm_progress_fn progress,
+                        void *opaque, uint64_t *ret_dirty_bytes);
+
+/*
+ * Compare IMAGE (read through its backing chain; qcow2 or raw) with what
+ * backups[0..n) restore to (as qbm_rebuild()) and call fn for each extent
+ * of 512-byte sectors whose content differs, in increasing order, adjacent
+ * ones merged, clipped to the virtual size. With `bitmap` (a bitmap of
+ * IMAGE's top layer; refused when in use), only the parts of those
+ * extents that it marks clean: writes it missed, a corrupt backup, or a
+ * wrong bitmap. Everything is opened read-only with read locks (refused
+ * while a VM writes IMAGE), or with QBM_VERIFY_FORCE_SHARE without locks,
+ * as qemu-img -U (IMAGE, its backing files and the backups: a disk a VM
+ * writes meanwhile may compare as anything). fn gets `opaque`; progress (may be
+ * NULL) counts the bytes read and gets `progress_opaque`. Returns 0 (fn
+ * saw every difference, maybe none), -1 when the comparison could not be
+ * made, or the non-zero value of fn or of progress that stopped it (errno
+ * ECANCELED).
+ */
+#define QBM_VERIFY_FORCE_SHARE 0x1u
+#define QBM_VERIFY_MASK 0x1u
+QBM_API int qbm_verify(const char *image, const char *const *backups, size_t n,
+                       const char *bitmap, unsigned flags, qbm_extent_fn fn,
+                       void *opaque, qbm_progress_fn progress,
+                       void *progress_opaque);
 
 /*
  * Make `backing` (with format `format`, e.g. "qcow2" or "raw") the backing
@@ -484,9 +702,10 @@ QBM_API int qbm_image_set_backing(struct qbm_image *img, const char *backing,
 /* ---- carrying bitmaps over a commit ------------------------------------ */
 
 /* Flags of qbm_carry_commit(). */
-#define QBM_CARRY_MARK_WRITTEN 0x1u /* see below */
-#define QBM_CARRY_FILL_GAPS 0x2u    /* see below */
-#define QBM_CARRY_MASK 0x3u
+#define QBM_CARRY_MARK_WRITTEN 0x1u     /* see below */
+#define QBM_CARRY_FILL_GAPS 0x2u        /* see below */
+#define QBM_CARRY_INCLUDE_DISABLED 0x4u /* see below; not libvirt's */
+#define QBM_CARRY_MASK 0x7u
 
 /* What qbm_carry_commit() staged, or skipped, reported per bitmap and
  * layer; `layer` is the file named below. */
@@ -496,6 +715,11 @@ enum qbm_carry_action {
     QBM_CARRY_GAP = 3,    /* not carried at all: `layer` lacks it */
     QBM_CARRY_FILLED = 4, /* `layer` lacks it; its clusters were marked */
     QBM_CARRY_MARKED = 5, /* MARK_WRITTEN: `layer` is BASE */
+    /* not carried at all: `layer`'s copy is disabled */
+    QBM_CARRY_DISABLED = 6,
+    /* not carried at all: `layer`'s copy is in use (inconsistent); with
+     * MARK_WRITTEN also an in-use bitmap of BASE left unmarked */
+    QBM_CARRY_IN_USE = 7,
 };
 
 /*
@@ -514,13 +738,26 @@ typedef int (*qbm_carry_fn)(void *opaque, int action, const char *bitmap,
  * of TOP's backing chain above it, the layers `qemu-img commit` writes
  * into it, which itself keeps only the bitmaps the base already has.
  * `base` must be in TOP's chain (the same file, by device and inode) and
- * every layer above it must have its virtual size and no in-use bitmap;
- * otherwise nothing is staged.
+ * every layer above it must have its virtual size; otherwise nothing is
+ * staged.
  *
- * Each bitmap of those layers is ORed into BASE's bitmap of that name,
- * which is created with the granularity of the topmost layer that has the
- * bitmap when BASE lacks it; BASE's copy is enabled when that topmost copy
- * is, disabled otherwise.
+ * As libvirt after a block commit (qemuBlockBitmapsHandleCommitFinish), a
+ * bitmap is carried when it passes the rules of qbm_chain_check() over the
+ * layers from TOP down to BASE: TOP has a copy, the layers that have one
+ * follow each other with none missing (no gap, below), and every copy
+ * records (is enabled) and is consistent. Its copies above BASE are then
+ * ORed into BASE's bitmap of that name, which is created, enabled, with
+ * the granularity of the topmost copy when BASE lacks it. Any other bitmap
+ * is not carried at all, reported once per layer that stops it
+ * (QBM_CARRY_GAP, QBM_CARRY_DISABLED, QBM_CARRY_IN_USE), so that BASE gets
+ * no copy that looks whole while it is not. Unlike libvirt, which judges
+ * the whole chain, the layers below BASE play no part: a gap, disabled or
+ * in-use copy there stays for a check of the chain to report, and BASE's
+ * copy misses no write of the committed layers once that is repaired.
+ *
+ * QBM_CARRY_INCLUDE_DISABLED (not valid for libvirt, which uses no chain
+ * with a disabled copy): disabled copies no longer stop a bitmap, and
+ * BASE's copy is enabled when the topmost copy is, disabled otherwise.
  *
  * A gap is a layer, among the ones above BASE and BASE itself, that lacks
  * a bitmap although a layer above it has the bitmap and one below it too
@@ -556,7 +793,7 @@ QBM_API int qbm_carry_commit(struct qbm_image *base, const char *top,
 /* ---- carrying bitmaps over an external snapshot -------------------------- */
 
 /* Flags of qbm_carry_snapshot(). */
-#define QBM_CARRY_SNAPSHOT_DISABLE_BASE 0x1u /* see below */
+#define QBM_CARRY_SNAPSHOT_DISABLE_BASE 0x1u /* see below; not libvirt's */
 #define QBM_CARRY_SNAPSHOT_DRY_RUN 0x2u      /* stage and report only */
 #define QBM_CARRY_SNAPSHOT_MASK 0x3u
 
@@ -571,6 +808,8 @@ enum qbm_carry_snapshot_action {
     QBM_CARRY_SNAPSHOT_DISABLED = 5, /* DISABLE_BASE: disabled in BASE */
     /* BASE's edits are committed (or would be); bitmap NULL */
     QBM_CARRY_SNAPSHOT_BASE_DONE = 6,
+    /* in use (inconsistent) in `image`, BASE or TOP: not carried */
+    QBM_CARRY_SNAPSHOT_IN_USE = 7,
 };
 
 /*
@@ -585,21 +824,26 @@ typedef int (*qbm_carry_snapshot_fn)(void *opaque, int action,
 
 /*
  * Continue BASE's checkpoints in TOP, an external snapshot of BASE (TOP's
- * backing file is BASE's file) taken without bitmap handling: every
- * enabled bitmap of BASE, in directory order, is created in TOP with its
- * name and granularity, enabled (a bitmap TOP has already is kept as it
- * is), and TOP's own allocation (qbm_bitmap_populate) is ORed into it, a
- * superset of the writes since the snapshot. The checkpoint then spans
- * the chain (qbm_chain_bitmap_extents) and QEMU keeps recording in TOP.
- * Disabled bitmaps of BASE are not carried; an in-use one refuses the
- * call.
+ * backing file is BASE's file) taken without bitmap handling, as libvirt
+ * does when it takes one (qemuSnapshotDiskBitmapsPropagate): every
+ * enabled, consistent bitmap of BASE, in directory order, is created in
+ * TOP with its name and granularity, enabled (a bitmap TOP has already is
+ * kept as it is), and TOP's own allocation (qbm_bitmap_populate) is ORed
+ * into it, a superset of the writes since the snapshot. BASE's copies
+ * stay as they are, recording. The checkpoint then spans the chain
+ * (qbm_chain_bitmap_extents) and QEMU keeps recording in TOP. Disabled
+ * bitmaps of BASE are not carried (QBM_CARRY_SNAPSHOT_SKIPPED), nor those
+ * in use in BASE or in TOP (QBM_CARRY_SNAPSHOT_IN_USE: their bits are not
+ * known); the others are.
  *
  * TOP is opened for writing, BASE read-locked, and TOP's edits committed
- * in one transaction. With QBM_CARRY_SNAPSHOT_DISABLE_BASE, then, and
- * only once TOP's edits are durable (a crash in between leaves both
- * copies recording, never neither), BASE is reopened for writing and the
- * bitmaps carried are disabled in it, in a second transaction: the
- * checkpoints moved up. QBM_CARRY_SNAPSHOT_DRY_RUN stages and reports the
+ * in one transaction. With QBM_CARRY_SNAPSHOT_DISABLE_BASE (not valid for
+ * libvirt, which uses no chain with a disabled copy), then, and only once
+ * TOP's edits are durable (a crash in between leaves both copies
+ * recording, never neither), BASE is reopened for writing and the bitmaps
+ * carried are disabled in it, in a second transaction: the checkpoints
+ * moved up, for a tool that reads their union over the chain itself.
+ * QBM_CARRY_SNAPSHOT_DRY_RUN stages and reports the
  * same, images opened the same way, but commits nothing.
  *
  * Both images are opened and closed inside the call, from the file names
@@ -730,6 +974,13 @@ QBM_API int qbm_chain_check(struct qbm_chain *chain, qbm_chain_rule_fn fn,
  * caller's part.
  */
 struct qbm_checkpoints;
+
+/*
+ * Whether `name` is a checkpoint name libvirt accepts,
+ * [A-Za-z0-9_-][A-Za-z0-9_.-]* (docs/checkpoint-rules.md, section 7):
+ * 1 or 0; NULL is not one. Records no error.
+ */
+QBM_API int qbm_checkpoint_name_valid(const char *name);
 
 /* A new, empty set (free with qbm_checkpoints_free), or NULL. */
 QBM_API struct qbm_checkpoints *qbm_checkpoints_new(void);

@@ -20,7 +20,8 @@
  *   OP: add NAME GRANULARITY DISABLED | remove NAME... | clear NAME |
  *       enable NAME | disable NAME | rename OLD NEW | merge TARGET SOURCE |
  *       dirty NAME OFFSET LENGTH | salvage NAME |
- *       consolidate INCREMENTAL... (oldest first) | backing NAME FORMAT
+ *       consolidate INCREMENTAL... (oldest first) | backing NAME FORMAT |
+ *       rebuild NAME GRANULARITY FULL [INCREMENTAL...] (oldest first)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -139,10 +140,27 @@ static struct qbm_io *run(const uint8_t *buf, size_t len, uint64_t point,
                 exit(2);
             }
         }
-        *ret_rc = qbm_consolidate_images(img, incs, (size_t)n, NULL, NULL);
+        *ret_rc = qbm_consolidate_images(img, incs, (size_t)n, NULL);
         for (i = 0; i < n; i++) {
             qbm_close(incs[i]);
         }
+    } else if (!strcmp(op[0], "rebuild") && nop >= 4) {
+        struct qbm_image **bk;
+        uint64_t size, dirty;
+        size_t n = (size_t)(nop - 3);
+
+        if (qbm_backups_open((const char *const *)op + 3, n, false, &bk,
+                             &size) < 0) {
+            fprintf(stderr, "crash-harness: %s\n", qbm_get_error());
+            exit(2);
+        }
+        if (qbm_rebuild_stage(&img, 1, bk, n, op[1],
+                              strtoull(op[2], NULL, 0), NULL, &dirty) < 0) {
+            fprintf(stderr, "crash-harness: rebuild: %s\n", qbm_get_error());
+            exit(2);
+        }
+        *ret_rc = qbm_commit(img);
+        qbm_backups_close(bk, n);
     } else if (!strcmp(op[0], "backing") && nop == 3) {
         *ret_rc = qbm_image_set_backing(img, op[1], op[2]);
     } else {

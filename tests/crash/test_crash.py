@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from qbmtest import (Fail, Qcow2, Suite, dirty_map,  # noqa: E402
                      qemu_bitmaps, qemu_img, qemu_img_check, qemu_img_compare,
-                     qemu_img_create, qemu_io, run)
+                     qemu_img_create, qemu_io, run, set_in_use)
 
 
 def state(qbm, img):
@@ -128,7 +128,21 @@ def scenarios(tmp):
     extl2 = make(tmp, "extl2.qcow2", 100 << 20,
                  "extended_l2=on,refcount_bits=1",
                  [("x", 4096, False)], ["write 5000 3000", "write 50M 1M"])
+    # A checkpoint left in use by a crash, rebuilt from the backups: a
+    # full taken before the last writes, and an incremental of some.
+    rb = make(tmp, "rb.qcow2", 32 << 20, "cluster_size=4096",
+              [("ck", 65536, False), ("keep", 4096, True)],
+              ["write -P 1 0 4M", "write -c -P 2 8M 64k"])
+    rb_full = os.path.join(tmp, "rb-full.qcow2")
+    qemu_img("convert", "-O", "qcow2", rb, rb_full)
+    rb_inc = make(tmp, "rb-inc.qcow2", 32 << 20, None, [],
+                  ["write -P 3 1M 64k"])
+    qemu_io(rb, "write -P 3 1M 64k", "write -P 1 2M 64k",
+            "write -z 8M 64k", "write -P 4 20M 100k")
+    set_in_use(rb, "ck")
     return [
+        ("rebuild an in-use bitmap from backups", rb, 3, "rebuild", "ck",
+         "0", rb_full, rb_inc),
         ("add to an image with bitmaps", base, 3, "add", "new", "65536",
          "0"),
         ("add the first bitmap (creates the extension)", empty, 3, "add",
@@ -157,21 +171,44 @@ def scenarios(tmp):
     ]
 
 
+def run_harness(suite, harness, tmp, backing, desc, img, seeds, op,
+                opts=()):
+    """Run the harness (with its options opts) on img with its crash images
+    going to a new directory, where backing (a file of tmp) is linked so
+    that relative backing names resolve: the directory, the number of
+    write and flush points and how many of the crashes or failures cut a
+    batch (the harness's output), or None after reporting a failure."""
+    out = tempfile.mkdtemp(dir=tmp)
+    os.symlink(os.path.join(tmp, backing), os.path.join(out, backing))
+    p = run([harness] + list(opts) + [img, out, str(seeds)] + op, ok=None)
+    if p.returncode != 0:
+        suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
+        return None
+    npoints, cuts = map(int, p.stdout.split())
+    return out, npoints, cuts
+
+
+def crash_images(out):
+    """The crash images the harness left in out, in name order, each with
+    qemu-img check's verdict: (name, path, the completed check)."""
+    for f in sorted(os.listdir(out)):
+        if f.startswith("crash-"):
+            path = os.path.join(out, f)
+            yield f, path, qemu_img_check(path, ok=None)
+
+
 def check_failures(suite, qbm, harness, tmp, desc, img, op, err):
     """Fail each write/flush point of the edit once with err; judge the
     images left behind. Returns how many were judged."""
-    out = tempfile.mkdtemp(dir=tmp)
-    os.symlink(os.path.join(tmp, "back.qcow2"),
-               os.path.join(out, "back.qcow2"))
     label = "%s, %s" % (desc, errno.errorcode[err])
-    p = run([harness, "--fail=%d" % err, img, out, "1"] + op, ok=None)
-    if p.returncode != 0:
-        suite.fail("%s: harness: %s" % (label, p.stderr.strip()))
+    ran = run_harness(suite, harness, tmp, "back.qcow2", label, img, 1, op,
+                      opts=["--fail=%d" % err])
+    if not ran:
         return 0
+    out, npoints, cuts = ran
     before = state(qbm, img)
     after = state(qbm, os.path.join(out, "after.qcow2"))
     size = os.path.getsize(img)
-    npoints, cuts = map(int, p.stdout.split())
     if "batch" in desc and not cuts:
         suite.fail("%s: no failure cut a batch" % label)
     n = 0
@@ -222,22 +259,16 @@ def main():
         make(tmp, "back32.qcow2", 32 << 20, None, [], ["write -P 9 0 32M"])
         for desc, img, seeds, *op in content_scenarios(tmp):
             seeds = min(seeds, args.seeds or seeds)
-            out = tempfile.mkdtemp(dir=tmp)
-            os.symlink(os.path.join(tmp, "back32.qcow2"),
-                       os.path.join(out, "back32.qcow2"))
-            p = run([args.harness, img, out, str(seeds)] + op, ok=None)
-            if p.returncode != 0:
-                suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
+            ran = run_harness(suite, args.harness, tmp, "back32.qcow2", desc,
+                              img, seeds, op)
+            if not ran:
                 continue
+            out, npoints, cuts = ran
             after_img = os.path.join(out, "after.qcow2")
             if qemu_img_check(after_img, ok=None).returncode != 0:
                 suite.fail("%s: after the edit, qemu-img check fails" % desc)
-            for f in sorted(os.listdir(out)):
-                if not f.startswith("crash-"):
-                    continue
-                path = os.path.join(out, f)
+            for f, path, c in crash_images(out):
                 checked += 1
-                c = qemu_img_check(path, ok=None)
                 same = [qemu_img_compare(path, ref)
                         for ref in (img, after_img)]
                 if c.returncode not in (0, 3) or not any(same):
@@ -245,20 +276,17 @@ def main():
                                % (desc, f, c.returncode, same))
                 os.unlink(path)
             print("ok: %s (%s write/flush points x %d seeds)" %
-                  (desc, p.stdout.split()[0], seeds))
+                  (desc, npoints, seeds))
         edits = scenarios(tmp)
         for desc, img, seeds, *op in edits:
             seeds = min(seeds, args.seeds or seeds)
-            out = tempfile.mkdtemp(dir=tmp)
-            # Backing names are relative: keep them resolvable from out.
-            os.symlink(os.path.join(tmp, "back.qcow2"),
-                       os.path.join(out, "back.qcow2"))
             before = state(qbm, img)
             digest = hashlib.sha256(open(img, "rb").read()).hexdigest()
-            p = run([args.harness, img, out, str(seeds)] + op, ok=None)
-            if p.returncode != 0:
-                suite.fail("%s: harness: %s" % (desc, p.stderr.strip()))
+            ran = run_harness(suite, args.harness, tmp, "back.qcow2", desc,
+                              img, seeds, op)
+            if not ran:
                 continue
+            out, npoints, cuts = ran
             if hashlib.sha256(open(img, "rb").read()).hexdigest() != digest:
                 suite.fail("%s: the input image changed" % desc)
             after_img = os.path.join(out, "after.qcow2")
@@ -276,15 +304,10 @@ def main():
                 suite.fail("%s: the edit changed nothing" % desc)
             if "growth" in desc and reftable(after_img) == reftable(img):
                 suite.fail("%s: the refcount table did not grow" % desc)
-            npoints, cuts = map(int, p.stdout.split())
             if "batch" in desc and not cuts:
                 suite.fail("%s: no crash cut a batch" % desc)
-            for f in sorted(os.listdir(out)):
-                if not f.startswith("crash-"):
-                    continue
-                path = os.path.join(out, f)
+            for f, path, c in crash_images(out):
                 checked += 1
-                c = qemu_img_check(path, ok=None)
                 if c.returncode not in (0, 3):
                     suite.fail("%s, %s: qemu-img check rc=%d:\n%s" %
                                (desc, f, c.returncode, c.stdout + c.stderr))

@@ -16,7 +16,7 @@ when the case fails. Images are made by qemu-img directly on the node.
   a dirty 16 MiB-disk bitmap from another image at 512 B granularity):
   refused with the no-space message, the device byte for byte unchanged,
   qemu-img check clean; --dry-run says the same; `add --dry-run` tells the
-  most a new bitmap can need;
+  most a new bitmap can need; with -q neither prints its plan;
 - free clusters: a device whose image has free clusters below its end
   takes an edit that fits there, and the image end does not move;
 - small file system: an image on a tiny tmpfs where the edit cannot fit is
@@ -33,8 +33,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
-from qbmtest import (OFFSET_MASK, MiB, Fail, Qcow2, Suite,  # noqa: E402
-                     dirty_map, file_hash, loop_device, qemu_bitmaps,
+from qbmtest import (OFFSET_MASK, MiB, Fail, LoopDevice, Qcow2,  # noqa: E402
+                     Suite, dirty_map, file_hash, qemu_bitmaps,
                      qemu_image_end, qemu_img, qemu_img_check,
                      qemu_img_create, qemu_io, require_loop, run)
 
@@ -44,7 +44,8 @@ def info(qbm, img):
 
 
 def scenario_basic(qbm, tmp):
-    with loop_device(tmp, 64 * MiB) as dev:
+    with LoopDevice(tmp, 64 * MiB, "dev") as loop:
+        dev = loop.node
         qemu_img_create(dev, 256 * MiB)
         qemu_io(dev, "write 0 1M", "write 100M 64k")
         i = info(qbm, dev)
@@ -136,7 +137,8 @@ def scenario_no_space(qbm, tmp):
     """The issue's example: a 6 MiB device, 2 MiB written, a merge of a
     16 MiB bitmap from another image."""
     src = dirty_source(tmp, 64 << 30)
-    with loop_device(tmp, 6 * MiB) as dev:
+    with LoopDevice(tmp, 6 * MiB, "dev") as loop:
+        dev = loop.node
         qemu_img_create(dev, 64 << 30)
         qemu_io(dev, "write -P 7 0 2M")
         qbm("add", "-g", "512", dev, "t")
@@ -163,6 +165,16 @@ def scenario_no_space(qbm, tmp):
             raise Fail("add --dry-run: %r" % p.stdout)
         if file_hash(dev) != before:
             raise Fail("add --dry-run changed the device")
+        # -q: the plan and its space figures are output like any other
+        # (silenced); a refusal still fails with its message.
+        for cmd, rc in ((["add", "-g", "512", dev, "n"], 0),
+                        (["merge", "-b", src, dev, "t", "big"], 1)):
+            p = qbm(cmd[0], "-q", "--dry-run", *cmd[1:], ok=(rc,))
+            if p.stdout or (rc and "not enough space on" not in p.stderr):
+                raise Fail("%s -q --dry-run: stdout %r, stderr %r" % (
+                    cmd[0], p.stdout, p.stderr))
+        if file_hash(dev) != before:
+            raise Fail("a -q --dry-run changed the device")
         # A merge that fits: the other image's bitmap at 64 KiB granularity
         # (tens of bytes of data).
         qbm("add", dev, "u")
@@ -182,22 +194,12 @@ def scenario_no_space(qbm, tmp):
             raise Fail("bitmap u: %s" % dirty_map(dev, "u"))
 
 
-def set_capacity(dev, size):
-    """Shrink the loop device behind node `dev` to `size` bytes."""
-    backing = dev + ".backing"
-    os.truncate(backing, size)
-    loop = run(["losetup", "-j", backing]).stdout.split(":")[0]
-    run(["losetup", "-c", loop])
-    with open(dev, "rb") as f:
-        if f.seek(0, 2) != size:
-            raise Fail("could not shrink the device to %d" % size)
-
-
 def scenario_free_clusters(qbm, tmp):
     """A device that ends at the image end: an edit that fits into the
     free clusters below it works and the image end does not move; one that
     does not fit is refused, the device unchanged."""
-    with loop_device(tmp, 64 * MiB) as dev:
+    with LoopDevice(tmp, 64 * MiB, "dev") as loop:
+        dev = loop.node
         qemu_img_create(dev, 4 << 30, opts="cluster_size=4096")
         qemu_io(dev, *["write %d 64k" % (i << 29) for i in range(8)])
         qbm("add", "-g", "512", dev, "old")    # 8 data clusters, a table
@@ -207,7 +209,7 @@ def scenario_free_clusters(qbm, tmp):
         qbm("remove", dev, "old")
         qemu_img_check(dev)
         end = qemu_image_end(dev)
-        set_capacity(dev, end)
+        loop.resize(end)
         qbm("add", "-g", "64k", dev, "new")
         qbm("populate", dev, "new")            # 4 clusters with the directory
         qemu_img_check(dev)
@@ -312,7 +314,8 @@ def random_edits(rng, n):
 def scenario_differential(qbm, tmp, rng):
     """The same edits on a file image and on a device image."""
     # Room for the largest sequence (30 writes of up to 4 MiB).
-    with loop_device(tmp, 192 * MiB) as dev:
+    with LoopDevice(tmp, 192 * MiB, "dev") as loop:
+        dev = loop.node
         f = os.path.join(tmp, "file.qcow2")
         for img in (f, dev):
             qemu_img_create(img, 256 * MiB, opts="cluster_size=4096")

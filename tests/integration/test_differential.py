@@ -136,10 +136,8 @@ def main():
     suite = Suite("differential", __doc__, seeded=True)
     suite.parser.add_argument("--scenarios", type=int, default=30)
     args = suite.start()
-    for i in suite.indices(args.scenarios):
-        suite.case("scenario %d (seed %d)" % (i, suite.seed),
-                   lambda tmp: logged(suite.qbm.path, tmp, suite.rng(i)),
-                   index=i)
+    suite.scenarios(args.scenarios,
+                    lambda tmp, rng: logged(suite.qbm.path, tmp, rng))
     return suite.finish()
 
 

@@ -173,10 +173,8 @@ def main():
     suite = Suite("oracle", __doc__, seeded=True)
     suite.parser.add_argument("--scenarios", type=int, default=60)
     args = suite.start()
-    for i in suite.indices(args.scenarios):
-        suite.case("scenario %d (seed %d)" % (i, suite.seed),
-                   lambda tmp: scenario(suite.qbm, tmp, suite.rng(i)),
-                   index=i)
+    suite.scenarios(args.scenarios,
+                    lambda tmp, rng: scenario(suite.qbm, tmp, rng))
     return suite.finish()
 
 

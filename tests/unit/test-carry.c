@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * qbm_carry_commit() on small chains written to a temporary directory:
- * what it reports and stages for a gap with and without FILL_GAPS, a
+ * what it reports and stages for a gap with and without FILL_GAPS, for a
+ * disabled copy with and without INCLUDE_DISABLED, for copies in use, a
  * callback that stops it, its refusals (which stage nothing), and every
  * allocation made to fail in turn.
  */
@@ -16,194 +17,135 @@
 
 #include <cmocka.h>
 
-#include "internal.h"
+#include "testlib.h"
 
 #define SIZE (16u << 20)
-
-static char dir[] = "/tmp/qbm-carry-XXXXXX";
-
-static char *path_of(const char *name)
-{
-    static char buf[4][256];
-    static unsigned next;
-    char *p = buf[next++ % 4];
-
-    snprintf(p, sizeof(buf[0]), "%s/%s", dir, name);
-    return p;
-}
-
-/*
- * Write NAME: a fresh image of `size` bytes (4 KiB clusters) backed by
- * BACKING (may be
- * NULL), with a data run of `data_clusters` clusters at guest cluster 16.
- */
-static void write_image(const char *name, uint64_t size,
-                        const char *backing, uint64_t data_clusters)
-{
-    struct qcow2_out_run run = { 16, data_clusters, true };
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    const uint8_t *b;
-    size_t len;
-    FILE *f;
-
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, size, 12, backing,
-                                       backing ? "qcow2" : NULL, &run,
-                                       data_clusters ? 1 : 0, &w), 0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    b = qbm_io_mem_data(io, &len);
-    f = fopen(path_of(name), "wb");
-    assert_non_null(f);
-    assert_int_equal(fwrite(b, 1, len, f), len);
-    assert_int_equal(fclose(f), 0);
-    qbm_io_close(io);
-}
-
-static void add_bitmap(const char *name, const char *bitmap, bool enabled,
-                       uint64_t dirty_off)
-{
-    struct qbm_image *img = qbm_open(path_of(name), QBM_OPEN_RDWR);
-
-    assert_non_null(img);
-    assert_int_equal(qbm_bitmap_add(img, bitmap, 65536,
-                                    enabled ? 0 : QBM_ADD_DISABLED), 0);
-    if (dirty_off != UINT64_MAX) {
-        assert_int_equal(qbm_bitmap_set_dirty(img, bitmap, dirty_off, 1),
-                         0);
-    }
-    assert_int_equal(qbm_commit(img), 0);
-    qbm_close(img);
-}
-
-static int group_setup(void **state)
-{
-    assert_non_null(mkdtemp(dir));
-    return 0;
-}
-
-static const char *const files[] = { "parent", "base", "top", "small",
-                                     "odd", "b4", "l2", "l1", "t4" };
-
-static int group_teardown(void **state)
-{
-    size_t i;
-
-    for (i = 0; i < QBM_ARRAY_SIZE(files); i++) {
-        unlink(path_of(files[i]));
-    }
-    rmdir(dir);
-    return 0;
-}
 
 /* parent (ck) <- base (no ck, 2 data clusters) <- top (ck, new), fresh
  * for each test. */
 static int setup(void **state)
 {
-    write_image("parent", SIZE, NULL, 0);
-    write_image("base", SIZE, "parent", 2);
-    write_image("top", SIZE, "base", 0);
-    add_bitmap("parent", "ck", true, UINT64_MAX);
-    add_bitmap("top", "ck", true, 1 << 20);
-    add_bitmap("top", "new", false, UINT64_MAX);
+    tl_write_image("parent", SIZE, NULL, 0);
+    tl_write_image("base", SIZE, "parent", 2);
+    tl_write_image("top", SIZE, "base", 0);
+    tl_add_bitmap("parent", "ck", 65536, true, TL_CLEAN);
+    tl_add_bitmap("top", "ck", 65536, true, 1 << 20);
+    tl_add_bitmap("top", "new", 65536, false, TL_CLEAN);
     return 0;
 }
 
-struct events {
-    char line[8][300];
-    size_t n;
-    int stop; /* returned from the first call when non-zero */
-};
-
-static int record(void *opaque, int action, const char *bitmap,
-                  const char *layer)
+/* The extents of bitmap `name` of image `file` on disk are `want`
+ * ("off+len,...", or "absent"). */
+static void assert_extents(const char *file, const char *name, const char *want)
 {
-    struct events *ev = opaque;
-    const char *slash = strrchr(layer, '/');
-
-    assert_true(ev->n < 8);
-    snprintf(ev->line[ev->n++], sizeof(ev->line[0]), "%d %s %s", action,
-             bitmap, slash ? slash + 1 : layer);
-    return ev->stop;
-}
-
-struct text {
-    char *p;
-    size_t len;
-};
-
-static int put_extent(void *opaque, uint64_t off, uint64_t len)
-{
-    struct text *t = opaque;
-    size_t used = strlen(t->p);
-
-    snprintf(t->p + used, t->len - used, "%llu+%llu,",
-             (unsigned long long)off, (unsigned long long)len);
-    return 0;
-}
-
-/* Extents of bitmap `name` of image `file` on disk, as "off+len,...", or
- * "absent". */
-static void image_extents(const char *file, const char *name, char *out,
-                          size_t len)
-{
-    struct qbm_image *img = qbm_open(path_of(file), 0);
-    struct text t = { out, len };
-    int idx;
+    struct qbm_image *img = qbm_open(tl_path(file), 0);
+    char got[256];
 
     assert_non_null(img);
-    idx = qbm_bitmap_find(img, name);
-    out[0] = '\0';
-    if (idx >= 0) {
-        assert_int_equal(qbm_bitmap_extents(img, (size_t)idx, put_extent,
-                                            &t), 0);
-    } else {
-        snprintf(out, len, "absent");
-    }
-    qbm_close(img);
+    tl_extents(img, name, got, sizeof(got));
+    qbm_close(img); /* before a failure could leave it open and locked */
+    assert_string_equal(got, want);
 }
 
-static void base_extents(const char *name, char *out, size_t len)
-{
-    image_extents("base", name, out, len);
-}
+/* Actions as the callback sees them (enum qbm_carry_action). */
+#define COPIED "1"
+#define MERGED "2"
+#define GAP "3"
+#define FILLED "4"
+#define MARKED "5"
+#define DISABLED "6"
+#define IN_USE "7"
 
 static void test_gap_not_carried(void **state)
 {
-    struct qbm_image *base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
-    struct events ev = { .n = 0 };
-    char got[256];
+    struct qbm_image *base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
+    struct tl_events ev = { .n = 0 };
 
     assert_non_null(base);
-    assert_int_equal(qbm_carry_commit(base, path_of("top"), 0, record, &ev),
-                     0);
-    assert_int_equal(ev.n, 2);
-    assert_string_equal(ev.line[0], "3 ck base"); /* QBM_CARRY_GAP */
-    assert_string_equal(ev.line[1], "1 new top"); /* QBM_CARRY_COPIED */
+    assert_int_equal(
+        qbm_carry_commit(base, tl_path("top"), 0, tl_record_action, &ev), 0);
+    /* new is disabled in top: libvirt and vdsm carry only recording
+     * bitmaps. */
+    tl_assert_events(&ev, GAP " ck base", DISABLED " new top", NULL);
     assert_int_equal(qbm_bitmap_find(base, "ck"), -1);
+    assert_int_equal(qbm_bitmap_find(base, "new"), -1);
     assert_int_equal(qbm_commit(base), 0);
     qbm_close(base);
-    base_extents("ck", got, sizeof(got));
-    assert_string_equal(got, "absent");
-    base_extents("new", got, sizeof(got));
-    assert_string_equal(got, "");
+    assert_extents("base", "ck", "absent");
+    assert_extents("base", "new", "absent");
+}
+
+/* INCLUDE_DISABLED: the disabled bitmap is carried, disabled in BASE. */
+static void test_include_disabled(void **state)
+{
+    struct qbm_image *base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
+    struct tl_events ev = { .n = 0 };
+    int idx;
+
+    assert_non_null(base);
+    assert_int_equal(qbm_carry_commit(base, tl_path("top"),
+                                      QBM_CARRY_INCLUDE_DISABLED,
+                                      tl_record_action, &ev),
+                     0);
+    tl_assert_events(&ev, GAP " ck base", COPIED " new top", NULL);
+    idx = qbm_bitmap_find(base, "new");
+    assert_true(idx >= 0);
+    assert_int_equal(qbm_bitmap_flags(base, (size_t)idx), 0);
+    assert_int_equal(qbm_commit(base), 0);
+    qbm_close(base);
+    assert_extents("base", "new", "");
+}
+
+/*
+ * A copy in use above BASE or in BASE keeps only its own bitmap from being
+ * carried (it was once the whole call): reported, and the others carried.
+ * With MARK_WRITTEN, an in-use bitmap of BASE alone is left unmarked and
+ * reported, once.
+ */
+static void test_in_use_skipped(void **state)
+{
+    struct qbm_image *base;
+    struct tl_events ev = { .n = 0 };
+
+    tl_add_bitmap("top", "ok", 65536, true, 3 << 20);
+    tl_add_bitmap("top", "busy", 65536, true, 4 << 20);
+    tl_add_bitmap("base", "busy", 65536, true, TL_CLEAN);
+    tl_add_bitmap("base", "mine", 65536, true, TL_CLEAN);
+    tl_add_bitmap("base", "old", 65536, true, TL_CLEAN);
+    tl_add_bitmap("top", "old", 65536, true, TL_CLEAN);
+    tl_set_in_use("top", "busy");
+    tl_set_in_use("base", "old");
+    tl_set_in_use("base", "mine");
+    base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
+    assert_non_null(base);
+    assert_int_equal(qbm_carry_commit(base, tl_path("top"),
+                                      QBM_CARRY_MARK_WRITTEN, tl_record_action,
+                                      &ev),
+                     0);
+    /* MARK_WRITTEN, in BASE's directory order: BASE's busy is consistent;
+     * mine is in use and was not reported yet, old was. */
+    tl_assert_events(&ev, GAP " ck base", DISABLED " new top", COPIED " ok top",
+                     IN_USE " busy top", IN_USE " old base",
+                     MARKED " busy base", IN_USE " mine base",
+                     MARKED " ok base", NULL);
+    assert_int_equal(qbm_commit(base), 0);
+    qbm_close(base);
+    assert_extents("base", "ok", "3145728+65536,");
+    assert_extents("base", "busy", "");
 }
 
 static void test_fill_gaps(void **state)
 {
-    struct qbm_image *base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
-    struct events ev = { .n = 0 };
-    char got[256];
+    struct qbm_image *base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
+    struct tl_events ev = { .n = 0 };
     int idx;
 
     assert_non_null(base);
-    assert_int_equal(qbm_carry_commit(base, path_of("top"),
-                                      QBM_CARRY_FILL_GAPS, record, &ev), 0);
-    assert_int_equal(ev.n, 3);
-    assert_string_equal(ev.line[0], "1 ck top");
-    assert_string_equal(ev.line[1], "4 ck base"); /* QBM_CARRY_FILLED */
-    assert_string_equal(ev.line[2], "1 new top");
+    assert_int_equal(qbm_carry_commit(base, tl_path("top"), QBM_CARRY_FILL_GAPS,
+                                      tl_record_action, &ev),
+                     0);
+    tl_assert_events(&ev, COPIED " ck top", FILLED " ck base",
+                     DISABLED " new top", NULL);
     idx = qbm_bitmap_find(base, "ck");
     assert_true(idx >= 0);
     assert_int_equal(qbm_bitmap_flags(base, (size_t)idx), QBM_BITMAP_AUTO);
@@ -212,44 +154,43 @@ static void test_fill_gaps(void **state)
     qbm_close(base);
     /* The base's two data clusters at 64 KiB (granularity 64 KiB), then
      * the top's dirty byte at 1 MiB. */
-    base_extents("ck", got, sizeof(got));
-    assert_string_equal(got, "65536+65536,1048576+65536,");
+    assert_extents("base", "ck", "65536+65536,1048576+65536,");
 }
 
 static void test_stop_and_refusals(void **state)
 {
-    struct qbm_image *base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
+    struct qbm_image *base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
     struct qbm_image *small;
-    struct events ev = { .n = 0, .stop = 7 };
+    struct tl_events ev = { .n = 0, .stop = 7 };
 
     assert_non_null(base);
-    assert_int_equal(qbm_carry_commit(base, path_of("top"),
-                                      QBM_CARRY_FILL_GAPS, record, &ev), 7);
+    assert_int_equal(qbm_carry_commit(base, tl_path("top"), QBM_CARRY_FILL_GAPS,
+                                      tl_record_action, &ev),
+                     7);
     assert_int_equal(qbm_get_errno(), ECANCELED);
     assert_int_equal(ev.n, 1);
     qbm_close(base); /* drops what was staged */
 
     /* A negative value is the callback's too, not an error. */
-    base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
+    base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
     assert_non_null(base);
     ev.n = 0;
     ev.stop = -7;
-    assert_int_equal(qbm_carry_commit(base, path_of("top"), 0, record, &ev),
-                     -7);
+    assert_int_equal(
+        qbm_carry_commit(base, tl_path("top"), 0, tl_record_action, &ev), -7);
     assert_int_equal(qbm_get_errno(), ECANCELED);
     assert_int_equal(ev.n, 1);
     qbm_close(base);
 
-    base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
+    base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
     assert_non_null(base);
-    assert_int_equal(qbm_carry_commit(base, path_of("top"), 0x80, NULL,
-                                      NULL), -1);
-    assert_int_equal(qbm_get_errno(), EINVAL);
-    assert_int_equal(qbm_carry_commit(NULL, path_of("top"), 0, NULL, NULL),
+    assert_int_equal(qbm_carry_commit(base, tl_path("top"), 0x800, NULL, NULL),
                      -1);
     assert_int_equal(qbm_get_errno(), EINVAL);
+    assert_int_equal(qbm_carry_commit(NULL, tl_path("top"), 0, NULL, NULL), -1);
+    assert_int_equal(qbm_get_errno(), EINVAL);
     /* The base itself is not above the base. */
-    assert_int_equal(qbm_carry_commit(base, path_of("base"), 0, NULL, NULL),
+    assert_int_equal(qbm_carry_commit(base, tl_path("base"), 0, NULL, NULL),
                      -1);
     assert_int_equal(qbm_get_errno(), EINVAL);
     assert_non_null(strstr(qbm_get_error(), "not in the backing chain"));
@@ -258,11 +199,11 @@ static void test_stop_and_refusals(void **state)
 
     /* A layer of another virtual size: refused before anything is
      * staged. */
-    write_image("small", SIZE / 2, NULL, 0);
-    write_image("odd", SIZE, "small", 0);
-    small = qbm_open(path_of("small"), QBM_OPEN_RDWR);
+    tl_write_image("small", SIZE / 2, NULL, 0);
+    tl_write_image("odd", SIZE, "small", 0);
+    small = qbm_open(tl_path("small"), QBM_OPEN_RDWR);
     assert_non_null(small);
-    assert_int_equal(qbm_carry_commit(small, path_of("odd"), 0, NULL, NULL),
+    assert_int_equal(qbm_carry_commit(small, tl_path("odd"), 0, NULL, NULL),
                      -1);
     assert_int_equal(qbm_get_errno(), EINVAL);
     assert_non_null(strstr(qbm_get_error(), "virtual size"));
@@ -279,26 +220,22 @@ static void test_stop_and_refusals(void **state)
 static void test_every_copy_carried(void **state)
 {
     struct qbm_image *base;
-    struct events ev = { .n = 0 };
-    char got[256];
+    struct tl_events ev = { .n = 0 };
 
-    write_image("b4", SIZE, NULL, 0);
-    write_image("l2", SIZE, "b4", 0);
-    write_image("l1", SIZE, "l2", 0);
-    write_image("t4", SIZE, "l1", 0);
-    add_bitmap("l1", "ck", true, 2 << 20);
-    add_bitmap("t4", "ck", true, 1 << 20);
-    base = qbm_open(path_of("b4"), QBM_OPEN_RDWR);
+    tl_write_image("b4", SIZE, NULL, 0);
+    tl_write_image("l2", SIZE, "b4", 0);
+    tl_write_image("l1", SIZE, "l2", 0);
+    tl_write_image("t4", SIZE, "l1", 0);
+    tl_add_bitmap("l1", "ck", 65536, true, 2 << 20);
+    tl_add_bitmap("t4", "ck", 65536, true, 1 << 20);
+    base = qbm_open(tl_path("b4"), QBM_OPEN_RDWR);
     assert_non_null(base);
-    assert_int_equal(qbm_carry_commit(base, path_of("t4"), 0, record, &ev),
-                     0);
-    assert_int_equal(ev.n, 2);
-    assert_string_equal(ev.line[0], "1 ck t4"); /* QBM_CARRY_COPIED */
-    assert_string_equal(ev.line[1], "2 ck l1"); /* QBM_CARRY_MERGED */
+    assert_int_equal(
+        qbm_carry_commit(base, tl_path("t4"), 0, tl_record_action, &ev), 0);
+    tl_assert_events(&ev, COPIED " ck t4", MERGED " ck l1", NULL);
     assert_int_equal(qbm_commit(base), 0);
     qbm_close(base);
-    image_extents("b4", "ck", got, sizeof(got));
-    assert_string_equal(got, "1048576+65536,2097152+65536,");
+    assert_extents("b4", "ck", "1048576+65536,2097152+65536,");
 }
 
 /* Every allocation of the call made to fail in turn: ENOMEM, no crash. */
@@ -308,13 +245,14 @@ static void test_allocation_failures(void **state)
     int succeeded = 0;
 
     for (n = 1; n < 5000 && !succeeded; n++) {
-        struct qbm_image *base = qbm_open(path_of("base"), QBM_OPEN_RDWR);
+        struct qbm_image *base = qbm_open(tl_path("base"), QBM_OPEN_RDWR);
         int r;
 
         assert_non_null(base);
         qbm_alloc_fail_after(n);
-        r = qbm_carry_commit(base, path_of("top"),
-                             QBM_CARRY_FILL_GAPS | QBM_CARRY_MARK_WRITTEN,
+        r = qbm_carry_commit(base, tl_path("top"),
+                             QBM_CARRY_FILL_GAPS | QBM_CARRY_MARK_WRITTEN |
+                                 QBM_CARRY_INCLUDE_DISABLED,
                              NULL, NULL);
         qbm_alloc_fail_after(0);
         if (r < 0) {
@@ -333,11 +271,13 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_gap_not_carried, setup),
+        cmocka_unit_test_setup(test_include_disabled, setup),
+        cmocka_unit_test_setup(test_in_use_skipped, setup),
         cmocka_unit_test_setup(test_fill_gaps, setup),
         cmocka_unit_test_setup(test_stop_and_refusals, setup),
         cmocka_unit_test(test_every_copy_carried),
         cmocka_unit_test_setup(test_allocation_failures, setup),
     };
 
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, tl_dir_setup, tl_dir_teardown);
 }

@@ -16,82 +16,10 @@
 
 #include <cmocka.h>
 
-#include "internal.h"
+#include "testlib.h"
 
 #define SIZE (16u << 20)
 #define MAX_LAYERS 6
-
-static char dir[] = "/tmp/qbm-chain-check-XXXXXX";
-
-static char *path_of(const char *name)
-{
-    static char buf[4][256];
-    static unsigned next;
-    char *p = buf[next++ % 4];
-
-    snprintf(p, sizeof(buf[0]), "%s/%s", dir, name);
-    return p;
-}
-
-/* Write NAME: an empty image (4 KiB clusters) backed by BACKING (may be
- * NULL). */
-static void write_image(const char *name, const char *backing)
-{
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    const uint8_t *b;
-    size_t len;
-    FILE *f;
-
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, SIZE, 12, backing,
-                                       backing ? "qcow2" : NULL, NULL, 0,
-                                       &w), 0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    b = qbm_io_mem_data(io, &len);
-    f = fopen(path_of(name), "wb");
-    assert_non_null(f);
-    assert_int_equal(fwrite(b, 1, len, f), len);
-    assert_int_equal(fclose(f), 0);
-    qbm_io_close(io);
-}
-
-static void add_bitmap(const char *name, const char *bitmap, bool enabled)
-{
-    struct qbm_image *img = qbm_open(path_of(name), QBM_OPEN_RDWR);
-
-    assert_non_null(img);
-    assert_int_equal(qbm_bitmap_add(img, bitmap, 65536,
-                                    enabled ? 0 : QBM_ADD_DISABLED), 0);
-    assert_int_equal(qbm_commit(img), 0);
-    qbm_close(img);
-}
-
-/* Set the in_use flag of `bitmap`'s directory entry in the file, as a
- * QEMU that did not close the image leaves it (qcow2 spec, "Bitmap
- * directory": flags at byte 12 of the entry). */
-static void set_in_use(const char *name, const char *bitmap)
-{
-    struct qbm_image *img = qbm_open(path_of(name), 0);
-    const struct qcow2_bitmap *bm;
-    uint8_t be[4];
-    FILE *f;
-
-    assert_non_null(img);
-    bm = qcow2_bitmap_lookup(img, bitmap);
-    assert_non_null(bm);
-    be[0] = 0;
-    be[1] = 0;
-    be[2] = 0;
-    be[3] = (uint8_t)(bm->flags | BME_FLAG_IN_USE);
-    f = fopen(path_of(name), "r+b");
-    assert_non_null(f);
-    assert_int_equal(fseek(f, (long)bm->entry_offset + 12, SEEK_SET), 0);
-    assert_int_equal(fwrite(be, 1, 4, f), 4);
-    assert_int_equal(fclose(f), 0);
-    qbm_close(img);
-}
 
 static const char *layer_file(size_t i)
 {
@@ -114,7 +42,8 @@ static void make_chain(const char *const *shapes, size_t nbitmaps)
 
     assert_true(n <= MAX_LAYERS);
     for (i = n; i-- > 0;) {
-        write_image(layer_file(i), i + 1 < n ? layer_file(i + 1) : NULL);
+        tl_write_image(layer_file(i), SIZE,
+                       i + 1 < n ? layer_file(i + 1) : NULL, 0);
     }
     for (b = 0; b < nbitmaps; b++) {
         snprintf(name, sizeof(name), "b%zu", b);
@@ -122,7 +51,8 @@ static void make_chain(const char *const *shapes, size_t nbitmaps)
             char c = shapes[b][i];
 
             if (c != '-') {
-                add_bitmap(layer_file(i), name, c == 'X' || c == 'U');
+                tl_add_bitmap(layer_file(i), name, 65536, c == 'X' || c == 'U',
+                              TL_CLEAN);
             }
         }
     }
@@ -131,7 +61,7 @@ static void make_chain(const char *const *shapes, size_t nbitmaps)
         snprintf(name, sizeof(name), "b%zu", b);
         for (i = 0; i < n; i++) {
             if (shapes[b][i] == 'U' || shapes[b][i] == 'u') {
-                set_in_use(layer_file(i), name);
+                tl_set_in_use(layer_file(i), name);
             }
         }
     }
@@ -147,10 +77,9 @@ static int record(void *opaque, int rule, const char *bitmap, size_t layer,
                   size_t origin)
 {
     struct findings *f = opaque;
-    size_t used = strlen(f->text);
 
-    snprintf(f->text + used, sizeof(f->text) - used, "%s%d:%s:%zu:%zu",
-             used ? " " : "", rule, bitmap, layer, origin);
+    tl_appendf(f->text, sizeof(f->text), "%s%d:%s:%zu:%zu",
+               f->text[0] ? " " : "", rule, bitmap, layer, origin);
     f->calls++;
     return f->stop;
 }
@@ -163,42 +92,11 @@ static void findings_of(const char *const *shapes, size_t nbitmaps,
     struct qbm_chain *ch;
 
     make_chain(shapes, nbitmaps);
-    ch = qbm_chain_open(path_of("l0"), 0);
+    ch = qbm_chain_open(tl_path("l0"), 0);
     assert_non_null(ch);
     assert_int_equal(qbm_chain_check(ch, record, &f), 0);
     qbm_chain_close(ch);
     snprintf(out, len, "%s", f.text);
-}
-
-static int group_setup(void **state)
-{
-    assert_non_null(mkdtemp(dir));
-    return 0;
-}
-
-static int group_teardown(void **state)
-{
-    static const char *const extra[] = { "loop-a", "loop-b", "lost" };
-    size_t i;
-
-    for (i = 0; i < MAX_LAYERS; i++) {
-        unlink(path_of(layer_file(i)));
-    }
-    for (i = 0; i < QBM_ARRAY_SIZE(extra); i++) {
-        unlink(path_of(extra[i]));
-    }
-    rmdir(dir);
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    size_t i;
-
-    for (i = 0; i < MAX_LAYERS; i++) {
-        unlink(path_of(layer_file(i)));
-    }
-    return 0;
 }
 
 /* Rule numbers as the callback sees them. */
@@ -241,7 +139,7 @@ static void test_shapes(void **state)
             fail_msg("shape %s: got '%s', want '%s'", cases[i].shape, got,
                      cases[i].want);
         }
-        teardown(state);
+        tl_dir_clean(state);
     }
 }
 
@@ -268,7 +166,7 @@ static void test_stop_and_refusals(void **state)
     struct qbm_chain *ch;
 
     make_chain(&shape, 1);
-    ch = qbm_chain_open(path_of("l0"), 0);
+    ch = qbm_chain_open(tl_path("l0"), 0);
     assert_non_null(ch);
     /* The callback's own value comes back, even a negative one. */
     assert_int_equal(qbm_chain_check(ch, record, &f), -7);
@@ -292,7 +190,7 @@ static void test_check_allocation_failures(void **state)
     int succeeded = 0;
 
     findings_of(shapes, 2, want, sizeof(want));
-    ch = qbm_chain_open(path_of("l0"), 0);
+    ch = qbm_chain_open(tl_path("l0"), 0);
     assert_non_null(ch);
     for (n = 1; n < 100 && !succeeded; n++) {
         struct findings f = { .text = "" };
@@ -344,16 +242,16 @@ static void test_backing(void **state)
     struct qbm_image *img;
     char want[600];
 
-    write_image("loop-a", "loop-b");
-    write_image("loop-b", "loop-a");
-    img = qbm_open(path_of("loop-a"), 0);
+    tl_write_image("loop-a", SIZE, "loop-b", 0);
+    tl_write_image("loop-b", SIZE, "loop-a", 0);
+    img = qbm_open(tl_path("loop-a"), 0);
     assert_non_null(img);
     assert_int_equal(qbm_check_backing(img, add_problem, &p), 0);
     assert_int_equal(p.n, 1);
     assert_int_equal(p.kind, QBM_PROBLEM_CORRUPTION);
     assert_int_equal(p.offset, 8);
     snprintf(want, sizeof(want), "backing chain loops: '%s' is also layer 0",
-             path_of("loop-a"));
+             tl_path("loop-a"));
     assert_string_equal(p.message, want);
 
     p.stop = 3;
@@ -363,15 +261,15 @@ static void test_backing(void **state)
     assert_int_equal(qbm_get_errno(), EINVAL);
     qbm_close(img);
 
-    write_image("lost", "nowhere");
-    write_image("l0", NULL);
+    tl_write_image("lost", SIZE, "nowhere", 0);
+    tl_write_image("l0", SIZE, NULL, 0);
     p.n = 0;
     p.stop = 0;
-    img = qbm_open(path_of("lost"), 0);
+    img = qbm_open(tl_path("lost"), 0);
     assert_non_null(img);
     assert_int_equal(qbm_check_backing(img, add_problem, &p), 0);
     qbm_close(img);
-    img = qbm_open(path_of("l0"), 0);
+    img = qbm_open(tl_path("l0"), 0);
     assert_non_null(img);
     assert_int_equal(qbm_check_backing(img, add_problem, &p), 0);
     qbm_close(img);
@@ -385,9 +283,9 @@ static void test_backing_allocation_failures(void **state)
     unsigned long n;
     int succeeded = 0;
 
-    write_image("loop-a", "loop-b");
-    write_image("loop-b", "loop-a");
-    img = qbm_open(path_of("loop-a"), 0);
+    tl_write_image("loop-a", SIZE, "loop-b", 0);
+    tl_write_image("loop-b", SIZE, "loop-a", 0);
+    img = qbm_open(tl_path("loop-a"), 0);
     assert_non_null(img);
     for (n = 1; n < 1000 && !succeeded; n++) {
         struct problems p = { 0 };
@@ -415,13 +313,13 @@ static void test_backing_allocation_failures(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_shapes, teardown),
-        cmocka_unit_test_teardown(test_order, teardown),
-        cmocka_unit_test_teardown(test_stop_and_refusals, teardown),
-        cmocka_unit_test_teardown(test_check_allocation_failures, teardown),
-        cmocka_unit_test_teardown(test_backing, teardown),
+        cmocka_unit_test_teardown(test_shapes, tl_dir_clean),
+        cmocka_unit_test_teardown(test_order, tl_dir_clean),
+        cmocka_unit_test_teardown(test_stop_and_refusals, tl_dir_clean),
+        cmocka_unit_test_teardown(test_check_allocation_failures, tl_dir_clean),
+        cmocka_unit_test_teardown(test_backing, tl_dir_clean),
         cmocka_unit_test(test_backing_allocation_failures),
     };
 
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, tl_dir_setup, tl_dir_teardown);
 }

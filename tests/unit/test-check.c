@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * qbm_check on hostile layouts: what it reports, and that its cost follows
- * the file, not sizes claimed by the header or the refcount table (an L1
- * table or refcount blocks far past the end of the file read as zeros and
- * must not be read or walked entry by entry).
+ * qbm_check (and the allocation map) on hostile layouts: what it reports,
+ * and that its cost follows the file, not sizes claimed by the header or
+ * the refcount table (an L1 table or refcount blocks far past the end of
+ * the file read as zeros and must not be read or walked entry by entry),
+ * nor the number of L1 entries pointing to one L2 table.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -18,7 +19,7 @@
 #include <malloc.h>
 #endif
 
-#include "internal.h"
+#include "testlib.h"
 
 #define CS 4096ull
 /* The writer's layout with 4 KiB clusters: header, refcount table, one
@@ -77,22 +78,13 @@ static const struct qbm_io_ops count_ops = {
  * of at least 4 clusters); the file ends at or inside its L1 cluster. */
 static uint8_t *fresh_image(size_t *ret_len)
 {
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    uint8_t *copy;
-    const uint8_t *b;
+    uint8_t *b = tl_image_bytes(64 << 20, NULL, 0, ret_len), *copy;
 
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, 64 << 20, 12, NULL, NULL, NULL, 0,
-                                       &w), 0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    b = qbm_io_mem_data(io, ret_len);
     assert_true(*ret_len > L1_OFF && *ret_len <= L1_OFF + CS);
     /* Room for the edits below, inside the same clusters. */
     copy = calloc(1, L1_OFF + CS);
     memcpy(copy, b, *ret_len);
-    qbm_io_close(io);
+    free(b);
     assert_int_equal(be64_load(copy + 40), L1_OFF);
     assert_int_equal(be64_load(copy + 48), RT_OFF);
     assert_int_equal(be64_load(copy + RT_OFF), RB_OFF);
@@ -130,6 +122,21 @@ static int collect(void *opaque, int kind, uint64_t off, const char *msg)
     return 0;
 }
 
+/* qbm_check of the image BUF (LEN bytes) into `p`: the bytes it read. */
+static uint64_t check_counted(const uint8_t *buf, size_t len,
+                              struct problems *p)
+{
+    struct count_io *io;
+    struct qbm_image *img = open_counted(buf, len, &io);
+    uint64_t nread;
+
+    io->read = 0;
+    assert_int_equal(qbm_check(img, collect, p), 0);
+    nread = io->read;
+    qbm_close(img);
+    return nread;
+}
+
 /*
  * An L1 table of 4 Mi entries (32 MiB, the most qbm accepts) in a 16 KiB
  * file: the part past the end of the file references nothing and is not
@@ -140,18 +147,14 @@ static void test_l1_past_eof(void **state)
     size_t len;
     uint8_t *buf = fresh_image(&len);
     struct problems p = { .n = 0 };
-    struct count_io *io;
-    struct qbm_image *img;
+    uint64_t nread;
 
     be32_store(buf + 36, QCOW2_MAX_L1_BYTES / 8);
-    img = open_counted(buf, len, &io);
-    io->read = 0;
-    assert_int_equal(qbm_check(img, collect, &p), 0);
+    nread = check_counted(buf, len, &p);
     assert_int_equal(p.n, 1);
     assert_string_equal(p.text[0], "1 L1 table at 0x3000: beyond the "
                         "clusters the refcounts describe");
-    assert_true(io->read < 64 * 1024);
-    qbm_close(img);
+    assert_true(nread < 64 * 1024);
     free(buf);
 }
 
@@ -162,21 +165,124 @@ static void test_l2_past_eof(void **state)
     size_t len, i;
     uint8_t *buf = fresh_image(&len);
     struct problems p = { .n = 0 };
-    struct count_io *io;
-    struct qbm_image *img;
+    uint64_t nread;
 
     for (i = 0; i < 32; i++) {
         be64_store(buf + L1_OFF + i * 8, (1000 + i) * CS);
     }
-    img = open_counted(buf, len, &io);
-    io->read = 0;
-    assert_int_equal(qbm_check(img, collect, &p), 0);
+    nread = check_counted(buf, len, &p);
     assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 32);
     assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
     assert_string_equal(p.text[0], "1 L2 table at 0x3e8000: beyond the "
                         "clusters the refcounts describe");
-    assert_true(io->read < 32 * CS);
+    assert_true(nread < 32 * CS);
+    free(buf);
+}
+
+/*
+ * All 512 entries of the L1 table point to one L2 table (cluster 4) whose
+ * first 511 entries point to cluster 5 and whose last has reserved bits
+ * set. The references are those of 512 L2 tables (QEMU's count: a table
+ * shared by snapshots counts its data once per L1 table), but the table is
+ * walked once: its bad entry is reported once, not 512 times (before, the
+ * walk cost 512 times the table, and a 160 KiB fuzz input 160 M entries).
+ */
+static void test_shared_l2_walked_once(void **state)
+{
+    size_t len, i;
+    uint8_t *buf = fresh_image(&len), *img;
+    struct problems p = { .n = 0 };
+    char want[160];
+
+    len = 6 * CS;
+    img = calloc(1, len);
+    memcpy(img, buf, L1_OFF + CS);
+    be32_store(img + 36, CS / 8);
+    for (i = 0; i < CS / 8; i++) {
+        be64_store(img + L1_OFF + i * 8, 4 * CS);
+        be64_store(img + 4 * CS + i * 8, 5 * CS);
+    }
+    be64_store(img + 5 * CS - 8, 5 * CS | 0x100);
+    check_counted(img, len, &p);
+    assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], 3);
+    assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
+    assert_string_equal(p.text[0], "1 L2 table at 0x4000, entry 511: "
+                        "reserved bits set");
+    assert_string_equal(p.text[1], "1 cluster 0x4000: refcount 0, but 512 "
+                        "references");
+    snprintf(want, sizeof(want), "1 cluster 0x5000: refcount 0, but %llu "
+             "references", (unsigned long long)(CS / 8 * (CS / 8 - 1)));
+    assert_string_equal(p.text[2], want);
+    free(img);
+    free(buf);
+}
+
+struct alloc_rec {
+    char *text;
+    size_t size;
+};
+
+static int alloc_append(void *opaque, uint64_t off, uint64_t len,
+                        unsigned status)
+{
+    struct alloc_rec *a = opaque;
+
+    tl_appendf(a->text, a->size, "%llx+%llx:%u ", (unsigned long long)off,
+               (unsigned long long)len, status);
+    return 0;
+}
+
+/*
+ * The 512 L1 entries point in turn to two L2 tables: A (cluster 4), whose
+ * first half is data, and B (cluster 5), all zero clusters; the disk ends
+ * 1 MiB and 512 bytes into the last span (B's). The allocation map reads
+ * each table once and replays its runs for the other entries (before, it
+ * decoded and, the tables alternating, read 512 tables: 2 MiB).
+ */
+static void test_shared_l2_allocation(void **state)
+{
+    const uint64_t span = CS / 8 * CS;
+    const uint64_t size = 511 * span + (1 << 20) + 512;
+    size_t len, i;
+    uint8_t *buf = fresh_image(&len), *bytes;
+    struct alloc_rec got = { calloc(1, 64 << 10), 64 << 10 };
+    char *want = calloc(1, 64 << 10);
+    struct count_io *io;
+    struct qbm_image *img;
+
+    assert_int_equal(buf[7], 3);
+    len = 7 * CS;
+    bytes = calloc(1, len);
+    memcpy(bytes, buf, L1_OFF + CS);
+    be64_store(bytes + 24, size);
+    be32_store(bytes + 36, CS / 8);
+    for (i = 0; i < CS / 8; i++) {
+        be64_store(bytes + L1_OFF + i * 8, (4 + i % 2) * CS);
+        if (i < CS / 16) {
+            be64_store(bytes + 4 * CS + i * 8, 6 * CS);
+        }
+        be64_store(bytes + 5 * CS + i * 8, 1); /* zero flag */
+    }
+    for (i = 0; i < CS / 8; i++) {
+        uint64_t n = i % 2 ? span : span / 2;
+
+        if (i * span + n > size) {
+            n = size - i * span;
+        }
+        tl_appendf(want, 64 << 10, "%llx+%llx:%u ",
+                   (unsigned long long)(i * span), (unsigned long long)n,
+                   i % 2 ? QBM_ALLOC_ZERO : QBM_ALLOC_DATA);
+    }
+    img = open_counted(bytes, len, &io);
+    io->read = 0;
+    assert_int_equal(qbm_image_allocation(img, alloc_append, &got), 0);
+    assert_string_equal(got.text, want);
+    /* The L1 table and the two L2 tables, at most: not 512 tables. */
+    assert_in_range(io->read, 2 * CS, 3 * CS);
     qbm_close(img);
+    free(got.text);
+    free(want);
+    free(bytes);
     free(buf);
 }
 
@@ -189,22 +295,18 @@ static void test_refblocks_past_eof(void **state)
     size_t len, i;
     uint8_t *buf = fresh_image(&len);
     struct problems p = { .n = 0 };
-    struct count_io *io;
-    struct qbm_image *img;
+    uint64_t nread;
 
     for (i = 1; i < CS / 8; i++) {
         be64_store(buf + RT_OFF + i * 8, (1000 + i) * CS);
     }
-    img = open_counted(buf, len, &io);
-    io->read = 0;
-    assert_int_equal(qbm_check(img, collect, &p), 0);
+    nread = check_counted(buf, len, &p);
     /* Each block is a reference past the refcounts, and nothing else. */
     assert_int_equal(p.count[QBM_PROBLEM_CORRUPTION], CS / 8 - 1);
     assert_int_equal(p.count[QBM_PROBLEM_LEAK], 0);
     assert_string_equal(p.text[0], "1 refcount block at 0x3e9000: beyond "
                         "the clusters the refcounts describe");
-    assert_true(io->read < 64 * 1024);
-    qbm_close(img);
+    assert_true(nread < 64 * 1024);
     free(buf);
 }
 
@@ -415,19 +517,9 @@ static void test_allocation_failures(void **state)
 static uint8_t *bitmap_image(size_t *ret_len)
 {
     size_t len;
-    uint8_t *buf = fresh_image(&len), *copy;
-    struct qbm_image *img;
-    const uint8_t *b;
+    uint8_t *buf = fresh_image(&len);
+    uint8_t *copy = tl_mem_with_bitmap(buf, len, "a", 65536, 1 << 20, ret_len);
 
-    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
-    assert_non_null(img);
-    assert_int_equal(qbm_bitmap_add(img, "a", 65536, 0), 0);
-    assert_int_equal(qbm_bitmap_set_dirty(img, "a", 0, 1 << 20), 0);
-    assert_int_equal(qbm_commit(img), 0);
-    b = qbm_io_mem_data(img->io, ret_len);
-    copy = malloc(*ret_len);
-    memcpy(copy, b, *ret_len);
-    qbm_close(img);
     free(buf);
     return copy;
 }
@@ -494,6 +586,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_l1_past_eof),
         cmocka_unit_test(test_l2_past_eof),
+        cmocka_unit_test(test_shared_l2_walked_once),
+        cmocka_unit_test(test_shared_l2_allocation),
         cmocka_unit_test(test_refblocks_past_eof),
         cmocka_unit_test(test_compare_past_eof),
         cmocka_unit_test(test_refs_follow_references),

@@ -18,59 +18,9 @@
 
 #include <cmocka.h>
 
-#include "internal.h"
+#include "testlib.h"
 
 #define SIZE (16u << 20)
-
-static char dir[] = "/tmp/qbm-checkpoints-XXXXXX";
-
-static char *path_of(const char *name)
-{
-    static char buf[4][256];
-    static unsigned next;
-    char *p = buf[next++ % 4];
-
-    snprintf(p, sizeof(buf[0]), "%s/%s", dir, name);
-    return p;
-}
-
-static void write_image(const char *name, const char *backing)
-{
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    const uint8_t *b;
-    size_t len;
-    FILE *f;
-
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, SIZE, 12, backing,
-                                       backing ? "qcow2" : NULL, NULL, 0,
-                                       &w), 0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    b = qbm_io_mem_data(io, &len);
-    f = fopen(path_of(name), "wb");
-    assert_non_null(f);
-    assert_int_equal(fwrite(b, 1, len, f), len);
-    assert_int_equal(fclose(f), 0);
-    qbm_io_close(io);
-}
-
-/* Bitmaps "name" (enabled) or "-name" (disabled) added to image NAME. */
-static void add_bitmaps(const char *name, const char *const *bitmaps)
-{
-    struct qbm_image *img = qbm_open(path_of(name), QBM_OPEN_RDWR);
-
-    assert_non_null(img);
-    for (; *bitmaps; bitmaps++) {
-        bool off = **bitmaps == '-';
-
-        assert_int_equal(qbm_bitmap_add(img, *bitmaps + off, 65536,
-                                        off ? QBM_ADD_DISABLED : 0), 0);
-    }
-    assert_int_equal(qbm_commit(img), 0);
-    qbm_close(img);
-}
 
 struct out {
     char text[4096];
@@ -78,17 +28,7 @@ struct out {
     size_t calls;
 };
 
-static void put(struct out *o, const char *fmt, ...) QBM_PRINTF(2, 3);
-
-static void put(struct out *o, const char *fmt, ...)
-{
-    size_t used = strlen(o->text);
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(o->text + used, sizeof(o->text) - used, fmt, ap);
-    va_end(ap);
-}
+#define put(o, ...) tl_appendf((o)->text, sizeof((o)->text), __VA_ARGS__)
 
 static const char *base(const char *path)
 {
@@ -174,16 +114,16 @@ static void build(struct fixture *f)
     };
     size_t i, j;
 
-    write_image("c", NULL);
-    write_image("b", "c");
-    write_image("a", "b");
-    write_image("d", NULL);
-    add_bitmaps("a", a);
-    add_bitmaps("b", b);
-    add_bitmaps("c", c);
-    add_bitmaps("d", d);
-    f->vda = qbm_chain_open(path_of("a"), 0);
-    f->vdb = qbm_chain_open(path_of("d"), 0);
+    tl_write_image("c", SIZE, NULL, 0);
+    tl_write_image("b", SIZE, "c", 0);
+    tl_write_image("a", SIZE, "b", 0);
+    tl_write_image("d", SIZE, NULL, 0);
+    tl_add_bitmaps("a", a);
+    tl_add_bitmaps("b", b);
+    tl_add_bitmaps("c", c);
+    tl_add_bitmaps("d", d);
+    f->vda = qbm_chain_open(tl_path("a"), 0);
+    f->vdb = qbm_chain_open(tl_path("d"), 0);
     assert_non_null(f->vda);
     assert_non_null(f->vdb);
     f->set = qbm_checkpoints_new();
@@ -205,15 +145,10 @@ static void build(struct fixture *f)
 
 static void unbuild(struct fixture *f)
 {
-    static const char *const files[] = { "a", "b", "c", "d" };
-    size_t i;
-
     qbm_checkpoints_free(f->set);
     qbm_chain_close(f->vda);
     qbm_chain_close(f->vdb);
-    for (i = 0; i < QBM_ARRAY_SIZE(files); i++) {
-        unlink(path_of(files[i]));
-    }
+    tl_dir_clean(NULL);
 }
 
 /* Worked out by hand from the rules (qbm.h). */
@@ -411,13 +346,13 @@ static void test_shared_backing(void **state)
     struct qbm_checkpoints *set;
     struct out o = { "" };
 
-    write_image("s", NULL);
-    write_image("a", "s");
-    write_image("b", "s");
-    add_bitmaps("s", s_bm);
-    add_bitmaps("a", a_bm);
-    vda = qbm_chain_open(path_of("a"), 0);
-    vdb = qbm_chain_open(path_of("b"), 0);
+    tl_write_image("s", SIZE, NULL, 0);
+    tl_write_image("a", SIZE, "s", 0);
+    tl_write_image("b", SIZE, "s", 0);
+    tl_add_bitmaps("s", s_bm);
+    tl_add_bitmaps("a", a_bm);
+    vda = qbm_chain_open(tl_path("a"), 0);
+    vdb = qbm_chain_open(tl_path("b"), 0);
     assert_non_null(vda);
     assert_non_null(vdb);
     set = qbm_checkpoints_new();
@@ -435,21 +370,29 @@ static void test_shared_backing(void **state)
     qbm_checkpoints_free(set);
     qbm_chain_close(vda);
     qbm_chain_close(vdb);
-    unlink(path_of("a"));
-    unlink(path_of("b"));
-    unlink(path_of("s"));
+    tl_dir_clean(NULL);
 }
 
-static int group_setup(void **state)
+/* libvirt's checkpoint names, [A-Za-z0-9_-][A-Za-z0-9_.-]*, and nothing
+ * else. */
+static void test_name_valid(void **state)
 {
-    assert_non_null(mkdtemp(dir));
-    return 0;
-}
+    static const struct {
+        const char *name;
+        int valid;
+    } cases[] = {
+        { "ck1", 1 },      { "a.b", 1 }, { "_x", 1 },          { "-x", 1 },
+        { "A-Z_0.9", 1 },  { "x.", 1 },  { ".x", 0 },          { "", 0 },
+        { "bad name", 0 }, { "a/b", 0 }, { "caf\xc3\xa9", 0 }, { "a:b", 0 },
+    };
+    size_t i;
 
-static int group_teardown(void **state)
-{
-    rmdir(dir);
-    return 0;
+    for (i = 0; i < QBM_ARRAY_SIZE(cases); i++) {
+        if (qbm_checkpoint_name_valid(cases[i].name) != cases[i].valid) {
+            fail_msg("'%s': want %d", cases[i].name, cases[i].valid);
+        }
+    }
+    assert_int_equal(qbm_checkpoint_name_valid(NULL), 0);
 }
 
 int main(void)
@@ -461,7 +404,8 @@ int main(void)
         cmocka_unit_test(test_refusals_and_stop),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_shared_backing),
+        cmocka_unit_test(test_name_valid),
     };
 
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, tl_dir_setup, tl_dir_teardown);
 }

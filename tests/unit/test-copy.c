@@ -15,7 +15,7 @@
 
 #include <cmocka.h>
 
-#include "internal.h"
+#include "testlib.h"
 
 #define SIZE (64u << 20)
 
@@ -24,20 +24,7 @@ static size_t fresh_len;
 
 static int group_setup(void **state)
 {
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    const uint8_t *b;
-
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, SIZE, 12, NULL, NULL, NULL, 0,
-                                       &w), 0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    b = qbm_io_mem_data(io, &fresh_len);
-    fresh = malloc(fresh_len);
-    assert_non_null(fresh);
-    memcpy(fresh, b, fresh_len);
-    qbm_io_close(io);
+    fresh = tl_image_bytes(SIZE, NULL, 0, &fresh_len);
     return 0;
 }
 
@@ -86,47 +73,12 @@ static int record(void *opaque, int action, const char *bitmap,
                   uint64_t granularity)
 {
     struct events *ev = opaque;
-    size_t used = strlen(ev->text);
 
-    snprintf(ev->text + used, sizeof(ev->text) - used, "%s%d:%s:%llu",
-             used ? " " : "", action, bitmap,
-             (unsigned long long)granularity);
+    tl_appendf(ev->text, sizeof(ev->text), "%s%d:%s:%llu",
+               ev->text[0] ? " " : "", action, bitmap,
+               (unsigned long long)granularity);
     ev->calls++;
     return ev->stop;
-}
-
-struct text {
-    char *p;
-    size_t len;
-};
-
-static int put_extent(void *opaque, uint64_t off, uint64_t len)
-{
-    struct text *t = opaque;
-    size_t used = strlen(t->p);
-
-    snprintf(t->p + used, t->len - used, "%llu+%llu,",
-             (unsigned long long)off, (unsigned long long)len);
-    return 0;
-}
-
-/* Bitmap `name` of `img`: "flags granularity extents", or "absent". */
-static void describe(struct qbm_image *img, const char *name, char *out,
-                     size_t len)
-{
-    char ext[200] = "";
-    struct text t = { ext, sizeof(ext) };
-    int idx = qbm_bitmap_find(img, name);
-
-    if (idx < 0) {
-        snprintf(out, len, "absent");
-        return;
-    }
-    assert_int_equal(qbm_bitmap_extents(img, (size_t)idx, put_extent, &t),
-                     0);
-    snprintf(out, len, "%u %llu %s", qbm_bitmap_flags(img, (size_t)idx),
-             (unsigned long long)qbm_bitmap_granularity(img, (size_t)idx),
-             ext);
 }
 
 #define COPIED "1"
@@ -156,7 +108,6 @@ static void test_merge(void **state)
 {
     struct events ev = { .text = "" };
     struct qbm_image *src, *dst;
-    char got[300];
 
     make_pair(&src, &dst);
     assert_int_equal(qbm_bitmap_copy(dst, src, NULL, 0, QBM_COPY_MERGE,
@@ -165,12 +116,9 @@ static void test_merge(void **state)
                         COPIED ":c:1048576");
     /* The target keeps its granularity and state; the bits are ORed. */
     assert_int_equal(qbm_commit(dst), 0);
-    describe(dst, "b", got, sizeof(got));
-    assert_string_equal(got, "2 4096 0+4096,2097152+4096,");
-    describe(dst, "a", got, sizeof(got));
-    assert_string_equal(got, "2 65536 1048576+65536,");
-    describe(dst, "c", got, sizeof(got));
-    assert_string_equal(got, "2 1048576 ");
+    tl_assert_described(dst, "b", "2 4096 0+4096,2097152+4096,");
+    tl_assert_described(dst, "a", "2 65536 1048576+65536,");
+    tl_assert_described(dst, "c", "2 1048576 ");
     qbm_close(dst);
     qbm_close(src);
 }
@@ -184,7 +132,6 @@ static void test_replace_named(void **state)
     struct qbm_image *src, *dst, *again;
     const uint8_t *bytes;
     size_t len;
-    char got[300];
 
     make_pair(&src, &dst);
     assert_int_equal(qbm_bitmap_copy(dst, src, names, 2, QBM_COPY_REPLACE,
@@ -194,12 +141,9 @@ static void test_replace_named(void **state)
     bytes = qbm_io_mem_data(dst->io, &len);
     again = qbm_open_memory(bytes, len, "again", 0);
     assert_non_null(again);
-    describe(again, "b", got, sizeof(got));
-    assert_string_equal(got, "0 512 0+512,");
-    describe(again, "a", got, sizeof(got));
-    assert_string_equal(got, "2 65536 1048576+65536,");
-    describe(again, "c", got, sizeof(got));
-    assert_string_equal(got, "absent");
+    tl_assert_described(again, "b", "0 512 0+512,");
+    tl_assert_described(again, "a", "2 65536 1048576+65536,");
+    tl_assert_described(again, "c", "absent");
     qbm_close(again);
     qbm_close(dst);
     qbm_close(src);
@@ -275,7 +219,6 @@ static void test_allocation_failures(void **state)
     for (n = 1; n < 5000 && !succeeded; n++) {
         struct events ev = { .text = "" };
         struct qbm_image *src, *dst;
-        char got[300];
         int r;
 
         make_pair(&src, &dst);
@@ -290,8 +233,7 @@ static void test_allocation_failures(void **state)
             assert_string_equal(ev.text, COPIED ":a:65536 "
                                 REPLACED ":b:512 " COPIED ":c:1048576");
             assert_int_equal(qbm_commit(dst), 0);
-            describe(dst, "b", got, sizeof(got));
-            assert_string_equal(got, "0 512 0+512,");
+            tl_assert_described(dst, "b", "0 512 0+512,");
             succeeded = 1;
         }
         qbm_close(dst);

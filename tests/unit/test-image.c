@@ -15,27 +15,10 @@
 
 #include <cmocka.h>
 
-#include "internal.h"
+#include "testlib.h"
 
-/* A fresh, empty 64 MiB image with 4 KiB clusters, as bytes. */
-static uint8_t *fresh_image(size_t *ret_len)
-{
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    uint8_t *copy;
-    const uint8_t *b;
-
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, 64 << 20, 12, NULL, NULL, NULL, 0,
-                                       &w), 0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    b = qbm_io_mem_data(io, ret_len);
-    copy = malloc(*ret_len);
-    memcpy(copy, b, *ret_len);
-    qbm_io_close(io);
-    return copy;
-}
+/* The fresh images' virtual size (4 KiB clusters). */
+#define SIZE (64u << 20)
 
 static int no_problems(void *opaque, int kind, uint64_t off, const char *m)
 {
@@ -62,7 +45,7 @@ static int collect(void *opaque, uint64_t off, uint64_t len)
 static void test_edit_and_reopen(void **state)
 {
     size_t len, len2;
-    uint8_t *img0 = fresh_image(&len);
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len);
     struct qbm_image *img, *again;
     struct collect c = { .n = 0 };
     const uint8_t *b;
@@ -112,11 +95,46 @@ static void test_edit_and_reopen(void **state)
     free(img0);
 }
 
+/* Before the commit, extents and dirty bytes show the staged contents
+ * (a new bitmap has no table on disk, an edited one the old table). */
+static void test_staged_queries(void **state)
+{
+    size_t len;
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len);
+    struct qbm_image *img;
+    struct collect c = { .n = 0 };
+    uint64_t dirty;
+
+    img = qbm_open_memory(img0, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_add(img, "b", 4096, 0), 0);
+    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 8192, 4096), 0);
+    assert_int_equal(qbm_bitmap_extents(img, 0, collect, &c), 0);
+    assert_int_equal(c.n, 1);
+    assert_int_equal(c.v[0][0], 8192);
+    assert_int_equal(c.v[0][1], 4096);
+    assert_int_equal(qbm_bitmap_dirty_bytes(img, 0, &dirty), 0);
+    assert_int_equal(dirty, 4096);
+    assert_int_equal(qbm_commit(img), 0);
+    /* Edited after a commit: the staged state, not the table on disk. */
+    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 1 << 20, 1), 0);
+    c.n = 0;
+    assert_int_equal(qbm_bitmap_extents_range(img, 0, 0, SIZE, collect, &c),
+                     0);
+    assert_int_equal(c.n, 2);
+    assert_int_equal(c.v[1][0], 1 << 20);
+    assert_int_equal(qbm_bitmap_clear(img, "b"), 0);
+    assert_int_equal(qbm_bitmap_dirty_bytes(img, 0, &dirty), 0);
+    assert_int_equal(dirty, 0);
+    qbm_close(img);
+    free(img0);
+}
+
 /* Allocation failure at every point of open + edits + commit. */
 static void test_allocation_failures(void **state)
 {
     size_t len;
-    uint8_t *img0 = fresh_image(&len);
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len);
     unsigned long n;
     int succeeded = 0;
 
@@ -161,21 +179,11 @@ struct layout {
 static uint8_t *bitmap_image(size_t *ret_len, struct layout *lay)
 {
     size_t len, len2;
-    uint8_t *img0 = fresh_image(&len), *copy;
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len), *copy;
     struct qbm_image *img;
-    const uint8_t *b;
 
-    img = qbm_open_memory(img0, len, "mem", QBM_OPEN_RDWR);
-    assert_non_null(img);
-    assert_int_equal(qbm_bitmap_add(img, "b", 0, 0), 0);
-    assert_int_equal(qbm_bitmap_set_dirty(img, "b", 0, 65536), 0);
-    assert_int_equal(qbm_commit(img), 0);
-    b = qbm_io_mem_data(img->io, &len2);
-    copy = malloc(len2);
-    memcpy(copy, b, len2);
-    qbm_close(img);
+    copy = tl_mem_with_bitmap(img0, len, "b", 0, 65536, &len2);
     free(img0);
-
     img = qbm_open_memory(copy, len2, "mem", 0);
     assert_non_null(img);
     assert_int_equal(qcow2_bitmap_table_load(img, &img->bitmaps[0]), 0);
@@ -248,8 +256,6 @@ static void test_corrupt_refcounts(void **state)
     for (i = 0; i < n; i++) {
         uint8_t *bad = malloc(len);
         struct qbm_image *img;
-        const uint8_t *b;
-        size_t blen;
 
         memcpy(bad, good, len);
         be64_store(bad + cases[i].pos, cases[i].value);
@@ -263,15 +269,11 @@ static void test_corrupt_refcounts(void **state)
             fail_msg("case %zu: got \"%s\", want \"%s\"", i,
                      qbm_get_error(), cases[i].msg);
         }
-        b = qbm_io_mem_data(img->io, &blen);
-        assert_int_equal(blen, len);
-        assert_memory_equal(b, bad, len);
+        tl_assert_mem_holds(img, bad, len);
         /* The same with an edit of the existing bitmap. */
         assert_int_equal(qbm_bitmap_clear(img, "b"), 0);
         assert_int_equal(qbm_commit(img), -1);
-        b = qbm_io_mem_data(img->io, &blen);
-        assert_int_equal(blen, len);
-        assert_memory_equal(b, bad, len);
+        tl_assert_mem_holds(img, bad, len);
         qbm_close(img);
         free(bad);
     }
@@ -300,9 +302,8 @@ static void test_hidden_l2_not_allocated(void **state)
 {
     enum { CS = 4096, RB = 2 * CS, L1 = 3 * CS, SN = 4 * CS, SN_L1 = 5 * CS,
            LEN = 7 * CS };
-    size_t len, blen;
-    uint8_t *img0 = fresh_image(&len), *buf = malloc(LEN);
-    const uint8_t *b;
+    size_t len;
+    uint8_t *img0 = tl_image_bytes(SIZE, NULL, 0, &len), *buf = malloc(LEN);
     struct qbm_image *img;
     struct collect p;
     char msg[160];
@@ -351,9 +352,7 @@ static void test_hidden_l2_not_allocated(void **state)
                  "check -r all); the image was not changed",
                  (unsigned long long)l2);
         assert_string_equal(qbm_get_error(), msg);
-        b = qbm_io_mem_data(img->io, &blen);
-        assert_int_equal(blen, LEN);
-        assert_memory_equal(b, buf, LEN);
+        tl_assert_mem_holds(img, buf, LEN);
         qbm_close(img);
     }
     free(buf);
@@ -392,11 +391,10 @@ static void test_mem_far_write(void **state)
 static void test_device_space(void **state)
 {
     const uint64_t cs = 4096;
-    size_t len, blen;
-    uint8_t *buf = fresh_image(&len);
+    size_t len;
+    uint8_t *buf = tl_image_bytes(SIZE, NULL, 0, &len);
     struct qbm_image *img;
     uint64_t end, bytes, after, worst_bytes, worst_end;
-    const uint8_t *b;
     char msg[256];
 
     img = qbm_open_memory(buf, len, "dev", QBM_OPEN_RDWR);
@@ -427,9 +425,7 @@ static void test_device_space(void **state)
     assert_string_equal(qbm_get_error(), msg);
     assert_int_equal(qbm_commit(img), -1);
     assert_int_equal(qbm_get_errno(), ENOSPC);
-    b = qbm_io_mem_data(img->io, &blen);
-    assert_int_equal(blen, len);
-    assert_memory_equal(b, buf, len);
+    tl_assert_mem_holds(img, buf, len);
     qbm_close(img);
 
     /* Room for it: the commit ends where the dry run said. */
@@ -453,6 +449,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edit_and_reopen),
+        cmocka_unit_test(test_staged_queries),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_corrupt_refcounts),
         cmocka_unit_test(test_hidden_l2_not_allocated),

@@ -18,9 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
-from qbmtest import (MiB, Fail, Suite, qemu_img,  # noqa: E402
+from qbmtest import (MiB, Fail, RandomWriter, Suite, qemu_img,  # noqa: E402
                      qemu_img_check, qemu_img_compare as same,
-                     qemu_img_create, qemu_img_info, qemu_io)
+                     qemu_img_create, qemu_img_info)
 
 
 def data_bytes(img):
@@ -42,47 +42,9 @@ def scenario(qbm, tmp, rng, desc):
 
     ccs = {"cluster_size=4096": 4096, "cluster_size=2M": 2 * MiB}.get(
         opts, 65536)
-    touched = set()  # clusters written: QEMU compresses only into fresh ones
-
-    def touch(off, length):
-        touched.update(range(off // ccs, -(-(off + length) // ccs)))
-
-    def step(n):
-        cmds = []
-        discarded = False
-        for _ in range(n):
-            length = rng.choice([512, 4096, 65536, 300000, 2 * MiB])
-            off = rng.randrange(0, max(1, size - length)) // 512 * 512
-            length = min(-(-length // 512) * 512, size - off)
-            kind = rng.random()
-            if kind < 0.5:
-                cmds.append("write -P %d %d %d" %
-                            (rng.randrange(1, 255), off, length))
-            elif kind < 0.65:
-                # Compressed writes need whole, never written clusters.
-                o = off // ccs * ccs
-                if (o + ccs <= size and "extended_l2" not in opts and
-                        o // ccs not in touched):
-                    if discarded:
-                        # QEMU 7.2 keeps packing compressed data into
-                        # the host cluster a discard freed (and reused
-                        # for metadata) in the same process: start a
-                        # new qemu-io so the pattern stays valid.
-                        qemu_io(disk, *cmds)
-                        cmds = []
-                        discarded = False
-                    cmds.append("write -c -P %d %d %d" %
-                                (rng.randrange(1, 255), o, ccs))
-                    touch(o, ccs)
-                continue
-            elif kind < 0.85:
-                cmds.append("write -z %d %d" % (off, length))
-            else:
-                cmds.append("discard %d %d" % (off, length))
-                discarded = True
-            touch(off, length)
-        if cmds:
-            qemu_io(disk, *cmds)
+    writer = RandomWriter(disk, size, ccs, rng,
+                          compress="extended_l2" not in opts)
+    step = writer.step
 
     step(6)
     qbm("add", "-g", str(gran), disk, "ck0")

@@ -19,8 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
-from qbmtest import (MiB, Fail, Qcow2, Suite, qemu_bitmaps,  # noqa: E402
-                     qemu_img, qemu_img_create, qemu_img_info, qemu_io)
+from qbmtest import (MiB, Fail, Suite, qemu_bitmaps,  # noqa: E402
+                     qemu_img, qemu_img_create, qemu_img_info, qemu_io,
+                     set_bitmap_in_use)
 
 # Each layer, top first, is a list of bitmaps: "name", "name:off"
 # (disabled), "name:in-use" (the in_use flag patched in), or "!crash": the
@@ -117,10 +118,7 @@ def build(tmp, layers):
             if flag == "in-use":
                 patched.append(name)
         for name in patched:
-            entry = Qcow2(paths[i]).bitmap(name)
-            with open(paths[i], "r+b") as f:
-                f.seek(entry.offset + 12)
-                f.write((entry.flags | 1).to_bytes(4, "big"))
+            set_bitmap_in_use(paths[i], name)
     return paths
 
 

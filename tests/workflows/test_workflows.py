@@ -203,7 +203,10 @@ def scenario_commit_gap(c, deep, fill):
 # Gap shapes of a commit of t0 (top) and t1 into base. Each layer, top
 # first: "X" has the bitmap enabled, "x" disabled, "-" not. `gaps`: the
 # layers commit-bitmaps must report (by the rule in qbm_carry_commit's
-# documentation, worked out by hand); empty: the bitmap is carried.
+# documentation, worked out by hand); empty: the bitmap is carried, unless
+# a copy from t0 down to base is disabled: by default (as libvirt and vdsm)
+# that is reported too and the bitmap not carried; --carry-disabled carries
+# it, gaps permitting.
 GAP_SHAPES = [
     (["X", "X", "X", "-"], []),
     (["X", "-", "X", "-"], ["t1"]),            # hole in a committed layer
@@ -236,8 +239,11 @@ def scenario_commit_gap_shapes(c):
                 run(["qemu-img", "bitmap", "--add"] +
                     (["--disable"] if shape[i] == "x" else []) +
                     [path[n], "X"])
-        for fill in (False, True):
-            opt = ["--fill-gaps"] if fill else []
+        off = [n for n in names[:3] if shape[names.index(n)] == "x"]
+        for fill, incl in ((False, False), (True, False), (False, True),
+                           (True, True)):
+            opt = (["--fill-gaps"] if fill else []) + (
+                ["--carry-disabled"] if incl else [])
             p = c.q(*(["commit-bitmaps", "-n"] + opt +
                       [path["t0"], path["base"]]))
             got = [n for n in names if
@@ -245,14 +251,22 @@ def scenario_commit_gap_shapes(c):
                     % (path["base"], path[n]) if fill else
                     "would not carry bitmap 'X': %s lacks it" % path[n])
                    in p.stdout]
+            got_off = [n for n in names if
+                       "would not carry bitmap 'X': %s's copy is disabled"
+                       % path[n] in p.stdout]
+            want_off = [] if incl else off
+            # A bitmap a disabled copy stops has no gap filled either.
+            want = [] if fill and want_off else gaps
             carried = "bitmap 'X' of %s into" % path["t0" if shape[0] != "-"
                                                        else "t1"]
-            if got != gaps or (carried in p.stdout) != (fill or not gaps) \
-                    or p.stderr.count("warning") != (0 if fill
-                                                     else len(gaps)):
-                raise Fail("shape %s%s: gaps %s, want %s\n%s%s" % (
-                    shape, " --fill-gaps" if fill else "", got, gaps,
-                    p.stdout, p.stderr))
+            if got != want or got_off != want_off or \
+                    (carried in p.stdout) != ((fill or not gaps) and
+                                              not want_off) or \
+                    p.stderr.count("warning") != len(want_off) + (
+                        0 if fill else len(gaps)):
+                raise Fail("shape %s %s: gaps %s, want %s; disabled %s, "
+                           "want %s\n%s%s" % (shape, opt, got, want, got_off,
+                                               want_off, p.stdout, p.stderr))
         # Every gap commit-bitmaps sees is one check --chain reports.
         if gaps:
             c.q("check", "--chain", path["t0"], ok=(2,))
@@ -267,7 +281,11 @@ def scenario_snapshot(c):
     before = c.writes(base, size, 5)
     top = c.create("top.qcow2", size, backing=base)  # no bitmap handling
     after = c.writes(top, size, 7)
-    c.q("snapshot-bitmaps", "--disable-base", base, top)
+    # libvirt's model keeps the base's copy recording; --disable-base is
+    # the older one.
+    disable = c.rng.random() < 0.5
+    c.q(*(["snapshot-bitmaps"] + (["--disable-base"] if disable else []) +
+          [base, top]))
     check_clean(top)
     check_clean(base)
     tb = qemu_bitmaps(top)
@@ -277,8 +295,16 @@ def scenario_snapshot(c):
         raise Fail("top ck1 is not the top's allocation")
     if not covers(qemu_bitmap(top, "ck1"), after):
         raise Fail("top ck1 misses writes since the snapshot")
-    if qemu_bitmaps(base).get("ck1") != (g, []):
-        raise Fail("--disable-base did not disable ck1 in the base")
+    if qemu_bitmaps(base).get("ck1") != (g, [] if disable else ["auto"]):
+        raise Fail("base ck1 is %s (--disable-base: %s)" % (
+            qemu_bitmaps(base).get("ck1"), disable))
+    # libvirt's rule: every copy records, except after --disable-base
+    # (the disabled "old" is a finding either way).
+    p = c.q("check", "--chain", "--output=json", top, ok=(2,))
+    rules = [(q["rule"], q["layer"]) for q in json.loads(p.stdout)[0][
+        "problems"] if q.get("bitmap") == "ck1"]
+    if rules != ([("disabled", 1)] if disable else []):
+        raise Fail("check --chain finds %s for ck1" % rules)
     union = c.dump(top, "ck1", chain=True)
     if union != merge(qemu_bitmap(base, "ck1") + qemu_bitmap(top, "ck1")):
         raise Fail("dump --chain is not the union of the layers")
