@@ -266,7 +266,7 @@ int qbm_impl_image_bitmaps_bytes(struct qbm_image *img, uint64_t *ret_bytes)
             r = push_clusters(&o, bm->table[k] & BME_TABLE_OFFSET_MASK, cs, cs);
         }
     }
-    if (r == 0) {
+    if (r == 0 && o.n > 0) {
         qsort(o.v, o.n, sizeof(*o.v), cmp_u64);
         for (k = 0; k < o.n; k++) {
             n += k == 0 || o.v[k] != o.v[k - 1];

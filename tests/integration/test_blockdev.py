@@ -304,8 +304,9 @@ def random_edits(rng, n):
                                 rng.choice(names)]))
         elif k == 5:
             off = rng.randrange(0, 256) << 20
-            out.append(("io", "write %d %d" % (off, rng.randrange(1, 64) <<
-                                                 16)))
+            # Within the 256 MiB disk: QEMU refuses a write past its end.
+            length = min(rng.randrange(1, 64) << 16, (256 << 20) - off)
+            out.append(("io", "write %d %d" % (off, length)))
         else:
             out.append(("qbm", ["populate", "IMAGE", rng.choice(names)]))
     return out

@@ -118,7 +118,11 @@ def case_exports(suite, t, tmp):
             ["nm", "-D", lib], ok=None).stdout
         expect("qbm_alloc_fail_after" not in out,
                "%s has the allocation test hook" % lib)
-    cc = os.environ.get("CC", "cc")
+    # The compiler and sanitizers the library was built with: a sanitizer
+    # build's libqbm.a needs its runtime at link time.
+    cc = suite.args.cc or os.environ.get("CC", "cc")
+    san = ([] if suite.args.sanitize in ("", "none") else
+           ["-fsanitize=" + suite.args.sanitize])
     inc = os.path.dirname(t.header)
     good = os.path.join(tmp, "good.c")
     with open(good, "w") as f:
@@ -130,7 +134,7 @@ def case_exports(suite, t, tmp):
     with open(bad, "w") as f:
         f.write("void *qbm_malloc(unsigned long n);\n"
                 "int main(void) { return qbm_malloc(1) == 0; }\n")
-    for lib, extra in ((t.a, ["-lz", "-lzstd"]), (t.so, [])):
+    for lib, extra in ((t.a, ["-lz", "-lzstd"] + san), (t.so, san)):
         exe = os.path.join(tmp, "good")
         run([cc, "-I", inc, good, lib] + extra + ["-o", exe])
         p = run([exe], env=t.env)
@@ -215,6 +219,8 @@ def main():
     suite.parser.add_argument("--syms", required=True)
     suite.parser.add_argument("--version", required=True)
     suite.parser.add_argument("--static-tool", default="no")
+    suite.parser.add_argument("--cc", default=None)
+    suite.parser.add_argument("--sanitize", default="none")
     suite.parser.add_argument("--python")
     suite.start()
     with suite.tempdir() as dest:

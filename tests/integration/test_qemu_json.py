@@ -274,9 +274,10 @@ def encrypted(suite, tmp):
     for i, opts in enumerate(ENCRYPTIONS):
         img = os.path.join(tmp, "e%d.qcow2" % i)
         # QEMU times its key derivation for iter-time ms; when that was
-        # too quick to measure it fails ("Unable to get accurate CPU
-        # usage"): try longer.
-        for ms in (10, 100, 1000):
+        # too quick to measure, or the measure was disturbed (a loaded
+        # machine), it fails ("Unable to get accurate CPU usage"): try
+        # longer, and again.
+        for ms in (10, 100, 1000) * 3:
             luks = ",encrypt.iter-time=%d" % ms if "luks" in opts else ""
             p = qemu_img("create", "-q", "-f", "qcow2", "--object",
                          "secret,id=sec0,data=secret", "-o",
@@ -284,6 +285,12 @@ def encrypted(suite, tmp):
                          ok=(0, 1))
             if p.returncode == 0 or "accurate CPU usage" not in p.stderr:
                 break
+        if p.returncode and "accurate CPU usage" in p.stderr:
+            # QEMU could not make this input; what is tested is qbm's
+            # reading of it.
+            print("note: %s: qemu-img could not time its key derivation "
+                  "in 9 tries; variant skipped" % opts)
+            continue
         if p.returncode:
             raise Fail("qemu-img create %s: %s" % (opts, p.stderr))
         want = json.loads(qemu_img("info", "--output=json", img).stdout)

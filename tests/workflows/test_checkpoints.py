@@ -636,14 +636,20 @@ def scenario_locked(qbm, tmp):
             if time.monotonic() > deadline:
                 raise Fail("qemu-io never opened the image")
             time.sleep(0.05)
+        # QEMU holds it: its bitmaps show in use, as libvirt would see
+        # (QEMU marks them a moment after it opened the image: wait, so
+        # that the bytes compared below are QEMU's last write).
+        for _ in range(100):
+            rc, res = lv.check("-U")
+            if states(res) == {("ck1", "vda"): "inconsistent"}:
+                break
+            time.sleep(0.05)
+        if states(res) != {("ck1", "vda"): "inconsistent"}:
+            raise Fail("-U: %s" % res)
         data = open(lv.top("vda"), "rb").read()
         r = qbm("checkpoints", lv.cpdir, ok=(1,))
         if lv.top("vda") not in r.stderr or r.stdout:
             raise Fail("locked: %r" % r.stderr)
-        # QEMU holds it: its bitmaps show in use, as libvirt would see.
-        rc, res = lv.check("-U")
-        if states(res) != {("ck1", "vda"): "inconsistent"}:
-            raise Fail("-U: %s" % res)
         if open(lv.top("vda"), "rb").read() != data:
             raise Fail("qbm checkpoints changed the image")
     finally:
