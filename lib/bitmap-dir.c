@@ -361,6 +361,13 @@ int qcow2_bitmap_read_chunk_range(struct qbm_image *img,
     if (nchunks > end) {
         nchunks = end;
     }
+    /* The window's pointers are small (win entries); its buffer is
+     * taken when the first data cluster is met. */
+    offs = qbm_calloc(win, sizeof(*offs));
+    bufs = qbm_calloc(win, sizeof(*bufs));
+    if (!offs || !bufs) {
+        r = -ENOMEM;
+    }
     while (i < nchunks && r == 0) {
         /* Chunks [start, i) hold n data clusters: read them together,
          * then hand every chunk to fn in order. */
@@ -371,9 +378,7 @@ int qcow2_bitmap_read_chunk_range(struct qbm_image *img,
                 n = (size_t)(nchunks - i < win ? nchunks - i : win);
                 buf_bytes = n * img->cluster_size;
                 buf = qbm_window_alloc(buf_bytes);
-                offs = qbm_malloc(win * sizeof(*offs));
-                bufs = qbm_malloc(win * sizeof(*bufs));
-                if (!buf || !offs || !bufs) {
+                if (!buf) {
                     r = -ENOMEM;
                     break;
                 }
