@@ -23,6 +23,12 @@ like:
         sides (the device through the loop driver from its backing file's
         storage). Nothing else holds the device open, so Linux also drops
         its cache at qbm's last close, as it would on a host.
+The loop driver reads and writes its backing file with O_DIRECT (losetup
+--direct-io=on, checked in sysfs), so the device's data is cached once, in
+the device's own page cache, as on a disk, an LVM volume or a SAN LUN;
+--buffered-loop measures the default buffered loop device instead, whose
+data also passes through the backing file's page cache (a layer no real
+device has).
 Target for both runs: device within 1.1x of the file (sum of medians).
 Needs root and losetup.
 """
@@ -81,6 +87,13 @@ def evict(paths, tries=10):
     return left
 
 
+def loop_dio(dev):
+    """Whether the loop device reads its backing file with O_DIRECT."""
+    name = os.path.basename(dev)
+    with open("/sys/block/%s/loop/dio" % name) as f:
+        return f.read().strip() == "1"
+
+
 def measure(qbm, dev, f, reps, cold=None):
     """({(step, "device"|"file"): [seconds]}, pages found cached after
     eviction or None), device and file alternating. cold: {"device":
@@ -125,6 +138,8 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--dir", default=os.environ.get("QBM_BENCH_DIR",
                                                     "/var/tmp"))
+    ap.add_argument("--buffered-loop", action="store_true",
+                    help="a buffered loop device (default: direct I/O)")
     args = ap.parse_args()
     require_loop()
     qbm = os.path.abspath(args.qbm)
@@ -134,8 +149,15 @@ def main():
         src = os.path.join(d, "src.qcow2")
         make_dense(src, 16 * TiB, alt=True)
         size = os.path.getsize(src)
-        with LoopDevice(d, size + 256 * MiB, "dev", fill=b"\0") as loop:
+        with LoopDevice(d, size + 256 * MiB, "dev", fill=b"\0",
+                        direct_io=not args.buffered_loop) as loop:
             dev = loop.node
+            print("loop device: %s I/O on its backing file" % (
+                "direct" if loop_dio(loop.dev) else "buffered"))
+            if loop_dio(loop.dev) == args.buffered_loop:
+                print("losetup did not set the loop device's direct I/O "
+                      "mode as asked", file=sys.stderr)
+                return 1
             f = os.path.join(d, "file.qcow2")
             for dst in (dev, f):
                 with open(src, "rb") as i, open(dst, "r+b" if dst == dev

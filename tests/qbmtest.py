@@ -642,14 +642,17 @@ class LoopDevice:
     test's directory `tmp`, filled with random garbage from rng (a
     random.Random; default one seeded by the size) unless `fill` (bytes,
     repeated) is given; `sector_size`: its logical block size (losetup
-    -b; default 512). Tests reach it only through `node`, a block device
+    -b; default 512); `direct_io`: the loop driver reads and writes its
+    backing file with O_DIRECT (losetup --direct-io=on), so the device's
+    data sits in one page cache, the device's own, as on a disk or an LVM
+    volume. Tests reach it only through `node`, a block device
     node made with mknod in tmp (same major and minor), never through
     /dev/loopN (`dev`); `backing` is the file behind it. Use it in a with
     statement, or call detach() in a finally, so that it is detached also
     on failure. Raises OSError when no loop device can be made."""
 
     def __init__(self, tmp, size, name="loop", rng=None, fill=None,
-                 sector_size=None):
+                 sector_size=None, direct_io=False):
         self.size = size
         self.backing = os.path.join(tmp, name + "-backing.img")
         self.node = os.path.join(tmp, name + "-node")
@@ -665,6 +668,8 @@ class LoopDevice:
                         rng.randbytes(n))
                 left -= n
         opts = ["-b", str(sector_size)] if sector_size else []
+        if direct_io:
+            opts.append("--direct-io=on")
         p = subprocess.run(["losetup", "-f", "--show"] + opts +
                            [self.backing],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
