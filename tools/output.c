@@ -114,9 +114,45 @@ static void put4(char *p, uint32_t v)
     memcpy(p + 2, digit_pairs + v % 100 * 2, 2);
 }
 
+/* The number of decimal digits of v. */
+static unsigned digits10(uint64_t v)
+{
+    static const uint64_t pow10[20] = {
+        1ull,
+        10ull,
+        100ull,
+        1000ull,
+        10000ull,
+        100000ull,
+        1000000ull,
+        10000000ull,
+        100000000ull,
+        1000000000ull,
+        10000000000ull,
+        100000000000ull,
+        1000000000000ull,
+        10000000000000ull,
+        100000000000000ull,
+        1000000000000000ull,
+        10000000000000000ull,
+        100000000000000000ull,
+        1000000000000000000ull,
+        10000000000000000000ull,
+    };
+    /* log10(2) ~ 1233 / 4096: a guess from the bit length, at most one
+     * short. */
+    unsigned bits = 64 - (unsigned)__builtin_clzll(v | 1);
+    unsigned n = (bits * 1233) >> 12;
+
+    return n + (n < 20 && v >= pow10[n]) + (v == 0);
+}
+
+/* v in decimal at dst, written from its last digit backwards (no copy
+ * through a temporary); its length. */
 static size_t u64_digits(char *dst, uint64_t v)
 {
-    char tmp[24], *end = tmp + sizeof(tmp), *p = end;
+    size_t n = digits10(v);
+    char *p = dst + n;
     uint32_t w;
 
     while (v >= 100000000) {
@@ -137,8 +173,7 @@ static size_t u64_digits(char *dst, uint64_t v)
     } else {
         *--p = (char)('0' + w);
     }
-    memcpy(dst, p, (size_t)(end - p));
-    return (size_t)(end - p);
+    return n;
 }
 
 void ob_u64(struct outbuf *ob, uint64_t v)
@@ -147,6 +182,16 @@ void ob_u64(struct outbuf *ob, uint64_t v)
     if (!ob->failed) {
         ob->len += u64_digits(ob->p + ob->len, v);
     }
+}
+
+/* s at d, a byte at a time: the strings are a few bytes, shorter than a
+ * call to memcpy costs. */
+static char *put_str(char *d, const char *s)
+{
+    while (*s) {
+        *d++ = *s++;
+    }
+    return d;
 }
 
 void ob_extent(struct outbuf *ob, const char *pre, uint64_t a, const char *mid,
@@ -159,15 +204,11 @@ void ob_extent(struct outbuf *ob, const char *pre, uint64_t a, const char *mid,
     if (ob->failed) {
         return;
     }
-    d = ob->p + ob->len;
-    memcpy(d, pre, lp);
-    d += lp;
+    d = put_str(ob->p + ob->len, pre);
     d += u64_digits(d, a);
-    memcpy(d, mid, lm);
-    d += lm;
+    d = put_str(d, mid);
     d += u64_digits(d, b);
-    memcpy(d, post, lq);
-    d += lq;
+    d = put_str(d, post);
     ob->len = (size_t)(d - ob->p);
 }
 
