@@ -1020,6 +1020,11 @@ int qbm_impl_commit_plan(struct qbm_image *img, unsigned flags,
     return 0;
 }
 
+int qbm_impl_commit_space(struct qbm_image *img, struct qbm_space *ret)
+{
+    return commit_run(img, COMMIT_PLAN, ret);
+}
+
 QBM_API int qbm_commit_plan(struct qbm_image *img, unsigned flags,
                             uint64_t *ret_bytes, uint64_t *ret_end)
 {

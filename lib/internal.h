@@ -1248,6 +1248,8 @@ int qbm_impl_bitmap_salvage(struct qbm_image *img, const char *name);
 int qbm_impl_commit(struct qbm_image *img);
 int qbm_impl_commit_plan(struct qbm_image *img, unsigned flags,
                          uint64_t *ret_bytes, uint64_t *ret_end);
+/* qbm_commit_plan()'s checks and placement, all the figures (*ret). */
+int qbm_impl_commit_space(struct qbm_image *img, struct qbm_space *ret);
 
 /* ==== layer op ============================================================ */
 

@@ -27,7 +27,11 @@ struct snap {
     qbm_carry_snapshot_fn fn;
     void *opaque;
     int user_ret; /* the callback's value that stopped the call */
+    /* A dry run's figures: TOP's commit, then BASE's. */
+    struct qbm_space_info space[2];
 };
+
+enum { SNAP_TOP, SNAP_BASE };
 
 /* Tell the caller; 1 when it says stop (its value kept in user_ret). */
 static int report(struct snap *s, int action, const char *bitmap,
@@ -44,14 +48,26 @@ static int report(struct snap *s, int action, const char *bitmap,
     return 0;
 }
 
-/* Commit `img` (named `file`) unless this is a dry run; then report
+/* Commit `img` (named `file`); a dry run only runs the commit's checks
+ * and placement, its figures kept in s->space[which]. Then report
  * `done`. */
 static int finish(struct snap *s, struct qbm_image *img, const char *file,
-                  int done)
+                  int which, int done)
 {
-    int r = 0;
+    struct qbm_space sp;
+    int r;
 
-    if (!(s->flags & QBM_CARRY_SNAPSHOT_DRY_RUN)) {
+    if (s->flags & QBM_CARRY_SNAPSHOT_DRY_RUN) {
+        r = qbm_impl_commit_space(img, &sp);
+        if (r == 0) {
+            s->space[which] = (struct qbm_space_info){
+                .bytes = sp.bytes,
+                .end_before = sp.end_before,
+                .end_after = sp.end_after,
+                .capacity = img->io->capacity,
+            };
+        }
+    } else {
         r = qbm_impl_commit(img);
     }
     if (r < 0) {
@@ -175,7 +191,8 @@ static int disable_in_base(struct snap *s)
             return r;
         }
     }
-    return finish(s, s->base, s->base_name, QBM_CARRY_SNAPSHOT_BASE_DONE);
+    return finish(s, s->base, s->base_name, SNAP_BASE,
+                  QBM_CARRY_SNAPSHOT_BASE_DONE);
 }
 
 static int carry_snapshot(struct snap *s)
@@ -196,7 +213,9 @@ static int carry_snapshot(struct snap *s)
         return qbm_err_prefix(r, "%s", s->base_name);
     }
     r = continue_in_top(s);
-    r = r ? r : finish(s, s->top, s->top_name, QBM_CARRY_SNAPSHOT_TOP_DONE);
+    r = r ? r
+          : finish(s, s->top, s->top_name, SNAP_TOP,
+                   QBM_CARRY_SNAPSHOT_TOP_DONE);
     qbm_impl_close(s->top);
     s->top = NULL;
     if (r || !(s->flags & QBM_CARRY_SNAPSHOT_DISABLE_BASE) ||
@@ -214,9 +233,9 @@ static int carry_snapshot(struct snap *s)
     return disable_in_base(s);
 }
 
-QBM_API int qbm_carry_snapshot(const char *base, const char *top,
-                               unsigned flags, qbm_carry_snapshot_fn fn,
-                               void *opaque)
+static int run(const char *base, const char *top, unsigned flags,
+               qbm_carry_snapshot_fn fn, void *opaque,
+               struct qbm_space_info *ret_space)
 {
     struct snap s = { .base_name = base,
                       .top_name = top,
@@ -239,5 +258,38 @@ QBM_API int qbm_carry_snapshot(const char *base, const char *top,
     if (r < 0) {
         return -1;
     }
-    return r ? s.user_ret : 0;
+    if (r) {
+        return s.user_ret;
+    }
+    if (ret_space) {
+        memcpy(ret_space, s.space, sizeof(s.space));
+    }
+    return 0;
+}
+
+QBM_API int qbm_carry_snapshot(const char *base, const char *top,
+                               unsigned flags, qbm_carry_snapshot_fn fn,
+                               void *opaque)
+{
+    return run(base, top, flags, fn, opaque, NULL);
+}
+
+QBM_API int qbm_carry_snapshot_plan(const char *base, const char *top,
+                                    unsigned flags, qbm_carry_snapshot_fn fn,
+                                    void *opaque,
+                                    struct qbm_space_info *ret_top,
+                                    struct qbm_space_info *ret_base)
+{
+    struct qbm_space_info space[2];
+    int r;
+
+    if (!ret_top || !ret_base) {
+        return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
+    }
+    r = run(base, top, flags | QBM_CARRY_SNAPSHOT_DRY_RUN, fn, opaque, space);
+    if (r == 0) {
+        *ret_top = space[SNAP_TOP];
+        *ret_base = space[SNAP_BASE];
+    }
+    return r;
 }

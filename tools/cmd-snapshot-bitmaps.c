@@ -21,19 +21,22 @@ static const char usage[] =
     "      --disable-base  then disable the carried bitmaps in BASE (not\n"
     "                      valid for libvirt)\n";
 
+/* A dry run's plan: TOP's lines, then BASE's (--disable-base). */
 struct report {
-    struct outbuf plan;
-    bool dry_run;
+    struct outbuf plan[2];
+    int cur;
+    bool base_done;
 };
 
 static int report(void *opaque, int action, const char *bitmap,
                   const char *image)
 {
     struct report *rep = opaque;
+    struct outbuf *ob = &rep->plan[rep->cur];
 
     switch (action) {
     case QBM_CARRY_SNAPSHOT_SKIPPED:
-        ob_printf(&rep->plan, "not carrying disabled bitmap '%s'\n", bitmap);
+        ob_printf(ob, "not carrying disabled bitmap '%s'\n", bitmap);
         break;
     case QBM_CARRY_SNAPSHOT_IN_USE:
         tool_error(image,
@@ -41,31 +44,43 @@ static int report(void *opaque, int action, const char *bitmap,
                    "(inconsistent); repair it first with 'qbm check "
                    "--repair'",
                    bitmap);
-        ob_printf(&rep->plan, "not carrying bitmap '%s': in use in %s\n",
-                  bitmap, image);
+        ob_printf(ob, "not carrying bitmap '%s': in use in %s\n", bitmap,
+                  image);
         break;
     case QBM_CARRY_SNAPSHOT_ADDED:
     case QBM_CARRY_SNAPSHOT_MARKED:
-        ob_printf(&rep->plan,
+        ob_printf(ob,
                   "would continue bitmap '%s' in %s, marking "
                   "the clusters it holds\n",
                   bitmap, image);
         break;
     case QBM_CARRY_SNAPSHOT_DISABLED:
-        ob_printf(&rep->plan, "would disable bitmap '%s' in %s\n", bitmap,
-                  image);
+        ob_printf(ob, "would disable bitmap '%s' in %s\n", bitmap, image);
         break;
     case QBM_CARRY_SNAPSHOT_TOP_DONE:
+        rep->cur = 1;
+        break;
     case QBM_CARRY_SNAPSHOT_BASE_DONE:
-        /* Each image's plan, once it is settled. */
-        if (!rep->dry_run) {
-            ob_free(&rep->plan);
-            break;
-        }
-        ob_puts(&rep->plan, "(dry run: nothing was written)\n");
-        return ob_flush_human(&rep->plan);
+        rep->base_done = true;
+        break;
     }
     return 0;
+}
+
+/* Each image's plan with the space its commit needs. */
+static int print_plan(struct report *rep, const struct qbm_space_info *top,
+                      const struct qbm_space_info *base)
+{
+    struct outbuf *out = &rep->plan[0];
+
+    edit_space_line(out, 0, top);
+    ob_puts(out, "(dry run: nothing was written)\n");
+    if (rep->base_done) {
+        ob_write(out, rep->plan[1].p, rep->plan[1].len);
+        edit_space_line(out, 0, base);
+        ob_puts(out, "(dry run: nothing was written)\n");
+    }
+    return ob_flush_human(out);
 }
 
 int cmd_snapshot_bitmaps(int argc, char **argv)
@@ -83,7 +98,8 @@ int cmd_snapshot_bitmaps(int argc, char **argv)
         .max_args = 2,
         .args_hint = "BASE and TOP",
     };
-    struct report rep = { { 0 }, false };
+    struct report rep = { 0 };
+    struct qbm_space_info top_sp, base_sp;
     unsigned flags = 0;
     int c, r;
 
@@ -98,11 +114,16 @@ int cmd_snapshot_bitmaps(int argc, char **argv)
         return a.status;
     }
     if (a.dry_run) {
-        flags |= QBM_CARRY_SNAPSHOT_DRY_RUN;
-        rep.dry_run = true;
+        r = qbm_carry_snapshot_plan(a.args[0], a.args[1], flags, report, &rep,
+                                    &top_sp, &base_sp);
+        if (r == 0) {
+            r = print_plan(&rep, &top_sp, &base_sp);
+        }
+    } else {
+        r = qbm_carry_snapshot(a.args[0], a.args[1], flags, report, &rep);
     }
-    r = qbm_carry_snapshot(a.args[0], a.args[1], flags, report, &rep);
-    ob_free(&rep.plan);
+    ob_free(&rep.plan[0]);
+    ob_free(&rep.plan[1]);
     if (r < 0) {
         tool_lib_error(NULL);
         /* BASE TOP given as TOP BASE: BASE's chain holds TOP. */

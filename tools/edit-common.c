@@ -8,28 +8,35 @@
 
 #include "qbm-tool.h"
 
-int edit_plan_space(struct qbm_image *img, unsigned flags, struct outbuf *plan)
+void edit_space_line(struct outbuf *plan, unsigned flags,
+                     const struct qbm_space_info *sp)
 {
-    uint64_t bytes, end, before;
-
-    if (qbm_commit_plan(img, flags, &bytes, &end) < 0 ||
-        qbm_image_end_offset(img, &before) < 0) {
-        return -1;
-    }
     ob_printf(plan,
               "%s %" PRIu64 " bytes of new clusters (%" PRIu64
               " past the image end %" PRIu64 "); image end %s: %" PRIu64,
               (flags & QBM_PLAN_WORST_CASE) ? "at most, once every bit is "
                                               "dirty, it needs"
                                             : "needs",
-              bytes, end - before, before,
-              (flags & QBM_PLAN_WORST_CASE) ? "then" : "after the edit", end);
-    if (qbm_image_capacity(img)) {
-        ob_printf(plan, "; the device has %" PRIu64 " bytes%s",
-                  qbm_image_capacity(img),
-                  end > qbm_image_capacity(img) ? " (too few)" : "");
+              sp->bytes, sp->end_after - sp->end_before, sp->end_before,
+              (flags & QBM_PLAN_WORST_CASE) ? "then" : "after the edit",
+              sp->end_after);
+    if (sp->capacity) {
+        ob_printf(plan, "; the device has %" PRIu64 " bytes%s", sp->capacity,
+                  sp->end_after > sp->capacity ? " (too few)" : "");
     }
     ob_puts(plan, "\n");
+}
+
+int edit_plan_space(struct qbm_image *img, unsigned flags, struct outbuf *plan)
+{
+    struct qbm_space_info sp = { 0 };
+
+    if (qbm_commit_plan(img, flags, &sp.bytes, &sp.end_after) < 0 ||
+        qbm_image_end_offset(img, &sp.end_before) < 0) {
+        return -1;
+    }
+    sp.capacity = qbm_image_capacity(img);
+    edit_space_line(plan, flags, &sp);
     return 0;
 }
 

@@ -156,6 +156,9 @@ int edit_fail(struct qbm_image *img, const char *file, struct outbuf *plan);
 /* Append the space the staged edits need (qbm_commit_plan with flags) to
  * plan; -1 with the library's error when the commit would be refused. */
 int edit_plan_space(struct qbm_image *img, unsigned flags, struct outbuf *plan);
+/* Append the space line of those figures (flags: as edit_plan_space). */
+void edit_space_line(struct outbuf *plan, unsigned flags,
+                     const struct qbm_space_info *sp);
 /*
  * A command IMAGE NAME... with no options of its own but the common
  * editing ones: fn(img, NAME) for each NAME, planned as "would VERB bitmap

@@ -844,7 +844,9 @@ typedef int (*qbm_carry_snapshot_fn)(void *opaque, int action,
  * carried are disabled in it, in a second transaction: the checkpoints
  * moved up, for a tool that reads their union over the chain itself.
  * QBM_CARRY_SNAPSHOT_DRY_RUN stages and reports the
- * same, images opened the same way, but commits nothing.
+ * same, images opened the same way, and runs each commit's checks and
+ * placement (qbm_commit_plan(): a device too small refuses with ENOSPC),
+ * but commits nothing.
  *
  * Both images are opened and closed inside the call, from the file names
  * given (used in messages as given). On failure nothing more is written;
@@ -855,6 +857,29 @@ typedef int (*qbm_carry_snapshot_fn)(void *opaque, int action,
 QBM_API int qbm_carry_snapshot(const char *base, const char *top,
                                unsigned flags, qbm_carry_snapshot_fn fn,
                                void *opaque);
+
+/* What one image's commit needs, as qbm_commit_plan() places it. */
+struct qbm_space_info {
+    uint64_t bytes;      /* new clusters it writes (bytes) */
+    uint64_t end_before; /* the image end offset before it */
+    uint64_t end_after;  /* the image end once they are written */
+    uint64_t capacity;   /* the device's size (qbm_image_capacity()), or 0 */
+};
+
+/*
+ * A dry run of qbm_carry_snapshot() (QBM_CARRY_SNAPSHOT_DRY_RUN implied):
+ * the same stages, reports and checks, nothing written. Sets *ret_top to
+ * what TOP's commit needs and *ret_base to what BASE's needs (all zero
+ * when BASE is not to be changed: no QBM_CARRY_SNAPSHOT_DISABLE_BASE, or
+ * nothing carried), and returns 0; -1 when the run would fail before
+ * writing (ENOSPC on a device too small included); or the callback's
+ * non-zero value. The outputs are untouched unless it returns 0.
+ */
+QBM_API int qbm_carry_snapshot_plan(const char *base, const char *top,
+                                    unsigned flags, qbm_carry_snapshot_fn fn,
+                                    void *opaque,
+                                    struct qbm_space_info *ret_top,
+                                    struct qbm_space_info *ret_base);
 
 /* ---- allocation map of one layer -------------------------------------- */
 

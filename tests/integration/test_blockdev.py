@@ -21,6 +21,11 @@ when the case fails. Images are made by qemu-img directly on the node.
   takes an edit that fits there, and the image end does not move;
 - small file system: an image on a tiny tmpfs where the edit cannot fit is
   refused with nothing changed (size and bytes), and one that fits works;
+- snapshot-bitmaps: its dry run prints each image's space line (TOP on a
+  device, BASE on a file with --disable-base), and the real run ends each
+  image where the dry run said, QEMU's check clean; on a device too small
+  for TOP's new bitmap the dry run and the real run are refused with the
+  no-space message, TOP and BASE byte for byte unchanged;
 - differential: the same random edit sequence on a file image and on a
   device image gives the same bitmaps (by qemu-nbd) and the same image end.
 Skips (77) when loop devices are unavailable (not root, no losetup),
@@ -278,6 +283,91 @@ def scenario_dry_run_checks(qbm, tmp):
                                real.stderr.strip()))
 
 
+def space_lines(out):
+    """(needed, past the end, image end, image end after) of each space
+    line of a dry run's output, in order."""
+    lines = []
+    for ln in out.splitlines():
+        if ln.startswith("needs "):
+            w = ln.replace("(", " ").replace(";", " ").replace(")", " ")
+            w = w.split()
+            lines.append((int(w[1]), int(w[6]), int(w[11]), int(w[17])))
+    return lines
+
+
+def scenario_snapshot_space(qbm, tmp):
+    """snapshot-bitmaps --dry-run tells the space each commit needs, the
+    real run takes that much; a device too small refuses both. TOP: a
+    4 GiB disk QEMU zeroed everywhere on a device, so TOP's copy of the
+    512 B granularity bitmap is all dirty (1 MiB of data)."""
+    base = os.path.join(tmp, "base.qcow2")
+    qemu_img_create(base, 4 << 30)
+    qemu_img("bitmap", "--add", "-g", "512", base, "ck")
+
+    def make_top(dev):
+        qemu_img_create(dev, 4 << 30, backing=base)
+        qemu_io(dev, *["write -z %d %d" % (o << 30, 1 << 30)
+                       for o in range(4)])
+
+    with LoopDevice(tmp, 8 * MiB, "dev") as loop:
+        dev = loop.node
+        make_top(dev)
+        p = qbm("snapshot-bitmaps", "--dry-run", "--disable-base", base, dev)
+        sp = space_lines(p.stdout)
+        if len(sp) != 2 or "the device has %d bytes\n" % (8 * MiB) not in \
+                p.stdout:
+            raise Fail("dry run: no space line for each image: %r" %
+                       p.stdout)
+        (_, top_past, top_end, top_after), (_, _, base_end, base_after) = sp
+        if top_end != qemu_image_end(dev) or \
+                base_end != qemu_image_end(base):
+            raise Fail("dry run: image ends %d and %d, QEMU says %d and %d"
+                       % (top_end, base_end, qemu_image_end(dev),
+                          qemu_image_end(base)))
+        # More than the bitmap's 1 MiB of data: the real run must need it.
+        if top_past < MiB:
+            raise Fail("dry run: TOP needs %d bytes past its end" % top_past)
+        qbm("snapshot-bitmaps", "--disable-base", base, dev)
+        qemu_img_check(dev)
+        qemu_img_check(base)
+        if qemu_image_end(dev) != top_after:
+            raise Fail("TOP: the dry run said image end %d, QEMU says %d"
+                       % (top_after, qemu_image_end(dev)))
+        # BASE's old directory is freed after the switch: when it was the
+        # last cluster, the image ends below the figure, the file does not.
+        if not qemu_image_end(base) <= base_after <= \
+                os.path.getsize(base):
+            raise Fail("BASE: the dry run said image end %d, QEMU says %d, "
+                       "the file has %d bytes" % (base_after,
+                                                  qemu_image_end(base),
+                                                  os.path.getsize(base)))
+        if dirty_map(dev, "ck") != [(0, 4 << 30)]:
+            raise Fail("TOP's ck: %s" % dirty_map(dev, "ck"))
+        if qemu_bitmaps(base)["ck"][1] != []:
+            raise Fail("BASE's ck: %s" % (qemu_bitmaps(base)["ck"],))
+    qemu_img("bitmap", "--enable", base, "ck")
+    # The same TOP on a device that ends before the new bitmap would.
+    small = (top_end + top_past // 2) // 512 * 512
+    with LoopDevice(tmp, small, "small") as loop:
+        dev = loop.node
+        make_top(dev)
+        before, base_before = file_hash(dev), file_hash(base)
+        want = ("not enough space on %s: the edit needs %d bytes past the "
+                "image end %d; the device has %d" % (dev, top_past, top_end,
+                                                     small))
+        for dry in ([], ["--dry-run"]):
+            p = qbm("snapshot-bitmaps", *dry, "--disable-base", base, dev,
+                    ok=(1,))
+            if want not in p.stderr or p.stdout:
+                raise Fail("snapshot-bitmaps %s: expected '%s', got stdout "
+                           "%r stderr %r" % (dry, want, p.stdout, p.stderr))
+            if file_hash(dev) != before or file_hash(base) != base_before:
+                raise Fail("snapshot-bitmaps %s: an image changed" % dry)
+        qemu_img_check(dev)
+        if "ck" in qemu_bitmaps(dev):
+            raise Fail("the refused run left TOP a bitmap")
+
+
 def random_edits(rng, n):
     """n random edits as argument lists for qbm (IMAGE stands for the
     image), with qemu-io writes between them."""
@@ -349,7 +439,8 @@ def main():
     args = suite.start()
     require_loop()
     for fn in (scenario_basic, scenario_no_space, scenario_free_clusters,
-               scenario_small_fs, scenario_dry_run_checks):
+               scenario_small_fs, scenario_dry_run_checks,
+               scenario_snapshot_space):
         suite.case(fn.__name__, lambda tmp: fn(suite.qbm, tmp))
     for i in range(args.rounds):
         suite.case("differential round %d" % i,

@@ -2,7 +2,7 @@
 /*
  * qbm_carry_snapshot() on a BASE and a TOP written to a temporary
  * directory: what it reports and commits, with and without DISABLE_BASE,
- * a dry run, a bitmap TOP has already, its refusals and a callback that
+ * a dry run and its space figures, a bitmap TOP has already, its refusals and a callback that
  * stops (which write nothing), and every allocation made to fail in turn.
  */
 #include <setjmp.h>
@@ -117,6 +117,67 @@ static void test_dry_run(void **state)
     tl_assert_unchanged("top", top, tlen);
     free(base);
     free(top);
+}
+
+/* The image end of `file` on disk. */
+static uint64_t end_of(const char *file)
+{
+    struct qbm_image *img = qbm_open(tl_path(file), 0);
+    uint64_t end = 0;
+    int r;
+
+    assert_non_null(img);
+    r = qbm_image_end_offset(img, &end);
+    qbm_close(img);
+    assert_int_equal(r, 0);
+    return end;
+}
+
+/* The plan's figures are what the real run then takes. */
+static void test_plan(void **state)
+{
+    struct qbm_space_info top, base, none;
+    uint64_t top_end = end_of("top"), base_end = end_of("base");
+    size_t blen, tlen;
+    char *bbuf = tl_contents("base", &blen), *tbuf = tl_contents("top", &tlen);
+
+    assert_int_equal(qbm_carry_snapshot_plan(tl_path("base"), tl_path("top"),
+                                             0, NULL, NULL, &top, &base),
+                     0);
+    assert_int_equal(base.end_after, 0);
+    assert_int_equal(base.bytes, 0);
+    assert_int_equal(qbm_carry_snapshot_plan(tl_path("base"), tl_path("top"),
+                                             QBM_CARRY_SNAPSHOT_DISABLE_BASE,
+                                             NULL, NULL, &top, &base),
+                     0);
+    tl_assert_unchanged("base", bbuf, blen);
+    tl_assert_unchanged("top", tbuf, tlen);
+    free(bbuf);
+    free(tbuf);
+    assert_int_equal(top.end_before, top_end);
+    assert_int_equal(base.end_before, base_end);
+    /* New clusters, and free ones below the end used first. */
+    assert_true(top.bytes > 0);
+    assert_true(top.end_after - top.end_before <= top.bytes);
+    assert_true(base.bytes > 0);
+    assert_int_equal(top.capacity, 0);
+    assert_int_equal(qbm_carry_snapshot(tl_path("base"), tl_path("top"),
+                                        QBM_CARRY_SNAPSHOT_DISABLE_BASE, NULL,
+                                        NULL),
+                     0);
+    assert_int_equal(end_of("top"), top.end_after);
+    /* BASE's old directory, freed after the switch, may end it. */
+    assert_true(end_of("base") <= base.end_after);
+    /* Nothing left to carry: nothing to write. */
+    assert_int_equal(qbm_carry_snapshot_plan(tl_path("base"), tl_path("top"),
+                                             0, NULL, NULL, &top, &base),
+                     0);
+    assert_int_equal(top.bytes, 0);
+    assert_int_equal(top.end_after, end_of("top"));
+    assert_int_equal(qbm_carry_snapshot_plan(tl_path("base"), tl_path("top"),
+                                             0, NULL, NULL, NULL, &none),
+                     -1);
+    assert_int_equal(qbm_get_errno(), EINVAL);
 }
 
 static void test_refusals(void **state)
@@ -265,6 +326,7 @@ int main(void)
         cmocka_unit_test_setup(test_continue, setup),
         cmocka_unit_test_setup(test_disable_base, setup),
         cmocka_unit_test_setup(test_dry_run, setup),
+        cmocka_unit_test_setup(test_plan, setup),
         cmocka_unit_test_setup(test_refusals, setup),
         cmocka_unit_test_setup(test_in_use_skipped, setup),
         cmocka_unit_test(test_allocation_failures),
