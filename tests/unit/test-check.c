@@ -29,51 +29,6 @@
 #define L1_OFF (3 * CS)
 #define PER_BLOCK (CS * 8 / 16)
 
-/* A memory file that counts the bytes read through it. */
-struct count_io {
-    struct qbm_io io;
-    struct qbm_io *inner;
-    uint64_t read;
-};
-
-static int count_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
-{
-    struct count_io *c = (struct count_io *)io;
-
-    c->read += len;
-    return qbm_io_pread(c->inner, buf, len, off);
-}
-
-static int count_pwrite(struct qbm_io *io, const void *buf, size_t len,
-                        uint64_t off)
-{
-    return qbm_io_pwrite(((struct count_io *)io)->inner, buf, len, off);
-}
-
-static int count_flush(struct qbm_io *io)
-{
-    return qbm_io_flush(((struct count_io *)io)->inner);
-}
-
-static int count_size(struct qbm_io *io, uint64_t *ret_size)
-{
-    return qbm_io_size(((struct count_io *)io)->inner, ret_size);
-}
-
-static void count_close(struct qbm_io *io)
-{
-    qbm_io_close(((struct count_io *)io)->inner);
-    free(io);
-}
-
-static const struct qbm_io_ops count_ops = {
-    .pread = count_pread,
-    .pwrite = count_pwrite,
-    .flush = count_flush,
-    .size = count_size,
-    .close = count_close,
-};
-
 /* A fresh, empty 64 MiB image with 4 KiB clusters, as bytes (in a buffer
  * of at least 4 clusters); the file ends at or inside its L1 cluster. */
 static uint8_t *fresh_image(size_t *ret_len)
@@ -89,20 +44,6 @@ static uint8_t *fresh_image(size_t *ret_len)
     assert_int_equal(be64_load(copy + 48), RT_OFF);
     assert_int_equal(be64_load(copy + RT_OFF), RB_OFF);
     return copy;
-}
-
-static struct qbm_image *open_counted(const uint8_t *buf, size_t len,
-                                      struct count_io **ret_io)
-{
-    struct count_io *c = calloc(1, sizeof(*c));
-    struct qbm_image *img;
-
-    assert_non_null(c);
-    c->io.ops = &count_ops;
-    assert_int_equal(qbm_io_mem_open(buf, len, &c->inner), 0);
-    assert_int_equal(qbm_image_open_io(&c->io, "mem", false, &img), 0);
-    *ret_io = c;
-    return img;
 }
 
 struct problems {
@@ -126,13 +67,13 @@ static int collect(void *opaque, int kind, uint64_t off, const char *msg)
 static uint64_t check_counted(const uint8_t *buf, size_t len,
                               struct problems *p)
 {
-    struct count_io *io;
-    struct qbm_image *img = open_counted(buf, len, &io);
+    struct tl_count_io *io;
+    struct qbm_image *img = tl_open_counted(buf, len, false, &io);
     uint64_t nread;
 
-    io->read = 0;
+    io->read_bytes = 0;
     assert_int_equal(qbm_check(img, collect, p), 0);
-    nread = io->read;
+    nread = io->read_bytes;
     qbm_close(img);
     return nread;
 }
@@ -247,7 +188,7 @@ static void test_shared_l2_allocation(void **state)
     uint8_t *buf = fresh_image(&len), *bytes;
     struct alloc_rec got = { calloc(1, 64 << 10), 64 << 10 };
     char *want = calloc(1, 64 << 10);
-    struct count_io *io;
+    struct tl_count_io *io;
     struct qbm_image *img;
 
     assert_int_equal(buf[7], 3);
@@ -273,12 +214,12 @@ static void test_shared_l2_allocation(void **state)
                    (unsigned long long)(i * span), (unsigned long long)n,
                    i % 2 ? QBM_ALLOC_ZERO : QBM_ALLOC_DATA);
     }
-    img = open_counted(bytes, len, &io);
-    io->read = 0;
+    img = tl_open_counted(bytes, len, false, &io);
+    io->read_bytes = 0;
     assert_int_equal(qbm_image_allocation(img, alloc_append, &got), 0);
     assert_string_equal(got.text, want);
     /* The L1 table and the two L2 tables, at most: not 512 tables. */
-    assert_in_range(io->read, 2 * CS, 3 * CS);
+    assert_in_range(io->read_bytes, 2 * CS, 3 * CS);
     qbm_close(img);
     free(got.text);
     free(want);
@@ -382,7 +323,7 @@ static void test_bitmap_table_past_eof(void **state)
     size_t len, blen;
     uint8_t *buf = fresh_image(&len), *bytes;
     struct problems p = { .n = 0 };
-    struct count_io *io;
+    struct tl_count_io *io;
     struct qbm_image *img;
     const uint8_t *b;
     uint64_t dir, end, dirty = 1;
@@ -405,8 +346,8 @@ static void test_bitmap_table_past_eof(void **state)
     be32_store(bytes + dir + 8, 131072);
     be32_store(bytes + dir + 12, BME_FLAG_IN_USE);
 
-    img = open_counted(bytes, blen, &io);
-    io->read = 0;
+    img = tl_open_counted(bytes, blen, false, &io);
+    io->read_bytes = 0;
     assert_int_equal(qbm_bitmap_dirty_bytes(img, 0, &dirty), 0);
     assert_int_equal(dirty, 0);
     assert_int_equal(qbm_check(img, collect, &p), 0);
@@ -418,7 +359,7 @@ static void test_bitmap_table_past_eof(void **state)
     assert_true(strstr(p.text[1], "bitmap table at ") != NULL);
     assert_true(strstr(p.text[1], ": beyond the clusters the refcounts "
                        "describe") != NULL);
-    assert_true(io->read < 64 * 1024);
+    assert_true(io->read_bytes < 64 * 1024);
     qbm_close(img);
     free(bytes);
     free(buf);

@@ -15,7 +15,7 @@
 
 #include <cmocka.h>
 
-#include "internal.h"
+#include "testlib.h"
 
 /* 4 KiB clusters and granularity: a data cluster covers 128 MiB, so a
  * disk of almost 4 GiB has NCHUNKS of them, the last one short by three
@@ -26,115 +26,17 @@
 #define NCHUNKS 32ull
 #define DISK (NCHUNKS * CHUNK_SPAN - 3 * GRAN)
 
-/* A memory file that counts the calls made through it. */
-struct count_io {
-    struct qbm_io io;
-    struct qbm_io *inner;
-    uint64_t reads, writes, flushes;
-};
-
-static int count_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
-{
-    struct count_io *c = (struct count_io *)io;
-
-    c->reads++;
-    return qbm_io_pread(c->inner, buf, len, off);
-}
-
-static int count_pwrite(struct qbm_io *io, const void *buf, size_t len,
-                        uint64_t off)
-{
-    struct count_io *c = (struct count_io *)io;
-
-    c->writes++;
-    return qbm_io_pwrite(c->inner, buf, len, off);
-}
-
-static int count_preadv(struct qbm_io *io, const struct iovec *iov, int n,
-                        uint64_t off)
-{
-    struct count_io *c = (struct count_io *)io;
-
-    c->reads++;
-    return qbm_io_preadv(c->inner, iov, n, off);
-}
-
-static int count_pwritev(struct qbm_io *io, const struct iovec *iov, int n,
-                         uint64_t off)
-{
-    struct count_io *c = (struct count_io *)io;
-
-    c->writes++;
-    return qbm_io_pwritev(c->inner, iov, n, off);
-}
-
-static int count_flush(struct qbm_io *io)
-{
-    struct count_io *c = (struct count_io *)io;
-
-    c->flushes++;
-    return qbm_io_flush(c->inner);
-}
-
-static int count_size(struct qbm_io *io, uint64_t *ret_size)
-{
-    return qbm_io_size(((struct count_io *)io)->inner, ret_size);
-}
-
-static int count_truncate(struct qbm_io *io, uint64_t size)
-{
-    return qbm_io_truncate(((struct count_io *)io)->inner, size);
-}
-
-static void count_close(struct qbm_io *io)
-{
-    qbm_io_close(((struct count_io *)io)->inner);
-    free(io);
-}
-
-static const struct qbm_io_ops count_ops = {
-    .pread = count_pread,
-    .pwrite = count_pwrite,
-    .preadv = count_preadv,
-    .pwritev = count_pwritev,
-    .flush = count_flush,
-    .size = count_size,
-    .truncate = count_truncate,
-    .close = count_close,
-};
-
-static struct qbm_image *open_counted(const uint8_t *buf, size_t len,
-                                      struct count_io **ret_io)
-{
-    struct count_io *c = calloc(1, sizeof(*c));
-    struct qbm_image *img;
-
-    assert_non_null(c);
-    c->io.ops = &count_ops;
-    assert_int_equal(qbm_io_mem_open(buf, len, &c->inner), 0);
-    assert_int_equal(qbm_image_open_io(&c->io, "mem", true, &img), 0);
-    *ret_io = c;
-    return img;
-}
-
 /* The bytes of an image with bitmaps a and b: in every chunk, a has the
  * first half of the bits and b the second, so merging b into a changes
  * every data cluster of a. */
 static uint8_t *dense_pair(size_t *ret_len)
 {
-    struct qbm_io *io;
-    struct qcow2_writer *w;
-    struct qbm_image *img;
-    const uint8_t *b;
-    uint8_t *copy;
+    size_t len;
+    uint8_t *fresh = tl_image_bytes(DISK, NULL, 0, &len), *copy;
+    struct qbm_image *img = qbm_open_memory(fresh, len, "mem", QBM_OPEN_RDWR);
     uint64_t i;
 
-    assert_int_equal(qbm_io_mem_open(NULL, 0, &io), 0);
-    assert_int_equal(qcow2_writer_plan(io, DISK, 12, NULL, NULL, NULL, 0, &w),
-                     0);
-    assert_int_equal(qcow2_writer_finish(w), 0);
-    qcow2_writer_free(w);
-    assert_int_equal(qbm_image_open_io(io, "mem", true, &img), 0);
+    assert_non_null(img);
     assert_int_equal(qbm_bitmap_add(img, "a", GRAN, 0), 0);
     assert_int_equal(qbm_bitmap_add(img, "b", GRAN, 0), 0);
     for (i = 0; i < NCHUNKS; i++) {
@@ -146,13 +48,9 @@ static uint8_t *dense_pair(size_t *ret_len)
                          0);
     }
     assert_int_equal(qbm_commit(img), 0);
-    img->io = NULL;
+    copy = tl_mem_copy(img, ret_len);
     qbm_close(img);
-    b = qbm_io_mem_data(io, ret_len);
-    copy = malloc(*ret_len);
-    assert_non_null(copy);
-    memcpy(copy, b, *ret_len);
-    qbm_io_close(io);
+    free(fresh);
     return copy;
 }
 
@@ -177,13 +75,13 @@ static uint64_t dirty(struct qbm_image *img, const char *name)
  */
 static void test_dense_rewrite_batches(void **state)
 {
-    struct count_io *c;
+    struct tl_count_io *c;
     struct qbm_image *img;
     size_t len;
     uint8_t *buf = dense_pair(&len);
     uint64_t reads, writes;
 
-    img = open_counted(buf, len, &c);
+    img = tl_open_counted(buf, len, true, &c);
     c->reads = 0;
     assert_int_equal(qbm_bitmap_merge(img, "a", img, "b"), 0);
     reads = c->reads;
@@ -208,12 +106,12 @@ static void test_dense_rewrite_batches(void **state)
  * the last one only up to the end of the disk, in the same batch. */
 static void test_all_ones_batch(void **state)
 {
-    struct count_io *c;
+    struct tl_count_io *c;
     struct qbm_image *img;
     size_t len;
     uint8_t *buf = dense_pair(&len);
 
-    img = open_counted(buf, len, &c);
+    img = tl_open_counted(buf, len, true, &c);
     assert_int_equal(qbm_bitmap_set_dirty(img, "b", 0, DISK - 512), 0);
     assert_int_equal(qbm_commit(img), 0);
     assert_true(c->writes <= 8);

@@ -39,8 +39,7 @@ uint8_t *tl_image_bytes(uint64_t size, const char *backing,
     return copy;
 }
 
-/* A copy of the bytes of `img`, an image opened in memory. */
-static uint8_t *mem_copy(struct qbm_image *img, size_t *ret_len)
+uint8_t *tl_mem_copy(struct qbm_image *img, size_t *ret_len)
 {
     const uint8_t *b = qbm_io_mem_data(img->io, ret_len);
     uint8_t *copy = malloc(*ret_len);
@@ -61,7 +60,7 @@ uint8_t *tl_mem_with_bitmap(const uint8_t *buf, size_t len, const char *bitmap,
     assert_int_equal(qbm_bitmap_add(img, bitmap, granularity, 0), 0);
     assert_int_equal(qbm_bitmap_set_dirty(img, bitmap, 0, dirty), 0);
     assert_int_equal(qbm_commit(img), 0);
-    copy = mem_copy(img, ret_len);
+    copy = tl_mem_copy(img, ret_len);
     qbm_close(img);
     return copy;
 }
@@ -73,6 +72,91 @@ void tl_assert_mem_holds(struct qbm_image *img, const void *want, size_t len)
 
     assert_int_equal(now_len, len);
     assert_memory_equal(now, want, len);
+}
+
+static struct tl_count_io *counted(struct qbm_io *io)
+{
+    return (struct tl_count_io *)io;
+}
+
+static int count_pread(struct qbm_io *io, void *buf, size_t len, uint64_t off)
+{
+    counted(io)->reads++;
+    counted(io)->read_bytes += len;
+    return qbm_io_pread(counted(io)->inner, buf, len, off);
+}
+
+static int count_pwrite(struct qbm_io *io, const void *buf, size_t len,
+                        uint64_t off)
+{
+    counted(io)->writes++;
+    return qbm_io_pwrite(counted(io)->inner, buf, len, off);
+}
+
+static int count_preadv(struct qbm_io *io, const struct iovec *iov, int n,
+                        uint64_t off)
+{
+    int i;
+
+    counted(io)->reads++;
+    for (i = 0; i < n; i++) {
+        counted(io)->read_bytes += iov[i].iov_len;
+    }
+    return qbm_io_preadv(counted(io)->inner, iov, n, off);
+}
+
+static int count_pwritev(struct qbm_io *io, const struct iovec *iov, int n,
+                         uint64_t off)
+{
+    counted(io)->writes++;
+    return qbm_io_pwritev(counted(io)->inner, iov, n, off);
+}
+
+static int count_flush(struct qbm_io *io)
+{
+    counted(io)->flushes++;
+    return qbm_io_flush(counted(io)->inner);
+}
+
+static int count_size(struct qbm_io *io, uint64_t *ret_size)
+{
+    return qbm_io_size(counted(io)->inner, ret_size);
+}
+
+static int count_truncate(struct qbm_io *io, uint64_t size)
+{
+    return qbm_io_truncate(counted(io)->inner, size);
+}
+
+static void count_close(struct qbm_io *io)
+{
+    qbm_io_close(counted(io)->inner);
+    free(io);
+}
+
+static const struct qbm_io_ops count_ops = {
+    .pread = count_pread,
+    .pwrite = count_pwrite,
+    .preadv = count_preadv,
+    .pwritev = count_pwritev,
+    .flush = count_flush,
+    .size = count_size,
+    .truncate = count_truncate,
+    .close = count_close,
+};
+
+struct qbm_image *tl_open_counted(const uint8_t *buf, size_t len,
+                                  bool writable, struct tl_count_io **ret_io)
+{
+    struct tl_count_io *c = calloc(1, sizeof(*c));
+    struct qbm_image *img;
+
+    assert_non_null(c);
+    c->io.ops = &count_ops;
+    assert_int_equal(qbm_io_mem_open(buf, len, &c->inner), 0);
+    assert_int_equal(qbm_image_open_io(&c->io, "mem", writable, &img), 0);
+    *ret_io = c;
+    return img;
 }
 
 static char dir[] = "/tmp/qbm-unit-XXXXXX";

@@ -35,8 +35,36 @@ uint8_t *tl_mem_with_bitmap(const uint8_t *buf, size_t len, const char *bitmap,
                             uint64_t granularity, uint64_t dirty,
                             size_t *ret_len);
 
+/* A copy of the bytes of `img`, an image opened in memory (the caller
+ * frees it), their number in *ret_len. */
+uint8_t *tl_mem_copy(struct qbm_image *img, size_t *ret_len);
+
 /* The memory image `img` holds exactly the `len` bytes `want`. */
 void tl_assert_mem_holds(struct qbm_image *img, const void *want, size_t len);
+
+/* ---- counting the calls made to a file ---------------------------------- */
+
+/*
+ * A memory file that counts what goes through it: each read and each
+ * write, vectored or not, is one call (a vectored one is one batch), and
+ * `read_bytes` sums the bytes read. Flushes are counted too; size and
+ * truncate pass through.
+ */
+struct tl_count_io {
+    struct qbm_io io;
+    struct qbm_io *inner;
+    uint64_t reads, writes, flushes;
+    uint64_t read_bytes;
+};
+
+/*
+ * The image BUF (LEN bytes, copied) opened through a counting memory
+ * file, read-write when `writable`; the file in *ret_io counts from
+ * the open on (the open's own reads included), is the image's and is
+ * freed with it.
+ */
+struct qbm_image *tl_open_counted(const uint8_t *buf, size_t len,
+                                  bool writable, struct tl_count_io **ret_io);
 
 /* ---- images as files in a temporary directory ------------------------- */
 
