@@ -31,7 +31,7 @@
 
 static PyObject *QbmError;
 static PyTypeObject ImageType, ChainType, BitmapType, ExtentIterType;
-static PyTypeObject ProblemType, FindingType;
+static PyTypeObject ProblemType, FindingType, SpaceInfoType;
 
 /* ---- errors --------------------------------------------------------------
  */
@@ -130,6 +130,25 @@ static PyObject *decode_path(const char *s)
         Py_RETURN_NONE;
     }
     return PyUnicode_DecodeFSDefault(s);
+}
+
+/* A qbm.SpaceInfo from the library's figures (new reference or NULL). */
+static PyObject *space_info_new(const struct qbm_space_info *s)
+{
+    const uint64_t v[] = { s->bytes, s->end_before, s->end_after, s->capacity };
+    PyObject *o = PyStructSequence_New(&SpaceInfoType);
+    Py_ssize_t i;
+
+    for (i = 0; o && i < 4; i++) {
+        PyObject *n = PyLong_FromUnsignedLongLong((unsigned long long)v[i]);
+
+        if (!n) {
+            Py_CLEAR(o);
+            break;
+        }
+        PyStructSequence_SET_ITEM(o, i, n);
+    }
+    return o;
 }
 
 static int progress_cb(void *opaque, uint64_t done, uint64_t total)
@@ -567,6 +586,8 @@ IMAGE_GETTER(Image_get_backing_format,
 IMAGE_GETTER(Image_get_data_file, decode_path(qbm_image_data_file(img)))
 IMAGE_GETTER(Image_get_file_size,
              PyLong_FromUnsignedLongLong(qbm_image_file_size(img)))
+IMAGE_GETTER(Image_get_capacity,
+             PyLong_FromUnsignedLongLong(qbm_image_capacity(img)))
 IMAGE_GETTER(Image_get_snapshot_count,
              PyLong_FromUnsignedLong(qbm_image_snapshot_count(img)))
 IMAGE_GETTER(Image_get_bitmaps_state,
@@ -1167,6 +1188,68 @@ static PyObject *Image_commit(ImageObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(Image_end_offset_doc,
+             "end_offset()\n--\n\n"
+             "The image end offset: the end of the last cluster in use, as "
+             "qemu-img\ncheck reports it (\"Image end offset\"); on a "
+             "block device, where the\nimage stops.");
+
+static PyObject *Image_end_offset(ImageObject *self, PyObject *unused)
+{
+    struct qbm_image *img;
+    uint64_t end = 0;
+    int r = -1;
+
+    IMAGE_CALL(self, img, r, qbm_image_end_offset(img, &end));
+    if (!img || r < 0) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong((unsigned long long)end);
+}
+
+/* qbm_commit_plan() with the figures around it: 0 or -1. */
+static int image_plan(struct qbm_image *img, unsigned flags,
+                      struct qbm_space_info *ret)
+{
+    if (qbm_image_end_offset(img, &ret->end_before) < 0 ||
+        qbm_commit_plan(img, flags, &ret->bytes, &ret->end_after) < 0) {
+        return -1;
+    }
+    ret->capacity = qbm_image_capacity(img);
+    return 0;
+}
+
+PyDoc_STRVAR(
+    Image_commit_plan_doc,
+    "commit_plan(*, worst_case=False)\n--\n\n"
+    "A dry run of commit(): the same checks and placement, nothing "
+    "written, the\nstaged edits kept. Returns qbm.SpaceInfo(bytes, "
+    "end_before, end_after,\ncapacity): the bytes of new clusters, the "
+    "image end offset now and once\nthey are written, and the device's "
+    "size (0 for a file). worst_case=True\nplans as if every staged "
+    "bitmap were all dirty (what it can grow to).\nqbm.Error with errno "
+    "ENOSPC when the device is too small.");
+
+static PyObject *Image_commit_plan(ImageObject *self, PyObject *args,
+                                   PyObject *kw)
+{
+    static char *kwlist[] = { "worst_case", NULL };
+    struct qbm_space_info s = { 0 };
+    struct qbm_image *img;
+    int worst = 0, r = -1;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$p:commit_plan", kwlist,
+                                     &worst)) {
+        return NULL;
+    }
+    IMAGE_CALL(self, img, r,
+               image_plan(img, worst ? QBM_PLAN_WORST_CASE : 0, &s));
+    if (!img || r < 0) {
+        return NULL;
+    }
+    return space_info_new(&s);
+}
+
 /* ---- check, repair, allocation, backing ----------------------------------
  */
 
@@ -1482,6 +1565,10 @@ static PyMethodDef Image_methods[] = {
     { "populate", (PyCFunction)(void (*)(void))Image_populate,
       METH_VARARGS | METH_KEYWORDS, Image_populate_doc },
     { "commit", (PyCFunction)Image_commit, METH_NOARGS, Image_commit_doc },
+    { "commit_plan", (PyCFunction)(void (*)(void))Image_commit_plan,
+      METH_VARARGS | METH_KEYWORDS, Image_commit_plan_doc },
+    { "end_offset", (PyCFunction)Image_end_offset, METH_NOARGS,
+      Image_end_offset_doc },
     { "check", (PyCFunction)(void (*)(void))Image_check,
       METH_VARARGS | METH_KEYWORDS, Image_check_doc },
     { "repair", (PyCFunction)(void (*)(void))Image_repair,
@@ -1520,6 +1607,10 @@ static PyGetSetDef Image_getset[] = {
       "The external data file name, or None.", NULL },
     { "file_size", (getter)Image_get_file_size, NULL,
       "Host size of the image file in bytes.", NULL },
+    { "capacity", (getter)Image_get_capacity, NULL,
+      "The most the image can hold: the size of the block device it lives "
+      "on,\nor 0 for a file (which grows).",
+      NULL },
     { "snapshot_count", (getter)Image_get_snapshot_count, NULL,
       "Number of internal snapshots.", NULL },
     { "bitmaps_state", (getter)Image_get_bitmaps_state, NULL,
@@ -2083,39 +2174,57 @@ PyDoc_STRVAR(
     "created in top and\nmarked with top's own clusters, in one "
     "transaction; disable_base=True then\ndisables them in base (the "
     "checkpoints moved up). Returns the list of\n(action, bitmap or None, "
-    "image), action one of CARRY_SNAPSHOT_*.");
+    "image), action one of CARRY_SNAPSHOT_*.\n"
+    "dry_run=True runs the same stages and checks, writes nothing, and "
+    "returns\n(top, base) instead: the qbm.SpaceInfo of each image's "
+    "commit (base's all\nzero when it is not to change); qbm.Error with "
+    "errno ENOSPC when a device\nis too small.");
 
 static PyObject *mod_carry_snapshot(PyObject *mod, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = { "base", "top", "disable_base", "dry_run", NULL };
-    PyObject *base = NULL, *top = NULL;
+    PyObject *base = NULL, *top = NULL, *res = NULL;
+    struct qbm_space_info ti, bi;
     int disable = 0, dry = 0, r;
     struct cb c = { 0 };
     PyThreadState *ts;
+    unsigned flags;
 
     if (!PyArg_ParseTupleAndKeywords(
             args, kw, "O&O&|$pp:carry_snapshot", kwlist, PyUnicode_FSConverter,
             &base, PyUnicode_FSConverter, &top, &disable, &dry)) {
         return NULL;
     }
+    flags = disable ? QBM_CARRY_SNAPSHOT_DISABLE_BASE : 0;
     c.list = PyList_New(0);
     if (c.list) {
         ts = PyEval_SaveThread();
-        r = qbm_carry_snapshot(PyBytes_AS_STRING(base), PyBytes_AS_STRING(top),
-                               (disable ? QBM_CARRY_SNAPSHOT_DISABLE_BASE : 0) |
-                                   (dry ? QBM_CARRY_SNAPSHOT_DRY_RUN : 0),
-                               carry_cb, &c);
+        r = dry ? qbm_carry_snapshot_plan(PyBytes_AS_STRING(base),
+                                          PyBytes_AS_STRING(top), flags,
+                                          carry_cb, &c, &ti, &bi)
+                : qbm_carry_snapshot(PyBytes_AS_STRING(base),
+                                     PyBytes_AS_STRING(top), flags, carry_cb,
+                                     &c);
         PyEval_RestoreThread(ts);
         if (cb_failed(&c)) {
-            Py_CLEAR(c.list);
+            /* The callback's exception is raised. */
         } else if (r != 0) {
-            Py_CLEAR(c.list);
             raise_qbm(NULL);
+        } else if (!dry) {
+            res = Py_NewRef(c.list);
+        } else {
+            PyObject *t = space_info_new(&ti);
+            PyObject *b = t ? space_info_new(&bi) : NULL;
+
+            res = b ? PyTuple_Pack(2, t, b) : NULL;
+            Py_XDECREF(t);
+            Py_XDECREF(b);
         }
+        Py_DECREF(c.list);
     }
     Py_DECREF(base);
     Py_DECREF(top);
-    return c.list;
+    return res;
 }
 
 static PyObject *mod_version(PyObject *mod, PyObject *unused)
@@ -2170,6 +2279,21 @@ static PyStructSequence_Desc finding_desc = {
     "qbm.Finding",
     "A checkpoint rule broken, found by Chain.check().",
     finding_fields,
+    4,
+};
+
+static PyStructSequence_Field space_info_fields[] = {
+    { "bytes", "bytes of new clusters the commit writes" },
+    { "end_before", "the image end offset before it" },
+    { "end_after", "the image end offset once they are written" },
+    { "capacity", "the block device's size, or 0 for a file" },
+    { NULL },
+};
+
+static PyStructSequence_Desc space_info_desc = {
+    "qbm.SpaceInfo",
+    "What a commit needs (Image.commit_plan(), carry_snapshot(dry_run=True)).",
+    space_info_fields,
     4,
 };
 
@@ -2280,6 +2404,10 @@ PyMODINIT_FUNC PyInit_qbm(void)
         PyStructSequence_InitType2(&FindingType, &finding_desc) < 0) {
         return NULL;
     }
+    if (!SpaceInfoType.tp_name &&
+        PyStructSequence_InitType2(&SpaceInfoType, &space_info_desc) < 0) {
+        return NULL;
+    }
     m = PyModule_Create(&qbm_module);
     if (!m) {
         return NULL;
@@ -2298,6 +2426,7 @@ PyMODINIT_FUNC PyInit_qbm(void)
                               (PyObject *)&ExtentIterType) < 0 ||
         PyModule_AddObjectRef(m, "Problem", (PyObject *)&ProblemType) < 0 ||
         PyModule_AddObjectRef(m, "Finding", (PyObject *)&FindingType) < 0 ||
+        PyModule_AddObjectRef(m, "SpaceInfo", (PyObject *)&SpaceInfoType) < 0 ||
         PyModule_AddStringConstant(m, "__version__", qbm_version()) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -18,9 +18,10 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qbmtest  # noqa: E402
-from qbmtest import (KiB, MiB, dirty_map, merge_extents, qemu_bitmaps,  # noqa
-                     qemu_img, qemu_img_check, qemu_img_compare,
-                     qemu_img_create, qemu_io, run)
+from qbmtest import (KiB, MiB, LoopDevice, dirty_map, file_hash,  # noqa
+                     merge_extents, qemu_bitmaps, qemu_image_end, qemu_img,
+                     qemu_img_check, qemu_img_compare, qemu_img_create,
+                     qemu_io, run)
 
 import qbm  # noqa: E402
 
@@ -572,6 +573,96 @@ def test_carry_snapshot(d):
         qbm.carry_snapshot(other, top)
     assert e.value.errno == errno.EINVAL
     assert "backing file" in e.value.message
+
+
+def test_commit_plan_then_commit(d):
+    """The plan of a fresh add on a QEMU-made image writes nothing, keeps
+    the edits, and says where the image will end: QEMU's image end offset
+    after the commit. A worst-case plan needs at least as much."""
+    path = create(d, "a.qcow2", 1024 * MiB)
+    qemu_io(path, "write 0 1M", "write 600M 64k")
+    end = qemu_image_end(path)
+    with qbm.open(path, write=True) as img:
+        assert img.capacity == 0
+        assert img.end_offset() == end
+        img.add("ck", granularity=512)
+        img.mark("ck", 3 * MiB, 64 * KiB)
+        before = file_hash(path), os.path.getsize(path)
+        plan = img.commit_plan()
+        worst = img.commit_plan(worst_case=True)
+        assert (file_hash(path), os.path.getsize(path)) == before
+        assert [b.name for b in img.bitmaps] == ["ck"]
+        assert plan.end_before == end
+        assert plan.capacity == worst.capacity == 0
+        assert plan.bytes > 0 and plan.end_after > plan.end_before
+        assert worst.bytes >= plan.bytes
+        assert worst.end_after >= plan.end_after
+        # 1 GiB at 512 B a bit is 256 KiB of bitmap, four clusters: the
+        # mark dirties one of them, a full bitmap would need all four.
+        assert worst.bytes > plan.bytes
+        img.commit()
+        assert img.end_offset() == plan.end_after
+    assert qemu_image_end(path) == plan.end_after
+    assert judge(path)["ck"] == [(3 * MiB, 64 * KiB)]
+    with pytest.raises(TypeError):
+        qbm.open(path).commit_plan(True)
+
+
+def test_commit_plan_device_too_small(d):
+    """On a block device the plan counts the device: capacity is its size,
+    and an edit that would not fit is refused with ENOSPC, as the commit
+    is, the device left as it was."""
+    try:
+        loop = LoopDevice(str(d), 320 * KiB, "dev", fill=b"\0")
+    except OSError as e:
+        if qbmtest.in_ci():
+            raise
+        pytest.skip("no loop device: %s" % e)
+    with loop:
+        dev = qemu_img_create(loop.node, 64 * MiB)
+        before = file_hash(dev)
+        end = qemu_image_end(dev)
+        with qbm.open(dev, write=True) as img:
+            assert img.capacity == 320 * KiB
+            assert img.end_offset() == end
+            img.add("ck")
+            with pytest.raises(qbm.Error) as e:
+                img.commit_plan()
+            assert e.value.errno == errno.ENOSPC
+            with pytest.raises(qbm.Error) as e:
+                img.commit()
+            assert e.value.errno == errno.ENOSPC
+        assert file_hash(dev) == before
+        assert qemu_image_end(dev) == end
+        qemu_img_check(dev)
+
+
+def test_carry_snapshot_dry_run_space(d):
+    """carry_snapshot(dry_run=True) writes nothing and returns each
+    image's SpaceInfo; TOP's end_after is QEMU's image end offset of TOP
+    after the real run."""
+    size = 32 * MiB
+    base = create(d, "base.qcow2", size)
+    qemu_img("bitmap", "--add", base, "ck")
+    qemu_io(base, "write 0 64k")
+    top = create(d, "top.qcow2", size, backing="base.qcow2")
+    qemu_io(top, "write 2M 64k", "write 9M 1M")
+    before = file_hash(base), file_hash(top)
+    top_end, base_end = qemu_image_end(top), qemu_image_end(base)
+    t, b = qbm.carry_snapshot(base, top, dry_run=True)
+    assert (b.bytes, b.end_before, b.end_after) == (0, 0, 0)
+    t2, b = qbm.carry_snapshot(base, top, disable_base=True, dry_run=True)
+    assert t2 == t
+    assert (file_hash(base), file_hash(top)) == before
+    assert isinstance(t, qbm.SpaceInfo) and t.capacity == b.capacity == 0
+    assert t.end_before == top_end and b.end_before == base_end
+    assert t.bytes > 0 and t.end_after > t.end_before
+    assert b.bytes > 0
+    qbm.carry_snapshot(base, top, disable_base=True)
+    assert qemu_image_end(top) == t.end_after
+    assert qemu_image_end(base) <= b.end_after
+    assert judge(top)["ck"] == [(2 * MiB, 64 * KiB), (9 * MiB, MiB)]
+    assert qemu_view(base)["ck"] == (65536, False, False)
 
 
 def test_names_not_utf8_round_trip(d):
