@@ -921,7 +921,8 @@ static int commit_run(struct qbm_image *img, enum commit_mode mode,
         r = qbm_txn_free_later(txn, img->pending_free.v[i], img->cluster_size);
     }
     /* 2. Does it fit (and the header switch work)? The worst case is
-     * only a figure: the edit itself may well fit. */
+     * only a figure: the edit itself may well fit. A plan checks the
+     * device's capacity after, with its figures (qbm_impl_commit_plan). */
     if (r == 0 && mode == COMMIT_PLAN_WORST) {
         qbm_txn_space(txn, &sp);
     } else if (r == 0) {
@@ -1015,9 +1016,11 @@ int qbm_impl_commit_plan(struct qbm_image *img, unsigned flags,
     if (r < 0) {
         return r;
     }
+    /* A device too small still gets the figures: by them its manager
+     * knows how far to extend it. The worst case is only a figure. */
     *ret_bytes = sp.bytes;
     *ret_end = sp.end_after;
-    return 0;
+    return (flags & QBM_PLAN_WORST_CASE) ? 0 : qbm_txn_check_capacity(img, &sp);
 }
 
 int qbm_impl_commit_space(struct qbm_image *img, struct qbm_space *ret)

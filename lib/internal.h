@@ -1215,13 +1215,18 @@ int qbm_txn_refcount(struct qbm_txn *txn, uint64_t offset, uint64_t *ret);
 /*
  * Once every cluster is allocated, before anything is written: check that
  * the header can be switched to nb_bitmaps (QBM_TXN_KEEP_HEADER: no
- * switch), report what the transaction needs (*ret, may be NULL), refuse
- * with ENOSPC when the image cannot hold it (a block device too small:
- * "not enough space on ..."), and unless `dry`, reserve the space in the
- * file (fallocate; on failure the abort cuts the file back).
+ * switch) and report what the transaction needs (*ret, may be NULL). Then,
+ * unless `dry` (a plan, which checks the capacity itself with the figures
+ * it returns), refuse as qbm_txn_check_capacity() does and reserve the
+ * space in the file (fallocate; on failure the abort cuts the file back).
  */
 int qbm_txn_prepare(struct qbm_txn *txn, uint32_t nb_bitmaps, bool dry,
                     struct qbm_space *ret);
+/* ENOSPC ("not enough space on DEV: the edit needs N bytes past the image
+ * end M; the device has S", figures from *sp) when the image end *sp gives
+ * is past the capacity of img's block device; else 0. */
+int qbm_txn_check_capacity(const struct qbm_image *img,
+                           const struct qbm_space *sp);
 /* What the allocations so far need, nothing checked. */
 void qbm_txn_space(struct qbm_txn *txn, struct qbm_space *ret);
 
@@ -1248,7 +1253,8 @@ int qbm_impl_bitmap_salvage(struct qbm_image *img, const char *name);
 int qbm_impl_commit(struct qbm_image *img);
 int qbm_impl_commit_plan(struct qbm_image *img, unsigned flags,
                          uint64_t *ret_bytes, uint64_t *ret_end);
-/* qbm_commit_plan()'s checks and placement, all the figures (*ret). */
+/* qbm_commit_plan()'s checks and placement, all the figures (*ret), the
+ * device's capacity not checked (qbm_txn_check_capacity() does). */
 int qbm_impl_commit_space(struct qbm_image *img, struct qbm_space *ret);
 
 /* ==== layer op ============================================================ */

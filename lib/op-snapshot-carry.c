@@ -29,6 +29,9 @@ struct snap {
     int user_ret; /* the callback's value that stopped the call */
     /* A dry run's figures: TOP's commit, then BASE's. */
     struct qbm_space_info space[2];
+    /* A dry run: the images whose device is too small, and why. */
+    bool nospace[2];
+    char nospace_msg[2][1024];
 };
 
 enum { SNAP_TOP, SNAP_BASE };
@@ -50,7 +53,9 @@ static int report(struct snap *s, int action, const char *bitmap,
 
 /* Commit `img` (named `file`); a dry run only runs the commit's checks
  * and placement, its figures kept in s->space[which]. Then report
- * `done`. */
+ * `done`. A dry run whose only refusal is a device too small goes on
+ * (nothing reported): the manager learns what each image needs at
+ * once. */
 static int finish(struct snap *s, struct qbm_image *img, const char *file,
                   int which, int done)
 {
@@ -66,6 +71,12 @@ static int finish(struct snap *s, struct qbm_image *img, const char *file,
                 .end_after = sp.end_after,
                 .capacity = img->io->capacity,
             };
+            if (qbm_txn_check_capacity(img, &sp) < 0) {
+                s->nospace[which] = true;
+                snprintf(s->nospace_msg[which], sizeof(s->nospace_msg[0]),
+                         "%s: %s", file, qbm_err_message());
+                return 0;
+            }
         }
     } else {
         r = qbm_impl_commit(img);
@@ -233,9 +244,11 @@ static int carry_snapshot(struct snap *s)
     return disable_in_base(s);
 }
 
+/* The call; a dry run's figures in ret_space[2] (*ret_figures true) when
+ * it returns 0 or fails only on a device too small. */
 static int run(const char *base, const char *top, unsigned flags,
                qbm_carry_snapshot_fn fn, void *opaque,
-               struct qbm_space_info *ret_space)
+               struct qbm_space_info *ret_space, bool *ret_figures)
 {
     struct snap s = { .base_name = base,
                       .top_name = top,
@@ -263,6 +276,15 @@ static int run(const char *base, const char *top, unsigned flags,
     }
     if (ret_space) {
         memcpy(ret_space, s.space, sizeof(s.space));
+        *ret_figures = true;
+    }
+    if (s.nospace[SNAP_TOP] || s.nospace[SNAP_BASE]) {
+        bool both = s.nospace[SNAP_TOP] && s.nospace[SNAP_BASE];
+
+        qbm_err_set(ENOSPC, "%s%s%s; %s not changed", s.nospace_msg[SNAP_TOP],
+                    both ? "; " : "", s.nospace_msg[SNAP_BASE],
+                    both ? "the images were" : "the image was");
+        return -1;
     }
     return 0;
 }
@@ -271,7 +293,7 @@ QBM_API int qbm_carry_snapshot(const char *base, const char *top,
                                unsigned flags, qbm_carry_snapshot_fn fn,
                                void *opaque)
 {
-    return run(base, top, flags, fn, opaque, NULL);
+    return run(base, top, flags, fn, opaque, NULL, NULL);
 }
 
 QBM_API int qbm_carry_snapshot_plan(const char *base, const char *top,
@@ -281,13 +303,15 @@ QBM_API int qbm_carry_snapshot_plan(const char *base, const char *top,
                                     struct qbm_space_info *ret_base)
 {
     struct qbm_space_info space[2];
+    bool figures = false;
     int r;
 
     if (!ret_top || !ret_base) {
         return qbm_public_ret(qbm_err(EINVAL, "invalid arguments"));
     }
-    r = run(base, top, flags | QBM_CARRY_SNAPSHOT_DRY_RUN, fn, opaque, space);
-    if (r == 0) {
+    r = run(base, top, flags | QBM_CARRY_SNAPSHOT_DRY_RUN, fn, opaque, space,
+            &figures);
+    if (figures) {
         *ret_top = space[SNAP_TOP];
         *ret_base = space[SNAP_BASE];
     }

@@ -170,11 +170,27 @@ void qbm_txn_space(struct qbm_txn *t, struct qbm_space *ret)
     qbm_alloc_space(t->alloc, ret);
 }
 
+int qbm_txn_check_capacity(const struct qbm_image *img,
+                           const struct qbm_space *sp)
+{
+    uint64_t cap = img->io->capacity;
+
+    if (cap && sp->end_after > cap) {
+        return qbm_err(ENOSPC,
+                       "not enough space on %s: the edit needs %llu bytes "
+                       "past the image end %llu; the device has %llu",
+                       img->filename ? img->filename : "the device",
+                       (unsigned long long)(sp->end_after - sp->end_before),
+                       (unsigned long long)sp->end_before,
+                       (unsigned long long)cap);
+    }
+    return 0;
+}
+
 int qbm_txn_prepare(struct qbm_txn *t, uint32_t nb_bitmaps, bool dry,
                     struct qbm_space *ret)
 {
     struct qbm_image *img = t->img;
-    uint64_t cap = img->io->capacity;
     struct qbm_space sp;
     int r;
 
@@ -194,17 +210,12 @@ int qbm_txn_prepare(struct qbm_txn *t, uint32_t nb_bitmaps, bool dry,
     if (ret) {
         *ret = sp;
     }
-    if (cap && sp.end_after > cap) {
-        return qbm_err(ENOSPC,
-                       "not enough space on %s: the edit needs %llu bytes "
-                       "past the image end %llu; the device has %llu",
-                       img->filename ? img->filename : "the device",
-                       (unsigned long long)(sp.end_after - sp.end_before),
-                       (unsigned long long)sp.end_before,
-                       (unsigned long long)cap);
-    }
     if (dry) {
-        return 0;
+        return 0; /* the caller checks the capacity, figures in hand */
+    }
+    r = qbm_txn_check_capacity(img, &sp);
+    if (r < 0) {
+        return r;
     }
     t->wrote = true; /* the file may grow from here */
     r = qbm_alloc_reserve(t->alloc);

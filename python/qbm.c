@@ -38,8 +38,10 @@ static PyTypeObject ProblemType, FindingType, SpaceInfoType;
 
 /* Raise qbm.Error(err, msg, filename): an OSError whose strerror and
  * .message are `msg` (bytes that are not UTF-8, from a bitmap name, are
- * replaced), filename the file concerned (may be NULL). Returns NULL. */
-static PyObject *raise_errno(int err, const char *msg, PyObject *filename)
+ * replaced), filename the file concerned (may be NULL), and .space
+ * `space` (borrowed; NULL: the class's None). Returns NULL. */
+static PyObject *raise_errno_space(int err, const char *msg, PyObject *filename,
+                                   PyObject *space)
 {
     PyObject *exc, *m;
 
@@ -50,7 +52,8 @@ static PyObject *raise_errno(int err, const char *msg, PyObject *filename)
     exc = PyObject_CallFunction(QbmError, "iOO", err, m,
                                 filename ? filename : Py_None);
     if (exc) {
-        if (PyObject_SetAttrString(exc, "message", m) == 0) {
+        if (PyObject_SetAttrString(exc, "message", m) == 0 &&
+            (!space || PyObject_SetAttrString(exc, "space", space) == 0)) {
             PyErr_SetObject(QbmError, exc);
         }
         Py_DECREF(exc);
@@ -59,12 +62,23 @@ static PyObject *raise_errno(int err, const char *msg, PyObject *filename)
     return NULL;
 }
 
-/* Raise qbm.Error from the calling thread's last library error. */
-static PyObject *raise_qbm(PyObject *filename)
+static PyObject *raise_errno(int err, const char *msg, PyObject *filename)
+{
+    return raise_errno_space(err, msg, filename, NULL);
+}
+
+/* Raise qbm.Error from the calling thread's last library error, with
+ * .space `space` (borrowed, may be NULL). */
+static PyObject *raise_qbm_space(PyObject *filename, PyObject *space)
 {
     int err = qbm_get_errno();
 
-    return raise_errno(err ? err : EIO, qbm_get_error(), filename);
+    return raise_errno_space(err ? err : EIO, qbm_get_error(), filename, space);
+}
+
+static PyObject *raise_qbm(PyObject *filename)
+{
+    return raise_qbm_space(filename, NULL);
 }
 
 /* ---- callbacks -----------------------------------------------------------
@@ -1207,16 +1221,22 @@ static PyObject *Image_end_offset(ImageObject *self, PyObject *unused)
     return PyLong_FromUnsignedLongLong((unsigned long long)end);
 }
 
-/* qbm_commit_plan() with the figures around it: 0 or -1. */
+/* qbm_commit_plan() with the figures around it: 0 or -1; on a device
+ * too small (ENOSPC) *ret_figures is true and *ret holds them all. */
 static int image_plan(struct qbm_image *img, unsigned flags,
-                      struct qbm_space_info *ret)
+                      struct qbm_space_info *ret, bool *ret_figures)
 {
-    if (qbm_image_end_offset(img, &ret->end_before) < 0 ||
-        qbm_commit_plan(img, flags, &ret->bytes, &ret->end_after) < 0) {
+    int r;
+
+    if (qbm_image_end_offset(img, &ret->end_before) < 0) {
         return -1;
     }
+    /* No image ends at 0: the plan sets it only with its figures. */
+    ret->end_after = 0;
+    r = qbm_commit_plan(img, flags, &ret->bytes, &ret->end_after);
     ret->capacity = qbm_image_capacity(img);
-    return 0;
+    *ret_figures = r == 0 || (qbm_get_errno() == ENOSPC && ret->end_after);
+    return r;
 }
 
 PyDoc_STRVAR(
@@ -1228,7 +1248,8 @@ PyDoc_STRVAR(
     "image end offset now and once\nthey are written, and the device's "
     "size (0 for a file). worst_case=True\nplans as if every staged "
     "bitmap were all dirty (what it can grow to).\nqbm.Error with errno "
-    "ENOSPC when the device is too small.");
+    "ENOSPC when the device is too small, its .space then\nthe "
+    "qbm.SpaceInfo all the same (extend the device to .space.end_after).");
 
 static PyObject *Image_commit_plan(ImageObject *self, PyObject *args,
                                    PyObject *kw)
@@ -1236,18 +1257,33 @@ static PyObject *Image_commit_plan(ImageObject *self, PyObject *args,
     static char *kwlist[] = { "worst_case", NULL };
     struct qbm_space_info s = { 0 };
     struct qbm_image *img;
-    int worst = 0, r = -1;
+    PyObject *space, *f;
+    bool figures = false;
+    PyThreadState *ts;
+    int worst = 0, r;
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|$p:commit_plan", kwlist,
                                      &worst)) {
         return NULL;
     }
-    IMAGE_CALL(self, img, r,
-               image_plan(img, worst ? QBM_PLAN_WORST_CASE : 0, &s));
-    if (!img || r < 0) {
+    img = image_enter(self);
+    if (!img) {
         return NULL;
     }
-    return space_info_new(&s);
+    ts = PyEval_SaveThread();
+    r = image_plan(img, worst ? QBM_PLAN_WORST_CASE : 0, &s, &figures);
+    PyEval_RestoreThread(ts);
+    space = figures ? space_info_new(&s) : NULL;
+    if (r < 0 && (space || !figures)) {
+        f = image_filename_obj(img);
+        if (f) {
+            raise_qbm_space(f, space);
+            Py_DECREF(f);
+        }
+        Py_CLEAR(space);
+    }
+    image_leave(self);
+    return space;
 }
 
 /* ---- check, repair, allocation, backing ----------------------------------
@@ -2178,14 +2214,15 @@ PyDoc_STRVAR(
     "dry_run=True runs the same stages and checks, writes nothing, and "
     "returns\n(top, base) instead: the qbm.SpaceInfo of each image's "
     "commit (base's all\nzero when it is not to change); qbm.Error with "
-    "errno ENOSPC when a device\nis too small.");
+    "errno ENOSPC when a device\nis too small, its .space then that "
+    "(top, base) pair all the same.");
 
 static PyObject *mod_carry_snapshot(PyObject *mod, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = { "base", "top", "disable_base", "dry_run", NULL };
     PyObject *base = NULL, *top = NULL, *res = NULL;
     struct qbm_space_info ti, bi;
-    int disable = 0, dry = 0, r;
+    int disable = 0, dry = 0, r, err;
     struct cb c = { 0 };
     PyThreadState *ts;
     unsigned flags;
@@ -2199,16 +2236,19 @@ static PyObject *mod_carry_snapshot(PyObject *mod, PyObject *args, PyObject *kw)
     c.list = PyList_New(0);
     if (c.list) {
         ts = PyEval_SaveThread();
+        /* No image ends at 0: the plan sets them only with its figures. */
+        ti.end_after = 0;
         r = dry ? qbm_carry_snapshot_plan(PyBytes_AS_STRING(base),
                                           PyBytes_AS_STRING(top), flags,
                                           carry_cb, &c, &ti, &bi)
                 : qbm_carry_snapshot(PyBytes_AS_STRING(base),
                                      PyBytes_AS_STRING(top), flags, carry_cb,
                                      &c);
+        err = qbm_get_errno();
         PyEval_RestoreThread(ts);
         if (cb_failed(&c)) {
             /* The callback's exception is raised. */
-        } else if (r != 0) {
+        } else if (r != 0 && !(dry && r < 0 && err == ENOSPC && ti.end_after)) {
             raise_qbm(NULL);
         } else if (!dry) {
             res = Py_NewRef(c.list);
@@ -2219,6 +2259,11 @@ static PyObject *mod_carry_snapshot(PyObject *mod, PyObject *args, PyObject *kw)
             res = b ? PyTuple_Pack(2, t, b) : NULL;
             Py_XDECREF(t);
             Py_XDECREF(b);
+            if (res && r < 0) {
+                /* A device too small: the figures ride on the error. */
+                raise_qbm_space(NULL, res);
+                Py_CLEAR(res);
+            }
         }
         Py_DECREF(c.list);
     }
@@ -2389,7 +2434,7 @@ PyMODINIT_FUNC PyInit_qbm(void)
         { "CARRY_SNAPSHOT_DISABLED", QBM_CARRY_SNAPSHOT_DISABLED },
         { "CARRY_SNAPSHOT_BASE_DONE", QBM_CARRY_SNAPSHOT_BASE_DONE },
     };
-    PyObject *m;
+    PyObject *m, *error_dict;
     size_t i;
 
     if (PyType_Ready(&ImageType) < 0 || PyType_Ready(&ChainType) < 0 ||
@@ -2412,12 +2457,22 @@ PyMODINIT_FUNC PyInit_qbm(void)
     if (!m) {
         return NULL;
     }
+    /* .space on every instance, None unless a plan set it. */
+    error_dict = Py_BuildValue("{sO}", "space", Py_None);
+    if (!error_dict) {
+        Py_DECREF(m);
+        return NULL;
+    }
     QbmError = PyErr_NewExceptionWithDoc(
         "qbm.Error",
         "A libqbm call failed: an OSError whose errno and strerror are the "
         "library's\n(strerror: its one-phrase message, also as .message), "
-        "and filename the\nimage or file concerned.",
-        PyExc_OSError, NULL);
+        "and filename the\nimage or file concerned; space: None, or the "
+        "figures of a plan refused\nonly because a device is too small "
+        "(Image.commit_plan(): a qbm.SpaceInfo;\ncarry_snapshot(dry_run="
+        "True): the (top, base) pair).",
+        PyExc_OSError, error_dict);
+    Py_DECREF(error_dict);
     if (!QbmError || PyModule_AddObjectRef(m, "Error", QbmError) < 0 ||
         PyModule_AddObjectRef(m, "Image", (PyObject *)&ImageType) < 0 ||
         PyModule_AddObjectRef(m, "Chain", (PyObject *)&ChainType) < 0 ||

@@ -40,8 +40,13 @@ CARRY_SNAPSHOT_BASE_DONE: int
 
 class Error(OSError):
     """A libqbm call failed: errno and strerror are the library's,
-    message is its one-phrase message, filename the file concerned."""
+    message is its one-phrase message, filename the file concerned.
+    space: None, or the figures of a plan refused with ENOSPC only
+    because a block device is too small: a SpaceInfo from
+    Image.commit_plan(), the (top, base) pair from
+    carry_snapshot(dry_run=True)."""
     message: str
+    space: Union[None, SpaceInfo, tuple[SpaceInfo, SpaceInfo]]
 
 class Problem(NamedTuple):
     kind: int

@@ -439,7 +439,14 @@ QBM_API int qbm_commit(struct qbm_image *img);
  * *ret_bytes to the bytes of new clusters the commit would write and
  * *ret_end to the image end offset once they are written (before the
  * clusters it replaces are freed), and returns 0; or fails as the commit
- * would before writing (ENOSPC on a device too small included), -1.
+ * would before writing, -1, the outputs untouched. One exception: when
+ * every check passes and only the block device is too small for *ret_end
+ * (without QBM_PLAN_WORST_CASE), the outputs are set all the same and -1
+ * returned with errno ENOSPC, the message "not enough space on DEVICE:
+ * the edit needs *ret_end - M bytes past the image end M; the device has
+ * S" (M: qbm_image_end_offset(), S: qbm_image_capacity()). A manager
+ * extends the device to at least *ret_end and plans again. No image ends
+ * at 0, so a caller that sets *ret_end to 0 first tells the cases apart.
  */
 QBM_API int qbm_commit_plan(struct qbm_image *img, unsigned flags,
                             uint64_t *ret_bytes, uint64_t *ret_end);
@@ -846,7 +853,8 @@ typedef int (*qbm_carry_snapshot_fn)(void *opaque, int action,
  * QBM_CARRY_SNAPSHOT_DRY_RUN stages and reports the
  * same, images opened the same way, and runs each commit's checks and
  * placement (qbm_commit_plan(): a device too small refuses with ENOSPC),
- * but commits nothing.
+ * but commits nothing; TOP's device too small does not stop it before
+ * BASE's plan (see qbm_carry_snapshot_plan()).
  *
  * Both images are opened and closed inside the call, from the file names
  * given (used in messages as given). On failure nothing more is written;
@@ -872,8 +880,16 @@ struct qbm_space_info {
  * what TOP's commit needs and *ret_base to what BASE's needs (all zero
  * when BASE is not to be changed: no QBM_CARRY_SNAPSHOT_DISABLE_BASE, or
  * nothing carried), and returns 0; -1 when the run would fail before
- * writing (ENOSPC on a device too small included); or the callback's
- * non-zero value. The outputs are untouched unless it returns 0.
+ * writing; or the callback's non-zero value. The outputs are untouched
+ * unless it returns 0, with one exception: when every check passes and
+ * only a device is too small (TOP's, BASE's or both: a TOP too small
+ * does not stop BASE's plan, but its QBM_CARRY_SNAPSHOT_TOP_DONE is not
+ * reported), both outputs are set all the same and -1 returned with
+ * errno ENOSPC, the message naming each image that does not fit with
+ * qbm_commit_plan()'s figures ("FILE: not enough space on FILE: the edit
+ * needs end_after - end_before bytes past the image end end_before; the
+ * device has capacity", TOP first). No image ends at 0, so a caller that
+ * sets ret_top->end_after to 0 first tells the cases apart.
  */
 QBM_API int qbm_carry_snapshot_plan(const char *base, const char *top,
                                     unsigned flags, qbm_carry_snapshot_fn fn,

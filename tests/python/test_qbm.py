@@ -10,6 +10,7 @@ sys.path; QBM_TEST_SEED replays a seed."""
 import errno
 import os
 import random
+import re
 import shutil
 import sys
 import threading
@@ -635,6 +636,99 @@ def test_commit_plan_device_too_small(d):
         assert file_hash(dev) == before
         assert qemu_image_end(dev) == end
         qemu_img_check(dev)
+
+
+def space_in_message(msg):
+    """[(needed, end_before, capacity)] from each "not enough space"
+    message part."""
+    return [tuple(int(x) for x in m) for m in re.findall(
+        r"the edit needs (\d+) bytes past the image end (\d+); "
+        r"the device has (\d+)", msg)]
+
+
+def loop_or_skip(d, size, name):
+    try:
+        return LoopDevice(str(d), size, name, fill=b"\0")
+    except OSError as e:
+        if qbmtest.in_ci():
+            raise
+        pytest.skip("no loop device: %s" % e)
+
+
+def test_commit_plan_device_too_small_figures(d):
+    """A plan refused only because the device is too small carries its
+    figures (qbm.Error.space), the same the message prints; extended to
+    space.end_after, the device takes the commit, which ends there."""
+    loop = loop_or_skip(d, 64 * MiB, "dev")
+    with loop:
+        dev = qemu_img_create(loop.node, 64 * MiB)
+        end = qemu_image_end(dev)
+        loop.resize(end)
+        before = file_hash(dev)
+        with qbm.open(dev) as img:
+            with pytest.raises(qbm.Error) as e:
+                img.commit_plan()
+            assert e.value.errno == errno.EROFS and e.value.space is None
+        with qbm.open(dev, write=True) as img:
+            img.add("ck")
+            img.mark("ck", 0, 64 * MiB)
+            with pytest.raises(qbm.Error) as e:
+                img.commit_plan()
+        sp = e.value.space
+        assert e.value.errno == errno.ENOSPC
+        assert isinstance(sp, qbm.SpaceInfo)
+        assert (sp.end_before, sp.capacity) == (end, end)
+        assert sp.end_after > end and sp.bytes >= sp.end_after - end
+        assert space_in_message(e.value.message) == [
+            (sp.end_after - sp.end_before, sp.end_before, sp.capacity)]
+        assert file_hash(dev) == before
+        loop.resize(sp.end_after)
+        with qbm.open(dev, write=True) as img:
+            img.add("ck")
+            img.mark("ck", 0, 64 * MiB)
+            again = img.commit_plan()
+            assert (again[:3], again.capacity) == (sp[:3], sp.end_after)
+            img.commit()
+        assert qemu_image_end(dev) == sp.end_after
+        assert judge(dev)["ck"] == [(0, 64 * MiB)]
+
+
+def test_carry_snapshot_dry_run_device_too_small(d):
+    """carry_snapshot(dry_run=True) on devices that end where their images
+    do: TOP's does not fit, and the error's space is the (top, base) pair,
+    BASE planned all the same (its new directory takes a free cluster),
+    TOP's figures those of the message; extended to them, the real run
+    fits, TOP ending where its plan said."""
+    with loop_or_skip(d, 8 * MiB, "base") as lb, \
+            loop_or_skip(d, 8 * MiB, "top") as lt:
+        base = qemu_img_create(lb.node, 32 * MiB)
+        qemu_img("bitmap", "--add", base, "ck")
+        qemu_io(base, "write 0 64k")
+        top = qemu_img_create(lt.node, 32 * MiB, backing=base)
+        qemu_io(top, "write 2M 64k", "write 9M 1M")
+        for loop, img in ((lb, base), (lt, top)):
+            loop.resize(qemu_image_end(img))
+        before = file_hash(base), file_hash(top)
+        with pytest.raises(qbm.Error) as e:
+            qbm.carry_snapshot(base, top, disable_base=True, dry_run=True)
+        assert e.value.errno == errno.ENOSPC
+        t, b = e.value.space
+        assert (file_hash(base), file_hash(top)) == before
+        assert (t.capacity, b.capacity) == (lt.size, lb.size)
+        assert t.end_after > t.capacity
+        assert b.bytes > 0 and b.end_after <= b.capacity
+        assert space_in_message(e.value.message) == [
+            (t.end_after - t.end_before, t.end_before, t.capacity)]
+        lt.resize(t.end_after)
+        t2, b2 = qbm.carry_snapshot(base, top, disable_base=True,
+                                    dry_run=True)
+        assert (t2[:3], t2.capacity, b2) == (t[:3], t.end_after, b)
+        qbm.carry_snapshot(base, top, disable_base=True)
+        assert qemu_image_end(top) == t.end_after
+        assert qemu_image_end(base) <= b.end_after
+        assert judge(top)["ck"] == [(2 * MiB, 64 * KiB), (9 * MiB, MiB)]
+        qemu_img_check(base)
+        assert qemu_view(base)["ck"] == (65536, False, False)
 
 
 def test_carry_snapshot_dry_run_space(d):

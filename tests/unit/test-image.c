@@ -445,6 +445,70 @@ static void test_device_space(void **state)
     free(buf);
 }
 
+/*
+ * A plan refused only because the device is too small still gives its
+ * figures, the same the message prints; a manager extends the device by
+ * them and the commit then ends there. Any other failure leaves the
+ * outputs as they were.
+ */
+static void test_device_space_figures(void **state)
+{
+    const uint64_t cs = 4096;
+    const uint64_t unset = 0x5a5a5a5a5a5a5a5aull;
+    size_t len;
+    uint8_t *buf = tl_image_bytes(SIZE, NULL, 0, &len);
+    struct qbm_image *img;
+    uint64_t end, cap, bytes = unset, after = unset;
+    char msg[256];
+
+    img = qbm_open_memory(buf, len, "dev", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_image_end_offset(img, &end), 0);
+    cap = end + cs;
+    qbm_io_set_capacity(img->io, cap);
+    assert_int_equal(qbm_bitmap_add(img, "a", 512, 0), 0);
+    assert_int_equal(qbm_bitmap_set_dirty(img, "a", 0, 64 << 20), 0);
+
+    /* Another failure first: unknown flags leave the outputs alone. */
+    assert_int_equal(qbm_commit_plan(img, 0x80, &bytes, &after), -1);
+    assert_int_equal(qbm_get_errno(), EINVAL);
+    assert_true(bytes == unset && after == unset);
+
+    assert_int_equal(qbm_commit_plan(img, 0, &bytes, &after), -1);
+    assert_int_equal(qbm_get_errno(), ENOSPC);
+    assert_true(bytes != unset && after != unset);
+    assert_true(after > cap && bytes >= after - end);
+    snprintf(msg, sizeof(msg),
+             "not enough space on dev: the edit needs %llu bytes past the "
+             "image end %llu; the device has %llu",
+             (unsigned long long)(after - end), (unsigned long long)end,
+             (unsigned long long)cap);
+    assert_string_equal(qbm_get_error(), msg);
+    tl_assert_mem_holds(img, buf, len);
+
+    /* Extended by what the plan said, the same commit fits and ends
+     * there. */
+    qbm_io_set_capacity(img->io, after);
+    assert_int_equal(qbm_commit_plan(img, 0, &bytes, &end), 0);
+    assert_int_equal(end, after);
+    assert_int_equal(qbm_commit(img), 0);
+    assert_int_equal(qbm_image_end_offset(img, &end), 0);
+    assert_int_equal(end, after);
+    assert_int_equal(qbm_check(img, no_problems, NULL), 0);
+    qbm_close(img);
+
+    /* Read-only: refused before any placement, outputs untouched. */
+    img = qbm_open_memory(buf, len, "dev", 0);
+    assert_non_null(img);
+    qbm_io_set_capacity(img->io, cap);
+    bytes = after = unset;
+    assert_int_equal(qbm_commit_plan(img, 0, &bytes, &after), -1);
+    assert_int_not_equal(qbm_get_errno(), ENOSPC);
+    assert_true(bytes == unset && after == unset);
+    qbm_close(img);
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -455,6 +519,7 @@ int main(void)
         cmocka_unit_test(test_hidden_l2_not_allocated),
         cmocka_unit_test(test_mem_far_write),
         cmocka_unit_test(test_device_space),
+        cmocka_unit_test(test_device_space_figures),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
