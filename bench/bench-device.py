@@ -36,11 +36,10 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from images import TiB, make_dense, timed
+from images import TiB, evict, make_dense, timed
 from qbmtest import LoopDevice, MiB, qemu_img_check, require_loop
 
 
@@ -53,38 +52,6 @@ def steps(img):
             ("dry-run", ["merge", "--dry-run", img, "t", "base"]),
             ("clear", ["clear", img, "t"]),
             ("remove", ["remove", img, "t"])]
-
-
-def resident_pages(path):
-    """Pages of `path` in the page cache (fincore), None without fincore."""
-    if not shutil.which("fincore"):
-        return None
-    p = subprocess.run(["fincore", "--raw", "--noheadings", "--output",
-                        "PAGES", path], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, check=True)
-    return int(p.stdout.split()[0])
-
-
-def evict(paths, tries=10):
-    """Write back and drop the cached pages of every path, again while
-    fincore still finds some (pages under writeback are not dropped), up
-    to `tries` times; the pages left, summed (0 expected), or None without
-    fincore."""
-    left = None
-    for path in paths:
-        for _ in range(tries):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            n = resident_pages(path)
-            if not n:
-                break
-        if n is not None:
-            left = (left or 0) + n
-    return left
 
 
 def loop_dio(dev):

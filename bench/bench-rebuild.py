@@ -29,18 +29,8 @@ import statistics
 import sys
 import time
 
-from images import parser, rss as peak_rss, run, work_dir
+from images import evict, parser, rss as peak_rss, run, work_dir
 from qbmtest import GiB, MiB, qemu_img_create, set_in_use
-
-
-def evict(paths):
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def write_scattered(img, size, total, rng):
