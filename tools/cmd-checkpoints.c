@@ -115,8 +115,7 @@ static int on_orphan(void *opaque, const char *target, const char *image,
     if (run->fmt == OUTPUT_JSON) {
         ob_puts(ob, run->norphans ? ", {\"target\": " : "{\"target\": ");
         ob_json_string(ob, target);
-        ob_puts(ob, ", \"image\": ");
-        ob_json_string(ob, image);
+        ob_json_field(ob, "image", image);
         ob_printf(ob, ", \"layer\": %zu, \"name\": ", layer);
         ob_json_string(ob, bitmap);
         ob_puts(ob, "}");
@@ -371,8 +370,7 @@ static void print_result(struct run *run, struct outbuf *ob,
                 } else {
                     ob_puts(ob, "null");
                 }
-                ob_puts(ob, ", \"bitmap\": ");
-                ob_json_string(ob, d->bitmap);
+                ob_json_field(ob, "bitmap", d->bitmap);
                 ob_printf(ob, ", \"state\": \"%s\", \"detail\": ",
                           state_names[d->state]);
                 ob_json_string(ob, d->detail);

@@ -77,8 +77,7 @@ static void snapshots_json(struct outbuf *ob, const struct qbm_image *img)
         }
         ob_puts(ob, i ? ", {\"id\": " : "{\"id\": ");
         ob_json_string(ob, sn.id);
-        ob_puts(ob, ", \"name\": ");
-        ob_json_string(ob, sn.name);
+        ob_json_field(ob, "name", sn.name);
         ob_printf(ob,
                   ", \"vm-state-size\": %" PRIu64 ", \"date-sec\": %" PRIu32
                   ", \"date-nsec\": %" PRIu32 ", \"vm-clock-sec\": %" PRIu64
@@ -118,20 +117,14 @@ static void encrypt_json(struct outbuf *ob, struct qbm_image *img)
     }
     ob_printf(ob, ", \"encrypt\": {\"format\": \"%s\"", e.format);
     if (strcmp(e.format, "luks") == 0) {
-        ob_puts(ob, ", \"cipher-alg\": ");
-        ob_json_string(ob, e.cipher_alg);
-        ob_puts(ob, ", \"cipher-mode\": ");
-        ob_json_string(ob, e.cipher_mode);
-        ob_puts(ob, ", \"ivgen-alg\": ");
-        ob_json_string(ob, e.ivgen_alg);
+        ob_json_field(ob, "cipher-alg", e.cipher_alg);
+        ob_json_field(ob, "cipher-mode", e.cipher_mode);
+        ob_json_field(ob, "ivgen-alg", e.ivgen_alg);
         if (e.ivgen_hash_alg[0]) {
-            ob_puts(ob, ", \"ivgen-hash-alg\": ");
-            ob_json_string(ob, e.ivgen_hash_alg);
+            ob_json_field(ob, "ivgen-hash-alg", e.ivgen_hash_alg);
         }
-        ob_puts(ob, ", \"hash-alg\": ");
-        ob_json_string(ob, e.hash_alg);
-        ob_puts(ob, ", \"uuid\": ");
-        ob_json_string(ob, e.uuid);
+        ob_json_field(ob, "hash-alg", e.hash_alg);
+        ob_json_field(ob, "uuid", e.uuid);
         ob_printf(ob,
                   ", \"payload-offset\": %" PRIu64
                   ", \"master-key-iters\": %" PRIu32 ", \"slots\": [",
@@ -198,8 +191,7 @@ static void format_specific_json(struct outbuf *ob, struct qbm_image *img)
     encrypt_json(ob, img);
     if (v3 && (incompat & QBM_INCOMPAT_DATA_FILE)) {
         if (qbm_image_data_file(img)) {
-            ob_puts(ob, ", \"data-file\": ");
-            ob_json_string(ob, qbm_image_data_file(img));
+            ob_json_field(ob, "data-file", qbm_image_data_file(img));
         }
         ob_puts(ob, ", ");
         json_bool(ob, "data-file-raw",
@@ -288,21 +280,18 @@ static void info_json(struct outbuf *ob, struct qbm_image *img,
     if (backing) {
         char *full = qbm_image_backing_path(img);
 
-        ob_puts(ob, ", \"backing-filename\": ");
-        ob_json_string(ob, backing);
+        ob_json_field(ob, "backing-filename", backing);
         if (full) {
-            ob_puts(ob, ", \"full-backing-filename\": ");
-            ob_json_string(ob, full);
+            ob_json_field(ob, "full-backing-filename", full);
             free(full);
         }
     }
     if (qbm_image_backing_format(img)) {
-        ob_puts(ob, ", \"backing-filename-format\": ");
-        ob_json_string(ob, qbm_image_backing_format(img));
+        ob_json_field(ob, "backing-filename-format",
+                      qbm_image_backing_format(img));
     }
     if (qbm_image_data_file(img)) {
-        ob_puts(ob, ", \"data-file\": ");
-        ob_json_string(ob, qbm_image_data_file(img));
+        ob_json_field(ob, "data-file", qbm_image_data_file(img));
     }
     snapshots_json(ob, img);
     format_specific_json(ob, img);

@@ -316,6 +316,14 @@ static void human_text(struct outbuf *ob, const char *s, bool lines)
     }
 }
 
+void ob_json_field(struct outbuf *ob, const char *key, const char *value)
+{
+    ob_puts(ob, ", \"");
+    ob_puts(ob, key);
+    ob_puts(ob, "\": ");
+    ob_json_string(ob, value);
+}
+
 void ob_human_string(struct outbuf *ob, const char *s)
 {
     human_text(ob, s, false);

@@ -35,6 +35,8 @@ void ob_extent(struct outbuf *ob, const char *pre, uint64_t a, const char *mid,
 /* A JSON string of s's bytes, as qemu-img writes them: what is not UTF-8
  * becomes U+FFFD. */
 void ob_json_string(struct outbuf *ob, const char *s);
+/* `, "key": ` then value as a JSON string (key: plain ASCII). */
+void ob_json_field(struct outbuf *ob, const char *key, const char *value);
 /* s for a terminal: control characters (C0, DEL, C1) and bytes that are
  * not UTF-8 as \xNN. */
 void ob_human_string(struct outbuf *ob, const char *s);
