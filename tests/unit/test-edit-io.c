@@ -87,16 +87,21 @@ static void test_dense_rewrite_batches(void **state)
     reads = c->reads;
     assert_int_equal(qbm_commit(img), 0);
     writes = c->writes;
-    printf("merge: %llu reads; commit: %llu reads, %llu writes, %llu "
-           "flushes\n",
+    printf("merge: %llu reads; commit: %llu reads, %llu writes (%llu "
+           "bytes), %llu flushes\n",
            (unsigned long long)reads, (unsigned long long)c->reads - reads,
-           (unsigned long long)writes, (unsigned long long)c->flushes);
+           (unsigned long long)writes, (unsigned long long)c->write_bytes,
+           (unsigned long long)c->flushes);
     /* b's table, then the data clusters in two reads (b's, then a's:
      * 128 KiB each, one window). */
     assert_true(reads <= 4);
     /* Data and table in one batch, the directory, refcount sectors, the
      * switch and the releases: a handful, whatever NCHUNKS is. */
     assert_true(writes <= 8);
+    /* Each data cluster once, and metadata of a few sectors: a batch
+     * written twice would double the first term. */
+    assert_true(c->write_bytes >= NCHUNKS * CS);
+    assert_true(c->write_bytes <= NCHUNKS * CS + 4 * CS);
     assert_int_equal(dirty(img, "a"), DISK - (NCHUNKS - 1) * GRAN);
     qbm_close(img);
     free(buf);
@@ -115,6 +120,8 @@ static void test_all_ones_batch(void **state)
     assert_int_equal(qbm_bitmap_set_dirty(img, "b", 0, DISK - 512), 0);
     assert_int_equal(qbm_commit(img), 0);
     assert_true(c->writes <= 8);
+    assert_true(c->write_bytes >= NCHUNKS * CS);
+    assert_true(c->write_bytes <= NCHUNKS * CS + 4 * CS);
     assert_int_equal(dirty(img, "b"), DISK);
     qbm_close(img);
     free(buf);

@@ -90,6 +90,7 @@ static int count_pwrite(struct qbm_io *io, const void *buf, size_t len,
                         uint64_t off)
 {
     counted(io)->writes++;
+    counted(io)->write_bytes += len;
     return qbm_io_pwrite(counted(io)->inner, buf, len, off);
 }
 
@@ -108,7 +109,12 @@ static int count_preadv(struct qbm_io *io, const struct iovec *iov, int n,
 static int count_pwritev(struct qbm_io *io, const struct iovec *iov, int n,
                          uint64_t off)
 {
+    int i;
+
     counted(io)->writes++;
+    for (i = 0; i < n; i++) {
+        counted(io)->write_bytes += iov[i].iov_len;
+    }
     return qbm_io_pwritev(counted(io)->inner, iov, n, off);
 }
 

@@ -47,14 +47,14 @@ void tl_assert_mem_holds(struct qbm_image *img, const void *want, size_t len);
 /*
  * A memory file that counts what goes through it: each read and each
  * write, vectored or not, is one call (a vectored one is one batch), and
- * `read_bytes` sums the bytes read. Flushes are counted too; size and
- * truncate pass through.
+ * `read_bytes` and `write_bytes` sum the bytes read and written. Flushes
+ * are counted too; size and truncate pass through.
  */
 struct tl_count_io {
     struct qbm_io io;
     struct qbm_io *inner;
     uint64_t reads, writes, flushes;
-    uint64_t read_bytes;
+    uint64_t read_bytes, write_bytes;
 };
 
 /*
