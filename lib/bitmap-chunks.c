@@ -14,6 +14,7 @@
 
 uint8_t qbm_chunk_ones[1];
 uint8_t qbm_chunk_ref[1];
+uint8_t qbm_chunk_or[1];
 
 /*
  * Chunk buffers come from arenas of anonymous memory, populated by the
@@ -317,6 +318,7 @@ void qbm_bmap_free(struct qbm_bmap *bm)
     }
     free(bm->owned);
     free(bm->refs);
+    free(bm->ors);
     free(bm->chunks);
     free(bm);
 }
@@ -353,11 +355,10 @@ int qbm_bmap_set_ref(struct qbm_bmap *bm, uint64_t idx, struct qbm_io *io,
     return 0;
 }
 
-/* Read referenced chunk idx into buf. */
-static int ref_read(const struct qbm_bmap *bm, uint64_t idx, uint8_t *buf)
+static int cluster_read(const struct qbm_chunk_ref *ref, uint8_t *buf,
+                        uint64_t len)
 {
-    const struct qbm_chunk_ref *ref = &bm->refs[idx];
-    int r = qbm_io_pread(ref->io, buf, bm->chunk_bytes, ref->offset);
+    int r = qbm_io_pread(ref->io, buf, len, ref->offset);
 
     if (r < 0) {
         return qbm_err_prefix(r, "bitmap data cluster at 0x%llx",
@@ -366,19 +367,55 @@ static int ref_read(const struct qbm_bmap *bm, uint64_t idx, uint8_t *buf)
     return 0;
 }
 
+static void or_into(uint8_t *dst, const uint8_t *src, uint64_t len)
+{
+    uint64_t i;
+
+    for (i = 0; i < len; i += 8) {
+        uint64_t a, b;
+
+        memcpy(&a, dst + i, 8);
+        memcpy(&b, src + i, 8);
+        a |= b;
+        memcpy(dst + i, &a, 8);
+    }
+}
+
+/* The bytes of referenced or pending-OR chunk idx into buf; tmp holds the
+ * second operand of a pending OR (NULL: one is allocated). */
+static int chunk_read(const struct qbm_bmap *bm, uint64_t idx, uint8_t *buf,
+                      uint8_t *tmp)
+{
+    uint8_t *own = NULL;
+    int r = cluster_read(&bm->refs[idx], buf, bm->chunk_bytes);
+
+    if (r < 0 || bm->chunks[idx] != QBM_CHUNK_OR) {
+        return r;
+    }
+    if (!tmp && !(tmp = own = qbm_malloc(bm->chunk_bytes))) {
+        return -ENOMEM;
+    }
+    r = cluster_read(&bm->ors[idx], tmp, bm->chunk_bytes);
+    if (r == 0) {
+        or_into(buf, tmp, bm->chunk_bytes);
+    }
+    free(own);
+    return r;
+}
+
 int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx)
 {
     uint8_t *c;
     int r;
 
-    if (bm->chunks[idx] != QBM_CHUNK_REF) {
+    if (bm->chunks[idx] != QBM_CHUNK_REF && bm->chunks[idx] != QBM_CHUNK_OR) {
         return 0;
     }
     c = chunk_alloc(bm);
     if (!c) {
         return -ENOMEM;
     }
-    r = ref_read(bm, idx, c);
+    r = chunk_read(bm, idx, c, NULL);
     if (r < 0) {
         chunk_give_back(bm, c);
         return r;
@@ -405,9 +442,13 @@ int qbm_bmap_get(const struct qbm_bmap *bm, uint64_t bit)
         return 1;
     }
     bit %= bpc;
-    if (c == QBM_CHUNK_REF) {
+    if (c == QBM_CHUNK_REF || c == QBM_CHUNK_OR) {
         r = qbm_io_pread(bm->refs[idx].io, &byte, 1,
                          bm->refs[idx].offset + bit / 8);
+        if (r == 0 && c == QBM_CHUNK_OR && !((byte >> (bit % 8)) & 1)) {
+            r = qbm_io_pread(bm->ors[idx].io, &byte, 1,
+                             bm->ors[idx].offset + bit / 8);
+        }
         if (r < 0) {
             return r;
         }
@@ -509,7 +550,6 @@ static bool is_subset(const uint8_t *a, const uint8_t *b, uint64_t len)
 int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
 {
     uint8_t *c;
-    uint64_t i;
     int r;
 
     if (!data || idx >= bm->nchunks || bm->chunks[idx] == QBM_CHUNK_ONES) {
@@ -532,6 +572,10 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
             return 0;
         }
     }
+    r = qbm_bmap_load_chunk(bm, idx); /* a pending OR */
+    if (r < 0) {
+        return r;
+    }
     c = bm->chunks[idx];
     if (!c) {
         /* Keep only chunks with a set bit: memory follows dirty data. */
@@ -546,81 +590,155 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
         bm->chunks[idx] = c;
         return 0;
     }
-    for (i = 0; i < bm->chunk_bytes; i += 8) {
-        uint64_t a, b;
-
-        memcpy(&a, c + i, 8);
-        memcpy(&b, data + i, 8);
-        a |= b;
-        memcpy(c + i, &a, 8);
-    }
+    or_into(c, data, bm->chunk_bytes);
     return 0;
 }
 
-int qbm_bmap_or_chunks(struct qbm_bmap *bm, const uint64_t *idx,
-                       const uint8_t *const *data, size_t n)
+/* Whether chunk k of a batch is a reference that data[k] may change. */
+static bool ref_to_check(const struct qbm_bmap *bm, const uint64_t *idx,
+                         const uint8_t *const *data, size_t k)
 {
+    return idx[k] < bm->nchunks && bm->chunks[idx[k]] == QBM_CHUNK_REF &&
+           data[k] && data[k] != QBM_CHUNK_ONES;
+}
+
+/* Read the clusters of references refs[0..m) into bufs, runs of one io's
+ * consecutive clusters at once. */
+static int refs_read(const struct qbm_bmap *bm,
+                     const struct qbm_chunk_ref *refs, uint64_t *offs,
+                     uint8_t *const *bufs, size_t m)
+{
+    size_t k, j;
+    int r = 0;
+
+    for (k = 0; k < m; k++) {
+        offs[k] = refs[k].offset;
+    }
+    for (k = 0; k < m && r == 0; k = j) {
+        for (j = k + 1; j < m && refs[j].io == refs[k].io; j++) {
+        }
+        r = qbm_io_read_pieces(refs[k].io, offs + k, bufs + k, j - k,
+                               bm->chunk_bytes);
+        if (r < 0) {
+            r = qbm_err_prefix(r, "bitmap data clusters");
+        }
+    }
+    return r;
+}
+
+int qbm_bmap_or_chunks(struct qbm_bmap *bm, const uint64_t *idx,
+                       const uint8_t *const *data, size_t n,
+                       struct qbm_io *src_io, const uint64_t *src_offs,
+                       uint8_t *const *scratch)
+{
+    struct qbm_chunk_ref *refs = NULL;
     uint64_t *offs = NULL;
     uint8_t **bufs = NULL;
     size_t *which = NULL, m = 0, k, j;
     int r = 0;
 
     /* The referenced chunks that data may change: their clusters are read
-     * into new buffers, runs of one io's consecutive clusters at once. */
+     * (into scratch, or into new chunk buffers without a source to refer
+     * to) to see whether data adds a bit. */
     for (k = 0; k < n; k++) {
-        if (idx[k] < bm->nchunks && bm->chunks[idx[k]] == QBM_CHUNK_REF &&
-            data[k] && data[k] != QBM_CHUNK_ONES) {
-            m++;
-        }
+        m += ref_to_check(bm, idx, data, k);
     }
     if (m) {
+        refs = qbm_malloc(m * sizeof(*refs));
         offs = qbm_malloc(m * sizeof(*offs));
         bufs = qbm_calloc(m, sizeof(*bufs));
         which = qbm_malloc(m * sizeof(*which));
-        if (!offs || !bufs || !which) {
-            free(offs);
-            free(bufs);
-            free(which);
-            return -ENOMEM;
+        if (!refs || !offs || !bufs || !which) {
+            r = -ENOMEM;
+            goto out;
+        }
+        if (src_io && !bm->ors) {
+            bm->ors = qbm_calloc(bm->nchunks, sizeof(*bm->ors));
+            if (!bm->ors) {
+                r = -ENOMEM;
+                goto out;
+            }
         }
     }
     for (k = 0, m = 0; k < n && r == 0; k++) {
-        if (idx[k] < bm->nchunks && bm->chunks[idx[k]] == QBM_CHUNK_REF &&
-            data[k] && data[k] != QBM_CHUNK_ONES) {
-            bufs[m] = chunk_alloc(bm);
+        if (ref_to_check(bm, idx, data, k)) {
+            bufs[m] = src_io ? scratch[k] : chunk_alloc(bm);
             r = bufs[m] ? 0 : -ENOMEM;
-            offs[m] = bm->refs[idx[k]].offset;
+            refs[m] = bm->refs[idx[k]];
             which[m++] = k;
         }
     }
-    for (k = 0; k < m && r == 0; k = j) {
-        struct qbm_io *io = bm->refs[idx[which[k]]].io;
-
-        for (j = k + 1; j < m && bm->refs[idx[which[j]]].io == io; j++) {
-        }
-        r = qbm_io_read_pieces(io, offs + k, bufs + k, j - k, bm->chunk_bytes);
-        if (r < 0) {
-            r = qbm_err_prefix(r, "bitmap data clusters");
-        }
-    }
+    r = r ? r : refs_read(bm, refs, offs, bufs, m);
     for (k = 0; k < m; k++) {
+        uint64_t i = idx[which[k]];
+
         if (r == 0 && !is_subset(data[which[k]], bufs[k], bm->chunk_bytes)) {
-            bm->chunks[idx[which[k]]] = bufs[k]; /* ORed below */
-        } else if (bufs[k]) {
+            if (src_io) {
+                /* The OR is computed when needed: by the commit, which
+                 * writes it without keeping it. */
+                bm->ors[i].io = src_io;
+                bm->ors[i].offset = src_offs[which[k]];
+                bm->chunks[i] = QBM_CHUNK_OR;
+            } else {
+                bm->chunks[i] = bufs[k]; /* ORed below */
+            }
+        } else if (bufs[k] && !src_io) {
             /* data adds no bit: the reference stays (see or_chunk). */
             chunk_give_back(bm, bufs[k]);
         }
     }
+    for (k = 0, j = 0; k < n && r == 0; k++) {
+        if (j < m && which[j] == k) {
+            /* Checked above: kept, a pending OR, or loaded to OR now. */
+            j++;
+            if (bm->chunks[idx[k]] == QBM_CHUNK_REF ||
+                bm->chunks[idx[k]] == QBM_CHUNK_OR) {
+                continue;
+            }
+        }
+        r = qbm_bmap_or_chunk(bm, idx[k], data[k]);
+    }
+out:
+    free(refs);
     free(offs);
     free(bufs);
     free(which);
+    return r;
+}
+
+int qbm_bmap_read_chunks(const struct qbm_bmap *bm, const uint64_t *idx,
+                         uint8_t *const *bufs, uint8_t *const *tmps, size_t n)
+{
+    struct qbm_chunk_ref *refs;
+    uint64_t *offs;
+    uint8_t **ptrs;
+    size_t k, m = 0;
+    int r;
+
+    refs = qbm_malloc(2 * n * sizeof(*refs));
+    offs = qbm_malloc(2 * n * sizeof(*offs));
+    ptrs = qbm_malloc(2 * n * sizeof(*ptrs));
+    r = refs && offs && ptrs ? 0 : -ENOMEM;
+    /* First operands into bufs, second ones of pending ORs into tmps. */
     for (k = 0; k < n && r == 0; k++) {
-        if (idx[k] < bm->nchunks && bm->chunks[idx[k]] != QBM_CHUNK_REF) {
-            r = qbm_bmap_or_chunk(bm, idx[k], data[k]);
-        } else if (data[k] == QBM_CHUNK_ONES) {
-            r = qbm_bmap_or_chunk(bm, idx[k], data[k]);
+        refs[m] = bm->refs[idx[k]];
+        ptrs[m++] = bufs[k];
+    }
+    for (k = 0; k < n && r == 0; k++) {
+        if (bm->chunks[idx[k]] == QBM_CHUNK_OR) {
+            refs[m] = bm->ors[idx[k]];
+            ptrs[m++] = tmps[k];
         }
     }
+    r = r ? r : refs_read(bm, refs, offs, ptrs, m);
+    for (k = 0; k < n && r == 0; k++) {
+        if (bm->chunks[idx[k]] == QBM_CHUNK_OR) {
+            or_into(bufs[k], tmps[k], bm->chunk_bytes);
+        }
+    }
+    free(refs);
+    free(offs);
+    free(ptrs);
     return r;
 }
 
@@ -653,12 +771,13 @@ static int walk_chunks(const struct qbm_bmap *bm, uint64_t first, uint64_t end,
     for (i = first; i < end && r == 0; i++) {
         const uint8_t *c = bm->chunks[i];
 
-        if (c == QBM_CHUNK_REF) {
-            if (!tmp && !(tmp = qbm_malloc(bm->chunk_bytes))) {
+        if (c == QBM_CHUNK_REF || c == QBM_CHUNK_OR) {
+            /* Two chunks of scratch: a pending OR's operands. */
+            if (!tmp && !(tmp = qbm_malloc(2 * bm->chunk_bytes))) {
                 r = -ENOMEM;
                 break;
             }
-            r = ref_read(bm, i, tmp);
+            r = chunk_read(bm, i, tmp, tmp + bm->chunk_bytes);
             c = tmp;
         }
         if (r == 0) {

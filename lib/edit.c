@@ -411,6 +411,20 @@ static int merge_chunk(void *opaque, uint64_t idx, const uint8_t *data)
     return qbm_extent_state_chunk(&m->st, idx, data);
 }
 
+/* Read clusters offs[0..n) of src into bufs and OR them into chunks
+ * idx[0..n) of dst (see qbm_bmap_or_chunks). */
+static int or_window(struct qbm_image *src, struct qbm_bmap *dst,
+                     struct qbm_io *src_io, const uint64_t *idx,
+                     const uint64_t *offs, uint8_t *const *bufs,
+                     uint8_t *const *tbufs, size_t n)
+{
+    int r = qcow2_bitmap_read_clusters(src, offs, bufs, n);
+
+    return r ? r
+             : qbm_bmap_or_chunks(dst, idx, (const uint8_t *const *)bufs, n,
+                                  src_io, offs, tbufs);
+}
+
 /*
  * Same granularity and cluster size: an empty target chunk becomes a
  * reference to the source's data cluster (shared with it at commit when
@@ -423,8 +437,8 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
 {
     struct qbm_io *src_io = img->io;
     uint64_t cs = src->cluster_size, win, i, *idx = NULL, *offs = NULL;
-    uint8_t *buf = NULL, **bufs = NULL;
-    size_t n = 0;
+    uint8_t *buf = NULL, **bufs = NULL, *tbuf = NULL, **tbufs = NULL;
+    size_t n = 0, k;
     int r = 0;
 
     if (src != img) {
@@ -441,7 +455,8 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
     }
     r = r ? r : qcow2_bitmap_table_load(src, sbm);
     /* The clusters to OR are read a window at a time, as are the target's
-     * referenced clusters they change (qbm_bmap_or_chunks). */
+     * referenced clusters they may change (qbm_bmap_or_chunks: into tbuf;
+     * those that change become pending ORs of the two clusters). */
     win = cs >= QBM_READ_WINDOW ? 1 : QBM_READ_WINDOW / cs;
     for (i = 0; r == 0 && i < dst->nchunks && i < sbm->table_size; i++) {
         uint64_t e = sbm->table[i], off = e & BME_TABLE_OFFSET_MASK;
@@ -453,9 +468,11 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
             continue;
         }
         if (c == QBM_CHUNK_ONES ||
-            (c == QBM_CHUNK_REF && dst->refs[i].io == src->io &&
-             dst->refs[i].offset == off)) {
-            continue; /* already all ones, or the very same cluster */
+            ((c == QBM_CHUNK_REF || c == QBM_CHUNK_OR) &&
+             dst->refs[i].io == src->io && dst->refs[i].offset == off) ||
+            (c == QBM_CHUNK_OR && dst->ors[i].io == src_io &&
+             dst->ors[i].offset == off)) {
+            continue; /* already all ones, or holds the very same cluster */
         }
         if (!c && src_io) {
             r = qbm_bmap_set_ref(dst, i, src_io, off);
@@ -463,31 +480,36 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
         }
         if (!buf) {
             buf = qbm_window_alloc(win * cs);
+            tbuf = qbm_window_alloc(win * cs);
             idx = qbm_malloc(win * sizeof(*idx));
             offs = qbm_malloc(win * sizeof(*offs));
             bufs = qbm_malloc(win * sizeof(*bufs));
-            if (!buf || !idx || !offs || !bufs) {
+            tbufs = qbm_malloc(win * sizeof(*tbufs));
+            if (!buf || !tbuf || !idx || !offs || !bufs || !tbufs) {
                 r = -ENOMEM;
                 break;
+            }
+            for (k = 0; k < win; k++) {
+                bufs[k] = buf + k * cs;
+                tbufs[k] = tbuf + k * cs;
             }
         }
         idx[n] = i;
         offs[n] = off;
-        bufs[n] = buf + n * cs;
         if (++n == win) {
-            r = qcow2_bitmap_read_clusters(src, offs, bufs, n);
-            r = r ? r : qbm_bmap_or_chunks(dst, idx, (const uint8_t **)bufs, n);
+            r = or_window(src, dst, src_io, idx, offs, bufs, tbufs, n);
             n = 0;
         }
     }
     if (r == 0 && n) {
-        r = qcow2_bitmap_read_clusters(src, offs, bufs, n);
-        r = r ? r : qbm_bmap_or_chunks(dst, idx, (const uint8_t **)bufs, n);
+        r = or_window(src, dst, src_io, idx, offs, bufs, tbufs, n);
     }
     qbm_window_free(buf, buf ? win * cs : 0);
+    qbm_window_free(tbuf, tbuf ? win * cs : 0);
     free(idx);
     free(offs);
     free(bufs);
+    free(tbufs);
     return r;
 }
 
@@ -740,6 +762,11 @@ struct batch {
     uint64_t off, len;        /* the pending write */
     struct qbm_io *src;       /* the pending copy: from src */
     uint64_t src_off, to, cp; /* ... at src_off, to `to`, cp bytes */
+    /* Pending ORs, computed a window at a time: chunks ors[0..nor) of the
+     * bitmap being written are in orbuf, ors[pos] is the next. */
+    uint8_t *orbuf, *ortmp, **orbufs, **ortmps;
+    uint64_t *ors;
+    size_t win, nor, pos, orbytes;
 };
 
 static int batch_flush(struct batch *b)
@@ -795,6 +822,48 @@ static int batch_copy(struct batch *b, struct qbm_io *src, uint64_t src_off,
     return r;
 }
 
+/* Compute the next window of pending ORs of d, from chunk i on: the
+ * buffers are written out first, as the batch may still point into them. */
+static int or_fill(struct batch *b, const struct qbm_bmap *d, uint64_t i)
+{
+    size_t k, cs = d->chunk_bytes;
+    int r = batch_flush(b);
+
+    if (r == 0 && !b->orbuf) {
+        b->win = cs >= QBM_READ_WINDOW ? 1 : QBM_READ_WINDOW / cs;
+        b->orbytes = b->win * cs;
+        b->orbuf = qbm_window_alloc(b->win * cs);
+        b->ortmp = qbm_window_alloc(b->win * cs);
+        b->orbufs = qbm_malloc(b->win * sizeof(*b->orbufs));
+        b->ortmps = qbm_malloc(b->win * sizeof(*b->ortmps));
+        b->ors = qbm_malloc(b->win * sizeof(*b->ors));
+        if (!b->orbuf || !b->ortmp || !b->orbufs || !b->ortmps || !b->ors) {
+            return -ENOMEM;
+        }
+        for (k = 0; k < b->win; k++) {
+            b->orbufs[k] = b->orbuf + k * cs;
+            b->ortmps[k] = b->ortmp + k * cs;
+        }
+    }
+    for (b->nor = 0, b->pos = 0; r == 0 && i < d->nchunks && b->nor < b->win;
+         i++) {
+        if (d->chunks[i] == QBM_CHUNK_OR) {
+            b->ors[b->nor++] = i;
+        }
+    }
+    return r ? r
+             : qbm_bmap_read_chunks(d, b->ors, b->orbufs, b->ortmps, b->nor);
+}
+
+static void or_free(struct batch *b)
+{
+    qbm_window_free(b->orbuf, b->orbytes);
+    qbm_window_free(b->ortmp, b->orbytes);
+    free(b->orbufs);
+    free(b->ortmps);
+    free(b->ors);
+}
+
 /* Write the data clusters and the table plan_bitmap placed; `ones` holds
  * a cluster of set bits. Every buffer stays valid until the batch is
  * flushed. */
@@ -806,6 +875,7 @@ static int write_bitmap(struct qbm_image *img, struct batch *b,
     uint64_t cs = img->cluster_size, bpc = cs * 8, i;
     int r = 0;
 
+    b->nor = b->pos = 0; /* windows of pending ORs are per bitmap */
     for (i = 0; i < d->nchunks && r == 0; i++) {
         const uint8_t *c = d->chunks[i];
         uint64_t off = be64_load(nt->tbl + i * 8);
@@ -821,6 +891,20 @@ static int write_bitmap(struct qbm_image *img, struct batch *b,
                 r = batch_copy(b, ref->io, ref->offset, cs, off);
             }
             continue;
+        }
+        if (c == QBM_CHUNK_OR) {
+            if (b->pos == b->nor) {
+                r = or_fill(b, d, i);
+                if (r < 0) {
+                    break;
+                }
+            }
+            if (b->pos == b->nor || b->ors[b->pos] != i) {
+                r = qbm_err(EIO, "internal: pending OR %llu out of order",
+                            (unsigned long long)i);
+                break;
+            }
+            c = b->orbufs[b->pos++];
         }
         if (c == QBM_CHUNK_ONES) {
             /* QEMU never writes the all-ones table entry: write the bits,
@@ -956,6 +1040,9 @@ static int commit_run(struct qbm_image *img, enum commit_mode mode,
               : batch_write(b, buf, div_round_up(dir_size, 512) * 512, dir_off);
     }
     r = r ? r : batch_flush(b);
+    if (b) {
+        or_free(b);
+    }
     free(b);
     free(ones);
     free(buf);

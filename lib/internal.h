@@ -663,6 +663,12 @@ void qcow2_writer_free(struct qcow2_writer *w);
  * refs[i].io", read only when its bits are needed. References let a chunk
  * that is never modified go back to disk without passing through memory:
  * shared with the cluster it came from (same image) or copied file to file.
+ * A merge that changes a referenced chunk leaves a pending OR
+ * (QBM_CHUNK_OR): "the OR of refs[i] and ors[i]", computed where it is
+ * needed: a commit reads both a window at a time and writes the result, so
+ * a rewrite of a dense bitmap holds no copy of it (no fresh memory to
+ * clear, none for the host of a virtual machine to fault in); any other
+ * change loads it into a buffer first.
  * Bit k lives in chunk k / (8 * chunk_bytes), byte (k / 8) % chunk_bytes,
  * value 1 << (k % 8): the on-disk order, so chunks are written out
  * unchanged.
@@ -684,6 +690,7 @@ struct qbm_bmap {
     uint64_t nchunks;
     uint8_t **chunks;
     struct qbm_chunk_ref *refs; /* per chunk; allocated with the first */
+    struct qbm_chunk_ref *ors;  /* second operands of pending ORs, the same */
     uint8_t *spare;        /* arena buffers to hand out again, a list linked
                             * through their first bytes */
     struct qbm_io **owned; /* ios closed with the bitmap */
@@ -691,8 +698,10 @@ struct qbm_bmap {
 };
 extern uint8_t qbm_chunk_ones[];
 extern uint8_t qbm_chunk_ref[];
+extern uint8_t qbm_chunk_or[];
 #define QBM_CHUNK_ONES (qbm_chunk_ones)
 #define QBM_CHUNK_REF (qbm_chunk_ref)
+#define QBM_CHUNK_OR (qbm_chunk_or)
 
 int qbm_bmap_new(uint64_t disk_size, uint64_t granularity, uint64_t chunk_bytes,
                  struct qbm_bmap **ret);
@@ -707,7 +716,8 @@ int qbm_bmap_set_ref(struct qbm_bmap *bm, uint64_t idx, struct qbm_io *io,
                      uint64_t offset);
 /* The bitmap closes `io` when it is freed (also when this fails). */
 int qbm_bmap_adopt_io(struct qbm_bmap *bm, struct qbm_io *io);
-/* Read a referenced chunk into memory (no-op for other chunks). */
+/* Read a referenced chunk or a pending OR into memory (no-op for other
+ * chunks). */
 int qbm_bmap_load_chunk(struct qbm_bmap *bm, uint64_t idx);
 /* OR a chunk in on-disk form (NULL, QBM_CHUNK_ONES or bytes) into chunk
  * idx of a bitmap of the same granularity and chunk size. */
@@ -715,11 +725,24 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data);
 /* Memory for a window of clusters read at once (NULL: ENOMEM recorded). */
 uint8_t *qbm_window_alloc(size_t bytes);
 void qbm_window_free(uint8_t *p, size_t bytes);
-/* qbm_bmap_or_chunk for chunks idx[0..n) with data[0..n); the referenced
+/*
+ * qbm_bmap_or_chunk for chunks idx[0..n) with data[0..n); the referenced
  * chunks among them are read in batches (consecutive clusters of one io in
- * one vectored read). */
+ * one vectored read). With src_io, data[k] are the bytes of cluster
+ * src_offs[k] of src_io (which must stay open as long as the bitmap): a
+ * referenced chunk they change is read into scratch[k] (one chunk each)
+ * and becomes a pending OR, not a buffer. Without, src_offs and scratch
+ * are not used.
+ */
 int qbm_bmap_or_chunks(struct qbm_bmap *bm, const uint64_t *idx,
-                       const uint8_t *const *data, size_t n);
+                       const uint8_t *const *data, size_t n,
+                       struct qbm_io *src_io, const uint64_t *src_offs,
+                       uint8_t *const *scratch);
+/* The bytes of chunks idx[0..n), each a reference or a pending OR, into
+ * bufs[0..n) (tmps: scratch for the second operands, one chunk each), in
+ * runs of consecutive clusters of one io. */
+int qbm_bmap_read_chunks(const struct qbm_bmap *bm, const uint64_t *idx,
+                         uint8_t *const *bufs, uint8_t *const *tmps, size_t n);
 /* Install a new zeroed buffer as chunk idx (which must be empty). */
 uint8_t *qbm_bmap_new_chunk(struct qbm_bmap *bm, uint64_t idx);
 /* Walk dirty guest extents (merged, clipped to disk_size). */

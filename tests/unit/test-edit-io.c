@@ -107,6 +107,96 @@ static void test_dense_rewrite_batches(void **state)
     free(buf);
 }
 
+static int sum_extents(void *opaque, uint64_t offset, uint64_t length)
+{
+    *(uint64_t *)opaque += length;
+    return 0;
+}
+
+/* The staged data of bitmap `name`. */
+static struct qbm_bmap *staged(struct qbm_image *img, const char *name)
+{
+    uint32_t i;
+
+    for (i = 0; i < img->nb_bitmaps; i++) {
+        if (!strcmp(img->bitmaps[i].name, name)) {
+            return img->bitmaps[i].data;
+        }
+    }
+    return NULL;
+}
+
+/*
+ * A merge that changes referenced chunks leaves pending ORs: no chunk
+ * memory is taken (the commit computes each OR a window at a time and
+ * writes it). Before the commit they read as the OR (dirty bytes, extents
+ * of a range); a partial edit loads one of them, a second merge of another
+ * bitmap loads the rest; the commit writes them all.
+ */
+static void test_pending_or(void **state)
+{
+    struct qbm_image *img;
+    struct qbm_bmap *d;
+    size_t len, clen, ia;
+    uint8_t *buf = dense_pair(&len), *withc;
+    uint64_t i, got = 0, merged = DISK - (NCHUNKS - 1) * GRAN;
+
+    /* A third bitmap c: the bit of each chunk that neither a nor b has. */
+    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_add(img, "c", GRAN, 0), 0);
+    for (i = 0; i + 1 < NCHUNKS; i++) {
+        assert_int_equal(qbm_bitmap_set_dirty(img, "c",
+                                              (i + 1) * CHUNK_SPAN - GRAN,
+                                              GRAN),
+                         0);
+    }
+    assert_int_equal(qbm_commit(img), 0);
+    withc = tl_mem_copy(img, &clen);
+    qbm_close(img);
+
+    img = qbm_open_memory(withc, clen, "mem", QBM_OPEN_RDWR);
+    assert_non_null(img);
+    assert_int_equal(qbm_bitmap_merge(img, "a", img, "b"), 0);
+    d = staged(img, "a");
+    assert_non_null(d);
+    for (i = 0; i < NCHUNKS; i++) {
+        assert_ptr_equal(d->chunks[i], QBM_CHUNK_OR);
+    }
+    assert_null(d->arenas);
+    assert_int_equal(dirty(img, "a"), merged);
+    ia = (size_t)qbm_bitmap_find(img, "a");
+    assert_int_equal(qbm_bitmap_extents_range(img, ia, 2 * CHUNK_SPAN,
+                                              CHUNK_SPAN, sum_extents,
+                                              &got),
+                     0);
+    assert_int_equal(got, CHUNK_SPAN - GRAN);
+    /* The same merge again changes nothing. */
+    assert_int_equal(qbm_bitmap_merge(img, "a", img, "b"), 0);
+    assert_ptr_equal(d->chunks[5], QBM_CHUNK_OR);
+    /* A partial edit loads the chunk it touches. */
+    assert_int_equal(
+        qbm_bitmap_set_dirty(img, "a", 4 * CHUNK_SPAN - GRAN, GRAN), 0);
+    assert_true(d->chunks[3] != QBM_CHUNK_OR && d->chunks[3] != NULL);
+    assert_ptr_equal(d->chunks[4], QBM_CHUNK_OR);
+    assert_int_equal(dirty(img, "a"), merged + GRAN);
+    /* c fills the last bit of every chunk: a is then all dirty. */
+    assert_int_equal(qbm_bitmap_merge(img, "a", img, "c"), 0);
+    assert_int_equal(dirty(img, "a"), DISK);
+    assert_int_equal(qbm_commit(img), 0);
+    assert_int_equal(dirty(img, "a"), DISK);
+    qbm_close(img);
+    free(withc);
+
+    /* Committed straight away: the ORs as they were computed. */
+    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
+    assert_int_equal(qbm_bitmap_merge(img, "a", img, "b"), 0);
+    assert_int_equal(qbm_commit(img), 0);
+    assert_int_equal(dirty(img, "a"), merged);
+    qbm_close(img);
+    free(buf);
+}
+
 /* A rewrite of a bitmap whose chunks are all ones writes them as bits,
  * the last one only up to the end of the disk, in the same batch. */
 static void test_all_ones_batch(void **state)
@@ -202,6 +292,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dense_rewrite_batches),
         cmocka_unit_test(test_all_ones_batch),
+        cmocka_unit_test(test_pending_or),
         cmocka_unit_test(test_fault_cuts_batch),
         cmocka_unit_test(test_fallback_loop),
     };
