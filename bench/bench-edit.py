@@ -100,11 +100,15 @@ def bench_case(qbm, name, a, b, other, reps, alt, base=None):
                     time.perf_counter() - t)
     if os.path.exists(a + ".copy"):
         os.unlink(a + ".copy")
-    # Peak RSS of the heaviest step, the merge of 'base'.
+    # Peak RSS of the merge of 'base' and, on the dense image, of merge alt
+    # (which rewrites every data cluster).
     run([qbm, "add", a, "t"])
     run(["qemu-img", "bitmap", "--add", b, "t"])
     r_q = rss([qbm, "merge", a, "t", "base"])
     r_i = rss(["qemu-img", "bitmap", "--merge", "base", b, "t"])
+    if alt:
+        r_qa = rss([qbm, "merge", a, "t", "alt"])
+        r_ia = rss(["qemu-img", "bitmap", "--merge", "alt", b, "t"])
     run([qbm, "remove", a, "t"])
     run(["qemu-img", "bitmap", "--remove", b, "t"])
     for tool, exe, img in tools:
@@ -137,6 +141,9 @@ def bench_case(qbm, name, a, b, other, reps, alt, base=None):
               "alt / limit = %.2fx (target <= 2x): %s" % (
                   mib, lim, over, "PASS" if over <= 2 else "FAIL"))
     print("peak RSS of merge: qbm %.1f MiB, qemu-img %.1f MiB" % (r_q, r_i))
+    if alt:
+        print("peak RSS of merge alt: qbm %.1f MiB, qemu-img %.1f MiB" % (
+            r_qa, r_ia))
     return worst, max(statistics.median(times[(op, "qbm")])
                       for op, _ in ops("qbm", a, other, alt)), slower, over
 
