@@ -595,11 +595,15 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
 }
 
 /* Whether chunk k of a batch is a reference that data[k] may change. */
-static bool ref_to_check(const struct qbm_bmap *bm, const uint64_t *idx,
-                         const uint8_t *const *data, size_t k)
+/* Whether chunk k of a batch is on disk (a reference or a pending OR) and
+ * data[k] may change it. */
+static bool to_check(const struct qbm_bmap *bm, const uint64_t *idx,
+                     const uint8_t *const *data, size_t k)
 {
-    return idx[k] < bm->nchunks && bm->chunks[idx[k]] == QBM_CHUNK_REF &&
-           data[k] && data[k] != QBM_CHUNK_ONES;
+    const uint8_t *c = idx[k] < bm->nchunks ? bm->chunks[idx[k]] : NULL;
+
+    return (c == QBM_CHUNK_REF || c == QBM_CHUNK_OR) && data[k] &&
+           data[k] != QBM_CHUNK_ONES;
 }
 
 /* Read the clusters of references refs[0..m) into bufs, runs of one io's
@@ -631,24 +635,27 @@ int qbm_bmap_or_chunks(struct qbm_bmap *bm, const uint64_t *idx,
                        struct qbm_io *src_io, const uint64_t *src_offs,
                        uint8_t *const *scratch)
 {
-    struct qbm_chunk_ref *refs = NULL;
-    uint64_t *offs = NULL;
-    uint8_t **bufs = NULL;
-    size_t *which = NULL, m = 0, k, j;
+    uint64_t *cidx = NULL, cs = bm->chunk_bytes;
+    uint8_t **bufs = NULL, **tmps = NULL, *tmp = NULL;
+    size_t *which = NULL, m = 0, nor = 0, k, j;
     int r = 0;
 
-    /* The referenced chunks that data may change: their clusters are read
-     * (into scratch, or into new chunk buffers without a source to refer
-     * to) to see whether data adds a bit. */
+    /* The chunks on disk that data may change are read (into scratch, or
+     * into new chunk buffers without a source to refer to) to see whether
+     * data adds a bit. */
     for (k = 0; k < n; k++) {
-        m += ref_to_check(bm, idx, data, k);
+        if (to_check(bm, idx, data, k)) {
+            m++;
+            nor += bm->chunks[idx[k]] == QBM_CHUNK_OR;
+        }
     }
     if (m) {
-        refs = qbm_malloc(m * sizeof(*refs));
-        offs = qbm_malloc(m * sizeof(*offs));
+        cidx = qbm_malloc(m * sizeof(*cidx));
         bufs = qbm_calloc(m, sizeof(*bufs));
+        tmps = qbm_calloc(m, sizeof(*tmps));
         which = qbm_malloc(m * sizeof(*which));
-        if (!refs || !offs || !bufs || !which) {
+        tmp = nor ? qbm_malloc(nor * cs) : NULL;
+        if (!cidx || !bufs || !tmps || !which || (nor && !tmp)) {
             r = -ENOMEM;
             goto out;
         }
@@ -660,31 +667,44 @@ int qbm_bmap_or_chunks(struct qbm_bmap *bm, const uint64_t *idx,
             }
         }
     }
-    for (k = 0, m = 0; k < n && r == 0; k++) {
-        if (ref_to_check(bm, idx, data, k)) {
+    for (k = 0, m = 0, nor = 0; k < n && r == 0; k++) {
+        if (to_check(bm, idx, data, k)) {
             bufs[m] = src_io ? scratch[k] : chunk_alloc(bm);
             r = bufs[m] ? 0 : -ENOMEM;
-            refs[m] = bm->refs[idx[k]];
+            if (bm->chunks[idx[k]] == QBM_CHUNK_OR) {
+                tmps[m] = tmp + nor++ * cs;
+            }
+            cidx[m] = idx[k];
             which[m++] = k;
         }
     }
-    r = r ? r : refs_read(bm, refs, offs, bufs, m);
+    r = r ? r : qbm_bmap_read_chunks(bm, cidx, bufs, tmps, m);
     for (k = 0; k < m; k++) {
-        uint64_t i = idx[which[k]];
+        uint64_t i = cidx[k];
+        uint8_t *c;
 
-        if (r == 0 && !is_subset(data[which[k]], bufs[k], bm->chunk_bytes)) {
-            if (src_io) {
-                /* The OR is computed when needed: by the commit, which
-                 * writes it without keeping it. */
-                bm->ors[i].io = src_io;
-                bm->ors[i].offset = src_offs[which[k]];
-                bm->chunks[i] = QBM_CHUNK_OR;
-            } else {
-                bm->chunks[i] = bufs[k]; /* ORed below */
+        if (r < 0 || is_subset(data[which[k]], bufs[k], cs)) {
+            /* data adds no bit: the chunk stays on disk (see or_chunk). */
+            if (!src_io && bufs[k]) {
+                chunk_give_back(bm, bufs[k]);
             }
-        } else if (bufs[k] && !src_io) {
-            /* data adds no bit: the reference stays (see or_chunk). */
-            chunk_give_back(bm, bufs[k]);
+        } else if (src_io && bm->chunks[i] == QBM_CHUNK_REF) {
+            /* The OR is computed when needed: by the commit, which writes
+             * it without keeping it. */
+            bm->ors[i].io = src_io;
+            bm->ors[i].offset = src_offs[which[k]];
+            bm->chunks[i] = QBM_CHUNK_OR;
+        } else if (!src_io) {
+            bm->chunks[i] = bufs[k]; /* ORed below */
+        } else {
+            /* A pending OR that data changes: loaded, ORed below. */
+            c = chunk_alloc(bm);
+            if (!c) {
+                r = -ENOMEM;
+                continue;
+            }
+            memcpy(c, bufs[k], cs);
+            bm->chunks[i] = c;
         }
     }
     for (k = 0, j = 0; k < n && r == 0; k++) {
@@ -699,10 +719,11 @@ int qbm_bmap_or_chunks(struct qbm_bmap *bm, const uint64_t *idx,
         r = qbm_bmap_or_chunk(bm, idx[k], data[k]);
     }
 out:
-    free(refs);
-    free(offs);
+    free(cidx);
     free(bufs);
+    free(tmps);
     free(which);
+    free(tmp);
     return r;
 }
 

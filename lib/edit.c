@@ -7,6 +7,7 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 
 #include "internal.h"
 
@@ -411,6 +412,22 @@ static int merge_chunk(void *opaque, uint64_t idx, const uint8_t *data)
     return qbm_extent_state_chunk(&m->st, idx, data);
 }
 
+/* Whether two images are handles of one file (or one block device, maybe
+ * through two nodes). */
+static bool same_file(struct qbm_image *a, struct qbm_image *b)
+{
+    int fa = qbm_io_fd(a->io), fb = qbm_io_fd(b->io);
+    struct stat sa, sb;
+
+    if (fa < 0 || fb < 0 || fstat(fa, &sa) < 0 || fstat(fb, &sb) < 0) {
+        return false;
+    }
+    if (S_ISBLK(sa.st_mode) && S_ISBLK(sb.st_mode)) {
+        return sa.st_rdev == sb.st_rdev;
+    }
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
 /* Read clusters offs[0..n) of src into bufs and OR them into chunks
  * idx[0..n) of dst (see qbm_bmap_or_chunks). */
 static int or_window(struct qbm_image *src, struct qbm_bmap *dst,
@@ -441,7 +458,12 @@ static int merge_same_layout(struct qbm_image *img, struct qbm_image *src,
     size_t n = 0, k;
     int r = 0;
 
-    if (src != img) {
+    if (src != img && (src->lock == QBM_LOCK_NONE || same_file(src, img))) {
+        /* Read now: nothing keeps an unlocked source from being rewritten
+         * before the commit, and a second handle of this very file may
+         * refer to clusters it has freed, which the commit may reuse. */
+        src_io = NULL;
+    } else if (src != img) {
         /* Another image: reference it through a descriptor of our own
          * (keeping its read lock) so the caller may close src before
          * committing. Backends without descriptors are read now. */

@@ -726,13 +726,15 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data);
 uint8_t *qbm_window_alloc(size_t bytes);
 void qbm_window_free(uint8_t *p, size_t bytes);
 /*
- * qbm_bmap_or_chunk for chunks idx[0..n) with data[0..n); the referenced
- * chunks among them are read in batches (consecutive clusters of one io in
- * one vectored read). With src_io, data[k] are the bytes of cluster
- * src_offs[k] of src_io (which must stay open as long as the bitmap): a
- * referenced chunk they change is read into scratch[k] (one chunk each)
- * and becomes a pending OR, not a buffer. Without, src_offs and scratch
- * are not used.
+ * qbm_bmap_or_chunk for chunks idx[0..n) (strictly increasing) with
+ * data[0..n); the chunks among them on disk (references, pending ORs) are
+ * read in batches (consecutive clusters of one io in one vectored read)
+ * and stay as they are when data adds no bit. With src_io, data[k] are the
+ * bytes of cluster src_offs[k] of src_io (which must stay open as long as
+ * the bitmap): they are read into scratch[k] (one chunk each), and a
+ * reference that data changes becomes a pending OR, not a buffer (a
+ * pending OR that it changes is loaded). Without, src_offs and scratch are
+ * not used.
  */
 int qbm_bmap_or_chunks(struct qbm_bmap *bm, const uint64_t *idx,
                        const uint8_t *const *data, size_t n,

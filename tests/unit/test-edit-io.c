@@ -197,6 +197,160 @@ static void test_pending_or(void **state)
     free(buf);
 }
 
+/*
+ * Pending ORs over several windows of a commit (64 chunks of 4 KiB each)
+ * and in two bitmaps at once, mixed with chunks that stay references
+ * (b adds nothing there), become shared references (a clean there), stay
+ * clean or are all ones; every chunk has its own bits. What the commit
+ * writes must read back as what the staged bitmaps showed before it, and
+ * as an image where the same ranges were set directly.
+ */
+#define WCHUNKS 150ull
+#define WDISK (WCHUNKS * CHUNK_SPAN)
+
+/* The ranges of a/b (first == true: a) in chunk i, set in bitmap `name`. */
+static void set_pattern(struct qbm_image *img, const char *name, uint64_t i,
+                        bool first)
+{
+    uint64_t at = i * CHUNK_SPAN;
+
+    if (first && i % 11 != 0) {
+        assert_int_equal(
+            qbm_bitmap_set_dirty(img, name, at, (i % 5 + 1) * 3 * GRAN), 0);
+    }
+    if (!first && i % 10 != 0) {
+        assert_int_equal(qbm_bitmap_set_dirty(
+                             img, name, at + CHUNK_SPAN / 2 + (i % 3) * GRAN,
+                             (i % 7 + 1) * GRAN),
+                         0);
+    }
+    if (!first && i == 77) {
+        assert_int_equal(qbm_bitmap_set_dirty(img, name, at, CHUNK_SPAN), 0);
+    }
+}
+
+static void test_pending_or_windows(void **state)
+{
+    static char before_a[65536], before_c[65536], got[65536], want[65536];
+    size_t flen, len, elen, k;
+    uint8_t *fresh = tl_image_bytes(WDISK, NULL, 0, &flen), *buf, *exp;
+    struct qbm_image *img = qbm_open_memory(fresh, flen, "mem", QBM_OPEN_RDWR);
+    const char *names[] = { "a", "b", "c", "d", "e" };
+    uint64_t i;
+
+    assert_non_null(img);
+    for (k = 0; k < 5; k++) {
+        assert_int_equal(qbm_bitmap_add(img, names[k], GRAN, 0), 0);
+    }
+    for (i = 0; i < WCHUNKS; i++) {
+        set_pattern(img, "a", i, true);
+        set_pattern(img, "b", i, false);
+        set_pattern(img, "e", i, false); /* b's bits in other clusters */
+        /* c, d: the same with the chunks in the other order */
+        set_pattern(img, "c", WCHUNKS - 1 - i, true);
+        set_pattern(img, "d", WCHUNKS - 1 - i, false);
+    }
+    assert_int_equal(qbm_commit(img), 0);
+    buf = tl_mem_copy(img, &len);
+    qbm_close(img);
+
+    /* The expected bitmaps, set directly. */
+    img = qbm_open_memory(fresh, flen, "mem", QBM_OPEN_RDWR);
+    assert_int_equal(qbm_bitmap_add(img, "a", GRAN, 0), 0);
+    assert_int_equal(qbm_bitmap_add(img, "c", GRAN, 0), 0);
+    for (i = 0; i < WCHUNKS; i++) {
+        set_pattern(img, "a", i, true);
+        set_pattern(img, "a", i, false);
+        set_pattern(img, "c", WCHUNKS - 1 - i, true);
+        set_pattern(img, "c", WCHUNKS - 1 - i, false);
+    }
+    assert_int_equal(qbm_commit(img), 0);
+    exp = tl_mem_copy(img, &elen);
+    qbm_close(img);
+    free(fresh);
+
+    img = qbm_open_memory(buf, len, "mem", QBM_OPEN_RDWR);
+    assert_int_equal(qbm_bitmap_merge(img, "a", img, "b"), 0);
+    assert_int_equal(qbm_bitmap_merge(img, "c", img, "d"), 0);
+    assert_ptr_equal(staged(img, "a")->chunks[1], QBM_CHUNK_OR);
+    assert_ptr_equal(staged(img, "a")->chunks[10], QBM_CHUNK_REF);
+    assert_ptr_equal(staged(img, "c")->chunks[WCHUNKS - 2], QBM_CHUNK_OR);
+    /* b, and e with the same bits, add nothing now: the pending ORs
+     * stay. */
+    assert_int_equal(qbm_bitmap_merge(img, "a", img, "b"), 0);
+    assert_int_equal(qbm_bitmap_merge(img, "a", img, "e"), 0);
+    for (i = 0; i < WCHUNKS; i++) {
+        if (i % 11 != 0 && i % 10 != 0 && i != 77) {
+            assert_ptr_equal(staged(img, "a")->chunks[i], QBM_CHUNK_OR);
+        }
+    }
+    tl_extents(img, "a", before_a, sizeof(before_a));
+    tl_extents(img, "c", before_c, sizeof(before_c));
+    assert_int_equal(qbm_commit(img), 0);
+    tl_extents(img, "a", got, sizeof(got));
+    assert_string_equal(got, before_a);
+    tl_extents(img, "c", got, sizeof(got));
+    assert_string_equal(got, before_c);
+    qbm_close(img);
+
+    img = qbm_open_memory(exp, elen, "mem", 0);
+    tl_extents(img, "a", want, sizeof(want));
+    assert_string_equal(before_a, want);
+    tl_extents(img, "c", want, sizeof(want));
+    assert_string_equal(before_c, want);
+    qbm_close(img);
+    free(exp);
+    free(buf);
+}
+
+/*
+ * A merge from another image refers to its clusters only while it holds
+ * that image's read lock: from a handle opened with force-share, or one
+ * of the target's own file, the bits are read at once (the chunk becomes
+ * a buffer, not a pending OR or a reference to that handle's file).
+ */
+static void test_or_source_unlocked(void **state)
+{
+    struct qbm_image *x, *y, *z;
+    struct qbm_bmap *d;
+
+    tl_write_image("x.qcow2", 1ull << 30, NULL, 0);
+    tl_add_bitmap("x.qcow2", "a", 65536, true, 0);
+    tl_add_bitmap("x.qcow2", "c", 65536, true, 0);
+    tl_add_bitmap("x.qcow2", "b", 65536, true, 1 << 20);
+    tl_write_image("z.qcow2", 1ull << 30, NULL, 0);
+    tl_add_bitmap("z.qcow2", "b", 65536, true, 1 << 20);
+
+    x = qbm_open(tl_path("x.qcow2"), QBM_OPEN_RDWR);
+    assert_non_null(x);
+    /* Another file, read-locked: a pending OR with its descriptor. */
+    z = qbm_open(tl_path("z.qcow2"), 0);
+    assert_non_null(z);
+    assert_int_equal(qbm_bitmap_merge(x, "c", z, "b"), 0);
+    qbm_close(z);
+    d = staged(x, "c");
+    assert_ptr_equal(d->chunks[0], QBM_CHUNK_OR);
+    /* Unlocked, and the same file: read now. */
+    y = qbm_open(tl_path("z.qcow2"), QBM_OPEN_FORCE_SHARE);
+    assert_non_null(y);
+    assert_int_equal(qbm_bitmap_merge(x, "a", y, "b"), 0);
+    qbm_close(y);
+    d = staged(x, "a");
+    assert_true(d->chunks[0] != QBM_CHUNK_OR && d->chunks[0] != QBM_CHUNK_REF);
+    assert_non_null(d->chunks[0]);
+    assert_int_equal(qbm_bitmap_clear(x, "a"), 0);
+    y = qbm_open(tl_path("x.qcow2"), QBM_OPEN_FORCE_SHARE);
+    assert_non_null(y);
+    assert_int_equal(qbm_bitmap_merge(x, "a", y, "b"), 0);
+    qbm_close(y);
+    d = staged(x, "a");
+    assert_true(d->chunks[0] != QBM_CHUNK_OR && d->chunks[0] != QBM_CHUNK_REF);
+    assert_int_equal(qbm_commit(x), 0);
+    assert_int_equal(dirty(x, "a"), 65536);
+    assert_int_equal(dirty(x, "c"), 2 * 65536);
+    qbm_close(x);
+}
+
 /* A rewrite of a bitmap whose chunks are all ones writes them as bits,
  * the last one only up to the end of the disk, in the same batch. */
 static void test_all_ones_batch(void **state)
@@ -293,9 +447,11 @@ int main(void)
         cmocka_unit_test(test_dense_rewrite_batches),
         cmocka_unit_test(test_all_ones_batch),
         cmocka_unit_test(test_pending_or),
+        cmocka_unit_test(test_pending_or_windows),
+        cmocka_unit_test_teardown(test_or_source_unlocked, tl_dir_clean),
         cmocka_unit_test(test_fault_cuts_batch),
         cmocka_unit_test(test_fallback_loop),
     };
 
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return cmocka_run_group_tests(tests, tl_dir_setup, tl_dir_teardown);
 }
