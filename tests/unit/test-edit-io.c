@@ -164,6 +164,11 @@ static void test_pending_or(void **state)
         assert_ptr_equal(d->chunks[i], QBM_CHUNK_OR);
     }
     assert_null(d->arenas);
+    /* A bit of a, one of b, and the clean last bit of chunk 5. */
+    assert_int_equal(qbm_bmap_get(d, 5 * CHUNK_SPAN / GRAN), 1);
+    assert_int_equal(qbm_bmap_get(d, (5 * CHUNK_SPAN + CHUNK_SPAN / 2) / GRAN),
+                     1);
+    assert_int_equal(qbm_bmap_get(d, 6 * CHUNK_SPAN / GRAN - 1), 0);
     assert_int_equal(dirty(img, "a"), merged);
     ia = (size_t)qbm_bitmap_find(img, "a");
     assert_int_equal(qbm_bitmap_extents_range(img, ia, 2 * CHUNK_SPAN,
