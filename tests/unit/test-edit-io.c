@@ -314,9 +314,24 @@ static void test_pending_or_windows(void **state)
  * of the target's own file, the bits are read at once (the chunk becomes
  * a buffer, not a pending OR or a reference to that handle's file).
  */
+/* Merge b of FILE, opened with force-share, into a of x: chunk 0 of a is
+ * then in memory. */
+static void merge_read_now(struct qbm_image *x, const char *file)
+{
+    struct qbm_image *y = qbm_open(tl_path(file), QBM_OPEN_FORCE_SHARE);
+    struct qbm_bmap *d;
+
+    assert_non_null(y);
+    assert_int_equal(qbm_bitmap_merge(x, "a", y, "b"), 0);
+    qbm_close(y);
+    d = staged(x, "a");
+    assert_non_null(d->chunks[0]);
+    assert_true(d->chunks[0] != QBM_CHUNK_OR && d->chunks[0] != QBM_CHUNK_REF);
+}
+
 static void test_or_source_unlocked(void **state)
 {
-    struct qbm_image *x, *y, *z;
+    struct qbm_image *x, *z;
     struct qbm_bmap *d;
 
     tl_write_image("x.qcow2", 1ull << 30, NULL, 0);
@@ -336,20 +351,9 @@ static void test_or_source_unlocked(void **state)
     d = staged(x, "c");
     assert_ptr_equal(d->chunks[0], QBM_CHUNK_OR);
     /* Unlocked, and the same file: read now. */
-    y = qbm_open(tl_path("z.qcow2"), QBM_OPEN_FORCE_SHARE);
-    assert_non_null(y);
-    assert_int_equal(qbm_bitmap_merge(x, "a", y, "b"), 0);
-    qbm_close(y);
-    d = staged(x, "a");
-    assert_true(d->chunks[0] != QBM_CHUNK_OR && d->chunks[0] != QBM_CHUNK_REF);
-    assert_non_null(d->chunks[0]);
+    merge_read_now(x, "z.qcow2");
     assert_int_equal(qbm_bitmap_clear(x, "a"), 0);
-    y = qbm_open(tl_path("x.qcow2"), QBM_OPEN_FORCE_SHARE);
-    assert_non_null(y);
-    assert_int_equal(qbm_bitmap_merge(x, "a", y, "b"), 0);
-    qbm_close(y);
-    d = staged(x, "a");
-    assert_true(d->chunks[0] != QBM_CHUNK_OR && d->chunks[0] != QBM_CHUNK_REF);
+    merge_read_now(x, "x.qcow2");
     assert_int_equal(qbm_commit(x), 0);
     assert_int_equal(dirty(x, "a"), 65536);
     assert_int_equal(dirty(x, "c"), 2 * 65536);

@@ -94,27 +94,30 @@ static int count_pwrite(struct qbm_io *io, const void *buf, size_t len,
     return qbm_io_pwrite(counted(io)->inner, buf, len, off);
 }
 
+static uint64_t iov_bytes(const struct iovec *iov, int n)
+{
+    uint64_t sum = 0;
+    int i;
+
+    for (i = 0; i < n; i++) {
+        sum += iov[i].iov_len;
+    }
+    return sum;
+}
+
 static int count_preadv(struct qbm_io *io, const struct iovec *iov, int n,
                         uint64_t off)
 {
-    int i;
-
     counted(io)->reads++;
-    for (i = 0; i < n; i++) {
-        counted(io)->read_bytes += iov[i].iov_len;
-    }
+    counted(io)->read_bytes += iov_bytes(iov, n);
     return qbm_io_preadv(counted(io)->inner, iov, n, off);
 }
 
 static int count_pwritev(struct qbm_io *io, const struct iovec *iov, int n,
                          uint64_t off)
 {
-    int i;
-
     counted(io)->writes++;
-    for (i = 0; i < n; i++) {
-        counted(io)->write_bytes += iov[i].iov_len;
-    }
+    counted(io)->write_bytes += iov_bytes(iov, n);
     return qbm_io_pwritev(counted(io)->inner, iov, n, off);
 }
 
