@@ -594,7 +594,6 @@ int qbm_bmap_or_chunk(struct qbm_bmap *bm, uint64_t idx, const uint8_t *data)
     return 0;
 }
 
-/* Whether chunk k of a batch is a reference that data[k] may change. */
 /* Whether chunk k of a batch is on disk (a reference or a pending OR) and
  * data[k] may change it. */
 static bool to_check(const struct qbm_bmap *bm, const uint64_t *idx,
